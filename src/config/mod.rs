@@ -1,0 +1,69 @@
+//! Configuration: parse -> validate -> immutable `Snapshot` -> one `ArcSwap` (store.rs).
+//!
+//! Nothing outside this module parses YAML. A document is either accepted whole or
+//! rejected whole with every problem listed by field path.
+
+pub mod file;
+pub mod node;
+pub mod schema;
+pub mod store;
+pub mod validate;
+
+use std::fmt;
+
+pub use store::{Rejection, Store};
+pub use validate::Snapshot;
+
+/// One problem in a document, located by its field path (`routes[0].variants[1].weight`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Errors collected while reading a document, so `braid check` can list them all.
+#[derive(Debug, Default)]
+pub struct Errors(pub Vec<ConfigError>);
+
+impl Errors {
+    /// Records an error; returns `None` so readers can `return errs.push(..)`.
+    pub fn push<T>(&mut self, path: String, message: String) -> Option<T> {
+        self.0.push(ConfigError { path, message });
+        None
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Parses and validates a document. `source` names where it came from (for `/config`).
+pub fn load(text: &str, source: &str) -> Result<Snapshot, Vec<ConfigError>> {
+    let root = node::parse(text).map_err(|message| {
+        vec![ConfigError {
+            path: "(document)".into(),
+            message,
+        }]
+    })?;
+    let mut errs = Errors::default();
+    let doc = schema::document(&root, &mut errs);
+    match doc {
+        Some(doc) if errs.is_empty() => validate::compile(doc, root, source, text),
+        _ => Err(errs.0),
+    }
+}
+
+/// A stable 64-bit digest (FNV-1a): the file source uses it to skip unchanged content.
+pub fn digest(bytes: &[u8]) -> u64 {
+    crate::route::assign::fnv1a(0xcbf2_9ce4_8422_2325, bytes)
+}

@@ -1,0 +1,513 @@
+//! The config document's schema: a typed `Document` read from a YAML `Node` with every
+//! problem reported as `field.path: message`. Only shapes and scalar formats are checked
+//! here; rules that relate fields to each other live in `validate.rs`.
+
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, Uri};
+
+use super::node::Node;
+use super::{ConfigError, Errors};
+
+/// The whole config document (see `config/braid.yaml` for the annotated reference).
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// The model server in this pod; what `backend: local` means.
+    pub executor: Option<Upstream>,
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// Metric label and `/config` name; defaults to the model or the path prefix.
+    pub name: Option<String>,
+    /// Matches `/v2/models/{model}/...` and `/v1/models/{model}:verb`.
+    pub model: Option<String>,
+    /// Matches any path that starts with it, when no model route matched.
+    pub path_prefix: Option<String>,
+    pub variants: Vec<VariantSpec>,
+    pub sticky_header: Option<HeaderName>,
+    pub override_header: HeaderName,
+    /// Whole-request deadline for the upstream answer (until response headers).
+    pub timeout: Option<Duration>,
+    pub batching: Option<Batching>,
+    pub retry: Option<Retry>,
+    pub shadow: Option<Shadow>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VariantSpec {
+    pub name: String,
+    /// Relative weight; finite and >= 0, checked here; "not all zero" in validate.
+    pub weight: f64,
+    pub backend: BackendSpec,
+    /// Model name at the backend; defaults to the route's model.
+    pub target_model: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum BackendSpec {
+    /// The executor named at the top of the document.
+    Local,
+    Remote(Upstream),
+}
+
+/// Where to send requests: scheme + authority, and which HTTP version to speak.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub protocol: Protocol,
+}
+
+/// `http://` speaks HTTP/1.1 with keep-alive; `h2c://` speaks HTTP/2 with prior knowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http1,
+    H2c,
+}
+
+#[derive(Debug, Clone)]
+pub struct Batching {
+    pub max_batch_size: u64,
+    pub max_delay: Option<Duration>,
+    pub max_queue: u64,
+    pub queue_timeout: Option<Duration>,
+    pub max_inflight: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Retry {
+    pub attempts: u64,
+    pub per_try_timeout: Option<Duration>,
+    pub budget_ratio: f64,
+    pub min_retries_per_second: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Shadow {
+    pub variant: String,
+    pub fraction: f64,
+}
+
+pub const DEFAULT_OVERRIDE_HEADER: &str = "x-braid-variant";
+
+/// Reads a document; `None` when any error was recorded.
+pub fn document(root: &Node, errs: &mut Errors) -> Option<Document> {
+    let before = errs.len();
+    let mut obj = Obj::new(root, String::new(), errs)?;
+    let executor = obj.opt("executor", upstream);
+    let routes = obj
+        .req("routes", |n, p, e| seq(n, p, e, route))
+        .unwrap_or_default();
+    obj.finish(&["executor", "routes"]);
+    (errs.len() == before).then_some(Document { executor, routes })
+}
+
+fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
+    let mut obj = Obj::new(node, path, errs)?;
+    let spec = RouteSpec {
+        name: obj.opt("name", name),
+        model: obj.opt("model", model_name),
+        path_prefix: obj.opt("path_prefix", path_prefix),
+        variants: obj
+            .req("variants", |n, p, e| seq(n, p, e, variant))
+            .unwrap_or_default(),
+        sticky_header: obj.opt("sticky_header", header_name),
+        override_header: obj
+            .opt("override_header", header_name)
+            .unwrap_or(HeaderName::from_static(DEFAULT_OVERRIDE_HEADER)),
+        timeout: obj.opt("timeout", duration),
+        batching: obj.opt("batching", batching),
+        retry: obj.opt("retry", retry),
+        shadow: obj.opt("shadow", shadow),
+    };
+    obj.finish(&[
+        "name",
+        "model",
+        "path_prefix",
+        "variants",
+        "sticky_header",
+        "override_header",
+        "timeout",
+        "batching",
+        "retry",
+        "shadow",
+    ]);
+    Some(spec)
+}
+
+fn variant(node: &Node, path: String, errs: &mut Errors) -> Option<VariantSpec> {
+    let mut obj = Obj::new(node, path, errs)?;
+    let name = obj.req("name", name);
+    let weight = obj.opt("weight", weight).unwrap_or(1.0);
+    let backend = obj.req("backend", backend);
+    let target_model = obj.opt("target_model", model_name);
+    obj.finish(&["name", "weight", "backend", "target_model"]);
+    Some(VariantSpec {
+        name: name?,
+        weight,
+        backend: backend?,
+        target_model,
+    })
+}
+
+fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
+    let mut obj = Obj::new(node, path, errs)?;
+    let b = Batching {
+        max_batch_size: obj.opt("max_batch_size", positive_int).unwrap_or(32),
+        max_delay: obj.opt("max_delay", duration),
+        max_queue: obj.opt("max_queue", positive_int).unwrap_or(1024),
+        queue_timeout: obj.opt("queue_timeout", duration),
+        max_inflight: obj.opt("max_inflight", positive_int).unwrap_or(1),
+    };
+    obj.finish(&[
+        "max_batch_size",
+        "max_delay",
+        "max_queue",
+        "queue_timeout",
+        "max_inflight",
+    ]);
+    Some(b)
+}
+
+fn retry(node: &Node, path: String, errs: &mut Errors) -> Option<Retry> {
+    let mut obj = Obj::new(node, path, errs)?;
+    let r = Retry {
+        attempts: obj.opt("attempts", positive_int).unwrap_or(1),
+        per_try_timeout: obj.opt("per_try_timeout", duration),
+        budget_ratio: obj.opt("budget_ratio", fraction).unwrap_or(0.2),
+        min_retries_per_second: obj.opt("min_retries_per_second", int).unwrap_or(10),
+    };
+    obj.finish(&[
+        "attempts",
+        "per_try_timeout",
+        "budget_ratio",
+        "min_retries_per_second",
+    ]);
+    Some(r)
+}
+
+fn shadow(node: &Node, path: String, errs: &mut Errors) -> Option<Shadow> {
+    let mut obj = Obj::new(node, path, errs)?;
+    let variant = obj.req("variant", name);
+    let fraction = obj.req("fraction", fraction);
+    obj.finish(&["variant", "fraction"]);
+    Some(Shadow {
+        variant: variant?,
+        fraction: fraction?,
+    })
+}
+
+// === scalar readers: each records its own error and returns None ===
+
+type Reader<T> = fn(&Node, String, &mut Errors) -> Option<T>;
+
+fn string(node: &Node, path: String, errs: &mut Errors) -> Option<String> {
+    match node {
+        Node::Str(s) => Some(s.clone()),
+        other => errs.push(path, format!("expected a string, found {}", other.kind())),
+    }
+}
+
+/// Variant and route names become metric labels and header values: keep them plain.
+fn name(node: &Node, path: String, errs: &mut Errors) -> Option<String> {
+    let s = string(node, path.clone(), errs)?;
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        return errs.push(
+            path,
+            format!("{s:?} must be 1-63 characters of [A-Za-z0-9._-]"),
+        );
+    }
+    Some(s)
+}
+
+/// A model name is one path segment at the backend.
+fn model_name(node: &Node, path: String, errs: &mut Errors) -> Option<String> {
+    let s = string(node, path.clone(), errs)?;
+    let ok = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        return errs.push(
+            path,
+            format!("{s:?} must be a non-empty model name of [A-Za-z0-9._-]"),
+        );
+    }
+    Some(s)
+}
+
+fn path_prefix(node: &Node, path: String, errs: &mut Errors) -> Option<String> {
+    let s = string(node, path.clone(), errs)?;
+    if !s.starts_with('/') || s.parse::<http::uri::PathAndQuery>().is_err() || s.contains('?') {
+        return errs.push(path, format!("{s:?} must be a path starting with '/'"));
+    }
+    Some(s)
+}
+
+fn header_name(node: &Node, path: String, errs: &mut Errors) -> Option<HeaderName> {
+    let s = string(node, path.clone(), errs)?;
+    match HeaderName::from_bytes(s.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => errs.push(path, format!("{s:?} is not a valid HTTP header name")),
+    }
+}
+
+fn number(node: &Node, path: String, errs: &mut Errors) -> Option<f64> {
+    match node {
+        Node::Int(i) => Some(*i as f64),
+        Node::Float(f) => Some(*f),
+        other => errs.push(path, format!("expected a number, found {}", other.kind())),
+    }
+}
+
+fn weight(node: &Node, path: String, errs: &mut Errors) -> Option<f64> {
+    let w = number(node, path.clone(), errs)?;
+    if w.is_nan() {
+        return errs.push(path, "must be a number, not NaN".into());
+    }
+    if !w.is_finite() {
+        return errs.push(path, "must be finite".into());
+    }
+    if w < 0.0 {
+        return errs.push(path, "must be >= 0".into());
+    }
+    Some(w)
+}
+
+fn fraction(node: &Node, path: String, errs: &mut Errors) -> Option<f64> {
+    let f = number(node, path.clone(), errs)?;
+    if !(0.0..=1.0).contains(&f) {
+        return errs.push(path, "must be between 0 and 1".into());
+    }
+    Some(f)
+}
+
+fn int(node: &Node, path: String, errs: &mut Errors) -> Option<u64> {
+    match node {
+        Node::Int(i) if *i >= 0 => Some(*i as u64),
+        Node::Int(_) => errs.push(path, "must be >= 0".into()),
+        other => errs.push(
+            path,
+            format!("expected a whole number, found {}", other.kind()),
+        ),
+    }
+}
+
+fn positive_int(node: &Node, path: String, errs: &mut Errors) -> Option<u64> {
+    match int(node, path.clone(), errs)? {
+        0 => errs.push(path, "must be >= 1".into()),
+        n => Some(n),
+    }
+}
+
+fn duration(node: &Node, path: String, errs: &mut Errors) -> Option<Duration> {
+    if let Node::Int(_) | Node::Float(_) = node {
+        return errs.push(
+            path,
+            "durations need a unit: write e.g. \"5s\" or \"250ms\"".into(),
+        );
+    }
+    let s = string(node, path.clone(), errs)?;
+    match parse_duration(&s) {
+        Ok(d) if d.is_zero() => errs.push(path, "must be greater than zero".into()),
+        Ok(d) => Some(d),
+        Err(e) => errs.push(path, e),
+    }
+}
+
+/// `250ms`, `2s`, `1.5s`, `100us`, `1m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!(
+            "{s:?} is not a duration: use a number with a unit (us, ms, s, m, h), e.g. \"250ms\""
+        )
+    };
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(bad)?;
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|_| bad())
+}
+
+fn backend(node: &Node, path: String, errs: &mut Errors) -> Option<BackendSpec> {
+    if matches!(node, Node::Str(s) if s == "local") {
+        return Some(BackendSpec::Local);
+    }
+    if let Node::Str(s) = node
+        && !s.contains("://")
+    {
+        return errs.push(
+            path,
+            format!("{s:?} must be \"local\" or a URL starting with http:// or h2c://"),
+        );
+    }
+    upstream(node, path, errs).map(BackendSpec::Remote)
+}
+
+fn upstream(node: &Node, path: String, errs: &mut Errors) -> Option<Upstream> {
+    let s = string(node, path.clone(), errs)?;
+    let uri: Uri = match s.parse() {
+        Ok(u) => u,
+        Err(e) => return errs.push(path, format!("{s:?} is not a URL: {e}")),
+    };
+    let protocol = match uri.scheme_str() {
+        Some("http") => Protocol::Http1,
+        Some("h2c") => Protocol::H2c,
+        Some("https") => {
+            return errs.push(
+                path,
+                format!("{s:?}: https backends are not supported yet (see README, Limitations)"),
+            );
+        }
+        _ => {
+            return errs.push(
+                path,
+                format!("{s:?} must be a URL starting with http:// or h2c://"),
+            );
+        }
+    };
+    let Some(authority) = uri.authority().cloned() else {
+        return errs.push(path, format!("{s:?} has no host"));
+    };
+    if authority.port_u16().is_none() && protocol == Protocol::H2c {
+        return errs.push(path, format!("{s:?}: h2c:// needs an explicit port"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return errs.push(
+            path,
+            format!("{s:?} must not have a path: requests keep their own path"),
+        );
+    }
+    Some(Upstream {
+        scheme: Scheme::HTTP,
+        authority,
+        protocol,
+    })
+}
+
+fn seq<T>(node: &Node, path: String, errs: &mut Errors, item: Reader<T>) -> Option<Vec<T>> {
+    let Node::Seq(items) = node else {
+        return errs.push(path, format!("expected a list, found {}", node.kind()));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, n) in items.iter().enumerate() {
+        if let Some(v) = item(n, format!("{path}[{i}]"), errs) {
+            out.push(v);
+        }
+    }
+    Some(out)
+}
+
+// === impl Obj ===
+
+/// A mapping being read: remembers which keys were consumed so the rest are reported
+/// as unknown fields.
+struct Obj<'a> {
+    entries: &'a [(String, Node)],
+    path: String,
+    errs: &'a mut Errors,
+}
+
+impl<'a> Obj<'a> {
+    fn new(node: &'a Node, path: String, errs: &'a mut Errors) -> Option<Self> {
+        match node {
+            Node::Map(entries) => Some(Obj {
+                entries,
+                path,
+                errs,
+            }),
+            other => {
+                let at = if path.is_empty() {
+                    "(document)".into()
+                } else {
+                    path
+                };
+                errs.push(at, format!("expected a mapping, found {}", other.kind()))
+            }
+        }
+    }
+
+    fn field_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Node> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// An optional field; explicit `null` counts as absent.
+    fn opt<T>(
+        &mut self,
+        key: &str,
+        read: impl FnOnce(&Node, String, &mut Errors) -> Option<T>,
+    ) -> Option<T> {
+        match self.get(key) {
+            None | Some(Node::Null) => None,
+            Some(n) => read(n, self.field_path(key), self.errs),
+        }
+    }
+
+    fn req<T>(
+        &mut self,
+        key: &str,
+        read: impl FnOnce(&Node, String, &mut Errors) -> Option<T>,
+    ) -> Option<T> {
+        match self.get(key) {
+            None | Some(Node::Null) => self.errs.push(self.field_path(key), "is required".into()),
+            Some(n) => read(n, self.field_path(key), self.errs),
+        }
+    }
+
+    fn finish(self, known: &[&str]) {
+        for (k, _) in self.entries {
+            if !known.contains(&k.as_str()) {
+                let path = if self.path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{}.{k}", self.path)
+                };
+                self.errs.0.push(ConfigError {
+                    path,
+                    message: format!("unknown field (expected one of: {})", known.join(", ")),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("100us").unwrap(), Duration::from_micros(100));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        for bad in ["", "5", "ms", "5 ms", "-1s", "5parsecs", "1e3s", "1..2s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+}

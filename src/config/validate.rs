@@ -1,0 +1,213 @@
+//! Cross-field rules, then compilation of a `Document` into the immutable `Snapshot`
+//! that requests read. Every rule failure names the field path it is about.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::HeaderValue;
+
+use super::ConfigError;
+use super::node::Node;
+use super::schema::{BackendSpec, Document, RouteSpec, Upstream};
+use crate::route::{Route, RouteTable, Variant};
+
+/// One validated config, never mutated after it is published. A request loads it once
+/// and uses it to the end, so a reload can never be observed half-applied.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Set by the store when published; 1 for the first config.
+    pub generation: u64,
+    /// Where the document came from (`file:/etc/braid/braid.yaml`).
+    pub source: String,
+    pub loaded_at: SystemTime,
+    /// Digest of the document text, to skip reloads of unchanged content.
+    pub digest: u64,
+    /// The document as parsed, shown on `/config`.
+    pub document: Node,
+    pub routes: RouteTable,
+    /// Accepted but worth telling (settings this version validates but does not apply).
+    pub warnings: Vec<String>,
+}
+
+pub fn compile(
+    doc: Document,
+    root: Node,
+    source: &str,
+    text: &str,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    let mut errs: Vec<ConfigError> = Vec::new();
+    let mut warnings = Vec::new();
+    let mut err = |path: String, message: String| errs.push(ConfigError { path, message });
+
+    if doc.routes.is_empty() {
+        err("routes".into(), "must list at least one route".into());
+    }
+
+    let mut route_names: HashMap<String, usize> = HashMap::new();
+    let mut models: HashMap<String, usize> = HashMap::new();
+    let mut prefixes: HashMap<String, usize> = HashMap::new();
+
+    for (ri, spec) in doc.routes.iter().enumerate() {
+        let at = format!("routes[{ri}]");
+        match (&spec.model, &spec.path_prefix) {
+            (Some(_), Some(_)) => err(
+                at.clone(),
+                "set either `model` or `path_prefix`, not both".into(),
+            ),
+            (None, None) => err(at.clone(), "must set `model` or `path_prefix`".into()),
+            (Some(m), None) => {
+                if let Some(prev) = models.insert(m.clone(), ri) {
+                    err(
+                        format!("{at}.model"),
+                        format!("model {m:?} is already matched by routes[{prev}]"),
+                    );
+                }
+            }
+            (None, Some(p)) => {
+                if let Some(prev) = prefixes.insert(p.clone(), ri) {
+                    err(
+                        format!("{at}.path_prefix"),
+                        format!("path prefix {p:?} is already matched by routes[{prev}]"),
+                    );
+                }
+            }
+        }
+        let name = route_name(spec);
+        if let Some(prev) = route_names.insert(name.clone(), ri) {
+            err(
+                format!("{at}.name"),
+                format!("route name {name:?} is already used by routes[{prev}]"),
+            );
+        }
+
+        if spec.variants.is_empty() {
+            err(
+                format!("{at}.variants"),
+                "must list at least one variant".into(),
+            );
+        } else if spec.variants.iter().all(|v| v.weight == 0.0) {
+            err(
+                format!("{at}.variants"),
+                "all weights are zero: at least one variant must have weight > 0".into(),
+            );
+        }
+        let mut variant_names: HashMap<&str, usize> = HashMap::new();
+        for (vi, v) in spec.variants.iter().enumerate() {
+            if let Some(prev) = variant_names.insert(&v.name, vi) {
+                err(
+                    format!("{at}.variants[{vi}].name"),
+                    format!(
+                        "variant {:?} is already defined at variants[{prev}]",
+                        v.name
+                    ),
+                );
+            }
+            if matches!(v.backend, BackendSpec::Local) && doc.executor.is_none() {
+                err(
+                    format!("{at}.variants[{vi}].backend"),
+                    "`local` needs the top-level `executor` URL".into(),
+                );
+            }
+            if v.target_model.is_some() && spec.model.is_none() {
+                err(
+                    format!("{at}.variants[{vi}].target_model"),
+                    "only model routes can rewrite the model name".into(),
+                );
+            }
+        }
+        if let Some(shadow) = &spec.shadow {
+            if !variant_names.contains_key(shadow.variant.as_str()) {
+                err(
+                    format!("{at}.shadow.variant"),
+                    format!(
+                        "unknown variant {:?} (this route has: {})",
+                        shadow.variant,
+                        names(spec)
+                    ),
+                );
+            }
+            warnings.push(format!("{at}.shadow: validated but not applied yet"));
+        }
+        if spec.batching.is_some() {
+            warnings.push(format!("{at}.batching: validated but not applied yet"));
+        }
+        if spec.retry.as_ref().is_some_and(|r| r.attempts > 1) {
+            warnings.push(format!(
+                "{at}.retry: validated but not applied yet (one attempt)"
+            ));
+        }
+        if spec.sticky_header.as_ref() == Some(&spec.override_header) {
+            err(
+                format!("{at}.sticky_header"),
+                "must differ from override_header".into(),
+            );
+        }
+    }
+
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Snapshot {
+        generation: 0,
+        source: source.to_string(),
+        loaded_at: SystemTime::now(),
+        digest: super::digest(text.as_bytes()),
+        document: root,
+        routes: RouteTable::new(
+            doc.routes
+                .iter()
+                .map(|spec| compile_route(spec, doc.executor.as_ref()))
+                .collect(),
+        ),
+        warnings,
+    })
+}
+
+/// Builds the request-time form of a route; only called once every rule passed.
+fn compile_route(spec: &RouteSpec, executor: Option<&Upstream>) -> Route {
+    let variants = spec
+        .variants
+        .iter()
+        .map(|v| Variant {
+            name: Arc::from(v.name.as_str()),
+            header_value: HeaderValue::from_str(&v.name).expect("names are checked"),
+            weight: v.weight,
+            upstream: match &v.backend {
+                BackendSpec::Local => executor.cloned().expect("checked: local needs executor"),
+                BackendSpec::Remote(u) => u.clone(),
+            },
+            local: matches!(v.backend, BackendSpec::Local),
+            target_model: v
+                .target_model
+                .as_deref()
+                .or(spec.model.as_deref())
+                .map(Arc::from),
+        })
+        .collect();
+    Route::new(
+        route_name(spec).into(),
+        spec.model.as_deref().map(Arc::from),
+        spec.path_prefix.clone(),
+        variants,
+        spec.sticky_header.clone(),
+        spec.override_header.clone(),
+        spec.timeout,
+    )
+}
+
+fn route_name(spec: &RouteSpec) -> String {
+    spec.name
+        .clone()
+        .or_else(|| spec.model.clone())
+        .or_else(|| spec.path_prefix.clone())
+        .unwrap_or_default()
+}
+
+fn names(spec: &RouteSpec) -> String {
+    spec.variants
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

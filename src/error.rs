@@ -1,0 +1,111 @@
+//! The errors a request can end in. Each knows its HTTP status, whether the client may
+//! retry (and after how long), and a short label for metrics; every one becomes a JSON
+//! body `{"error": "..."}`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+/// The response body type of every braid server.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no config has been loaded yet")]
+    NoConfig,
+    #[error("no route matches {path}")]
+    NoRoute { path: String },
+    #[error("unknown variant {wanted:?} in {header}; valid variants: {valid}")]
+    UnknownVariant {
+        header: String,
+        wanted: String,
+        valid: String,
+    },
+    #[error("request body is larger than the {limit}-byte limit")]
+    BodyTooLarge { limit: usize },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error(
+        "ambiguous message framing (Content-Length with Transfer-Encoding, or repeated Content-Length)"
+    )]
+    Smuggling,
+    #[error("backend {backend} is unreachable: {reason}")]
+    Connect { backend: String, reason: String },
+    #[error("backend {backend} failed: {reason}")]
+    Upstream { backend: String, reason: String },
+    #[error("backend {backend} did not answer within {after:?}")]
+    Timeout { backend: String, after: Duration },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoConfig | ProxyError::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::UnknownVariant { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::Smuggling => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Seconds after which a retry may succeed, for `Retry-After` on 503s.
+    pub fn retry_after(&self) -> Option<u32> {
+        matches!(self, ProxyError::NoConfig | ProxyError::Connect { .. }).then_some(1)
+    }
+
+    /// Short, closed-set label for metrics of requests that never got a variant.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProxyError::NoConfig => "no_config",
+            ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::UnknownVariant { .. } => "unknown_variant",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::Smuggling => "smuggling",
+            ProxyError::Connect { .. } => "connect",
+            ProxyError::Upstream { .. } => "upstream",
+            ProxyError::Timeout { .. } => "timeout",
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = json_error(self.status(), &self.to_string());
+        if let Some(secs) = self.retry_after() {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if matches!(self, ProxyError::Smuggling) {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+/// A JSON error response: `{"error": message}`.
+pub fn json_error(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    json_response(status, body)
+}
+
+pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}

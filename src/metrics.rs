@@ -1,0 +1,166 @@
+//! Every metric family braid exports, declared in one place with its buckets.
+//!
+//! Label values come from config (route and variant names) or from closed sets
+//! (status codes, outcomes): never from request data, so cardinality is bounded by
+//! the config.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Latency buckets, in seconds: fine enough to see 100 µs, wide enough to see 30 s.
+pub const LATENCY_BUCKETS: [f64; 20] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VariantLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub source: &'static str,
+    pub result: &'static str,
+}
+
+/// Requests that never reached a route: a closed set of reasons.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnroutedLabels {
+    pub reason: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily<VariantLabels>,
+    unrouted: Family<UnroutedLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
+    generation: Gauge,
+    inflight: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "braid_requests",
+            "Routed requests answered, by route, variant and HTTP status",
+            requests.clone(),
+        );
+        let duration: HistogramFamily<VariantLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "braid_request_duration_seconds",
+            "Time from request received to response headers sent, by route and variant",
+            duration.clone(),
+        );
+        let unrouted = Family::<UnroutedLabels, Counter>::default();
+        registry.register(
+            "braid_unrouted_requests",
+            "Requests answered before a variant was chosen (no route, bad override, no config)",
+            unrouted.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "braid_config_reloads",
+            "Config documents seen, by source and whether they were accepted or rejected",
+            reloads.clone(),
+        );
+        let generation = Gauge::default();
+        registry.register(
+            "braid_config_generation",
+            "Generation of the config in force (1 = first accepted document)",
+            generation.clone(),
+        );
+        let inflight = Gauge::default();
+        registry.register(
+            "braid_requests_in_flight",
+            "Requests received and not yet answered",
+            inflight.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            unrouted,
+            reloads,
+            generation,
+            inflight,
+        }
+    }
+
+    /// Records one routed request at the edge, once.
+    pub fn request(&self, route: &Arc<str>, variant: &Arc<str>, code: u16, elapsed: Duration) {
+        let labels = VariantLabels {
+            route: route.clone(),
+            variant: variant.clone(),
+        };
+        self.duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: labels.route,
+                variant: labels.variant,
+                code,
+            })
+            .inc();
+    }
+
+    pub fn unrouted(&self, reason: &'static str) {
+        self.unrouted
+            .get_or_create(&UnroutedLabels { reason })
+            .inc();
+    }
+
+    pub fn config_reloaded(&self, source: &'static str, accepted: bool, generation: u64) {
+        let result = if accepted { "accepted" } else { "rejected" };
+        self.reloads
+            .get_or_create(&ReloadLabels { source, result })
+            .inc();
+        self.generation.set(generation as i64);
+    }
+
+    pub fn inflight(&self) -> &Gauge {
+        &self.inflight
+    }
+
+    /// The OpenMetrics text exposition (also valid Prometheus text format 0.0.4 input
+    /// for Prometheus >= 2.x, which negotiates OpenMetrics).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

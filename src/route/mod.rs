@@ -1,0 +1,194 @@
+//! Route matching: the model name in Open Inference Protocol v2 and KServe v1 paths
+//! first, then the longest configured path prefix. A match also says where the model
+//! name sits in the path so it can be rewritten to a variant's `target_model`.
+
+pub mod assign;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+use crate::config::schema::Upstream;
+pub use assign::{Assignment, Chooser};
+
+/// A compiled route, part of an immutable snapshot.
+#[derive(Debug)]
+pub struct Route {
+    /// Metric label and `/config` name.
+    pub name: Arc<str>,
+    pub model: Option<Arc<str>>,
+    pub path_prefix: Option<String>,
+    pub variants: Vec<Variant>,
+    /// Precomputed weights for sticky and random assignment.
+    pub chooser: Chooser,
+    pub sticky_header: Option<HeaderName>,
+    pub override_header: HeaderName,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub struct Variant {
+    pub name: Arc<str>,
+    /// `x-braid-variant` value, built once at load instead of per response.
+    pub header_value: HeaderValue,
+    pub weight: f64,
+    pub upstream: Upstream,
+    /// Served by the executor in this pod (the batching issue coalesces these).
+    pub local: bool,
+    /// Model name at the backend; `None` on path-prefix routes (path kept as is).
+    pub target_model: Option<Arc<str>>,
+}
+
+impl Route {
+    pub fn new(
+        name: Arc<str>,
+        model: Option<Arc<str>>,
+        path_prefix: Option<String>,
+        variants: Vec<Variant>,
+        sticky_header: Option<HeaderName>,
+        override_header: HeaderName,
+        timeout: Option<Duration>,
+    ) -> Self {
+        let chooser = Chooser::new(variants.iter().map(|v| (&*v.name, v.weight)));
+        Route {
+            name,
+            model,
+            path_prefix,
+            variants,
+            chooser,
+            sticky_header,
+            override_header,
+            timeout,
+        }
+    }
+
+    /// The names of this route's variants, for "unknown variant" errors.
+    pub fn variant_names(&self) -> String {
+        self.variants
+            .iter()
+            .map(|v| &*v.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// All routes of a snapshot, indexed for matching.
+#[derive(Debug)]
+pub struct RouteTable {
+    pub routes: Vec<Route>,
+    by_model: HashMap<Arc<str>, usize>,
+    /// (prefix, route index), longest prefix first.
+    prefixes: Vec<(String, usize)>,
+}
+
+/// The route a request matched, and where its model name sits in the path.
+#[derive(Debug)]
+pub struct Match<'a> {
+    pub route: &'a Route,
+    pub model_span: Option<Range<usize>>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Route>) -> Self {
+        let mut by_model = HashMap::new();
+        let mut prefixes = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            if let Some(m) = &r.model {
+                by_model.insert(m.clone(), i);
+            }
+            if let Some(p) = &r.path_prefix {
+                prefixes.push((p.clone(), i));
+            }
+        }
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+        RouteTable {
+            routes,
+            by_model,
+            prefixes,
+        }
+    }
+
+    pub fn find(&self, path: &str) -> Option<Match<'_>> {
+        if let Some(span) = model_span(path)
+            && let Some(&i) = self.by_model.get(&path[span.clone()])
+        {
+            return Some(Match {
+                route: &self.routes[i],
+                model_span: Some(span),
+            });
+        }
+        self.prefixes
+            .iter()
+            .find(|(p, _)| path.starts_with(p.as_str()))
+            .map(|&(_, i)| Match {
+                route: &self.routes[i],
+                model_span: None,
+            })
+    }
+}
+
+/// Where the model name is in an inference path:
+/// `/v2/models/{m}[/...]` (OIP v2, Triton) or `/v1/models/{m}[:verb]` (KServe v1).
+pub fn model_span(path: &str) -> Option<Range<usize>> {
+    let (start, rest) = if let Some(rest) = path.strip_prefix("/v2/models/") {
+        (11, rest)
+    } else if let Some(rest) = path.strip_prefix("/v1/models/") {
+        (11, rest)
+    } else {
+        return None;
+    };
+    let v1 = path.as_bytes()[2] == b'1';
+    let len = rest
+        .find(|c| c == '/' || (v1 && c == ':'))
+        .unwrap_or(rest.len());
+    (len > 0).then_some(start..start + len)
+}
+
+/// The path with the model name replaced by the variant's target model.
+pub fn rewrite_model(path: &str, span: &Range<usize>, target: &str) -> String {
+    let mut out = String::with_capacity(path.len() + target.len());
+    out.push_str(&path[..span.start]);
+    out.push_str(target);
+    out.push_str(&path[span.end..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_spans() {
+        let cases = [
+            ("/v2/models/sentiment/infer", Some("sentiment")),
+            ("/v2/models/sentiment", Some("sentiment")),
+            ("/v2/models/sentiment/ready", Some("sentiment")),
+            ("/v2/models/s/versions/2/infer", Some("s")),
+            ("/v1/models/sentiment:predict", Some("sentiment")),
+            ("/v1/models/sentiment", Some("sentiment")),
+            ("/v2/models/", None),
+            ("/v2/models//infer", None),
+            ("/v2/health/ready", None),
+            ("/v3/models/x", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(model_span(path).map(|s| &path[s]), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn rewrites_only_the_model_segment() {
+        let p = "/v2/models/sentiment/infer";
+        let s = model_span(p).unwrap();
+        assert_eq!(
+            rewrite_model(p, &s, "sentiment-b"),
+            "/v2/models/sentiment-b/infer"
+        );
+        let p = "/v1/models/sentiment:predict";
+        let s = model_span(p).unwrap();
+        assert_eq!(rewrite_model(p, &s, "m2"), "/v1/models/m2:predict");
+    }
+}

@@ -1,0 +1,129 @@
+//! Wiring for `braid proxy`: one store, one metrics registry, the config source, the
+//! data and admin listeners, and the drain sequence. Listeners are passed in, so tests
+//! bind `127.0.0.1:0` and drive the real thing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::file::FileSource;
+use crate::config::{ConfigError, Store};
+use crate::metrics::Metrics;
+use crate::proxy::{CONNECT_TIMEOUT, Proxy};
+use crate::server::admin::Admin;
+use crate::server::{self, Limits, Phase};
+use crate::upstream::Upstreams;
+
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    pub config: FileSource,
+    pub limits: Limits,
+    /// After a shutdown signal, keep accepting for this long (endpoints catch up).
+    pub drain_grace: Duration,
+    /// Then give in-flight requests at most this long to finish.
+    pub drain_timeout: Duration,
+}
+
+/// A started proxy. Dropping it does not stop it; call `shutdown` then `wait`.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    draining: Arc<AtomicBool>,
+    begin_drain: Option<tokio::sync::oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Begins the drain: `/readyz` turns 503 at once; see `server` for the phases.
+    pub fn shutdown(&mut self) {
+        self.draining.store(true, Ordering::SeqCst);
+        if let Some(tx) = self.begin_drain.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Resolves when both listeners have closed and every connection has finished.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Loads the first config (refusing to start without a valid one), then serves.
+pub async fn start(
+    opts: ProxyOptions,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+) -> Result<Running, Vec<ConfigError>> {
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(Store::new(metrics.clone()));
+    opts.config.load_initial(&store)?;
+    let watcher = tokio::spawn(opts.config.clone().watch(store.clone()));
+
+    let addr = listener.local_addr().expect("bound listener");
+    let admin_addr = admin_listener.local_addr().expect("bound listener");
+    let draining = Arc::new(AtomicBool::new(false));
+    let (data_phase, data_rx) = watch::channel(Phase::Serving);
+    let (admin_phase, admin_rx) = watch::channel(Phase::Serving);
+
+    let proxy = Arc::new(Proxy {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        upstreams: Upstreams::new(CONNECT_TIMEOUT),
+        max_body_bytes: opts.limits.max_body_bytes,
+    });
+    let admin = Arc::new(Admin {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        draining: draining.clone(),
+    });
+    let data = tokio::spawn(server::serve(listener, opts.limits.clone(), proxy, data_rx));
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        Limits::default(),
+        admin,
+        admin_rx,
+    ));
+
+    let (begin_drain, drain_signal) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        // A dropped sender (the Running value was dropped) also starts the drain.
+        let _ = drain_signal.await;
+        tracing::info!(grace = ?opts.drain_grace, "draining: readiness is now 503, still accepting");
+        let _ = data_phase.send(Phase::Draining);
+        tokio::time::sleep(opts.drain_grace).await;
+        tracing::info!("closing: no new connections; finishing in-flight requests");
+        let _ = data_phase.send(Phase::Closing);
+        let finished = async {
+            let _ = data.await;
+            // Every connection task holds a receiver; all gone means all done.
+            data_phase.closed().await;
+        };
+        if tokio::time::timeout(opts.drain_timeout, finished)
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?opts.drain_timeout, "drain timeout: closing remaining connections");
+        }
+        watcher.abort();
+        let _ = admin_phase.send(Phase::Closing);
+        let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+        tracing::info!("stopped");
+    });
+
+    Ok(Running {
+        addr,
+        admin_addr,
+        store,
+        metrics,
+        draining,
+        begin_drain: Some(begin_drain),
+        task,
+    })
+}

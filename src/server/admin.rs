@@ -1,0 +1,116 @@
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/config`. It runs on its own
+//! listener so that probes and scrapes keep answering while the data port is busy.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{ConnInfo, Handler};
+use crate::config::Store;
+use crate::error::{Body, full, json_error, json_response};
+use crate::metrics::Metrics;
+
+pub struct Admin {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    /// Set the moment a drain begins: readiness turns 503 at once.
+    pub draining: Arc<AtomicBool>,
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+impl Handler for Admin {
+    async fn call(&self, req: Request<Incoming>, _conn: &ConnInfo) -> Response<Body> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "admin endpoints accept GET only",
+            );
+        }
+        match req.uri().path() {
+            "/metrics" => self.metrics(&req),
+            "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"}).to_string()),
+            "/readyz" => self.readyz(),
+            "/config" => self.config(),
+            other => json_error(StatusCode::NOT_FOUND, &format!("no admin endpoint {other}")),
+        }
+    }
+}
+
+impl Admin {
+    fn metrics(&self, req: &Request<Incoming>) -> Response<Body> {
+        let wants_openmetrics = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/openmetrics-text"));
+        let mut resp = Response::new(full(self.metrics.encode()));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(if wants_openmetrics {
+                OPENMETRICS
+            } else {
+                PROMETHEUS_TEXT
+            }),
+        );
+        resp
+    }
+
+    fn readyz(&self) -> Response<Body> {
+        let draining = self.draining.load(Ordering::SeqCst);
+        let loaded = self.store.load().is_some();
+        let (status, reason) = match (loaded, draining) {
+            (_, true) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+            (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "no config loaded yet"),
+            (true, false) => (StatusCode::OK, "ready"),
+        };
+        let mut resp = json_response(status, json!({"status": reason}).to_string());
+        if status != StatusCode::OK {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+
+    fn config(&self) -> Response<Body> {
+        let snap = self.store.load();
+        let rejected = self.store.last_rejection().map(|r| {
+            json!({
+                "source": r.source,
+                "at_unix": unix(r.at),
+                "errors": r.errors.iter().map(|e| json!({"path": e.path, "message": e.message})).collect::<Vec<_>>(),
+            })
+        });
+        let body = match snap {
+            Some(s) => json!({
+                "generation": s.generation,
+                "source": s.source,
+                "loaded_at_unix": unix(s.loaded_at),
+                "digest": format!("{:016x}", s.digest),
+                "warnings": s.warnings,
+                "config": s.document,
+                "last_rejected": rejected,
+            }),
+            None => json!({
+                "generation": 0,
+                "config": null,
+                "last_rejected": rejected,
+            }),
+        };
+        json_response(
+            StatusCode::OK,
+            serde_json::to_string_pretty(&body).unwrap_or_default(),
+        )
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

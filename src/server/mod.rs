@@ -1,0 +1,202 @@
+//! Listeners: HTTP/1.1 and HTTP/2 (h2c prior knowledge) on one port with every limit
+//! set explicitly, and the graceful drain shared by the data and admin ports.
+//!
+//! Drain has two phases. `Draining`: new connections are still accepted (endpoints
+//! take a while to notice a terminating pod), HTTP/1 responses carry
+//! `Connection: close` and HTTP/2 connections get GOAWAY, so clients move off without
+//! ever having a request reset. `Closing`: the listener stops accepting, every
+//! connection finishes its in-flight requests and closes, and `serve` returns.
+
+pub mod admin;
+pub mod sniff;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, Version, header};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::error::{Body, ProxyError};
+use sniff::{ConnFlags, Sniffer};
+
+/// Limits for one listener. Each one exists because hyper's default is either
+/// unbounded or unsuitable for a proxy exposed to arbitrary clients.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Close a connection whose request head has not arrived in this time (slowloris).
+    pub header_read_timeout: Duration,
+    /// More header lines than this is answered 431.
+    pub max_headers: usize,
+    /// A request head larger than this is answered 431 (HTTP/1) or refused (HTTP/2).
+    pub max_header_bytes: usize,
+    /// A request body larger than this is answered 413 (enforced by the handler).
+    pub max_body_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams reset by the client before we answered (rapid reset, CVE-2023-44487).
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// HTTP/2 streams we reset because of client protocol errors, per connection.
+    pub h2_max_local_error_reset_streams: usize,
+    /// HTTP/2 keep-alive ping interval; a peer that stops answering is closed.
+    pub h2_keep_alive_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
+            h2_max_concurrent_streams: 256,
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 256,
+            h2_keep_alive_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a listener is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Serving,
+    Draining,
+    Closing,
+}
+
+/// Per-connection facts a handler may need.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub flags: Arc<ConnFlags>,
+}
+
+/// A request handler: the proxy, or the admin endpoints.
+pub trait Handler: Send + Sync + 'static {
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send;
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        // hyper's floor for its read buffer is 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(limits.h2_keep_alive_interval)
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Accepts connections until the phase reaches `Closing`, then waits for every
+/// connection to finish. Connections hold a clone of `phase`, so the caller can
+/// also wait on `Sender::closed()`.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    limits: Limits,
+    handler: Arc<H>,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let builder = builder(&limits);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = phase.wait_for(|p| *p == Phase::Closing) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let flags = Arc::new(ConnFlags::default());
+        let conn_info = Arc::new(ConnInfo {
+            peer,
+            flags: flags.clone(),
+        });
+        let io = TokioIo::new(Sniffer::new(stream, flags));
+        tokio::spawn(connection(
+            builder.clone(),
+            io,
+            handler.clone(),
+            conn_info,
+            phase.clone(),
+        ));
+    }
+    drop(listener);
+}
+
+async fn connection<H: Handler>(
+    builder: auto::Builder<TokioExecutor>,
+    io: TokioIo<Sniffer<tokio::net::TcpStream>>,
+    handler: Arc<H>,
+    info: Arc<ConnInfo>,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let svc_phase = phase.clone();
+    let svc_info = info.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let handler = handler.clone();
+        let info = svc_info.clone();
+        let phase = svc_phase.clone();
+        async move {
+            let h1 = req.version() < Version::HTTP_2;
+            let mut resp = if info.flags.smuggling.load(Ordering::Relaxed) {
+                ProxyError::Smuggling.into_response()
+            } else {
+                handler.call(req, &info).await
+            };
+            // Judged after the handler: a drain may have begun while it ran.
+            if h1 && *phase.borrow() != Phase::Serving {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(peer = %info.peer, "connection ended: {e}");
+                }
+                return;
+            }
+            changed = phase.changed(), if !shutting_down => {
+                let p = if changed.is_ok() { *phase.borrow() } else { Phase::Closing };
+                let h2 = info.flags.h2.load(Ordering::Relaxed);
+                if p == Phase::Closing || (p == Phase::Draining && h2) {
+                    conn.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                }
+            }
+        }
+    }
+}

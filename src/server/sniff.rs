@@ -1,0 +1,218 @@
+//! A read-side guard for HTTP/1 request smuggling forms that hyper tolerates.
+//!
+//! hyper answers a request carrying both `Transfer-Encoding` and `Content-Length` by
+//! dropping the length and closing afterwards (allowed by RFC 9112 §6.1), and accepts
+//! repeated identical `Content-Length` lines. A proxy in front of other HTTP stacks
+//! should refuse both outright, so this wrapper watches the bytes hyper reads, spots
+//! those header combinations inside one message head, and flags the connection; the
+//! server then answers 400 and closes. Bodies with a known length are skipped, not
+//! scanned. HTTP/2 connections (the prior-knowledge preface) are not scanned at all.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What the sniffer learned about a connection; shared with the request handler.
+#[derive(Debug, Default)]
+pub struct ConnFlags {
+    /// A message head had both framing headers, or two Content-Length lines.
+    pub smuggling: AtomicBool,
+    /// The connection opened with the HTTP/2 preface.
+    pub h2: AtomicBool,
+}
+
+/// Enough of a line to recognise the header name and read a Content-Length value.
+const LINE_KEEP: usize = 48;
+
+#[derive(Debug)]
+struct Scan {
+    line: [u8; LINE_KEEP],
+    line_len: usize,
+    first_line: bool,
+    te: bool,
+    cl_count: u8,
+    cl_value: Option<u64>,
+    /// Body bytes still to pass unscanned (a Content-Length body).
+    skip: u64,
+    done: bool,
+}
+
+pub struct Sniffer<S> {
+    inner: S,
+    scan: Scan,
+    flags: Arc<ConnFlags>,
+}
+
+impl<S> Sniffer<S> {
+    pub fn new(inner: S, flags: Arc<ConnFlags>) -> Self {
+        Sniffer {
+            inner,
+            scan: Scan {
+                line: [0; LINE_KEEP],
+                line_len: 0,
+                first_line: true,
+                te: false,
+                cl_count: 0,
+                cl_value: None,
+                skip: 0,
+                done: false,
+            },
+            flags,
+        }
+    }
+}
+
+impl Scan {
+    fn feed(&mut self, mut bytes: &[u8], flags: &ConnFlags) {
+        while !bytes.is_empty() && !self.done {
+            if self.skip > 0 {
+                let n = (self.skip as usize).min(bytes.len());
+                self.skip -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let b = bytes[0];
+            bytes = &bytes[1..];
+            if b != b'\n' {
+                if self.line_len < LINE_KEEP {
+                    self.line[self.line_len] = b;
+                    self.line_len += 1;
+                }
+                continue;
+            }
+            let mut line = &self.line[..self.line_len];
+            if line.last() == Some(&b'\r') {
+                line = &line[..line.len() - 1];
+            }
+            if self.first_line {
+                self.first_line = false;
+                if line == b"PRI * HTTP/2.0" {
+                    flags.h2.store(true, Ordering::Relaxed);
+                    self.done = true;
+                }
+            } else if line.is_empty() {
+                // End of a head (or a blank line inside a chunked body).
+                if let (Some(len), false, 1) = (self.cl_value, self.te, self.cl_count) {
+                    self.skip = len;
+                }
+                self.te = false;
+                self.cl_count = 0;
+                self.cl_value = None;
+            } else if starts_with_ignore_case(line, b"transfer-encoding:") {
+                self.te = true;
+            } else if starts_with_ignore_case(line, b"content-length:") {
+                self.cl_count = self.cl_count.saturating_add(1);
+                self.cl_value = std::str::from_utf8(&line[15..])
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
+            }
+            if (self.te && self.cl_count > 0) || self.cl_count > 1 {
+                flags.smuggling.store(true, Ordering::Relaxed);
+                self.done = true;
+            }
+            self.line_len = 0;
+        }
+    }
+}
+
+fn starts_with_ignore_case(line: &[u8], prefix: &[u8]) -> bool {
+    line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+// === impl AsyncRead / AsyncWrite: pass through, scanning what is read ===
+
+impl<S: AsyncRead + Unpin> AsyncRead for Sniffer<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if res.is_ready() && !this.scan.done {
+            this.scan.feed(&buf.filled()[before..], &this.flags);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffer<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(chunks: &[&[u8]]) -> (bool, bool) {
+        let flags = ConnFlags::default();
+        let mut s = Sniffer::new((), Arc::new(ConnFlags::default())).scan;
+        for c in chunks {
+            s.feed(c, &flags);
+        }
+        (
+            flags.smuggling.load(Ordering::Relaxed),
+            flags.h2.load(Ordering::Relaxed),
+        )
+    }
+
+    #[test]
+    fn flags_cl_and_te_in_one_head_even_split_across_reads() {
+        let req = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(scan(&[req]), (true, false));
+        let (a, b) = req.split_at(33);
+        assert_eq!(scan(&[a, b]), (true, false));
+    }
+
+    #[test]
+    fn flags_duplicate_content_length() {
+        let req = b"POST / HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(scan(&[req]), (true, false));
+    }
+
+    #[test]
+    fn a_body_that_looks_like_headers_is_skipped() {
+        let body = b"\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n";
+        let head = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len());
+        let next = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(scan(&[head.as_bytes(), body, next]), (false, false));
+    }
+
+    #[test]
+    fn keep_alive_requests_are_judged_one_head_at_a_time() {
+        let two = b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(scan(&[two]), (false, false));
+    }
+
+    #[test]
+    fn h2_preface_stops_scanning() {
+        assert_eq!(scan(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]), (false, true));
+    }
+}
