@@ -1,0 +1,355 @@
+//! Fixtures for integration tests: real backend servers and a real proxy, each on
+//! `127.0.0.1:0`, plus small clients. Nothing here uses a fixed port or a sleep to
+//! wait for readiness.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use braid::config::file::FileSource;
+use braid::run::{ProxyOptions, Running};
+use braid::server::Limits;
+
+// === backends ===
+
+/// A backend that answers every request with JSON naming itself and what it saw.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Default)]
+pub struct BackendBehaviour {
+    /// Wait this long before answering.
+    pub delay: Duration,
+    /// Serve HTTP/2 only (prior knowledge) instead of HTTP/1.1.
+    pub h2_only: bool,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        Self::start_with(name, BackendBehaviour::default()).await
+    }
+
+    pub async fn start_with(name: &str, behaviour: BackendBehaviour) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (n, h) = (name.to_string(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (n, h, b) = (n.clone(), h.clone(), behaviour.clone());
+                tokio::spawn(async move {
+                    let h2_only = b.h2_only;
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (n, h, b) = (n.clone(), h.clone(), b.clone());
+                        async move {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            let method = req.method().to_string();
+                            let path = req.uri().to_string();
+                            let version = format!("{:?}", req.version());
+                            let host = header(&req, "host");
+                            let xff = header(&req, "x-forwarded-for");
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
+                            if !b.delay.is_zero() {
+                                tokio::time::sleep(b.delay).await;
+                            }
+                            let json = serde_json::json!({
+                                "backend": n, "method": method, "path": path, "version": version,
+                                "host": host, "x_forwarded_for": xff, "body_len": body.len(),
+                                "body": String::from_utf8_lossy(&body),
+                            });
+                            let mut resp = Response::new(Full::new(Bytes::from(json.to_string())));
+                            resp.headers_mut()
+                                .insert("content-type", "application/json".parse().unwrap());
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let io = TokioIo::new(stream);
+                    if h2_only {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
+                });
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            addr,
+            hits,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn header(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// An address on which nothing listens (bound, then released).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+// === the proxy under test ===
+
+pub struct TestProxy {
+    pub running: Option<Running>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn options(config_path: &Path) -> ProxyOptions {
+    ProxyOptions {
+        config: FileSource {
+            path: config_path.to_path_buf(),
+            debounce: Duration::from_millis(20),
+            poll: Duration::from_millis(200),
+        },
+        limits: Limits::default(),
+        drain_grace: Duration::from_millis(100),
+        drain_timeout: Duration::from_secs(5),
+    }
+}
+
+impl TestProxy {
+    /// Writes `config` to a fresh directory and starts a proxy on it.
+    pub async fn start(config: &str) -> TestProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("braid.yaml");
+        std::fs::write(&path, config).unwrap();
+        let mut p = Self::start_at(&path, options(&path)).await;
+        p._dir = Some(dir);
+        p
+    }
+
+    pub async fn start_at(path: &Path, opts: ProxyOptions) -> TestProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = braid::run::start(opts, listener, admin)
+            .await
+            .unwrap_or_else(|e| panic!("proxy did not start: {e:?}"));
+        TestProxy {
+            addr: running.addr,
+            admin: running.admin_addr,
+            running: Some(running),
+            config_path: path.to_path_buf(),
+            _dir: None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.running
+            .as_ref()
+            .unwrap()
+            .store
+            .load()
+            .map_or(0, |s| s.generation)
+    }
+
+    /// Rewrites the config file and waits until the proxy has applied it.
+    pub async fn reload(&self, config: &str) -> u64 {
+        let before = self.generation();
+        write_atomically(&self.config_path, config);
+        self.wait_for_generation(before + 1).await
+    }
+
+    pub async fn wait_for_generation(&self, at_least: u64) -> u64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let g = self.generation();
+            if g >= at_least {
+                return g;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "config generation stuck at {g}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(mut r) = self.running.take() {
+            r.shutdown();
+            r.wait().await;
+        }
+    }
+}
+
+/// Writes through a temporary file and a rename, as a careful writer would.
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+// === clients ===
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn variant(&self) -> &str {
+        self.headers
+            .get("x-braid-variant")
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn send(
+    client: &TestClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
+    let resp = client
+        .request(req)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> Reply {
+    send(client, "GET", url, headers, b"").await
+}
+
+pub async fn post(client: &TestClient, url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    send(client, "POST", url, headers, body.as_bytes()).await
+}
+
+/// Sends raw bytes on a fresh connection and reads until the server closes it (or 5 s).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// Counts how many responses of `n` went to each variant.
+pub fn tally<'a>(variants: impl Iterator<Item = &'a str>) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for v in variants {
+        *m.entry(v.to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// A two-variant model route config: control (local-style remote) and candidate.
+pub fn ab_config(control: &str, candidate: &str, w_control: f64, w_candidate: f64) -> String {
+    format!(
+        r#"routes:
+  - model: sentiment
+    variants:
+      - {{ name: control, weight: {w_control}, backend: "{control}", target_model: sentiment-a }}
+      - {{ name: candidate, weight: {w_candidate}, backend: "{candidate}", target_model: sentiment-b }}
+    sticky_header: x-user-id
+    timeout: 5s
+  - path_prefix: /
+    variants: [{{ name: default, backend: "{control}" }}]
+"#
+    )
+}
