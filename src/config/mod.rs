@@ -56,10 +56,19 @@ pub fn load(text: &str, source: &str) -> Result<Snapshot, Vec<ConfigError>> {
         }]
     })?;
     let mut errs = Errors::default();
-    let doc = schema::document(&root, &mut errs);
-    match doc {
-        Some(doc) if errs.is_empty() => validate::compile(doc, root, source, text),
-        _ => Err(errs.0),
+    let Some(doc) = schema::document(&root, &mut errs) else {
+        return Err(errs.0);
+    };
+    // Cross-field rules run even when some fields were bad, so one `braid check` lists
+    // everything; rules about completeness are skipped for a partly read document.
+    let partial = !errs.is_empty();
+    match validate::compile(doc, root, source, text, partial) {
+        Ok(snap) if !partial => Ok(snap),
+        Ok(_) => Err(errs.0),
+        Err(mut more) => {
+            errs.0.append(&mut more);
+            Err(errs.0)
+        }
     }
 }
 

@@ -20,6 +20,8 @@ pub struct Document {
 
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
+    /// Position in the document's `routes` list.
+    pub at: usize,
     /// Metric label and `/config` name; defaults to the model or the path prefix.
     pub name: Option<String>,
     /// Matches `/v2/models/{model}/...` and `/v1/models/{model}:verb`.
@@ -38,6 +40,8 @@ pub struct RouteSpec {
 
 #[derive(Debug, Clone)]
 pub struct VariantSpec {
+    /// Position in the route's `variants` list.
+    pub at: usize,
     pub name: String,
     /// Relative weight; finite and >= 0, checked here; "not all zero" in validate.
     pub weight: f64,
@@ -94,26 +98,34 @@ pub struct Shadow {
 pub const DEFAULT_OVERRIDE_HEADER: &str = "x-braid-variant";
 
 /// Reads a document; `None` when any error was recorded.
+/// Reads a document. Items that had errors are left out (the errors are recorded), and
+/// the rest keep their position in `at`, so later rules still name the right index.
 pub fn document(root: &Node, errs: &mut Errors) -> Option<Document> {
-    let before = errs.len();
     let mut obj = Obj::new(root, String::new(), errs)?;
     let executor = obj.opt("executor", upstream);
     let routes = obj
         .req("routes", |n, p, e| seq(n, p, e, route))
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(at, r)| RouteSpec { at, ..r })
+        .collect();
     obj.finish(&["executor", "routes"]);
-    (errs.len() == before).then_some(Document { executor, routes })
+    Some(Document { executor, routes })
 }
 
 fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
     let mut obj = Obj::new(node, path, errs)?;
     let spec = RouteSpec {
+        at: 0,
         name: obj.opt("name", name),
         model: obj.opt("model", model_name),
         path_prefix: obj.opt("path_prefix", path_prefix),
         variants: obj
             .req("variants", |n, p, e| seq(n, p, e, variant))
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(at, v)| VariantSpec { at, ..v })
+            .collect(),
         sticky_header: obj.opt("sticky_header", header_name),
         override_header: obj
             .opt("override_header", header_name)
@@ -146,6 +158,7 @@ fn variant(node: &Node, path: String, errs: &mut Errors) -> Option<VariantSpec> 
     let target_model = obj.opt("target_model", model_name);
     obj.finish(&["name", "weight", "backend", "target_model"]);
     Some(VariantSpec {
+        at: 0,
         name: name?,
         weight,
         backend: backend?,
@@ -401,14 +414,20 @@ fn upstream(node: &Node, path: String, errs: &mut Errors) -> Option<Upstream> {
     })
 }
 
-fn seq<T>(node: &Node, path: String, errs: &mut Errors, item: Reader<T>) -> Option<Vec<T>> {
+/// A list; each good item comes with its index.
+fn seq<T>(
+    node: &Node,
+    path: String,
+    errs: &mut Errors,
+    item: Reader<T>,
+) -> Option<Vec<(usize, T)>> {
     let Node::Seq(items) = node else {
         return errs.push(path, format!("expected a list, found {}", node.kind()));
     };
     let mut out = Vec::with_capacity(items.len());
     for (i, n) in items.iter().enumerate() {
         if let Some(v) = item(n, format!("{path}[{i}]"), errs) {
-            out.push(v);
+            out.push((i, v));
         }
     }
     Some(out)

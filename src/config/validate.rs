@@ -35,12 +35,13 @@ pub fn compile(
     root: Node,
     source: &str,
     text: &str,
+    partial: bool,
 ) -> Result<Snapshot, Vec<ConfigError>> {
     let mut errs: Vec<ConfigError> = Vec::new();
     let mut warnings = Vec::new();
     let mut err = |path: String, message: String| errs.push(ConfigError { path, message });
 
-    if doc.routes.is_empty() {
+    if doc.routes.is_empty() && !partial {
         err("routes".into(), "must list at least one route".into());
     }
 
@@ -48,7 +49,8 @@ pub fn compile(
     let mut models: HashMap<String, usize> = HashMap::new();
     let mut prefixes: HashMap<String, usize> = HashMap::new();
 
-    for (ri, spec) in doc.routes.iter().enumerate() {
+    for spec in &doc.routes {
+        let ri = spec.at;
         let at = format!("routes[{ri}]");
         match (&spec.model, &spec.path_prefix) {
             (Some(_), Some(_)) => err(
@@ -81,7 +83,9 @@ pub fn compile(
             );
         }
 
-        if spec.variants.is_empty() {
+        if partial {
+            // Some variants may have been left out: counting rules would mislead.
+        } else if spec.variants.is_empty() {
             err(
                 format!("{at}.variants"),
                 "must list at least one variant".into(),
@@ -93,7 +97,8 @@ pub fn compile(
             );
         }
         let mut variant_names: HashMap<&str, usize> = HashMap::new();
-        for (vi, v) in spec.variants.iter().enumerate() {
+        for v in &spec.variants {
+            let vi = v.at;
             if let Some(prev) = variant_names.insert(&v.name, vi) {
                 err(
                     format!("{at}.variants[{vi}].name"),
@@ -117,7 +122,7 @@ pub fn compile(
             }
         }
         if let Some(shadow) = &spec.shadow {
-            if !variant_names.contains_key(shadow.variant.as_str()) {
+            if !partial && !variant_names.contains_key(shadow.variant.as_str()) {
                 err(
                     format!("{at}.shadow.variant"),
                     format!(

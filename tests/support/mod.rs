@@ -36,7 +36,7 @@ pub struct Backend {
 
 #[derive(Clone, Default)]
 pub struct BackendBehaviour {
-    /// Wait this long before answering.
+    /// Wait this long before answering (a request's `x-delay-ms` header overrides it).
     pub delay: Duration,
     /// Serve HTTP/2 only (prior knowledge) instead of HTTP/1.1.
     pub h2_only: bool,
@@ -69,14 +69,18 @@ impl Backend {
                             let version = format!("{:?}", req.version());
                             let host = header(&req, "host");
                             let xff = header(&req, "x-forwarded-for");
+                            let delay = header(&req, "x-delay-ms")
+                                .and_then(|v| v.parse().ok())
+                                .map(Duration::from_millis)
+                                .unwrap_or(b.delay);
                             let body = req
                                 .into_body()
                                 .collect()
                                 .await
                                 .map(|c| c.to_bytes())
                                 .unwrap_or_default();
-                            if !b.delay.is_zero() {
-                                tokio::time::sleep(b.delay).await;
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
                             }
                             let json = serde_json::json!({
                                 "backend": n, "method": method, "path": path, "version": version,
@@ -352,4 +356,114 @@ pub fn ab_config(control: &str, candidate: &str, w_control: f64, w_candidate: f6
     variants: [{{ name: default, backend: "{control}" }}]
 "#
     )
+}
+
+// === the braid binary ===
+
+/// A `braid` process started by a test; killed on drop if still running.
+pub struct BraidProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl BraidProcess {
+    /// Starts `braid proxy` on `127.0.0.1:0` and reads the bound addresses from its log.
+    pub fn start(config: &Path, extra: &[&str]) -> BraidProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+            .args([
+                "proxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(config)
+            .args(extra)
+            .env("BRAID_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn braid");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if !sent && line.contains("listening") {
+                    let field = |k: &str| {
+                        line.split_whitespace()
+                            .find_map(|t| t.strip_prefix(k))
+                            .and_then(|v| v.parse::<SocketAddr>().ok())
+                    };
+                    let _ = tx.send((field("data="), field("admin=")));
+                    sent = true;
+                }
+                if std::env::var_os("BRAID_TEST_LOGS").is_some() {
+                    eprintln!("[braid] {line}");
+                }
+            }
+        });
+        let (addr, admin) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("braid never logged its addresses");
+        BraidProcess {
+            child,
+            addr: addr.unwrap(),
+            admin: admin.unwrap(),
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit (polling, bounded) and returns its exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "braid did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for BraidProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `url` until it answers `status` (bounded; no blind sleeps).
+pub async fn wait_for_status(client: &TestClient, url: &str, status: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+        if let Ok(r) = client.request(req).await
+            && r.status().as_u16() == status
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

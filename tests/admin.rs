@@ -1,0 +1,90 @@
+//! The admin port: metrics with route/variant/code labels, health, readiness, config.
+
+mod support;
+
+use support::*;
+
+#[tokio::test]
+async fn metrics_health_readiness_and_config() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = TestProxy::start(&ab_config(&a.url(), &b.url(), 1.0, 1.0)).await;
+    let c = client();
+    for _ in 0..3 {
+        post(
+            &c,
+            &proxy.url("/v2/models/sentiment/infer"),
+            &[("x-braid-variant", "candidate")],
+            "{}",
+        )
+        .await;
+    }
+    post(
+        &c,
+        &proxy.url("/v2/models/sentiment/infer"),
+        &[("x-braid-variant", "zzz")],
+        "{}",
+    )
+    .await;
+
+    let m = get(&c, &proxy.admin_url("/metrics"), &[]).await;
+    assert_eq!(m.status, 200);
+    assert!(
+        m.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = m.text();
+    assert!(
+        text.contains(
+            r#"braid_requests_total{route="sentiment",variant="candidate",code="200"} 3"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains(r#"braid_request_duration_seconds_bucket{le="0.0001",route="sentiment",variant="candidate"}"#), "{text}");
+    assert!(text.contains(r#"braid_request_duration_seconds_bucket{le="30.0",route="sentiment",variant="candidate"} 3"#), "{text}");
+    assert!(
+        text.contains(
+            r#"braid_request_duration_seconds_count{route="sentiment",variant="candidate"} 3"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"braid_unrouted_requests_total{reason="unknown_variant"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"braid_config_reloads_total{source="file",result="accepted"} 1"#),
+        "{text}"
+    );
+    // Label values come from config only: the bad override value never appears.
+    assert!(!text.contains("zzz"));
+    let om = get(
+        &c,
+        &proxy.admin_url("/metrics"),
+        &[("accept", "application/openmetrics-text; version=1.0.0")],
+    )
+    .await;
+    assert!(
+        om.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    assert!(om.text().ends_with("# EOF\n"));
+
+    assert_eq!(get(&c, &proxy.admin_url("/healthz"), &[]).await.status, 200);
+    assert_eq!(get(&c, &proxy.admin_url("/readyz"), &[]).await.status, 200);
+    let cfg = get(&c, &proxy.admin_url("/config"), &[]).await.json();
+    assert_eq!(cfg["generation"], 1);
+    assert!(cfg["source"].as_str().unwrap().starts_with("file:"));
+    assert_eq!(cfg["config"]["routes"][0]["model"], "sentiment");
+    assert!(cfg["last_rejected"].is_null());
+
+    let r = get(&c, &proxy.admin_url("/nope"), &[]).await;
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].is_string());
+    let r = post(&c, &proxy.admin_url("/config"), &[], "").await;
+    assert_eq!(r.status, 405);
+    proxy.stop().await;
+}
