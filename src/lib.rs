@@ -29,7 +29,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod error;
+pub mod executor;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

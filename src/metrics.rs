@@ -164,3 +164,169 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+// === the executor's metrics (served on the executor's own port) ===
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelCodeLabels {
+    pub model: String,
+    pub code: u16,
+}
+
+/// Batch sizes: powers of two up to 256.
+pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(BATCH_BUCKETS)
+}
+
+/// Model names are label values: they come from the executor's flags or config, and
+/// requests for unknown models are counted without one.
+#[derive(Debug)]
+pub struct ExecutorMetrics {
+    registry: Registry,
+    requests: Family<ModelCodeLabels, Counter>,
+    inference: HistogramFamily<ModelLabels>,
+    queue_wait: HistogramFamily<ModelLabels>,
+    batch_size: HistogramFamily<ModelLabels>,
+    queue_depth: Family<ModelLabels, Gauge>,
+    cancelled: Family<ModelLabels, Counter>,
+    tokens_computed: Family<ModelLabels, Counter>,
+    tokens_real: Family<ModelLabels, Counter>,
+}
+
+impl ExecutorMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<ModelCodeLabels, Counter>::default();
+        registry.register(
+            "braid_executor_requests",
+            "Inference requests answered, by model and HTTP status",
+            requests.clone(),
+        );
+        let inference: HistogramFamily<ModelLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "braid_executor_inference_seconds",
+            "Time of one forward pass (tokenize, encode, pool), by model",
+            inference.clone(),
+        );
+        let queue_wait: HistogramFamily<ModelLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "braid_executor_queue_seconds",
+            "Time a batch waited for a model thread, by model",
+            queue_wait.clone(),
+        );
+        let batch_size: HistogramFamily<ModelLabels> =
+            Family::new_with_constructor(batch_histogram);
+        registry.register(
+            "braid_executor_batch_size",
+            "Rows per forward pass, by model",
+            batch_size.clone(),
+        );
+        let queue_depth = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "braid_executor_queue_depth",
+            "Batches waiting for a model thread",
+            queue_depth.clone(),
+        );
+        let cancelled = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "braid_executor_cancelled",
+            "Batches dropped before their forward pass because the caller went away",
+            cancelled.clone(),
+        );
+        let tokens_computed = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "braid_executor_tokens_computed",
+            "Token positions computed, padding included",
+            tokens_computed.clone(),
+        );
+        let tokens_real = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "braid_executor_tokens_real",
+            "Token positions that were real text (computed minus these is padding waste)",
+            tokens_real.clone(),
+        );
+        ExecutorMetrics {
+            registry,
+            requests,
+            inference,
+            queue_wait,
+            batch_size,
+            queue_depth,
+            cancelled,
+            tokens_computed,
+            tokens_real,
+        }
+    }
+
+    fn labels(model: &str) -> ModelLabels {
+        ModelLabels {
+            model: model.to_string(),
+        }
+    }
+
+    pub fn request(&self, model: &str, code: u16) {
+        self.requests
+            .get_or_create(&ModelCodeLabels {
+                model: model.to_string(),
+                code,
+            })
+            .inc();
+    }
+
+    pub fn batch(
+        &self,
+        model: &str,
+        rows: usize,
+        took: Duration,
+        tokens_computed: usize,
+        tokens_real: usize,
+    ) {
+        let l = Self::labels(model);
+        self.inference.get_or_create(&l).observe(took.as_secs_f64());
+        self.batch_size.get_or_create(&l).observe(rows as f64);
+        self.tokens_computed
+            .get_or_create(&l)
+            .inc_by(tokens_computed as u64);
+        self.tokens_real
+            .get_or_create(&l)
+            .inc_by(tokens_real as u64);
+    }
+
+    pub fn queued(&self, model: &str, waited: Duration) {
+        self.queue_wait
+            .get_or_create(&Self::labels(model))
+            .observe(waited.as_secs_f64());
+    }
+
+    pub fn queue_depth(&self, model: &str, depth: i64) {
+        self.queue_depth
+            .get_or_create(&Self::labels(model))
+            .set(depth);
+    }
+
+    pub fn cancelled(&self, model: &str) {
+        self.cancelled.get_or_create(&Self::labels(model)).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for ExecutorMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -12,11 +12,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::config::Store;
@@ -24,7 +23,7 @@ use crate::config::schema::Protocol;
 use crate::error::{Body, ProxyError};
 use crate::metrics::Metrics;
 use crate::route::{self, Match, Variant, assign};
-use crate::server::{ConnInfo, Handler};
+use crate::server::{self, ConnInfo, Handler};
 use crate::upstream::{SendError, Upstreams};
 
 pub static X_BRAID_VARIANT: HeaderName = HeaderName::from_static("x-braid-variant");
@@ -105,7 +104,7 @@ impl Proxy {
         conn: &ConnInfo,
     ) -> Result<Response<Body>, ProxyError> {
         let (parts, body) = req.into_parts();
-        let body = read_body(&parts.headers, body, self.max_body_bytes).await?;
+        let body = server::read_body(&parts.headers, body, self.max_body_bytes).await?;
 
         let path = match (&m.model_span, &variant.target_model) {
             (Some(span), Some(target)) => route::rewrite_model(parts.uri.path(), span, target),
@@ -168,25 +167,6 @@ impl Proxy {
             parts,
             body.map_err(Into::into).boxed(),
         ))
-    }
-}
-
-/// Reads the whole body under the limit: a declared length over it is refused before
-/// a byte is read, and a body that grows past it is cut off.
-async fn read_body(headers: &HeaderMap, body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge { limit })
-        }
-        Err(e) => Err(ProxyError::BadRequest(format!("reading request body: {e}"))),
     }
 }
 

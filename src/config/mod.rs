@@ -3,6 +3,7 @@
 //! Nothing outside this module parses YAML. A document is either accepted whole or
 //! rejected whole with every problem listed by field path.
 
+pub mod executor;
 pub mod file;
 pub mod node;
 pub mod schema;

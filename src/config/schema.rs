@@ -217,7 +217,7 @@ fn shadow(node: &Node, path: String, errs: &mut Errors) -> Option<Shadow> {
 
 type Reader<T> = fn(&Node, String, &mut Errors) -> Option<T>;
 
-fn string(node: &Node, path: String, errs: &mut Errors) -> Option<String> {
+pub(crate) fn string(node: &Node, path: String, errs: &mut Errors) -> Option<String> {
     match node {
         Node::Str(s) => Some(s.clone()),
         other => errs.push(path, format!("expected a string, found {}", other.kind())),
@@ -241,7 +241,7 @@ fn name(node: &Node, path: String, errs: &mut Errors) -> Option<String> {
 }
 
 /// A model name is one path segment at the backend.
-fn model_name(node: &Node, path: String, errs: &mut Errors) -> Option<String> {
+pub(crate) fn model_name(node: &Node, path: String, errs: &mut Errors) -> Option<String> {
     let s = string(node, path.clone(), errs)?;
     let ok = !s.is_empty()
         && s.bytes()
@@ -312,7 +312,7 @@ fn int(node: &Node, path: String, errs: &mut Errors) -> Option<u64> {
     }
 }
 
-fn positive_int(node: &Node, path: String, errs: &mut Errors) -> Option<u64> {
+pub(crate) fn positive_int(node: &Node, path: String, errs: &mut Errors) -> Option<u64> {
     match int(node, path.clone(), errs)? {
         0 => errs.push(path, "must be >= 1".into()),
         n => Some(n),
@@ -415,7 +415,7 @@ fn upstream(node: &Node, path: String, errs: &mut Errors) -> Option<Upstream> {
 }
 
 /// A list; each good item comes with its index.
-fn seq<T>(
+pub(crate) fn seq<T>(
     node: &Node,
     path: String,
     errs: &mut Errors,
@@ -437,14 +437,14 @@ fn seq<T>(
 
 /// A mapping being read: remembers which keys were consumed so the rest are reported
 /// as unknown fields.
-struct Obj<'a> {
+pub(crate) struct Obj<'a> {
     entries: &'a [(String, Node)],
     path: String,
     errs: &'a mut Errors,
 }
 
 impl<'a> Obj<'a> {
-    fn new(node: &'a Node, path: String, errs: &'a mut Errors) -> Option<Self> {
+    pub(crate) fn new(node: &'a Node, path: String, errs: &'a mut Errors) -> Option<Self> {
         match node {
             Node::Map(entries) => Some(Obj {
                 entries,
@@ -475,7 +475,7 @@ impl<'a> Obj<'a> {
     }
 
     /// An optional field; explicit `null` counts as absent.
-    fn opt<T>(
+    pub(crate) fn opt<T>(
         &mut self,
         key: &str,
         read: impl FnOnce(&Node, String, &mut Errors) -> Option<T>,
@@ -486,7 +486,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn req<T>(
+    pub(crate) fn req<T>(
         &mut self,
         key: &str,
         read: impl FnOnce(&Node, String, &mut Errors) -> Option<T>,
@@ -497,7 +497,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn finish(self, known: &[&str]) {
+    pub(crate) fn finish(self, known: &[&str]) {
         for (k, _) in self.entries {
             if !known.contains(&k.as_str()) {
                 let path = if self.path.is_empty() {

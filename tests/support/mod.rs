@@ -467,3 +467,60 @@ pub async fn wait_for_status(client: &TestClient, url: &str, status: u16) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+// === the executor ===
+
+/// An executor on `127.0.0.1:0` serving the tiny test BERT, loaded and ready.
+pub struct TestExecutor {
+    pub running: braid::executor::server::RunningExecutor,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+pub fn tiny_spec(dir: &Path, name: &str, labels: &[&str]) -> braid::executor::server::ModelSpec {
+    braid::executor::server::ModelSpec {
+        name: name.into(),
+        source: dir.display().to_string(),
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+        threads: 1,
+        queue: 16,
+        max_batch: 64,
+    }
+}
+
+impl TestExecutor {
+    pub async fn start(
+        specs: impl FnOnce(&Path) -> Vec<braid::executor::server::ModelSpec>,
+    ) -> TestExecutor {
+        let dir = tempfile::tempdir().unwrap();
+        braid::executor::testkit::write_tiny_model(dir.path(), true).unwrap();
+        let opts = braid::executor::server::ExecutorOptions {
+            models: specs(dir.path()),
+            device: "cpu".into(),
+            limits: Limits::default(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut running = braid::executor::server::start(opts, listener)
+            .await
+            .unwrap();
+        running.wait_loaded().await.unwrap();
+        TestExecutor {
+            addr: running.addr,
+            running,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// An OIP v2 request body with the `text` input.
+pub fn infer_body(texts: &[&str], extra: &str) -> String {
+    let data = serde_json::to_string(texts).unwrap();
+    format!(
+        r#"{{"inputs":[{{"name":"text","datatype":"BYTES","shape":[{}],"data":{data}}}]{extra}}}"#,
+        texts.len()
+    )
+}

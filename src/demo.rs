@@ -1,0 +1,141 @@
+//! `braid demo`: the embedded default. One process runs the executor with a real model
+//! (all-MiniLM-L6-v2, fetched once and cached) under two zero-shot label sets — a
+//! prompt A/B test: short labels vs full-sentence labels — and the proxy in front with
+//! a sticky 50/50 split. The proxy's config is written to a file and watched, so
+//! editing it changes the split live.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::cli::DemoArgs;
+use crate::config::file::FileSource;
+use crate::executor::server::{self as executor, ExecutorOptions, ModelSpec};
+use crate::run::{self, ProxyOptions};
+use crate::server::Limits;
+
+pub const SHORT_LABELS: &[&str] = &["positive", "negative"];
+pub const SENTENCE_LABELS: &[&str] = &["This is a positive review.", "This is a negative review."];
+
+/// The proxy config the demo serves (also what `config/demo.yaml` documents).
+pub fn proxy_config(executor: &str) -> String {
+    format!(
+        r#"# braid demo: edit and save this file to change the split live.
+executor: http://{executor}
+routes:
+  - model: sentiment
+    variants:
+      - {{ name: short-labels, weight: 50, backend: local, target_model: sentiment-short }}
+      - {{ name: sentence-labels, weight: 50, backend: local, target_model: sentiment-sentences }}
+    sticky_header: x-user-id
+    timeout: 10s
+"#
+    )
+}
+
+pub fn models(source: &str) -> Vec<ModelSpec> {
+    let spec = |name: &str, labels: &[&str]| ModelSpec {
+        name: name.into(),
+        source: source.into(),
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+        threads: 1,
+        queue: 64,
+        max_batch: 256,
+    };
+    vec![
+        spec("sentiment-short", SHORT_LABELS),
+        spec("sentiment-sentences", SENTENCE_LABELS),
+    ]
+}
+
+pub async fn run(args: DemoArgs) -> ExitCode {
+    let bind = |addr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let (exec_l, data_l, admin_l) = match (
+        bind(args.executor_listen).await,
+        bind(args.listen).await,
+        bind(args.admin).await,
+    ) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            eprintln!("braid demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "braid demo: loading {} (fetched once into {}, then cached) ...",
+        args.model,
+        crate::executor::source::cache_root().display()
+    );
+    let opts = ExecutorOptions {
+        models: models(&args.model),
+        device: "cpu".into(),
+        limits: Limits::default(),
+    };
+    let mut exec = match executor::start(opts, exec_l).await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("braid demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = exec.wait_loaded().await {
+        eprintln!("braid demo: {e}");
+        return ExitCode::FAILURE;
+    }
+
+    // Per process, so two demos never edit each other's config; removed at exit.
+    let dir = std::env::temp_dir().join(format!("braid-demo-{}", std::process::id()));
+    let path = dir.join("braid.yaml");
+    if let Err(e) = std::fs::create_dir_all(&dir)
+        .and_then(|_| std::fs::write(&path, proxy_config(&exec.addr.to_string())))
+    {
+        eprintln!("braid demo: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    let opts = ProxyOptions {
+        config: FileSource {
+            path: path.clone(),
+            debounce: Duration::from_millis(100),
+            poll: Duration::from_secs(2),
+        },
+        limits: Limits::default(),
+        drain_grace: Duration::from_millis(200),
+        drain_timeout: Duration::from_secs(10),
+    };
+    let mut proxy = match run::start(opts, data_l, admin_l).await {
+        Ok(p) => p,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("braid demo: {e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let (p, a, x) = (proxy.addr, proxy.admin_addr, exec.addr);
+    println!(
+        r#"
+braid demo is ready.
+  proxy     http://{p}   (model "sentiment": 50/50 between short-labels and sentence-labels, sticky on x-user-id)
+  admin     http://{a}   (/metrics /readyz /config)
+  executor  http://{x}   (models sentiment-short, sentiment-sentences; its own /metrics)
+  config    {config}  (edit and save: applied live)
+
+Try:
+  curl -s http://{p}/v2/models/sentiment/infer -H 'x-user-id: alice' \
+    -d '{{"inputs":[{{"name":"text","datatype":"BYTES","shape":[2],"data":["I loved this film","The service was awful"]}}],"outputs":[{{"name":"label"}},{{"name":"scores"}}]}}'
+  curl -si http://{p}/v1/models/sentiment:predict -H 'x-braid-variant: sentence-labels' -d '{{"instances":["What a great day"]}}' | grep -i x-braid-variant
+  curl -s http://{a}/metrics | grep braid_requests_total
+
+Ctrl-C to stop."#,
+        config = path.display()
+    );
+    crate::cli::shutdown_signal().await;
+    proxy.shutdown();
+    proxy.wait().await;
+    exec.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,234 @@
+//! A BERT-family sentence encoder on candle: a sentence-transformers style directory in,
+//! one pooled (and optionally normalised) embedding per text out.
+//!
+//! Each call is one forward pass over the whole batch: texts are padded to the longest
+//! in the batch (never to a fixed length), truncated at the model's max length, and the
+//! attention mask keeps padding out of both attention and pooling, so a text's embedding
+//! does not depend on what it was batched with.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error("tokenizing: {0}")]
+    Tokenize(String),
+    #[error("forward pass: {0}")]
+    Forward(#[from] candle_core::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+}
+
+pub struct SentenceEncoder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    pooling: Pooling,
+    normalize: bool,
+    device: Device,
+    /// Embedding width (hidden size).
+    pub dim: usize,
+    /// Texts are cut to this many tokens, special tokens included.
+    pub max_tokens: usize,
+}
+
+/// Embeddings for one batch, row-major `[rows, dim]`, plus what padding cost.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub dim: usize,
+    /// Tokens computed (rows x longest) and tokens that were real (not padding).
+    pub tokens_computed: usize,
+    pub tokens_real: usize,
+}
+
+impl Embeddings {
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+fn load_err(path: &Path, reason: impl ToString) -> ModelError {
+    ModelError::Load {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+impl SentenceEncoder {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| load_err(&config_path, e))?;
+        let config: Config = serde_json::from_str(&text).map_err(|e| load_err(&config_path, e))?;
+
+        let weights_path = dir.join("model.safetensors");
+        // Read into memory (safe) rather than mmap (an unsafe API in candle).
+        let tensors = candle_core::safetensors::load(&weights_path, device)
+            .map_err(|e| load_err(&weights_path, e))?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let model = BertModel::load(vb, &config).map_err(|e| load_err(&weights_path, e))?;
+
+        let (pooling, normalize) = pooling_config(dir)?;
+        let max_tokens = max_seq_length(dir)
+            .unwrap_or(config.max_position_embeddings)
+            .min(config.max_position_embeddings);
+
+        let tok_path = dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| load_err(&tok_path, e))?;
+        // Pad to the longest text in each batch, whatever the file says (some ship
+        // `Fixed: 128`, which would make every short request pay for 128 tokens).
+        let pad = tokenizer
+            .get_padding()
+            .cloned()
+            .unwrap_or_else(|| PaddingParams {
+                pad_id: tokenizer
+                    .token_to_id("[PAD]")
+                    .unwrap_or(config.pad_token_id as u32),
+                ..PaddingParams::default()
+            });
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..pad
+        }));
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| load_err(&tok_path, e))?;
+
+        Ok(SentenceEncoder {
+            model,
+            tokenizer,
+            pooling,
+            normalize,
+            device: device.clone(),
+            dim: config.hidden_size,
+            max_tokens,
+        })
+    }
+
+    /// One forward pass for the whole batch.
+    pub fn embed(&self, texts: &[&str]) -> Result<Embeddings, ModelError> {
+        let rows = texts.len();
+        if rows == 0 {
+            return Ok(Embeddings {
+                data: Vec::new(),
+                rows: 0,
+                dim: self.dim,
+                tokens_computed: 0,
+                tokens_real: 0,
+            });
+        }
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| ModelError::Tokenize(e.to_string()))?;
+        let len = encodings[0].get_ids().len();
+        let mut ids = Vec::with_capacity(rows * len);
+        let mut types = Vec::with_capacity(rows * len);
+        let mut mask = Vec::with_capacity(rows * len);
+        for e in &encodings {
+            ids.extend_from_slice(e.get_ids());
+            types.extend_from_slice(e.get_type_ids());
+            mask.extend_from_slice(e.get_attention_mask());
+        }
+        let tokens_real = mask.iter().filter(|&&m| m == 1).count();
+        let ids = Tensor::from_vec(ids, (rows, len), &self.device)?;
+        let types = Tensor::from_vec(types, (rows, len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (rows, len), &self.device)?;
+
+        let hidden = self.model.forward(&ids, &types, Some(&mask))?; // [rows, len, dim]
+        let pooled = match self.pooling {
+            Pooling::Cls => hidden.i((.., 0))?,
+            Pooling::Mean => {
+                let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [rows, len, 1]
+                let summed = hidden.broadcast_mul(&m)?.sum(1)?; // [rows, dim]
+                let counts = m.sum(1)?.clamp(1e-9, f64::MAX)?; // [rows, 1]
+                summed.broadcast_div(&counts)?
+            }
+        };
+        let pooled = if self.normalize {
+            l2_normalize(&pooled)?
+        } else {
+            pooled
+        };
+        let data = pooled.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Embeddings {
+            data,
+            rows,
+            dim: self.dim,
+            tokens_computed: rows * len,
+            tokens_real,
+        })
+    }
+}
+
+fn l2_normalize(t: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = t.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    t.broadcast_div(&norm)
+}
+
+/// Pooling mode from `1_Pooling/config.json` (or the path modules.json names), and
+/// whether modules.json ends with a Normalize module. Absent files mean mean pooling
+/// without normalisation, which is what a plain BERT checkpoint gets.
+fn pooling_config(dir: &Path) -> Result<(Pooling, bool), ModelError> {
+    let modules_path = dir.join("modules.json");
+    let mut pooling_dir = dir.join("1_Pooling");
+    let mut normalize = false;
+    if let Ok(text) = std::fs::read_to_string(&modules_path) {
+        let modules: Vec<serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| load_err(&modules_path, e))?;
+        for m in &modules {
+            let ty = m["type"].as_str().unwrap_or_default();
+            if ty.ends_with(".Normalize") {
+                normalize = true;
+            } else if ty.ends_with(".Pooling") {
+                if let Some(p) = m["path"].as_str() {
+                    pooling_dir = dir.join(p);
+                }
+            } else if !ty.ends_with(".Transformer") {
+                return Err(load_err(
+                    &modules_path,
+                    format!("unsupported sentence-transformers module {ty:?}"),
+                ));
+            }
+        }
+    }
+    let pool_path = pooling_dir.join("config.json");
+    let pooling = match std::fs::read_to_string(&pool_path) {
+        Err(_) => Pooling::Mean,
+        Ok(text) => {
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| load_err(&pool_path, e))?;
+            let on = |k: &str| v[k].as_bool().unwrap_or(false);
+            match (on("pooling_mode_cls_token"), on("pooling_mode_mean_tokens")) {
+                (true, false) => Pooling::Cls,
+                (false, true) => Pooling::Mean,
+                _ => {
+                    return Err(load_err(
+                        &pool_path,
+                        "only one of pooling_mode_mean_tokens or pooling_mode_cls_token is supported",
+                    ));
+                }
+            }
+        }
+    };
+    Ok((pooling, normalize))
+}
+
+fn max_seq_length(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("sentence_bert_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["max_seq_length"].as_u64().map(|n| n as usize)
+}

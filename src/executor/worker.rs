@@ -1,0 +1,126 @@
+//! Execution off the async runtime: each model has its own threads (one batch in
+//! flight per thread) fed by a bounded queue. The HTTP side only enqueues and awaits a
+//! oneshot; a full queue is refused at once (503 with Retry-After), and a job whose
+//! caller has gone away is dropped before its forward pass.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::encoder::ModelError;
+use super::model::{Model, Outputs};
+use crate::metrics::ExecutorMetrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("model {0} is busy: its queue is full")]
+    QueueFull(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("model {0} stopped")]
+    Stopped(String),
+}
+
+struct Job {
+    texts: Vec<String>,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Outputs, ExecError>>,
+}
+
+/// A cloneable handle to a model's queue and threads.
+#[derive(Clone)]
+pub struct ModelHandle {
+    pub model: Arc<Model>,
+    tx: SyncSender<Job>,
+    /// Jobs queued and not yet picked up, for the queue-depth gauge.
+    depth: Arc<AtomicI64>,
+    metrics: Arc<ExecutorMetrics>,
+}
+
+impl ModelHandle {
+    pub fn spawn(
+        model: Arc<Model>,
+        threads: usize,
+        queue: usize,
+        metrics: Arc<ExecutorMetrics>,
+    ) -> ModelHandle {
+        let (tx, rx) = sync_channel::<Job>(queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let depth = Arc::new(AtomicI64::new(0));
+        for i in 0..threads.max(1) {
+            let (model, rx, depth, metrics) =
+                (model.clone(), rx.clone(), depth.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name(format!("braid-model-{}-{i}", model.name))
+                .spawn(move || run(model, rx, depth, metrics))
+                .expect("spawn model thread");
+        }
+        ModelHandle {
+            model,
+            tx,
+            depth,
+            metrics,
+        }
+    }
+
+    pub async fn infer(&self, texts: Vec<String>) -> Result<Outputs, ExecError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            texts,
+            enqueued: Instant::now(),
+            reply,
+        };
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                let d = self.depth.fetch_add(1, Ordering::SeqCst) + 1;
+                self.metrics.queue_depth(&self.model.name, d);
+            }
+            Err(TrySendError::Full(_)) => {
+                return Err(ExecError::QueueFull(self.model.name.clone()));
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ExecError::Stopped(self.model.name.clone()));
+            }
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(ExecError::Stopped(self.model.name.clone())))
+    }
+}
+
+fn run(
+    model: Arc<Model>,
+    rx: Arc<Mutex<Receiver<Job>>>,
+    depth: Arc<AtomicI64>,
+    metrics: Arc<ExecutorMetrics>,
+) {
+    loop {
+        // Hold the lock only to take one job, so sibling threads can take the next.
+        let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        let d = depth.fetch_sub(1, Ordering::SeqCst) - 1;
+        metrics.queue_depth(&model.name, d);
+        if job.reply.is_closed() {
+            metrics.cancelled(&model.name);
+            continue;
+        }
+        metrics.queued(&model.name, job.enqueued.elapsed());
+        let start = Instant::now();
+        let texts: Vec<&str> = job.texts.iter().map(String::as_str).collect();
+        let result = model.infer(&texts).map_err(ExecError::from);
+        if let Ok(out) = &result {
+            metrics.batch(
+                &model.name,
+                texts.len(),
+                start.elapsed(),
+                out.embedding.tokens_computed,
+                out.embedding.tokens_real,
+            );
+        }
+        let _ = job.reply.send(result);
+    }
+}

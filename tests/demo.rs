@@ -1,0 +1,135 @@
+//! `braid demo`, the README's first command, as a user runs it: the real binary, the
+//! real model, requests through the proxy, and a clean exit on Ctrl-C.
+
+mod support;
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_the_ab_test_end_to_end() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--executor-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut urls = Vec::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            for key in ["proxy", "admin", "executor"] {
+                let url = line
+                    .trim_start()
+                    .strip_prefix(key)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .filter(|u| u.starts_with("http://"));
+                if let Some(url) = url {
+                    urls.push(url.to_string());
+                }
+            }
+            if line.contains("Ctrl-C to stop") {
+                let _ = tx.send(urls.clone());
+            }
+        }
+    });
+    // Fetching the model on a cold cache can take a while; after that it is seconds.
+    let urls = rx
+        .recv_timeout(Duration::from_secs(600))
+        .expect("demo never became ready");
+    let (proxy, admin) = (&urls[0], &urls[1]);
+    let c = client();
+    let body = infer_body(
+        &[
+            "I loved this film, it was wonderful",
+            "Terrible service, I want a refund",
+        ],
+        r#","outputs":[{"name":"label"},{"name":"scores"}]"#,
+    );
+    let first = post(
+        &c,
+        &format!("{proxy}/v2/models/sentiment/infer"),
+        &[("x-user-id", "alice")],
+        &body,
+    )
+    .await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    for _ in 0..5 {
+        let again = post(
+            &c,
+            &format!("{proxy}/v2/models/sentiment/infer"),
+            &[("x-user-id", "alice")],
+            &body,
+        )
+        .await;
+        assert_eq!(
+            again.variant(),
+            first.variant(),
+            "alice must stay on one variant"
+        );
+    }
+    for (variant, positive, negative) in [
+        ("short-labels", "positive", "negative"),
+        (
+            "sentence-labels",
+            "This is a positive review.",
+            "This is a negative review.",
+        ),
+    ] {
+        let r = post(
+            &c,
+            &format!("{proxy}/v2/models/sentiment/infer"),
+            &[("x-braid-variant", variant)],
+            &body,
+        )
+        .await;
+        assert_eq!(r.variant(), variant);
+        let j = r.json();
+        assert_eq!(
+            j["outputs"][0]["data"],
+            serde_json::json!([positive, negative]),
+            "{j}"
+        );
+        assert_eq!(j["outputs"][1]["shape"], serde_json::json!([2, 2]));
+    }
+    let r = post(
+        &c,
+        &format!("{proxy}/v1/models/sentiment:predict"),
+        &[("x-braid-variant", "short-labels")],
+        r#"{"instances":["What a great day"]}"#,
+    )
+    .await;
+    assert_eq!(r.json()["predictions"][0]["label"], "positive");
+    let m = get(&c, &format!("{admin}/metrics"), &[]).await.text();
+    assert!(m.contains(r#"variant="short-labels",code="200""#), "{m}");
+
+    let ok = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "demo did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+}

