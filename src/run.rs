@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{CONNECT_TIMEOUT, Proxy};
 use crate::server::admin::Admin;
 use crate::server::{self, Limits, Phase};
-use crate::upstream::Upstreams;
+use crate::upstream::{Upstreams, probe};
 
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
@@ -27,6 +27,8 @@ pub struct ProxyOptions {
     pub drain_grace: Duration,
     /// Then give in-flight requests at most this long to finish.
     pub drain_timeout: Duration,
+    /// How often to ask the local executor whether it is ready.
+    pub executor_probe_interval: Duration,
 }
 
 /// A started proxy. Dropping it does not stop it; call `shutdown` then `wait`.
@@ -72,16 +74,27 @@ pub async fn start(
     let (data_phase, data_rx) = watch::channel(Phase::Serving);
     let (admin_phase, admin_rx) = watch::channel(Phase::Serving);
 
+    let upstreams = Upstreams::new(CONNECT_TIMEOUT);
+    // Not ready until the first probe says so (or finds no executor configured).
+    let (executor_tx, executor_rx) =
+        watch::channel(Some("executor readiness not checked yet".to_string()));
+    let probe = tokio::spawn(probe::run(
+        store.clone(),
+        upstreams.clone(),
+        opts.executor_probe_interval,
+        executor_tx,
+    ));
     let proxy = Arc::new(Proxy {
         store: store.clone(),
         metrics: metrics.clone(),
-        upstreams: Upstreams::new(CONNECT_TIMEOUT),
+        upstreams,
         max_body_bytes: opts.limits.max_body_bytes,
     });
     let admin = Arc::new(Admin {
         store: store.clone(),
         metrics: metrics.clone(),
         draining: draining.clone(),
+        executor: executor_rx,
     });
     let data = tokio::spawn(server::serve(listener, opts.limits.clone(), proxy, data_rx));
     let admin_task = tokio::spawn(server::serve(
@@ -112,6 +125,7 @@ pub async fn start(
             tracing::warn!(timeout = ?opts.drain_timeout, "drain timeout: closing remaining connections");
         }
         watcher.abort();
+        probe.abort();
         let _ = admin_phase.send(Phase::Closing);
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
         tracing::info!("stopped");

@@ -88,3 +88,27 @@ async fn metrics_health_readiness_and_config() {
     assert_eq!(r.status, 405);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn readiness_waits_for_the_local_executor() {
+    let dead = dead_addr().await;
+    let cfg = |exec: &str| {
+        format!(
+            "executor: http://{exec}\nroutes:\n  - path_prefix: /\n    variants: [{{ name: only, backend: local }}]\n"
+        )
+    };
+    let proxy = TestProxy::start(&cfg(&dead.to_string())).await;
+    let c = client();
+    wait_for_status(&c, &proxy.admin_url("/readyz"), 503).await;
+    let r = get(&c, &proxy.admin_url("/readyz"), &[]).await;
+    assert!(
+        r.json()["status"].as_str().unwrap().contains("unreachable"),
+        "{}",
+        r.text()
+    );
+    // Point the config at a live executor: readiness follows.
+    let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
+    proxy.reload(&cfg(&ex.addr.to_string())).await;
+    wait_for_status(&c, &proxy.admin_url("/readyz"), 200).await;
+    proxy.stop().await;
+}

@@ -364,3 +364,109 @@ async fn the_proxy_routes_to_executor_models_by_target_model() {
     assert!(r.json()["predictions"][0].get("label").is_none());
     proxy.stop().await;
 }
+
+/// Runs `braid executor ARGS` and returns its exit code and stderr (for failures).
+fn executor_fails(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+        .arg("executor")
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_executor_command_refuses_what_it_cannot_serve() {
+    let (code, err) = executor_fails(&["--model", "/nonexistent/model"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("neither a model directory nor a source"),
+        "{err}"
+    );
+    let (code, err) = executor_fails(&["--model", "pip:unknown-pkg==1.0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("sha256"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    braid::executor::testkit::write_tiny_model(dir.path(), true).unwrap();
+    let (code, err) = executor_fails(&[
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--device",
+        "cuda:0",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("without CUDA") || err.contains("cuda"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_executor_command_serves_a_model_directory_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    braid::executor::testkit::write_tiny_model(dir.path(), true).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+        .args(["executor", "--model"])
+        .arg(dir.path())
+        .args([
+            "--name",
+            "tiny",
+            "--labels",
+            "good|bad",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(a) = line
+                .split_whitespace()
+                .find_map(|t| t.strip_prefix("listen="))
+            {
+                let _ = tx.send(a.to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+    let c = client();
+    wait_for_status(&c, &format!("http://{addr}/v2/health/ready"), 200).await;
+    let r = post(
+        &c,
+        &format!("http://{addr}/v2/models/tiny/infer"),
+        &[],
+        &infer_body(&["good film"], ""),
+    )
+    .await;
+    assert_eq!(r.json()["outputs"].as_array().unwrap().len(), 3);
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "{s}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "executor did not stop"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use braid::executor::encoder::SentenceEncoder;
+use braid::executor::encoder::{Grouping, SentenceEncoder};
 use braid::executor::model::cosine;
 use braid::executor::source::{self, DEMO_MODEL, PipSource, SourceError};
 use candle_core::Device;
@@ -47,8 +47,10 @@ fn a_mixed_length_batch_gives_the_same_embeddings_as_each_sentence_alone() {
         "A much longer sentence, with several clauses, that pads every shorter one in the batch by quite a few tokens.",
         "It's so sunny outside!",
     ];
-    let batch = enc.embed(&texts).unwrap();
+    // One pass padded to the longest: the mask must keep padding out.
+    let batch = enc.embed_with(&texts, Grouping::Single).unwrap();
     assert!(batch.tokens_computed > batch.tokens_real);
+    let grouped = enc.embed(&texts).unwrap();
     for (i, t) in texts.iter().enumerate() {
         let alone = enc.embed(&[t]).unwrap();
         let diff = alone
@@ -58,6 +60,16 @@ fn a_mixed_length_batch_gives_the_same_embeddings_as_each_sentence_alone() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(diff < 1e-5, "sentence {i} differs by {diff} in a batch");
+        let diff = alone
+            .row(0)
+            .iter()
+            .zip(grouped.row(i))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff < 1e-5,
+            "sentence {i} differs by {diff} in a grouped batch"
+        );
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// Accepted but worth telling (settings this version validates but does not apply).
     pub warnings: Vec<String>,
+    /// The model server in this pod, whose readiness gates braid's own.
+    pub executor: Option<Upstream>,
 }
 
 pub fn compile(
@@ -166,6 +168,7 @@ pub fn compile(
                 .collect(),
         ),
         warnings,
+        executor: doc.executor,
     })
 }
 

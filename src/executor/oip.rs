@@ -289,8 +289,22 @@ fn floats(data: &[f32], shape: Value, binary: bool) -> (&'static str, Value, Val
         }
         ("FP32", shape, Value::Null, raw)
     } else {
-        ("FP32", shape, json!(data), Vec::new())
+        ("FP32", shape, f32s_json(data), Vec::new())
     }
+}
+
+/// FP32 values as JSON numbers in their shortest round-trip form ("0.25878024", not
+/// the f64 widening "0.25878024101257324"): about 40% less JSON for embeddings.
+pub fn f32s_json(data: &[f32]) -> Value {
+    Value::Array(data.iter().map(|f| f32_json(*f)).collect())
+}
+
+pub fn f32_json(f: f32) -> Value {
+    format!("{f}")
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
 }
 
 #[cfg(test)]

@@ -370,7 +370,7 @@ impl Executor {
         };
         let predictions: Vec<Value> = (0..out.embedding.rows)
             .map(|r| {
-                let mut p = json!({"embedding": out.embedding.row(r)});
+                let mut p = json!({"embedding": oip::f32s_json(out.embedding.row(r))});
                 if let (Some(labels), Some(scores)) = (&out.label, &out.scores) {
                     let names = &slot.spec.labels;
                     let row = &scores[r * names.len()..(r + 1) * names.len()];
@@ -379,7 +379,7 @@ impl Executor {
                         names
                             .iter()
                             .cloned()
-                            .zip(row.iter().map(|s| json!(s)))
+                            .zip(row.iter().map(|s| oip::f32_json(*s)))
                             .collect(),
                     );
                 }

@@ -95,7 +95,7 @@ pub fn write_tiny_model(dir: &Path, normalize: bool) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::executor::encoder::SentenceEncoder;
+    use crate::executor::encoder::{Grouping, SentenceEncoder};
 
     #[test]
     fn tiny_model_loads_and_batches_match_singles() {
@@ -135,7 +135,14 @@ mod tests {
         write_tiny_model(dir.path(), false).unwrap();
         let enc = SentenceEncoder::load(dir.path(), &Device::Cpu).unwrap();
         let long = "good ".repeat(500);
-        let e = enc.embed(&[&long, "bad"]).unwrap();
-        assert_eq!(e.tokens_computed, 2 * 48);
+        let one_pass = enc.embed_with(&[&long, "bad"], Grouping::Single).unwrap();
+        assert_eq!(one_pass.tokens_computed, 2 * 48);
+        // Grouped by length, the short text is not padded to 48 tokens.
+        let grouped = enc.embed(&[&long, "bad"]).unwrap();
+        assert_eq!(grouped.tokens_computed, 48 + 3);
+        assert_eq!(grouped.tokens_real, 48 + 3);
+        for (a, b) in one_pass.data.iter().zip(&grouped.data) {
+            assert!((a - b).abs() < 1e-5);
+        }
     }
 }

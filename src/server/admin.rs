@@ -9,16 +9,21 @@ use hyper::body::Incoming;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::sync::watch;
+
 use super::{ConnInfo, Handler};
 use crate::config::Store;
 use crate::error::{Body, full, json_error, json_response};
 use crate::metrics::Metrics;
+use crate::upstream::probe::ExecutorState;
 
 pub struct Admin {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     /// Set the moment a drain begins: readiness turns 503 at once.
     pub draining: Arc<AtomicBool>,
+    /// Why the local executor is not ready, if it is not.
+    pub executor: watch::Receiver<ExecutorState>,
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -64,10 +69,15 @@ impl Admin {
     fn readyz(&self) -> Response<Body> {
         let draining = self.draining.load(Ordering::SeqCst);
         let loaded = self.store.load().is_some();
-        let (status, reason) = match (loaded, draining) {
-            (_, true) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
-            (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "no config loaded yet"),
-            (true, false) => (StatusCode::OK, "ready"),
+        let executor = self.executor.borrow().clone();
+        let (status, reason) = match (loaded, draining, executor) {
+            (_, true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining".to_string()),
+            (false, _, _) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no config loaded yet".to_string(),
+            ),
+            (true, false, Some(why)) => (StatusCode::SERVICE_UNAVAILABLE, why),
+            (true, false, None) => (StatusCode::OK, "ready".to_string()),
         };
         let mut resp = json_response(status, json!({"status": reason}).to_string());
         if status != StatusCode::OK {

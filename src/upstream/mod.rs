@@ -2,6 +2,8 @@
 //! with prior knowledge (`h2c://` backends). Connections are reused across requests
 //! and across config reloads, since the pool is keyed by authority, not by snapshot.
 
+pub mod probe;
+
 use std::time::Duration;
 
 use bytes::Bytes;

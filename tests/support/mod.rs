@@ -162,6 +162,7 @@ pub fn options(config_path: &Path) -> ProxyOptions {
         limits: Limits::default(),
         drain_grace: Duration::from_millis(100),
         drain_timeout: Duration::from_secs(5),
+        executor_probe_interval: Duration::from_millis(50),
     }
 }
 
