@@ -233,8 +233,8 @@ pub fn plan_groups(lens: &[usize], overhead: usize) -> Vec<Vec<usize>> {
     for j in 1..=n {
         let longest = lens[order[j - 1]].max(1);
         let (mut b, mut c) = (usize::MAX, 0);
-        for i in 0..j {
-            let cost = best[i] + overhead + (j - i) * longest;
+        for (i, &before) in best[..j].iter().enumerate() {
+            let cost = before + overhead + (j - i) * longest;
             if cost < b {
                 b = cost;
                 c = i;
