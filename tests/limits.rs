@@ -143,15 +143,7 @@ async fn a_stalled_backend_is_a_504_at_the_route_timeout() {
 async fn a_connection_that_never_finishes_its_head_is_closed() {
     let a = Backend::start("a").await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("braid.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "routes:\n  - path_prefix: /\n    variants: [{{ name: only, backend: \"{}\" }}]\n",
-            a.url()
-        ),
-    )
-    .unwrap();
+    let path = write_single_route(dir.path(), &a.url());
     let mut opts = options(&path);
     opts.limits.header_read_timeout = Duration::from_millis(200);
     let proxy = TestProxy::start_at(&path, opts).await;

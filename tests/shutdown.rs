@@ -14,15 +14,7 @@ use support::*;
 async fn sigterm_under_load_drains_with_zero_errors_and_exits_0() {
     let a = Backend::start("a").await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("braid.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "routes:\n  - path_prefix: /\n    variants: [{{ name: only, backend: \"{}\" }}]\n",
-            a.url()
-        ),
-    )
-    .unwrap();
+    let path = write_single_route(dir.path(), &a.url());
     let mut braid = BraidProcess::start(
         &path,
         &["--drain-grace", "1500ms", "--drain-timeout", "10s"],

@@ -2,7 +2,7 @@
 //! models from one process. Read with the same strict YAML rules and field-path errors
 //! as the proxy's config.
 
-use super::node::{self, Node};
+use super::node::Node;
 use super::schema::{Obj, model_name, positive_int, seq, string};
 use super::{ConfigError, Errors};
 use crate::executor::server::ModelSpec;
@@ -19,12 +19,7 @@ pub struct ExecutorDocument {
 }
 
 pub fn load(text: &str) -> Result<ExecutorDocument, Vec<ConfigError>> {
-    let root = node::parse(text).map_err(|message| {
-        vec![ConfigError {
-            path: "(document)".into(),
-            message,
-        }]
-    })?;
+    let root = super::parse_document(text)?;
     let mut errs = Errors::default();
     let doc = (|| {
         let mut obj = Obj::new(&root, String::new(), &mut errs)?;

@@ -48,14 +48,19 @@ impl Errors {
     }
 }
 
-/// Parses and validates a document. `source` names where it came from (for `/config`).
-pub fn load(text: &str, source: &str) -> Result<Snapshot, Vec<ConfigError>> {
-    let root = node::parse(text).map_err(|message| {
+/// Parses YAML, reporting a syntax error (or a rejected bomb) as a document-level error.
+pub fn parse_document(text: &str) -> Result<node::Node, Vec<ConfigError>> {
+    node::parse(text).map_err(|message| {
         vec![ConfigError {
             path: "(document)".into(),
             message,
         }]
-    })?;
+    })
+}
+
+/// Parses and validates a document. `source` names where it came from (for `/config`).
+pub fn load(text: &str, source: &str) -> Result<Snapshot, Vec<ConfigError>> {
+    let root = parse_document(text)?;
     let mut errs = Errors::default();
     let Some(doc) = schema::document(&root, &mut errs) else {
         return Err(errs.0);

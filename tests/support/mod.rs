@@ -239,6 +239,19 @@ impl TestProxy {
     }
 }
 
+/// A config with one path-prefix route to `backend`, written into `dir`.
+pub fn write_single_route(dir: &Path, backend: &str) -> PathBuf {
+    let path = dir.join("braid.yaml");
+    std::fs::write(&path, single_route(backend)).unwrap();
+    path
+}
+
+pub fn single_route(backend: &str) -> String {
+    format!(
+        "routes:\n  - path_prefix: /\n    variants: [{{ name: only, backend: \"{backend}\" }}]\n"
+    )
+}
+
 /// Writes through a temporary file and a rename, as a careful writer would.
 pub fn write_atomically(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
