@@ -27,6 +27,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod demo;
