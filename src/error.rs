@@ -38,6 +38,10 @@ pub enum ProxyError {
     Upstream { backend: String, reason: String },
     #[error("backend {backend} did not answer within {after:?}")]
     Timeout { backend: String, after: Duration },
+    #[error("variant {variant} is overloaded: its batch queue is full")]
+    QueueFull { variant: String },
+    #[error("the request's deadline passed before it could be answered")]
+    DeadlinePassed,
 }
 
 impl ProxyError {
@@ -50,13 +54,18 @@ impl ProxyError {
             | ProxyError::Smuggling => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Timeout { .. } | ProxyError::DeadlinePassed => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
     /// Seconds after which a retry may succeed, for `Retry-After` on 503s.
     pub fn retry_after(&self) -> Option<u32> {
-        matches!(self, ProxyError::NoConfig | ProxyError::Connect { .. }).then_some(1)
+        matches!(
+            self,
+            ProxyError::NoConfig | ProxyError::Connect { .. } | ProxyError::QueueFull { .. }
+        )
+        .then_some(1)
     }
 
     /// Short, closed-set label for metrics of requests that never got a variant.
@@ -71,6 +80,8 @@ impl ProxyError {
             ProxyError::Connect { .. } => "connect",
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::Timeout { .. } => "timeout",
+            ProxyError::QueueFull { .. } => "queue_full",
+            ProxyError::DeadlinePassed => "deadline",
         }
     }
 

@@ -47,6 +47,13 @@ pub struct UnroutedLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlushLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+    pub reason: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
@@ -60,6 +67,61 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     generation: Gauge,
     inflight: Gauge,
+    batch_size: HistogramFamily<VariantLabels>,
+    batch_queue: HistogramFamily<VariantLabels>,
+    batch_exec: HistogramFamily<VariantLabels>,
+    batch_flushes: Family<FlushLabels, Counter>,
+    batch_dropped: Family<FlushLabels, Counter>,
+    queue_depth: Family<VariantLabels, Gauge>,
+}
+
+/// One batcher's metric handles, resolved once when the batcher starts.
+#[derive(Debug)]
+pub struct BatchMetrics {
+    labels: VariantLabels,
+    size: Histogram,
+    queue: Histogram,
+    exec: Histogram,
+    depth: Gauge,
+    flushes: Family<FlushLabels, Counter>,
+    dropped: Family<FlushLabels, Counter>,
+}
+
+impl BatchMetrics {
+    fn reason(&self, reason: &'static str) -> FlushLabels {
+        FlushLabels {
+            route: self.labels.route.clone(),
+            variant: self.labels.variant.clone(),
+            reason,
+        }
+    }
+
+    /// A batch left the queue: its reason, rows, and each item's wait.
+    pub fn flushed(
+        &self,
+        reason: &'static str,
+        rows: usize,
+        waits: impl Iterator<Item = Duration>,
+    ) {
+        self.flushes.get_or_create(&self.reason(reason)).inc();
+        self.size.observe(rows as f64);
+        for w in waits {
+            self.queue.observe(w.as_secs_f64());
+        }
+    }
+
+    pub fn executed(&self, took: Duration) {
+        self.exec.observe(took.as_secs_f64());
+    }
+
+    /// An item left without being sent: `queue_full`, `deadline` or `cancelled`.
+    pub fn dropped(&self, reason: &'static str) {
+        self.dropped.get_or_create(&self.reason(reason)).inc();
+    }
+
+    pub fn depth(&self, n: usize) {
+        self.depth.set(n as i64);
+    }
 }
 
 impl Metrics {
@@ -102,6 +164,45 @@ impl Metrics {
             "Requests received and not yet answered",
             inflight.clone(),
         );
+        let batch_size: HistogramFamily<VariantLabels> =
+            Family::new_with_constructor(batch_histogram);
+        registry.register(
+            "braid_batch_size",
+            "Rows per batch sent to the executor",
+            batch_size.clone(),
+        );
+        let batch_queue: HistogramFamily<VariantLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "braid_batch_queue_seconds",
+            "Time a request waited in the batch queue (apart from execution)",
+            batch_queue.clone(),
+        );
+        let batch_exec: HistogramFamily<VariantLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "braid_batch_exec_seconds",
+            "Time from sending a batch to answering all its requests",
+            batch_exec.clone(),
+        );
+        let batch_flushes = Family::<FlushLabels, Counter>::default();
+        registry.register(
+            "braid_batch_flushes",
+            "Batches sent, by why they left the queue (full, idle, delay, deadline)",
+            batch_flushes.clone(),
+        );
+        let batch_dropped = Family::<FlushLabels, Counter>::default();
+        registry.register(
+            "braid_batch_dropped",
+            "Requests that left the batch queue unsent (queue_full, deadline, cancelled)",
+            batch_dropped.clone(),
+        );
+        let queue_depth = Family::<VariantLabels, Gauge>::default();
+        registry.register(
+            "braid_queue_depth",
+            "Requests waiting in the batch queue",
+            queue_depth.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -110,6 +211,28 @@ impl Metrics {
             reloads,
             generation,
             inflight,
+            batch_size,
+            batch_queue,
+            batch_exec,
+            batch_flushes,
+            batch_dropped,
+            queue_depth,
+        }
+    }
+
+    pub fn batch(&self, route: &Arc<str>, variant: &Arc<str>) -> BatchMetrics {
+        let labels = VariantLabels {
+            route: route.clone(),
+            variant: variant.clone(),
+        };
+        BatchMetrics {
+            size: self.batch_size.get_or_create_owned(&labels),
+            queue: self.batch_queue.get_or_create_owned(&labels),
+            exec: self.batch_exec.get_or_create_owned(&labels),
+            depth: self.queue_depth.get_or_create_owned(&labels),
+            flushes: self.batch_flushes.clone(),
+            dropped: self.batch_dropped.clone(),
+            labels,
         }
     }
 

@@ -18,6 +18,7 @@ use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
+use crate::batch::batching;
 use crate::config::Store;
 use crate::config::schema::Protocol;
 use crate::error::{Body, ProxyError};
@@ -33,6 +34,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub upstreams: Upstreams,
     pub max_body_bytes: usize,
+    /// One batcher per (route, variant), kept across reloads so queued requests survive.
+    pub batchers: batching::Batchers,
 }
 
 impl Handler for Proxy {
@@ -114,6 +117,28 @@ impl Proxy {
             Some(q) => format!("{path}?{q}"),
             None => path,
         };
+
+        // Coalesce inference requests for a local variant, when the route asks for it.
+        if let (true, Some(limits)) = (variant.local, m.route.batching)
+            && parts.method == http::Method::POST
+        {
+            match batching::queueable(&parts.uri, &parts.headers, &body) {
+                Ok(Some(item)) => {
+                    return batching::submit(
+                        self,
+                        m.route,
+                        variant,
+                        limits,
+                        item,
+                        path_and_query,
+                        &parts.headers,
+                    )
+                    .await;
+                }
+                Ok(None) => {} // not mergeable: forwarded alone below
+                Err(msg) => return Err(ProxyError::BadRequest(msg)),
+            }
+        }
         let uri = Uri::builder()
             .scheme(variant.upstream.scheme.clone())
             .authority(variant.upstream.authority.clone())

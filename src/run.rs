@@ -89,6 +89,7 @@ pub async fn start(
         metrics: metrics.clone(),
         upstreams,
         max_body_bytes: opts.limits.max_body_bytes,
+        batchers: Default::default(),
     });
     let admin = Arc::new(Admin {
         store: store.clone(),

@@ -1,5 +1,12 @@
-//! Request coalescing for local variants (work in progress: the codec is built and
-//! tested; the queue and the batcher task are not wired into the proxy yet).
+//! Request coalescing for local variants: concurrent inference requests are merged
+//! into one call to the executor and the reply split back, per request.
+//!
+//! - `codec`     merge/split for OIP v2 and KServe v1, refusing unsafe replies whole
+//! - `queue`     the queue and its policy as pure state (unit-tested without I/O)
+//! - `batcher`   the task around the queue, dispatch, per-item isolation by bisection
+//! - `batching`  the proxy's side: what may queue, deadlines, responses
 
+pub mod batcher;
+pub mod batching;
 pub mod codec;
 pub mod queue;

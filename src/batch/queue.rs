@@ -115,6 +115,11 @@ impl<T> Queue<T> {
         out
     }
 
+    /// The earliest deadline of anything queued: the batcher wakes then to answer 504.
+    pub fn earliest_deadline(&self) -> Option<Instant> {
+        self.entries.iter().filter_map(|e| e.deadline).min()
+    }
+
     /// Rows queued with the oldest item's key, and the earliest deadline among them.
     fn head_group(&self) -> Option<(usize, Option<Instant>, Instant)> {
         let head = self.entries.front()?;

@@ -29,6 +29,8 @@ pub struct Store {
     rejected: Mutex<Option<Rejection>>,
     generation: AtomicU64,
     metrics: Arc<Metrics>,
+    /// The generation in force, for tasks that hold state derived from the config.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -38,6 +40,7 @@ impl Store {
             rejected: Mutex::new(None),
             generation: AtomicU64::new(0),
             metrics,
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -64,6 +67,7 @@ impl Store {
                     tracing::warn!(source, "{w}");
                 }
                 self.current.store(Some(Arc::new(snap)));
+                self.changes.send_replace(generation);
                 *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 self.metrics.config_reloaded(kind, true, generation);
                 tracing::info!(source, generation, "config accepted");
@@ -103,6 +107,11 @@ impl Store {
             errors,
             digest,
         });
+    }
+
+    /// Notified after each accepted config.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn last_rejection(&self) -> Option<Rejection> {

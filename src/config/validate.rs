@@ -10,7 +10,8 @@ use http::HeaderValue;
 use super::ConfigError;
 use super::node::Node;
 use super::schema::{BackendSpec, Document, RouteSpec, Upstream};
-use crate::route::{Route, RouteTable, Variant};
+use crate::batch::queue::BatchLimits;
+use crate::route::{Chooser, Route, RouteTable, Variant};
 
 /// One validated config, never mutated after it is published. A request loads it once
 /// and uses it to the end, so a reload can never be observed half-applied.
@@ -136,8 +137,15 @@ pub fn compile(
             }
             warnings.push(format!("{at}.shadow: validated but not applied yet"));
         }
-        if spec.batching.is_some() {
-            warnings.push(format!("{at}.batching: validated but not applied yet"));
+        if spec.batching.is_some()
+            && !spec
+                .variants
+                .iter()
+                .any(|v| matches!(v.backend, BackendSpec::Local))
+        {
+            warnings.push(format!(
+                "{at}.batching: applies to `local` variants only; this route has none"
+            ));
         }
         if spec.retry.as_ref().is_some_and(|r| r.attempts > 1) {
             warnings.push(format!(
@@ -174,7 +182,7 @@ pub fn compile(
 
 /// Builds the request-time form of a route; only called once every rule passed.
 fn compile_route(spec: &RouteSpec, executor: Option<&Upstream>) -> Route {
-    let variants = spec
+    let variants: Vec<Variant> = spec
         .variants
         .iter()
         .map(|v| Variant {
@@ -193,15 +201,23 @@ fn compile_route(spec: &RouteSpec, executor: Option<&Upstream>) -> Route {
                 .map(Arc::from),
         })
         .collect();
-    Route::new(
-        route_name(spec).into(),
-        spec.model.as_deref().map(Arc::from),
-        spec.path_prefix.clone(),
+    Route {
+        name: route_name(spec).into(),
+        model: spec.model.as_deref().map(Arc::from),
+        path_prefix: spec.path_prefix.clone(),
+        chooser: Chooser::new(variants.iter().map(|v| (&*v.name, v.weight))),
         variants,
-        spec.sticky_header.clone(),
-        spec.override_header.clone(),
-        spec.timeout,
-    )
+        sticky_header: spec.sticky_header.clone(),
+        override_header: spec.override_header.clone(),
+        timeout: spec.timeout,
+        batching: spec.batching.as_ref().map(|b| BatchLimits {
+            max_batch_size: b.max_batch_size as usize,
+            max_delay: b.max_delay,
+            max_queue: b.max_queue as usize,
+            queue_timeout: b.queue_timeout,
+            max_inflight: b.max_inflight as usize,
+        }),
+    }
 }
 
 fn route_name(spec: &RouteSpec) -> String {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
+use crate::batch::queue::BatchLimits;
 use crate::config::schema::Upstream;
 pub use assign::{Assignment, Chooser};
 
@@ -27,6 +28,8 @@ pub struct Route {
     pub sticky_header: Option<HeaderName>,
     pub override_header: HeaderName,
     pub timeout: Option<Duration>,
+    /// Coalescing for local variants; `None`: each request is sent on its own.
+    pub batching: Option<BatchLimits>,
 }
 
 #[derive(Debug)]
@@ -43,28 +46,6 @@ pub struct Variant {
 }
 
 impl Route {
-    pub fn new(
-        name: Arc<str>,
-        model: Option<Arc<str>>,
-        path_prefix: Option<String>,
-        variants: Vec<Variant>,
-        sticky_header: Option<HeaderName>,
-        override_header: HeaderName,
-        timeout: Option<Duration>,
-    ) -> Self {
-        let chooser = Chooser::new(variants.iter().map(|v| (&*v.name, v.weight)));
-        Route {
-            name,
-            model,
-            path_prefix,
-            variants,
-            chooser,
-            sticky_header,
-            override_header,
-            timeout,
-        }
-    }
-
     /// The names of this route's variants, for "unknown variant" errors.
     pub fn variant_names(&self) -> String {
         self.variants

@@ -538,3 +538,158 @@ pub fn infer_body(texts: &[&str], extra: &str) -> String {
         texts.len()
     )
 }
+
+// === a scriptable mock executor for batching tests ===
+
+/// What the mock executor does with the next batches.
+#[derive(Clone, Debug, Default)]
+pub struct MockBehaviour {
+    /// Cost of a call: `fixed + per_row x rows`.
+    pub fixed: Duration,
+    pub per_row: Duration,
+    /// Return rows in reverse order.
+    pub shuffle: bool,
+    /// Return one row fewer than asked.
+    pub drop_row: bool,
+    /// Answer 400 to any batch containing a row with "POISON".
+    pub poison: bool,
+    /// Answer with HTML instead of JSON.
+    pub garbage: bool,
+    /// Close the connection without answering.
+    pub die: bool,
+}
+
+/// An OIP v2 / KServe v1 executor whose answer to each row is `"<row>!"`.
+pub struct MockExecutor {
+    pub addr: SocketAddr,
+    pub behaviour: Arc<std::sync::Mutex<MockBehaviour>>,
+    /// Rows per call, in call order.
+    pub batches: Arc<std::sync::Mutex<Vec<usize>>>,
+    /// Every row text ever received.
+    pub seen: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MockExecutor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MockExecutor {
+    pub async fn start(behaviour: MockBehaviour) -> MockExecutor {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let behaviour = Arc::new(std::sync::Mutex::new(behaviour));
+        let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (b, ba, se) = (behaviour.clone(), batches.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (b, ba, se) = (b.clone(), ba.clone(), se.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (b, ba, se) = (b.clone(), ba.clone(), se.clone());
+                        async move { mock_answer(req, &b, &ba, &se).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        MockExecutor {
+            addr,
+            behaviour,
+            batches,
+            seen,
+            task,
+        }
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut MockBehaviour)) {
+        f(&mut self.behaviour.lock().unwrap());
+    }
+
+    pub fn batches(&self) -> Vec<usize> {
+        self.batches.lock().unwrap().clone()
+    }
+
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn mock_answer(
+    req: Request<Incoming>,
+    b: &std::sync::Mutex<MockBehaviour>,
+    batches: &std::sync::Mutex<Vec<usize>>,
+    seen: &std::sync::Mutex<Vec<String>>,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    if req.method() != http::Method::POST {
+        // Readiness probes and metadata: answered, not recorded as batches.
+        return Ok(Response::new(Full::new(Bytes::from_static(
+            b"{\"ready\":true}",
+        ))));
+    }
+    let v1 = req.uri().path().ends_with(":predict");
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let rows: Vec<String> = if v1 {
+        &v["instances"]
+    } else {
+        &v["inputs"][0]["data"]
+    }
+    .as_array()
+    .map(|a| {
+        a.iter()
+            .map(|s| s.as_str().unwrap_or_default().to_string())
+            .collect()
+    })
+    .unwrap_or_default();
+    let beh = b.lock().unwrap().clone();
+    batches.lock().unwrap().push(rows.len());
+    seen.lock().unwrap().extend(rows.iter().cloned());
+    tokio::time::sleep(beh.fixed + beh.per_row * rows.len() as u32).await;
+    if beh.die {
+        return Err(std::io::Error::other("mock executor dies"));
+    }
+    let json = |status: u16, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        Ok(r)
+    };
+    if beh.garbage {
+        return json(200, "<html>oops</html>".into());
+    }
+    if beh.poison && rows.iter().any(|r| r.contains("POISON")) {
+        return json(400, r#"{"error":"poisoned input"}"#.into());
+    }
+    let mut out: Vec<String> = rows.iter().map(|r| format!("{r}!")).collect();
+    if beh.shuffle {
+        out.reverse();
+    }
+    if beh.drop_row {
+        out.pop();
+    }
+    if v1 {
+        return json(200, serde_json::json!({"predictions": out}).to_string());
+    }
+    let n = out.len();
+    json(200, serde_json::json!({"model_name": "mock", "outputs": [{"name": "echo", "datatype": "BYTES", "shape": [n], "data": out}]}).to_string())
+}
+
+/// A route batching requests for `model` to the mock executor.
+pub fn batching_config(exec: SocketAddr, batching: &str) -> String {
+    format!(
+        "executor: http://{exec}\nroutes:\n  - model: m\n    variants: [{{ name: local, backend: local }}]\n    batching: {batching}\n    timeout: 10s\n"
+    )
+}
