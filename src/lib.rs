@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //!
-//! - `cli`      commands and flags (`braid proxy`, `braid check`)
+//! - `cli`      commands and flags (`proxy`, `executor`, `demo`, `check`, `fetch-model`)
+//! - `demo`     `braid demo`: executor + proxy in one process
 //! - `run`      wiring for `braid proxy`: store, sources, listeners, drain sequence
 //! - `config`   YAML -> `Document` (schema) -> `Snapshot` (validate) -> `ArcSwap` (store);
 //!   the file source with symlink-safe hot reload
@@ -10,7 +11,9 @@
 //!   graceful drain
 //! - `proxy`    the request path, composed in one function
 //! - `route`    route matching and variant assignment (override, sticky, weighted)
-//! - `upstream` pooled keep-alive clients (HTTP/1.1 and h2c)
+//! - `upstream` pooled keep-alive clients (HTTP/1.1 and h2c), executor readiness probe
+//! - `batch`    request coalescing: codec (merge/split), pure queue, batcher task
+//! - `executor` the candle model server: sources, encoder, model threads, OIP server
 //! - `error`    request errors: status, Retry-After, metric label, JSON body
 //! - `metrics`  every metric family and its buckets
 //!
@@ -22,6 +25,7 @@
 //!     route match                        /v2/models/{m}, /v1/models/{m}, path prefix
 //!     assign variant                     override > sticky (rendezvous) > weighted random
 //!     read body (<= limit, else 413)
+//!     batch? (local + batching)          queue -> merge -> executor -> split per request
 //!     forward                            target_model rewrite, pooled client, timeout
 //!     response + x-braid-variant         metrics recorded once, at the edge
 //! ```

@@ -1,0 +1,224 @@
+//! Batching on vs off, through the proxy, against a mock executor (5 ms + 0.5 ms per
+//! row) and the real MiniLM executor, at concurrency 1, 4, 16, 64 (closed loop, one
+//! row per request). Targets on 2 cores: at concurrency 64, >= 5x unbatched throughput
+//! with the mock and >= 2.5x with MiniLM; at concurrency 1, p50 within 1 ms.
+//!
+//! Run: `cargo bench --bench batching -- [--seconds 3] [--skip-minilm]`
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+
+const SENTENCES: &[&str] = &[
+    "Great!",
+    "Not worth the money.",
+    "The delivery was late but the product itself works fine.",
+    "I loved this film, it was wonderful from start to finish.",
+    "Terrible service, I want a refund.",
+    "Would buy again.",
+    "Customer support answered within minutes and solved my problem.",
+    "Arrived broken.",
+];
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The mock executor: one call at a time (like a model on one accelerator), each
+/// costing 5 ms + 0.5 ms per row; answers each row with "<row>!".
+async fn start_mock() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let device = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let device = device.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let device = device.clone();
+                    async move {
+                        let post = req.method() == http::Method::POST;
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        if !post {
+                            return Ok::<_, Infallible>(Response::new(Full::new(
+                                Bytes::from_static(b"{}"),
+                            )));
+                        }
+                        let v: Value = serde_json::from_slice(&body).unwrap();
+                        let rows: Vec<String> = v["inputs"][0]["data"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|r| format!("{}!", r.as_str().unwrap()))
+                            .collect();
+                        {
+                            let _busy = device.lock().await;
+                            tokio::time::sleep(Duration::from_micros(
+                                5000 + 500 * rows.len() as u64,
+                            ))
+                            .await;
+                        }
+                        let out = json!({"outputs": [{"name": "echo", "datatype": "BYTES", "shape": [rows.len()], "data": rows}]});
+                        Ok(Response::new(Full::new(Bytes::from(out.to_string()))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Point {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+async fn load(url: String, concurrency: usize, secs: u64) -> Point {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build_http();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for c in 0..concurrency {
+        let (client, url) = (client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = c;
+            while Instant::now() < end {
+                i += 1;
+                let text = SENTENCES[i % SENTENCES.len()];
+                let body = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}]}).to_string();
+                let req = Request::post(&url).body(Full::new(Bytes::from(body))).unwrap();
+                let t = Instant::now();
+                let resp = client.request(req).await.expect("request");
+                assert!(resp.status().is_success(), "status {}", resp.status());
+                let _ = resp.into_body().collect().await;
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    Point {
+        rps: all.len() as f64 / secs as f64,
+        p50: pct(0.5),
+        p99: pct(0.99),
+    }
+}
+
+async fn start_proxy(
+    executor: SocketAddr,
+    target: &str,
+    dir: &std::path::Path,
+) -> braid::run::Running {
+    let path = dir.join(format!("{target}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "executor: http://{executor}\nroutes:\n  - model: off\n    variants: [{{ name: local, backend: local, target_model: {target} }}]\n  - model: on\n    variants: [{{ name: local, backend: local, target_model: {target} }}]\n    batching: {{ max_batch_size: 64, max_queue: 1024 }}\n"
+        ),
+    )
+    .unwrap();
+    let opts = braid::run::ProxyOptions {
+        config: braid::config::file::FileSource {
+            path,
+            debounce: Duration::from_millis(100),
+            poll: Duration::from_secs(60),
+        },
+        limits: braid::server::Limits::default(),
+        drain_grace: Duration::ZERO,
+        drain_timeout: Duration::from_secs(5),
+        executor_probe_interval: Duration::from_secs(1),
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    braid::run::start(opts, l, a).await.expect("proxy starts")
+}
+
+async fn scenario(name: &str, proxy: &braid::run::Running, secs: u64) {
+    println!("\n{name}\n");
+    println!(
+        "| concurrency | off: req/s | off: p50 ms | off: p99 ms | on: req/s | on: p50 ms | on: p99 ms | on/off |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for c in [1, 4, 16, 64] {
+        let off = load(
+            format!("http://{}/v2/models/off/infer", proxy.addr),
+            c,
+            secs,
+        )
+        .await;
+        let on = load(format!("http://{}/v2/models/on/infer", proxy.addr), c, secs).await;
+        println!(
+            "| {c} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2}x |",
+            off.rps,
+            off.p50,
+            off.p99,
+            on.rps,
+            on.p50,
+            on.p99,
+            on.rps / off.rps
+        );
+    }
+}
+
+fn main() {
+    let secs = arg("--seconds", 3);
+    let skip_minilm = std::env::args().any(|a| a == "--skip-minilm");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = std::env::temp_dir().join(format!("braid-bench-batching-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        println!("batching on vs off through braid, closed loop, 1 row per request, {secs}s per point, 2-core machine");
+        let mock = start_mock().await;
+        let proxy = start_proxy(mock, "mock", &dir).await;
+        scenario("mock executor (5 ms + 0.5 ms per row)", &proxy, secs).await;
+        if !skip_minilm {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let opts = braid::executor::server::ExecutorOptions {
+                models: vec![braid::executor::server::ModelSpec {
+                    name: "minilm".into(),
+                    source: braid::executor::source::DEMO_MODEL.into(),
+                    labels: vec![],
+                    threads: 1,
+                    queue: 1024,
+                    max_batch: 256,
+                }],
+                device: "cpu".into(),
+                limits: braid::server::Limits::default(),
+            };
+            let mut exec = braid::executor::server::start(opts, l).await.unwrap();
+            exec.wait_loaded().await.unwrap();
+            let proxy = start_proxy(exec.addr, "minilm", &dir).await;
+            scenario("real executor (all-MiniLM-L6-v2, CPU)", &proxy, secs).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
