@@ -114,8 +114,35 @@ async fn demo_serves_the_ab_test_end_to_end() {
     )
     .await;
     assert_eq!(r.json()["predictions"][0]["label"], "positive");
+    // Concurrent requests share forward passes and each gets its own answer.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (c, url) = (client(), format!("{proxy}/v2/models/sentiment/infer"));
+        let (text, want) = if i % 2 == 0 {
+            ("I loved this film, it was wonderful", "positive")
+        } else {
+            ("Terrible service, I want a refund", "negative")
+        };
+        tasks.push(tokio::spawn(async move {
+            let body = infer_body(&[text], r#","outputs":[{"name":"label"}]"#);
+            (
+                want,
+                post(&c, &url, &[("x-braid-variant", "short-labels")], &body)
+                    .await
+                    .json(),
+            )
+        }));
+    }
+    for t in tasks {
+        let (want, j) = t.await.unwrap();
+        assert_eq!(j["outputs"][0]["data"], serde_json::json!([want]), "{j}");
+    }
     let m = get(&c, &format!("{admin}/metrics"), &[]).await.text();
     assert!(m.contains(r#"variant="short-labels",code="200""#), "{m}");
+    assert!(
+        m.contains(r#"braid_batch_size_count{route="sentiment",variant="short-labels"}"#),
+        "{m}"
+    );
 
     let ok = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
