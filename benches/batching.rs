@@ -5,6 +5,8 @@
 //!
 //! Run: `cargo bench --bench batching -- [--seconds 3] [--skip-minilm]`
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -17,25 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 
-const SENTENCES: &[&str] = &[
-    "Great!",
-    "Not worth the money.",
-    "The delivery was late but the product itself works fine.",
-    "I loved this film, it was wonderful from start to finish.",
-    "Terrible service, I want a refund.",
-    "Would buy again.",
-    "Customer support answered within minutes and solved my problem.",
-    "Arrived broken.",
-];
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{TEXTS, arg};
 
 /// The mock executor: one call at a time (like a model on one accelerator), each
 /// costing 5 ms + 0.5 ms per row; answers each row with "<row>!".
@@ -104,7 +88,7 @@ async fn load(url: String, concurrency: usize, secs: u64) -> Point {
             let mut i = c;
             while Instant::now() < end {
                 i += 1;
-                let text = SENTENCES[i % SENTENCES.len()];
+                let text = TEXTS[i % TEXTS.len()];
                 let body = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}]}).to_string();
                 let req = Request::post(&url).body(Full::new(Bytes::from(body))).unwrap();
                 let t = Instant::now();

@@ -6,6 +6,8 @@
 //!
 //! Run: `cargo bench --bench loopback -- [--seconds 5] [--connections 16] [--rounds 3]`
 
+mod common;
+
 use std::convert::Infallible;
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -17,16 +19,9 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-const BODY: &[u8] = br#"{"model_name":"sentiment","outputs":[{"name":"label","datatype":"BYTES","shape":[1],"data":["positive"]}]}"#;
+use common::arg;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+const BODY: &[u8] = br#"{"model_name":"sentiment","outputs":[{"name":"label","datatype":"BYTES","shape":[1],"data":["positive"]}]}"#;
 
 /// A minimal OIP-shaped backend on its own single-threaded runtime.
 fn start_backend() -> SocketAddr {
