@@ -150,13 +150,6 @@ async fn demo_serves_the_ab_test_end_to_end() {
         .unwrap()
         .success();
     assert!(ok);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "demo did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
 }

@@ -457,16 +457,6 @@ async fn the_executor_command_serves_a_model_directory_and_stops_on_sigterm() {
             .unwrap()
             .success()
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            assert!(s.success(), "{s}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "executor did not stop"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let status = wait_exit(&mut child, std::time::Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}");
 }

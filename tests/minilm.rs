@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use braid::executor::encoder::{Grouping, SentenceEncoder};
-use braid::executor::model::cosine;
+use braid::executor::model::{cosine, max_abs_diff};
 use braid::executor::source::{self, DEMO_MODEL, PipSource, SourceError};
 use candle_core::Device;
 
@@ -53,19 +53,9 @@ fn a_mixed_length_batch_gives_the_same_embeddings_as_each_sentence_alone() {
     let grouped = enc.embed(&texts).unwrap();
     for (i, t) in texts.iter().enumerate() {
         let alone = enc.embed(&[t]).unwrap();
-        let diff = alone
-            .row(0)
-            .iter()
-            .zip(batch.row(i))
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = max_abs_diff(alone.row(0), batch.row(i));
         assert!(diff < 1e-5, "sentence {i} differs by {diff} in a batch");
-        let diff = alone
-            .row(0)
-            .iter()
-            .zip(grouped.row(i))
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = max_abs_diff(alone.row(0), grouped.row(i));
         assert!(
             diff < 1e-5,
             "sentence {i} differs by {diff} in a grouped batch"

@@ -25,7 +25,7 @@ use crate::metrics::{BatchMetrics, Metrics};
 use crate::upstream::{SendError, Upstreams};
 
 /// How a queued request ended, when it did not get its rows.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum BatchError {
     /// The queue was full: 429 with Retry-After.
     QueueFull,
@@ -256,22 +256,9 @@ fn execute<'a>(
                 status,
                 body: reply.clone(),
             }),
-            Err(e) => fail_all(parts, || clone_err(&e)),
+            Err(e) => fail_all(parts, || e.clone()),
         }
     })
-}
-
-fn clone_err(e: &BatchError) -> BatchError {
-    match e {
-        BatchError::QueueFull => BatchError::QueueFull,
-        BatchError::Expired => BatchError::Expired,
-        BatchError::Backend { status, body } => BatchError::Backend {
-            status: *status,
-            body: body.clone(),
-        },
-        BatchError::BadReply(m) => BatchError::BadReply(m.clone()),
-        BatchError::Unreachable(m) => BatchError::Unreachable(m.clone()),
-    }
 }
 
 fn fail_all(parts: Vec<Pending>, err: impl Fn() -> BatchError) {

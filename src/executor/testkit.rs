@@ -96,6 +96,7 @@ pub fn write_tiny_model(dir: &Path, normalize: bool) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::executor::encoder::{Grouping, SentenceEncoder};
+    use crate::executor::model::max_abs_diff;
 
     #[test]
     fn tiny_model_loads_and_batches_match_singles() {
@@ -117,12 +118,7 @@ mod tests {
         );
         for (i, t) in texts.iter().enumerate() {
             let alone = enc.embed(&[t]).unwrap();
-            let diff = alone
-                .row(0)
-                .iter()
-                .zip(batch.row(i))
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let diff = max_abs_diff(alone.row(0), batch.row(i));
             assert!(diff < 1e-5, "text {i} differs by {diff} when batched");
             let norm: f32 = alone.row(0).iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-4);

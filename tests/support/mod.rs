@@ -443,17 +443,7 @@ impl BraidProcess {
 
     /// Waits for the process to exit (polling, bounded) and returns its exit code.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "braid did not exit within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_exit(&mut self.child, within).await.code()
     }
 }
 
@@ -461,6 +451,24 @@ impl Drop for BraidProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls a child process until it exits; panics if it outlives `within`.
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "process did not exit within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
