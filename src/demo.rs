@@ -28,7 +28,7 @@ routes:
       - {{ name: sentence-labels, weight: 50, backend: local, target_model: sentiment-sentences }}
     sticky_header: x-user-id
     timeout: 10s
-    batching: {{ max_batch_size: 32, max_queue: 1024 }}   # concurrent requests share forward passes
+    batching: {{ max_batch_size: 32, max_queue: 1024, row_id: braid_row_id }}   # shared forward passes; row order checked
 "#
     )
 }

@@ -313,6 +313,56 @@ async fn short_or_garbled_replies_fail_the_whole_batch_with_502_and_leak_nothing
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_that_permutes_rows_is_caught_by_row_ids_and_leaks_nothing() {
+    let exec = MockExecutor::start(MockBehaviour {
+        fixed: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let proxy = TestProxy::start(&batching_config(
+        exec.addr,
+        "{ max_batch_size: 16, max_delay: 20ms, row_id: braid_row_id }",
+    ))
+    .await;
+    // In order: every client gets its own rows, and never sees the row-id tensor.
+    for (texts, r) in concurrent(&proxy, 8, 2, "ordered").await {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            rows_of(&r),
+            texts.iter().map(|t| format!("{t}!")).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            r.json()["outputs"].as_array().unwrap().len(),
+            1,
+            "row ids stripped"
+        );
+    }
+    // Shapes stay right while rows are reversed: only the row ids can tell.
+    exec.set(|b| b.shuffle = true);
+    let results = concurrent(&proxy, 8, 2, "shuffled").await;
+    assert!(
+        exec.batches().iter().any(|&n| n > 2),
+        "no batch formed: {:?}",
+        exec.batches()
+    );
+    for (_, r) in results {
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert!(
+            r.json()["error"].as_str().unwrap().contains("reordered"),
+            "{}",
+            r.text()
+        );
+        assert!(r.json().get("outputs").is_none(), "data leaked");
+    }
+    // A client may not forge the row ids.
+    let forged = r#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["x"]},{"name":"braid_row_id","datatype":"INT64","shape":[1],"data":[1]}]}"#;
+    let r = post(&client(), &proxy.url("/v2/models/m/infer"), &[], forged).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json()["error"].as_str().unwrap().contains("reserved"));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_killed_mid_batch_gives_503_with_retry_after_then_recovers() {
     let exec = MockExecutor::start(MockBehaviour {
         fixed: Duration::from_millis(20),
@@ -406,7 +456,7 @@ async fn reloading_batching_settings_loses_no_queued_request() {
 async fn batched_answers_from_the_real_executor_equal_unbatched_ones() {
     let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &["good", "bad"])]).await;
     let cfg = format!(
-        "executor: http://{}\nroutes:\n  - model: m\n    variants: [{{ name: local, backend: local, target_model: tiny }}]\n    batching: {{ max_batch_size: 32, max_delay: 5ms }}\n",
+        "executor: http://{}\nroutes:\n  - model: m\n    variants: [{{ name: local, backend: local, target_model: tiny }}]\n    batching: {{ max_batch_size: 32, max_delay: 5ms, row_id: braid_row_id }}\n",
         ex.addr
     );
     let proxy = TestProxy::start(&cfg).await;
@@ -436,6 +486,11 @@ async fn batched_answers_from_the_real_executor_equal_unbatched_ones() {
         )
         .await
         .json();
+        assert_eq!(
+            batched["outputs"].as_array().unwrap().len(),
+            alone["outputs"].as_array().unwrap().len(),
+            "{t}: the echoed row ids must not reach the client"
+        );
         assert_eq!(
             batched["outputs"][1], alone["outputs"][1],
             "{t}: label differs"

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::codec::{self, Item};
+use super::codec::{self, Item, Protocol, RowIds};
 use super::queue::{BatchLimits, Entry, Next, Queue};
 use crate::config::Store;
 use crate::config::schema::Upstream;
@@ -51,6 +51,8 @@ pub struct Submission {
     pub deadline: Option<Instant>,
     /// `queue_timeout`: how long it may wait to be sent.
     pub queue_deadline: Option<Instant>,
+    /// `batching.row_id`: the tensor the executor must echo (v2 only).
+    pub row_id: Option<Arc<str>>,
 }
 
 type Msg = (Submission, oneshot::Sender<Reply>);
@@ -101,6 +103,7 @@ struct Pending {
     upstream: Upstream,
     path: String,
     deadline: Option<Instant>,
+    row_id: Option<Arc<str>>,
     reply: oneshot::Sender<Reply>,
 }
 
@@ -188,11 +191,17 @@ async fn run(
                 None => open = false,
                 Some((s, reply)) => {
                     let entry = Entry {
-                        key: format!("{}{}|{}", s.upstream.authority, s.path, s.item.key),
+                        key: format!(
+                            "{}{}|{}|{}",
+                            s.upstream.authority,
+                            s.path,
+                            s.row_id.as_deref().unwrap_or(""),
+                            s.item.key
+                        ),
                         rows: s.item.rows,
                         enqueued: now.into_std(),
                         deadline: [s.deadline, s.queue_deadline].into_iter().flatten().min().map(Instant::into_std),
-                        payload: Pending { item: s.item, upstream: s.upstream, path: s.path, deadline: s.deadline, reply },
+                        payload: Pending { item: s.item, upstream: s.upstream, path: s.path, deadline: s.deadline, row_id: s.row_id, reply },
                     };
                     if let Err(e) = q.push(entry) {
                         m.dropped("queue_full");
@@ -228,18 +237,29 @@ fn execute<'a>(
 ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
     Box::pin(async move {
         let items: Vec<&Item> = parts.iter().map(|p| &p.item).collect();
-        let body = codec::merge(&items);
         let head = &parts[0];
+        // Fresh ids for every attempt, so a half's reply can never pass for another's.
+        let row_ids = head
+            .row_id
+            .as_deref()
+            .filter(|_| head.item.protocol == Protocol::V2)
+            .map(|name| RowIds {
+                name,
+                first: RowIds::fresh_first(items.iter().map(|i| i.rows).sum()),
+            });
+        let body = codec::merge(&items, row_ids);
         let result = send(upstreams, &head.upstream, &head.path, body, deadline).await;
         match result {
-            Ok((status, reply)) if status.is_success() => match codec::split(&items, &reply) {
-                Ok(bodies) => {
-                    for (p, b) in parts.into_iter().zip(bodies) {
-                        let _ = p.reply.send(Ok(Bytes::from(b)));
+            Ok((status, reply)) if status.is_success() => {
+                match codec::split(&items, &reply, row_ids) {
+                    Ok(bodies) => {
+                        for (p, b) in parts.into_iter().zip(bodies) {
+                            let _ = p.reply.send(Ok(Bytes::from(b)));
+                        }
                     }
+                    Err(e) => fail_all(parts, || BatchError::BadReply(e.0.clone())),
                 }
-                Err(e) => fail_all(parts, || BatchError::BadReply(e.0.clone())),
-            },
+            }
             Ok((status, _)) if parts.len() > 1 && could_be_one_item(status) => {
                 if past(deadline) {
                     return fail_all(parts, || BatchError::Expired);

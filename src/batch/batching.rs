@@ -76,6 +76,13 @@ pub async fn submit(
         .into_iter()
         .flatten()
         .min();
+    if let Some(name) = route.row_id.as_deref()
+        && item.has_input(name)
+    {
+        return Err(ProxyError::BadRequest(format!(
+            "input {name:?} is reserved: this route's batching uses it to check row order"
+        )));
+    }
     let batcher = batcher(proxy, route, variant, limits);
     let reply = batcher
         .submit(Submission {
@@ -84,6 +91,7 @@ pub async fn submit(
             path,
             deadline,
             queue_deadline: limits.queue_timeout.map(|t| now + t),
+            row_id: route.row_id.clone(),
         })
         .await;
     let backend = variant.upstream.authority.to_string();

@@ -4,6 +4,13 @@
 //! The rule that matters: a client never receives another client's rows. A reply whose
 //! outputs do not have exactly the batch's row count along dim 0 (or is not JSON, or
 //! has data that does not fill its shape) is refused whole; no request gets any data.
+//!
+//! Row identity (`batching.row_id`): the protocol carries no per-row identity, so an
+//! executor that permutes rows while keeping every shape right is invisible to shape
+//! checks. When a route names a row-id tensor, `merge` adds it as an INT64 input of
+//! fresh, batch-unique numbers and `split` requires the executor to echo it unchanged
+//! as an output of the same name; anything else refuses the reply whole. The echoed
+//! tensor is removed before clients see their rows.
 
 use serde_json::{Map, Value, json};
 
@@ -45,6 +52,31 @@ pub enum Unqueued {
 /// The reply could not be split safely: every request of the batch gets 502.
 #[derive(Debug, PartialEq)]
 pub struct SplitError(pub String);
+
+/// The row-id tensor a batch carries: its name and the first id; rows are numbered
+/// `first, first + 1, ...` in merge order.
+#[derive(Debug, Clone, Copy)]
+pub struct RowIds<'a> {
+    pub name: &'a str,
+    pub first: i64,
+}
+
+impl RowIds<'_> {
+    /// Ids for `rows` rows that no earlier batch of this process used (kept below
+    /// 2^53 so every JSON reader holds them exactly).
+    pub fn fresh_first(rows: usize) -> i64 {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        static NEXT: AtomicI64 = AtomicI64::new(0);
+        let seed = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| (d.as_nanos() as i64) & ((1 << 40) - 1))
+        };
+        let _ = NEXT.compare_exchange(0, seed().max(1), Ordering::Relaxed, Ordering::Relaxed);
+        let first = NEXT.fetch_add(rows as i64, Ordering::Relaxed);
+        first % (1 << 52)
+    }
+}
 
 fn bad<T>(m: impl Into<String>) -> Result<T, Unqueued> {
     Err(Unqueued::Bad(m.into()))
@@ -181,8 +213,16 @@ pub fn parse_v1(body: &[u8]) -> Result<Item, Unqueued> {
     })
 }
 
+impl Item {
+    /// Whether the request has an input of this name.
+    pub fn has_input(&self, name: &str) -> bool {
+        self.inputs.iter().any(|i| i.0 == name)
+    }
+}
+
 /// The body of one request carrying every item's rows, in order. All items share a key.
-pub fn merge(items: &[&Item]) -> Vec<u8> {
+/// With `row_ids`, a v2 batch also carries the row-id input (and asks for it back).
+pub fn merge(items: &[&Item], row_ids: Option<RowIds>) -> Vec<u8> {
     let first = items[0];
     if first.protocol == Protocol::V1 {
         let all: Vec<Value> = items
@@ -192,7 +232,7 @@ pub fn merge(items: &[&Item]) -> Vec<u8> {
         return serde_json::to_vec(&json!({"instances": all})).expect("JSON serializes");
     }
     let rows: usize = items.iter().map(|i| i.rows).sum();
-    let inputs: Vec<Value> = first
+    let mut inputs: Vec<Value> = first
         .inputs
         .iter()
         .enumerate()
@@ -206,19 +246,32 @@ pub fn merge(items: &[&Item]) -> Vec<u8> {
             json!({"name": name, "datatype": datatype, "shape": shape, "data": data})
         })
         .collect();
+    let mut outputs = first.outputs.clone();
+    if let Some(ids) = row_ids {
+        let data: Vec<i64> = (0..rows as i64).map(|r| ids.first + r).collect();
+        inputs.push(json!({"name": ids.name, "datatype": "INT64", "shape": [rows], "data": data}));
+        if let Some(Value::Array(list)) = &mut outputs {
+            list.push(json!({"name": ids.name}));
+        }
+    }
     let mut obj = Map::new();
     obj.insert("inputs".into(), Value::Array(inputs));
     if let Some(p) = &first.parameters {
         obj.insert("parameters".into(), p.clone());
     }
-    if let Some(o) = &first.outputs {
-        obj.insert("outputs".into(), o.clone());
+    if let Some(o) = outputs {
+        obj.insert("outputs".into(), o);
     }
     serde_json::to_vec(&Value::Object(obj)).expect("JSON serializes")
 }
 
-/// Splits a batch reply into one body per item, in order, or refuses it whole.
-pub fn split(items: &[&Item], reply: &[u8]) -> Result<Vec<Vec<u8>>, SplitError> {
+/// Splits a batch reply into one body per item, in order, or refuses it whole. With
+/// `row_ids` (v2), the reply must echo them in order.
+pub fn split(
+    items: &[&Item],
+    reply: &[u8],
+    row_ids: Option<RowIds>,
+) -> Result<Vec<Vec<u8>>, SplitError> {
     let total: usize = items.iter().map(|i| i.rows).sum();
     let v: Value = serde_json::from_slice(reply)
         .map_err(|e| SplitError(format!("backend reply is not JSON: {e}")))?;
@@ -245,10 +298,16 @@ pub fn split(items: &[&Item], reply: &[u8]) -> Result<Vec<Vec<u8>>, SplitError> 
     let outputs = v["outputs"]
         .as_array()
         .ok_or_else(|| SplitError("backend reply has no \"outputs\" list".into()))?;
+    if let Some(ids) = row_ids {
+        check_row_ids(outputs, ids, total)?;
+    }
     // Per output: (fields other than shape/data, inner shape, flattened data, row size).
     let mut parsed = Vec::with_capacity(outputs.len());
     for o in outputs {
         let name = o["name"].as_str().unwrap_or("?");
+        if row_ids.is_some_and(|ids| ids.name == name) {
+            continue;
+        }
         let shape: Vec<i64> = o["shape"]
             .as_array()
             .and_then(|s| s.iter().map(Value::as_i64).collect())
@@ -298,6 +357,31 @@ pub fn split(items: &[&Item], reply: &[u8]) -> Result<Vec<Vec<u8>>, SplitError> 
     Ok(bodies)
 }
 
+/// The reply's row-id output must be exactly the ids sent, in order.
+fn check_row_ids(outputs: &[Value], ids: RowIds, total: usize) -> Result<(), SplitError> {
+    let mut echoed = outputs.iter().filter(|o| o["name"] == ids.name);
+    let (Some(o), None) = (echoed.next(), echoed.next()) else {
+        return Err(SplitError(format!(
+            "backend reply must echo the row-id tensor {:?} exactly once",
+            ids.name
+        )));
+    };
+    let mut data = Vec::new();
+    flatten(&o["data"], &mut data);
+    let in_order = data.len() == total
+        && data
+            .iter()
+            .enumerate()
+            .all(|(r, d)| d.as_i64() == Some(ids.first + r as i64));
+    if !in_order {
+        return Err(SplitError(format!(
+            "backend reply's {:?} is not the rows sent, in order: rows were reordered, lost or mixed with another batch",
+            ids.name
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,10 +419,10 @@ mod tests {
         );
         assert_eq!(a.key, b.key);
         let items = [&a, &b, &c];
-        let merged = merge(&items);
+        let merged = merge(&items, None);
         let m: Value = serde_json::from_slice(&merged).unwrap();
         assert_eq!(m["inputs"][0]["shape"], json!([6]));
-        let bodies = split(&items, &reply_for(&merged)).unwrap();
+        let bodies = split(&items, &reply_for(&merged), None).unwrap();
         let got: Vec<Value> = bodies
             .iter()
             .map(|b| serde_json::from_slice(b).unwrap())
@@ -357,11 +441,11 @@ mod tests {
         let (a, b) = (req("a", &["a1"]), req("b", &["b1"]));
         let items = [&a, &b];
         let short = json!({"outputs": [{"name": "echo", "datatype": "BYTES", "shape": [1], "data": ["a1!"]}]});
-        assert!(split(&items, short.to_string().as_bytes()).is_err());
+        assert!(split(&items, short.to_string().as_bytes(), None).is_err());
         let lying = json!({"outputs": [{"name": "echo", "datatype": "BYTES", "shape": [2], "data": ["a1!"]}]});
-        assert!(split(&items, lying.to_string().as_bytes()).is_err());
-        assert!(split(&items, b"<html>oops</html>").is_err());
-        assert!(split(&items, b"{}").is_err());
+        assert!(split(&items, lying.to_string().as_bytes(), None).is_err());
+        assert!(split(&items, b"<html>oops</html>", None).is_err());
+        assert!(split(&items, b"{}", None).is_err());
     }
 
     #[test]
@@ -389,13 +473,82 @@ mod tests {
         let a = parse_v1(br#"{"instances":["a1","a2"]}"#).unwrap();
         let b = parse_v1(br#"{"instances":["b1"]}"#).unwrap();
         let items = [&a, &b];
-        let merged: Value = serde_json::from_slice(&merge(&items)).unwrap();
+        let merged: Value = serde_json::from_slice(&merge(&items, None)).unwrap();
         assert_eq!(merged["instances"], json!(["a1", "a2", "b1"]));
-        let bodies = split(&items, br#"{"predictions":[1,2,3]}"#).unwrap();
+        let bodies = split(&items, br#"{"predictions":[1,2,3]}"#, None).unwrap();
         assert_eq!(
             serde_json::from_slice::<Value>(&bodies[1]).unwrap()["predictions"],
             json!([3])
         );
-        assert!(split(&items, br#"{"predictions":[1,2]}"#).is_err());
+        assert!(split(&items, br#"{"predictions":[1,2]}"#, None).is_err());
+    }
+
+    /// The echo backend of `reply_for`, also echoing the row ids, optionally reversed.
+    fn reply_with_ids(merged: &[u8], reverse: bool) -> Vec<u8> {
+        let m: Value = serde_json::from_slice(merged).unwrap();
+        let mut v: Value = serde_json::from_slice(&reply_for(merged)).unwrap();
+        let mut ids = m["inputs"][1].clone();
+        if reverse {
+            let mut data = ids["data"].as_array().unwrap().clone();
+            data.reverse();
+            ids["data"] = json!(data);
+            let mut echo = v["outputs"][0]["data"].as_array().unwrap().clone();
+            echo.reverse();
+            v["outputs"][0]["data"] = json!(echo);
+        }
+        v["outputs"].as_array_mut().unwrap().push(ids);
+        v.to_string().into_bytes()
+    }
+
+    #[test]
+    fn row_ids_are_sent_checked_and_stripped() {
+        let (a, b) = (req("a", &["a1"]), req("b", &["b1", "b2"]));
+        let items = [&a, &b];
+        let ids = RowIds {
+            name: "braid_row_id",
+            first: RowIds::fresh_first(3),
+        };
+        let merged = merge(&items, Some(ids));
+        let m: Value = serde_json::from_slice(&merged).unwrap();
+        assert_eq!(m["inputs"][1]["name"], "braid_row_id");
+        assert_eq!(m["inputs"][1]["shape"], json!([3]));
+        let bodies = split(&items, &reply_with_ids(&merged, false), Some(ids)).unwrap();
+        let b_out: Value = serde_json::from_slice(&bodies[1]).unwrap();
+        assert_eq!(
+            b_out["outputs"].as_array().unwrap().len(),
+            2,
+            "row ids stripped"
+        );
+        assert_eq!(b_out["outputs"][0]["data"], json!(["b1!", "b2!"]));
+
+        let shuffled = reply_with_ids(&merged, true);
+        assert!(
+            split(&items, &shuffled, None).is_ok(),
+            "shapes alone cannot see it"
+        );
+        let err = split(&items, &shuffled, Some(ids)).unwrap_err();
+        assert!(err.0.contains("reordered"), "{}", err.0);
+        // Not echoed at all, or another batch's ids.
+        assert!(split(&items, &reply_for(&merged), Some(ids)).is_err());
+        let other = RowIds {
+            first: ids.first + 100,
+            ..ids
+        };
+        assert!(split(&items, &reply_with_ids(&merged, false), Some(other)).is_err());
+        // Fresh ids never repeat.
+        assert!(RowIds::fresh_first(1) >= ids.first + 3);
+    }
+
+    #[test]
+    fn row_ids_join_a_requested_outputs_list() {
+        let body = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "outputs": [{"name": "label"}]});
+        let item = parse_v2(body.to_string().as_bytes()).unwrap();
+        let ids = RowIds {
+            name: "rid",
+            first: 7,
+        };
+        let m: Value = serde_json::from_slice(&merge(&[&item], Some(ids))).unwrap();
+        assert_eq!(m["outputs"], json!([{"name": "label"}, {"name": "rid"}]));
+        assert_eq!(m["inputs"][1]["data"], json!([7]));
     }
 }

@@ -79,6 +79,8 @@ pub struct Batching {
     pub max_queue: u64,
     pub queue_timeout: Option<Duration>,
     pub max_inflight: u64,
+    /// Name of the row-id tensor the executor echoes (see `batch::codec`).
+    pub row_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +176,7 @@ fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
         max_queue: obj.opt("max_queue", positive_int).unwrap_or(1024),
         queue_timeout: obj.opt("queue_timeout", duration),
         max_inflight: obj.opt("max_inflight", positive_int).unwrap_or(1),
+        row_id: obj.opt("row_id", name),
     };
     obj.finish(&[
         "max_batch_size",
@@ -181,6 +184,7 @@ fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
         "max_queue",
         "queue_timeout",
         "max_inflight",
+        "row_id",
     ]);
     Some(b)
 }

@@ -217,6 +217,11 @@ fn compile_route(spec: &RouteSpec, executor: Option<&Upstream>) -> Route {
             queue_timeout: b.queue_timeout,
             max_inflight: b.max_inflight as usize,
         }),
+        row_id: spec
+            .batching
+            .as_ref()
+            .and_then(|b| b.row_id.as_deref())
+            .map(Arc::from),
     }
 }
 

@@ -14,6 +14,9 @@ use super::model::Outputs;
 
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 pub const INPUT: &str = "text";
+/// Optional INT64 `[N]` input echoed back as an output of the same name, so a batching
+/// proxy can check row order (`batching.row_id` in the proxy's config).
+pub const ROW_ID: &str = "braid_row_id";
 pub const OUTPUTS: [&str; 3] = ["embedding", "label", "scores"];
 
 /// A request's problem, answered 400 with this message.
@@ -30,6 +33,8 @@ fn bad<T>(msg: impl Into<String>) -> Result<T, BadRequest> {
 pub struct Request {
     pub id: Option<Value>,
     pub texts: Vec<String>,
+    /// The `braid_row_id` input, echoed as an output.
+    pub row_ids: Option<Vec<i64>>,
     /// Requested outputs (name, binary?); `None` means all, in JSON unless
     /// `binary_data_output` asked otherwise.
     pub outputs: Option<Vec<(String, bool)>>,
@@ -56,8 +61,13 @@ pub fn decode(body: &[u8], header_len: Option<usize>) -> Result<Request, BadRequ
         return bad("request has no \"inputs\" list");
     };
     let mut texts = None;
+    let mut row_ids = None;
     for input in inputs {
         let name = input["name"].as_str().unwrap_or_default();
+        if name == ROW_ID && row_ids.is_none() {
+            row_ids = Some(decode_row_ids(input)?);
+            continue;
+        }
         if name != INPUT {
             return bad(format!(
                 "unknown input {name:?}: this model takes one input, \"{INPUT}\" (BYTES, shape [N])"
@@ -117,6 +127,11 @@ pub fn decode(body: &[u8], header_len: Option<usize>) -> Result<Request, BadRequ
     let Some(texts) = texts else {
         return bad(format!("missing input \"{INPUT}\""));
     };
+    if row_ids.as_ref().is_some_and(|ids| ids.len() != texts.len()) {
+        return bad(format!(
+            "input \"{ROW_ID}\" must have one id per row of \"{INPUT}\""
+        ));
+    }
 
     let binary_by_default = obj
         .get("parameters")
@@ -141,9 +156,29 @@ pub fn decode(body: &[u8], header_len: Option<usize>) -> Result<Request, BadRequ
     Ok(Request {
         id: obj.get("id").cloned(),
         texts,
+        row_ids,
         outputs,
         binary_by_default,
     })
+}
+
+fn decode_row_ids(input: &Value) -> Result<Vec<i64>, BadRequest> {
+    let shape_ok = matches!(input["shape"].as_array().map(Vec::as_slice), Some([_]));
+    let ids = input["data"]
+        .as_array()
+        .and_then(|d| d.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>());
+    match ids {
+        Some(ids)
+            if shape_ok
+                && input["datatype"] == "INT64"
+                && input["shape"][0].as_u64() == Some(ids.len() as u64) =>
+        {
+            Ok(ids)
+        }
+        _ => bad(format!(
+            "input \"{ROW_ID}\" must be INT64 with shape [N] and N integers"
+        )),
+    }
 }
 
 fn flatten_strings(v: &Value, out: &mut Vec<String>) -> Result<(), BadRequest> {
@@ -203,14 +238,15 @@ pub fn encode(model: &str, req: &Request, out: &Outputs) -> Result<Encoded, BadR
     let wanted: Vec<(String, bool)> = match &req.outputs {
         Some(list) => {
             for (name, _) in list {
-                if !available.contains(&name.as_str()) {
+                if !available.contains(&name.as_str()) && !(name == ROW_ID && req.row_ids.is_some())
+                {
                     return bad(format!(
                         "unknown output {name:?}; this model has: {}",
                         available.join(", ")
                     ));
                 }
             }
-            list.clone()
+            list.iter().filter(|(n, _)| n != ROW_ID).cloned().collect()
         }
         None => available
             .iter()
@@ -256,6 +292,10 @@ pub fn encode(model: &str, req: &Request, out: &Outputs) -> Result<Encoded, BadR
             o.insert("data".into(), json_data);
         }
         outputs.push(Value::Object(o));
+    }
+    if let Some(ids) = &req.row_ids {
+        outputs
+            .push(json!({"name": ROW_ID, "datatype": "INT64", "shape": [ids.len()], "data": ids}));
     }
     let mut resp = Map::new();
     resp.insert("model_name".into(), json!(model));
@@ -333,6 +373,40 @@ mod tests {
             let e = decode(body, None).unwrap_err().0;
             assert!(e.contains(want), "{e:?} should mention {want:?}");
         }
+    }
+
+    #[test]
+    fn row_ids_are_echoed_and_checked() {
+        let body = br#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[2],"data":["a","b"]},{"name":"braid_row_id","datatype":"INT64","shape":[2],"data":[40,41]}],"outputs":[{"name":"embedding"},{"name":"braid_row_id"}]}"#;
+        let r = decode(body, None).unwrap();
+        assert_eq!(r.row_ids, Some(vec![40, 41]));
+        let out = Outputs {
+            embedding: crate::executor::encoder::Embeddings {
+                rows: 2,
+                dim: 1,
+                data: vec![0.5, 0.25],
+                tokens_computed: 2,
+                tokens_real: 2,
+            },
+            label: None,
+            scores: None,
+        };
+        let enc = encode("m", &r, &out).unwrap();
+        let v: Value = serde_json::from_slice(&enc.body).unwrap();
+        assert_eq!(v["outputs"][0]["name"], "embedding");
+        assert_eq!(
+            v["outputs"][1],
+            json!({"name": "braid_row_id", "datatype": "INT64", "shape": [2], "data": [40, 41]})
+        );
+        let wrong = br#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[2],"data":["a","b"]},{"name":"braid_row_id","datatype":"INT64","shape":[1],"data":[40]}]}"#;
+        assert!(
+            decode(wrong, None)
+                .unwrap_err()
+                .0
+                .contains("one id per row")
+        );
+        let floats = br#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["a"]},{"name":"braid_row_id","datatype":"FP32","shape":[1],"data":[1.5]}]}"#;
+        assert!(decode(floats, None).unwrap_err().0.contains("INT64"));
     }
 
     #[test]

@@ -228,7 +228,10 @@ impl Executor {
             "name": slot.spec.name,
             "versions": ["1"],
             "platform": "braid_candle",
-            "inputs": [{"name": oip::INPUT, "datatype": "BYTES", "shape": [-1]}],
+            "inputs": [
+                {"name": oip::INPUT, "datatype": "BYTES", "shape": [-1]},
+                {"name": oip::ROW_ID, "datatype": "INT64", "shape": [-1], "optional": true},
+            ],
             "outputs": outputs,
             "parameters": {"labels": slot.spec.labels, "max_batch_size": slot.spec.max_batch},
         })

@@ -30,6 +30,9 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// Coalescing for local variants; `None`: each request is sent on its own.
     pub batching: Option<BatchLimits>,
+    /// `batching.row_id`: the tensor the executor must echo so a batch reply's row
+    /// order can be checked.
+    pub row_id: Option<Arc<str>>,
 }
 
 #[derive(Debug)]

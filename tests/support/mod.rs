@@ -692,7 +692,26 @@ async fn mock_answer(
         return json(200, serde_json::json!({"predictions": out}).to_string());
     }
     let n = out.len();
-    json(200, serde_json::json!({"model_name": "mock", "outputs": [{"name": "echo", "datatype": "BYTES", "shape": [n], "data": out}]}).to_string())
+    let mut outputs =
+        vec![serde_json::json!({"name": "echo", "datatype": "BYTES", "shape": [n], "data": out})];
+    // Like an identity model in an ensemble: the row-id input comes back as an output,
+    // permuted along with everything else when the mock shuffles.
+    if let Some(ids) = v["inputs"]
+        .as_array()
+        .and_then(|i| i.iter().find(|i| i["name"] == "braid_row_id"))
+    {
+        let mut ids = ids.clone();
+        if beh.shuffle
+            && let Some(d) = ids["data"].as_array_mut()
+        {
+            d.reverse();
+        }
+        outputs.push(ids);
+    }
+    json(
+        200,
+        serde_json::json!({"model_name": "mock", "outputs": outputs}).to_string(),
+    )
 }
 
 /// A route batching requests for `model` to the mock executor.
