@@ -238,8 +238,8 @@ pub fn encode(model: &str, req: &Request, out: &Outputs) -> Result<Encoded, BadR
     let wanted: Vec<(String, bool)> = match &req.outputs {
         Some(list) => {
             for (name, _) in list {
-                if !available.contains(&name.as_str()) && !(name == ROW_ID && req.row_ids.is_some())
-                {
+                let echoed = name == ROW_ID && req.row_ids.is_some();
+                if !available.contains(&name.as_str()) && !echoed {
                     return bad(format!(
                         "unknown output {name:?}; this model has: {}",
                         available.join(", ")
