@@ -77,6 +77,9 @@ pub struct ProxyArgs {
     /// Largest request body accepted (413 above).
     #[arg(long, env = "BRAID_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
+    /// Requests answered at once; more get 503 with Retry-After (the admin port is separate).
+    #[arg(long, env = "BRAID_MAX_INFLIGHT", default_value_t = Limits::default().max_inflight)]
+    pub max_inflight: usize,
     /// Close connections whose request head takes longer than this.
     #[arg(long, env = "BRAID_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
@@ -377,6 +380,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
                 max_header_bytes: args.max_header_bytes,
                 max_body_bytes: args.max_body_bytes,
                 h2_max_concurrent_streams: args.h2_max_concurrent_streams,
+                max_inflight: args.max_inflight,
                 ..Limits::default()
             },
             drain_grace: args.drain_grace,

@@ -42,12 +42,18 @@ pub enum ProxyError {
     QueueFull { variant: String },
     #[error("the request's deadline passed before it could be answered")]
     DeadlinePassed,
+    #[error("braid is at its limit of requests in flight; retry shortly")]
+    Overloaded,
+    #[error("route {route} is at its limit of requests in flight (max_inflight); retry shortly")]
+    RouteBusy { route: String },
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoConfig | ProxyError::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoConfig | ProxyError::Connect { .. } | ProxyError::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::UnknownVariant { .. }
             | ProxyError::BadRequest(_)
@@ -55,7 +61,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } | ProxyError::DeadlinePassed => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::QueueFull { .. } | ProxyError::RouteBusy { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
         }
     }
 
@@ -63,7 +71,11 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<u32> {
         matches!(
             self,
-            ProxyError::NoConfig | ProxyError::Connect { .. } | ProxyError::QueueFull { .. }
+            ProxyError::NoConfig
+                | ProxyError::Connect { .. }
+                | ProxyError::QueueFull { .. }
+                | ProxyError::Overloaded
+                | ProxyError::RouteBusy { .. }
         )
         .then_some(1)
     }
@@ -82,6 +94,8 @@ impl ProxyError {
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::QueueFull { .. } => "queue_full",
             ProxyError::DeadlinePassed => "deadline",
+            ProxyError::Overloaded => "overloaded",
+            ProxyError::RouteBusy { .. } => "route_busy",
         }
     }
 

@@ -54,6 +54,22 @@ pub struct FlushLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+    pub outcome: &'static str,
+}
+
+/// Largest absolute difference between a primary's and its shadow's output tensors.
+pub const DIVERGENCE_BUCKETS: [f64; 12] = [
+    0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5, 1.0, 10.0,
+];
+
+fn divergence_histogram() -> Histogram {
+    Histogram::new(DIVERGENCE_BUCKETS)
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
@@ -73,6 +89,50 @@ pub struct Metrics {
     batch_flushes: Family<FlushLabels, Counter>,
     batch_dropped: Family<FlushLabels, Counter>,
     queue_depth: Family<VariantLabels, Gauge>,
+    retries: Family<OutcomeLabels, Counter>,
+    ejections: Family<VariantLabels, Counter>,
+    ejected: Family<VariantLabels, Gauge>,
+    fallbacks: Family<VariantLabels, Counter>,
+    shadow: Family<OutcomeLabels, Counter>,
+    divergence: HistogramFamily<VariantLabels>,
+}
+
+/// A (route, variant)'s retry outcomes.
+#[derive(Debug)]
+pub struct RetryMetrics {
+    family: Family<OutcomeLabels, Counter>,
+    labels: VariantLabels,
+}
+
+impl RetryMetrics {
+    /// `retried`, `budget_exhausted`, `not_idempotent`, `body_too_large`, `deadline`,
+    /// `retry_after_too_long`.
+    pub fn outcome(&self, outcome: &'static str) {
+        self.family
+            .get_or_create(&OutcomeLabels {
+                route: self.labels.route.clone(),
+                variant: self.labels.variant.clone(),
+                outcome,
+            })
+            .inc();
+    }
+}
+
+/// A (route, variant)'s ejection state, for failure accrual.
+#[derive(Debug)]
+pub struct HealthMetrics {
+    pub ejections: Counter,
+    pub ejected: Gauge,
+}
+
+impl HealthMetrics {
+    /// Handles registered nowhere (unit tests).
+    pub fn detached() -> Self {
+        HealthMetrics {
+            ejections: Counter::default(),
+            ejected: Gauge::default(),
+        }
+    }
 }
 
 /// One batcher's metric handles, resolved once when the batcher starts.
@@ -203,8 +263,51 @@ impl Metrics {
             "Requests waiting in the batch queue",
             queue_depth.clone(),
         );
+        let retries = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "braid_retries",
+            "Retry decisions: retried, or why not (budget_exhausted, not_idempotent, body_too_large, deadline, retry_after_too_long)",
+            retries.clone(),
+        );
+        let ejections = Family::<VariantLabels, Counter>::default();
+        registry.register(
+            "braid_ejections",
+            "Times a variant was ejected after consecutive failures",
+            ejections.clone(),
+        );
+        let ejected = Family::<VariantLabels, Gauge>::default();
+        registry.register(
+            "braid_variant_ejected",
+            "1 while a variant is ejected (its traffic goes to the fallback or the others)",
+            ejected.clone(),
+        );
+        let fallbacks = Family::<VariantLabels, Counter>::default();
+        registry.register(
+            "braid_fallbacks",
+            "Requests assigned to this variant and served by the route's fallback",
+            fallbacks.clone(),
+        );
+        let shadow = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "braid_shadow_requests",
+            "Shadow copies, by outcome (status_match, status_mismatch, failed, skipped_saturated)",
+            shadow.clone(),
+        );
+        let divergence: HistogramFamily<VariantLabels> =
+            Family::new_with_constructor(divergence_histogram);
+        registry.register(
+            "braid_shadow_divergence",
+            "Largest absolute difference between primary and shadow output tensors (OIP), per pair",
+            divergence.clone(),
+        );
         Metrics {
             registry,
+            retries,
+            ejections,
+            ejected,
+            fallbacks,
+            shadow,
+            divergence,
             requests,
             duration,
             unrouted,
@@ -233,6 +336,62 @@ impl Metrics {
             flushes: self.batch_flushes.clone(),
             dropped: self.batch_dropped.clone(),
             labels,
+        }
+    }
+
+    pub fn retry(&self, route: &Arc<str>, variant: &Arc<str>) -> RetryMetrics {
+        RetryMetrics {
+            family: self.retries.clone(),
+            labels: VariantLabels {
+                route: route.clone(),
+                variant: variant.clone(),
+            },
+        }
+    }
+
+    pub fn health(&self, route: &Arc<str>, variant: &Arc<str>) -> HealthMetrics {
+        let labels = VariantLabels {
+            route: route.clone(),
+            variant: variant.clone(),
+        };
+        HealthMetrics {
+            ejections: self.ejections.get_or_create_owned(&labels),
+            ejected: self.ejected.get_or_create_owned(&labels),
+        }
+    }
+
+    /// A request for `from` was served by the route's fallback.
+    pub fn fallback(&self, route: &Arc<str>, from: &Arc<str>) {
+        self.fallbacks
+            .get_or_create(&VariantLabels {
+                route: route.clone(),
+                variant: from.clone(),
+            })
+            .inc();
+    }
+
+    /// One shadow copy's outcome, and for compared OIP pairs the divergence.
+    pub fn shadow(
+        &self,
+        route: &Arc<str>,
+        variant: &Arc<str>,
+        outcome: &'static str,
+        divergence: Option<f64>,
+    ) {
+        self.shadow
+            .get_or_create(&OutcomeLabels {
+                route: route.clone(),
+                variant: variant.clone(),
+                outcome,
+            })
+            .inc();
+        if let Some(d) = divergence {
+            self.divergence
+                .get_or_create(&VariantLabels {
+                    route: route.clone(),
+                    variant: variant.clone(),
+                })
+                .observe(d);
         }
     }
 

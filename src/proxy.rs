@@ -3,48 +3,87 @@
 //! ```text
 //! snapshot = store.load()         one Arc<Snapshot> for the whole request
 //!   -> route match                model name (OIP v2 / KServe v1), then path prefix
-//!   -> assign variant             override header > sticky key > weighted random
+//!   -> assign variant             override header > sticky key > weighted random;
+//!                                 an ejected variant's share goes to the fallback or the others
 //!   -> read body (limit -> 413)
-//!   -> forward                    model name rewritten, pooled client, route timeout
+//!   -> shadow copy?               fire and forget, compared on its own task
+//!   -> batch (local) or forward   retry (budget) -> per-try timeout -> pooled client
+//!   -> fallback?                  when the variant failed and repeating is safe
 //!   -> x-braid-variant + metrics  recorded once, here at the edge
 //! ```
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, Version};
-use http_body_util::{BodyExt, Full};
+use http::{Method, Request, Response, Version};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::batch::batching;
 use crate::config::Store;
-use crate::config::schema::Protocol;
+use crate::config::schema::{Protocol, parse_duration};
 use crate::error::{Body, ProxyError};
 use crate::metrics::Metrics;
-use crate::route::{self, Match, Variant, assign};
+use crate::route::shadow::{self, Tee};
+use crate::route::{self, Match, Route, Variant, assign};
 use crate::server::{self, ConnInfo, Handler};
+use crate::upstream::health::Admit;
+use crate::upstream::retry::{self, Attempts, Call, DEADLINE_HEADER, TryError};
+use crate::upstream::state::RouteState;
 use crate::upstream::{SendError, Upstreams};
 
 pub static X_BRAID_VARIANT: HeaderName = HeaderName::from_static("x-braid-variant");
+pub static X_BRAID_FALLBACK_FROM: HeaderName = HeaderName::from_static("x-braid-fallback-from");
+pub static X_BRAID_SHADOW: HeaderName = HeaderName::from_static("x-braid-shadow");
+
+/// How long a shadow copy may take when its route has no timeout.
+const SHADOW_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Proxy {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub upstreams: Upstreams,
     pub max_body_bytes: usize,
+    /// Requests answered at once; more get 503 + Retry-After.
+    pub max_inflight: usize,
     /// One batcher per (route, variant), kept across reloads so queued requests survive.
     pub batchers: batching::Batchers,
+    /// Budgets, variant health and limits, kept across reloads.
+    pub state: RouteState,
 }
 
 impl Handler for Proxy {
     async fn call(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
         let start = Instant::now();
-        self.metrics.inflight().inc();
+        let inflight = self.metrics.inflight();
+        if inflight.inc() >= self.max_inflight as i64 {
+            inflight.dec();
+            return self.unrouted(ProxyError::Overloaded);
+        }
         let resp = self.route(req, conn, start).await;
-        self.metrics.inflight().dec();
+        inflight.dec();
         resp
+    }
+}
+
+/// One variant's answer, and whether sending the request elsewhere is safe.
+struct Served {
+    result: Result<Response<Body>, ProxyError>,
+    /// The request certainly was not processed, or the route says repeating is harmless.
+    repeatable: bool,
+}
+
+impl Served {
+    fn failed(&self) -> bool {
+        match &self.result {
+            Ok(r) => r.status().is_server_error(),
+            Err(e) => e.status().is_server_error(),
+        }
     }
 }
 
@@ -65,7 +104,7 @@ impl Proxy {
             });
         };
         let route = m.route;
-        let (vi, _how) = match assign::assign(route, req.headers()) {
+        let (assigned, how) = match assign::assign(route, req.headers()) {
             Ok(a) => a,
             Err(assign::UnknownVariant(wanted)) => {
                 return self.unrouted(ProxyError::UnknownVariant {
@@ -75,22 +114,80 @@ impl Proxy {
                 });
             }
         };
-        let variant = &route.variants[vi];
-        let mut resp = match self.forward(req, &m, variant, conn).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(route = %route.name, variant = %variant.name, "{e}");
-                e.into_response()
-            }
+        let _permit = match route.max_inflight {
+            None => None,
+            Some(n) => match self
+                .state
+                .limit(&route.name, "route", n)
+                .try_acquire_owned()
+            {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    return self.unrouted(ProxyError::RouteBusy {
+                        route: route.name.to_string(),
+                    });
+                }
+            },
         };
-        resp.headers_mut()
-            .insert(X_BRAID_VARIANT.clone(), variant.header_value.clone());
-        self.metrics.request(
-            &route.name,
-            &variant.name,
-            resp.status().as_u16(),
-            start.elapsed(),
-        );
+        let (mut vi, mut fallback_from) = if how == assign::Assignment::Override {
+            (assigned, None)
+        } else {
+            self.avoid_ejected(route, assigned, req.headers())
+        };
+
+        let (parts, body) = req.into_parts();
+        let prepared = match self.prepare(&parts, body, route, start).await {
+            Ok(p) => p,
+            Err(e) => return self.finish(route, vi, fallback_from, Err(e), start, None),
+        };
+        let shadow = self.start_shadow(&m, vi, &parts, &prepared.body, conn);
+        let mut served = self.serve(&m, vi, &parts, &prepared, conn).await;
+        if let Some(fb) = route.fallback
+            && fb != vi
+            && fallback_from.is_none()
+            && served.failed()
+            && served.repeatable
+            && prepared.deadline.is_none_or(|d| d > Instant::now())
+        {
+            tracing::debug!(route = %route.name, from = %route.variants[vi].name, "serving from the fallback");
+            fallback_from = Some(vi);
+            vi = fb;
+            served = self.serve(&m, vi, &parts, &prepared, conn).await;
+        }
+        self.finish(route, vi, fallback_from, served.result, start, shadow)
+    }
+
+    /// Headers, metrics and the shadow's copy of the answer, once, at the edge.
+    fn finish(
+        &self,
+        route: &Route,
+        vi: usize,
+        fallback_from: Option<usize>,
+        result: Result<Response<Body>, ProxyError>,
+        start: Instant,
+        shadow: Option<oneshot::Sender<PrimaryAnswer>>,
+    ) -> Response<Body> {
+        let variant = &route.variants[vi];
+        let mut resp = result.unwrap_or_else(|e| {
+            tracing::debug!(route = %route.name, variant = %variant.name, "{e}");
+            e.into_response()
+        });
+        let headers = resp.headers_mut();
+        headers.insert(X_BRAID_VARIANT.clone(), variant.header_value.clone());
+        if let Some(from) = fallback_from {
+            let from = &route.variants[from];
+            headers.insert(X_BRAID_FALLBACK_FROM.clone(), from.header_value.clone());
+            self.metrics.fallback(&route.name, &from.name);
+        }
+        let status = resp.status();
+        self.metrics
+            .request(&route.name, &variant.name, status.as_u16(), start.elapsed());
+        if let Some(tx) = shadow {
+            let (parts, body) = resp.into_parts();
+            let (tee, copy) = Tee::new(body);
+            let _ = tx.send(PrimaryAnswer { status, copy });
+            resp = Response::from_parts(parts, tee.boxed());
+        }
         resp
     }
 
@@ -99,100 +196,374 @@ impl Proxy {
         e.into_response()
     }
 
-    async fn forward(
+    /// The assigned variant, or, while it is ejected, the fallback (named in the
+    /// response) or another variant by the same sticky/weighted rule. With every
+    /// variant ejected, the assigned one is used anyway.
+    fn avoid_ejected(
         &self,
-        req: Request<Incoming>,
-        m: &Match<'_>,
-        variant: &Variant,
-        conn: &ConnInfo,
-    ) -> Result<Response<Body>, ProxyError> {
-        let (parts, body) = req.into_parts();
-        let body = server::read_body(&parts.headers, body, self.max_body_bytes).await?;
-
-        let path = match (&m.model_span, &variant.target_model) {
-            (Some(span), Some(target)) => route::rewrite_model(parts.uri.path(), span, target),
-            _ => parts.uri.path().to_string(),
+        route: &Route,
+        vi: usize,
+        headers: &HeaderMap,
+    ) -> (usize, Option<usize>) {
+        if route.outlier.is_none() {
+            return (vi, None);
+        }
+        let now = Instant::now();
+        let ejected = |i: usize| {
+            self.state
+                .known_health(&route.name, &route.variants[i].name)
+                .is_some_and(|h| h.is_ejected(now))
         };
-        let path_and_query = match parts.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
-
-        // Coalesce inference requests for a local variant, when the route asks for it.
-        if let (true, Some(limits)) = (variant.local, m.route.batching)
-            && parts.method == http::Method::POST
+        let admit = self
+            .state
+            .known_health(&route.name, &route.variants[vi].name)
+            .map_or(Admit::Yes, |h| h.admit(now));
+        if admit != Admit::Ejected {
+            return (vi, None);
+        }
+        if let Some(fb) = route.fallback
+            && fb != vi
+            && !ejected(fb)
         {
-            match batching::queueable(&parts.uri, &parts.headers, &body) {
+            return (fb, Some(vi));
+        }
+        let keep = |i: usize| i != vi && !ejected(i);
+        let other = match route.sticky_header.as_ref().and_then(|h| headers.get(h)) {
+            Some(key) => route.chooser.sticky_among(key.as_bytes(), keep),
+            None => route.chooser.random_among(keep),
+        };
+        (other.unwrap_or(vi), None)
+    }
+
+    /// Reads the body and works out the request's deadline.
+    async fn prepare(
+        &self,
+        parts: &http::request::Parts,
+        body: Incoming,
+        route: &Route,
+        start: Instant,
+    ) -> Result<Prepared, ProxyError> {
+        let header_deadline = match parts.headers.get(DEADLINE_HEADER) {
+            None => None,
+            Some(v) => {
+                let d = v
+                    .to_str()
+                    .ok()
+                    .and_then(|s| parse_duration(s).ok())
+                    .ok_or_else(|| {
+                        ProxyError::BadRequest(format!(
+                            "{DEADLINE_HEADER} must be a duration such as \"250ms\""
+                        ))
+                    })?;
+                Some(start + d)
+            }
+        };
+        let route_deadline = route.timeout.map(|t| start + t);
+        let body = server::read_body(&parts.headers, body, self.max_body_bytes).await?;
+        Ok(Prepared {
+            body,
+            deadline: [header_deadline, route_deadline]
+                .into_iter()
+                .flatten()
+                .min(),
+            by_header: header_deadline.is_some_and(|h| route_deadline.is_none_or(|r| h < r)),
+        })
+    }
+
+    /// One variant's answer: coalesced for a local variant with batching, else
+    /// forwarded with the route's retries.
+    async fn serve(
+        &self,
+        m: &Match<'_>,
+        vi: usize,
+        parts: &http::request::Parts,
+        prepared: &Prepared,
+        conn: &ConnInfo,
+    ) -> Served {
+        let route = m.route;
+        let variant = &route.variants[vi];
+        let path = upstream_path(m, variant, &parts.uri);
+        if let (true, Some(limits)) = (variant.local, route.batching)
+            && parts.method == Method::POST
+        {
+            match batching::queueable(&parts.uri, &parts.headers, &prepared.body) {
                 Ok(Some(item)) => {
-                    return batching::submit(
-                        self,
-                        m.route,
-                        variant,
-                        limits,
-                        item,
-                        path_and_query,
-                        &parts.headers,
-                    )
-                    .await;
+                    let result =
+                        batching::submit(self, route, variant, limits, item, path, &parts.headers)
+                            .await;
+                    return Served {
+                        result,
+                        repeatable: route.retry.idempotent,
+                    };
                 }
                 Ok(None) => {} // not mergeable: forwarded alone below
-                Err(msg) => return Err(ProxyError::BadRequest(msg)),
+                Err(msg) => {
+                    return Served {
+                        result: Err(ProxyError::BadRequest(msg)),
+                        repeatable: false,
+                    };
+                }
             }
         }
-        let uri = Uri::builder()
-            .scheme(variant.upstream.scheme.clone())
-            .authority(variant.upstream.authority.clone())
-            .path_and_query(
-                PathAndQuery::try_from(path_and_query)
-                    .map_err(|e| ProxyError::BadRequest(format!("path: {e}")))?,
-            )
-            .build()
-            .map_err(|e| ProxyError::BadRequest(format!("uri: {e}")))?;
-
-        let mut out = Request::new(Full::new(body));
-        *out.method_mut() = parts.method;
-        *out.uri_mut() = uri;
-        *out.version_mut() = match variant.upstream.protocol {
-            Protocol::Http1 => Version::HTTP_11,
-            Protocol::H2c => Version::HTTP_2,
-        };
-        let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
-        // The client sets Host from the backend's authority.
-        headers.remove(header::HOST);
-        append_forwarded_for(&mut headers, conn);
-        *out.headers_mut() = headers;
-
-        let backend = &variant.upstream.authority;
-        let send = self.upstreams.send(variant.upstream.protocol, out);
-        let result = match m.route.timeout {
-            Some(after) => {
-                tokio::time::timeout(after, send)
-                    .await
-                    .map_err(|_| ProxyError::Timeout {
-                        backend: backend.to_string(),
-                        after,
-                    })?
-            }
-            None => send.await,
-        };
-        let resp = result.map_err(|e| match e {
-            SendError::Connect(reason) => ProxyError::Connect {
-                backend: backend.to_string(),
-                reason,
-            },
-            SendError::Other(reason) => ProxyError::Upstream {
-                backend: backend.to_string(),
-                reason,
-            },
-        })?;
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(Into::into).boxed(),
-        ))
+        self.forward(route, variant, parts, prepared, path, conn)
+            .await
     }
+
+    async fn forward(
+        &self,
+        route: &Route,
+        variant: &Variant,
+        parts: &http::request::Parts,
+        prepared: &Prepared,
+        path: String,
+        conn: &ConnInfo,
+    ) -> Served {
+        let safe_method = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let may_repeat = safe_method || route.retry.idempotent;
+        let mut out = match upstream_request(parts, &prepared.body, variant, path, conn) {
+            Ok(r) => r,
+            Err(e) => {
+                return Served {
+                    result: Err(e),
+                    repeatable: false,
+                };
+            }
+        };
+        let now = Instant::now();
+        if let Some(d) = prepared.deadline {
+            retry::set_deadline_header(&mut out, d.saturating_duration_since(now));
+        }
+        let retries = route.retry.attempts > 1;
+        let health = route.outlier.map(|o| {
+            self.state
+                .health(&self.metrics, &route.name, &variant.name, o)
+        });
+        let attempts = Attempts {
+            policy: route.retry.clone(),
+            budget: retries.then(|| self.state.budget(&route.name, &route.retry)),
+            metrics: retries.then(|| {
+                self.state
+                    .retry_metrics(&self.metrics, &route.name, &variant.name)
+            }),
+            health: health.clone(),
+            deadline: prepared.deadline,
+            safe_method,
+            body_len: prepared.body.len(),
+            retried: 0,
+        };
+        let call = Call {
+            upstreams: self.upstreams.clone(),
+            protocol: variant.upstream.protocol,
+        };
+        let backend = variant.upstream.authority.to_string();
+        let sent = retry::send(call, attempts, out);
+        let result = match prepared.deadline {
+            Some(d) => match tokio::time::timeout_at(d, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    if let Some(h) = &health {
+                        h.record(false, Instant::now());
+                    }
+                    let e = if prepared.by_header {
+                        ProxyError::DeadlinePassed
+                    } else {
+                        ProxyError::Timeout {
+                            backend,
+                            after: route.timeout.unwrap_or_default(),
+                        }
+                    };
+                    return Served {
+                        result: Err(e),
+                        repeatable: false,
+                    };
+                }
+            },
+            None => sent.await,
+        };
+        match result {
+            Ok(resp) => {
+                let repeatable =
+                    resp.status() == http::StatusCode::SERVICE_UNAVAILABLE || may_repeat;
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Served {
+                    result: Ok(Response::from_parts(
+                        parts,
+                        body.map_err(Into::into).boxed(),
+                    )),
+                    repeatable,
+                }
+            }
+            Err(e) => {
+                let repeatable = may_repeat
+                    || matches!(
+                        e,
+                        TryError::Send(SendError::Connect(_) | SendError::Refused(_))
+                    );
+                let result = Err(match e {
+                    TryError::Send(SendError::Connect(reason) | SendError::Refused(reason)) => {
+                        ProxyError::Connect { backend, reason }
+                    }
+                    TryError::Send(SendError::Other(reason)) => {
+                        ProxyError::Upstream { backend, reason }
+                    }
+                    TryError::Timeout(after) => ProxyError::Timeout { backend, after },
+                });
+                Served { result, repeatable }
+            }
+        }
+    }
+
+    /// Sends a copy of the request to the route's shadow variant, if this request is
+    /// picked and a slot is free; returns where to deliver the primary's answer.
+    fn start_shadow(
+        &self,
+        m: &Match<'_>,
+        vi: usize,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        conn: &ConnInfo,
+    ) -> Option<oneshot::Sender<PrimaryAnswer>> {
+        let route = m.route;
+        let sh = route.shadow?;
+        if sh.variant == vi || assign::next_f64() >= sh.fraction {
+            return None;
+        }
+        let variant = &route.variants[sh.variant];
+        let permit = match self
+            .state
+            .limit(&route.name, "shadow", sh.max_inflight)
+            .try_acquire_owned()
+        {
+            Ok(p) => p,
+            Err(_) => {
+                self.metrics
+                    .shadow(&route.name, &variant.name, "skipped_saturated", None);
+                return None;
+            }
+        };
+        let path = upstream_path(m, variant, &parts.uri);
+        let mut req = upstream_request(parts, body, variant, path, conn).ok()?;
+        req.headers_mut()
+            .insert(X_BRAID_SHADOW.clone(), HeaderValue::from_static("1"));
+        let (tx, primary) = oneshot::channel();
+        let job = ShadowJob {
+            upstreams: self.upstreams.clone(),
+            protocol: variant.upstream.protocol,
+            timeout: route.timeout.unwrap_or(SHADOW_TIMEOUT),
+            metrics: self.metrics.clone(),
+            route: route.name.clone(),
+            variant: variant.name.clone(),
+        };
+        tokio::spawn(async move {
+            job.run(req, primary).await;
+            drop(permit);
+        });
+        Some(tx)
+    }
+}
+
+struct Prepared {
+    body: Bytes,
+    /// The earliest of the route timeout and the deadline header.
+    deadline: Option<Instant>,
+    /// The deadline came from the client's header (504 "deadline passed").
+    by_header: bool,
+}
+
+/// What the shadow compares against.
+struct PrimaryAnswer {
+    status: http::StatusCode,
+    copy: oneshot::Receiver<Option<Bytes>>,
+}
+
+struct ShadowJob {
+    upstreams: Upstreams,
+    protocol: Protocol,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+    route: Arc<str>,
+    variant: Arc<str>,
+}
+
+impl ShadowJob {
+    async fn run(self, req: Request<Full<Bytes>>, primary: oneshot::Receiver<PrimaryAnswer>) {
+        let send = async {
+            let resp = self.upstreams.send(self.protocol, req).await.ok()?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), shadow::COMPARE_LIMIT)
+                .collect()
+                .await
+                .ok()?
+                .to_bytes();
+            Some((status, body))
+        };
+        let answer = tokio::time::timeout(self.timeout, send)
+            .await
+            .ok()
+            .flatten();
+        let (Some((status, body)), Ok(primary)) = (answer, primary.await) else {
+            self.metrics
+                .shadow(&self.route, &self.variant, "failed", None);
+            return;
+        };
+        if status != primary.status {
+            self.metrics
+                .shadow(&self.route, &self.variant, "status_mismatch", None);
+            return;
+        }
+        let divergence = match (status.is_success(), primary.copy.await) {
+            (true, Ok(Some(copy))) => shadow::divergence(&copy, &body),
+            _ => None,
+        };
+        self.metrics
+            .shadow(&self.route, &self.variant, "status_match", divergence);
+    }
+}
+
+/// The path at the backend: the model name rewritten to the variant's target.
+fn upstream_path(m: &Match<'_>, variant: &Variant, uri: &Uri) -> String {
+    let path = match (&m.model_span, &variant.target_model) {
+        (Some(span), Some(target)) => route::rewrite_model(uri.path(), span, target),
+        _ => uri.path().to_string(),
+    };
+    match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    }
+}
+
+/// The request as the variant's backend gets it.
+fn upstream_request(
+    parts: &http::request::Parts,
+    body: &Bytes,
+    variant: &Variant,
+    path_and_query: String,
+    conn: &ConnInfo,
+) -> Result<Request<Full<Bytes>>, ProxyError> {
+    let uri = Uri::builder()
+        .scheme(variant.upstream.scheme.clone())
+        .authority(variant.upstream.authority.clone())
+        .path_and_query(
+            PathAndQuery::try_from(path_and_query)
+                .map_err(|e| ProxyError::BadRequest(format!("path: {e}")))?,
+        )
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("uri: {e}")))?;
+    let mut out = Request::new(Full::new(body.clone()));
+    *out.method_mut() = parts.method.clone();
+    *out.uri_mut() = uri;
+    *out.version_mut() = match variant.upstream.protocol {
+        Protocol::Http1 => Version::HTTP_11,
+        Protocol::H2c => Version::HTTP_2,
+    };
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    // The client sets Host from the backend's authority.
+    headers.remove(header::HOST);
+    append_forwarded_for(&mut headers, conn);
+    *out.headers_mut() = headers;
+    Ok(out)
 }
 
 /// Connection-scoped headers must not be forwarded (RFC 9110 §7.6.1).

@@ -89,7 +89,9 @@ pub async fn start(
         metrics: metrics.clone(),
         upstreams,
         max_body_bytes: opts.limits.max_body_bytes,
+        max_inflight: opts.limits.max_inflight,
         batchers: Default::default(),
+        state: Default::default(),
     });
     let admin = Arc::new(Admin {
         store: store.clone(),

@@ -323,7 +323,9 @@ async fn send(
             .send(up.protocol, req)
             .await
             .map_err(|e| match e {
-                SendError::Connect(m) | SendError::Other(m) => BatchError::Unreachable(m),
+                SendError::Connect(m) | SendError::Refused(m) | SendError::Other(m) => {
+                    BatchError::Unreachable(m)
+                }
             })?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_REPLY_BYTES)

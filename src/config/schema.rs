@@ -9,6 +9,8 @@ use http::{HeaderName, Uri};
 
 use super::node::Node;
 use super::{ConfigError, Errors};
+use crate::upstream::health::Outlier;
+use crate::upstream::retry::RetryPolicy;
 
 /// The whole config document (see `config/braid.yaml` for the annotated reference).
 #[derive(Debug, Clone)]
@@ -34,8 +36,13 @@ pub struct RouteSpec {
     /// Whole-request deadline for the upstream answer (until response headers).
     pub timeout: Option<Duration>,
     pub batching: Option<Batching>,
-    pub retry: Option<Retry>,
+    pub retry: Option<RetryPolicy>,
     pub shadow: Option<Shadow>,
+    /// Variant that serves a request when its own variant is ejected or failed.
+    pub fallback: Option<String>,
+    pub outlier: Option<Outlier>,
+    /// Requests in flight on this route at once; more get 429.
+    pub max_inflight: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,17 +91,11 @@ pub struct Batching {
 }
 
 #[derive(Debug, Clone)]
-pub struct Retry {
-    pub attempts: u64,
-    pub per_try_timeout: Option<Duration>,
-    pub budget_ratio: f64,
-    pub min_retries_per_second: u64,
-}
-
-#[derive(Debug, Clone)]
 pub struct Shadow {
     pub variant: String,
     pub fraction: f64,
+    /// Shadow copies in flight at once; more are skipped and counted.
+    pub max_inflight: u64,
 }
 
 pub const DEFAULT_OVERRIDE_HEADER: &str = "x-braid-variant";
@@ -136,6 +137,9 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
         batching: obj.opt("batching", batching),
         retry: obj.opt("retry", retry),
         shadow: obj.opt("shadow", shadow),
+        fallback: obj.opt("fallback", name),
+        outlier: obj.opt("outlier", outlier),
+        max_inflight: obj.opt("max_inflight", positive_int),
     };
     obj.finish(&[
         "name",
@@ -148,6 +152,9 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
         "batching",
         "retry",
         "shadow",
+        "fallback",
+        "outlier",
+        "max_inflight",
     ]);
     Some(spec)
 }
@@ -189,31 +196,90 @@ fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
     Some(b)
 }
 
-fn retry(node: &Node, path: String, errs: &mut Errors) -> Option<Retry> {
+fn retry(node: &Node, path: String, errs: &mut Errors) -> Option<RetryPolicy> {
     let mut obj = Obj::new(node, path, errs)?;
-    let r = Retry {
-        attempts: obj.opt("attempts", positive_int).unwrap_or(1),
+    let d = RetryPolicy::default();
+    let r = RetryPolicy {
+        attempts: obj
+            .opt("attempts", positive_int)
+            .map_or(2, |n| n.min(100) as u32),
         per_try_timeout: obj.opt("per_try_timeout", duration),
-        budget_ratio: obj.opt("budget_ratio", fraction).unwrap_or(0.2),
-        min_retries_per_second: obj.opt("min_retries_per_second", int).unwrap_or(10),
+        idempotent: obj.opt("idempotent", boolean).unwrap_or(false),
+        on_status: obj
+            .opt("on_status", |n, p, e| seq(n, p, e, status_code))
+            .map_or(d.on_status, |v| v.into_iter().map(|(_, c)| c).collect()),
+        backoff_base: obj.opt("backoff_base", duration).unwrap_or(d.backoff_base),
+        backoff_max: obj.opt("backoff_max", duration).unwrap_or(d.backoff_max),
+        retry_after_cap: obj
+            .opt("retry_after_cap", duration)
+            .unwrap_or(d.retry_after_cap),
+        max_body_bytes: obj
+            .opt("max_body_bytes", int)
+            .map_or(d.max_body_bytes, |n| n as usize),
+        budget_ratio: obj.opt("budget_ratio", fraction).unwrap_or(d.budget_ratio),
+        min_retries_per_second: obj
+            .opt("min_retries_per_second", int)
+            .map_or(d.min_retries_per_second, |n| n.min(1_000_000) as u32),
     };
     obj.finish(&[
         "attempts",
         "per_try_timeout",
+        "idempotent",
+        "on_status",
+        "backoff_base",
+        "backoff_max",
+        "retry_after_cap",
+        "max_body_bytes",
         "budget_ratio",
         "min_retries_per_second",
     ]);
     Some(r)
 }
 
+fn outlier(node: &Node, path: String, errs: &mut Errors) -> Option<Outlier> {
+    let mut obj = Obj::new(node, path, errs)?;
+    let d = Outlier::default();
+    let o = Outlier {
+        consecutive_failures: obj
+            .opt("consecutive_failures", positive_int)
+            .map_or(d.consecutive_failures, |n| n.min(1_000_000) as u32),
+        base_ejection: obj
+            .opt("base_ejection", duration)
+            .unwrap_or(d.base_ejection),
+        max_ejection: obj.opt("max_ejection", duration).unwrap_or(d.max_ejection),
+    };
+    obj.finish(&["consecutive_failures", "base_ejection", "max_ejection"]);
+    Some(o)
+}
+
+/// An HTTP status a retry may follow: 4xx or 5xx.
+fn status_code(node: &Node, path: String, errs: &mut Errors) -> Option<u16> {
+    match int(node, path.clone(), errs)? {
+        n @ 400..=599 => Some(n as u16),
+        n => errs.push(path, format!("{n} is not an error status (400-599)")),
+    }
+}
+
+fn boolean(node: &Node, path: String, errs: &mut Errors) -> Option<bool> {
+    match node {
+        Node::Bool(b) => Some(*b),
+        other => errs.push(
+            path,
+            format!("expected true or false, found {}", other.kind()),
+        ),
+    }
+}
+
 fn shadow(node: &Node, path: String, errs: &mut Errors) -> Option<Shadow> {
     let mut obj = Obj::new(node, path, errs)?;
     let variant = obj.req("variant", name);
     let fraction = obj.req("fraction", fraction);
-    obj.finish(&["variant", "fraction"]);
+    let max_inflight = obj.opt("max_inflight", positive_int).unwrap_or(64);
+    obj.finish(&["variant", "fraction", "max_inflight"]);
     Some(Shadow {
         variant: variant?,
         fraction: fraction?,
+        max_inflight,
     })
 }
 

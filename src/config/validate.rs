@@ -11,7 +11,7 @@ use super::ConfigError;
 use super::node::Node;
 use super::schema::{BackendSpec, Document, RouteSpec, Upstream};
 use crate::batch::queue::BatchLimits;
-use crate::route::{Chooser, Route, RouteTable, Variant};
+use crate::route::{Chooser, Route, RouteTable, ShadowRoute, Variant};
 
 /// One validated config, never mutated after it is published. A request loads it once
 /// and uses it to the end, so a reload can never be observed half-applied.
@@ -135,7 +135,47 @@ pub fn compile(
                     ),
                 );
             }
-            warnings.push(format!("{at}.shadow: validated but not applied yet"));
+            if spec.fallback.as_deref() == Some(shadow.variant.as_str()) {
+                err(
+                    format!("{at}.shadow.variant"),
+                    "the shadow variant cannot also be the fallback".into(),
+                );
+            }
+        }
+        if let Some(fallback) = &spec.fallback
+            && !partial
+            && !variant_names.contains_key(fallback.as_str())
+        {
+            err(
+                format!("{at}.fallback"),
+                format!(
+                    "unknown variant {fallback:?} (this route has: {})",
+                    names(spec)
+                ),
+            );
+        }
+        if let Some(r) = &spec.retry {
+            if r.backoff_base > r.backoff_max {
+                err(
+                    format!("{at}.retry.backoff_base"),
+                    "must not exceed backoff_max".into(),
+                );
+            }
+            if let (Some(per_try), Some(total)) = (r.per_try_timeout, spec.timeout)
+                && per_try > total
+            {
+                warnings.push(format!(
+                    "{at}.retry.per_try_timeout: longer than the route timeout, so it never fires"
+                ));
+            }
+        }
+        if let Some(o) = &spec.outlier
+            && o.base_ejection > o.max_ejection
+        {
+            err(
+                format!("{at}.outlier.base_ejection"),
+                "must not exceed max_ejection".into(),
+            );
         }
         if spec.batching.is_some()
             && !spec
@@ -147,9 +187,15 @@ pub fn compile(
                 "{at}.batching: applies to `local` variants only; this route has none"
             ));
         }
-        if spec.retry.as_ref().is_some_and(|r| r.attempts > 1) {
+        if spec.retry.is_some()
+            && spec
+                .variants
+                .iter()
+                .all(|v| matches!(v.backend, BackendSpec::Local))
+            && spec.batching.is_some()
+        {
             warnings.push(format!(
-                "{at}.retry: validated but not applied yet (one attempt)"
+                "{at}.retry: batched requests are not retried (a batch isolates failures by bisection instead)"
             ));
         }
         if spec.sticky_header.as_ref() == Some(&spec.override_header) {
@@ -217,12 +263,27 @@ fn compile_route(spec: &RouteSpec, executor: Option<&Upstream>) -> Route {
             queue_timeout: b.queue_timeout,
             max_inflight: b.max_inflight as usize,
         }),
+        retry: Arc::new(spec.retry.clone().unwrap_or_default()),
+        outlier: spec.outlier,
+        fallback: spec.fallback.as_ref().and_then(|f| variants_index(spec, f)),
+        shadow: spec.shadow.as_ref().and_then(|s| {
+            Some(ShadowRoute {
+                variant: variants_index(spec, &s.variant)?,
+                fraction: s.fraction,
+                max_inflight: s.max_inflight as usize,
+            })
+        }),
+        max_inflight: spec.max_inflight.map(|n| n as usize),
         row_id: spec
             .batching
             .as_ref()
             .and_then(|b| b.row_id.as_deref())
             .map(Arc::from),
     }
+}
+
+fn variants_index(spec: &RouteSpec, name: &str) -> Option<usize> {
+    spec.variants.iter().position(|v| v.name == name)
 }
 
 fn route_name(spec: &RouteSpec) -> String {

@@ -57,11 +57,17 @@ impl Chooser {
 
     /// Rendezvous choice for a sticky key. Variants with weight 0 are never chosen.
     pub fn sticky(&self, key: &[u8]) -> usize {
+        self.sticky_among(key, |_| true).unwrap_or(0)
+    }
+
+    /// Rendezvous choice among the variants `keep` allows. Leaving a variant out moves
+    /// only its own keys (to their second choice); they come back when it returns.
+    pub fn sticky_among(&self, key: &[u8], keep: impl Fn(usize) -> bool) -> Option<usize> {
         let key_hash = fnv1a(FNV_OFFSET, key);
-        let mut best = 0;
+        let mut best = None;
         let mut best_score = f64::NEG_INFINITY;
         for (i, &(w, seed)) in self.variants.iter().enumerate() {
-            if w <= 0.0 {
+            if w <= 0.0 || !keep(i) {
                 continue;
             }
             let h = fmix64(key_hash ^ seed);
@@ -69,7 +75,7 @@ impl Chooser {
             let u = ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
             let score = w / -u.ln();
             if score > best_score {
-                best = i;
+                best = Some(i);
                 best_score = score;
             }
         }
@@ -84,6 +90,31 @@ impl Chooser {
             .position(|&c| r < c)
             // r == total can only happen through rounding: take the last non-zero weight.
             .unwrap_or_else(|| self.variants.iter().rposition(|v| v.0 > 0.0).unwrap_or(0))
+    }
+
+    /// Weighted random choice among the variants `keep` allows: their weights share
+    /// the whole traffic.
+    pub fn random_among(&self, keep: impl Fn(usize) -> bool) -> Option<usize> {
+        let total: f64 = (0..self.variants.len())
+            .filter(|&i| keep(i))
+            .map(|i| self.variants[i].0)
+            .sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut r = next_f64() * total;
+        let mut last = None;
+        for (i, &(w, _)) in self.variants.iter().enumerate() {
+            if w <= 0.0 || !keep(i) {
+                continue;
+            }
+            if r < w {
+                return Some(i);
+            }
+            r -= w;
+            last = Some(i);
+        }
+        last
     }
 }
 
@@ -137,7 +168,7 @@ thread_local! {
 }
 
 /// A uniform f64 in [0, 1) from a per-thread wyrand generator.
-fn next_f64() -> f64 {
+pub fn next_f64() -> f64 {
     RNG.with(|s| {
         let x = s.get().wrapping_add(0xa076_1d64_78bd_642f);
         s.set(x);

@@ -3,6 +3,7 @@
 //! name sits in the path so it can be rewritten to a variant's `target_model`.
 
 pub mod assign;
+pub mod shadow;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -13,6 +14,8 @@ use http::{HeaderName, HeaderValue};
 
 use crate::batch::queue::BatchLimits;
 use crate::config::schema::Upstream;
+use crate::upstream::health::Outlier;
+use crate::upstream::retry::RetryPolicy;
 pub use assign::{Assignment, Chooser};
 
 /// A compiled route, part of an immutable snapshot.
@@ -33,6 +36,23 @@ pub struct Route {
     /// `batching.row_id`: the tensor the executor must echo so a batch reply's row
     /// order can be checked.
     pub row_id: Option<Arc<str>>,
+    /// Retries for forwarded requests (one attempt when the route has no `retry`).
+    pub retry: Arc<RetryPolicy>,
+    /// Failure accrual per variant; `None`: variants are never ejected.
+    pub outlier: Option<Outlier>,
+    /// Index of the variant that serves when the assigned one is ejected or failed.
+    pub fallback: Option<usize>,
+    pub shadow: Option<ShadowRoute>,
+    /// Requests in flight on this route at once; more get 429.
+    pub max_inflight: Option<usize>,
+}
+
+/// A route's shadow traffic: a copy of `fraction` of requests goes to `variant`.
+#[derive(Debug, Clone, Copy)]
+pub struct ShadowRoute {
+    pub variant: usize,
+    pub fraction: f64,
+    pub max_inflight: usize,
 }
 
 #[derive(Debug)]

@@ -49,6 +49,8 @@ pub struct Limits {
     pub h2_max_local_error_reset_streams: usize,
     /// HTTP/2 keep-alive ping interval; a peer that stops answering is closed.
     pub h2_keep_alive_interval: Duration,
+    /// Requests being answered at once by the proxy; more get 503 + Retry-After.
+    pub max_inflight: usize,
 }
 
 impl Default for Limits {
@@ -62,6 +64,7 @@ impl Default for Limits {
             h2_max_pending_accept_reset_streams: 20,
             h2_max_local_error_reset_streams: 256,
             h2_keep_alive_interval: Duration::from_secs(30),
+            max_inflight: 4096,
         }
     }
 }

@@ -2,7 +2,10 @@
 //! with prior knowledge (`h2c://` backends). Connections are reused across requests
 //! and across config reloads, since the pool is keyed by authority, not by snapshot.
 
+pub mod health;
 pub mod probe;
+pub mod retry;
+pub mod state;
 
 use std::time::Duration;
 
@@ -24,12 +27,17 @@ pub struct Upstreams {
     h2: Pool,
 }
 
-/// Why a backend call failed, split the way the status code needs it.
-#[derive(Debug)]
+/// Why a backend call failed, split the way the status code and retries need it.
+#[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// No connection could be made: nothing reached the backend.
+    #[error("{0}")]
     Connect(String),
+    /// HTTP/2 REFUSED_STREAM: the backend did not process the request.
+    #[error("{0}")]
+    Refused(String),
     /// The connection failed after the request may have been sent.
+    #[error("{0}")]
     Other(String),
 }
 
@@ -65,11 +73,27 @@ impl Upstreams {
             let reason = error_chain(&e);
             if e.is_connect() {
                 SendError::Connect(reason)
+            } else if refused_stream(&e) {
+                SendError::Refused(reason)
             } else {
                 SendError::Other(reason)
             }
         })
     }
+}
+
+/// Whether an h2 REFUSED_STREAM is somewhere in the error's chain.
+fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// "a: b: c" from an error and its sources: hyper's top-level messages are vague.

@@ -1,0 +1,340 @@
+//! Retries for forwarded requests, as a tower stack built per request:
+//!
+//! ```text
+//! Retry<Policy>  ->  Timeout(per_try_timeout)  ->  Call (pooled client)
+//! ```
+//!
+//! The policy knows what is safe to repeat. A request that never reached the backend
+//! (connect failure, HTTP/2 REFUSED_STREAM) or that the backend explicitly refused (503,
+//! 429) may always be repeated. One that may have been processed (a reset or timeout
+//! after it was sent, or another configured status) is repeated only on a route marked
+//! `idempotent: true`. Every repeat also needs a token from the route's budget (Linkerd's
+//! model: a ratio of recent requests plus a floor per second, over a 10 s window), a
+//! body small enough to have been kept for replay, and time left before the deadline.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Service, ServiceExt};
+
+use super::health::VariantHealth;
+use super::{SendError, Upstreams};
+use crate::config::schema::Protocol;
+use crate::metrics::RetryMetrics;
+
+/// Header carrying a request's remaining time budget, e.g. `x-braid-timeout: 250ms`.
+pub const DEADLINE_HEADER: &str = "x-braid-timeout";
+
+/// A route's retry settings, compiled from its `retry` block (defaults: one attempt).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub idempotent: bool,
+    pub on_status: Vec<u16>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub retry_after_cap: Duration,
+    pub max_body_bytes: usize,
+    pub budget_ratio: f64,
+    pub min_retries_per_second: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 1,
+            per_try_timeout: None,
+            idempotent: false,
+            on_status: vec![503],
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            retry_after_cap: Duration::from_secs(1),
+            max_body_bytes: 64 * 1024,
+            budget_ratio: 0.2,
+            min_retries_per_second: 10,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The budget this policy asks for (one per route, kept across reloads while the
+    /// settings stay the same).
+    pub fn budget(&self) -> TpsBudget {
+        TpsBudget::new(
+            BUDGET_WINDOW,
+            self.min_retries_per_second,
+            self.budget_ratio as f32,
+        )
+    }
+}
+
+/// How long a deposit counts toward the budget (Linkerd's default).
+pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// Why one attempt produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum TryError {
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error("no response headers within the per-try timeout of {0:?}")]
+    Timeout(Duration),
+}
+
+impl TryError {
+    /// Whether the request certainly did not reach the backend.
+    fn never_reached(&self) -> bool {
+        matches!(
+            self,
+            TryError::Send(SendError::Connect(_) | SendError::Refused(_))
+        )
+    }
+}
+
+/// Everything one request's retries share.
+#[derive(Clone)]
+pub struct Attempts {
+    pub policy: Arc<RetryPolicy>,
+    /// `None` when the route makes one attempt only.
+    pub budget: Option<Arc<TpsBudget>>,
+    pub metrics: Option<Arc<RetryMetrics>>,
+    pub health: Option<Arc<VariantHealth>>,
+    /// When the whole request must be answered (route timeout, deadline header).
+    pub deadline: Option<Instant>,
+    /// GET, HEAD, OPTIONS: safe to repeat whatever happened.
+    pub safe_method: bool,
+    pub body_len: usize,
+    /// Retries used so far.
+    pub retried: u32,
+}
+
+type Req = Request<Full<Bytes>>;
+
+impl tower::retry::Policy<Req, Response<Incoming>, TryError> for Attempts {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut Req,
+        result: &mut Result<Response<Incoming>, TryError>,
+    ) -> Option<Self::Future> {
+        let failed = match result {
+            Ok(r) => r.status().is_server_error(),
+            Err(_) => true,
+        };
+        if let Some(h) = &self.health {
+            h.record(!failed, Instant::now());
+        }
+        let (retryable, retry_after) = match result {
+            Ok(r) if !self.policy.on_status.contains(&r.status().as_u16()) => return None,
+            Ok(r) => {
+                // The backend answered: it refused the work (503/429) or it may have done it.
+                let refused = matches!(
+                    r.status(),
+                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+                );
+                (refused, retry_after(r))
+            }
+            Err(e) => (e.never_reached(), None),
+        };
+        if self.retried + 1 >= self.policy.attempts {
+            return None;
+        }
+        let (Some(budget), Some(metrics)) = (&self.budget, &self.metrics) else {
+            return None;
+        };
+        if !(retryable || self.safe_method || self.policy.idempotent) {
+            metrics.outcome("not_idempotent");
+            return None;
+        }
+        if self.body_len > self.policy.max_body_bytes {
+            metrics.outcome("body_too_large");
+            return None;
+        }
+        let delay = match retry_after {
+            Some(d) if d > self.policy.retry_after_cap => {
+                metrics.outcome("retry_after_too_long");
+                return None;
+            }
+            Some(d) => d,
+            None => backoff(&self.policy, self.retried),
+        };
+        let now = Instant::now();
+        if self.deadline.is_some_and(|d| now + delay >= d) {
+            metrics.outcome("deadline");
+            return None;
+        }
+        if !budget.withdraw() {
+            metrics.outcome("budget_exhausted");
+            return None;
+        }
+        self.retried += 1;
+        metrics.outcome("retried");
+        if let Some(d) = self.deadline {
+            set_deadline_header(req, d.saturating_duration_since(now + delay));
+        }
+        Some(tokio::time::sleep(delay))
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        // Bodies are buffered whole before forwarding, so a copy costs a refcount.
+        let mut out = Request::new(req.body().clone());
+        *out.method_mut() = req.method().clone();
+        *out.uri_mut() = req.uri().clone();
+        *out.version_mut() = req.version();
+        *out.headers_mut() = req.headers().clone();
+        Some(out)
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(max, base x 2^n)].
+pub fn backoff(p: &RetryPolicy, retried: u32) -> Duration {
+    let ceiling = p
+        .backoff_base
+        .saturating_mul(1u32 << retried.min(16))
+        .min(p.backoff_max);
+    ceiling.mul_f64(crate::route::assign::next_f64())
+}
+
+/// A 429/503's `Retry-After` in seconds (HTTP dates are not honoured: treated as absent).
+fn retry_after(r: &Response<Incoming>) -> Option<Duration> {
+    let v = r.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Tells the backend how long it has left, in milliseconds.
+pub fn set_deadline_header(req: &mut Req, left: Duration) {
+    if let Ok(v) = HeaderValue::from_str(&format!("{}ms", left.as_millis())) {
+        req.headers_mut().insert(DEADLINE_HEADER, v);
+    }
+}
+
+/// The innermost service: one call through the pooled client.
+#[derive(Clone)]
+pub struct Call {
+    pub upstreams: Upstreams,
+    pub protocol: Protocol,
+}
+
+type CallFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, SendError>> + Send>>;
+
+impl Service<Req> for Call {
+    type Response = Response<Incoming>;
+    type Error = SendError;
+    type Future = CallFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> CallFuture {
+        let (upstreams, protocol) = (self.upstreams.clone(), self.protocol);
+        Box::pin(async move { upstreams.send(protocol, req).await })
+    }
+}
+
+/// One attempt under the per-try timeout.
+#[derive(Clone)]
+pub struct PerTry {
+    inner: Call,
+    timeout: Option<Duration>,
+}
+
+type TryFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, TryError>> + Send>>;
+
+impl Service<Req> for PerTry {
+    type Response = Response<Incoming>;
+    type Error = TryError;
+    type Future = TryFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), TryError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> TryFuture {
+        let call = self.inner.call(req);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match timeout {
+                Some(t) => tokio::time::timeout(t, call)
+                    .await
+                    .map_err(|_| TryError::Timeout(t))?
+                    .map_err(TryError::from),
+                None => call.await.map_err(TryError::from),
+            }
+        })
+    }
+}
+
+/// Sends `req` with the route's retry policy: the deposit for this request is made
+/// here, and every repeat withdraws from the budget.
+pub async fn send(
+    call: Call,
+    attempts: Attempts,
+    req: Req,
+) -> Result<Response<Incoming>, TryError> {
+    if let Some(b) = &attempts.budget {
+        b.deposit();
+    }
+    let per_try = PerTry {
+        inner: call,
+        timeout: attempts.policy.per_try_timeout,
+    };
+    tower::retry::Retry::new(attempts, per_try)
+        .oneshot(req)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_full_jitter() {
+        let p = RetryPolicy::default();
+        for n in 0..10 {
+            let ceiling = (p.backoff_base * (1 << n)).min(p.backoff_max);
+            for _ in 0..50 {
+                assert!(backoff(&p, n) <= ceiling);
+            }
+        }
+        let spread: Vec<Duration> = (0..50).map(|_| backoff(&p, 5)).collect();
+        assert!(spread.iter().any(|d| *d < p.backoff_max / 2), "jittered");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_allows_the_ratio_plus_the_floor_per_window() {
+        let p = RetryPolicy {
+            budget_ratio: 0.2,
+            min_retries_per_second: 1,
+            ..RetryPolicy::default()
+        };
+        let budget = p.budget();
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        let mut allowed = 0;
+        while budget.withdraw() {
+            allowed += 1;
+            assert!(allowed < 1000, "budget never ran out");
+        }
+        // 20% of 100 requests, plus the floor of 1/s over the 10 s window.
+        assert!((20..=31).contains(&allowed), "{allowed}");
+        // Deposits age out of the window: with no traffic, only the floor comes back.
+        tokio::time::advance(BUDGET_WINDOW * 2).await;
+        let mut after = 0;
+        while budget.withdraw() {
+            after += 1;
+            assert!(after < 1000);
+        }
+        assert!(after <= 11, "{after}");
+    }
+}
