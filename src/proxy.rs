@@ -23,6 +23,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tower::retry::budget::Budget;
 
 use crate::batch::batching;
 use crate::config::Store;
@@ -140,6 +141,10 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => return self.finish(route, vi, fallback_from, Err(e), start, None),
         };
+        if route.retry.attempts > 1 {
+            // One deposit per client request, however many variants end up serving it.
+            self.state.budget(&route.name, &route.retry).deposit();
+        }
         let shadow = self.start_shadow(&m, vi, &parts, &prepared.body, conn);
         let mut served = self.serve(&m, vi, &parts, &prepared, conn).await;
         if let Some(fb) = route.fallback

@@ -274,16 +274,13 @@ impl Service<Req> for PerTry {
     }
 }
 
-/// Sends `req` with the route's retry policy: the deposit for this request is made
-/// here, and every repeat withdraws from the budget.
+/// Sends `req` with the route's retry policy; every repeat withdraws from the budget
+/// (the caller deposits once per client request, however many variants serve it).
 pub async fn send(
     call: Call,
     attempts: Attempts,
     req: Req,
 ) -> Result<Response<Incoming>, TryError> {
-    if let Some(b) = &attempts.budget {
-        b.deposit();
-    }
     let per_try = PerTry {
         inner: call,
         timeout: attempts.policy.per_try_timeout,

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +30,7 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    pub fault: Arc<std::sync::Mutex<Fault>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,6 +42,20 @@ pub struct BackendBehaviour {
     pub h2_only: bool,
 }
 
+/// What a backend does wrong, changeable while it runs.
+#[derive(Clone, Debug, Default)]
+pub struct Fault {
+    /// Answer with this status (0: 200).
+    pub status: u16,
+    /// Only for the next N requests (0: every request while `status` is set).
+    pub times: usize,
+    pub retry_after: Option<String>,
+    /// Read the request, then drop the connection without answering.
+    pub reset: bool,
+    /// Add OIP `outputs` with one FP32 tensor `e` holding these numbers.
+    pub outputs: Option<Vec<f64>>,
+}
+
 impl Backend {
     pub async fn start(name: &str) -> Backend {
         Self::start_with(name, BackendBehaviour::default()).await
@@ -51,19 +65,34 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let (n, h) = (name.to_string(), hits.clone());
+        let fault = Arc::new(std::sync::Mutex::new(Fault::default()));
+        let (n, h, f) = (name.to_string(), hits.clone(), fault.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (n, h, b) = (n.clone(), h.clone(), behaviour.clone());
+                let (n, h, b, f) = (n.clone(), h.clone(), behaviour.clone(), f.clone());
                 tokio::spawn(async move {
                     let h2_only = b.h2_only;
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (n, h, b) = (n.clone(), h.clone(), b.clone());
+                        let (n, h, b, f) = (n.clone(), h.clone(), b.clone(), f.clone());
                         async move {
                             h.fetch_add(1, Ordering::SeqCst);
+                            let fault = {
+                                let mut f = f.lock().unwrap();
+                                let now = f.clone();
+                                if f.times > 0 {
+                                    f.times -= 1;
+                                    if f.times == 0 {
+                                        f.status = 0;
+                                        f.reset = false;
+                                    }
+                                }
+                                now
+                            };
+                            let deadline = header(&req, "x-braid-timeout");
+                            let shadow = header(&req, "x-braid-shadow");
                             let method = req.method().to_string();
                             let path = req.uri().to_string();
                             let version = format!("{:?}", req.version());
@@ -82,15 +111,29 @@ impl Backend {
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
                             }
-                            let json = serde_json::json!({
+                            if fault.reset {
+                                return Err(std::io::Error::other("backend resets after reading"));
+                            }
+                            let mut json = serde_json::json!({
                                 "backend": n, "method": method, "path": path, "version": version,
                                 "host": host, "x_forwarded_for": xff, "body_len": body.len(),
-                                "body": String::from_utf8_lossy(&body),
+                                "body": String::from_utf8_lossy(&body), "deadline": deadline,
+                                "shadow": shadow,
                             });
+                            if let Some(data) = &fault.outputs {
+                                json["outputs"] = serde_json::json!([{"name": "e", "datatype": "FP32", "shape": [data.len()], "data": data}]);
+                            }
                             let mut resp = Response::new(Full::new(Bytes::from(json.to_string())));
                             resp.headers_mut()
                                 .insert("content-type", "application/json".parse().unwrap());
-                            Ok::<_, Infallible>(resp)
+                            if fault.status != 0 {
+                                *resp.status_mut() = StatusCode::from_u16(fault.status).unwrap();
+                            }
+                            if let Some(ra) = &fault.retry_after {
+                                resp.headers_mut()
+                                    .insert("retry-after", ra.parse().unwrap());
+                            }
+                            Ok::<_, std::io::Error>(resp)
                         }
                     });
                     let io = TokioIo::new(stream);
@@ -110,8 +153,13 @@ impl Backend {
             name: name.to_string(),
             addr,
             hits,
+            fault,
             task,
         }
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut Fault)) {
+        f(&mut self.fault.lock().unwrap());
     }
 
     pub fn url(&self) -> String {
@@ -143,6 +191,18 @@ pub async fn dead_addr() -> SocketAddr {
 }
 
 // === the proxy under test ===
+
+/// The value of one series on the proxy's `/metrics` (0 when absent), e.g.
+/// `braid_retries_total{route="m",variant="a",outcome="retried"}`.
+pub async fn metric(proxy: &TestProxy, series: &str) -> f64 {
+    let text = get(&client(), &proxy.admin_url("/metrics"), &[])
+        .await
+        .text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
 
 pub struct TestProxy {
     pub running: Option<Running>,
