@@ -136,6 +136,7 @@ async fn start_proxy(
         drain_grace: Duration::ZERO,
         drain_timeout: Duration::from_secs(5),
         executor_probe_interval: Duration::from_secs(1),
+        tls: None,
     };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -77,6 +77,15 @@ pub struct ProxyArgs {
     /// Largest request body accepted (413 above).
     #[arg(long, env = "BRAID_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
+    /// Serve the data port over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "BRAID_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "BRAID_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// How often to check the certificate files for a rotation.
+    #[arg(long, env = "BRAID_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
     /// Requests answered at once; more get 503 with Retry-After (the admin port is separate).
     #[arg(long, env = "BRAID_MAX_INFLIGHT", default_value_t = Limits::default().max_inflight)]
     pub max_inflight: usize,
@@ -386,6 +395,14 @@ fn proxy(args: ProxyArgs) -> ExitCode {
             drain_grace: args.drain_grace,
             drain_timeout: args.drain_timeout,
             executor_probe_interval: args.executor_probe_interval,
+            tls: match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => Some(run::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    reload_every: args.tls_reload_interval,
+                }),
+                _ => None,
+            },
         };
         let mut running = match run::start(opts, listener, admin).await {
             Ok(r) => r,

@@ -106,6 +106,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         drain_grace: Duration::from_millis(200),
         drain_timeout: Duration::from_secs(10),
         executor_probe_interval: Duration::from_secs(1),
+        tls: None,
     };
     let mut proxy = match run::start(opts, data_l, admin_l).await {
         Ok(p) => p,

@@ -36,7 +36,7 @@ use crate::server::{self, ConnInfo, Handler};
 use crate::upstream::health::Admit;
 use crate::upstream::retry::{self, Attempts, Call, DEADLINE_HEADER, TryError};
 use crate::upstream::state::RouteState;
-use crate::upstream::{SendError, Upstreams};
+use crate::upstream::{SendError, TlsPool, Upstreams};
 
 pub static X_BRAID_VARIANT: HeaderName = HeaderName::from_static("x-braid-variant");
 pub static X_BRAID_FALLBACK_FROM: HeaderName = HeaderName::from_static("x-braid-fallback-from");
@@ -359,6 +359,7 @@ impl Proxy {
         let call = Call {
             upstreams: self.upstreams.clone(),
             protocol: variant.upstream.protocol,
+            tls: variant.tls.clone(),
         };
         let backend = variant.upstream.authority.to_string();
         let sent = retry::send(call, attempts, out);
@@ -455,6 +456,7 @@ impl Proxy {
         let job = ShadowJob {
             upstreams: self.upstreams.clone(),
             protocol: variant.upstream.protocol,
+            tls: variant.tls.clone(),
             timeout: route.timeout.unwrap_or(SHADOW_TIMEOUT),
             metrics: self.metrics.clone(),
             route: route.name.clone(),
@@ -485,6 +487,7 @@ struct PrimaryAnswer {
 struct ShadowJob {
     upstreams: Upstreams,
     protocol: Protocol,
+    tls: Option<TlsPool>,
     timeout: Duration,
     metrics: Arc<Metrics>,
     route: Arc<str>,
@@ -494,7 +497,11 @@ struct ShadowJob {
 impl ShadowJob {
     async fn run(self, req: Request<Full<Bytes>>, primary: oneshot::Receiver<PrimaryAnswer>) {
         let send = async {
-            let resp = self.upstreams.send(self.protocol, req).await.ok()?;
+            let resp = self
+                .upstreams
+                .send_with(self.protocol, self.tls.as_ref(), req)
+                .await
+                .ok()?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), shadow::COMPARE_LIMIT)
                 .collect()
@@ -559,7 +566,8 @@ fn upstream_request(
     *out.method_mut() = parts.method.clone();
     *out.uri_mut() = uri;
     *out.version_mut() = match variant.upstream.protocol {
-        Protocol::Http1 => Version::HTTP_11,
+        // Over TLS, ALPN decides; the client speaks h2 on an h2 connection.
+        Protocol::Http1 | Protocol::Tls => Version::HTTP_11,
         Protocol::H2c => Version::HTTP_2,
     };
     let mut headers = parts.headers.clone();

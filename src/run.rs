@@ -16,6 +16,7 @@ use crate::config::{ConfigError, Store};
 use crate::metrics::Metrics;
 use crate::proxy::{CONNECT_TIMEOUT, Proxy};
 use crate::server::admin::Admin;
+use crate::server::tls::{self, ReloadingCert};
 use crate::server::{self, Limits, Phase};
 use crate::upstream::{Upstreams, probe};
 
@@ -29,6 +30,16 @@ pub struct ProxyOptions {
     pub drain_timeout: Duration,
     /// How often to ask the local executor whether it is ready.
     pub executor_probe_interval: Duration,
+    /// Serve the data port over TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The data port's certificate and key (PEM), re-read when they change.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub reload_every: Duration,
 }
 
 /// A started proxy. Dropping it does not stop it; call `shutdown` then `wait`.
@@ -63,6 +74,23 @@ pub async fn start(
     listener: TcpListener,
     admin_listener: TcpListener,
 ) -> Result<Running, Vec<ConfigError>> {
+    let tls = match &opts.tls {
+        None => None,
+        Some(files) => {
+            let fail = |message: String| {
+                vec![ConfigError {
+                    path: "--tls-cert".into(),
+                    message,
+                }]
+            };
+            let cert = ReloadingCert::load(&files.cert, &files.key).map_err(fail)?;
+            let cfg = tls::server_config(cert.clone()).map_err(fail)?;
+            Some((
+                tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+                cert.watch(files.reload_every),
+            ))
+        }
+    };
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::new(metrics.clone()));
     opts.config.load_initial(&store)?;
@@ -99,7 +127,14 @@ pub async fn start(
         draining: draining.clone(),
         executor: executor_rx,
     });
-    let data = tokio::spawn(server::serve(listener, opts.limits.clone(), proxy, data_rx));
+    let (acceptor, cert_watch) = tls.unzip();
+    let data = tokio::spawn(server::serve_tls(
+        listener,
+        opts.limits.clone(),
+        acceptor,
+        proxy,
+        data_rx,
+    ));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         Limits::default(),
@@ -129,6 +164,9 @@ pub async fn start(
         }
         watcher.abort();
         probe.abort();
+        if let Some(w) = cert_watch {
+            w.abort();
+        }
         let _ = admin_phase.send(Phase::Closing);
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
         tracing::info!("stopped");

@@ -75,7 +75,7 @@ fn bad_documents_name_each_problem_by_field_path() {
             "routes:\n  - model: m\n    variants: [{name: a, backend: \"http//nope\"}, {name: b, backend: \"ftp://x:1\"}, {name: c, backend: local}]\n".into(),
             vec![
                 "routes[0].variants[0].backend: \"http//nope\" must be \"local\" or a URL",
-                "routes[0].variants[1].backend: \"ftp://x:1\" must be a URL starting with http:// or h2c://",
+                "routes[0].variants[1].backend: \"ftp://x:1\" must be a URL starting with http://, h2c:// or https://",
                 "routes[0].variants[2].backend: `local` needs the top-level `executor` URL",
             ],
         ),

@@ -55,6 +55,8 @@ pub struct VariantSpec {
     pub backend: BackendSpec,
     /// Model name at the backend; defaults to the route's model.
     pub target_model: Option<String>,
+    /// How to reach an `https://` backend.
+    pub tls: Option<crate::server::tls::UpstreamTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,11 +74,13 @@ pub struct Upstream {
     pub protocol: Protocol,
 }
 
-/// `http://` speaks HTTP/1.1 with keep-alive; `h2c://` speaks HTTP/2 with prior knowledge.
+/// `http://` speaks HTTP/1.1 with keep-alive; `h2c://` speaks HTTP/2 with prior
+/// knowledge; `https://` speaks TLS, with HTTP/2 or HTTP/1.1 chosen by ALPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Http1,
     H2c,
+    Tls,
 }
 
 #[derive(Debug, Clone)]
@@ -165,13 +169,34 @@ fn variant(node: &Node, path: String, errs: &mut Errors) -> Option<VariantSpec> 
     let weight = obj.opt("weight", weight).unwrap_or(1.0);
     let backend = obj.req("backend", backend);
     let target_model = obj.opt("target_model", model_name);
-    obj.finish(&["name", "weight", "backend", "target_model"]);
+    let tls = obj.opt("tls", upstream_tls);
+    obj.finish(&["name", "weight", "backend", "target_model", "tls"]);
     Some(VariantSpec {
         at: 0,
         name: name?,
         weight,
         backend: backend?,
         target_model,
+        tls,
+    })
+}
+
+fn upstream_tls(
+    node: &Node,
+    path: String,
+    errs: &mut Errors,
+) -> Option<crate::server::tls::UpstreamTls> {
+    let mut obj = Obj::new(node, path, errs)?;
+    let ca_file = obj.req("ca_file", string);
+    let cert_file = obj.opt("cert_file", string);
+    let key_file = obj.opt("key_file", string);
+    let server_name = obj.opt("server_name", string);
+    obj.finish(&["ca_file", "cert_file", "key_file", "server_name"]);
+    Some(crate::server::tls::UpstreamTls {
+        ca_file: ca_file?.into(),
+        cert_file: cert_file.map(Into::into),
+        key_file: key_file.map(Into::into),
+        server_name,
     })
 }
 
@@ -437,7 +462,7 @@ fn backend(node: &Node, path: String, errs: &mut Errors) -> Option<BackendSpec> 
     {
         return errs.push(
             path,
-            format!("{s:?} must be \"local\" or a URL starting with http:// or h2c://"),
+            format!("{s:?} must be \"local\" or a URL starting with http://, h2c:// or https://"),
         );
     }
     upstream(node, path, errs).map(BackendSpec::Remote)
@@ -452,16 +477,11 @@ fn upstream(node: &Node, path: String, errs: &mut Errors) -> Option<Upstream> {
     let protocol = match uri.scheme_str() {
         Some("http") => Protocol::Http1,
         Some("h2c") => Protocol::H2c,
-        Some("https") => {
-            return errs.push(
-                path,
-                format!("{s:?}: https backends are not supported yet (see README, Limitations)"),
-            );
-        }
+        Some("https") => Protocol::Tls,
         _ => {
             return errs.push(
                 path,
-                format!("{s:?} must be a URL starting with http:// or h2c://"),
+                format!("{s:?} must be a URL starting with http://, h2c:// or https://"),
             );
         }
     };
@@ -478,7 +498,11 @@ fn upstream(node: &Node, path: String, errs: &mut Errors) -> Option<Upstream> {
         );
     }
     Some(Upstream {
-        scheme: Scheme::HTTP,
+        scheme: if protocol == Protocol::Tls {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        },
         authority,
         protocol,
     })

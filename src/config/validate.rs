@@ -9,9 +9,10 @@ use http::HeaderValue;
 
 use super::ConfigError;
 use super::node::Node;
-use super::schema::{BackendSpec, Document, RouteSpec, Upstream};
+use super::schema::{BackendSpec, Document, Protocol, RouteSpec, Upstream};
 use crate::batch::queue::BatchLimits;
 use crate::route::{Chooser, Route, RouteTable, ShadowRoute, Variant};
+use crate::upstream::TlsPool;
 
 /// One validated config, never mutated after it is published. A request loads it once
 /// and uses it to the end, so a reload can never be observed half-applied.
@@ -47,6 +48,20 @@ pub fn compile(
     if doc.routes.is_empty() && !partial {
         err("routes".into(), "must list at least one route".into());
     }
+
+    if doc
+        .executor
+        .as_ref()
+        .is_some_and(|e| e.protocol == Protocol::Tls)
+    {
+        err(
+            "executor".into(),
+            "the executor is in this pod: use http:// or h2c://".into(),
+        );
+    }
+    // TLS pools of https backends, by (route, variant) position; built here so a bad
+    // CA or key file is an error with its field path.
+    let mut pools: HashMap<(usize, usize), TlsPool> = HashMap::new();
 
     let mut route_names: HashMap<String, usize> = HashMap::new();
     let mut models: HashMap<String, usize> = HashMap::new();
@@ -116,6 +131,24 @@ pub fn compile(
                     format!("{at}.variants[{vi}].backend"),
                     "`local` needs the top-level `executor` URL".into(),
                 );
+            }
+            let https = matches!(&v.backend, BackendSpec::Remote(u) if u.protocol == Protocol::Tls);
+            match (&v.tls, https) {
+                (None, true) => err(
+                    format!("{at}.variants[{vi}].tls"),
+                    "an https:// backend needs `tls: { ca_file: ... }`".into(),
+                ),
+                (Some(_), false) => err(
+                    format!("{at}.variants[{vi}].tls"),
+                    "only https:// backends use tls settings".into(),
+                ),
+                (Some(t), true) => match TlsPool::new(t) {
+                    Ok(pool) => {
+                        pools.insert((ri, vi), pool);
+                    }
+                    Err(e) => err(format!("{at}.variants[{vi}].tls"), e),
+                },
+                (None, false) => {}
             }
             if v.target_model.is_some() && spec.model.is_none() {
                 err(
@@ -218,7 +251,7 @@ pub fn compile(
         routes: RouteTable::new(
             doc.routes
                 .iter()
-                .map(|spec| compile_route(spec, doc.executor.as_ref()))
+                .map(|spec| compile_route(spec, doc.executor.as_ref(), &pools))
                 .collect(),
         ),
         warnings,
@@ -227,7 +260,11 @@ pub fn compile(
 }
 
 /// Builds the request-time form of a route; only called once every rule passed.
-fn compile_route(spec: &RouteSpec, executor: Option<&Upstream>) -> Route {
+fn compile_route(
+    spec: &RouteSpec,
+    executor: Option<&Upstream>,
+    pools: &HashMap<(usize, usize), TlsPool>,
+) -> Route {
     let variants: Vec<Variant> = spec
         .variants
         .iter()
@@ -245,6 +282,7 @@ fn compile_route(spec: &RouteSpec, executor: Option<&Upstream>) -> Route {
                 .as_deref()
                 .or(spec.model.as_deref())
                 .map(Arc::from),
+            tls: pools.get(&(spec.at, v.at)).cloned(),
         })
         .collect();
     Route {

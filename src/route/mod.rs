@@ -66,6 +66,8 @@ pub struct Variant {
     pub local: bool,
     /// Model name at the backend; `None` on path-prefix routes (path kept as is).
     pub target_model: Option<Arc<str>>,
+    /// The connection pool of an `https://` backend.
+    pub tls: Option<crate::upstream::TlsPool>,
 }
 
 impl Route {

@@ -1,5 +1,6 @@
-//! Listeners: HTTP/1.1 and HTTP/2 (h2c prior knowledge) on one port with every limit
-//! set explicitly, and the graceful drain shared by the data and admin ports.
+//! Listeners: HTTP/1.1 and HTTP/2 (h2c prior knowledge, or ALPN over TLS) on one port
+//! with every limit set explicitly, and the graceful drain shared by the data and admin
+//! ports.
 //!
 //! Drain has two phases. `Draining`: new connections are still accepted (endpoints
 //! take a while to notice a terminating pod), HTTP/1 responses carry
@@ -9,6 +10,7 @@
 
 pub mod admin;
 pub mod sniff;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -120,6 +122,18 @@ pub async fn serve<H: Handler>(
     listener: TcpListener,
     limits: Limits,
     handler: Arc<H>,
+    phase: watch::Receiver<Phase>,
+) {
+    serve_tls(listener, limits, None, handler, phase).await
+}
+
+/// `serve`, with TLS when `tls` is given: the handshake must finish within the header
+/// read timeout, and a client that speaks plaintext or stops mid-handshake is closed.
+pub async fn serve_tls<H: Handler>(
+    listener: TcpListener,
+    limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: Arc<H>,
     mut phase: watch::Receiver<Phase>,
 ) {
     let builder = builder(&limits);
@@ -143,25 +157,50 @@ pub async fn serve<H: Handler>(
             peer,
             flags: flags.clone(),
         });
-        let io = TokioIo::new(Sniffer::new(stream, flags));
-        tokio::spawn(connection(
-            builder.clone(),
-            io,
-            handler.clone(),
-            conn_info,
-            phase.clone(),
-        ));
+        let (builder, handler, phase) = (builder.clone(), handler.clone(), phase.clone());
+        match tls.clone() {
+            None => {
+                let io = TokioIo::new(Sniffer::new(stream, flags));
+                tokio::spawn(connection(builder, io, handler, conn_info, phase));
+            }
+            Some(acceptor) => {
+                let handshake_timeout = limits.header_read_timeout;
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let io = TokioIo::new(Sniffer::new(stream, flags));
+                    connection(builder, io, handler, conn_info, phase).await;
+                });
+            }
+        }
     }
     drop(listener);
 }
 
-async fn connection<H: Handler>(
+async fn connection<H, S>(
     builder: auto::Builder<TokioExecutor>,
-    io: TokioIo<Sniffer<tokio::net::TcpStream>>,
+    io: TokioIo<Sniffer<S>>,
     handler: Arc<H>,
     info: Arc<ConnInfo>,
     mut phase: watch::Receiver<Phase>,
-) {
+) where
+    H: Handler,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc_phase = phase.clone();
     let svc_info = info.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -17,9 +17,78 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+use rustls_pki_types::ServerName;
+use sha2::{Digest, Sha256};
+
 use crate::config::schema::Protocol;
+use crate::proxy::CONNECT_TIMEOUT;
+use crate::server::tls::{self, UpstreamTls};
 
 type Pool = Client<HttpConnector, Full<Bytes>>;
+
+/// A pool of TLS connections for `https://` backends sharing one TLS setup. Pools are
+/// cached by the content of their files, so a reload that changes nothing keeps its
+/// connections.
+#[derive(Clone, Debug)]
+pub struct TlsPool(Client<HttpsConnector<HttpConnector>, Full<Bytes>>);
+
+impl TlsPool {
+    pub fn new(t: &UpstreamTls) -> Result<TlsPool, String> {
+        let mut key = Sha256::new();
+        for f in [Some(&t.ca_file), t.cert_file.as_ref(), t.key_file.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            key.update(std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?);
+            key.update([0]);
+        }
+        key.update(t.server_name.as_deref().unwrap_or_default());
+        let key: [u8; 32] = key.finalize().into();
+        static CACHE: OnceLock<Mutex<HashMap<[u8; 32], TlsPool>>> = OnceLock::new();
+        let mut cache = CACHE
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let cfg = tls::client_config(t)?;
+        let builder = HttpsConnectorBuilder::new()
+            .with_tls_config(cfg)
+            .https_only();
+        let builder = match &t.server_name {
+            Some(name) => {
+                let name = ServerName::try_from(name.clone())
+                    .map_err(|e| format!("server_name {name:?}: {e}"))?;
+                builder.with_server_name_resolver(FixedServerNameResolver::new(name))
+            }
+            None => builder,
+        };
+        let mut http = connector(CONNECT_TIMEOUT);
+        http.enforce_http(false);
+        let pool = TlsPool(
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(builder.enable_all_versions().wrap_connector(http)),
+        );
+        cache.insert(key, pool.clone());
+        Ok(pool)
+    }
+}
+
+fn connector(connect_timeout: Duration) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    connector
+}
 
 #[derive(Clone, Debug)]
 pub struct Upstreams {
@@ -43,10 +112,7 @@ pub enum SendError {
 
 impl Upstreams {
     pub fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let connector = connector(connect_timeout);
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
@@ -65,13 +131,31 @@ impl Upstreams {
         protocol: Protocol,
         req: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, SendError> {
-        let pool = match protocol {
-            Protocol::Http1 => &self.h1,
-            Protocol::H2c => &self.h2,
+        self.send_with(protocol, None, req).await
+    }
+
+    /// Sends on the pool for `protocol`; `https://` backends need their `tls` pool.
+    pub async fn send_with(
+        &self,
+        protocol: Protocol,
+        tls: Option<&TlsPool>,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let sent = match (protocol, tls) {
+            (Protocol::Http1, _) => self.h1.request(req).await,
+            (Protocol::H2c, _) => self.h2.request(req).await,
+            (Protocol::Tls, Some(pool)) => pool.0.request(req).await,
+            (Protocol::Tls, None) => {
+                return Err(SendError::Connect(
+                    "https backend without TLS settings".into(),
+                ));
+            }
         };
-        pool.request(req).await.map_err(|e| {
+        sent.map_err(|e| {
             let reason = error_chain(&e);
-            if e.is_connect() {
+            // A TLS failure (with TLS 1.3 a refused client certificate is only known
+            // after the client's first write) means no request reached the application.
+            if e.is_connect() || tls_failure(&e) {
                 SendError::Connect(reason)
             } else if refused_stream(&e) {
                 SendError::Refused(reason)
@@ -89,6 +173,25 @@ fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
         if let Some(h2) = err.downcast_ref::<h2::Error>()
             && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
         {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether a rustls error is somewhere in the chain. `io::Error::source` skips the
+/// error it wraps, so wrapped errors are looked at directly.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let io = err
+            .downcast_ref::<std::io::Error>()
+            .or_else(|| err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+        let wrapped = io
+            .and_then(|io| io.get_ref())
+            .is_some_and(|inner| inner.is::<rustls::Error>());
+        if wrapped || err.is::<rustls::Error>() {
             return true;
         }
         cur = err.source();

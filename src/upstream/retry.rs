@@ -26,7 +26,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
 
 use super::health::VariantHealth;
-use super::{SendError, Upstreams};
+use super::{SendError, TlsPool, Upstreams};
 use crate::config::schema::Protocol;
 use crate::metrics::RetryMetrics;
 
@@ -222,6 +222,7 @@ pub fn set_deadline_header(req: &mut Req, left: Duration) {
 pub struct Call {
     pub upstreams: Upstreams,
     pub protocol: Protocol,
+    pub tls: Option<TlsPool>,
 }
 
 type CallFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, SendError>> + Send>>;
@@ -236,8 +237,8 @@ impl Service<Req> for Call {
     }
 
     fn call(&mut self, req: Req) -> CallFuture {
-        let (upstreams, protocol) = (self.upstreams.clone(), self.protocol);
-        Box::pin(async move { upstreams.send(protocol, req).await })
+        let (upstreams, protocol, tls) = (self.upstreams.clone(), self.protocol, self.tls.clone());
+        Box::pin(async move { upstreams.send_with(protocol, tls.as_ref(), req).await })
     }
 }
 

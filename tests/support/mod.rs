@@ -223,6 +223,7 @@ pub fn options(config_path: &Path) -> ProxyOptions {
         drain_grace: Duration::from_millis(100),
         drain_timeout: Duration::from_secs(5),
         executor_probe_interval: Duration::from_millis(50),
+        tls: None,
     }
 }
 
