@@ -156,3 +156,97 @@ async fn a_connection_that_never_finishes_its_head_is_closed() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_closed_while_normal_clients_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_single_route(dir.path(), &a.url());
+    let mut opts = options(&path);
+    opts.limits.header_read_timeout = Duration::from_millis(500);
+    let proxy = TestProxy::start_at(&path, opts).await;
+    // Hundreds of connections, each sending its head one byte at a time, forever.
+    let head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut attackers = Vec::new();
+    for _ in 0..300 {
+        let addr = proxy.addr;
+        attackers.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            for b in head.iter().cycle() {
+                if s.write_all(&[*b]).await.is_err() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut buf = [0u8; 64];
+                // A closed connection reads 0 (or a 408) as soon as the timeout hits.
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await
+                    && (n == 0 || buf.starts_with(b"HTTP/1.1 408"))
+                {
+                    return true;
+                }
+            }
+            false
+        }));
+    }
+    // Meanwhile, ordinary clients are served.
+    let c = client();
+    for _ in 0..20 {
+        let r = get(&c, &proxy.url("/v2/models/m/ready"), &[]).await;
+        assert_eq!(r.status, 200);
+    }
+    for a in attackers {
+        let closed = tokio::time::timeout(Duration::from_secs(20), a)
+            .await
+            .expect("a trickling connection was kept open")
+            .unwrap();
+        assert!(closed);
+    }
+    assert_eq!(a.hits(), 20, "nothing of the attack reached the backend");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_flood_gets_goaway_and_reaches_nothing() {
+    let a = Backend::start("a").await;
+    let proxy = proxy_to(&a.url()).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let mut refused = false;
+    for _ in 0..10_000 {
+        let req = http::Request::post(format!("http://{}/v2/models/m/infer", proxy.addr))
+            .body(())
+            .unwrap();
+        let ready = match h2.ready().await {
+            Ok(r) => r,
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        };
+        h2 = ready;
+        match h2.send_request(req, false) {
+            Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("connection not closed");
+    let err = ended
+        .unwrap()
+        .expect_err("the connection should end in an error");
+    assert!(refused || err.is_go_away(), "expected GOAWAY, got {err:?}");
+    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err:?}");
+    assert_eq!(a.hits(), 0, "no reset stream reached the backend");
+    // Other clients are unaffected.
+    let r = get(&client(), &proxy.url("/x"), &[]).await;
+    assert_eq!(r.status, 200);
+    proxy.stop().await;
+}
