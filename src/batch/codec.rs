@@ -142,7 +142,11 @@ pub fn parse_v2(body: &[u8]) -> Result<Item, Unqueued> {
         rows = Some(n as usize);
         let mut data = Vec::new();
         flatten(&input["data"], &mut data);
-        let expected: i64 = shape.iter().product();
+        let Some(expected) = shape.iter().try_fold(1i64, |acc, d| acc.checked_mul(*d)) else {
+            return bad(format!(
+                "input {name:?} has shape {shape:?}: too many elements"
+            ));
+        };
         if data.len() as i64 != expected {
             return bad(format!(
                 "input {name:?} has shape {shape:?} ({expected} elements) but {} data elements",
@@ -319,13 +323,17 @@ pub fn split(
         }
         let mut data = Vec::new();
         flatten(&o["data"], &mut data);
-        let row: i64 = shape[1..].iter().product();
-        if row < 0 || data.len() as i64 != row * total as i64 {
+        let row = shape[1..]
+            .iter()
+            .try_fold(1i64, |acc, d| acc.checked_mul(*d))
+            .filter(|r| *r >= 0);
+        let Some(row) = row.filter(|r| r.checked_mul(total as i64) == Some(data.len() as i64))
+        else {
             return Err(SplitError(format!(
                 "output {name:?} has {} elements for shape {shape:?}",
                 data.len()
             )));
-        }
+        };
         parsed.push((o, shape[1..].to_vec(), data, row as usize));
     }
     let mut start = 0;

@@ -1,0 +1,257 @@
+//! Property tests in place of fuzzing for the three parsers of untrusted input: the
+//! config document, the OIP codec (proxy and executor), and variant assignment. The
+//! corpora in `tests/corpus/` (inputs that once mattered) are replayed on every run;
+//! file names say what each must produce: `ok-`, `bad-`, or `alone-` (forwarded
+//! unbatched).
+
+use std::path::Path;
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use braid::batch::codec::{self, Unqueued};
+
+fn corpus(dir: &str) -> Vec<(String, Vec<u8>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/corpus")
+        .join(dir);
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "empty corpus {dir}");
+    out
+}
+
+#[test]
+fn the_config_corpus_gives_the_expected_verdicts() {
+    for (name, bytes) in corpus("config") {
+        let text = String::from_utf8_lossy(&bytes);
+        let result = braid::config::load(&text, &name);
+        if name.starts_with("ok-") {
+            assert!(result.is_ok(), "{name}: {:?}", result.err());
+        } else {
+            let errs = result
+                .err()
+                .unwrap_or_else(|| panic!("{name} was accepted"));
+            assert!(!errs.is_empty());
+            for e in errs {
+                assert!(!e.path.is_empty() && !e.message.is_empty(), "{name}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_oip_corpus_gives_the_expected_verdicts() {
+    for (name, bytes) in corpus("oip") {
+        let got = codec::parse_v2(&bytes);
+        match name.split('-').next().unwrap() {
+            "ok" => {
+                let item = got.unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                let merged = codec::merge(&[&item], None);
+                let again = codec::parse_v2(&merged).unwrap();
+                assert_eq!((again.rows, &again.key), (item.rows, &item.key), "{name}");
+            }
+            "bad" => assert!(matches!(got, Err(Unqueued::Bad(_))), "{name}: {got:?}"),
+            "alone" => assert_eq!(got.unwrap_err(), Unqueued::Alone, "{name}"),
+            other => panic!("corpus file {name}: unknown verdict {other:?}"),
+        }
+        // The executor's own decoder must not panic on any of them either.
+        let _ = braid::executor::oip::decode(&bytes, None);
+        let _ = braid::executor::oip::decode(&bytes, Some(bytes.len() / 2));
+    }
+}
+
+/// Arbitrary JSON, a few levels deep.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        (-1e6f64..1e6).prop_map(Value::from),
+        "[a-z]{0,6}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::vec(
+                (
+                    prop_oneof![
+                        Just("inputs".to_string()),
+                        Just("name".to_string()),
+                        Just("shape".to_string()),
+                        Just("data".to_string()),
+                        Just("datatype".to_string()),
+                        Just("outputs".to_string()),
+                        Just("parameters".to_string()),
+                        "[a-z]{1,4}",
+                    ],
+                    inner
+                ),
+                0..5
+            )
+            .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+/// A YAML document made of config-like keys and odd scalars.
+fn yaml_doc() -> impl Strategy<Value = String> {
+    let key = prop_oneof![
+        Just("routes"),
+        Just("executor"),
+        Just("model"),
+        Just("path_prefix"),
+        Just("variants"),
+        Just("name"),
+        Just("weight"),
+        Just("backend"),
+        Just("batching"),
+        Just("retry"),
+        Just("shadow"),
+        Just("outlier"),
+        Just("fallback"),
+        Just("tls"),
+        Just("timeout"),
+        Just("attempts"),
+        Just("on_status"),
+    ];
+    let scalar = prop_oneof![
+        Just("local".to_string()),
+        Just("\"http://127.0.0.1:1\"".to_string()),
+        Just("yes".to_string()),
+        Just(".nan".to_string()),
+        Just("-1".to_string()),
+        Just("1e400".to_string()),
+        Just("250ms".to_string()),
+        Just("~".to_string()),
+        Just("[]".to_string()),
+        Just("{}".to_string()),
+        "[a-z0-9]{0,5}",
+    ];
+    prop::collection::vec((0usize..4, key, scalar, any::<bool>()), 0..24).prop_map(|lines| {
+        let mut out = String::new();
+        for (depth, k, v, list) in lines {
+            let indent = "  ".repeat(depth);
+            let dash = if list { "- " } else { "" };
+            out.push_str(&format!("{indent}{dash}{k}: {v}\n"));
+        }
+        out
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn config_loading_never_panics_and_every_error_has_a_path(doc in yaml_doc()) {
+        if let Err(errs) = braid::config::load(&doc, "prop") {
+            for e in errs {
+                prop_assert!(!e.path.is_empty(), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn config_loading_survives_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = braid::config::load(&String::from_utf8_lossy(&bytes), "prop");
+    }
+
+    #[test]
+    fn the_codecs_never_panic_on_arbitrary_json(v in json_value()) {
+        let body = serde_json::to_vec(&v).unwrap();
+        let _ = codec::parse_v2(&body);
+        let _ = codec::parse_v1(&body);
+        let _ = braid::executor::oip::decode(&body, None);
+        let wrapped = serde_json::to_vec(&json!({"inputs": [v.clone()], "outputs": v})).unwrap();
+        let _ = codec::parse_v2(&wrapped);
+        let _ = braid::executor::oip::decode(&wrapped, None);
+    }
+
+    /// Requests of random sizes merged into one batch: an executor that answers each
+    /// row in order gives every request exactly its own rows back, and any reply of
+    /// the wrong length is refused whole.
+    #[test]
+    fn merge_then_split_returns_each_request_its_own_rows(
+        sizes in prop::collection::vec(1usize..5, 1..8),
+        inner in 1usize..3,
+        cut in any::<bool>(),
+    ) {
+        let items: Vec<codec::Item> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &rows)| {
+                let data: Vec<Vec<f64>> = (0..rows)
+                    .map(|r| (0..inner).map(|k| (i * 100 + r * 10 + k) as f64).collect())
+                    .collect();
+                let body = json!({"id": format!("req{i}"), "inputs": [
+                    {"name": "x", "datatype": "FP64", "shape": [rows, inner], "data": data}
+                ]});
+                codec::parse_v2(body.to_string().as_bytes()).unwrap()
+            })
+            .collect();
+        let refs: Vec<&codec::Item> = items.iter().collect();
+        let merged: Value = serde_json::from_slice(&codec::merge(&refs, None)).unwrap();
+        let mut flat = merged["inputs"][0]["data"].as_array().unwrap().clone();
+        let total: usize = sizes.iter().sum();
+        if cut {
+            flat.truncate(flat.len() - inner);
+        }
+        let rows = flat.len() / inner;
+        let reply = json!({"outputs": [{"name": "y", "datatype": "FP64", "shape": [rows, inner], "data": flat}]});
+        let split = codec::split(&refs, reply.to_string().as_bytes(), None);
+        if cut {
+            prop_assert!(split.is_err());
+            return Ok(());
+        }
+        let bodies = split.unwrap();
+        prop_assert_eq!(bodies.len(), sizes.len());
+        prop_assert_eq!(rows, total);
+        for (i, (b, &n)) in bodies.iter().zip(&sizes).enumerate() {
+            let v: Value = serde_json::from_slice(b).unwrap();
+            prop_assert_eq!(&v["id"], &json!(format!("req{i}")));
+            prop_assert_eq!(&v["outputs"][0]["shape"], &json!([n, inner]));
+            let data = v["outputs"][0]["data"].as_array().unwrap();
+            for (j, d) in data.iter().enumerate() {
+                let (r, k) = (j / inner, j % inner);
+                prop_assert_eq!(d.as_f64().unwrap(), (i * 100 + r * 10 + k) as f64);
+            }
+        }
+    }
+
+    /// Sticky assignment over arbitrary keys is deterministic, and leaving a variant
+    /// out moves only the keys that were on it.
+    #[test]
+    fn assignment_is_stable_and_exclusion_moves_only_the_excluded(
+        weights in prop::collection::vec(0.0f64..10.0, 2..6),
+        keys in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..24), 1..64),
+        out in 0usize..6,
+    ) {
+        prop_assume!(weights.iter().any(|w| *w > 0.0));
+        let names: Vec<String> = (0..weights.len()).map(|i| format!("v{i}")).collect();
+        let chooser = braid::route::Chooser::new(names.iter().map(String::as_str).zip(weights.iter().copied()));
+        let out = out % weights.len();
+        for key in &keys {
+            let first = chooser.sticky(key);
+            prop_assert_eq!(first, chooser.sticky(key));
+            prop_assert!(weights[first] > 0.0);
+            let without = chooser.sticky_among(key, |i| i != out);
+            if first != out {
+                prop_assert_eq!(without, Some(first));
+            } else if let Some(w) = without {
+                prop_assert!(w != out && weights[w] > 0.0);
+            }
+            if let Some(r) = chooser.random_among(|i| i != out) {
+                prop_assert!(r != out && weights[r] > 0.0);
+            }
+        }
+    }
+}
