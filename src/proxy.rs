@@ -294,7 +294,7 @@ impl Proxy {
             match batching::queueable(&parts.uri, &parts.headers, &prepared.body) {
                 Ok(Some(item)) => {
                     let result =
-                        batching::submit(self, route, variant, limits, item, path, &parts.headers)
+                        batching::submit(self, route, variant, limits, item, path, prepared.deadline)
                             .await;
                     return Served {
                         result,

@@ -11,13 +11,10 @@ use tokio::time::Instant;
 use super::batcher::{BatchError, Batcher, Submission};
 use super::codec::{self, Item, Unqueued};
 use super::queue::BatchLimits;
-use crate::config::schema::parse_duration;
 use crate::error::{Body, ProxyError, full};
 use crate::proxy::Proxy;
 use crate::route::{Route, Variant};
 
-/// Per-request deadline header, e.g. `x-braid-timeout: 250ms`.
-pub const DEADLINE_HEADER: &str = "x-braid-timeout";
 
 /// (route, variant) names.
 type VariantKey = (Arc<str>, Arc<str>);
@@ -54,28 +51,9 @@ pub async fn submit(
     limits: BatchLimits,
     item: Item,
     path: String,
-    headers: &HeaderMap,
+    deadline: Option<Instant>,
 ) -> Result<Response<Body>, ProxyError> {
     let now = Instant::now();
-    let header_deadline = match headers.get(DEADLINE_HEADER) {
-        None => None,
-        Some(v) => {
-            let d = v
-                .to_str()
-                .ok()
-                .and_then(|s| parse_duration(s).ok())
-                .ok_or_else(|| {
-                    ProxyError::BadRequest(format!(
-                        "{DEADLINE_HEADER} must be a duration such as \"250ms\""
-                    ))
-                })?;
-            Some(now + d)
-        }
-    };
-    let deadline = [header_deadline, route.timeout.map(|t| now + t)]
-        .into_iter()
-        .flatten()
-        .min();
     if let Some(name) = route.row_id.as_deref()
         && item.has_input(name)
     {
