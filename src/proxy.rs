@@ -293,9 +293,16 @@ impl Proxy {
         {
             match batching::queueable(&parts.uri, &parts.headers, &prepared.body) {
                 Ok(Some(item)) => {
-                    let result =
-                        batching::submit(self, route, variant, limits, item, path, prepared.deadline)
-                            .await;
+                    let result = batching::submit(
+                        self,
+                        route,
+                        variant,
+                        limits,
+                        item,
+                        path,
+                        prepared.deadline,
+                    )
+                    .await;
                     return Served {
                         result,
                         repeatable: route.retry.idempotent,

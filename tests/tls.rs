@@ -367,3 +367,52 @@ fn tls_settings_are_checked_with_their_field_path() {
     );
     assert!(plain.contains("only https:// backends"), "{plain}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_tls_from_its_flags_and_refuses_a_bad_pair() {
+    let b = Backend::start("b").await;
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("server", "flags");
+    let config = pki.dir.path().join("braid.yaml");
+    std::fs::write(&config, single_route(&b.url())).unwrap();
+    let braid = BraidProcess::start(
+        &config,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let url = format!("https://localhost:{}/v2/models/m/ready", braid.addr.port());
+    let resp = https_client(&pki.ca(), true)
+        .get(url.parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(braid);
+
+    // A key that does not belong to the certificate: braid says so and does not start.
+    let (_, other_key) = pki.leaf("other", "other");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&config)
+        .args([
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            other_key.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not match its key"), "{err}");
+}

@@ -15,7 +15,6 @@ use crate::error::{Body, ProxyError, full};
 use crate::proxy::Proxy;
 use crate::route::{Route, Variant};
 
-
 /// (route, variant) names.
 type VariantKey = (Arc<str>, Arc<str>);
 
