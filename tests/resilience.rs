@@ -460,3 +460,57 @@ async fn overload_answers_fast_and_the_admin_port_keeps_answering() {
     }
     proxy.stop().await;
 }
+
+/// An HTTP/2 backend that refuses its first `refuse` streams with REFUSED_STREAM, then
+/// answers 200; returns its address and a count of streams it saw.
+async fn refusing_h2_backend(
+    refuse: usize,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if counter.fetch_add(1, Ordering::SeqCst) < refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else {
+                        let resp = http::Response::new(());
+                        let _ = respond.send_response(resp, true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_http2_stream_is_retried_even_for_a_post() {
+    let (addr, seen) = refusing_h2_backend(1).await;
+    let proxy = TestProxy::start(&route(
+        &[("b", 1.0, &format!("h2c://{addr}"))],
+        "    retry: { attempts: 2, backoff_base: 1ms, backoff_max: 1ms }\n",
+    ))
+    .await;
+    let r = post(&client(), &proxy.url(INFER), &[], "{}").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let retried = metric(
+        &proxy,
+        r#"braid_retries_total{route="m",variant="b",outcome="retried"}"#,
+    )
+    .await;
+    assert_eq!(retried, 1.0, "braid's policy made the retry");
+    proxy.stop().await;
+}
