@@ -185,6 +185,10 @@ impl tower::retry::Policy<Req, Response<Incoming>, TryError> for Attempts {
     }
 
     fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        // With nothing to retry and no health to record, the policy need not see results.
+        if self.policy.attempts <= 1 && self.health.is_none() {
+            return None;
+        }
         // Bodies are buffered whole before forwarding, so a copy costs a refcount.
         let mut out = Request::new(req.body().clone());
         *out.method_mut() = req.method().clone();
