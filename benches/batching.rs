@@ -127,11 +127,11 @@ async fn start_proxy(
     )
     .unwrap();
     let opts = braid::run::ProxyOptions {
-        config: braid::config::file::FileSource {
+        config: braid::config::ConfigSource::File(braid::config::file::FileSource {
             path,
             debounce: Duration::from_millis(100),
             poll: Duration::from_secs(60),
-        },
+        }),
         limits: braid::server::Limits::default(),
         drain_grace: Duration::ZERO,
         drain_timeout: Duration::from_secs(5),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::file::FileSource;
+use crate::config::kube::ConfigMapSource;
 use crate::config::schema::parse_duration;
 use crate::run::{self, ProxyOptions};
 use crate::server::Limits;
@@ -55,13 +56,83 @@ pub enum Command {
         /// The config document to check.
         file: PathBuf,
     },
+    /// Read Kubernetes YAML (Pod, Deployment, StatefulSet, DaemonSet, Job, CronJob, a
+    /// List, or several documents) and write it back with the braid sidecar added.
+    Inject(InjectArgs),
+    /// The mutating admission webhook that injects the sidecar into new pods (TLS).
+    Webhook(WebhookArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SidecarArgs {
+    /// The braid image for the sidecar.
+    #[arg(long, env = "BRAID_IMAGE", default_value_t = crate::inject::Options::default().image)]
+    pub image: String,
+    /// Add braid as a native sidecar (init container with restartPolicy: Always,
+    /// Kubernetes >= 1.29); `false` adds a plain container.
+    #[arg(long, env = "BRAID_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub native_sidecar: bool,
+    /// The container port name braid takes over (annotation braid.dev/port overrides).
+    #[arg(long, default_value = "http")]
+    pub port_name: String,
+    /// braid's data port inside the pod.
+    #[arg(long, default_value_t = 8180)]
+    pub proxy_port: u16,
+    /// braid's admin port inside the pod.
+    #[arg(long, default_value_t = 9901)]
+    pub admin_port: u16,
+}
+
+impl SidecarArgs {
+    fn options(&self) -> crate::inject::Options {
+        crate::inject::Options {
+            image: self.image.clone(),
+            native_sidecar: self.native_sidecar,
+            port_name: self.port_name.clone(),
+            proxy_port: self.proxy_port,
+            admin_port: self.admin_port,
+            ..crate::inject::Options::default()
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
+pub struct InjectArgs {
+    /// The YAML to read; `-` (the default) reads standard input.
+    #[arg(short = 'f', long = "filename", default_value = "-")]
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WebhookArgs {
+    #[arg(long, env = "BRAID_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Serving certificate (PEM), re-read when it changes (cert-manager rotates it).
+    #[arg(long, env = "BRAID_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    #[arg(long, env = "BRAID_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// The webhook's own namespace: its pods are never injected.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "config_map"])))]
 pub struct ProxyArgs {
     /// Config document to load and watch (a ConfigMap mounted as a volume works).
     #[arg(long, env = "BRAID_CONFIG")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Watch this ConfigMap through the Kubernetes API instead: NAMESPACE/NAME.
+    #[arg(long, env = "BRAID_CONFIG_MAP", conflicts_with = "config")]
+    pub config_map: Option<String>,
+    /// The key of the ConfigMap holding the document.
+    #[arg(long, env = "BRAID_CONFIG_KEY", default_value = "braid.yaml")]
+    pub config_key: String,
     /// Data-plane listen address (HTTP/1.1 and h2c on one port).
     #[arg(long, env = "BRAID_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -186,7 +257,77 @@ pub fn main() -> ExitCode {
         Command::Proxy(args) => proxy(args),
         Command::Executor(args) => executor(args),
         Command::Demo(args) => runtime(None).block_on(crate::demo::run(args)),
+        Command::Inject(args) => inject(&args),
+        Command::Webhook(args) => webhook(args),
     }
+}
+
+fn inject(args: &InjectArgs) -> ExitCode {
+    let text = if args.file.as_os_str() == "-" {
+        let mut s = String::new();
+        match std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+            Ok(_) => s,
+            Err(e) => {
+                eprintln!("braid inject: reading standard input: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        match std::fs::read_to_string(&args.file) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("braid inject: {}: {e}", args.file.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    match crate::inject::inject_yaml(&text, &args.sidecar.options()) {
+        Ok((out, report)) => {
+            for line in report {
+                eprintln!("braid inject: {line}");
+            }
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("braid inject: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn webhook(args: WebhookArgs) -> ExitCode {
+    runtime(None).block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("cannot listen on {}: {e}", args.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut skip = vec!["kube-system".to_string()];
+        skip.extend(args.namespace.clone());
+        let opts = crate::inject::webhook::WebhookOptions {
+            inject: args.sidecar.options(),
+            skip_namespaces: skip,
+        };
+        let running = match crate::inject::webhook::start(
+            listener,
+            opts,
+            &args.tls_cert,
+            &args.tls_key,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(addr = %running.addr, "webhook listening");
+        shutdown_signal().await;
+        running.stop().await;
+        ExitCode::SUCCESS
+    })
 }
 
 fn init_logging(format: LogFormat) {
@@ -377,12 +518,27 @@ fn proxy(args: ProxyArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let opts = ProxyOptions {
-            config: FileSource {
-                path: args.config.clone(),
+        let config = match (&args.config, &args.config_map) {
+            (Some(path), _) => crate::config::ConfigSource::File(FileSource {
+                path: path.clone(),
                 debounce: args.config_debounce,
                 poll: args.config_poll,
+            }),
+            (None, Some(spec)) => match ConfigMapSource::parse(spec, &args.config_key) {
+                Ok(cm) => crate::config::ConfigSource::ConfigMap(cm),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
             },
+            (None, None) => unreachable!("clap requires --config or --config-map"),
+        };
+        let source_name = match &config {
+            crate::config::ConfigSource::File(f) => f.path.display().to_string(),
+            crate::config::ConfigSource::ConfigMap(cm) => cm.describe(),
+        };
+        let opts = ProxyOptions {
+            config,
             limits: Limits {
                 header_read_timeout: args.header_read_timeout,
                 max_headers: args.max_headers,
@@ -408,7 +564,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
             Ok(r) => r,
             Err(errors) => {
                 for e in &errors {
-                    tracing::error!("{}: {e}", args.config.display());
+                    tracing::error!("{source_name}: {e}");
                 }
                 tracing::error!("no valid config: not starting");
                 return ExitCode::FAILURE;

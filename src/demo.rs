@@ -97,11 +97,11 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let opts = ProxyOptions {
-        config: FileSource {
+        config: crate::config::ConfigSource::File(FileSource {
             path: path.clone(),
             debounce: Duration::from_millis(100),
             poll: Duration::from_secs(2),
-        },
+        }),
         limits: Limits::default(),
         drain_grace: Duration::from_millis(200),
         drain_timeout: Duration::from_secs(10),

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //!
-//! - `cli`      commands and flags (`proxy`, `executor`, `demo`, `check`, `fetch-model`)
+//! - `cli`      commands and flags (`proxy`, `executor`, `demo`, `check`, `fetch-model`,
+//!   `inject`, `webhook`)
 //! - `demo`     `braid demo`: executor + proxy in one process
 //! - `run`      wiring for `braid proxy`: store, sources, listeners, drain sequence
 //! - `config`   YAML -> `Document` (schema) -> `Snapshot` (validate) -> `ArcSwap` (store);
@@ -16,6 +17,7 @@
 //!   budget, failure accrual, state kept across reloads, executor readiness probe
 //! - `batch`    request coalescing: codec (merge/split), pure queue, batcher task
 //! - `executor` the candle model server: sources, encoder, model threads, OIP server
+//! - `inject`   sidecar injection shared by `braid inject` and `braid webhook`
 //! - `error`    request errors: status, Retry-After, metric label, JSON body
 //! - `metrics`  every metric family and its buckets
 //!
@@ -42,6 +44,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod executor;
+pub mod inject;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

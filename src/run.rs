@@ -11,8 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::file::FileSource;
-use crate::config::{ConfigError, Store};
+use crate::config::{ConfigError, ConfigSource, Store};
 use crate::metrics::Metrics;
 use crate::proxy::{CONNECT_TIMEOUT, Proxy};
 use crate::server::admin::Admin;
@@ -22,7 +21,7 @@ use crate::upstream::{Upstreams, probe};
 
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
-    pub config: FileSource,
+    pub config: ConfigSource,
     pub limits: Limits,
     /// After a shutdown signal, keep accepting for this long (endpoints catch up).
     pub drain_grace: Duration,
@@ -93,8 +92,26 @@ pub async fn start(
     };
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::new(metrics.clone()));
-    opts.config.load_initial(&store)?;
-    let watcher = tokio::spawn(opts.config.clone().watch(store.clone()));
+    let watcher = match opts.config.clone() {
+        // A file must hold a valid config before braid starts serving.
+        ConfigSource::File(file) => {
+            file.load_initial(&store)?;
+            tokio::spawn(file.watch(store.clone()))
+        }
+        // The API may not be reachable yet: serve 503 (and /readyz 503) until the first
+        // good document arrives.
+        ConfigSource::ConfigMap(cm) => {
+            let client = crate::config::kube::client(cm.kubeconfig.as_deref())
+                .await
+                .map_err(|message| {
+                vec![ConfigError {
+                    path: "--config-map".into(),
+                    message,
+                }]
+            })?;
+            tokio::spawn(cm.watch(client, store.clone()))
+        }
+    };
 
     let addr = listener.local_addr().expect("bound listener");
     let admin_addr = admin_listener.local_addr().expect("bound listener");

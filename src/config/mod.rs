@@ -5,6 +5,7 @@
 
 pub mod executor;
 pub mod file;
+pub mod kube;
 pub mod node;
 pub mod schema;
 pub mod store;
@@ -26,6 +27,15 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.path, self.message)
     }
+}
+
+/// Where the proxy's config comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A file, watched (a ConfigMap mounted as a volume works too).
+    File(file::FileSource),
+    /// A ConfigMap watched through the Kubernetes API.
+    ConfigMap(kube::ConfigMapSource),
 }
 
 /// Errors collected while reading a document, so `braid check` can list them all.

@@ -3,6 +3,8 @@
 //! wait for readiness.
 #![allow(dead_code)]
 
+pub mod kube;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -214,11 +216,11 @@ pub struct TestProxy {
 
 pub fn options(config_path: &Path) -> ProxyOptions {
     ProxyOptions {
-        config: FileSource {
+        config: braid::config::ConfigSource::File(FileSource {
             path: config_path.to_path_buf(),
             debounce: Duration::from_millis(20),
             poll: Duration::from_millis(200),
-        },
+        }),
         limits: Limits::default(),
         drain_grace: Duration::from_millis(100),
         drain_timeout: Duration::from_secs(5),
