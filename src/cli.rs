@@ -311,18 +311,14 @@ fn webhook(args: WebhookArgs) -> ExitCode {
             inject: args.sidecar.options(),
             skip_namespaces: skip,
         };
-        let running = match crate::inject::webhook::start(
-            listener,
-            opts,
-            &args.tls_cert,
-            &args.tls_key,
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let running =
+            match crate::inject::webhook::start(listener, opts, &args.tls_cert, &args.tls_key) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         tracing::info!(addr = %running.addr, "webhook listening");
         shutdown_signal().await;
         running.stop().await;

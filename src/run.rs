@@ -104,11 +104,11 @@ pub async fn start(
             let client = crate::config::kube::client(cm.kubeconfig.as_deref())
                 .await
                 .map_err(|message| {
-                vec![ConfigError {
-                    path: "--config-map".into(),
-                    message,
-                }]
-            })?;
+                    vec![ConfigError {
+                        path: "--config-map".into(),
+                        message,
+                    }]
+                })?;
             tokio::spawn(cm.watch(client, store.clone()))
         }
     };

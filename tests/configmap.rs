@@ -69,7 +69,9 @@ async fn weights_changed_in_the_configmap_are_in_force_within_a_second() {
     })
     .await;
     eprintln!("weights applied {took:?} after the update");
-    let cfg = get(&client(), &proxy.admin_url("/config"), &[]).await.json();
+    let cfg = get(&client(), &proxy.admin_url("/config"), &[])
+        .await
+        .json();
     assert_eq!(cfg["source"], "configmap ml/braid key braid.yaml");
     // The watch asked only for this ConfigMap, by name.
     assert!(
@@ -98,7 +100,9 @@ async fn an_invalid_document_is_rejected_with_an_event_and_the_last_good_one_ser
     })
     .await;
     assert_eq!(served_by(&proxy).await, "a");
-    let cfg = get(&client(), &proxy.admin_url("/config"), &[]).await.json();
+    let cfg = get(&client(), &proxy.admin_url("/config"), &[])
+        .await
+        .json();
     assert_eq!(cfg["generation"], 1);
     assert_eq!(
         cfg["last_rejected"]["errors"][0]["path"],
@@ -120,7 +124,9 @@ async fn an_invalid_document_is_rejected_with_an_event_and_the_last_good_one_ser
         metric(&proxy, rejected).await == 2.0
     })
     .await;
-    let cfg = get(&client(), &proxy.admin_url("/config"), &[]).await.json();
+    let cfg = get(&client(), &proxy.admin_url("/config"), &[])
+        .await
+        .json();
     assert_eq!(cfg["last_rejected"]["errors"][0]["path"], "data.braid.yaml");
     assert_eq!(served_by(&proxy).await, "a");
     proxy.stop().await;
@@ -138,13 +144,21 @@ async fn after_410_gone_the_watch_relists_and_finds_the_current_state() {
     api.stop().await;
     api.put_configmap(NS, NAME, &[("braid.yaml", &weights(&a, &b, 0.0, 1.0))]);
     api.compact();
-    assert_eq!(served_by(&proxy).await, "a", "the last good config serves meanwhile");
+    assert_eq!(
+        served_by(&proxy).await,
+        "a",
+        "the last good config serves meanwhile"
+    );
     api.restart().await;
     eventually(Duration::from_secs(15), "relist after 410", async || {
         served_by(&proxy).await == "b"
     })
     .await;
-    assert!(api.gone() >= 1, "the watch never hit 410: {:?}", api.requests());
+    assert!(
+        api.gone() >= 1,
+        "the watch never hit 410: {:?}",
+        api.requests()
+    );
     proxy.stop().await;
 }
 
@@ -160,7 +174,9 @@ async fn an_api_server_restart_keeps_the_config_and_the_watch_resumes() {
         assert_eq!(served_by(&proxy).await, "a");
     }
     assert_eq!(
-        get(&client(), &proxy.admin_url("/readyz"), &[]).await.status,
+        get(&client(), &proxy.admin_url("/readyz"), &[])
+            .await
+            .status,
         200,
         "an unreachable API does not make a configured proxy unready"
     );
@@ -207,14 +223,21 @@ async fn a_deleted_configmap_keeps_the_last_good_config_and_says_so() {
     wait_for_status(&client(), &proxy.admin_url("/readyz"), 200).await;
     api.delete_configmap(NS, NAME);
     eventually(Duration::from_secs(5), "deletion reported", async || {
-        let cfg = get(&client(), &proxy.admin_url("/config"), &[]).await.json();
+        let cfg = get(&client(), &proxy.admin_url("/config"), &[])
+            .await
+            .json();
         cfg["last_rejected"]["errors"][0]["message"]
             .as_str()
             .is_some_and(|m| m.contains("deleted"))
     })
     .await;
     assert_eq!(served_by(&proxy).await, "a");
-    assert_eq!(get(&client(), &proxy.admin_url("/readyz"), &[]).await.status, 200);
+    assert_eq!(
+        get(&client(), &proxy.admin_url("/readyz"), &[])
+            .await
+            .status,
+        200
+    );
     // Recreated: picked up again.
     api.put_configmap(NS, NAME, &[("braid.yaml", &weights(&a, &b, 0.0, 1.0))]);
     eventually(Duration::from_secs(5), "recreated", async || {

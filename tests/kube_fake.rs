@@ -44,7 +44,11 @@ async fn kubectl_applies_gets_watches_and_deletes_against_the_fake() {
     let file = dir.path().join("cm.yaml");
 
     std::fs::write(&file, manifest("first")).unwrap();
-    let (ok, out) = run(&api, &["apply", "--validate=false", "-f", file.to_str().unwrap()]).await;
+    let (ok, out) = run(
+        &api,
+        &["apply", "--validate=false", "-f", file.to_str().unwrap()],
+    )
+    .await;
     assert!(ok, "{out}");
     assert!(out.contains("configmap/braid-config created"), "{out}");
     let cm = api.configmap("default", "braid-config").unwrap();
@@ -54,12 +58,22 @@ async fn kubectl_applies_gets_watches_and_deletes_against_the_fake() {
     assert!(ok, "{out}");
     let got: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(got["data"]["braid.yaml"], "first\n");
-    assert_eq!(got["metadata"]["resourceVersion"], cm["metadata"]["resourceVersion"]);
+    assert_eq!(
+        got["metadata"]["resourceVersion"],
+        cm["metadata"]["resourceVersion"]
+    );
 
     // A watch sees a change made behind its back.
     let mut child = Command::new("kubectl")
         .env("KUBECONFIG", &api.kubeconfig)
-        .args(["get", "configmap", "braid-config", "-w", "-o", "jsonpath={.data.braid\\.yaml}{\"|\\n\"}"])
+        .args([
+            "get",
+            "configmap",
+            "braid-config",
+            "-w",
+            "-o",
+            "jsonpath={.data.braid\\.yaml}{\"|\\n\"}",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -103,11 +117,18 @@ async fn kubectl_applies_gets_watches_and_deletes_against_the_fake() {
     .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(seen.iter().any(|l| l.contains("second")), "watch missed the change: {seen:?}");
+    assert!(
+        seen.iter().any(|l| l.contains("second")),
+        "watch missed the change: {seen:?}"
+    );
 
     // Apply again: kubectl patches the existing object.
     std::fs::write(&file, manifest("third")).unwrap();
-    let (ok, out) = run(&api, &["apply", "--validate=false", "-f", file.to_str().unwrap()]).await;
+    let (ok, out) = run(
+        &api,
+        &["apply", "--validate=false", "-f", file.to_str().unwrap()],
+    )
+    .await;
     assert!(ok, "{out}");
     assert!(out.contains("configmap/braid-config configured"), "{out}");
     assert_eq!(
@@ -121,5 +142,8 @@ async fn kubectl_applies_gets_watches_and_deletes_against_the_fake() {
     assert!(api.configmap("default", "braid-config").is_none());
     let (ok, out) = run(&api, &["get", "configmap", "braid-config"]).await;
     assert!(!ok);
-    assert!(out.contains("NotFound") || out.contains("not found"), "{out}");
+    assert!(
+        out.contains("NotFound") || out.contains("not found"),
+        "{out}"
+    );
 }

@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event as WatchEvent};
-use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource};
 
 use super::{ConfigError, Store};
@@ -94,8 +94,14 @@ impl ConfigMapSource {
                 Ok(WatchEvent::Apply(cm)) => cm,
                 Ok(WatchEvent::Delete(cm)) => {
                     self.report_missing(&store, "the ConfigMap was deleted");
-                    self.event(&recorder, &cm, EventType::Warning, "ConfigDeleted",
-                        "braid keeps serving its last good config").await;
+                    self.event(
+                        &recorder,
+                        &cm,
+                        EventType::Warning,
+                        "ConfigDeleted",
+                        "braid keeps serving its last good config",
+                    )
+                    .await;
                     last_digest = None;
                     continue;
                 }
@@ -111,8 +117,17 @@ impl ConfigMapSource {
                     message: "key missing from the ConfigMap".into(),
                 }];
                 store.reject(&self.describe(), KIND, errors, None);
-                self.event(&recorder, &published, EventType::Warning, "ConfigRejected",
-                    &format!("key {:?} is missing; braid keeps its last good config", self.key)).await;
+                self.event(
+                    &recorder,
+                    &published,
+                    EventType::Warning,
+                    "ConfigRejected",
+                    &format!(
+                        "key {:?} is missing; braid keeps its last good config",
+                        self.key
+                    ),
+                )
+                .await;
                 last_digest = None;
                 continue;
             };
@@ -123,8 +138,14 @@ impl ConfigMapSource {
             last_digest = Some(digest);
             match store.apply(text, &self.describe(), KIND) {
                 Ok(generation) => {
-                    self.event(&recorder, &published, EventType::Normal, "ConfigApplied",
-                        &format!("generation {generation} in force")).await;
+                    self.event(
+                        &recorder,
+                        &published,
+                        EventType::Normal,
+                        "ConfigApplied",
+                        &format!("generation {generation} in force"),
+                    )
+                    .await;
                 }
                 Err(errors) => {
                     let note = errors
@@ -132,8 +153,14 @@ impl ConfigMapSource {
                         .map(ToString::to_string)
                         .collect::<Vec<_>>()
                         .join("; ");
-                    self.event(&recorder, &published, EventType::Warning, "ConfigRejected",
-                        &format!("rejected, last good config keeps serving: {note}")).await;
+                    self.event(
+                        &recorder,
+                        &published,
+                        EventType::Warning,
+                        "ConfigRejected",
+                        &format!("rejected, last good config keeps serving: {note}"),
+                    )
+                    .await;
                 }
             }
         }
@@ -148,7 +175,14 @@ impl ConfigMapSource {
     }
 
     /// Posts an Event on the ConfigMap; lack of RBAC for events is logged, not fatal.
-    async fn event(&self, recorder: &Recorder, cm: &ConfigMap, type_: EventType, reason: &str, note: &str) {
+    async fn event(
+        &self,
+        recorder: &Recorder,
+        cm: &ConfigMap,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+    ) {
         let mut note = note.to_string();
         if note.len() > 1000 {
             let mut cut = 1000;

@@ -189,7 +189,10 @@ pub fn inject_template(template: &mut Value, default_config_map: &str, opts: &Op
 
     let mut args = vec![json!("proxy")];
     if api_source {
-        args.extend([json!("--config-map"), json!(format!("$(POD_NAMESPACE)/{config_map}"))]);
+        args.extend([
+            json!("--config-map"),
+            json!(format!("$(POD_NAMESPACE)/{config_map}")),
+        ]);
     } else {
         args.extend([json!("--config"), json!("/etc/braid/braid.yaml")]);
     }
@@ -225,7 +228,8 @@ pub fn inject_template(template: &mut Value, default_config_map: &str, opts: &Op
         },
     });
     if !api_source {
-        braid["volumeMounts"] = json!([{"name": CONFIG_VOLUME, "mountPath": "/etc/braid", "readOnly": true}]);
+        braid["volumeMounts"] =
+            json!([{"name": CONFIG_VOLUME, "mountPath": "/etc/braid", "readOnly": true}]);
         let volumes = list(spec, "volumes");
         if !volumes.iter().any(|v| v["name"] == CONFIG_VOLUME) {
             volumes.push(json!({"name": CONFIG_VOLUME, "configMap": {"name": config_map}}));
@@ -297,7 +301,9 @@ fn diff(a: &Value, b: &Value, path: String, ops: &mut Vec<Value>) {
             }
             for (k, vb) in y {
                 if !x.contains_key(k) {
-                    ops.push(json!({"op": "add", "path": format!("{path}/{}", escape(k)), "value": vb}));
+                    ops.push(
+                        json!({"op": "add", "path": format!("{path}/{}", escape(k)), "value": vb}),
+                    );
                 }
             }
         }

@@ -47,15 +47,17 @@ impl Handler for Webhook {
                 }
             }
             (_, "/mutate") => json_error(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview"),
-            _ => json_error(StatusCode::NOT_FOUND, "no such endpoint: POST /mutate, GET /healthz"),
+            _ => json_error(
+                StatusCode::NOT_FOUND,
+                "no such endpoint: POST /mutate, GET /healthz",
+            ),
         }
     }
 }
 
 /// Answers one AdmissionReview; `Err` only for a body that is not one.
 pub fn review(body: &[u8], opts: &WebhookOptions) -> Result<Value, String> {
-    let review: Value =
-        serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let review: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
     if review["apiVersion"] != "admission.k8s.io/v1" || review["kind"] != "AdmissionReview" {
         return Err("expected an admission.k8s.io/v1 AdmissionReview".into());
     }
@@ -64,9 +66,7 @@ pub fn review(body: &[u8], opts: &WebhookOptions) -> Result<Value, String> {
         return Err("request.uid is missing".into());
     };
     let mut response = json!({"uid": uid, "allowed": true});
-    let answer = |response: Value| {
-        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
-    };
+    let answer = |response: Value| json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response});
     let is_pod_create = request["kind"]["kind"] == "Pod"
         && request["operation"] == "CREATE"
         && request["subResource"].is_null();
@@ -107,8 +107,12 @@ pub fn review(body: &[u8], opts: &WebhookOptions) -> Result<Value, String> {
             response["patchType"] = json!("JSONPatch");
             response["patch"] = json!(encoded);
             if !warnings.is_empty() {
-                response["warnings"] =
-                    json!(warnings.iter().map(|w| format!("braid: {w}")).collect::<Vec<_>>());
+                response["warnings"] = json!(
+                    warnings
+                        .iter()
+                        .map(|w| format!("braid: {w}"))
+                        .collect::<Vec<_>>()
+                );
             }
         }
         Ok(Outcome::AlreadyInjected | Outcome::OptedOut) => {}

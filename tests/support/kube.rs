@@ -98,8 +98,11 @@ impl FakeApi {
     fn serve(&self, listener: TcpListener) {
         let (stop_tx, stop_rx) = mpsc::channel::<()>(1);
         let stop_rx = Arc::new(tokio::sync::Mutex::new(stop_rx));
-        let (state, changes, bookmark) =
-            (self.state.clone(), self.changes.clone(), self.bookmark_every);
+        let (state, changes, bookmark) = (
+            self.state.clone(),
+            self.changes.clone(),
+            self.bookmark_every,
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -121,9 +124,14 @@ impl FakeApi {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (state, changes, stopped) =
                             (state.clone(), changes.clone(), svc_stopped.clone());
-                        async move { Ok::<_, Infallible>(handle(req, state, changes, stopped, bookmark).await) }
+                        async move {
+                            Ok::<_, Infallible>(
+                                handle(req, state, changes, stopped, bookmark).await,
+                            )
+                        }
                     });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection(TokioIo::new(tcp), svc);
                     tokio::select! {
                         _ = conn => {}
@@ -196,7 +204,11 @@ impl FakeApi {
 
     /// The next requests (other than discovery) answer these statuses.
     pub fn fail_next(&self, statuses: &[u16]) {
-        self.state.lock().unwrap().faults.extend_from_slice(statuses);
+        self.state
+            .lock()
+            .unwrap()
+            .faults
+            .extend_from_slice(statuses);
     }
 
     /// How many watches were answered 410 Gone.
@@ -241,7 +253,11 @@ fn commit(
             let created = s
                 .configmaps
                 .get(&key)
-                .and_then(|old| old["metadata"]["creationTimestamp"].as_str().map(str::to_string))
+                .and_then(|old| {
+                    old["metadata"]["creationTimestamp"]
+                        .as_str()
+                        .map(str::to_string)
+                })
                 .unwrap_or_else(|| "2026-11-28T00:00:00Z".into());
             let uid = s
                 .configmaps
@@ -351,11 +367,11 @@ async fn handle(
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     let q = query(&req);
-    state.lock().unwrap().requests.push(format!(
-        "{} {}",
-        req.method(),
-        req.uri()
-    ));
+    state
+        .lock()
+        .unwrap()
+        .requests
+        .push(format!("{} {}", req.method(), req.uri()));
     // Discovery.
     match path.as_str() {
         "/version" => {
@@ -383,7 +399,9 @@ async fn handle(
             );
         }
         "/api/v1" => {
-            let verbs = json!(["create", "delete", "get", "list", "patch", "update", "watch"]);
+            let verbs = json!([
+                "create", "delete", "get", "list", "patch", "update", "watch"
+            ]);
             return json_response(
                 200,
                 &json!({"kind": "APIResourceList", "groupVersion": "v1", "resources": [
@@ -406,7 +424,11 @@ async fn handle(
         _ => {}
     }
     if path.starts_with("/openapi") {
-        return status(404, "NotFound", "the server could not find the requested resource");
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
     }
     let fault = {
         let mut s = state.lock().unwrap();
@@ -428,10 +450,17 @@ async fn handle(
             let ns = ns.to_string();
             if method == Method::POST {
                 let body = read_json(req).await;
-                let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let name = body["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 let mut s = state.lock().unwrap();
                 if s.configmaps.contains_key(&(ns.clone(), name.clone())) {
-                    return status(409, "AlreadyExists", &format!("configmaps \"{name}\" already exists"));
+                    return status(
+                        409,
+                        "AlreadyExists",
+                        &format!("configmaps \"{name}\" already exists"),
+                    );
                 }
                 let obj = commit(&mut s, &changes, &ns, &name, Some(body), "ADDED").unwrap();
                 return json_response(201, &obj);
@@ -468,8 +497,13 @@ async fn handle(
                 Method::PATCH => {
                     let patch = read_json(req).await;
                     let mut s = state.lock().unwrap();
-                    let Some(mut obj) = s.configmaps.get(&(ns.clone(), name.clone())).cloned() else {
-                        return status(404, "NotFound", &format!("configmaps \"{name}\" not found"));
+                    let Some(mut obj) = s.configmaps.get(&(ns.clone(), name.clone())).cloned()
+                    else {
+                        return status(
+                            404,
+                            "NotFound",
+                            &format!("configmaps \"{name}\" not found"),
+                        );
                     };
                     // For a ConfigMap a strategic merge patch is a JSON merge patch.
                     merge_patch(&mut obj, &patch);
@@ -483,7 +517,9 @@ async fn handle(
                             200,
                             &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
                         ),
-                        None => status(404, "NotFound", &format!("configmaps \"{name}\" not found")),
+                        None => {
+                            status(404, "NotFound", &format!("configmaps \"{name}\" not found"))
+                        }
                     }
                 }
                 _ => status(405, "MethodNotAllowed", "method not allowed"),
@@ -505,7 +541,11 @@ async fn handle(
             state.lock().unwrap().events.push(body.clone());
             json_response(200, &body)
         }
-        _ => status(404, "NotFound", "the server could not find the requested resource"),
+        _ => status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ),
     }
 }
 
@@ -589,9 +629,11 @@ fn watch(
         let line = |v: Value| Bytes::from(format!("{v}\n"));
         if gone {
             let _ = tx
-                .send(line(json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                .send(line(
+                    json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
                     "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
-                    "message": format!("too old resource version: {from} ({current_rv})")}})))
+                    "message": format!("too old resource version: {from} ({current_rv})")}}),
+                ))
                 .await;
             return;
         }
@@ -602,7 +644,11 @@ fn watch(
         let mut last = from.max(current_rv);
         for c in backlog.into_iter().filter(|c| wanted(c)) {
             last = last.max(c.rv);
-            if tx.send(line(json!({"type": c.kind, "object": c.object}))).await.is_err() {
+            if tx
+                .send(line(json!({"type": c.kind, "object": c.object})))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
