@@ -102,6 +102,19 @@ async fn kubectl_applies_gets_watches_and_deletes_against_the_fake() {
     .unwrap();
     let (seen, rx) = first;
     assert!(seen.iter().any(|l| l.contains("first")), "{seen:?}");
+    // kubectl prints the object it got, then starts watching: change it once the watch
+    // is established, so the event is the watch's to deliver.
+    for _ in 0..2000 {
+        if api.watches() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        api.watches() > 0,
+        "kubectl never watched: {:?}",
+        api.requests()
+    );
     api.put_configmap("default", "braid-config", &[("braid.yaml", "second\n")]);
     let seen = tokio::task::spawn_blocking(move || {
         let mut seen = Vec::new();
@@ -119,7 +132,8 @@ async fn kubectl_applies_gets_watches_and_deletes_against_the_fake() {
     let _ = child.wait();
     assert!(
         seen.iter().any(|l| l.contains("second")),
-        "watch missed the change: {seen:?}"
+        "watch missed the change: {seen:?}\n{:#?}",
+        api.requests()
     );
 
     // Apply again: kubectl patches the existing object.

@@ -47,6 +47,8 @@ struct State {
     requests: Vec<String>,
     /// Watches answered 410 Gone.
     gone: usize,
+    /// Watches that are following changes.
+    watching: usize,
 }
 
 pub struct FakeApi {
@@ -209,6 +211,11 @@ impl FakeApi {
             .unwrap()
             .faults
             .extend_from_slice(statuses);
+    }
+
+    /// How many watch requests have been subscribed to changes so far.
+    pub fn watches(&self) -> usize {
+        self.state.lock().unwrap().watching
     }
 
     /// How many watches were answered 410 Gone.
@@ -602,6 +609,7 @@ fn watch(
     let mut live = changes.subscribe();
     let (backlog, gone, current_rv) = {
         let mut s = state.lock().unwrap();
+        s.watching += 1;
         if from != 0 && from < s.compacted_to {
             s.gone += 1;
         }
