@@ -296,14 +296,21 @@ fn inject(args: &InjectArgs) -> ExitCode {
     }
 }
 
+/// Binds a listener, logging why not.
+async fn bind(addr: SocketAddr) -> Option<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!("cannot listen on {addr}: {e}");
+            None
+        }
+    }
+}
+
 fn webhook(args: WebhookArgs) -> ExitCode {
     runtime(None).block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("cannot listen on {}: {e}", args.listen);
-                return ExitCode::FAILURE;
-            }
+        let Some(listener) = bind(args.listen).await else {
+            return ExitCode::FAILURE;
         };
         let mut skip = vec!["kube-system".to_string()];
         skip.extend(args.namespace.clone());
@@ -460,12 +467,8 @@ fn executor(args: ExecutorArgs) -> ExitCode {
         limits: Limits::default(),
     };
     runtime(None).block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("cannot listen on {}: {e}", args.listen);
-                return ExitCode::FAILURE;
-            }
+        let Some(listener) = bind(args.listen).await else {
+            return ExitCode::FAILURE;
         };
         let mut running = match crate::executor::server::start(opts, listener).await {
             Ok(r) => r,
@@ -500,19 +503,11 @@ fn default_model_name(source: &str) -> String {
 
 fn proxy(args: ProxyArgs) -> ExitCode {
     runtime(args.worker_threads).block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("cannot listen on {}: {e}", args.listen);
-                return ExitCode::FAILURE;
-            }
+        let Some(listener) = bind(args.listen).await else {
+            return ExitCode::FAILURE;
         };
-        let admin = match tokio::net::TcpListener::bind(args.admin).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("cannot listen on {}: {e}", args.admin);
-                return ExitCode::FAILURE;
-            }
+        let Some(admin) = bind(args.admin).await else {
+            return ExitCode::FAILURE;
         };
         let config = match (&args.config, &args.config_map) {
             (Some(path), _) => crate::config::ConfigSource::File(FileSource {

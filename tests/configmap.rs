@@ -47,6 +47,17 @@ async fn eventually(within: Duration, what: &str, mut f: impl AsyncFnMut() -> bo
     panic!("{what}: not within {within:?}");
 }
 
+/// Two backends, a fake API holding a ConfigMap that sends everything to `a`, and a
+/// ready proxy watching it.
+async fn ready_on_configmap() -> (Backend, Backend, FakeApi, TestProxy) {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let api = FakeApi::start().await;
+    api.put_configmap(NS, NAME, &[("braid.yaml", &weights(&a, &b, 1.0, 0.0))]);
+    let proxy = proxy_on(&api).await;
+    wait_for_status(&client(), &proxy.admin_url("/readyz"), 200).await;
+    (a, b, api, proxy)
+}
+
 async fn served_by(proxy: &TestProxy) -> String {
     let r = get(&client(), &proxy.url("/x"), &[]).await;
     if r.status != 200 {
@@ -57,11 +68,7 @@ async fn served_by(proxy: &TestProxy) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_changed_in_the_configmap_are_in_force_within_a_second() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let api = FakeApi::start().await;
-    api.put_configmap(NS, NAME, &[("braid.yaml", &weights(&a, &b, 1.0, 0.0))]);
-    let proxy = proxy_on(&api).await;
-    wait_for_status(&client(), &proxy.admin_url("/readyz"), 200).await;
+    let (a, b, api, proxy) = ready_on_configmap().await;
     assert_eq!(served_by(&proxy).await, "a");
     api.put_configmap(NS, NAME, &[("braid.yaml", &weights(&a, &b, 0.0, 1.0))]);
     let took = eventually(Duration::from_secs(1), "new weights", async || {
@@ -87,11 +94,7 @@ async fn weights_changed_in_the_configmap_are_in_force_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_document_is_rejected_with_an_event_and_the_last_good_one_serves() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let api = FakeApi::start().await;
-    api.put_configmap(NS, NAME, &[("braid.yaml", &weights(&a, &b, 1.0, 0.0))]);
-    let proxy = proxy_on(&api).await;
-    wait_for_status(&client(), &proxy.admin_url("/readyz"), 200).await;
+    let (a, b, api, proxy) = ready_on_configmap().await;
     let bad = weights(&a, &b, 1.0, 0.0).replace("weight: 1", "weight: -1");
     api.put_configmap(NS, NAME, &[("braid.yaml", &bad)]);
     let rejected = r#"braid_config_reloads_total{source="configmap",result="rejected"}"#;
@@ -134,11 +137,7 @@ async fn an_invalid_document_is_rejected_with_an_event_and_the_last_good_one_ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_410_gone_the_watch_relists_and_finds_the_current_state() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let api = FakeApi::start().await;
-    api.put_configmap(NS, NAME, &[("braid.yaml", &weights(&a, &b, 1.0, 0.0))]);
-    let proxy = proxy_on(&api).await;
-    wait_for_status(&client(), &proxy.admin_url("/readyz"), 200).await;
+    let (a, b, api, proxy) = ready_on_configmap().await;
     // The API server goes away; meanwhile the ConfigMap changes and history is
     // compacted, so the watcher's resourceVersion is too old when it comes back.
     api.stop().await;
@@ -164,11 +163,7 @@ async fn after_410_gone_the_watch_relists_and_finds_the_current_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_restart_keeps_the_config_and_the_watch_resumes() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let api = FakeApi::start().await;
-    api.put_configmap(NS, NAME, &[("braid.yaml", &weights(&a, &b, 1.0, 0.0))]);
-    let proxy = proxy_on(&api).await;
-    wait_for_status(&client(), &proxy.admin_url("/readyz"), 200).await;
+    let (a, b, api, proxy) = ready_on_configmap().await;
     api.stop().await;
     for _ in 0..20 {
         assert_eq!(served_by(&proxy).await, "a");
@@ -216,11 +211,7 @@ async fn errors_from_the_api_are_retried_with_backoff_not_in_a_loop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_configmap_keeps_the_last_good_config_and_says_so() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let api = FakeApi::start().await;
-    api.put_configmap(NS, NAME, &[("braid.yaml", &weights(&a, &b, 1.0, 0.0))]);
-    let proxy = proxy_on(&api).await;
-    wait_for_status(&client(), &proxy.admin_url("/readyz"), 200).await;
+    let (a, b, api, proxy) = ready_on_configmap().await;
     api.delete_configmap(NS, NAME);
     eventually(Duration::from_secs(5), "deletion reported", async || {
         let cfg = get(&client(), &proxy.admin_url("/config"), &[])

@@ -177,9 +177,23 @@ fn what_injection_does_to_a_pod_template() {
     assert!(containers.last().unwrap().get("restartPolicy").is_none());
 }
 
+/// Runs `braid inject ARGS` with `input` on standard input.
+fn inject_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+        .arg("inject")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn the_cli_reads_files_and_stdin_and_reports_bad_yaml() {
-    use std::io::Write;
     let input = root().join("tests/golden/inject/readme.yaml");
     let braid = env!("CARGO_BIN_EXE_braid");
     let from_file = std::process::Command::new(braid)
@@ -193,37 +207,14 @@ fn the_cli_reads_files_and_stdin_and_reports_bad_yaml() {
     assert_eq!(String::from_utf8_lossy(&from_file.stdout), expected);
     assert!(String::from_utf8_lossy(&from_file.stderr).contains("Deployment/sentiment: injected"));
 
-    let mut child = std::process::Command::new(braid)
-        .args(["inject", "--image", "ghcr.io/braid-dev/braid:test"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(std::fs::read(&input).unwrap().as_slice())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = inject_stdin(
+        &["--image", "ghcr.io/braid-dev/braid:test"],
+        &std::fs::read(&input).unwrap(),
+    );
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
 
-    let mut child = std::process::Command::new(braid)
-        .arg("inject")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"kind: [unclosed\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = inject_stdin(&[], b"kind: [unclosed\n");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("braid inject:"));
 }
