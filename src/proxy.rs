@@ -369,7 +369,21 @@ impl Proxy {
             tls: variant.tls.clone(),
         };
         let backend = variant.upstream.authority.to_string();
-        let sent = retry::send(call, attempts, out);
+        // A route that neither retries, times tries out nor tracks health needs none of
+        // the tower stack: one call, as cheap as it can be.
+        let plain = route.retry.attempts <= 1
+            && route.retry.per_try_timeout.is_none()
+            && attempts.health.is_none();
+        let sent = async move {
+            if plain {
+                call.upstreams
+                    .send_with(call.protocol, call.tls.as_ref(), out)
+                    .await
+                    .map_err(TryError::from)
+            } else {
+                retry::send(call, attempts, out).await
+            }
+        };
         let result = match prepared.deadline {
             Some(d) => match tokio::time::timeout_at(d, sent).await {
                 Ok(r) => r,
