@@ -263,3 +263,18 @@ async fn starting_before_the_api_is_reachable_is_unready_until_the_first_good_co
     assert_eq!(served_by(&proxy).await, "a");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_watches_its_configmap_with_kubeconfig_credentials() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let api = FakeApi::start().await;
+    api.put_configmap(NS, NAME, &[("config", &weights(&a, &b, 0.0, 1.0))]);
+    let braid = BraidProcess::start_with(
+        &["--config-map", "ml/braid", "--config-key", "config"],
+        &[("KUBECONFIG", api.kubeconfig.as_path())],
+    );
+    let c = client();
+    wait_for_status(&c, &format!("http://{}/readyz", braid.admin), 200).await;
+    let r = get(&c, &format!("http://{}/x", braid.addr), &[]).await;
+    assert_eq!(r.variant(), "b");
+}

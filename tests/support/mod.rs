@@ -447,18 +447,18 @@ pub struct BraidProcess {
 impl BraidProcess {
     /// Starts `braid proxy` on `127.0.0.1:0` and reads the bound addresses from its log.
     pub fn start(config: &Path, extra: &[&str]) -> BraidProcess {
+        let mut args = vec!["--config", config.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::start_with(&args, &[])
+    }
+
+    /// Starts `braid proxy ARGS` on `127.0.0.1:0` with extra environment variables.
+    pub fn start_with(args: &[&str], env: &[(&str, &Path)]) -> BraidProcess {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
-            .args([
-                "proxy",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--config",
-            ])
-            .arg(config)
-            .args(extra)
+            .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(args)
+            .envs(env.iter().copied())
             .env("BRAID_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .spawn()
