@@ -70,6 +70,17 @@ fn divergence_histogram() -> Histogram {
     Histogram::new(DIVERGENCE_BUCKETS)
 }
 
+/// Registers `metric` and hands it back, so declaring a family is one statement.
+fn register<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
@@ -187,118 +198,113 @@ impl BatchMetrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
+        let requests = register(
+            &mut registry,
             "braid_requests",
             "Routed requests answered, by route, variant and HTTP status",
-            requests.clone(),
+            Family::<RequestLabels, Counter>::default(),
         );
-        let duration: HistogramFamily<VariantLabels> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register(
+        let duration: HistogramFamily<VariantLabels> = register(
+            &mut registry,
             "braid_request_duration_seconds",
             "Time from request received to response headers sent, by route and variant",
-            duration.clone(),
+            Family::new_with_constructor(latency_histogram),
         );
-        let unrouted = Family::<UnroutedLabels, Counter>::default();
-        registry.register(
+        let unrouted = register(
+            &mut registry,
             "braid_unrouted_requests",
             "Requests answered before a variant was chosen (no route, bad override, no config)",
-            unrouted.clone(),
+            Family::<UnroutedLabels, Counter>::default(),
         );
-        let reloads = Family::<ReloadLabels, Counter>::default();
-        registry.register(
+        let reloads = register(
+            &mut registry,
             "braid_config_reloads",
             "Config documents seen, by source and whether they were accepted or rejected",
-            reloads.clone(),
+            Family::<ReloadLabels, Counter>::default(),
         );
-        let generation = Gauge::default();
-        registry.register(
+        let generation = register(
+            &mut registry,
             "braid_config_generation",
             "Generation of the config in force (1 = first accepted document)",
-            generation.clone(),
+            Gauge::default(),
         );
-        let inflight = Gauge::default();
-        registry.register(
+        let inflight = register(
+            &mut registry,
             "braid_requests_in_flight",
             "Requests received and not yet answered",
-            inflight.clone(),
+            Gauge::default(),
         );
-        let batch_size: HistogramFamily<VariantLabels> =
-            Family::new_with_constructor(batch_histogram);
-        registry.register(
+        let batch_size: HistogramFamily<VariantLabels> = register(
+            &mut registry,
             "braid_batch_size",
             "Rows per batch sent to the executor",
-            batch_size.clone(),
+            Family::new_with_constructor(batch_histogram),
         );
-        let batch_queue: HistogramFamily<VariantLabels> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register(
+        let batch_queue: HistogramFamily<VariantLabels> = register(
+            &mut registry,
             "braid_batch_queue_seconds",
             "Time a request waited in the batch queue (apart from execution)",
-            batch_queue.clone(),
+            Family::new_with_constructor(latency_histogram),
         );
-        let batch_exec: HistogramFamily<VariantLabels> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register(
+        let batch_exec: HistogramFamily<VariantLabels> = register(
+            &mut registry,
             "braid_batch_exec_seconds",
             "Time from sending a batch to answering all its requests",
-            batch_exec.clone(),
+            Family::new_with_constructor(latency_histogram),
         );
-        let batch_flushes = Family::<FlushLabels, Counter>::default();
-        registry.register(
+        let batch_flushes = register(
+            &mut registry,
             "braid_batch_flushes",
             "Batches sent, by why they left the queue (full, idle, delay, deadline)",
-            batch_flushes.clone(),
+            Family::<FlushLabels, Counter>::default(),
         );
-        let batch_dropped = Family::<FlushLabels, Counter>::default();
-        registry.register(
+        let batch_dropped = register(
+            &mut registry,
             "braid_batch_dropped",
             "Requests that left the batch queue unsent (queue_full, deadline, cancelled)",
-            batch_dropped.clone(),
+            Family::<FlushLabels, Counter>::default(),
         );
-        let queue_depth = Family::<VariantLabels, Gauge>::default();
-        registry.register(
+        let queue_depth = register(
+            &mut registry,
             "braid_queue_depth",
             "Requests waiting in the batch queue",
-            queue_depth.clone(),
+            Family::<VariantLabels, Gauge>::default(),
         );
-        let retries = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
+        let retries = register(
+            &mut registry,
             "braid_retries",
             "Retry decisions: retried, or why not (budget_exhausted, not_idempotent, body_too_large, deadline, retry_after_too_long)",
-            retries.clone(),
+            Family::<OutcomeLabels, Counter>::default(),
         );
-        let ejections = Family::<VariantLabels, Counter>::default();
-        registry.register(
+        let ejections = register(
+            &mut registry,
             "braid_ejections",
             "Times a variant was ejected after consecutive failures",
-            ejections.clone(),
+            Family::<VariantLabels, Counter>::default(),
         );
-        let ejected = Family::<VariantLabels, Gauge>::default();
-        registry.register(
+        let ejected = register(
+            &mut registry,
             "braid_variant_ejected",
             "1 while a variant is ejected (its traffic goes to the fallback or the others)",
-            ejected.clone(),
+            Family::<VariantLabels, Gauge>::default(),
         );
-        let fallbacks = Family::<VariantLabels, Counter>::default();
-        registry.register(
+        let fallbacks = register(
+            &mut registry,
             "braid_fallbacks",
             "Requests assigned to this variant and served by the route's fallback",
-            fallbacks.clone(),
+            Family::<VariantLabels, Counter>::default(),
         );
-        let shadow = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
+        let shadow = register(
+            &mut registry,
             "braid_shadow_requests",
             "Shadow copies, by outcome (status_match, status_mismatch, failed, skipped_saturated)",
-            shadow.clone(),
+            Family::<OutcomeLabels, Counter>::default(),
         );
-        let divergence: HistogramFamily<VariantLabels> =
-            Family::new_with_constructor(divergence_histogram);
-        registry.register(
+        let divergence: HistogramFamily<VariantLabels> = register(
+            &mut registry,
             "braid_shadow_divergence",
             "Largest absolute difference between primary and shadow output tensors (OIP), per pair",
-            divergence.clone(),
+            Family::new_with_constructor(divergence_histogram),
         );
         Metrics {
             registry,
@@ -485,56 +491,53 @@ pub struct ExecutorMetrics {
 impl ExecutorMetrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<ModelCodeLabels, Counter>::default();
-        registry.register(
+        let requests = register(
+            &mut registry,
             "braid_executor_requests",
             "Inference requests answered, by model and HTTP status",
-            requests.clone(),
+            Family::<ModelCodeLabels, Counter>::default(),
         );
-        let inference: HistogramFamily<ModelLabels> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register(
+        let inference: HistogramFamily<ModelLabels> = register(
+            &mut registry,
             "braid_executor_inference_seconds",
             "Time of one forward pass (tokenize, encode, pool), by model",
-            inference.clone(),
+            Family::new_with_constructor(latency_histogram),
         );
-        let queue_wait: HistogramFamily<ModelLabels> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register(
+        let queue_wait: HistogramFamily<ModelLabels> = register(
+            &mut registry,
             "braid_executor_queue_seconds",
             "Time a batch waited for a model thread, by model",
-            queue_wait.clone(),
+            Family::new_with_constructor(latency_histogram),
         );
-        let batch_size: HistogramFamily<ModelLabels> =
-            Family::new_with_constructor(batch_histogram);
-        registry.register(
+        let batch_size: HistogramFamily<ModelLabels> = register(
+            &mut registry,
             "braid_executor_batch_size",
             "Rows per forward pass, by model",
-            batch_size.clone(),
+            Family::new_with_constructor(batch_histogram),
         );
-        let queue_depth = Family::<ModelLabels, Gauge>::default();
-        registry.register(
+        let queue_depth = register(
+            &mut registry,
             "braid_executor_queue_depth",
             "Batches waiting for a model thread",
-            queue_depth.clone(),
+            Family::<ModelLabels, Gauge>::default(),
         );
-        let cancelled = Family::<ModelLabels, Counter>::default();
-        registry.register(
+        let cancelled = register(
+            &mut registry,
             "braid_executor_cancelled",
             "Batches dropped before their forward pass because the caller went away",
-            cancelled.clone(),
+            Family::<ModelLabels, Counter>::default(),
         );
-        let tokens_computed = Family::<ModelLabels, Counter>::default();
-        registry.register(
+        let tokens_computed = register(
+            &mut registry,
             "braid_executor_tokens_computed",
             "Token positions computed, padding included",
-            tokens_computed.clone(),
+            Family::<ModelLabels, Counter>::default(),
         );
-        let tokens_real = Family::<ModelLabels, Counter>::default();
-        registry.register(
+        let tokens_real = register(
+            &mut registry,
             "braid_executor_tokens_real",
             "Token positions that were real text (computed minus these is padding waste)",
-            tokens_real.clone(),
+            Family::<ModelLabels, Counter>::default(),
         );
         ExecutorMetrics {
             registry,
