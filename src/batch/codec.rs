@@ -336,13 +336,38 @@ pub fn split(
         };
         parsed.push((o, shape[1..].to_vec(), data, row as usize));
     }
+    // Everything but the tensors' data is copied per request; the data is sliced.
+    // (Cloning whole objects per request made a 32 x 384 split cost ~10 ms.)
+    let headers: Vec<Map<String, Value>> = parsed
+        .iter()
+        .map(|(o, ..)| {
+            o.as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter(|(k, _)| *k != "shape" && *k != "data")
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    let base: Map<String, Value> = v
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| *k != "outputs" && *k != "id")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut start = 0;
     let mut bodies = Vec::with_capacity(items.len());
     for item in items {
         let outs: Vec<Value> = parsed
             .iter()
-            .map(|(o, inner, data, row)| {
-                let mut out = o.as_object().cloned().unwrap_or_default();
+            .zip(&headers)
+            .map(|((_, inner, data, row), header)| {
+                let mut out = header.clone();
                 let mut shape = vec![item.rows as i64];
                 shape.extend(inner);
                 out.insert("shape".into(), json!(shape));
@@ -354,8 +379,7 @@ pub fn split(
             })
             .collect();
         start += item.rows;
-        let mut resp = v.as_object().cloned().unwrap_or_default();
-        resp.remove("id");
+        let mut resp = base.clone();
         if let Some(id) = &item.id {
             resp.insert("id".into(), id.clone());
         }
