@@ -34,7 +34,9 @@ fn reply(merged: &[u8], with_ids: bool) -> Vec<u8> {
     if with_ids {
         outputs.push(m["inputs"][1].clone());
     }
-    json!({"model_name": "m", "outputs": outputs}).to_string().into_bytes()
+    json!({"model_name": "m", "outputs": outputs})
+        .to_string()
+        .into_bytes()
 }
 
 fn codec_bench(c: &mut Criterion) {
