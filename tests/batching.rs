@@ -15,6 +15,13 @@ fn rows_of(r: &Reply) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A scriptable mock executor and a proxy batching route `m` to it.
+async fn mock_behind_proxy(behaviour: MockBehaviour, batching: &str) -> (MockExecutor, TestProxy) {
+    let exec = MockExecutor::start(behaviour).await;
+    let proxy = TestProxy::start(&batching_config(exec.addr, batching)).await;
+    (exec, proxy)
+}
+
 async fn concurrent(
     proxy: &TestProxy,
     clients: usize,
@@ -46,16 +53,14 @@ async fn concurrent(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_clients_each_get_exactly_their_own_rows() {
-    let exec = MockExecutor::start(MockBehaviour {
-        fixed: Duration::from_millis(5),
-        per_row: Duration::from_micros(500),
-        ..Default::default()
-    })
-    .await;
-    let proxy = TestProxy::start(&batching_config(
-        exec.addr,
+    let (exec, proxy) = mock_behind_proxy(
+        MockBehaviour {
+            fixed: Duration::from_millis(5),
+            per_row: Duration::from_micros(500),
+            ..Default::default()
+        },
         "{ max_batch_size: 32, max_queue: 256 }",
-    ))
+    )
     .await;
     for round in 0..3 {
         let results = concurrent(&proxy, 64, 1 + round, &format!("round{round}")).await;
@@ -114,15 +119,13 @@ async fn one_client_at_a_time_pays_no_waiting_tax() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_with_retry_after_at_once() {
-    let exec = MockExecutor::start(MockBehaviour {
-        fixed: Duration::from_millis(400),
-        ..Default::default()
-    })
-    .await;
-    let proxy = TestProxy::start(&batching_config(
-        exec.addr,
+    let (_exec, proxy) = mock_behind_proxy(
+        MockBehaviour {
+            fixed: Duration::from_millis(400),
+            ..Default::default()
+        },
         "{ max_batch_size: 1, max_queue: 2 }",
-    ))
+    )
     .await;
     let results = concurrent(&proxy, 10, 1, "q").await;
     let limited: Vec<&Reply> = results
@@ -154,12 +157,14 @@ async fn a_full_queue_answers_429_with_retry_after_at_once() {
 
 #[tokio::test]
 async fn a_request_past_its_deadline_gets_504_and_is_not_sent() {
-    let exec = MockExecutor::start(MockBehaviour {
-        fixed: Duration::from_millis(300),
-        ..Default::default()
-    })
+    let (exec, proxy) = mock_behind_proxy(
+        MockBehaviour {
+            fixed: Duration::from_millis(300),
+            ..Default::default()
+        },
+        "{ max_batch_size: 1 }",
+    )
     .await;
-    let proxy = TestProxy::start(&batching_config(exec.addr, "{ max_batch_size: 1 }")).await;
     let (c1, c2) = (client(), client());
     let url = proxy.url("/v2/models/m/infer");
     let first_body = infer_body(&["first"], "");
@@ -195,12 +200,14 @@ async fn a_request_past_its_deadline_gets_504_and_is_not_sent() {
 
 #[tokio::test]
 async fn a_client_that_leaves_before_dispatch_is_never_sent() {
-    let exec = MockExecutor::start(MockBehaviour {
-        fixed: Duration::from_millis(300),
-        ..Default::default()
-    })
+    let (exec, proxy) = mock_behind_proxy(
+        MockBehaviour {
+            fixed: Duration::from_millis(300),
+            ..Default::default()
+        },
+        "{ max_batch_size: 8 }",
+    )
     .await;
-    let proxy = TestProxy::start(&batching_config(exec.addr, "{ max_batch_size: 8 }")).await;
     let url = proxy.url("/v2/models/m/infer");
     let c1 = client();
     let first = tokio::spawn({
@@ -237,16 +244,14 @@ async fn a_client_that_leaves_before_dispatch_is_never_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poisoned_item_fails_alone_and_the_rest_succeed() {
-    let exec = MockExecutor::start(MockBehaviour {
-        fixed: Duration::from_millis(20),
-        poison: true,
-        ..Default::default()
-    })
-    .await;
-    let proxy = TestProxy::start(&batching_config(
-        exec.addr,
+    let (exec, proxy) = mock_behind_proxy(
+        MockBehaviour {
+            fixed: Duration::from_millis(20),
+            poison: true,
+            ..Default::default()
+        },
         "{ max_batch_size: 16, max_delay: 20ms }",
-    ))
+    )
     .await;
     let mut tasks = Vec::new();
     for i in 0..12 {
@@ -292,17 +297,13 @@ async fn short_or_garbled_replies_fail_the_whole_batch_with_502_and_leak_nothing
             Box::new(|b: &mut MockBehaviour| b.garbage = true),
         ),
     ] {
-        let exec = MockExecutor::start(MockBehaviour {
+        let mut behaviour = MockBehaviour {
             fixed: Duration::from_millis(20),
             ..Default::default()
-        })
-        .await;
-        exec.set(set);
-        let proxy = TestProxy::start(&batching_config(
-            exec.addr,
-            "{ max_batch_size: 16, max_delay: 20ms }",
-        ))
-        .await;
+        };
+        set(&mut behaviour);
+        let (_exec, proxy) =
+            mock_behind_proxy(behaviour, "{ max_batch_size: 16, max_delay: 20ms }").await;
         for (_, r) in concurrent(&proxy, 8, 2, what).await {
             assert_eq!(r.status, 502, "{what}: {}", r.text());
             assert!(r.json()["error"].is_string());
@@ -314,15 +315,13 @@ async fn short_or_garbled_replies_fail_the_whole_batch_with_502_and_leak_nothing
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_that_permutes_rows_is_caught_by_row_ids_and_leaks_nothing() {
-    let exec = MockExecutor::start(MockBehaviour {
-        fixed: Duration::from_millis(20),
-        ..Default::default()
-    })
-    .await;
-    let proxy = TestProxy::start(&batching_config(
-        exec.addr,
+    let (exec, proxy) = mock_behind_proxy(
+        MockBehaviour {
+            fixed: Duration::from_millis(20),
+            ..Default::default()
+        },
         "{ max_batch_size: 16, max_delay: 20ms, row_id: braid_row_id }",
-    ))
+    )
     .await;
     // In order: every client gets its own rows, and never sees the row-id tensor.
     for (texts, r) in concurrent(&proxy, 8, 2, "ordered").await {
@@ -364,16 +363,14 @@ async fn an_executor_that_permutes_rows_is_caught_by_row_ids_and_leaks_nothing()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_killed_mid_batch_gives_503_with_retry_after_then_recovers() {
-    let exec = MockExecutor::start(MockBehaviour {
-        fixed: Duration::from_millis(20),
-        die: true,
-        ..Default::default()
-    })
-    .await;
-    let proxy = TestProxy::start(&batching_config(
-        exec.addr,
+    let (exec, proxy) = mock_behind_proxy(
+        MockBehaviour {
+            fixed: Duration::from_millis(20),
+            die: true,
+            ..Default::default()
+        },
         "{ max_batch_size: 16, max_delay: 20ms }",
-    ))
+    )
     .await;
     for (_, r) in concurrent(&proxy, 8, 1, "killed").await {
         assert_eq!(r.status, 503, "{}", r.text());
@@ -389,15 +386,13 @@ async fn an_executor_killed_mid_batch_gives_503_with_retry_after_then_recovers()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kserve_v1_instances_are_batched_too() {
-    let exec = MockExecutor::start(MockBehaviour {
-        fixed: Duration::from_millis(20),
-        ..Default::default()
-    })
-    .await;
-    let proxy = TestProxy::start(&batching_config(
-        exec.addr,
+    let (exec, proxy) = mock_behind_proxy(
+        MockBehaviour {
+            fixed: Duration::from_millis(20),
+            ..Default::default()
+        },
         "{ max_batch_size: 16, max_delay: 10ms }",
-    ))
+    )
     .await;
     let mut tasks = Vec::new();
     for i in 0..8 {
