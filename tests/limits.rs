@@ -124,14 +124,7 @@ async fn refused_backend_is_a_503_json_with_retry_after() {
 
 #[tokio::test]
 async fn a_stalled_backend_is_a_504_at_the_route_timeout() {
-    let slow = Backend::start_with(
-        "slow",
-        BackendBehaviour {
-            delay: Duration::from_secs(30),
-            ..Default::default()
-        },
-    )
-    .await;
+    let slow = Backend::slow("slow", Duration::from_secs(30)).await;
     let proxy = proxy_to(&slow.url()).await;
     let r = get(&client(), &proxy.url("/x"), &[]).await;
     assert_eq!(r.status, 504);

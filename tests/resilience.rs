@@ -166,14 +166,7 @@ async fn an_ejected_variant_without_fallback_shares_its_traffic_and_keeps_its_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_backend_gets_per_try_timeouts_then_504_within_the_route_timeout() {
-    let slow = Backend::start_with(
-        "slow",
-        BackendBehaviour {
-            delay: Duration::from_secs(30),
-            ..Default::default()
-        },
-    )
-    .await;
+    let slow = Backend::slow("slow", Duration::from_secs(30)).await;
     let proxy = TestProxy::start(&route(
         &[("slow", 1.0, &slow.url())],
         "    timeout: 1s\n    retry: { attempts: 3, per_try_timeout: 200ms, idempotent: true, backoff_base: 1ms, backoff_max: 1ms }\n",
@@ -368,14 +361,7 @@ async fn shadow_copies_never_touch_the_client_and_record_divergence() {
 
     // A stalled shadow: clients are answered while their copies hang, and once the
     // slots are taken further copies are skipped, not queued.
-    let stalled = Backend::start_with(
-        "stalled",
-        BackendBehaviour {
-            delay: Duration::from_secs(30),
-            ..Default::default()
-        },
-    )
-    .await;
+    let stalled = Backend::slow("stalled", Duration::from_secs(30)).await;
     proxy
         .reload(&route(
             &[
@@ -408,14 +394,7 @@ async fn wait_for_metric(proxy: &TestProxy, series: &str, value: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_answers_fast_and_the_admin_port_keeps_answering() {
-    let b = Backend::start_with(
-        "b",
-        BackendBehaviour {
-            delay: Duration::from_secs(2),
-            ..Default::default()
-        },
-    )
-    .await;
+    let b = Backend::slow("b", Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("braid.yaml");
     std::fs::write(

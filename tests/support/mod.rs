@@ -63,6 +63,18 @@ impl Backend {
         Self::start_with(name, BackendBehaviour::default()).await
     }
 
+    /// A backend that takes `delay` to answer every request.
+    pub async fn slow(name: &str, delay: Duration) -> Backend {
+        Self::start_with(
+            name,
+            BackendBehaviour {
+                delay,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
     pub async fn start_with(name: &str, behaviour: BackendBehaviour) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
