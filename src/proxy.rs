@@ -23,7 +23,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tower::retry::budget::Budget;
+use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::batch::batching;
 use crate::config::Store;
@@ -141,10 +141,6 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => return self.finish(route, vi, fallback_from, Err(e), start, None),
         };
-        if route.retry.attempts > 1 {
-            // One deposit per client request, however many variants end up serving it.
-            self.state.budget(&route.name, &route.retry).deposit();
-        }
         let shadow = self.start_shadow(&m, vi, &parts, &prepared.body, conn);
         let mut served = self.serve(&m, vi, &parts, &prepared, conn).await;
         if let Some(fb) = route.fallback
@@ -265,7 +261,13 @@ impl Proxy {
         };
         let route_deadline = route.timeout.map(|t| start + t);
         let body = server::read_body(&parts.headers, body, self.max_body_bytes).await?;
+        let budget = (route.retry.attempts > 1).then(|| {
+            let b = self.state.budget(&route.name, &route.retry);
+            b.deposit();
+            b
+        });
         Ok(Prepared {
+            budget,
             body,
             deadline: [header_deadline, route_deadline]
                 .into_iter()
@@ -352,7 +354,7 @@ impl Proxy {
         });
         let attempts = Attempts {
             policy: route.retry.clone(),
-            budget: retries.then(|| self.state.budget(&route.name, &route.retry)),
+            budget: prepared.budget.clone(),
             metrics: retries.then(|| {
                 self.state
                     .retry_metrics(&self.metrics, &route.name, &variant.name)
@@ -497,6 +499,9 @@ struct Prepared {
     deadline: Option<Instant>,
     /// The deadline came from the client's header (504 "deadline passed").
     by_header: bool,
+    /// The route's retry budget, already credited with this request's one deposit
+    /// (however many variants end up serving it); `None` without retries.
+    budget: Option<Arc<TpsBudget>>,
 }
 
 /// What the shadow compares against.
