@@ -67,6 +67,13 @@ impl<S> Sniffer<S> {
 }
 
 impl Scan {
+    /// Appends to the current line what still fits in `line`.
+    fn keep(&mut self, part: &[u8]) {
+        let n = part.len().min(LINE_KEEP - self.line_len);
+        self.line[self.line_len..self.line_len + n].copy_from_slice(&part[..n]);
+        self.line_len += n;
+    }
+
     fn feed(&mut self, mut bytes: &[u8], flags: &ConnFlags) {
         while !bytes.is_empty() && !self.done {
             if self.skip > 0 {
@@ -75,15 +82,13 @@ impl Scan {
                 bytes = &bytes[n..];
                 continue;
             }
-            let b = bytes[0];
-            bytes = &bytes[1..];
-            if b != b'\n' {
-                if self.line_len < LINE_KEEP {
-                    self.line[self.line_len] = b;
-                    self.line_len += 1;
-                }
-                continue;
-            }
+            // Jump to the end of the line; only its first LINE_KEEP bytes matter.
+            let Some(nl) = memchr::memchr(b'\n', bytes) else {
+                self.keep(bytes);
+                return;
+            };
+            self.keep(&bytes[..nl]);
+            bytes = &bytes[nl + 1..];
             let mut line = &self.line[..self.line_len];
             if line.last() == Some(&b'\r') {
                 line = &line[..line.len() - 1];
@@ -189,6 +194,19 @@ mod tests {
         assert_eq!(scan(&[req]), (true, false));
         let (a, b) = req.split_at(33);
         assert_eq!(scan(&[a, b]), (true, false));
+    }
+
+    #[test]
+    fn long_lines_and_every_split_point_are_handled() {
+        let req = format!(
+            "POST / HTTP/1.1\r\nUser-Agent: {}\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello",
+            "x".repeat(200)
+        );
+        let req = req.as_bytes();
+        for cut in 0..req.len() {
+            let (a, b) = req.split_at(cut);
+            assert_eq!(scan(&[a, b]), (true, false), "split at {cut}");
+        }
     }
 
     #[test]
