@@ -181,7 +181,9 @@ pub struct ProxyArgs {
     /// How often to check the local executor's `/v2/health/ready` (gates `/readyz`).
     #[arg(long, env = "BRAID_EXECUTOR_PROBE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub executor_probe_interval: Duration,
-    /// Runtime worker threads (default: one per core).
+    /// Runtime worker threads (default: one per core). 1 runs the proxy on a single
+    /// thread with no work stealing: the least CPU per request, for a sidecar given
+    /// one core or less.
     #[arg(long, env = "BRAID_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 }
@@ -398,10 +400,17 @@ fn check(file: &std::path::Path) -> ExitCode {
 }
 
 fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        rt.worker_threads(n);
-    }
+    let mut rt = match workers {
+        // One worker gains nothing from the multi-threaded scheduler, and pays for its
+        // cross-thread wake-ups on every request.
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     rt.enable_all().build().expect("tokio runtime")
 }
 

@@ -289,7 +289,15 @@ impl Proxy {
     ) -> Served {
         let route = m.route;
         let variant = &route.variants[vi];
-        let path = upstream_path(m, variant, &parts.uri);
+        let path = match upstream_path(m, variant, &parts.uri) {
+            Ok(p) => p,
+            Err(e) => {
+                return Served {
+                    result: Err(e),
+                    repeatable: false,
+                };
+            }
+        };
         if let (true, Some(limits)) = (variant.local, route.batching)
             && parts.method == Method::POST
         {
@@ -301,7 +309,7 @@ impl Proxy {
                         variant,
                         limits,
                         item,
-                        path,
+                        path.as_str().to_owned(),
                         prepared.deadline,
                     )
                     .await;
@@ -329,7 +337,7 @@ impl Proxy {
         variant: &Variant,
         parts: &http::request::Parts,
         prepared: &Prepared,
-        path: String,
+        path: PathAndQuery,
         conn: &ConnInfo,
     ) -> Served {
         let safe_method = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
@@ -471,7 +479,7 @@ impl Proxy {
                 return None;
             }
         };
-        let path = upstream_path(m, variant, &parts.uri);
+        let path = upstream_path(m, variant, &parts.uri).ok()?;
         let mut req = upstream_request(parts, body, variant, path, conn).ok()?;
         req.headers_mut()
             .insert(X_BRAID_SHADOW.clone(), HeaderValue::from_static("1"));
@@ -560,15 +568,20 @@ impl ShadowJob {
 }
 
 /// The path at the backend: the model name rewritten to the variant's target.
-fn upstream_path(m: &Match<'_>, variant: &Variant, uri: &Uri) -> String {
-    let path = match (&m.model_span, &variant.target_model) {
-        (Some(span), Some(target)) => route::rewrite_model(uri.path(), span, target),
-        _ => uri.path().to_string(),
+fn upstream_path(m: &Match<'_>, variant: &Variant, uri: &Uri) -> Result<PathAndQuery, ProxyError> {
+    let (Some(span), Some(target)) = (&m.model_span, &variant.target_model) else {
+        // Nothing to rewrite: the client's own (already parsed) path and query.
+        return Ok(uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")));
     };
-    match uri.query() {
+    let path = route::rewrite_model(uri.path(), span, target);
+    let path = match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path,
-    }
+    };
+    PathAndQuery::try_from(path).map_err(|e| ProxyError::BadRequest(format!("path: {e}")))
 }
 
 /// The request as the variant's backend gets it.
@@ -576,16 +589,13 @@ fn upstream_request(
     parts: &http::request::Parts,
     body: &Bytes,
     variant: &Variant,
-    path_and_query: String,
+    path_and_query: PathAndQuery,
     conn: &ConnInfo,
 ) -> Result<Request<Full<Bytes>>, ProxyError> {
     let uri = Uri::builder()
         .scheme(variant.upstream.scheme.clone())
         .authority(variant.upstream.authority.clone())
-        .path_and_query(
-            PathAndQuery::try_from(path_and_query)
-                .map_err(|e| ProxyError::BadRequest(format!("path: {e}")))?,
-        )
+        .path_and_query(path_and_query)
         .build()
         .map_err(|e| ProxyError::BadRequest(format!("uri: {e}")))?;
     let mut out = Request::new(Full::new(body.clone()));
@@ -607,6 +617,10 @@ fn upstream_request(
 
 /// Connection-scoped headers must not be forwarded (RFC 9110 §7.6.1).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than the removals.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -631,15 +645,31 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        &header::CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+    .contains(&name)
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 fn append_forwarded_for(headers: &mut HeaderMap, conn: &ConnInfo) {
-    let ip = conn.peer.ip().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => match HeaderValue::try_from(format!("{prev}, {}", conn.peer.ip())) {
+            Ok(v) => v,
+            Err(_) => return,
+        },
+        None => conn.peer_ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
-    }
+    headers.insert(X_FORWARDED_FOR.clone(), value);
 }
 
 /// Default connect timeout for backends (a route timeout, when set, bounds it too).

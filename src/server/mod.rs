@@ -83,7 +83,21 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as a header value, made once per connection.
+    pub peer_ip: HeaderValue,
     pub flags: Arc<ConnFlags>,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, flags: Arc<ConnFlags>) -> ConnInfo {
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
+            .expect("an IP address is a valid header value");
+        ConnInfo {
+            peer,
+            peer_ip,
+            flags,
+        }
+    }
 }
 
 /// A request handler: the proxy, or the admin endpoints.
@@ -153,10 +167,7 @@ pub async fn serve_tls<H: Handler>(
         };
         let _ = stream.set_nodelay(true);
         let flags = Arc::new(ConnFlags::default());
-        let conn_info = Arc::new(ConnInfo {
-            peer,
-            flags: flags.clone(),
-        });
+        let conn_info = Arc::new(ConnInfo::new(peer, flags.clone()));
         let (builder, handler, phase) = (builder.clone(), handler.clone(), phase.clone());
         match tls.clone() {
             None => {
