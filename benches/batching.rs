@@ -3,7 +3,10 @@
 //! row per request). Targets on 2 cores: at concurrency 64, >= 5x unbatched throughput
 //! with the mock and >= 2.5x with MiniLM; at concurrency 1, p50 within 1 ms.
 //!
-//! Run: `cargo bench --bench batching -- [--seconds 3] [--skip-minilm]`
+//! Each point is also measured straight against the executor ("direct"), the floor
+//! the proxy adds to. `--json PATH` writes the points for benches/compare.
+//!
+//! Run: `cargo bench --bench batching -- [--seconds 3] [--skip-minilm] [--json PATH]`
 
 mod common;
 
@@ -75,6 +78,14 @@ struct Point {
     p99: f64,
 }
 
+impl Point {
+    fn json(&self, concurrency: usize) -> Value {
+        json!({"concurrency": concurrency, "rps": self.rps, "p50": self.p50, "p99": self.p99})
+    }
+}
+
+const CONCURRENCY: [usize; 4] = [1, 4, 16, 64];
+
 async fn load(url: String, concurrency: usize, secs: u64) -> Point {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(256)
@@ -143,13 +154,22 @@ async fn start_proxy(
     braid::run::start(opts, l, a).await.expect("proxy starts")
 }
 
-async fn scenario(name: &str, proxy: &braid::run::Running, secs: u64) {
+/// One scenario's table; returns its points as JSON for benches/compare.
+async fn scenario(
+    name: &str,
+    slug: &str,
+    proxy: &braid::run::Running,
+    direct: String,
+    secs: u64,
+) -> Value {
     println!("\n{name}\n");
     println!(
-        "| concurrency | off: req/s | off: p50 ms | off: p99 ms | on: req/s | on: p50 ms | on: p99 ms | on/off |"
+        "| concurrency | direct: req/s | off: req/s | off: p50 ms | off: p99 ms | on: req/s | on: p50 ms | on: p99 ms | on/off |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for c in [1, 4, 16, 64] {
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let (mut d_pts, mut off_pts, mut on_pts) = (vec![], vec![], vec![]);
+    for c in CONCURRENCY {
+        let d = load(direct.clone(), c, secs).await;
         let off = load(
             format!("http://{}/v2/models/off/infer", proxy.addr),
             c,
@@ -158,7 +178,8 @@ async fn scenario(name: &str, proxy: &braid::run::Running, secs: u64) {
         .await;
         let on = load(format!("http://{}/v2/models/on/infer", proxy.addr), c, secs).await;
         println!(
-            "| {c} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2}x |",
+            "| {c} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2}x |",
+            d.rps,
             off.rps,
             off.p50,
             off.p99,
@@ -167,12 +188,17 @@ async fn scenario(name: &str, proxy: &braid::run::Running, secs: u64) {
             on.p99,
             on.rps / off.rps
         );
+        d_pts.push(d.json(c));
+        off_pts.push(off.json(c));
+        on_pts.push(on.json(c));
     }
+    json!({"name": name, "slug": slug, "points": {"direct": d_pts, "off": off_pts, "on": on_pts}})
 }
 
 fn main() {
     let secs = arg("--seconds", 3);
     let skip_minilm = std::env::args().any(|a| a == "--skip-minilm");
+    let json_out = Some(arg("--json", String::new())).filter(|p| !p.is_empty());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -184,7 +210,16 @@ fn main() {
         println!("batching on vs off through braid, closed loop, 1 row per request, {secs}s per point, 2-core machine");
         let mock = start_mock().await;
         let proxy = start_proxy(mock, "mock", &dir).await;
-        scenario("mock executor (5 ms + 0.5 ms per row)", &proxy, secs).await;
+        let mut scenarios = vec![
+            scenario(
+                "mock executor (5 ms + 0.5 ms per row)",
+                "mock",
+                &proxy,
+                format!("http://{mock}/v2/models/mock/infer"),
+                secs,
+            )
+            .await,
+        ];
         if !skip_minilm {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let opts = braid::executor::server::ExecutorOptions {
@@ -202,8 +237,22 @@ fn main() {
             let mut exec = braid::executor::server::start(opts, l).await.unwrap();
             exec.wait_loaded().await.unwrap();
             let proxy = start_proxy(exec.addr, "minilm", &dir).await;
-            scenario("real executor (all-MiniLM-L6-v2, CPU)", &proxy, secs).await;
+            let direct = format!("http://{}/v2/models/minilm/infer", exec.addr);
+            scenarios.push(
+                scenario(
+                    "real executor (all-MiniLM-L6-v2, CPU)",
+                    "minilm",
+                    &proxy,
+                    direct,
+                    secs,
+                )
+                .await,
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
+        if let Some(path) = json_out {
+            let doc = json!({"seconds": secs, "scenarios": scenarios});
+            std::fs::write(&path, doc.to_string()).expect("write --json");
+        }
     });
 }
