@@ -35,7 +35,6 @@ use crate::route::{self, Match, Route, Variant, assign};
 use crate::server::{self, ConnInfo, Handler};
 use crate::upstream::health::Admit;
 use crate::upstream::retry::{self, Attempts, Call, DEADLINE_HEADER, TryError};
-use crate::upstream::state::RouteState;
 use crate::upstream::{SendError, TlsPool, Upstreams};
 
 pub static X_BRAID_VARIANT: HeaderName = HeaderName::from_static("x-braid-variant");
@@ -54,8 +53,6 @@ pub struct Proxy {
     pub max_inflight: usize,
     /// One batcher per (route, variant), kept across reloads so queued requests survive.
     pub batchers: batching::Batchers,
-    /// Budgets, variant health and limits, kept across reloads.
-    pub state: RouteState,
 }
 
 impl Handler for Proxy {
@@ -80,6 +77,14 @@ struct Served {
 }
 
 impl Served {
+    /// An error that must not be sent anywhere else (a bad request, a deadline).
+    fn error(e: ProxyError) -> Served {
+        Served {
+            result: Err(e),
+            repeatable: false,
+        }
+    }
+
     fn failed(&self) -> bool {
         match &self.result {
             Ok(r) => r.status().is_server_error(),
@@ -115,13 +120,9 @@ impl Proxy {
                 });
             }
         };
-        let _permit = match route.max_inflight {
+        let _permit = match &route.live.limit {
             None => None,
-            Some(n) => match self
-                .state
-                .limit(&route.name, "route", n)
-                .try_acquire_owned()
-            {
+            Some(limit) => match limit.try_acquire() {
                 Ok(p) => Some(p),
                 Err(_) => {
                     return self.unrouted(ProxyError::RouteBusy {
@@ -210,15 +211,9 @@ impl Proxy {
             return (vi, None);
         }
         let now = Instant::now();
-        let ejected = |i: usize| {
-            self.state
-                .known_health(&route.name, &route.variants[i].name)
-                .is_some_and(|h| h.is_ejected(now))
-        };
-        let admit = self
-            .state
-            .known_health(&route.name, &route.variants[vi].name)
-            .map_or(Admit::Yes, |h| h.admit(now));
+        let health = |i: usize| route.variants[i].live.health.as_ref();
+        let ejected = |i: usize| health(i).is_some_and(|h| h.is_ejected(now));
+        let admit = health(vi).map_or(Admit::Yes, |h| h.admit(now));
         if admit != Admit::Ejected {
             return (vi, None);
         }
@@ -261,11 +256,10 @@ impl Proxy {
         };
         let route_deadline = route.timeout.map(|t| start + t);
         let body = server::read_body(&parts.headers, body, self.max_body_bytes).await?;
-        let budget = (route.retry.attempts > 1).then(|| {
-            let b = self.state.budget(&route.name, &route.retry);
+        let budget = route.live.budget.clone();
+        if let Some(b) = &budget {
             b.deposit();
-            b
-        });
+        }
         Ok(Prepared {
             budget,
             body,
@@ -291,12 +285,7 @@ impl Proxy {
         let variant = &route.variants[vi];
         let path = match upstream_path(m, variant, &parts.uri) {
             Ok(p) => p,
-            Err(e) => {
-                return Served {
-                    result: Err(e),
-                    repeatable: false,
-                };
-            }
+            Err(e) => return Served::error(e),
         };
         if let (true, Some(limits)) = (variant.local, route.batching)
             && parts.method == Method::POST
@@ -319,12 +308,7 @@ impl Proxy {
                     };
                 }
                 Ok(None) => {} // not mergeable: forwarded alone below
-                Err(msg) => {
-                    return Served {
-                        result: Err(ProxyError::BadRequest(msg)),
-                        repeatable: false,
-                    };
-                }
+                Err(msg) => return Served::error(ProxyError::BadRequest(msg)),
             }
         }
         self.forward(route, variant, parts, prepared, path, conn)
@@ -344,55 +328,43 @@ impl Proxy {
         let may_repeat = safe_method || route.retry.idempotent;
         let mut out = match upstream_request(parts, &prepared.body, variant, path, conn) {
             Ok(r) => r,
-            Err(e) => {
-                return Served {
-                    result: Err(e),
-                    repeatable: false,
-                };
-            }
+            Err(e) => return Served::error(e),
         };
         let now = Instant::now();
         if let Some(d) = prepared.deadline {
             retry::set_deadline_header(&mut out, d.saturating_duration_since(now));
         }
-        let retries = route.retry.attempts > 1;
-        let health = route.outlier.map(|o| {
-            self.state
-                .health(&self.metrics, &route.name, &variant.name, o)
-        });
-        let attempts = Attempts {
-            policy: route.retry.clone(),
-            budget: prepared.budget.clone(),
-            metrics: retries.then(|| {
-                self.state
-                    .retry_metrics(&self.metrics, &route.name, &variant.name)
-            }),
-            health: health.clone(),
-            deadline: prepared.deadline,
-            safe_method,
-            body_len: prepared.body.len(),
-            retried: 0,
-        };
-        let call = Call {
-            upstreams: self.upstreams.clone(),
-            protocol: variant.upstream.protocol,
-            tls: variant.tls.clone(),
-        };
-        let backend = variant.upstream.authority.to_string();
+        let health = variant.live.health.clone();
+        // Named only in errors: made when one is.
+        let backend = || variant.upstream.authority.to_string();
         // A route that neither retries, times tries out nor tracks health needs none of
         // the tower stack: one call, as cheap as it can be.
-        let plain = route.retry.attempts <= 1
-            && route.retry.per_try_timeout.is_none()
-            && attempts.health.is_none();
-        let sent = async move {
+        let plain =
+            route.retry.attempts <= 1 && route.retry.per_try_timeout.is_none() && health.is_none();
+        let sent = async {
             if plain {
-                call.upstreams
-                    .send_with(call.protocol, call.tls.as_ref(), out)
+                return self
+                    .upstreams
+                    .send_with(variant.upstream.protocol, variant.tls.as_ref(), out)
                     .await
-                    .map_err(TryError::from)
-            } else {
-                retry::send(call, attempts, out).await
+                    .map_err(TryError::from);
             }
+            let attempts = Attempts {
+                policy: route.retry.clone(),
+                budget: prepared.budget.clone(),
+                metrics: variant.live.retry_metrics.clone(),
+                health: health.clone(),
+                deadline: prepared.deadline,
+                safe_method,
+                body_len: prepared.body.len(),
+                retried: 0,
+            };
+            let call = Call {
+                upstreams: self.upstreams.clone(),
+                protocol: variant.upstream.protocol,
+                tls: variant.tls.clone(),
+            };
+            retry::send(call, attempts, out).await
         };
         let result = match prepared.deadline {
             Some(d) => match tokio::time::timeout_at(d, sent).await {
@@ -405,14 +377,11 @@ impl Proxy {
                         ProxyError::DeadlinePassed
                     } else {
                         ProxyError::Timeout {
-                            backend,
+                            backend: backend(),
                             after: route.timeout.unwrap_or_default(),
                         }
                     };
-                    return Served {
-                        result: Err(e),
-                        repeatable: false,
-                    };
+                    return Served::error(e);
                 }
             },
             None => sent.await,
@@ -432,19 +401,22 @@ impl Proxy {
                 }
             }
             Err(e) => {
-                let repeatable = may_repeat
-                    || matches!(
-                        e,
-                        TryError::Send(SendError::Connect(_) | SendError::Refused(_))
-                    );
+                let repeatable = may_repeat || e.never_reached();
                 let result = Err(match e {
                     TryError::Send(SendError::Connect(reason) | SendError::Refused(reason)) => {
-                        ProxyError::Connect { backend, reason }
+                        ProxyError::Connect {
+                            backend: backend(),
+                            reason,
+                        }
                     }
-                    TryError::Send(SendError::Other(reason)) => {
-                        ProxyError::Upstream { backend, reason }
-                    }
-                    TryError::Timeout(after) => ProxyError::Timeout { backend, after },
+                    TryError::Send(SendError::Other(reason)) => ProxyError::Upstream {
+                        backend: backend(),
+                        reason,
+                    },
+                    TryError::Timeout(after) => ProxyError::Timeout {
+                        backend: backend(),
+                        after,
+                    },
                 });
                 Served { result, repeatable }
             }
@@ -467,11 +439,7 @@ impl Proxy {
             return None;
         }
         let variant = &route.variants[sh.variant];
-        let permit = match self
-            .state
-            .limit(&route.name, "shadow", sh.max_inflight)
-            .try_acquire_owned()
-        {
+        let permit = match route.live.shadow_limit.clone()?.try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
                 self.metrics

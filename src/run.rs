@@ -136,7 +136,6 @@ pub async fn start(
         max_body_bytes: opts.limits.max_body_bytes,
         max_inflight: opts.limits.max_inflight,
         batchers: Default::default(),
-        state: Default::default(),
     });
     let admin = Arc::new(Admin {
         store: store.clone(),

@@ -71,7 +71,8 @@ pub async fn submit(
             row_id: route.row_id.clone(),
         })
         .await;
-    let backend = variant.upstream.authority.to_string();
+    // Named only in errors: made when one is.
+    let backend = || variant.upstream.authority.to_string();
     match reply {
         Ok(body) => {
             let mut resp = Response::new(full(body));
@@ -94,8 +95,14 @@ pub async fn submit(
             );
             Ok(resp)
         }
-        Err(BatchError::BadReply(reason)) => Err(ProxyError::Upstream { backend, reason }),
-        Err(BatchError::Unreachable(reason)) => Err(ProxyError::Connect { backend, reason }),
+        Err(BatchError::BadReply(reason)) => Err(ProxyError::Upstream {
+            backend: backend(),
+            reason,
+        }),
+        Err(BatchError::Unreachable(reason)) => Err(ProxyError::Connect {
+            backend: backend(),
+            reason,
+        }),
     }
 }
 

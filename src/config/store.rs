@@ -11,6 +11,7 @@ use arc_swap::ArcSwapOption;
 
 use super::{ConfigError, Snapshot};
 use crate::metrics::Metrics;
+use crate::upstream::state::RouteState;
 
 /// Why the last reload was refused; shown on `/config` until a later one succeeds.
 #[derive(Debug, Clone)]
@@ -31,6 +32,9 @@ pub struct Store {
     metrics: Arc<Metrics>,
     /// The generation in force, for tasks that hold state derived from the config.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Budgets, variant health and limits, kept across reloads and bound into each
+    /// snapshot as it is installed.
+    state: RouteState,
 }
 
 impl Store {
@@ -41,6 +45,7 @@ impl Store {
             generation: AtomicU64::new(0),
             metrics,
             changes: tokio::sync::watch::Sender::new(0),
+            state: RouteState::default(),
         }
     }
 
@@ -63,6 +68,7 @@ impl Store {
                 // generations unique even if two sources ever race.
                 let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
                 snap.generation = generation;
+                self.state.bind(&self.metrics, &mut snap.routes);
                 for w in &snap.warnings {
                     tracing::warn!(source, "{w}");
                 }

@@ -283,6 +283,7 @@ fn compile_route(
                 .or(spec.model.as_deref())
                 .map(Arc::from),
             tls: pools.get(&(spec.at, v.at)).cloned(),
+            live: Default::default(),
         })
         .collect();
     Route {
@@ -317,6 +318,7 @@ fn compile_route(
             .as_ref()
             .and_then(|b| b.row_id.as_deref())
             .map(Arc::from),
+        live: Default::default(),
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Route {
     pub shadow: Option<ShadowRoute>,
     /// Requests in flight on this route at once; more get 429.
     pub max_inflight: Option<usize>,
+    /// Budget and semaphores, filled in when the snapshot is installed.
+    pub live: crate::upstream::state::RouteLive,
 }
 
 /// A route's shadow traffic: a copy of `fraction` of requests goes to `variant`.
@@ -68,6 +70,8 @@ pub struct Variant {
     pub target_model: Option<Arc<str>>,
     /// The connection pool of an `https://` backend.
     pub tls: Option<crate::upstream::TlsPool>,
+    /// Health and retry counters, filled in when the snapshot is installed.
+    pub live: crate::upstream::state::VariantLive,
 }
 
 impl Route {

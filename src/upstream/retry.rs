@@ -91,7 +91,7 @@ pub enum TryError {
 
 impl TryError {
     /// Whether the request certainly did not reach the backend.
-    fn never_reached(&self) -> bool {
+    pub fn never_reached(&self) -> bool {
         matches!(
             self,
             TryError::Send(SendError::Connect(_) | SendError::Refused(_))
