@@ -133,6 +133,17 @@ class Proc:
             raise SystemExit(f"{self.name} exited ({self.popen.returncode}):\n{tail}")
 
 
+def launch(work, name, conf_name, conf_text, argv, cpu, port):
+    """Writes a server's config file, starts it, and records the port it serves on.
+    `argv` is a function of the config file's path."""
+    conf = os.path.join(work, conf_name)
+    with open(conf, "w") as f:
+        f.write(conf_text)
+    p = Proc(name, argv(conf), work, cpu)
+    p.port = port
+    return p
+
+
 def wait_ready(proc, url, method="GET", body=None, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -146,6 +157,7 @@ def wait_ready(proc, url, method="GET", body=None, timeout=30):
         except OSError:
             pass
         time.sleep(0.05)
+    proc.stop()
     raise SystemExit(f"{proc.name} not ready at {url} after {timeout}s")
 
 
@@ -155,9 +167,7 @@ def wait_ready(proc, url, method="GET", body=None, timeout=30):
 
 def start_upstream(work, name, cpu):
     port = free_port()
-    conf = os.path.join(work, f"{name}.conf")
-    with open(conf, "w") as f:
-        f.write(f"""
+    text = f"""
 daemon off; master_process off; worker_processes 1; pid {work}/{name}.pid;
 error_log {work}/{name}.err warn;
 events {{ worker_connections 4096; }}
@@ -170,9 +180,9 @@ http {{
     location / {{ default_type application/json; return 200 '{REPLY}'; }}
   }}
 }}
-""")
-    p = Proc(name, ["nginx", "-p", work, "-c", conf], work, cpu)
-    p.port = port
+"""
+    p = launch(work, name, f"{name}.conf", text, lambda c: ["nginx", "-p", work, "-c", c],
+               cpu, port)
     wait_ready(p, f"http://127.0.0.1:{port}{PATH}", "POST", REQUEST.encode())
     return p
 
@@ -194,28 +204,21 @@ def braid_config(a, b):
 """
 
 
-def start_braid(work, binary, a, b, cpu):
+def start_braid(work, binary, a, b, cpu, wrapper=(), ready_timeout=30):
+    """braid with one worker thread; `wrapper` goes before it (valgrind, say)."""
     port, admin = free_port(), free_port()
-    conf = os.path.join(work, "braid.yaml")
-    with open(conf, "w") as f:
-        f.write(braid_config(a, b))
-    p = Proc(
-        "braid",
-        [binary, "proxy", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-         "--worker-threads", "1", "--config", conf],
-        work,
-        cpu,
-    )
-    p.port = port
-    wait_ready(p, f"http://127.0.0.1:{admin}/readyz")
+    p = launch(work, "braid", "braid.yaml", braid_config(a, b),
+               lambda c: [*wrapper, binary, "proxy", "--listen", f"127.0.0.1:{port}",
+                          "--admin", f"127.0.0.1:{admin}", "--worker-threads", "1",
+                          "--config", c],
+               cpu, port)
+    wait_ready(p, f"http://127.0.0.1:{admin}/readyz", timeout=ready_timeout)
     return p
 
 
 def start_nginx(work, a, b, cpu):
     port = free_port()
-    conf = os.path.join(work, "nginx-proxy.conf")
-    with open(conf, "w") as f:
-        f.write(f"""
+    text = f"""
 daemon off; master_process off; worker_processes 1; pid {work}/nginx-proxy.pid;
 error_log {work}/nginx-proxy.err warn;
 events {{ worker_connections 4096; }}
@@ -237,17 +240,14 @@ http {{
     }}
   }}
 }}
-""")
-    p = Proc("nginx", ["nginx", "-p", work, "-c", conf], work, cpu)
-    p.port = port
-    return p
+"""
+    return launch(work, "nginx", "nginx-proxy.conf", text,
+                  lambda c: ["nginx", "-p", work, "-c", c], cpu, port)
 
 
 def start_haproxy(work, a, b, cpu):
     port = free_port()
-    conf = os.path.join(work, "haproxy.cfg")
-    with open(conf, "w") as f:
-        f.write(f"""
+    text = f"""
 global
   nbthread 1
   maxconn 4096
@@ -265,15 +265,13 @@ backend models
   balance roundrobin
   server a 127.0.0.1:{a.port} weight 90
   server b 127.0.0.1:{b.port} weight 10
-""")
-    p = Proc("haproxy", ["haproxy", "-db", "-f", conf], work, cpu)
-    p.port = port
-    return p
+"""
+    return launch(work, "haproxy", "haproxy.cfg", text, lambda c: ["haproxy", "-db", "-f", c],
+                  cpu, port)
 
 
 def start_envoy(work, a, b, cpu):
     port = free_port()
-    conf = os.path.join(work, "envoy.yaml")
 
     def cluster(name, up):
         return f"""
@@ -286,8 +284,7 @@ def start_envoy(work, a, b, cpu):
       - lb_endpoints:
         - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {up.port} }} }} }}"""
 
-    with open(conf, "w") as f:
-        f.write(f"""static_resources:
+    text = f"""static_resources:
   listeners:
   - name: in
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
@@ -313,16 +310,11 @@ def start_envoy(work, a, b, cpu):
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:{cluster("a", a)}{cluster("b", b)}
-""")
-    p = Proc(
-        "envoy",
-        ["envoy", "-c", conf, "--concurrency", "1", "--log-level", "error",
-         "--disable-hot-restart", "--base-id", str(os.getpid() % 60000)],
-        work,
-        cpu,
-    )
-    p.port = port
-    return p
+"""
+    return launch(work, "envoy", "envoy.yaml", text,
+                  lambda c: ["envoy", "-c", c, "--concurrency", "1", "--log-level", "error",
+                             "--disable-hot-restart", "--base-id", str(os.getpid() % 60000)],
+                  cpu, port)
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,8 @@ requests are sent over keep-alive connections, then the counters are dumped:
     python3 benches/compare/profile.py [--braid target/release/braid] [--requests 5000]
 
 prints Ir per request and the top functions (inclusive), and leaves the full profile
-in the output file for callgrind_annotate / kcachegrind.
+in the output file for callgrind_annotate / kcachegrind. Extra callgrind flags
+(--dump-instr=yes, say) go in CALLGRIND_FLAGS.
 """
 
 import argparse
@@ -62,18 +63,11 @@ def main():
         b = compare.start_upstream(work, "upstream-b", None)
         procs = [a, b]
         try:
-            port, admin = compare.free_port(), compare.free_port()
-            conf = os.path.join(work, "braid.yaml")
-            with open(conf, "w") as f:
-                f.write(compare.braid_config(a, b))
-            p = compare.Proc(
-                "braid",
-                ["valgrind", "--tool=callgrind", *os.environ.get("CALLGRIND_FLAGS", "").split(), f"--callgrind-out-file={work}/cg.%p",
-                 args.braid, "proxy", "--listen", f"127.0.0.1:{port}",
-                 "--admin", f"127.0.0.1:{admin}", "--worker-threads", "1", "--config", conf],
-                work, None)
+            valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.%p",
+                        *os.environ.get("CALLGRIND_FLAGS", "").split()]
+            p = compare.start_braid(work, args.braid, a, b, None, valgrind, ready_timeout=120)
             procs.append(p)
-            compare.wait_ready(p, f"http://127.0.0.1:{admin}/readyz", timeout=120)
+            port = p.port
             # warm-up: connections, pools, lazily created metrics
             load(port, 500, args.connections)
             subprocess.run(["callgrind_control", "--zero", str(p.popen.pid)], check=True,
