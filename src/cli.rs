@@ -43,7 +43,7 @@ pub enum Command {
     Executor(ExecutorArgs),
     /// The embedded default: a real model in the executor and the proxy in front of it,
     /// two prompt variants A/B-tested 50/50 with sticky users.
-    Demo(DemoArgs),
+    Demo(crate::demo::DemoArgs),
     /// Fetch and verify a model source into the cache (e.g. while building an image),
     /// and print the directory it resolved to.
     FetchModel {
@@ -225,22 +225,6 @@ pub struct ExecutorArgs {
     pub max_batch: usize,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct DemoArgs {
-    /// Proxy listen address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    /// Proxy admin address.
-    #[arg(long, default_value = "127.0.0.1:9901")]
-    pub admin: SocketAddr,
-    /// Executor listen address.
-    #[arg(long, default_value = "127.0.0.1:8081")]
-    pub executor_listen: SocketAddr,
-    /// The model both variants use.
-    #[arg(long, default_value = crate::executor::source::DEMO_MODEL)]
-    pub model: String,
-}
-
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -329,7 +313,7 @@ fn webhook(args: WebhookArgs) -> ExitCode {
                 }
             };
         tracing::info!(addr = %running.addr, "webhook listening");
-        shutdown_signal().await;
+        crate::run::shutdown_signal().await;
         running.stop().await;
         ExitCode::SUCCESS
     })
@@ -495,9 +479,9 @@ fn executor(args: ExecutorArgs) -> ExitCode {
                 }
                 tracing::info!("all models loaded: ready");
             }
-            _ = shutdown_signal() => return ExitCode::SUCCESS,
+            _ = crate::run::shutdown_signal() => return ExitCode::SUCCESS,
         }
-        shutdown_signal().await;
+        crate::run::shutdown_signal().await;
         running.stop().await;
         ExitCode::SUCCESS
     })
@@ -571,23 +555,14 @@ fn proxy(args: ProxyArgs) -> ExitCode {
             }
         };
         tracing::info!(data = %running.addr, admin = %running.admin_addr, "listening");
-        shutdown_signal().await;
+        crate::run::shutdown_signal().await;
         running.shutdown();
         tokio::select! {
             _ = running.wait() => ExitCode::SUCCESS,
-            _ = shutdown_signal() => {
+            _ = crate::run::shutdown_signal() => {
                 tracing::warn!("second signal: exiting without waiting for the drain");
                 ExitCode::FAILURE
             }
         }
     })
-}
-
-pub(crate) async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -4,14 +4,30 @@
 //! a sticky 50/50 split. The proxy's config is written to a file and watched, so
 //! editing it changes the split live.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::cli::DemoArgs;
 use crate::config::file::FileSource;
 use crate::executor::server::{self as executor, ExecutorOptions, ModelSpec};
 use crate::run::{self, ProxyOptions};
 use crate::server::Limits;
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Proxy listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Proxy admin address.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin: SocketAddr,
+    /// Executor listen address.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub executor_listen: SocketAddr,
+    /// The model both variants use.
+    #[arg(long, default_value = crate::executor::source::DEMO_MODEL)]
+    pub model: String,
+}
 
 pub const SHORT_LABELS: &[&str] = &["positive", "negative"];
 pub const SENTENCE_LABELS: &[&str] = &["This is a positive review.", "This is a negative review."];
@@ -135,7 +151,7 @@ Try:
 Ctrl-C to stop."#,
         config = path.display()
     );
-    crate::cli::shutdown_signal().await;
+    crate::run::shutdown_signal().await;
     proxy.shutdown();
     proxy.wait().await;
     exec.stop().await;

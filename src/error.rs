@@ -1,10 +1,16 @@
 //! The errors a request can end in. Each knows its HTTP status, whether the client may
 //! retry (and after how long), and a short label for metrics; every one becomes a JSON
 //! body `{"error": "..."}`.
+//!
+//! Failures below the request path arrive as `SendError` (one call to a backend) or
+//! `BatchError` (a coalesced request); each knows whether the request may have reached
+//! the backend, and `ProxyError::from_send` / `from_batch` are the one place either
+//! becomes a client-facing error.
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::Authority;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
@@ -48,7 +54,87 @@ pub enum ProxyError {
     RouteBusy { route: String },
 }
 
+/// Why one call to a backend produced no response, split by whether the request may
+/// have reached it: that decides both the status and whether repeating it is safe.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made: nothing reached the backend.
+    #[error("{0}")]
+    Connect(String),
+    /// HTTP/2 REFUSED_STREAM: the backend did not process the request.
+    #[error("{0}")]
+    Refused(String),
+    /// The connection failed after the request may have been sent.
+    #[error("{0}")]
+    Other(String),
+    /// No response headers within the per-try timeout; the backend may be working on it.
+    #[error("no response headers within the per-try timeout of {0:?}")]
+    Timeout(Duration),
+}
+
+impl SendError {
+    /// Whether the request certainly did not reach the backend, so sending it again
+    /// (or elsewhere) is safe whatever the method.
+    pub fn never_reached(&self) -> bool {
+        matches!(self, SendError::Connect(_) | SendError::Refused(_))
+    }
+}
+
+/// How a coalesced request ended, when it did not get its rows.
+#[derive(Debug, Clone)]
+pub enum BatchError {
+    /// The queue was full: 429 with Retry-After.
+    QueueFull,
+    /// Its deadline passed before or during execution: 504.
+    Expired,
+    /// Its own failure, isolated by bisection: the executor's status and body, passed on.
+    Backend { status: StatusCode, body: Bytes },
+    /// The executor's reply could not be split safely: 502.
+    BadReply(String),
+    /// The executor could not be reached or gave no reply: 503 with Retry-After (the
+    /// batch as a whole was lost, none of its requests is at fault).
+    Unreachable(String),
+}
+
 impl ProxyError {
+    /// A failed call to `backend`: the one mapping for forwarded requests and retries.
+    pub fn from_send(backend: &Authority, e: SendError) -> ProxyError {
+        let backend = backend.to_string();
+        match e {
+            SendError::Connect(reason) | SendError::Refused(reason) => {
+                ProxyError::Connect { backend, reason }
+            }
+            SendError::Other(reason) => ProxyError::Upstream { backend, reason },
+            SendError::Timeout(after) => ProxyError::Timeout { backend, after },
+        }
+    }
+
+    /// A coalesced request that got no rows. `Backend` is not an error of braid's: it is
+    /// the executor's own answer for this request, passed on as it came.
+    pub fn from_batch(
+        variant: &str,
+        backend: &Authority,
+        e: BatchError,
+    ) -> Result<Response<Body>, ProxyError> {
+        Err(match e {
+            BatchError::Backend { status, body } => {
+                return Ok(json_response(status, body));
+            }
+            BatchError::QueueFull => ProxyError::QueueFull {
+                variant: variant.to_string(),
+            },
+            BatchError::Expired => ProxyError::DeadlinePassed,
+            BatchError::BadReply(reason) => ProxyError::Upstream {
+                backend: backend.to_string(),
+                reason,
+            },
+            BatchError::Unreachable(reason) => ProxyError::Connect {
+                backend: backend.to_string(),
+                reason,
+            },
+        })
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoConfig | ProxyError::Connect { .. } | ProxyError::Overloaded => {
@@ -119,7 +205,7 @@ pub fn json_error(status: StatusCode, message: &str) -> Response<Body> {
     json_response(status, body)
 }
 
-pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
+pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

@@ -2,50 +2,50 @@
 //!
 //! # Layout
 //!
-//! - `cli`      commands and flags (`proxy`, `executor`, `demo`, `check`, `fetch-model`,
-//!   `inject`, `webhook`)
-//! - `demo`     `braid demo`: executor + proxy in one process
-//! - `run`      wiring for `braid proxy`: store, sources, listeners, drain sequence
-//! - `config`   YAML -> `Document` (schema) -> `Snapshot` (validate) -> `ArcSwap` (store);
-//!   the file source with symlink-safe hot reload
-//! - `server`   listeners (HTTP/1.1 + h2c, TLS with ALPN, explicit limits), smuggling
-//!   guard, admin port, graceful drain, certificate reload
-//! - `proxy`    the request path, composed in one function
-//! - `route`    route matching, variant assignment (override, sticky, weighted), shadow
-//!   copies and their comparison
-//! - `upstream` pooled keep-alive clients (HTTP/1.1, h2c, TLS), the retry policy and
-//!   budget, failure accrual, state kept across reloads, executor readiness probe
-//! - `batch`    request coalescing: codec (merge/split), pure queue, batcher task
-//! - `executor` the candle model server: sources, encoder, model threads, OIP server
-//! - `inject`   sidecar injection shared by `braid inject` and `braid webhook`
-//! - `error`    request errors: status, Retry-After, metric label, JSON body
-//! - `metrics`  every metric family and its buckets
+//! Layers, bottom first. A module imports only from its own layer or below, and no two
+//! files import each other in a circle (checked by `tests/it/layers.rs`:
+//! `cargo test --test it layers`).
 //!
-//! The request path:
+//! | layer | modules | what |
+//! |---|---|---|
+//! | 0 | `error` `metrics` `hash` `addr` | request errors (and what a failed send or batch maps to), every metric family, stable hashing and randomness, backend addresses |
+//! | 1 | `server` `upstream` `batch` `executor` | listeners (HTTP/1.1 + h2c, TLS with ALPN, limits, smuggling guard, drain); pooled clients, retry policy and budget, failure accrual; coalescing (codec, pure queue, batcher task behind the `Execute` trait); the candle model server |
+//! | 2 | `route` | routes as compiled data, matching, assignment (override, sticky, weighted); `route::live`: the handles bound to a table (budgets, health, limits, batchers), kept across reloads by name |
+//! | 3 | `config` | YAML -> `Document` (schema) -> `Snapshot` (validate, pure data) -> `Active` (snapshot + live state, bound in the store, the one place that binds) -> `ArcSwap`; the file and ConfigMap sources |
+//! | 4 | `proxy` `admin` `probe` `inject` | the request path (forwarding, batched submission, shadow); the admin port; the executor readiness probe; sidecar injection for `inject` and `webhook` |
+//! | 5 | `run` `demo` `cli` | wiring and the drain sequence; `braid demo`; commands and flags |
+//!
+//! The request path (this is the one copy of the picture; the README and docs link here):
 //!
 //! ```text
-//! client --h1/h2c/TLS--> listener (limits, smuggling guard) --> Proxy::route
-//!     snapshot = store.load()            one Arc<Snapshot> for the whole request
+//! client --h1/h2c/TLS--> server::serve (limits, smuggling guard) --> Proxy::handle
+//!     active = store.load()              one Arc<Active> for the whole request
 //!     route match                        /v2/models/{m}, /v1/models/{m}, path prefix
+//!     live = active.live[route]          budgets, health, batchers: by index, no lock
 //!     assign variant                     override > sticky (rendezvous) > weighted random;
 //!                                        an ejected variant -> fallback or the others
 //!     read body (<= limit, else 413)     and the deadline (timeout, x-braid-timeout)
 //!     shadow copy?                       fire and forget, compared off the request path
-//!     batch? (local + batching)          queue -> merge -> executor -> split per request
-//!     forward                            Retry(policy, budget) -> per-try timeout -> pool
+//!     batch? (variant has a batcher)     queue -> merge -> Execute -> split per request
+//!     forward                            Retry(policy, budget) -> per-try timeout ->
+//!                                        Upstreams::send (the one way out)
 //!     fallback?                          failed and safe to repeat -> the fallback, once
 //!     response + x-braid-variant         metrics recorded once, at the edge
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod addr;
+pub mod admin;
 pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod executor;
+pub mod hash;
 pub mod inject;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod route;
 pub mod run;

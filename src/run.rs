@@ -11,13 +11,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin::Admin;
 use crate::config::{ConfigError, ConfigSource, Store};
 use crate::metrics::Metrics;
-use crate::proxy::{CONNECT_TIMEOUT, Proxy};
-use crate::server::admin::Admin;
+use crate::probe;
+use crate::proxy::{HttpExecutor, Proxy};
 use crate::server::tls::{self, ReloadingCert};
 use crate::server::{self, Limits, Phase};
-use crate::upstream::{Upstreams, probe};
+use crate::upstream::{CONNECT_TIMEOUT, Upstreams};
 
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
@@ -91,7 +92,11 @@ pub async fn start(
         }
     };
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(Store::new(metrics.clone()));
+    let upstreams = Upstreams::new(CONNECT_TIMEOUT);
+    let store = Arc::new(Store::new(
+        metrics.clone(),
+        Arc::new(HttpExecutor(upstreams.clone())),
+    ));
     let watcher = match opts.config.clone() {
         // A file must hold a valid config before braid starts serving.
         ConfigSource::File(file) => {
@@ -119,7 +124,6 @@ pub async fn start(
     let (data_phase, data_rx) = watch::channel(Phase::Serving);
     let (admin_phase, admin_rx) = watch::channel(Phase::Serving);
 
-    let upstreams = Upstreams::new(CONNECT_TIMEOUT);
     // Not ready until the first probe says so (or finds no executor configured).
     let (executor_tx, executor_rx) =
         watch::channel(Some("executor readiness not checked yet".to_string()));
@@ -135,7 +139,6 @@ pub async fn start(
         upstreams,
         max_body_bytes: opts.limits.max_body_bytes,
         max_inflight: opts.limits.max_inflight,
-        batchers: Default::default(),
     });
     let admin = Arc::new(Admin {
         store: store.clone(),
@@ -197,4 +200,14 @@ pub async fn start(
         begin_drain: Some(begin_drain),
         task,
     })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -2,44 +2,43 @@
 //! that owns the pure `Queue` and only moves messages: submissions in, batches out to
 //! the executor, each request's share of the reply back on its oneshot.
 //!
+//! The executor is reached through the narrow `Execute` trait, so the loop and the
+//! bisection are unit-tested on tokio's paused clock with a fake executor. The task
+//! ends once every handle is dropped (the store drops a removed route's) and what it
+//! holds has been answered.
+//!
 //! Per-item isolation: a batch that fails with a status one bad item could cause
 //! (400, 422, 500) is split in halves and each half retried, down to single items, so
 //! only the poisoned requests fail. A reply that cannot be split safely fails the
 //! whole batch with 502: no request ever gets another's rows.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, Limited};
-use tokio::sync::{mpsc, oneshot};
+use http::StatusCode;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::codec::{self, Item, Protocol, RowIds};
 use super::queue::{BatchLimits, Entry, Next, Queue};
-use crate::config::Store;
-use crate::config::schema::Upstream;
-use crate::metrics::{BatchMetrics, Metrics};
-use crate::upstream::{SendError, Upstreams};
-
-/// How a queued request ended, when it did not get its rows.
-#[derive(Debug, Clone)]
-pub enum BatchError {
-    /// The queue was full: 429 with Retry-After.
-    QueueFull,
-    /// Its deadline passed before or during execution: 504.
-    Expired,
-    /// Its own failure, isolated by bisection: the executor's status and body.
-    Backend { status: StatusCode, body: Bytes },
-    /// The executor's reply could not be split safely: 502.
-    BadReply(String),
-    /// The executor could not be reached or gave no reply: 503 with Retry-After.
-    Unreachable(String),
-}
+use crate::addr::Upstream;
+pub use crate::error::BatchError;
+use crate::metrics::BatchMetrics;
 
 pub type Reply = Result<Bytes, BatchError>;
+
+pub type ExecFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<(StatusCode, Bytes), BatchError>> + Send + 'a>>;
+
+/// The executor as the batcher sees it: one merged body in, a status and a body out.
+/// No reply at all (refused, reset, killed mid-batch) is `Unreachable`; a reply that
+/// cannot be read is `BadReply`. Deadlines are applied by the batcher around the call.
+pub trait Execute: Send + Sync + 'static {
+    fn execute<'a>(&'a self, upstream: &'a Upstream, path: &'a str, body: Bytes) -> ExecFuture<'a>;
+}
 
 /// One request, ready to queue.
 pub struct Submission {
@@ -55,46 +54,55 @@ pub struct Submission {
     pub row_id: Option<Arc<str>>,
 }
 
-type Msg = (Submission, oneshot::Sender<Reply>);
+// Nearly every message is a submission: boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    Submit(Submission, oneshot::Sender<Reply>),
+    /// A reload changed the limits: they apply to batches formed from now on.
+    Limits(BatchLimits),
+}
 
-/// Largest executor reply accepted for a batch.
-const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
+/// How long a batch may take when none of its requests has a deadline.
+const NO_DEADLINE_LIMIT: Duration = Duration::from_secs(300);
 
+/// A handle to the batcher task of one (route, variant). Clones share the task; it
+/// stops after the last clone is dropped and its queue has drained.
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::UnboundedSender<Msg>,
+    /// Closed when the task ends (its sender side lives in the task).
+    stopped: watch::Receiver<()>,
 }
 
 impl Batcher {
-    /// Starts the batcher for (route, variant). It follows the config: limits from a
-    /// reload apply to batches formed from then on, and queued requests stay queued.
-    pub fn spawn(
-        limits: BatchLimits,
-        store: Arc<Store>,
-        upstreams: Upstreams,
-        metrics: Arc<Metrics>,
-        labels: (Arc<str>, Arc<str>),
-    ) -> Batcher {
+    pub fn spawn(limits: BatchLimits, executor: Arc<dyn Execute>, m: BatchMetrics) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
-        let m = metrics.batch(&labels.0, &labels.1);
-        let follow = Follow { store, labels };
-        tokio::spawn(run(
-            rx,
-            Queue::new(limits),
-            follow,
-            Arc::new(upstreams),
-            Arc::new(m),
-        ));
-        Batcher { tx }
+        let (alive, stopped) = watch::channel(());
+        tokio::spawn(async move {
+            run(rx, Queue::new(limits), executor, Arc::new(m)).await;
+            drop(alive);
+        });
+        Batcher { tx, stopped }
     }
 
     pub async fn submit(&self, s: Submission) -> Reply {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send((s, reply)).is_err() {
+        if self.tx.send(Msg::Submit(s, reply)).is_err() {
             return Err(BatchError::Unreachable("batcher stopped".into()));
         }
         rx.await
             .unwrap_or_else(|_| Err(BatchError::Unreachable("batcher stopped".into())))
+    }
+
+    /// New limits for batches formed from now on; queued requests stay queued.
+    pub fn set_limits(&self, limits: BatchLimits) {
+        let _ = self.tx.send(Msg::Limits(limits));
+    }
+
+    /// Resolves once the task has ended. Holds no handle, so it does not keep it alive.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopped.clone();
+        async move { while rx.changed().await.is_ok() {} }
     }
 }
 
@@ -107,37 +115,12 @@ struct Pending {
     reply: oneshot::Sender<Reply>,
 }
 
-/// Where a batcher reads its limits after a reload.
-struct Follow {
-    store: Arc<Store>,
-    labels: (Arc<str>, Arc<str>),
-}
-
-impl Follow {
-    /// The limits the config in force gives this (route, variant), if it still batches.
-    fn limits(&self) -> Option<BatchLimits> {
-        let snap = self.store.load()?;
-        let route = snap
-            .routes
-            .routes
-            .iter()
-            .find(|r| r.name == self.labels.0)?;
-        route
-            .variants
-            .iter()
-            .any(|v| v.name == self.labels.1)
-            .then_some(route.batching?)
-    }
-}
-
 async fn run(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     mut q: Queue<Pending>,
-    follow: Follow,
-    upstreams: Arc<Upstreams>,
+    executor: Arc<dyn Execute>,
     m: Arc<BatchMetrics>,
 ) {
-    let mut changes = follow.store.changes();
     let mut inflight: JoinSet<()> = JoinSet::new();
     let mut open = true;
     loop {
@@ -166,7 +149,7 @@ async fn run(
                         batch.iter().map(|e| e.rows).sum(),
                         batch.iter().map(|e| now.into_std() - e.enqueued),
                     );
-                    inflight.spawn(dispatch(batch, upstreams.clone(), m.clone()));
+                    inflight.spawn(dispatch(batch, executor.clone(), m.clone()));
                 }
                 Next::WaitUntil(w) => break w,
             }
@@ -181,15 +164,10 @@ async fn run(
             .min()
             .map(Instant::from_std);
         tokio::select! {
-            Ok(()) = changes.changed() => {
-                // A route that stopped batching keeps the old limits for what is queued.
-                if let Some(l) = follow.limits() {
-                    q.limits = l;
-                }
-            }
             msg = rx.recv(), if open => match msg {
                 None => open = false,
-                Some((s, reply)) => {
+                Some(Msg::Limits(l)) => q.limits = l,
+                Some(Msg::Submit(s, reply)) => {
                     let entry = Entry {
                         key: format!(
                             "{}{}|{}|{}",
@@ -221,20 +199,20 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn dispatch(batch: Vec<Entry<Pending>>, upstreams: Arc<Upstreams>, m: Arc<BatchMetrics>) {
+async fn dispatch(batch: Vec<Entry<Pending>>, executor: Arc<dyn Execute>, m: Arc<BatchMetrics>) {
     let deadline = batch.iter().filter_map(|e| e.payload.deadline).min();
     let start = std::time::Instant::now();
     let parts: Vec<Pending> = batch.into_iter().map(|e| e.payload).collect();
-    execute(parts, &upstreams, deadline).await;
+    execute(parts, &*executor, deadline).await;
     m.executed(start.elapsed());
 }
 
 /// Sends one merged request; on a failure that may be one item's fault, bisects.
 fn execute<'a>(
     parts: Vec<Pending>,
-    upstreams: &'a Upstreams,
+    executor: &'a dyn Execute,
     deadline: Option<Instant>,
-) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
     Box::pin(async move {
         let items: Vec<&Item> = parts.iter().map(|p| &p.item).collect();
         let head = &parts[0];
@@ -248,7 +226,7 @@ fn execute<'a>(
                 first: RowIds::fresh_first(items.iter().map(|i| i.rows).sum()),
             });
         let body = codec::merge(&items, row_ids);
-        let result = send(upstreams, &head.upstream, &head.path, body, deadline).await;
+        let result = send(executor, &head.upstream, &head.path, body, deadline).await;
         match result {
             Ok((status, reply)) if status.is_success() => {
                 match codec::split(&items, &reply, row_ids) {
@@ -268,8 +246,8 @@ fn execute<'a>(
                 let mut left = parts;
                 let right = left.split_off(left.len() / 2);
                 tokio::join!(
-                    execute(left, upstreams, deadline),
-                    execute(right, upstreams, deadline)
+                    execute(left, executor, deadline),
+                    execute(right, executor, deadline)
                 );
             }
             Ok((status, reply)) => fail_all(parts, || BatchError::Backend {
@@ -296,51 +274,170 @@ fn could_be_one_item(status: StatusCode) -> bool {
     matches!(status.as_u16(), 400 | 422 | 500)
 }
 
+/// One call to the executor, bounded by the batch's earliest deadline.
 async fn send(
-    upstreams: &Upstreams,
+    executor: &dyn Execute,
     up: &Upstream,
     path: &str,
     body: Vec<u8>,
     deadline: Option<Instant>,
 ) -> Result<(StatusCode, Bytes), BatchError> {
-    let uri = Uri::builder()
-        .scheme(up.scheme.clone())
-        .authority(up.authority.clone())
-        .path_and_query(path)
-        .build()
-        .map_err(|e| BatchError::BadReply(format!("bad executor path: {e}")))?;
-    let mut req = Request::new(Full::new(Bytes::from(body)));
-    *req.method_mut() = Method::POST;
-    *req.uri_mut() = uri;
-    req.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    let call = async {
-        // No reply at all (refused, reset, killed mid-batch) is unavailability (503,
-        // retry later); a reply we cannot trust is a bad gateway (502).
-        let resp = upstreams
-            .send(up.protocol, req)
-            .await
-            .map_err(|e| match e {
-                SendError::Connect(m) | SendError::Refused(m) | SendError::Other(m) => {
-                    BatchError::Unreachable(m)
-                }
-            })?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_REPLY_BYTES)
-            .collect()
-            .await
-            .map_err(|e| BatchError::BadReply(format!("reading executor reply: {e}")))?
-            .to_bytes();
-        Ok((status, body))
-    };
-    match deadline {
-        Some(d) => tokio::time::timeout_at(d, call)
-            .await
-            .unwrap_or(Err(BatchError::Expired)),
-        None => tokio::time::timeout(Duration::from_secs(300), call)
-            .await
-            .unwrap_or(Err(BatchError::Expired)),
+    let call = executor.execute(up, path, Bytes::from(body));
+    let deadline = deadline.unwrap_or_else(|| Instant::now() + NO_DEADLINE_LIMIT);
+    tokio::time::timeout_at(deadline, call)
+        .await
+        .unwrap_or(Err(BatchError::Expired))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::fake::FakeExecutor;
+    use crate::metrics::Metrics;
+
+    fn limits(max_delay_ms: u64) -> BatchLimits {
+        BatchLimits {
+            max_batch_size: 8,
+            max_delay: Some(Duration::from_millis(max_delay_ms)).filter(|d| !d.is_zero()),
+            max_queue: 16,
+            queue_timeout: None,
+            max_inflight: 1,
+        }
+    }
+
+    fn spawn(l: BatchLimits, exec: Arc<FakeExecutor>) -> Batcher {
+        let m = Metrics::new().batch(&Arc::from("r"), &Arc::from("v"));
+        Batcher::spawn(l, exec, m)
+    }
+
+    fn submission(instance: &str, deadline: Option<Instant>) -> Submission {
+        let body = serde_json::json!({ "instances": [instance] }).to_string();
+        Submission {
+            item: codec::parse_v1(body.as_bytes()).ok().unwrap(),
+            upstream: Upstream {
+                scheme: http::uri::Scheme::HTTP,
+                authority: http::uri::Authority::from_static("127.0.0.1:1"),
+                protocol: crate::addr::Protocol::Http1,
+            },
+            path: "/v1/models/m:predict".into(),
+            deadline,
+            queue_deadline: None,
+            row_id: None,
+        }
+    }
+
+    fn prediction(reply: &Reply) -> String {
+        let body = reply.as_ref().expect("rows");
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        v["predictions"][0].as_str().unwrap().to_string()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_wait_max_delay_then_share_one_call() {
+        let exec = Arc::new(FakeExecutor::default());
+        let b = spawn(limits(5), exec.clone());
+        let start = Instant::now();
+        let (x, y, z) = tokio::join!(
+            b.submit(submission("x", None)),
+            b.submit(submission("y", None)),
+            b.submit(submission("z", None)),
+        );
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(5),
+            "flushed at max_delay"
+        );
+        assert_eq!(exec.batches(), vec![3]);
+        // Each caller gets its own row back, never another's.
+        assert_eq!(
+            [prediction(&x), prediction(&y), prediction(&z)],
+            ["x", "y", "z"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_bad_item_fails_alone_by_bisection() {
+        let exec = Arc::new(FakeExecutor::default());
+        let b = spawn(limits(1), exec.clone());
+        let (a, bad, c, d) = tokio::join!(
+            b.submit(submission("a", None)),
+            b.submit(submission("bad", None)),
+            b.submit(submission("c", None)),
+            b.submit(submission("d", None)),
+        );
+        assert_eq!(
+            [prediction(&a), prediction(&c), prediction(&d)],
+            ["a", "c", "d"]
+        );
+        match bad {
+            Err(BatchError::Backend { status, body }) => {
+                assert_eq!(status, StatusCode::BAD_REQUEST);
+                assert!(String::from_utf8_lossy(&body).contains("bad instance"));
+            }
+            other => panic!("expected the executor's 400, got {other:?}"),
+        }
+        // 4 fails; its halves run; the good half answers, the bad half splits again.
+        let mut calls = exec.batches();
+        calls.sort();
+        assert_eq!(calls, vec![1, 1, 2, 2, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_deadline_passes_in_the_queue_is_expired_and_never_sent() {
+        let (exec, gate) = FakeExecutor::gated();
+        let b = spawn(limits(0), exec.clone());
+        // The only executor slot is taken by a held batch.
+        let first = tokio::spawn({
+            let b = b.clone();
+            async move { b.submit(submission("first", None)).await }
+        });
+        exec.wait_calls(1).await;
+        let late = b
+            .submit(submission(
+                "late",
+                Some(Instant::now() + Duration::from_millis(10)),
+            ))
+            .await;
+        assert!(matches!(late, Err(BatchError::Expired)), "{late:?}");
+        gate.add_permits(1);
+        assert_eq!(prediction(&first.await.unwrap()), "first");
+        assert_eq!(
+            exec.batches(),
+            vec![1],
+            "the expired request was never sent"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_limits_apply_to_the_next_batch() {
+        let exec = Arc::new(FakeExecutor::default());
+        let b = spawn(limits(0), exec.clone());
+        b.set_limits(limits(20));
+        let start = Instant::now();
+        let _ = b.submit(submission("x", None)).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_task_ends_after_its_handles_are_gone_and_its_queue_drains() {
+        let (exec, gate) = FakeExecutor::gated();
+        let b = spawn(limits(0), exec.clone());
+        let stopped = b.stopped();
+        let pending = tokio::spawn({
+            let b = b.clone();
+            async move { b.submit(submission("held", None)).await }
+        });
+        exec.wait_calls(1).await;
+        drop(b);
+        tokio::pin!(stopped);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), &mut stopped)
+                .await
+                .is_err(),
+            "the task must not end while it holds a request"
+        );
+        gate.add_permits(1);
+        assert_eq!(prediction(&pending.await.unwrap()), "held");
+        stopped.await;
     }
 }

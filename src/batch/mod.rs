@@ -4,9 +4,10 @@
 //! - `codec`     merge/split for OIP v2 and KServe v1, refusing unsafe replies whole
 //! - `queue`     the queue and its policy as pure state (unit-tested without I/O)
 //! - `batcher`   the task around the queue, dispatch, per-item isolation by bisection
-//! - `batching`  the proxy's side: what may queue, deadlines, responses
+//! - `fake`      (tests) an executor behind the same trait, on the paused clock
 
 pub mod batcher;
-pub mod batching;
 pub mod codec;
+#[cfg(test)]
+pub mod fake;
 pub mod queue;

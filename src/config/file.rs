@@ -49,7 +49,7 @@ impl FileSource {
                 None
             }
         };
-        let mut seen = store.load().map(|s| s.digest);
+        let mut seen = store.load().map(|a| a.snapshot.digest);
         let mut last_error: Option<String> = None;
         loop {
             tokio::select! {

@@ -13,7 +13,7 @@ pub mod validate;
 
 use std::fmt;
 
-pub use store::{Rejection, Store};
+pub use store::{Active, Rejection, Store};
 pub use validate::Snapshot;
 
 /// One problem in a document, located by its field path (`routes[0].variants[1].weight`).
@@ -90,5 +90,5 @@ pub fn load(text: &str, source: &str) -> Result<Snapshot, Vec<ConfigError>> {
 
 /// A stable 64-bit digest (FNV-1a): the file source uses it to skip unchanged content.
 pub fn digest(bytes: &[u8]) -> u64 {
-    crate::route::assign::fnv1a(0xcbf2_9ce4_8422_2325, bytes)
+    crate::hash::fnv1a(crate::hash::FNV_OFFSET, bytes)
 }

@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
+use http::uri::Scheme;
 use http::{HeaderName, Uri};
+
+pub use crate::addr::{Protocol, Upstream};
 
 use super::node::Node;
 use super::{ConfigError, Errors};
@@ -64,23 +66,6 @@ pub enum BackendSpec {
     /// The executor named at the top of the document.
     Local,
     Remote(Upstream),
-}
-
-/// Where to send requests: scheme + authority, and which HTTP version to speak.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Upstream {
-    pub scheme: Scheme,
-    pub authority: Authority,
-    pub protocol: Protocol,
-}
-
-/// `http://` speaks HTTP/1.1 with keep-alive; `h2c://` speaks HTTP/2 with prior
-/// knowledge; `https://` speaks TLS, with HTTP/2 or HTTP/1.1 chosen by ALPN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    Http1,
-    H2c,
-    Tls,
 }
 
 #[derive(Debug, Clone)]

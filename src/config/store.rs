@@ -1,6 +1,8 @@
-//! The one place the config in force lives: an `ArcSwap` of the current snapshot, plus
-//! the record of the last rejected reload. Requests call `load()` once and keep the
-//! `Arc` to the end, so a swap never changes a request midway.
+//! The one place the config in force lives: an `ArcSwap` of the current snapshot with
+//! its live state bound beside it (`Active`), plus the record of the last rejected
+//! reload. Requests call `load()` once and keep the `Arc` to the end, so a swap never
+//! changes a request midway. Installing a snapshot is the one place live state is
+//! bound to config (`route::live::Registry::bind`).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -10,8 +12,17 @@ use std::time::SystemTime;
 use arc_swap::ArcSwapOption;
 
 use super::{ConfigError, Snapshot};
+use crate::batch::batcher::Execute;
 use crate::metrics::Metrics;
-use crate::upstream::state::RouteState;
+use crate::route::live::{Registry, RouteLive};
+
+/// A snapshot in force and the live handles bound to it, published together.
+#[derive(Debug)]
+pub struct Active {
+    pub snapshot: Snapshot,
+    /// Indexed like `snapshot.routes.routes`.
+    pub live: Vec<RouteLive>,
+}
 
 /// Why the last reload was refused; shown on `/config` until a later one succeeds.
 #[derive(Debug, Clone)]
@@ -25,32 +36,32 @@ pub struct Rejection {
 #[derive(Debug)]
 pub struct Store {
     /// `None` until the first good config: `/readyz` stays 503 meanwhile.
-    current: ArcSwapOption<Snapshot>,
+    current: ArcSwapOption<Active>,
     /// Written only by reloads; readers are `/config` and the file source.
     rejected: Mutex<Option<Rejection>>,
     generation: AtomicU64,
     metrics: Arc<Metrics>,
-    /// The generation in force, for tasks that hold state derived from the config.
-    changes: tokio::sync::watch::Sender<u64>,
-    /// Budgets, variant health and limits, kept across reloads and bound into each
-    /// snapshot as it is installed.
-    state: RouteState,
+    /// Budgets, variant health, limits and batchers, kept across reloads and bound to
+    /// each snapshot as it is installed.
+    registry: Registry,
 }
 
 impl Store {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    /// `executor` is how batchers reach the model server (braid's HTTP client in
+    /// production, a fake in unit tests).
+    pub fn new(metrics: Arc<Metrics>, executor: Arc<dyn Execute>) -> Self {
+        let registry = Registry::new(metrics.clone(), executor);
         Store {
+            registry,
             current: ArcSwapOption::empty(),
             rejected: Mutex::new(None),
             generation: AtomicU64::new(0),
             metrics,
-            changes: tokio::sync::watch::Sender::new(0),
-            state: RouteState::default(),
         }
     }
 
     /// The snapshot in force, if any config has been accepted yet.
-    pub fn load(&self) -> Option<Arc<Snapshot>> {
+    pub fn load(&self) -> Option<Arc<Active>> {
         self.current.load_full()
     }
 
@@ -63,17 +74,17 @@ impl Store {
         kind: &'static str,
     ) -> Result<u64, Vec<ConfigError>> {
         match super::load(text, source) {
-            Ok(mut snap) => {
+            Ok(mut snapshot) => {
                 // Reloads are serialised by their single source task; fetch_add keeps
                 // generations unique even if two sources ever race.
                 let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-                snap.generation = generation;
-                self.state.bind(&self.metrics, &mut snap.routes);
-                for w in &snap.warnings {
+                snapshot.generation = generation;
+                for w in &snapshot.warnings {
                     tracing::warn!(source, "{w}");
                 }
-                self.current.store(Some(Arc::new(snap)));
-                self.changes.send_replace(generation);
+                let live = self.registry.bind(&snapshot.routes);
+                self.current
+                    .store(Some(Arc::new(Active { snapshot, live })));
                 *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 self.metrics.config_reloaded(kind, true, generation);
                 tracing::info!(source, generation, "config accepted");
@@ -115,9 +126,9 @@ impl Store {
         });
     }
 
-    /// Notified after each accepted config.
-    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
+    /// How many batcher tasks are bound (a removed route's are let go on reload).
+    pub fn batchers(&self) -> usize {
+        self.registry.batchers()
     }
 
     pub fn last_rejection(&self) -> Option<Rejection> {

@@ -9,16 +9,17 @@ use http::HeaderValue;
 
 use super::ConfigError;
 use super::node::Node;
-use super::schema::{BackendSpec, Document, Protocol, RouteSpec, Upstream};
+use super::schema::{BackendSpec, Document, RouteSpec};
+use crate::addr::{Protocol, Upstream};
 use crate::batch::queue::BatchLimits;
 use crate::route::{Chooser, Route, RouteTable, ShadowRoute, Variant};
 use crate::upstream::TlsPool;
 
-/// One validated config, never mutated after it is published. A request loads it once
-/// and uses it to the end, so a reload can never be observed half-applied.
+/// One validated config: pure data, never mutated after it is compiled. The store binds
+/// live state beside it (`config::Active`) and publishes the two together.
 #[derive(Debug)]
 pub struct Snapshot {
-    /// Set by the store when published; 1 for the first config.
+    /// Set by the store when it installs the snapshot; 1 for the first config.
     pub generation: u64,
     /// Where the document came from (`file:/etc/braid/braid.yaml`).
     pub source: String,
@@ -283,7 +284,6 @@ fn compile_route(
                 .or(spec.model.as_deref())
                 .map(Arc::from),
             tls: pools.get(&(spec.at, v.at)).cloned(),
-            live: Default::default(),
         })
         .collect();
     Route {
@@ -318,7 +318,6 @@ fn compile_route(
             .as_ref()
             .and_then(|b| b.row_id.as_deref())
             .map(Arc::from),
-        live: Default::default(),
     }
 }
 

@@ -33,7 +33,7 @@ pub struct Webhook {
 impl Handler for Webhook {
     async fn call(&self, req: Request<Incoming>, _conn: &ConnInfo) -> Response<Body> {
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/healthz") => json_response(StatusCode::OK, "{\"ok\":true}".into()),
+            (&Method::GET, "/healthz") => json_response(StatusCode::OK, "{\"ok\":true}"),
             (&Method::POST, "/mutate") => {
                 let (parts, body) = req.into_parts();
                 let body: Bytes =

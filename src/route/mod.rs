@@ -1,9 +1,11 @@
-//! Route matching: the model name in Open Inference Protocol v2 and KServe v1 paths
-//! first, then the longest configured path prefix. A match also says where the model
-//! name sits in the path so it can be rewritten to a variant's `target_model`.
+//! Routes as compiled data, and matching: the model name in Open Inference Protocol v2
+//! and KServe v1 paths first, then the longest configured path prefix. A match also
+//! says where the model name sits in the path so it can be rewritten to a variant's
+//! `target_model`. Nothing here changes after compilation; the handles that do
+//! (budgets, health, batchers) are in `live`, bound beside the table by the store.
 
 pub mod assign;
-pub mod shadow;
+pub mod live;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -12,8 +14,8 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
+use crate::addr::Upstream;
 use crate::batch::queue::BatchLimits;
-use crate::config::schema::Upstream;
 use crate::upstream::health::Outlier;
 use crate::upstream::retry::RetryPolicy;
 pub use assign::{Assignment, Chooser};
@@ -45,8 +47,6 @@ pub struct Route {
     pub shadow: Option<ShadowRoute>,
     /// Requests in flight on this route at once; more get 429.
     pub max_inflight: Option<usize>,
-    /// Budget and semaphores, filled in when the snapshot is installed.
-    pub live: crate::upstream::state::RouteLive,
 }
 
 /// A route's shadow traffic: a copy of `fraction` of requests goes to `variant`.
@@ -68,10 +68,8 @@ pub struct Variant {
     pub local: bool,
     /// Model name at the backend; `None` on path-prefix routes (path kept as is).
     pub target_model: Option<Arc<str>>,
-    /// The connection pool of an `https://` backend.
+    /// The connection pool of an `https://` backend (shared by content, across reloads).
     pub tls: Option<crate::upstream::TlsPool>,
-    /// Health and retry counters, filled in when the snapshot is installed.
-    pub live: crate::upstream::state::VariantLive,
 }
 
 impl Route {
@@ -97,6 +95,8 @@ pub struct RouteTable {
 /// The route a request matched, and where its model name sits in the path.
 #[derive(Debug)]
 pub struct Match<'a> {
+    /// The route's position in the table (and in the live state bound beside it).
+    pub index: usize,
     pub route: &'a Route,
     pub model_span: Option<Range<usize>>,
 }
@@ -126,6 +126,7 @@ impl RouteTable {
             && let Some(&i) = self.by_model.get(&path[span.clone()])
         {
             return Some(Match {
+                index: i,
                 route: &self.routes[i],
                 model_span: Some(span),
             });
@@ -134,6 +135,7 @@ impl RouteTable {
             .iter()
             .find(|(p, _)| path.starts_with(p.as_str()))
             .map(|&(_, i)| Match {
+                index: i,
                 route: &self.routes[i],
                 model_span: None,
             })

@@ -8,7 +8,6 @@
 //! ever having a request reset. `Closing`: the listener stops accepting, every
 //! connection finishes its in-flight requests and closes, and `serve` returns.
 
-pub mod admin;
 pub mod sniff;
 pub mod tls;
 
@@ -258,11 +257,11 @@ async fn connection<H, S>(
 
 /// Reads the whole body under the limit: a declared length over it is refused before
 /// a byte is read, and a body that grows past it is cut off.
-pub async fn read_body(
-    headers: &HeaderMap,
-    body: Incoming,
-    limit: usize,
-) -> Result<Bytes, ProxyError> {
+pub async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, ProxyError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<crate::error::BoxError>,
+{
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

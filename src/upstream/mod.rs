@@ -3,9 +3,7 @@
 //! and across config reloads, since the pool is keyed by authority, not by snapshot.
 
 pub mod health;
-pub mod probe;
 pub mod retry;
-pub mod state;
 
 use std::time::Duration;
 
@@ -24,9 +22,12 @@ use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilde
 use rustls_pki_types::ServerName;
 use sha2::{Digest, Sha256};
 
-use crate::config::schema::Protocol;
-use crate::proxy::CONNECT_TIMEOUT;
+use crate::addr::Protocol;
+pub use crate::error::SendError;
 use crate::server::tls::{self, UpstreamTls};
+
+/// Default connect timeout for backends (a route timeout, when set, bounds it too).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Pool = Client<HttpConnector, Full<Bytes>>;
 
@@ -96,20 +97,6 @@ pub struct Upstreams {
     h2: Pool,
 }
 
-/// Why a backend call failed, split the way the status code and retries need it.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// No connection could be made: nothing reached the backend.
-    #[error("{0}")]
-    Connect(String),
-    /// HTTP/2 REFUSED_STREAM: the backend did not process the request.
-    #[error("{0}")]
-    Refused(String),
-    /// The connection failed after the request may have been sent.
-    #[error("{0}")]
-    Other(String),
-}
-
 impl Upstreams {
     pub fn new(connect_timeout: Duration) -> Self {
         let connector = connector(connect_timeout);
@@ -126,16 +113,10 @@ impl Upstreams {
         Upstreams { h1, h2 }
     }
 
+    /// The one way braid sends to a backend (forwarding, retries, shadow copies,
+    /// batches, readiness probes): the pool for `protocol`; `https://` backends need
+    /// their `tls` pool. The error says whether the request may have reached it.
     pub async fn send(
-        &self,
-        protocol: Protocol,
-        req: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, SendError> {
-        self.send_with(protocol, None, req).await
-    }
-
-    /// Sends on the pool for `protocol`; `https://` backends need their `tls` pool.
-    pub async fn send_with(
         &self,
         protocol: Protocol,
         tls: Option<&TlsPool>,

@@ -27,7 +27,7 @@ use tower::{Service, ServiceExt};
 
 use super::health::VariantHealth;
 use super::{SendError, TlsPool, Upstreams};
-use crate::config::schema::Protocol;
+use crate::addr::Protocol;
 use crate::metrics::RetryMetrics;
 
 /// Header carrying a request's remaining time budget, e.g. `x-braid-timeout: 250ms`.
@@ -80,25 +80,6 @@ impl RetryPolicy {
 /// How long a deposit counts toward the budget (Linkerd's default).
 pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
-/// Why one attempt produced no response.
-#[derive(Debug, thiserror::Error)]
-pub enum TryError {
-    #[error(transparent)]
-    Send(#[from] SendError),
-    #[error("no response headers within the per-try timeout of {0:?}")]
-    Timeout(Duration),
-}
-
-impl TryError {
-    /// Whether the request certainly did not reach the backend.
-    pub fn never_reached(&self) -> bool {
-        matches!(
-            self,
-            TryError::Send(SendError::Connect(_) | SendError::Refused(_))
-        )
-    }
-}
-
 /// Everything one request's retries share.
 #[derive(Clone)]
 pub struct Attempts {
@@ -118,13 +99,13 @@ pub struct Attempts {
 
 type Req = Request<Full<Bytes>>;
 
-impl tower::retry::Policy<Req, Response<Incoming>, TryError> for Attempts {
+impl tower::retry::Policy<Req, Response<Incoming>, SendError> for Attempts {
     type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
         req: &mut Req,
-        result: &mut Result<Response<Incoming>, TryError>,
+        result: &mut Result<Response<Incoming>, SendError>,
     ) -> Option<Self::Future> {
         let failed = match result {
             Ok(r) => r.status().is_server_error(),
@@ -205,7 +186,7 @@ pub fn backoff(p: &RetryPolicy, retried: u32) -> Duration {
         .backoff_base
         .saturating_mul(1u32 << retried.min(16))
         .min(p.backoff_max);
-    ceiling.mul_f64(crate::route::assign::next_f64())
+    ceiling.mul_f64(crate::hash::next_f64())
 }
 
 /// A 429/503's `Retry-After` in seconds (HTTP dates are not honoured: treated as absent).
@@ -242,7 +223,7 @@ impl Service<Req> for Call {
 
     fn call(&mut self, req: Req) -> CallFuture {
         let (upstreams, protocol, tls) = (self.upstreams.clone(), self.protocol, self.tls.clone());
-        Box::pin(async move { upstreams.send_with(protocol, tls.as_ref(), req).await })
+        Box::pin(async move { upstreams.send(protocol, tls.as_ref(), req).await })
     }
 }
 
@@ -253,14 +234,14 @@ pub struct PerTry {
     timeout: Option<Duration>,
 }
 
-type TryFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, TryError>> + Send>>;
+type TryFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, SendError>> + Send>>;
 
 impl Service<Req> for PerTry {
     type Response = Response<Incoming>;
-    type Error = TryError;
+    type Error = SendError;
     type Future = TryFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), TryError>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SendError>> {
         Poll::Ready(Ok(()))
     }
 
@@ -271,9 +252,8 @@ impl Service<Req> for PerTry {
             match timeout {
                 Some(t) => tokio::time::timeout(t, call)
                     .await
-                    .map_err(|_| TryError::Timeout(t))?
-                    .map_err(TryError::from),
-                None => call.await.map_err(TryError::from),
+                    .map_err(|_| SendError::Timeout(t))?,
+                None => call.await,
             }
         })
     }
@@ -285,7 +265,7 @@ pub async fn send(
     call: Call,
     attempts: Attempts,
     req: Req,
-) -> Result<Response<Incoming>, TryError> {
+) -> Result<Response<Incoming>, SendError> {
     let per_try = PerTry {
         inner: call,
         timeout: attempts.policy.per_try_timeout,

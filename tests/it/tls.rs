@@ -1,8 +1,6 @@
 //! TLS through real sockets: inbound with ALPN and certificate rotation, hostile
 //! handshakes, and `https://` backends with a private CA, SNI and client certificates.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,9 +18,9 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::support::*;
 use braid::run::TlsFiles;
 use braid::server::tls::{UpstreamTls, client_config};
-use support::*;
 
 /// A private CA that signs leaf certificates into PEM files.
 struct Pki {

@@ -1,7 +1,6 @@
 //! Fixtures for integration tests: real backend servers and a real proxy, each on
 //! `127.0.0.1:0`, plus small clients. Nothing here uses a fixed port or a sleep to
 //! wait for readiness.
-#![allow(dead_code)]
 
 pub mod kube;
 
@@ -29,7 +28,6 @@ use braid::server::Limits;
 
 /// A backend that answers every request with JSON naming itself and what it saw.
 pub struct Backend {
-    pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
     pub fault: Arc<std::sync::Mutex<Fault>>,
@@ -164,7 +162,6 @@ impl Backend {
             }
         });
         Backend {
-            name: name.to_string(),
             addr,
             hits,
             fault,
@@ -281,7 +278,7 @@ impl TestProxy {
             .unwrap()
             .store
             .load()
-            .map_or(0, |s| s.generation)
+            .map_or(0, |a| a.snapshot.generation)
     }
 
     /// Rewrites the config file and waits until the proxy has applied it.
@@ -569,7 +566,8 @@ pub async fn wait_for_status(client: &TestClient, url: &str, status: u16) {
 
 /// An executor on `127.0.0.1:0` serving the tiny test BERT, loaded and ready.
 pub struct TestExecutor {
-    pub running: braid::executor::server::RunningExecutor,
+    /// Kept so the executor serves for the test's lifetime.
+    _running: braid::executor::server::RunningExecutor,
     pub addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
@@ -603,7 +601,7 @@ impl TestExecutor {
         running.wait_loaded().await.unwrap();
         TestExecutor {
             addr: running.addr,
-            running,
+            _running: running,
             _dir: dir,
         }
     }

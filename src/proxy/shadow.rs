@@ -4,14 +4,130 @@
 //! Nothing the shadow does can delay or change the client's response.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use super::forward::{upstream_path, upstream_request};
+use super::{Proxy, Routed, X_BRAID_SHADOW};
+use crate::addr::Protocol;
 use crate::error::{Body, BoxError};
+use crate::hash::next_f64;
+use crate::metrics::Metrics;
+use crate::server::ConnInfo;
+use crate::upstream::{TlsPool, Upstreams};
+
+/// How long a shadow copy may take when its route has no timeout.
+const SHADOW_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Proxy {
+    /// Sends a copy of the request to the route's shadow variant, if this request is
+    /// picked and a slot is free; returns where to deliver the primary's answer.
+    pub(super) fn start_shadow(
+        &self,
+        r: &Routed<'_>,
+        vi: usize,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        conn: &ConnInfo,
+    ) -> Option<oneshot::Sender<PrimaryAnswer>> {
+        let route = r.m.route;
+        let sh = route.shadow?;
+        if sh.variant == vi || next_f64() >= sh.fraction {
+            return None;
+        }
+        let variant = &route.variants[sh.variant];
+        let permit = match r.live.shadow_limit.clone()?.try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.metrics
+                    .shadow(&route.name, &variant.name, "skipped_saturated", None);
+                return None;
+            }
+        };
+        let path = upstream_path(&r.m, variant, &parts.uri).ok()?;
+        let mut req = upstream_request(parts, body, variant, path, conn).ok()?;
+        req.headers_mut()
+            .insert(X_BRAID_SHADOW.clone(), HeaderValue::from_static("1"));
+        let (tx, primary) = oneshot::channel();
+        let job = ShadowJob {
+            upstreams: self.upstreams.clone(),
+            protocol: variant.upstream.protocol,
+            tls: variant.tls.clone(),
+            timeout: route.timeout.unwrap_or(SHADOW_TIMEOUT),
+            metrics: self.metrics.clone(),
+            route: route.name.clone(),
+            variant: variant.name.clone(),
+        };
+        tokio::spawn(async move {
+            job.run(req, primary).await;
+            drop(permit);
+        });
+        Some(tx)
+    }
+}
+
+/// What the shadow compares against.
+pub(super) struct PrimaryAnswer {
+    pub(super) status: http::StatusCode,
+    pub(super) copy: oneshot::Receiver<Option<Bytes>>,
+}
+
+struct ShadowJob {
+    upstreams: Upstreams,
+    protocol: Protocol,
+    tls: Option<TlsPool>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+    route: Arc<str>,
+    variant: Arc<str>,
+}
+
+impl ShadowJob {
+    async fn run(self, req: Request<Full<Bytes>>, primary: oneshot::Receiver<PrimaryAnswer>) {
+        let send = async {
+            let resp = self
+                .upstreams
+                .send(self.protocol, self.tls.as_ref(), req)
+                .await
+                .ok()?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), COMPARE_LIMIT)
+                .collect()
+                .await
+                .ok()?
+                .to_bytes();
+            Some((status, body))
+        };
+        let answer = tokio::time::timeout(self.timeout, send)
+            .await
+            .ok()
+            .flatten();
+        let (Some((status, body)), Ok(primary)) = (answer, primary.await) else {
+            self.metrics
+                .shadow(&self.route, &self.variant, "failed", None);
+            return;
+        };
+        if status != primary.status {
+            self.metrics
+                .shadow(&self.route, &self.variant, "status_mismatch", None);
+            return;
+        }
+        let divergence = match (status.is_success(), primary.copy.await) {
+            (true, Ok(Some(copy))) => divergence(&copy, &body),
+            _ => None,
+        };
+        self.metrics
+            .shadow(&self.route, &self.variant, "status_match", divergence);
+    }
+}
 
 /// Largest response body kept for comparison, per side.
 pub const COMPARE_LIMIT: usize = 8 * 1024 * 1024;

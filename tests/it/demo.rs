@@ -1,12 +1,10 @@
 //! `braid demo`, the README's first command, as a user runs it: the real binary, the
 //! real model, requests through the proxy, and a clean exit on Ctrl-C.
 
-mod support;
-
 use std::io::BufRead;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_the_ab_test_end_to_end() {

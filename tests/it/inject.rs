@@ -6,8 +6,6 @@
 //!
 //! `BRAID_BLESS=1 cargo test --test inject` rewrites the expected files.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
 use braid::inject::webhook::{WebhookOptions, review};

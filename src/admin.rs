@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::watch;
 
-use super::{ConnInfo, Handler};
 use crate::config::Store;
 use crate::error::{Body, full, json_error, json_response};
 use crate::metrics::Metrics;
-use crate::upstream::probe::ExecutorState;
+use crate::probe::ExecutorState;
+use crate::server::{ConnInfo, Handler};
 
 pub struct Admin {
     pub store: Arc<Store>,
@@ -96,7 +96,7 @@ impl Admin {
                 "errors": r.errors.iter().map(|e| json!({"path": e.path, "message": e.message})).collect::<Vec<_>>(),
             })
         });
-        let body = match snap {
+        let body = match snap.as_deref().map(|a| &a.snapshot) {
             Some(s) => json!({
                 "generation": s.generation,
                 "source": s.source,

@@ -1,12 +1,10 @@
 //! Request coalescing through real sockets, against a scriptable mock executor and the
 //! real executor: every client gets exactly its own rows, and every fault fails safe.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 fn rows_of(r: &Reply) -> Vec<String> {
     r.json()["outputs"][0]["data"]

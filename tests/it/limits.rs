@@ -1,11 +1,9 @@
 //! Bad input and backend faults: every one gets a precise status, JSON where braid
 //! writes the body, and never a hang.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 async fn proxy_to(backend: &str) -> TestProxy {
     TestProxy::start(&format!(

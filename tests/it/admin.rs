@@ -1,8 +1,6 @@
 //! The admin port: metrics with route/variant/code labels, health, readiness, config.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn metrics_health_readiness_and_config() {

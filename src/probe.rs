@@ -11,8 +11,8 @@ use http::{Request, Uri};
 use http_body_util::Full;
 use tokio::sync::watch;
 
-use super::Upstreams;
 use crate::config::Store;
+use crate::upstream::Upstreams;
 
 /// `None`: ready (or no executor configured); `Some(why)`: not ready.
 pub type ExecutorState = Option<String>;
@@ -24,7 +24,7 @@ pub async fn run(
     state: watch::Sender<ExecutorState>,
 ) {
     loop {
-        let verdict = match store.load().and_then(|s| s.executor.clone()) {
+        let verdict = match store.load().and_then(|a| a.snapshot.executor.clone()) {
             None => None,
             Some(exec) => {
                 let uri = Uri::builder()
@@ -37,7 +37,7 @@ pub async fn run(
                 *req.uri_mut() = uri;
                 match tokio::time::timeout(
                     every.max(Duration::from_secs(1)),
-                    upstreams.send(exec.protocol, req),
+                    upstreams.send(exec.protocol, None, req),
                 )
                 .await
                 {

@@ -1,11 +1,9 @@
 //! Routing through real sockets: weighted split, override, sticky assignment across
 //! instances, restarts and weight changes, model-name rewriting, h2c in and out.
 
-mod support;
-
 use std::collections::HashMap;
 
-use support::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_of_10000_requests_is_within_the_binomial_bound() {

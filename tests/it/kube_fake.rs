@@ -2,13 +2,11 @@
 //! the dialect real clients speak. This drives it with the real `kubectl`: apply
 //! (create, then patch), get, watch, delete.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::kube::{FakeApi, kubectl};
+use crate::support::kube::{FakeApi, kubectl};
 
 fn manifest(value: &str) -> String {
     format!(

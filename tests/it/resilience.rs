@@ -1,11 +1,9 @@
 //! Retries, budgets, ejection and fallback, shadow traffic, deadlines and overload,
 //! driven through real sockets against backends that fail on command.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 /// One model route `m` over the given variants (name, weight, backend URL), plus extra
 /// route-level YAML (indented four spaces).

@@ -2,14 +2,12 @@
 //! surviving what real API servers do: changes, bad documents, 410 Gone, restarts,
 //! errors, deletion, and not being there at all at first.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::kube::FakeApi;
+use crate::support::*;
 use braid::config::ConfigSource;
 use braid::config::kube::ConfigMapSource;
-use support::kube::FakeApi;
-use support::*;
 
 const NS: &str = "ml";
 const NAME: &str = "braid";

@@ -1,14 +1,12 @@
 //! Hot reload through the file source: the kubelet's symlink swap, rejected documents
 //! that leave the last good config serving, and reloads under load.
 
-mod support;
-
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use support::*;
+use crate::support::*;
 
 /// Lays out a directory the way the kubelet mounts a ConfigMap, or swaps its content
 /// the way the kubelet updates one: a new timestamped directory, then an atomic rename

@@ -2,11 +2,9 @@
 //! OIP v2 and KServe v1 endpoints, labels, the binary tensor extension, bad input,
 //! and the bounded queue.
 
-mod support;
-
 use std::sync::Arc;
 
-use support::*;
+use crate::support::*;
 
 async fn labelled() -> TestExecutor {
     TestExecutor::start(|dir| {

@@ -2,13 +2,11 @@
 //! connections are served through the grace period, in-flight requests finish, and
 //! no client sees an error or a reset.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_with_zero_errors_and_exits_0() {

@@ -1,0 +1,88 @@
+//! A fake executor for unit tests of the batcher and the request path: it speaks
+//! KServe v1 (echoes each instance back as its prediction), records every call, and
+//! can be held at a gate so tests decide when a batch finishes. Runs on tokio's
+//! paused clock: nothing here sleeps on the wall clock.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use super::batcher::{ExecFuture, Execute};
+use crate::addr::Upstream;
+
+#[derive(Default)]
+pub struct FakeExecutor {
+    /// (path, rows) of every call, in the order they arrived.
+    pub calls: Mutex<Vec<(String, usize)>>,
+    /// When set, each call waits for a permit before answering.
+    pub gate: Option<Arc<Semaphore>>,
+}
+
+impl FakeExecutor {
+    pub fn gated() -> (Arc<FakeExecutor>, Arc<Semaphore>) {
+        let gate = Arc::new(Semaphore::new(0));
+        let fake = FakeExecutor {
+            gate: Some(gate.clone()),
+            ..Default::default()
+        };
+        (Arc::new(fake), gate)
+    }
+
+    /// Rows per call, in arrival order.
+    pub fn batches(&self) -> Vec<usize> {
+        self.calls.lock().unwrap().iter().map(|c| c.1).collect()
+    }
+
+    /// Lets other tasks run until `n` calls have arrived. On the paused clock each
+    /// step moves time by a millisecond, so a batch waiting out `max_delay` is sent.
+    pub async fn wait_calls(&self, n: usize) {
+        for _ in 0..10_000 {
+            if self.calls.lock().unwrap().len() >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        panic!("the executor never got {n} calls: {:?}", self.batches());
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.0.clone())
+            .collect()
+    }
+}
+
+impl Execute for FakeExecutor {
+    /// 500 for any path naming a `broken` model; 400 when any instance is `"bad"`;
+    /// otherwise every instance back as its prediction.
+    fn execute<'a>(&'a self, _: &'a Upstream, path: &'a str, body: Bytes) -> ExecFuture<'a> {
+        Box::pin(async move {
+            let v: Value = serde_json::from_slice(&body).expect("the batcher sends JSON");
+            let instances = v["instances"].as_array().cloned().unwrap_or_default();
+            self.calls
+                .lock()
+                .unwrap()
+                .push((path.to_string(), instances.len()));
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.expect("gate open").forget();
+            }
+            let reply = |status, v: Value| Ok((status, Bytes::from(v.to_string())));
+            if path.contains("broken") {
+                return reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "broken"}),
+                );
+            }
+            if instances.iter().any(|i| i == "bad") {
+                return reply(StatusCode::BAD_REQUEST, json!({"error": "bad instance"}));
+            }
+            reply(StatusCode::OK, json!({ "predictions": instances }))
+        })
+    }
+}

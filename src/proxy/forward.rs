@@ -1,0 +1,208 @@
+//! Forwarding: the request as a variant's backend gets it (model name rewritten,
+//! hop-by-hop headers stripped, `x-forwarded-for` appended), sent through the one
+//! upstream path under the route's retry policy, budget and deadline.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, Version};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+
+use super::{Prepared, Proxy, Routed, Served};
+use crate::addr::Protocol;
+use crate::error::ProxyError;
+use crate::route::{self, Match, Variant};
+use crate::server::ConnInfo;
+use crate::upstream::retry::{self, Attempts, Call};
+
+impl Proxy {
+    /// Sends the request to the variant's backend under the route's retry policy and
+    /// deadline; says whether sending it elsewhere (the fallback) would be safe.
+    pub(super) async fn forward(
+        &self,
+        r: &Routed<'_>,
+        vi: usize,
+        parts: &http::request::Parts,
+        prepared: &Prepared,
+        path: PathAndQuery,
+        conn: &ConnInfo,
+    ) -> Served {
+        let route = r.m.route;
+        let variant = &route.variants[vi];
+        let live = &r.live.variants[vi];
+        let safe_method = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let may_repeat = safe_method || route.retry.idempotent;
+        let mut out = match upstream_request(parts, &prepared.body, variant, path, conn) {
+            Ok(r) => r,
+            Err(e) => return Served::error(e),
+        };
+        let now = Instant::now();
+        if let Some(d) = prepared.deadline {
+            retry::set_deadline_header(&mut out, d.saturating_duration_since(now));
+        }
+        let health = live.health.clone();
+        // A route that neither retries, times tries out nor tracks health needs none of
+        // the tower stack: one call, as cheap as it can be.
+        let plain =
+            route.retry.attempts <= 1 && route.retry.per_try_timeout.is_none() && health.is_none();
+        let sent = async {
+            if plain {
+                return self
+                    .upstreams
+                    .send(variant.upstream.protocol, variant.tls.as_ref(), out)
+                    .await;
+            }
+            let attempts = Attempts {
+                policy: route.retry.clone(),
+                budget: prepared.budget.clone(),
+                metrics: live.retry_metrics.clone(),
+                health: health.clone(),
+                deadline: prepared.deadline,
+                safe_method,
+                body_len: prepared.body.len(),
+                retried: 0,
+            };
+            let call = Call {
+                upstreams: self.upstreams.clone(),
+                protocol: variant.upstream.protocol,
+                tls: variant.tls.clone(),
+            };
+            retry::send(call, attempts, out).await
+        };
+        let result = match prepared.deadline {
+            Some(d) => match tokio::time::timeout_at(d, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    if let Some(h) = &health {
+                        h.record(false, Instant::now());
+                    }
+                    let e = if prepared.by_header {
+                        ProxyError::DeadlinePassed
+                    } else {
+                        ProxyError::Timeout {
+                            backend: variant.upstream.authority.to_string(),
+                            after: route.timeout.unwrap_or_default(),
+                        }
+                    };
+                    return Served::error(e);
+                }
+            },
+            None => sent.await,
+        };
+        match result {
+            Ok(resp) => {
+                let repeatable =
+                    resp.status() == http::StatusCode::SERVICE_UNAVAILABLE || may_repeat;
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Served {
+                    result: Ok(Response::from_parts(
+                        parts,
+                        body.map_err(Into::into).boxed(),
+                    )),
+                    repeatable,
+                }
+            }
+            Err(e) => Served {
+                repeatable: may_repeat || e.never_reached(),
+                result: Err(ProxyError::from_send(&variant.upstream.authority, e)),
+            },
+        }
+    }
+}
+
+/// The path at the backend: the model name rewritten to the variant's target.
+pub(super) fn upstream_path(
+    m: &Match<'_>,
+    variant: &Variant,
+    uri: &Uri,
+) -> Result<PathAndQuery, ProxyError> {
+    let (Some(span), Some(target)) = (&m.model_span, &variant.target_model) else {
+        // Nothing to rewrite: the client's own (already parsed) path and query.
+        return Ok(uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")));
+    };
+    let path = route::rewrite_model(uri.path(), span, target);
+    let path = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    PathAndQuery::try_from(path).map_err(|e| ProxyError::BadRequest(format!("path: {e}")))
+}
+
+/// The request as the variant's backend gets it.
+pub(super) fn upstream_request(
+    parts: &http::request::Parts,
+    body: &Bytes,
+    variant: &Variant,
+    path_and_query: PathAndQuery,
+    conn: &ConnInfo,
+) -> Result<Request<Full<Bytes>>, ProxyError> {
+    let uri = Uri::builder()
+        .scheme(variant.upstream.scheme.clone())
+        .authority(variant.upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("uri: {e}")))?;
+    let mut out = Request::new(Full::new(body.clone()));
+    *out.method_mut() = parts.method.clone();
+    *out.uri_mut() = uri;
+    *out.version_mut() = match variant.upstream.protocol {
+        // Over TLS, ALPN decides; the client speaks h2 on an h2 connection.
+        Protocol::Http1 | Protocol::Tls => Version::HTTP_11,
+        Protocol::H2c => Version::HTTP_2,
+    };
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    // The client sets Host from the backend's authority.
+    headers.remove(header::HOST);
+    append_forwarded_for(&mut headers, conn);
+    *out.headers_mut() = headers;
+    Ok(out)
+}
+
+/// Connection-scoped headers (RFC 9110 §7.6.1), never forwarded in either direction.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes the hop-by-hop headers and any the `Connection` header names.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than the removals.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+fn append_forwarded_for(headers: &mut HeaderMap, conn: &ConnInfo) {
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => match HeaderValue::try_from(format!("{prev}, {}", conn.peer.ip())) {
+            Ok(v) => v,
+            Err(_) => return,
+        },
+        None => conn.peer_ip.clone(),
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), value);
+}

@@ -1,0 +1,342 @@
+//! The request path, composed in one function (`Proxy::route`), one step per line; the
+//! picture of it is the crate doc's (`lib.rs`). Each step's detail lives beside it:
+//! `forward` (retries, the upstream request), `batched` (coalescing through the
+//! variant's batcher), `shadow` (copies and their comparison).
+
+mod batched;
+mod forward;
+mod shadow;
+#[cfg(test)]
+mod tests;
+
+pub use batched::HttpExecutor;
+pub use shadow::divergence;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName};
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::config::schema::parse_duration;
+use crate::config::{Active, Store};
+use crate::error::{Body, BoxError, ProxyError};
+use crate::metrics::Metrics;
+use crate::route::live::RouteLive;
+use crate::route::{Match, Route, assign};
+use crate::server::{self, ConnInfo, Handler};
+use crate::upstream::Upstreams;
+use crate::upstream::health::Admit;
+use crate::upstream::retry::DEADLINE_HEADER;
+use shadow::PrimaryAnswer;
+
+pub static X_BRAID_VARIANT: HeaderName = HeaderName::from_static("x-braid-variant");
+pub static X_BRAID_FALLBACK_FROM: HeaderName = HeaderName::from_static("x-braid-fallback-from");
+pub static X_BRAID_SHADOW: HeaderName = HeaderName::from_static("x-braid-shadow");
+
+pub struct Proxy {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub upstreams: Upstreams,
+    pub max_body_bytes: usize,
+    /// Requests answered at once; more get 503 + Retry-After.
+    pub max_inflight: usize,
+}
+
+impl Handler for Proxy {
+    async fn call(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+        self.handle(req, conn).await
+    }
+}
+
+/// One variant's answer, and whether sending the request elsewhere is safe.
+struct Served {
+    result: Result<Response<Body>, ProxyError>,
+    /// The request certainly was not processed, or the route says repeating is harmless.
+    repeatable: bool,
+}
+
+impl Served {
+    /// An error that must not be sent anywhere else (a bad request, a deadline).
+    fn error(e: ProxyError) -> Served {
+        Served {
+            result: Err(e),
+            repeatable: false,
+        }
+    }
+
+    fn failed(&self) -> bool {
+        match &self.result {
+            Ok(r) => r.status().is_server_error(),
+            Err(e) => e.status().is_server_error(),
+        }
+    }
+}
+
+/// What one request works with: the route it matched and that route's live handles,
+/// from the one snapshot loaded for it.
+struct Routed<'a> {
+    m: Match<'a>,
+    live: &'a RouteLive,
+}
+
+impl Proxy {
+    /// Answers one request. Generic over the body so tests call it in-process with no
+    /// socket (axum's `oneshot` style); the listener calls it with hyper's body.
+    pub async fn handle<B>(&self, req: Request<B>, conn: &ConnInfo) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let start = Instant::now();
+        let inflight = self.metrics.inflight();
+        if inflight.inc() >= self.max_inflight as i64 {
+            inflight.dec();
+            return self.unrouted(ProxyError::Overloaded);
+        }
+        let resp = match self.store.load() {
+            // One snapshot for the whole request: a reload cannot change it midway.
+            Some(active) => self.route(&active, req, conn, start).await,
+            None => self.unrouted(ProxyError::NoConfig),
+        };
+        inflight.dec();
+        resp
+    }
+
+    async fn route<B>(
+        &self,
+        active: &Active,
+        req: Request<B>,
+        conn: &ConnInfo,
+        start: Instant,
+    ) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let Some(m) = active.snapshot.routes.find(req.uri().path()) else {
+            return self.unrouted(ProxyError::NoRoute {
+                path: req.uri().path().to_string(),
+            });
+        };
+        let route = m.route;
+        let live = &active.live[m.index];
+        let (assigned, how) = match assign::assign(route, req.headers()) {
+            Ok(a) => a,
+            Err(assign::UnknownVariant(wanted)) => {
+                return self.unrouted(ProxyError::UnknownVariant {
+                    header: route.override_header.to_string(),
+                    wanted,
+                    valid: route.variant_names(),
+                });
+            }
+        };
+        let _permit = match &live.limit {
+            None => None,
+            Some(limit) => match limit.try_acquire() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    return self.unrouted(ProxyError::RouteBusy {
+                        route: route.name.to_string(),
+                    });
+                }
+            },
+        };
+        let (mut vi, mut fallback_from) = if how == assign::Assignment::Override {
+            (assigned, None)
+        } else {
+            self.avoid_ejected(route, live, assigned, req.headers())
+        };
+
+        let (parts, body) = req.into_parts();
+        let prepared = match self.prepare(&parts, body, route, live, start).await {
+            Ok(p) => p,
+            Err(e) => return self.finish(route, vi, fallback_from, Err(e), start, None),
+        };
+        let r = Routed { m, live };
+        let shadow = self.start_shadow(&r, vi, &parts, &prepared.body, conn);
+        let mut served = self.serve(&r, vi, &parts, &prepared, conn).await;
+        if let Some(fb) = route.fallback
+            && fb != vi
+            && fallback_from.is_none()
+            && served.failed()
+            && served.repeatable
+            && prepared.deadline.is_none_or(|d| d > Instant::now())
+        {
+            tracing::debug!(route = %route.name, from = %route.variants[vi].name, "serving from the fallback");
+            fallback_from = Some(vi);
+            vi = fb;
+            served = self.serve(&r, vi, &parts, &prepared, conn).await;
+        }
+        self.finish(route, vi, fallback_from, served.result, start, shadow)
+    }
+
+    /// Headers, metrics and the shadow's copy of the answer, once, at the edge.
+    fn finish(
+        &self,
+        route: &Route,
+        vi: usize,
+        fallback_from: Option<usize>,
+        result: Result<Response<Body>, ProxyError>,
+        start: Instant,
+        shadow: Option<oneshot::Sender<PrimaryAnswer>>,
+    ) -> Response<Body> {
+        let variant = &route.variants[vi];
+        let mut resp = result.unwrap_or_else(|e| {
+            tracing::debug!(route = %route.name, variant = %variant.name, "{e}");
+            e.into_response()
+        });
+        let headers = resp.headers_mut();
+        headers.insert(X_BRAID_VARIANT.clone(), variant.header_value.clone());
+        if let Some(from) = fallback_from {
+            let from = &route.variants[from];
+            headers.insert(X_BRAID_FALLBACK_FROM.clone(), from.header_value.clone());
+            self.metrics.fallback(&route.name, &from.name);
+        }
+        let status = resp.status();
+        self.metrics
+            .request(&route.name, &variant.name, status.as_u16(), start.elapsed());
+        if let Some(tx) = shadow {
+            let (parts, body) = resp.into_parts();
+            let (tee, copy) = shadow::Tee::new(body);
+            let _ = tx.send(PrimaryAnswer { status, copy });
+            resp = Response::from_parts(parts, tee.boxed());
+        }
+        resp
+    }
+
+    fn unrouted(&self, e: ProxyError) -> Response<Body> {
+        self.metrics.unrouted(e.label());
+        e.into_response()
+    }
+
+    /// The assigned variant, or, while it is ejected, the fallback (named in the
+    /// response) or another variant by the same sticky/weighted rule. With every
+    /// variant ejected, the assigned one is used anyway.
+    fn avoid_ejected(
+        &self,
+        route: &Route,
+        live: &RouteLive,
+        vi: usize,
+        headers: &HeaderMap,
+    ) -> (usize, Option<usize>) {
+        if route.outlier.is_none() {
+            return (vi, None);
+        }
+        let now = Instant::now();
+        let health = |i: usize| live.variants[i].health.as_ref();
+        let ejected = |i: usize| health(i).is_some_and(|h| h.is_ejected(now));
+        let admit = health(vi).map_or(Admit::Yes, |h| h.admit(now));
+        if admit != Admit::Ejected {
+            return (vi, None);
+        }
+        if let Some(fb) = route.fallback
+            && fb != vi
+            && !ejected(fb)
+        {
+            return (fb, Some(vi));
+        }
+        let keep = |i: usize| i != vi && !ejected(i);
+        let other = match route.sticky_header.as_ref().and_then(|h| headers.get(h)) {
+            Some(key) => route.chooser.sticky_among(key.as_bytes(), keep),
+            None => route.chooser.random_among(keep),
+        };
+        (other.unwrap_or(vi), None)
+    }
+
+    /// Reads the body and works out the request's deadline.
+    async fn prepare<B>(
+        &self,
+        parts: &http::request::Parts,
+        body: B,
+        route: &Route,
+        live: &RouteLive,
+        start: Instant,
+    ) -> Result<Prepared, ProxyError>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let header_deadline = match parts.headers.get(DEADLINE_HEADER) {
+            None => None,
+            Some(v) => {
+                let d = v
+                    .to_str()
+                    .ok()
+                    .and_then(|s| parse_duration(s).ok())
+                    .ok_or_else(|| {
+                        ProxyError::BadRequest(format!(
+                            "{DEADLINE_HEADER} must be a duration such as \"250ms\""
+                        ))
+                    })?;
+                Some(start + d)
+            }
+        };
+        let route_deadline = route.timeout.map(|t| start + t);
+        let body = server::read_body(&parts.headers, body, self.max_body_bytes).await?;
+        let budget = live.budget.clone();
+        if let Some(b) = &budget {
+            b.deposit();
+        }
+        Ok(Prepared {
+            budget,
+            body,
+            deadline: [header_deadline, route_deadline]
+                .into_iter()
+                .flatten()
+                .min(),
+            by_header: header_deadline.is_some_and(|h| route_deadline.is_none_or(|r| h < r)),
+        })
+    }
+
+    /// One variant's answer: coalesced for a local variant with a batcher, else
+    /// forwarded with the route's retries.
+    async fn serve(
+        &self,
+        r: &Routed<'_>,
+        vi: usize,
+        parts: &http::request::Parts,
+        prepared: &Prepared,
+        conn: &ConnInfo,
+    ) -> Served {
+        let route = r.m.route;
+        let variant = &route.variants[vi];
+        let path = match forward::upstream_path(&r.m, variant, &parts.uri) {
+            Ok(p) => p,
+            Err(e) => return Served::error(e),
+        };
+        if let Some(batcher) = &r.live.variants[vi].batcher
+            && parts.method == Method::POST
+        {
+            match batched::queueable(&parts.uri, &parts.headers, &prepared.body) {
+                Ok(Some(item)) => {
+                    let result =
+                        batched::submit(batcher, route, variant, item, path, prepared).await;
+                    return Served {
+                        result,
+                        repeatable: route.retry.idempotent,
+                    };
+                }
+                Ok(None) => {} // not mergeable: forwarded alone below
+                Err(msg) => return Served::error(ProxyError::BadRequest(msg)),
+            }
+        }
+        self.forward(r, vi, parts, prepared, path, conn).await
+    }
+}
+
+struct Prepared {
+    body: Bytes,
+    /// The earliest of the route timeout and the deadline header.
+    deadline: Option<Instant>,
+    /// The deadline came from the client's header (504 "deadline passed").
+    by_header: bool,
+    /// The route's retry budget, already credited with this request's one deposit
+    /// (however many variants end up serving it); `None` without retries.
+    budget: Option<Arc<TpsBudget>>,
+}

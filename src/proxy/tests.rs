@@ -1,0 +1,220 @@
+//! The request path in-process, with no socket: `Proxy::handle` called directly, the
+//! executor behind the fake, on tokio's paused clock.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+use super::Proxy;
+use crate::batch::fake::FakeExecutor;
+use crate::config::Store;
+use crate::error::Body;
+use crate::metrics::Metrics;
+use crate::server::ConnInfo;
+use crate::upstream::{CONNECT_TIMEOUT, Upstreams};
+
+/// A proxy over `config`, its batchers calling `exec`.
+fn proxy(config: &str, exec: Arc<FakeExecutor>) -> Proxy {
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(Store::new(metrics.clone(), exec));
+    store.apply(config, "test", "file").expect("valid config");
+    Proxy {
+        store,
+        metrics,
+        upstreams: Upstreams::new(CONNECT_TIMEOUT),
+        max_body_bytes: 1 << 20,
+        max_inflight: 100,
+    }
+}
+
+const AB: &str = r#"
+executor: http://127.0.0.1:1
+routes:
+  - model: sentiment
+    variants:
+      - { name: control, weight: 1, backend: local, target_model: sentiment-a }
+      - { name: candidate, weight: 0, backend: local, target_model: sentiment-b }
+    batching: { max_batch_size: 8, max_delay: 2ms }
+"#;
+
+struct Answer {
+    status: StatusCode,
+    variant: String,
+    fallback_from: Option<String>,
+    json: Value,
+}
+
+async fn predict(p: &Proxy, model: &str, instance: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = Request::post(format!("/v1/models/{model}:predict"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = json!({ "instances": [instance] }).to_string();
+    let conn = ConnInfo::new(
+        SocketAddr::from(([127, 0, 0, 1], 40000)),
+        Default::default(),
+    );
+    answer(
+        p.handle(req.body(Full::new(Bytes::from(body))).unwrap(), &conn)
+            .await,
+    )
+    .await
+}
+
+async fn answer(resp: Response<Body>) -> Answer {
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let (status, variant, fallback_from) = (
+        resp.status(),
+        header("x-braid-variant").unwrap_or_default(),
+        header("x-braid-fallback-from"),
+    );
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        variant,
+        fallback_from,
+        json: serde_json::from_slice(&bytes).expect("every answer is JSON"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn routes_by_model_and_rewrites_to_the_variants_target() {
+    let exec = Arc::new(FakeExecutor::default());
+    let p = proxy(AB, exec.clone());
+    let a = predict(&p, "sentiment", "hi", &[]).await;
+    assert_eq!((a.status, a.variant.as_str()), (StatusCode::OK, "control"));
+    assert_eq!(a.json, json!({ "predictions": ["hi"] }));
+    let b = predict(&p, "sentiment", "hi", &[("x-braid-variant", "candidate")]).await;
+    assert_eq!(b.variant, "candidate", "the override header pins a variant");
+    assert_eq!(
+        exec.paths(),
+        [
+            "/v1/models/sentiment-a:predict",
+            "/v1/models/sentiment-b:predict"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_routes_and_variants_are_json_errors_that_reach_nothing() {
+    let exec = Arc::new(FakeExecutor::default());
+    let p = proxy(AB, exec.clone());
+    let a = predict(&p, "nope", "hi", &[]).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert!(
+        a.json["error"].as_str().unwrap().contains("no route"),
+        "{}",
+        a.json
+    );
+    let b = predict(&p, "sentiment", "hi", &[("x-braid-variant", "ghost")]).await;
+    assert_eq!(b.status, StatusCode::BAD_REQUEST);
+    assert!(
+        b.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("control, candidate")
+    );
+    assert!(exec.batches().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_requests_are_coalesced_and_a_bad_one_fails_alone() {
+    let exec = Arc::new(FakeExecutor::default());
+    let p = proxy(AB, exec.clone());
+    let (a, bad, c) = tokio::join!(
+        predict(&p, "sentiment", "a", &[]),
+        predict(&p, "sentiment", "bad", &[]),
+        predict(&p, "sentiment", "c", &[]),
+    );
+    assert_eq!(a.json, json!({ "predictions": ["a"] }));
+    assert_eq!(c.json, json!({ "predictions": ["c"] }));
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        bad.json,
+        json!({ "error": "bad instance" }),
+        "the executor's own answer"
+    );
+    assert_eq!(exec.batches()[0], 3, "one call carried all three");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_variant_is_served_by_the_fallback_when_repeating_is_safe() {
+    let config = r#"
+executor: http://127.0.0.1:1
+routes:
+  - model: sentiment
+    variants:
+      - { name: new, weight: 1, backend: local, target_model: broken }
+      - { name: stable, weight: 0, backend: local, target_model: sentiment-a }
+    fallback: stable
+    retry: { idempotent: true }
+    batching: { max_batch_size: 8 }
+"#;
+    let exec = Arc::new(FakeExecutor::default());
+    let p = proxy(config, exec.clone());
+    let a = predict(&p, "sentiment", "hi", &[]).await;
+    assert_eq!((a.status, a.variant.as_str()), (StatusCode::OK, "stable"));
+    assert_eq!(a.fallback_from.as_deref(), Some("new"));
+
+    // Not marked idempotent: a batch that may have run is not sent anywhere else.
+    let p = proxy(&config.replace("retry: { idempotent: true }", ""), exec);
+    let a = predict(&p, "sentiment", "hi", &[]).await;
+    assert_eq!(
+        (a.status, a.variant.as_str()),
+        (StatusCode::INTERNAL_SERVER_ERROR, "new")
+    );
+    assert_eq!(a.fallback_from, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_routes_batcher_answers_what_it_holds_then_stops() {
+    let (exec, gate) = FakeExecutor::gated();
+    let p = Arc::new(proxy(AB, exec.clone()));
+    assert_eq!(p.store.batchers(), 2);
+    let stopped = {
+        let active = p.store.load().unwrap();
+        active.live[0].variants[0]
+            .batcher
+            .as_ref()
+            .unwrap()
+            .stopped()
+    };
+    let held = tokio::spawn({
+        let p = p.clone();
+        async move { predict(&p, "sentiment", "held", &[]).await }
+    });
+    exec.wait_calls(1).await;
+
+    let other = AB.replace("model: sentiment", "model: other");
+    p.store.apply(&other, "test", "file").unwrap();
+    assert_eq!(
+        p.store.batchers(),
+        2,
+        "the renamed route has its own batchers"
+    );
+    tokio::pin!(stopped);
+    let wait = tokio::time::timeout(std::time::Duration::from_secs(60), &mut stopped);
+    assert!(
+        wait.await.is_err(),
+        "a batcher holding a request keeps running"
+    );
+
+    gate.add_permits(1);
+    let a = held.await.unwrap();
+    assert_eq!(
+        a.json,
+        json!({ "predictions": ["held"] }),
+        "nothing queued is lost"
+    );
+    stopped.await;
+    let gone = predict(&p, "sentiment", "hi", &[]).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+}

@@ -1,0 +1,237 @@
+//! Live state bound to a route table, keyed by route and variant name so it outlives
+//! any one snapshot: retry budgets, variant health, the semaphores that bound a route's
+//! requests and its shadow copies, and the batcher of each batched local variant. A
+//! reload keeps what it can (an ejected variant stays ejected, a spent budget stays
+//! spent, queued requests stay queued) and replaces what its new settings change.
+//!
+//! The registry is consulted once per snapshot, when the store installs it (`bind`):
+//! the result is indexed like the route table, so a request takes no lock and hashes
+//! no name to find its handles. What a new table no longer names is dropped from the
+//! registry; a dropped batcher answers what it holds, then its task ends.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
+use tower::retry::budget::TpsBudget;
+
+use super::RouteTable;
+use crate::batch::batcher::{Batcher, Execute};
+use crate::metrics::{Metrics, RetryMetrics};
+use crate::upstream::health::{Outlier, VariantHealth};
+use crate::upstream::retry::RetryPolicy;
+
+/// A route's live handles, at the route's index in the table.
+#[derive(Debug, Default)]
+pub struct RouteLive {
+    /// The retry budget; `None` when the route does not retry.
+    pub budget: Option<Arc<TpsBudget>>,
+    /// Bounds `max_inflight`.
+    pub limit: Option<Arc<Semaphore>>,
+    /// Bounds the shadow copies in flight.
+    pub shadow_limit: Option<Arc<Semaphore>>,
+    /// Indexed like the route's variants.
+    pub variants: Vec<VariantLive>,
+}
+
+/// A variant's live handles.
+#[derive(Default)]
+pub struct VariantLive {
+    /// Failure accrual; `None` when the route has no `outlier` block.
+    pub health: Option<Arc<VariantHealth>>,
+    /// `None` when the route does not retry.
+    pub retry_metrics: Option<Arc<RetryMetrics>>,
+    /// Coalesces this variant's requests; `None` unless it is local and the route batches.
+    pub batcher: Option<Batcher>,
+}
+
+impl std::fmt::Debug for VariantLive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VariantLive")
+            .field("health", &self.health)
+            .field("batcher", &self.batcher.is_some())
+            .finish()
+    }
+}
+
+type VariantKey = (Arc<str>, Arc<str>);
+/// A budget and the (min/s, ratio bits) it was made with.
+type BudgetEntry = ((u32, u64), Arc<TpsBudget>);
+/// A semaphore and the permit count it was made with.
+type LimitEntry = (usize, Arc<Semaphore>);
+
+/// Every live handle by name, kept across reloads.
+pub struct Registry {
+    metrics: Arc<Metrics>,
+    /// How batchers reach the executor.
+    executor: Arc<dyn Execute>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    budgets: HashMap<Arc<str>, BudgetEntry>,
+    retry_metrics: HashMap<VariantKey, Arc<RetryMetrics>>,
+    health: HashMap<VariantKey, Arc<VariantHealth>>,
+    /// Per route and purpose.
+    limits: HashMap<(Arc<str>, &'static str), LimitEntry>,
+    batchers: HashMap<VariantKey, Batcher>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    pub fn new(metrics: Arc<Metrics>, executor: Arc<dyn Execute>) -> Registry {
+        Registry {
+            metrics,
+            executor,
+            state: Mutex::default(),
+        }
+    }
+
+    /// The live handles of every route and variant of `table`, indexed like it: kept
+    /// from the previous table where the names and settings match, made fresh where
+    /// not. Handles of routes and variants the table no longer has are let go.
+    pub fn bind(&self, table: &RouteTable) -> Vec<RouteLive> {
+        let mut st = lock(&self.state);
+        let mut routes_seen = HashSet::new();
+        let mut variants_seen = HashSet::new();
+        let bound = table
+            .routes
+            .iter()
+            .map(|route| {
+                routes_seen.insert(route.name.clone());
+                let retries = route.retry.attempts > 1;
+                let variants = route
+                    .variants
+                    .iter()
+                    .map(|v| {
+                        let key = (route.name.clone(), v.name.clone());
+                        variants_seen.insert(key.clone());
+                        VariantLive {
+                            health: route.outlier.map(|o| st.health(&self.metrics, &key, o)),
+                            retry_metrics: retries.then(|| st.retry_metrics(&self.metrics, &key)),
+                            batcher: route.batching.filter(|_| v.local).map(|limits| {
+                                st.batcher(&self.metrics, &self.executor, &key, limits)
+                            }),
+                        }
+                    })
+                    .collect();
+                RouteLive {
+                    budget: retries.then(|| st.budget(&route.name, &route.retry)),
+                    limit: route
+                        .max_inflight
+                        .map(|n| st.limit(&route.name, "route", n)),
+                    shadow_limit: route
+                        .shadow
+                        .map(|sh| st.limit(&route.name, "shadow", sh.max_inflight)),
+                    variants,
+                }
+            })
+            .collect();
+        st.budgets.retain(|r, _| routes_seen.contains(r));
+        st.limits.retain(|(r, _), _| routes_seen.contains(r));
+        st.health.retain(|k, _| variants_seen.contains(k));
+        st.retry_metrics.retain(|k, _| variants_seen.contains(k));
+        // Only batched variants were bound a batcher this time; the rest are dropped.
+        let batched: HashSet<VariantKey> = table
+            .routes
+            .iter()
+            .filter(|r| r.batching.is_some())
+            .flat_map(|r| {
+                r.variants
+                    .iter()
+                    .filter(|v| v.local)
+                    .map(|v| (r.name.clone(), v.name.clone()))
+            })
+            .collect();
+        st.batchers.retain(|k, _| batched.contains(k));
+        bound
+    }
+
+    /// How many batcher tasks the registry holds (for tests and `/config`).
+    pub fn batchers(&self) -> usize {
+        lock(&self.state).batchers.len()
+    }
+}
+
+impl State {
+    fn budget(&mut self, route: &Arc<str>, p: &RetryPolicy) -> Arc<TpsBudget> {
+        let settings = (p.min_retries_per_second, p.budget_ratio.to_bits());
+        match self.budgets.get(route) {
+            Some((s, b)) if *s == settings => b.clone(),
+            _ => {
+                let b = Arc::new(p.budget());
+                self.budgets.insert(route.clone(), (settings, b.clone()));
+                b
+            }
+        }
+    }
+
+    fn retry_metrics(&mut self, metrics: &Metrics, key: &VariantKey) -> Arc<RetryMetrics> {
+        self.retry_metrics
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(metrics.retry(&key.0, &key.1)))
+            .clone()
+    }
+
+    fn health(
+        &mut self,
+        metrics: &Metrics,
+        key: &VariantKey,
+        settings: Outlier,
+    ) -> Arc<VariantHealth> {
+        let h = self
+            .health
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(VariantHealth::new(settings, metrics.health(&key.0, &key.1)))
+            })
+            .clone();
+        h.configure(settings);
+        h
+    }
+
+    /// A semaphore of `permits` for (route, purpose); a reload that changes the count
+    /// gets a fresh one (requests holding the old one finish under it).
+    fn limit(&mut self, route: &Arc<str>, purpose: &'static str, permits: usize) -> Arc<Semaphore> {
+        match self.limits.get(&(route.clone(), purpose)) {
+            Some((n, s)) if *n == permits => s.clone(),
+            _ => {
+                let s = Arc::new(Semaphore::new(permits));
+                self.limits
+                    .insert((route.clone(), purpose), (permits, s.clone()));
+                s
+            }
+        }
+    }
+
+    /// The variant's batcher, started on its first bind; a kept one takes the new limits.
+    fn batcher(
+        &mut self,
+        metrics: &Metrics,
+        executor: &Arc<dyn Execute>,
+        key: &VariantKey,
+        limits: crate::batch::queue::BatchLimits,
+    ) -> Batcher {
+        match self.batchers.get(key) {
+            Some(b) => {
+                b.set_limits(limits);
+                b.clone()
+            }
+            None => {
+                let b = Batcher::spawn(limits, executor.clone(), metrics.batch(&key.0, &key.1));
+                self.batchers.insert(key.clone(), b.clone());
+                b
+            }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! braid's integration tests: one crate, so the support module and the binary's
+//! dependencies are compiled and linked once. Every test drives real sockets on
+//! `127.0.0.1:0` through the fixtures in `support`.
+
+mod support;
+
+mod admin;
+mod batching;
+mod check;
+mod configmap;
+mod demo;
+
+mod executor;
+mod fuzz;
+mod inject;
+mod kube_fake;
+mod layers;
+mod limits;
+mod minilm;
+mod reload;
+mod resilience;
+mod routing;
+mod shutdown;
+mod tls;
