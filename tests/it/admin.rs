@@ -80,8 +80,7 @@ async fn metrics_health_readiness_and_config() {
     assert!(cfg["last_rejected"].is_null());
 
     let r = get(&c, &proxy.admin_url("/nope"), &[]).await;
-    assert_eq!(r.status, 404);
-    assert!(r.json()["error"].is_string());
+    assert_json_error(&r, 404, "");
     let r = post(&c, &proxy.admin_url("/config"), &[], "").await;
     assert_eq!(r.status, 405);
     proxy.stop().await;

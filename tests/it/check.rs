@@ -1,17 +1,13 @@
 //! `braid check`: every example config passes; bad documents list every error with its
 //! field path and exit 1.
 
-use std::process::Command;
+use crate::support::braid;
 
 fn check(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.yaml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_braid"))
-        .arg("check")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = braid(&["check", path.to_str().unwrap()], b"");
     (
         out.status.code().unwrap(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -24,11 +20,7 @@ fn every_example_config_is_valid() {
     for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
-            let out = Command::new(env!("CARGO_BIN_EXE_braid"))
-                .arg("check")
-                .arg(&path)
-                .output()
-                .unwrap();
+            let out = braid(&["check", path.to_str().unwrap()], b"");
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert!(out.status.success(), "{}: {stdout}", path.display());
             assert!(stdout.contains(": ok: "), "{stdout}");

@@ -1,15 +1,15 @@
 //! `braid demo`, the README's first command, as a user runs it: the real binary, the
 //! real model, requests through the proxy, and a clean exit on Ctrl-C.
 
-use std::io::BufRead;
 use std::time::Duration;
 
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_the_ab_test_end_to_end() {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
-        .args([
+    // Fetching the model on a cold cache can take a while; after that it is seconds.
+    let mut demo = BraidProcess::spawn(
+        &[
             "demo",
             "--listen",
             "127.0.0.1:0",
@@ -17,39 +17,12 @@ async fn demo_serves_the_ab_test_end_to_end() {
             "127.0.0.1:0",
             "--executor-listen",
             "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut urls = Vec::new();
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            for key in ["proxy", "admin", "executor"] {
-                let url = line
-                    .trim_start()
-                    .strip_prefix(key)
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .filter(|u| u.starts_with("http://"));
-                if let Some(url) = url {
-                    urls.push(url.to_string());
-                }
-            }
-            if line.contains("Ctrl-C to stop") {
-                let _ = tx.send(urls.clone());
-            }
-        }
-    });
-    // Fetching the model on a cold cache can take a while; after that it is seconds.
-    let urls = rx
-        .recv_timeout(Duration::from_secs(600))
-        .expect("demo never became ready");
-    let (proxy, admin) = (&urls[0], &urls[1]);
+        ],
+        &[],
+        &["proxy", "admin", "executor"],
+        Duration::from_secs(600),
+    );
+    let (proxy, admin) = (&demo.announced["proxy"], &demo.announced["admin"]);
     let c = client();
     let body = infer_body(
         &[
@@ -142,12 +115,7 @@ async fn demo_serves_the_ab_test_end_to_end() {
         "{m}"
     );
 
-    let ok = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
+    demo.signal("INT");
+    let status = demo.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
 }

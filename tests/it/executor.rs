@@ -365,12 +365,9 @@ async fn the_proxy_routes_to_executor_models_by_target_model() {
 
 /// Runs `braid executor ARGS` and returns its exit code and stderr (for failures).
 fn executor_fails(args: &[&str]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
-        .arg("executor")
-        .args(args)
-        .args(["--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let mut all = vec!["executor", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let out = braid(&all, b"");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -405,39 +402,25 @@ fn the_executor_command_refuses_what_it_cannot_serve() {
 
 #[tokio::test]
 async fn the_executor_command_serves_a_model_directory_and_stops_on_sigterm() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     braid::executor::testkit::write_tiny_model(dir.path(), true).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
-        .args(["executor", "--model"])
-        .arg(dir.path())
-        .args([
+    let mut exec = BraidProcess::spawn(
+        &[
+            "executor",
+            "--model",
+            dir.path().to_str().unwrap(),
             "--name",
             "tiny",
             "--labels",
             "good|bad",
             "--listen",
             "127.0.0.1:0",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(a) = line
-                .split_whitespace()
-                .find_map(|t| t.strip_prefix("listen="))
-            {
-                let _ = tx.send(a.to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+        ],
+        &[],
+        &["listen="],
+        std::time::Duration::from_secs(30),
+    );
+    let addr = exec.announced["listen="].clone();
     let c = client();
     wait_for_status(&c, &format!("http://{addr}/v2/health/ready"), 200).await;
     let r = post(
@@ -448,13 +431,7 @@ async fn the_executor_command_serves_a_model_directory_and_stops_on_sigterm() {
     )
     .await;
     assert_eq!(r.json()["outputs"].as_array().unwrap().len(), 3);
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = wait_exit(&mut child, std::time::Duration::from_secs(20)).await;
+    exec.signal("TERM");
+    let status = exec.wait_exit(std::time::Duration::from_secs(20)).await;
     assert!(status.success(), "{status}");
 }

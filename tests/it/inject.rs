@@ -85,12 +85,12 @@ fn the_manifests_in_deploy_inject_as_expected() {
 }
 
 #[test]
-fn the_readme_shows_the_tested_deployment() {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+fn the_kubernetes_guide_shows_the_tested_deployment() {
+    let readme = std::fs::read_to_string(root().join("docs/kubernetes.md")).unwrap();
     let example = std::fs::read_to_string(root().join("tests/golden/inject/readme.yaml")).unwrap();
     assert!(
         readme.contains(&example),
-        "README's Kubernetes example must be tests/golden/inject/readme.yaml verbatim"
+        "docs/kubernetes.md's example must be tests/golden/inject/readme.yaml verbatim"
     );
 }
 
@@ -177,28 +177,23 @@ fn what_injection_does_to_a_pod_template() {
 
 /// Runs `braid inject ARGS` with `input` on standard input.
 fn inject_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
-        .arg("inject")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
+    let mut all = vec!["inject"];
+    all.extend_from_slice(args);
+    crate::support::braid(&all, input)
 }
 
 #[test]
 fn the_cli_reads_files_and_stdin_and_reports_bad_yaml() {
     let input = root().join("tests/golden/inject/readme.yaml");
-    let braid = env!("CARGO_BIN_EXE_braid");
-    let from_file = std::process::Command::new(braid)
-        .args(["inject", "--image", "ghcr.io/braid-dev/braid:test", "-f"])
-        .arg(&input)
-        .output()
-        .unwrap();
+    let from_file = inject_stdin(
+        &[
+            "--image",
+            "ghcr.io/braid-dev/braid:test",
+            "-f",
+            input.to_str().unwrap(),
+        ],
+        b"",
+    );
     assert!(from_file.status.success());
     let expected =
         std::fs::read_to_string(root().join("tests/golden/inject/readme.injected.yaml")).unwrap();

@@ -9,6 +9,7 @@ mod batching;
 mod check;
 mod configmap;
 mod demo;
+mod docs;
 
 mod executor;
 mod fuzz;

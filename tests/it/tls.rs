@@ -392,24 +392,22 @@ async fn the_binary_serves_tls_from_its_flags_and_refuses_a_bad_pair() {
 
     // A key that does not belong to the certificate: braid says so and does not start.
     let (_, other_key) = pki.leaf("other", "other");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
-        .args([
+    let out = crate::support::braid(
+        &[
             "proxy",
             "--listen",
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
             "--config",
-        ])
-        .arg(&config)
-        .args([
+            config.to_str().unwrap(),
             "--tls-cert",
             cert.to_str().unwrap(),
             "--tls-key",
             other_key.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+        ],
+        b"",
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not match its key"), "{err}");

@@ -446,9 +446,30 @@ pub fn ab_config(control: &str, candidate: &str, w_control: f64, w_candidate: f6
 
 // === the braid binary ===
 
-/// A `braid` process started by a test; killed on drop if still running.
+/// `braid ARGS` run to completion, with `stdin` on its standard input: the one way
+/// tests run a short command (`check`, `inject`, a refused start).
+pub fn braid(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn braid");
+    // A command that exits before reading its input closes the pipe: not an error here.
+    let _ = child.stdin.take().unwrap().write_all(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// A long-running `braid` process (proxy, executor, demo) started by a test; killed on
+/// drop if still running.
 pub struct BraidProcess {
     pub child: std::process::Child,
+    /// What it announced when ready: each key asked for at `spawn`, with its value.
+    pub announced: HashMap<String, String>,
+    /// The proxy's data and admin addresses (`start`); unspecified for other commands.
     pub addr: SocketAddr,
     pub admin: SocketAddr,
 }
@@ -463,44 +484,81 @@ impl BraidProcess {
 
     /// Starts `braid proxy ARGS` on `127.0.0.1:0` with extra environment variables.
     pub fn start_with(args: &[&str], env: &[(&str, &Path)]) -> BraidProcess {
+        let mut all = vec!["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let mut p = Self::spawn(&all, env, &["data=", "admin="], Duration::from_secs(30));
+        p.addr = p.announced["data="].parse().unwrap();
+        p.admin = p.announced["admin="].parse().unwrap();
+        p
+    }
+
+    /// Starts `braid ARGS` and waits (bounded by `within`) until its output (stderr or
+    /// stdout) has named every key, as `key=VALUE` in a log line or `key URL` in a
+    /// banner: how each command announces where it listens.
+    pub fn spawn(
+        args: &[&str],
+        env: &[(&str, &Path)],
+        keys: &[&str],
+        within: Duration,
+    ) -> BraidProcess {
         use std::io::BufRead;
+        use std::process::Stdio;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
-            .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .args(args)
             .envs(env.iter().copied())
             .env("BRAID_LOG", "info")
-            .stderr(std::process::Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn braid");
-        let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if !sent && line.contains("listening") {
-                    let field = |k: &str| {
-                        line.split_whitespace()
-                            .find_map(|t| t.strip_prefix(k))
-                            .and_then(|v| v.parse::<SocketAddr>().ok())
-                    };
-                    let _ = tx.send((field("data="), field("admin=")));
-                    sent = true;
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        let streams: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        for stream in streams {
+            let (tx, keys) = (tx.clone(), keys.clone());
+            std::thread::spawn(move || {
+                let mut found = HashMap::new();
+                for line in std::io::BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    let tokens: Vec<&str> = line.split_whitespace().collect();
+                    for k in &keys {
+                        let value = tokens.iter().enumerate().find_map(|(i, t)| {
+                            match t.strip_prefix(k.as_str()) {
+                                Some(v) if !v.is_empty() => Some(v.to_string()),
+                                Some(_) => tokens
+                                    .get(i + 1)
+                                    .filter(|v| v.contains("://"))
+                                    .map(|v| v.to_string()),
+                                None => None,
+                            }
+                        });
+                        if let Some(v) = value {
+                            found.insert(k.clone(), v);
+                        }
+                    }
+                    if !keys.is_empty() && found.len() == keys.len() {
+                        let _ = tx.send(std::mem::take(&mut found));
+                    }
+                    if std::env::var_os("BRAID_TEST_LOGS").is_some() {
+                        eprintln!("[braid] {line}");
+                    }
                 }
-                if std::env::var_os("BRAID_TEST_LOGS").is_some() {
-                    eprintln!("[braid] {line}");
-                }
-            }
-        });
-        let (addr, admin) = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("braid never logged its addresses");
+            });
+        }
+        let announced = rx
+            .recv_timeout(within)
+            .unwrap_or_else(|_| panic!("braid {args:?} never announced {keys:?}"));
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
         BraidProcess {
             child,
-            addr: addr.unwrap(),
-            admin: admin.unwrap(),
+            announced,
+            addr: unspecified,
+            admin: unspecified,
         }
     }
 
@@ -513,9 +571,9 @@ impl BraidProcess {
         assert!(ok, "kill -{sig} failed");
     }
 
-    /// Waits for the process to exit (polling, bounded) and returns its exit code.
-    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        wait_exit(&mut self.child, within).await.code()
+    /// Waits for the process to exit (polling, bounded) and returns its exit status.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        wait_exit(&mut self.child, within).await
     }
 }
 
@@ -524,6 +582,17 @@ impl Drop for BraidProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Asserts an error response: its status, a JSON body `{"error": "..."}`, and that the
+/// message mentions `needle`. The one check of braid's error contract.
+pub fn assert_json_error(r: &Reply, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let msg = r.json()["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no \"error\" string in {}", r.text()))
+        .to_string();
+    assert!(msg.contains(needle), "{msg:?} does not mention {needle:?}");
 }
 
 /// Polls a child process until it exits; panics if it outlives `within`.
@@ -701,6 +770,19 @@ impl MockExecutor {
 
     pub fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Polls (bounded) until the executor has received a text starting with `prefix`:
+    /// a test's way to know a request is in flight, instead of sleeping and hoping.
+    pub async fn wait_seen(&self, prefix: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.seen().iter().any(|s| s.starts_with(prefix)) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the executor never received {prefix:?}..."
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 }
 
