@@ -10,7 +10,6 @@ mod shadow;
 mod tests;
 
 pub use batched::HttpExecutor;
-pub use shadow::divergence;
 
 use std::sync::Arc;
 
