@@ -97,6 +97,14 @@ pub fn decode(body: &[u8], header_len: Option<usize>) -> Result<Request, BadRequ
         if rows == 0 {
             return bad("empty batch: input \"text\" has no rows");
         }
+        // Every row takes at least one byte in either encoding: a shape the body cannot
+        // hold is refused before anything is sized from it.
+        if rows > body.len() {
+            return bad(format!(
+                "input \"{INPUT}\" declares {rows} rows but the body has only {} bytes",
+                body.len()
+            ));
+        }
         let values = match input["parameters"]["binary_data_size"].as_u64() {
             Some(size) => {
                 let size = size as usize;
@@ -111,7 +119,9 @@ pub fn decode(body: &[u8], header_len: Option<usize>) -> Result<Request, BadRequ
                 decode_bytes_tensor(mine)?
             }
             None => {
-                let mut out = Vec::with_capacity(rows);
+                // Sized from the data actually sent, never from the declared shape.
+                let sent = input["data"].as_array().map_or(0, Vec::len);
+                let mut out = Vec::with_capacity(sent.min(rows));
                 flatten_strings(&input["data"], &mut out)?;
                 out
             }
@@ -373,6 +383,18 @@ mod tests {
             let e = decode(body, None).unwrap_err().0;
             assert!(e.contains(want), "{e:?} should mention {want:?}");
         }
+    }
+
+    #[test]
+    fn a_shape_the_body_cannot_hold_is_refused_before_any_allocation() {
+        // 92 bytes that once aborted the process: 24 TB reserved from the shape.
+        let body = br#"{"inputs":[{"name":"text","shape":[1000000000000],"datatype":"BYTES","data":["a"]}]}"#;
+        let err = decode(body, None).unwrap_err().0;
+        assert!(err.contains("declares 1000000000000 rows"), "{err}");
+        let binary = br#"{"inputs":[{"name":"text","datatype":"BYTES","shape":[4294967295],"parameters":{"binary_data_size":4}}]}"#;
+        let mut body = binary.to_vec();
+        body.extend_from_slice(&0u32.to_le_bytes());
+        assert!(decode(&body, Some(binary.len())).is_err());
     }
 
     #[test]

@@ -272,7 +272,9 @@ impl Executor {
         handle.infer(texts).await.map_err(|e| match e {
             ExecError::QueueFull(_) => unavailable(&e.to_string()),
             ExecError::Stopped(_) => unavailable(&e.to_string()),
-            ExecError::Model(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            ExecError::Model(_) | ExecError::Panicked(_) => {
+                json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+            }
         })
     }
 

@@ -3,6 +3,7 @@
 //! oneshot; a full queue is refused at once (503 with Retry-After), and a job whose
 //! caller has gone away is dropped before its forward pass.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,9 @@ pub enum ExecError {
     Model(#[from] ModelError),
     #[error("model {0} stopped")]
     Stopped(String),
+    /// A bug in model code; the model thread survives it and takes the next job.
+    #[error("model {0} failed on this request (internal error, logged)")]
+    Panicked(String),
 }
 
 struct Job {
@@ -111,7 +115,14 @@ fn run(
         metrics.queued(&model.name, job.enqueued.elapsed());
         let start = Instant::now();
         let texts: Vec<&str> = job.texts.iter().map(String::as_str).collect();
-        let result = model.infer(&texts).map_err(ExecError::from);
+        // A panic in model code fails this job only; the thread lives on for the next.
+        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| model.infer(&texts))) {
+            Ok(r) => r.map_err(ExecError::from),
+            Err(_) => {
+                tracing::error!(model = %model.name, "model code panicked; answered 500");
+                Err(ExecError::Panicked(model.name.to_string()))
+            }
+        };
         if let Ok(out) = &result {
             metrics.batch(
                 &model.name,

@@ -201,6 +201,28 @@ pub async fn serve_tls<H: Handler>(
     drop(listener);
 }
 
+/// A panic while answering one request is that request's 500 with a JSON body, not a
+/// connection reset with no answer: logged, and the server keeps serving. (Allocation
+/// failures abort and cannot be caught: decoders size nothing from a request's claims.)
+async fn answer_even_if_it_panics(call: impl Future<Output = Response<Body>>) -> Response<Body> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(call).catch_unwind().await {
+        Ok(resp) => resp,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "a request handler panicked; answered 500");
+            crate::error::json_error(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error while answering this request (logged); the server is still up",
+            )
+        }
+    }
+}
+
 async fn connection<H, S>(
     builder: auto::Builder<TokioExecutor>,
     io: TokioIo<Sniffer<S>>,
@@ -222,7 +244,7 @@ async fn connection<H, S>(
             let mut resp = if info.flags.smuggling.load(Ordering::Relaxed) {
                 ProxyError::Smuggling.into_response()
             } else {
-                handler.call(req, &info).await
+                answer_even_if_it_panics(handler.call(req, &info)).await
             };
             // Judged after the handler: a drain may have begun while it ran.
             if h1 && *phase.borrow() != Phase::Serving {
@@ -275,5 +297,49 @@ where
             Err(ProxyError::BodyTooLarge { limit })
         }
         Err(e) => Err(ProxyError::BadRequest(format!("reading request body: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct PanicsOnSomePaths;
+
+    impl Handler for PanicsOnSomePaths {
+        async fn call(&self, req: Request<Incoming>, _: &ConnInfo) -> Response<Body> {
+            assert!(req.uri().path() != "/panic", "a bug in a handler");
+            crate::error::json_response(http::StatusCode::OK, "{}")
+        }
+    }
+
+    async fn exchange(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_and_the_server_keeps_serving() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (phase, rx) = watch::channel(Phase::Serving);
+        let server = tokio::spawn(serve(
+            listener,
+            Limits::default(),
+            Arc::new(PanicsOnSomePaths),
+            rx,
+        ));
+        let reply = exchange(addr, "/panic").await;
+        assert!(reply.starts_with("HTTP/1.1 500"), "{reply}");
+        assert!(reply.contains(r#"{"error":"internal error"#), "{reply}");
+        let reply = exchange(addr, "/fine").await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        phase.send(Phase::Closing).unwrap();
+        server.await.unwrap();
     }
 }

@@ -435,3 +435,35 @@ async fn the_executor_command_serves_a_model_directory_and_stops_on_sigterm() {
     let status = exec.wait_exit(std::time::Duration::from_secs(20)).await;
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn a_request_claiming_a_trillion_rows_is_a_400_and_the_executor_stays_up() {
+    let ex = labelled().await;
+    let c = client();
+    let url = ex.url("/v2/models/tiny/infer");
+    // The 92-byte request that once aborted the whole process (24 TB reserved from
+    // the declared shape), as JSON and with binary tensors.
+    let huge =
+        r#"{"inputs":[{"name":"text","shape":[1000000000000],"datatype":"BYTES","data":["a"]}]}"#;
+    assert_json_error(
+        &post(&c, &url, &[], huge).await,
+        400,
+        "declares 1000000000000 rows",
+    );
+    let header = r#"{"inputs":[{"name":"text","shape":[4294967295],"datatype":"BYTES","parameters":{"binary_data_size":5}}]}"#;
+    let mut body = header.as_bytes().to_vec();
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.push(b'a');
+    let len = header.len().to_string();
+    let r = send(
+        &c,
+        "POST",
+        &url,
+        &[("inference-header-content-length", len.as_str())],
+        &body,
+    )
+    .await;
+    assert_json_error(&r, 400, "rows");
+    let ok = post(&c, &url, &[], &infer_body(&["still here"], "")).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}
