@@ -176,6 +176,31 @@ proptest! {
         let _ = braid::executor::oip::decode(&wrapped, None);
     }
 
+    /// Well-formed requests whose sizes lie: any declared dim (up to u64::MAX), any
+    /// `binary_data_size`, any header length, any BYTES length prefix. Neither decoder
+    /// may panic, and neither may size anything from the claims (an oversized
+    /// allocation aborts the test process, so surviving is the assertion).
+    #[test]
+    fn declared_sizes_never_size_an_allocation(
+        dims in prop::collection::vec(prop_oneof![any::<u64>(), 0u64..4, Just(u64::MAX)], 1..3),
+        data in prop::collection::vec("[a-z]{0,3}", 0..4),
+        binary_size in prop_oneof![any::<u64>(), 0u64..64],
+        prefix in any::<u32>(),
+        header_cut in any::<usize>(),
+    ) {
+        let json_req = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": dims, "data": data}]});
+        let body = serde_json::to_vec(&json_req).unwrap();
+        let _ = codec::parse_v2(&body);
+        let _ = braid::executor::oip::decode(&body, None);
+        let header = serde_json::to_vec(&json!({"inputs": [{"name": "text", "datatype": "BYTES",
+            "shape": dims, "parameters": {"binary_data_size": binary_size}}]})).unwrap();
+        let mut body = header.clone();
+        body.extend_from_slice(&prefix.to_le_bytes());
+        body.extend_from_slice(b"abc");
+        let _ = braid::executor::oip::decode(&body, Some(header.len()));
+        let _ = braid::executor::oip::decode(&body, Some(header_cut));
+    }
+
     /// Requests of random sizes merged into one batch: an executor that answers each
     /// row in order gives every request exactly its own rows back, and any reply of
     /// the wrong length is refused whole.
