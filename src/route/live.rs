@@ -104,56 +104,45 @@ impl Registry {
         let mut st = lock(&self.state);
         let mut routes_seen = HashSet::new();
         let mut variants_seen = HashSet::new();
-        let bound = table
-            .routes
-            .iter()
-            .map(|route| {
-                routes_seen.insert(route.name.clone());
-                let retries = route.retry.attempts > 1;
-                let variants = route
-                    .variants
-                    .iter()
-                    .map(|v| {
-                        let key = (route.name.clone(), v.name.clone());
-                        variants_seen.insert(key.clone());
-                        VariantLive {
-                            health: route.outlier.map(|o| st.health(&self.metrics, &key, o)),
-                            retry_metrics: retries.then(|| st.retry_metrics(&self.metrics, &key)),
-                            batcher: route.batching.filter(|_| v.local).map(|limits| {
-                                st.batcher(&self.metrics, &self.executor, &key, limits)
-                            }),
-                        }
-                    })
-                    .collect();
-                RouteLive {
-                    budget: retries.then(|| st.budget(&route.name, &route.retry)),
-                    limit: route
-                        .max_inflight
-                        .map(|n| st.limit(&route.name, "route", n)),
-                    shadow_limit: route
-                        .shadow
-                        .map(|sh| st.limit(&route.name, "shadow", sh.max_inflight)),
-                    variants,
-                }
-            })
-            .collect();
+        let mut batched_seen = HashSet::new();
+        let mut bound = Vec::with_capacity(table.routes.len());
+        for route in &table.routes {
+            routes_seen.insert(route.name.clone());
+            let retries = route.retry.attempts > 1;
+            let mut variants = Vec::with_capacity(route.variants.len());
+            for v in &route.variants {
+                let key = (route.name.clone(), v.name.clone());
+                let batcher = match route.batching {
+                    Some(limits) if v.local => {
+                        batched_seen.insert(key.clone());
+                        Some(st.batcher(&self.metrics, &self.executor, &key, limits))
+                    }
+                    _ => None,
+                };
+                variants.push(VariantLive {
+                    health: route.outlier.map(|o| st.health(&self.metrics, &key, o)),
+                    retry_metrics: retries.then(|| st.retry_metrics(&self.metrics, &key)),
+                    batcher,
+                });
+                variants_seen.insert(key);
+            }
+            bound.push(RouteLive {
+                budget: retries.then(|| st.budget(&route.name, &route.retry)),
+                limit: route
+                    .max_inflight
+                    .map(|n| st.limit(&route.name, "route", n)),
+                shadow_limit: route
+                    .shadow
+                    .map(|sh| st.limit(&route.name, "shadow", sh.max_inflight)),
+                variants,
+            });
+        }
         st.budgets.retain(|r, _| routes_seen.contains(r));
         st.limits.retain(|(r, _), _| routes_seen.contains(r));
         st.health.retain(|k, _| variants_seen.contains(k));
         st.retry_metrics.retain(|k, _| variants_seen.contains(k));
-        // Only batched variants were bound a batcher this time; the rest are dropped.
-        let batched: HashSet<VariantKey> = table
-            .routes
-            .iter()
-            .filter(|r| r.batching.is_some())
-            .flat_map(|r| {
-                r.variants
-                    .iter()
-                    .filter(|v| v.local)
-                    .map(|v| (r.name.clone(), v.name.clone()))
-            })
-            .collect();
-        st.batchers.retain(|k, _| batched.contains(k));
+        // A dropped batcher answers what it holds, then its task ends.
+        st.batchers.retain(|k, _| batched_seen.contains(k));
         bound
     }
 
