@@ -33,14 +33,30 @@ impl Node {
     }
 }
 
+/// Most YAML nodes (scalars, lists, mappings) a document may have once aliases are
+/// expanded: a hundred routes of ten variants each take about 6,000.
+pub const MAX_NODES: usize = 20_000;
+
 /// Parses one YAML document. Booleans are YAML 1.2 strict (`no`, `on`, `y` stay
-/// strings), duplicate keys are errors, and serde-saphyr's default budget rejects
-/// alias bombs and pathological nesting before they cost memory.
+/// strings), duplicate keys are errors, and a budget sized for config documents
+/// rejects alias bombs and pathological nesting before they cost memory.
 pub fn parse(text: &str) -> Result<Node, String> {
+    // serde-saphyr's defaults suit any YAML (250,000 nodes, 64 MiB of anchor copies):
+    // a 229-byte alias bomb allocated 56 MB before it was refused. A sidecar's config
+    // is a few hundred routes at most, so far smaller limits refuse it at once.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = MAX_NODES;
+    budget.max_events = 4 * MAX_NODES;
+    budget.max_aliases = 1_000;
+    budget.max_anchors = 1_000;
+    budget.max_recorded_anchor_events = MAX_NODES;
+    budget.max_recorded_anchor_bytes = 1024 * 1024;
+    budget.max_total_scalar_bytes = 4 * 1024 * 1024;
     // Non-finite floats pass through so the schema can name the field they are in.
     let options = serde_saphyr::options! {
         strict_booleans: true,
         non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::PassThrough,
+        budget: Some(budget),
     };
     serde_saphyr::from_str_with_options::<Node>(text, options).map_err(|e| {
         // The rendered error carries line/column and a snippet; one line is enough here.
