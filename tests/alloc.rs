@@ -102,6 +102,50 @@ fn allocation_follows_the_body_not_its_claims() {
         check(format!("proxy codec, {name}"), len, bytes, oip_bound(len));
     }
 
+    // Generated: OIP-shaped bodies with any dims, `binary_data_size`, header length and
+    // BYTES length prefix (the same lies, at random), 512 cases.
+    use proptest::prelude::*;
+    let lies = (
+        prop::collection::vec(prop_oneof![any::<u64>(), 0u64..4], 1..3),
+        prop::collection::vec("[a-z]{0,8}", 0..6),
+        any::<u64>(),
+        any::<u32>(),
+        any::<usize>(),
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 512,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&lies, |(dims, data, size, prefix, cut)| {
+            let json = serde_json::json!({"inputs": [{"name": "text", "datatype": "BYTES",
+                "shape": dims, "data": data}]});
+            let body = serde_json::to_vec(&json).unwrap();
+            let header = serde_json::to_vec(&serde_json::json!({"inputs": [{"name": "text",
+                "datatype": "BYTES", "shape": dims, "parameters": {"binary_data_size": size}}]}))
+            .unwrap();
+            let mut binary = header.clone();
+            binary.extend_from_slice(&prefix.to_le_bytes());
+            binary.extend_from_slice(data.concat().as_bytes());
+            for (b, h) in [
+                (&body, None),
+                (&binary, Some(header.len())),
+                (&binary, Some(cut)),
+            ] {
+                let bytes = allocated_by(|| {
+                    let _ = braid::executor::oip::decode(b, h);
+                    let _ = braid::batch::codec::parse_v2(b);
+                });
+                prop_assert!(
+                    bytes <= 2 * oip_bound(b.len()),
+                    "{bytes} bytes for {} bytes",
+                    b.len()
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+
     // The config loader also compiles and validates (route tables, TLS setup, error
     // texts with field paths): a larger factor, and a floor for its fixed work. YAML
     // aliases may expand a document, so one that uses them is bounded by the node
