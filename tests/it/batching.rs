@@ -138,12 +138,7 @@ async fn a_full_queue_answers_429_with_retry_after_at_once() {
     );
     for r in &limited {
         assert_eq!(r.headers["retry-after"], "1");
-        assert!(
-            r.json()["error"]
-                .as_str()
-                .unwrap()
-                .contains("queue is full")
-        );
+        assert_json_error(r, 429, "queue is full");
     }
     assert!(
         results

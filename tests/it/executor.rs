@@ -308,12 +308,7 @@ async fn a_full_queue_answers_503_with_retry_after_and_everything_else_succeeds(
             200 => ok += 1,
             503 => {
                 assert_eq!(r.headers["retry-after"], "1");
-                assert!(
-                    r.json()["error"]
-                        .as_str()
-                        .unwrap()
-                        .contains("queue is full")
-                );
+                assert_json_error(&r, 503, "queue is full");
                 busy += 1;
             }
             s => panic!("unexpected {s}: {}", r.text()),
