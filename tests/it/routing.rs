@@ -119,13 +119,7 @@ async fn unknown_model_is_a_404_json_when_no_prefix_route_catches_it() {
     );
     let proxy = TestProxy::start(&cfg).await;
     let r = post(&client(), &proxy.url("/v2/models/other/infer"), &[], "{}").await;
-    assert_eq!(r.status, 404);
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("/v2/models/other/infer")
-    );
+    assert_json_error(&r, 404, "/v2/models/other/infer");
     assert_eq!(a.hits(), 0);
     proxy.stop().await;
 }
