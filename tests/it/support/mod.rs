@@ -26,6 +26,34 @@ use braid::server::Limits;
 
 // === backends ===
 
+/// Serves `answer` on every connection `listener` accepts (HTTP/1.1, or HTTP/2 with
+/// prior knowledge), until the returned task is aborted.
+fn serve_on<F, Fut>(listener: TcpListener, h2_only: bool, answer: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, std::io::Error>>
+        + Send
+        + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(answer.clone());
+            tokio::spawn(async move {
+                let io = TokioIo::new(stream);
+                if h2_only {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                }
+            });
+        }
+    })
+}
+
 /// A backend that answers every request with JSON naming itself and what it saw.
 pub struct Backend {
     pub addr: SocketAddr,
@@ -78,87 +106,71 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let fault = Arc::new(std::sync::Mutex::new(Fault::default()));
-        let (n, h, f) = (name.to_string(), hits.clone(), fault.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (n, h, b, f) = (n.clone(), h.clone(), behaviour.clone(), f.clone());
-                tokio::spawn(async move {
-                    let h2_only = b.h2_only;
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (n, h, b, f) = (n.clone(), h.clone(), b.clone(), f.clone());
-                        async move {
-                            h.fetch_add(1, Ordering::SeqCst);
-                            let fault = {
-                                let mut f = f.lock().unwrap();
-                                let now = f.clone();
-                                if f.times > 0 {
-                                    f.times -= 1;
-                                    if f.times == 0 {
-                                        f.status = 0;
-                                        f.reset = false;
-                                    }
-                                }
-                                now
-                            };
-                            let deadline = header(&req, "x-braid-timeout");
-                            let shadow = header(&req, "x-braid-shadow");
-                            let method = req.method().to_string();
-                            let path = req.uri().to_string();
-                            let version = format!("{:?}", req.version());
-                            let host = header(&req, "host");
-                            let xff = header(&req, "x-forwarded-for");
-                            let delay = header(&req, "x-delay-ms")
-                                .and_then(|v| v.parse().ok())
-                                .map(Duration::from_millis)
-                                .unwrap_or(b.delay);
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|c| c.to_bytes())
-                                .unwrap_or_default();
-                            if !delay.is_zero() {
-                                tokio::time::sleep(delay).await;
-                            }
-                            if fault.reset {
-                                return Err(std::io::Error::other("backend resets after reading"));
-                            }
-                            let mut json = serde_json::json!({
-                                "backend": n, "method": method, "path": path, "version": version,
-                                "host": host, "x_forwarded_for": xff, "body_len": body.len(),
-                                "body": String::from_utf8_lossy(&body), "deadline": deadline,
-                                "shadow": shadow,
-                            });
-                            if let Some(data) = &fault.outputs {
-                                json["outputs"] = serde_json::json!([{"name": "e", "datatype": "FP32", "shape": [data.len()], "data": data}]);
-                            }
-                            let mut resp = Response::new(Full::new(Bytes::from(json.to_string())));
-                            resp.headers_mut()
-                                .insert("content-type", "application/json".parse().unwrap());
-                            if fault.status != 0 {
-                                *resp.status_mut() = StatusCode::from_u16(fault.status).unwrap();
-                            }
-                            if let Some(ra) = &fault.retry_after {
-                                resp.headers_mut()
-                                    .insert("retry-after", ra.parse().unwrap());
-                            }
-                            Ok::<_, std::io::Error>(resp)
+        let (n, h, f, b) = (
+            name.to_string(),
+            hits.clone(),
+            fault.clone(),
+            behaviour.clone(),
+        );
+        let task = serve_on(listener, behaviour.h2_only, move |req| {
+            let (n, h, b, f) = (n.clone(), h.clone(), b.clone(), f.clone());
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                let fault = {
+                    let mut f = f.lock().unwrap();
+                    let now = f.clone();
+                    if f.times > 0 {
+                        f.times -= 1;
+                        if f.times == 0 {
+                            f.status = 0;
+                            f.reset = false;
                         }
-                    });
-                    let io = TokioIo::new(stream);
-                    if h2_only {
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, svc)
-                            .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, svc)
-                            .await;
                     }
+                    now
+                };
+                let deadline = header(&req, "x-braid-timeout");
+                let shadow = header(&req, "x-braid-shadow");
+                let method = req.method().to_string();
+                let path = req.uri().to_string();
+                let version = format!("{:?}", req.version());
+                let host = header(&req, "host");
+                let xff = header(&req, "x-forwarded-for");
+                let delay = header(&req, "x-delay-ms")
+                    .and_then(|v| v.parse().ok())
+                    .map(Duration::from_millis)
+                    .unwrap_or(b.delay);
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                if fault.reset {
+                    return Err(std::io::Error::other("backend resets after reading"));
+                }
+                let mut json = serde_json::json!({
+                    "backend": n, "method": method, "path": path, "version": version,
+                    "host": host, "x_forwarded_for": xff, "body_len": body.len(),
+                    "body": String::from_utf8_lossy(&body), "deadline": deadline,
+                    "shadow": shadow,
                 });
+                if let Some(data) = &fault.outputs {
+                    json["outputs"] = serde_json::json!([{"name": "e", "datatype": "FP32", "shape": [data.len()], "data": data}]);
+                }
+                let mut resp = Response::new(Full::new(Bytes::from(json.to_string())));
+                resp.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                if fault.status != 0 {
+                    *resp.status_mut() = StatusCode::from_u16(fault.status).unwrap();
+                }
+                if let Some(ra) = &fault.retry_after {
+                    resp.headers_mut()
+                        .insert("retry-after", ra.parse().unwrap());
+                }
+                Ok(resp)
             }
         });
         Backend {
@@ -734,22 +746,9 @@ impl MockExecutor {
         let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (b, ba, se) = (behaviour.clone(), batches.clone(), seen.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (b, ba, se) = (b.clone(), ba.clone(), se.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (b, ba, se) = (b.clone(), ba.clone(), se.clone());
-                        async move { mock_answer(req, &b, &ba, &se).await }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let task = serve_on(listener, false, move |req| {
+            let (b, ba, se) = (b.clone(), ba.clone(), se.clone());
+            async move { mock_answer(req, &b, &ba, &se).await }
         });
         MockExecutor {
             addr,
