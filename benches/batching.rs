@@ -196,6 +196,10 @@ async fn scenario(
 }
 
 fn main() {
+    // The executor in this process runs passes as `braid executor` does.
+    if let Err(e) = braid::executor::threads::pin_environment() {
+        eprintln!("compute environment not pinned: {e}");
+    }
     let secs = arg("--seconds", 3);
     let skip_minilm = std::env::args().any(|a| a == "--skip-minilm");
     let json_out = Some(arg("--json", String::new())).filter(|p| !p.is_empty());
@@ -228,6 +232,7 @@ fn main() {
                     source: braid::executor::source::DEMO_MODEL.into(),
                     labels: vec![],
                     threads: 1,
+                    compute_threads: None,
                     queue: 1024,
                     max_batch: 256,
                 }],

@@ -217,6 +217,9 @@ pub struct ExecutorArgs {
     /// Forward passes in flight per model.
     #[arg(long, env = "BRAID_MODEL_THREADS", default_value_t = crate::config::executor::DEFAULT_THREADS as usize)]
     pub threads: usize,
+    /// Threads each forward pass is split across (default: every CPU the process may use).
+    #[arg(long, env = "BRAID_COMPUTE_THREADS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub compute_threads: Option<u64>,
     /// Requests queued per model beyond those in flight; more get 503.
     #[arg(long, env = "BRAID_MODEL_QUEUE", default_value_t = crate::config::executor::DEFAULT_QUEUE as usize)]
     pub queue: usize,
@@ -228,6 +231,18 @@ pub struct ExecutorArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if matches!(cli.command, Command::Executor(_) | Command::Demo(_)) {
+        // Before any thread starts: candle reads these on every pass (see
+        // executor::threads). Re-executes this binary when they are missing.
+        if let Err(e) = crate::executor::threads::pin_environment() {
+            tracing::warn!("running with candle's thread defaults (slower passes): {e}");
+        }
+        tracing::info!(
+            compute_threads = crate::executor::threads::compute_threads(),
+            spin_limit = ?std::env::var(crate::executor::threads::SPIN_VAR).ok(),
+            "compute environment"
+        );
+    }
     match cli.command {
         Command::Check { file } => check(&file),
         Command::FetchModel { source } => match crate::executor::source::resolve(&source) {
@@ -444,6 +459,7 @@ fn executor(args: ExecutorArgs) -> ExitCode {
                 source,
                 labels,
                 threads: args.threads,
+                compute_threads: args.compute_threads.map(|n| n as usize),
                 queue: args.queue,
                 max_batch: args.max_batch,
             };

@@ -55,6 +55,7 @@ pub fn models(source: &str) -> Vec<ModelSpec> {
         source: source.into(),
         labels: labels.iter().map(|s| s.to_string()).collect(),
         threads: 1,
+        compute_threads: None,
         queue: 64,
         max_batch: 256,
     };

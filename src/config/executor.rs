@@ -64,16 +64,26 @@ fn model(node: &Node, path: String, errs: &mut Errors) -> Option<ModelSpec> {
         .opt("labels", |n, p, e| seq(n, p, e, string))
         .unwrap_or_default();
     let threads = obj.opt("threads", positive_int).unwrap_or(DEFAULT_THREADS);
+    let compute_threads = obj.opt("compute_threads", positive_int);
     let queue = obj.opt("queue", positive_int).unwrap_or(DEFAULT_QUEUE);
     let max_batch = obj
         .opt("max_batch", positive_int)
         .unwrap_or(DEFAULT_MAX_BATCH);
-    obj.finish(&["name", "source", "labels", "threads", "queue", "max_batch"]);
+    obj.finish(&[
+        "name",
+        "source",
+        "labels",
+        "threads",
+        "compute_threads",
+        "queue",
+        "max_batch",
+    ]);
     Some(ModelSpec {
         name: name?,
         source: source?,
         labels: labels.into_iter().map(|(_, l)| l).collect(),
         threads: threads as usize,
+        compute_threads: compute_threads.map(|n| n as usize),
         queue: queue as usize,
         max_batch: max_batch as usize,
     })

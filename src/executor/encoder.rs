@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::Config;
+
+use super::bert::Bert;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +33,7 @@ pub enum Pooling {
 }
 
 pub struct SentenceEncoder {
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     pooling: Pooling,
     normalize: bool,
@@ -77,7 +79,7 @@ impl SentenceEncoder {
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .map_err(|e| load_err(&weights_path, e))?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let model = BertModel::load(vb, &config).map_err(|e| load_err(&weights_path, e))?;
+        let model = Bert::load(vb, &config).map_err(|e| load_err(&weights_path, e))?;
 
         let (pooling, normalize) = pooling_config(dir)?;
         let max_tokens = max_seq_length(dir)
@@ -187,7 +189,7 @@ impl SentenceEncoder {
         let ids = Tensor::from_vec(ids, (rows, len), &self.device)?;
         let types = Tensor::from_vec(types, (rows, len), &self.device)?;
         let mask = Tensor::from_vec(mask, (rows, len), &self.device)?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?; // [rows, len, dim]
+        let hidden = self.model.forward(&ids, &types, &mask)?; // [rows, len, dim]
         let pooled = match self.pooling {
             Pooling::Cls => hidden.i((.., 0))?,
             Pooling::Mean => {

@@ -32,6 +32,9 @@ pub struct ModelSpec {
     pub labels: Vec<String>,
     /// Forward passes in flight at once for this model.
     pub threads: usize,
+    /// Threads one forward pass is split across (this model's compute pool); `None`:
+    /// the process's compute thread count (`RAYON_NUM_THREADS`, else every CPU).
+    pub compute_threads: Option<usize>,
     /// Requests waiting beyond those: more are answered 503.
     pub queue: usize,
     /// Most rows in one request.
@@ -190,12 +193,14 @@ impl Executor {
                 let model = Model::new(spec.name.clone(), encoder, spec.labels.clone())
                     .map_err(|e| e.to_string())?;
                 tracing::info!(model = %spec.name, labels = spec.labels.len(), "model ready");
-                Ok(ModelHandle::spawn(
+                ModelHandle::spawn(
                     Arc::new(model),
                     spec.threads,
+                    spec.compute_threads,
                     spec.queue,
                     self.metrics.clone(),
-                ))
+                )
+                .map_err(|e| format!("starting compute threads: {e}"))
             })();
             if let Err(e) = &result {
                 first_error.get_or_insert_with(|| format!("model {:?}: {e}", spec.name));

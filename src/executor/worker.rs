@@ -1,5 +1,6 @@
 //! Execution off the async runtime: each model has its own threads (one batch in
-//! flight per thread) fed by a bounded queue. The HTTP side only enqueues and awaits a
+//! flight per thread) fed by a bounded queue, and its own compute pool
+//! (`threads::compute_pool`) that each forward pass runs inside. The HTTP side only enqueues and awaits a
 //! oneshot; a full queue is refused at once (503 with Retry-After), and a job whose
 //! caller has gone away is dropped before its forward pass.
 
@@ -13,6 +14,7 @@ use tokio::sync::oneshot;
 
 use super::encoder::ModelError;
 use super::model::{Model, Outputs};
+use super::threads::compute_pool;
 use crate::metrics::ExecutorMetrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,29 +47,38 @@ pub struct ModelHandle {
 }
 
 impl ModelHandle {
+    /// Starts `threads` model threads sharing one compute pool of `compute_threads`
+    /// workers (`None`: the process's compute thread count).
     pub fn spawn(
         model: Arc<Model>,
         threads: usize,
+        compute_threads: Option<usize>,
         queue: usize,
         metrics: Arc<ExecutorMetrics>,
-    ) -> ModelHandle {
+    ) -> std::io::Result<ModelHandle> {
+        let pool = Arc::new(compute_pool(&model.name, compute_threads.unwrap_or(0))?);
+        tracing::info!(model = %model.name, compute_threads = pool.current_num_threads(), "compute pool started");
         let (tx, rx) = sync_channel::<Job>(queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let depth = Arc::new(AtomicI64::new(0));
         for i in 0..threads.max(1) {
-            let (model, rx, depth, metrics) =
-                (model.clone(), rx.clone(), depth.clone(), metrics.clone());
+            let (model, rx, depth, metrics, pool) = (
+                model.clone(),
+                rx.clone(),
+                depth.clone(),
+                metrics.clone(),
+                pool.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("braid-model-{}-{i}", model.name))
-                .spawn(move || run(model, rx, depth, metrics))
-                .expect("spawn model thread");
+                .spawn(move || run(model, pool, rx, depth, metrics))?;
         }
-        ModelHandle {
+        Ok(ModelHandle {
             model,
             tx,
             depth,
             metrics,
-        }
+        })
     }
 
     pub async fn infer(&self, texts: Vec<String>) -> Result<Outputs, ExecError> {
@@ -96,6 +107,7 @@ impl ModelHandle {
 
 fn run(
     model: Arc<Model>,
+    pool: Arc<rayon::ThreadPool>,
     rx: Arc<Mutex<Receiver<Job>>>,
     depth: Arc<AtomicI64>,
     metrics: Arc<ExecutorMetrics>,
@@ -116,7 +128,10 @@ fn run(
         let start = Instant::now();
         let texts: Vec<&str> = job.texts.iter().map(String::as_str).collect();
         // A panic in model code fails this job only; the thread lives on for the next.
-        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| model.infer(&texts))) {
+        // The pass runs on a pool thread, so its matrix kernels split across the pool
+        // from there rather than being handed from this thread op by op.
+        let pass = || pool.install(|| model.infer(&texts));
+        let result = match std::panic::catch_unwind(AssertUnwindSafe(pass)) {
             Ok(r) => r.map_err(ExecError::from),
             Err(_) => {
                 tracing::error!(model = %model.name, "model code panicked; answered 500");

