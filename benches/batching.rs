@@ -6,7 +6,8 @@
 //! Each point is also measured straight against the executor ("direct"), the floor
 //! the proxy adds to. `--json PATH` writes the points for benches/compare.
 //!
-//! Run: `cargo bench --bench batching -- [--seconds 3] [--skip-minilm] [--json PATH]`
+//! Run: `cargo bench --bench batching -- [--seconds 3] [--skip-minilm] [--json PATH]
+//! [--concurrency 32,64]`
 
 mod common;
 
@@ -168,7 +169,14 @@ async fn scenario(
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     let (mut d_pts, mut off_pts, mut on_pts) = (vec![], vec![], vec![]);
-    for c in CONCURRENCY {
+    let levels: Vec<usize> = match arg("--concurrency", String::new()) {
+        s if s.is_empty() => CONCURRENCY.to_vec(),
+        s => s
+            .split(',')
+            .map(|c| c.trim().parse().expect("--concurrency 32,64"))
+            .collect(),
+    };
+    for c in levels {
         let d = load(direct.clone(), c, secs).await;
         let off = load(
             format!("http://{}/v2/models/off/infer", proxy.addr),

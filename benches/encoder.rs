@@ -7,7 +7,9 @@
 //! compute environment pinned (`executor::threads`). `--no-pin` keeps candle's
 //! defaults and `--no-pool` runs passes on the calling thread, to see what each buys.
 //!
-//! Run: `cargo bench --bench encoder -- [--sentences 256] [--no-pin] [--no-pool] [--no-http]`
+//! Run: `cargo bench --bench encoder -- [--sentences 256] [--batches 1,4,8,16,32] [--no-pin]
+//! [--no-pool] [--no-http] [--lengths]` (the HTTP comparison needs batch 1 among the
+//! sizes; `--lengths` adds batch-1 pass time by text length)
 
 mod common;
 
@@ -56,7 +58,11 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     let mut base = 0.0;
     let mut pass_ms = 0.0;
-    let cases = [1usize, 4, 8, 16, 32].into_iter().flat_map(|b| {
+    let sizes: Vec<usize> = arg("--batches", "1,4,8,16,32".to_string())
+        .split(',')
+        .map(|b| b.trim().parse().expect("--batches 1,32"))
+        .collect();
+    let cases = sizes.into_iter().flat_map(|b| {
         let modes: &[Grouping] = if b == 1 {
             &[Grouping::Single]
         } else {
@@ -93,6 +99,23 @@ fn main() {
             secs * 1e3 / batches as f64,
             100.0 * (computed - real) as f64 / computed as f64
         );
+    }
+    if flag("--lengths") {
+        // One text per pass, of a given token count: what a short sentence costs
+        // against a longer one (gemm computes in tiles of rows).
+        println!();
+        println!("| tokens per text (with [CLS]/[SEP]) | ms per pass |");
+        println!("|---|---|");
+        for words in [2usize, 6, 14, 30, 62] {
+            let text = vec!["good"; words].join(" ");
+            let passes = 40;
+            let start = Instant::now();
+            for _ in 0..passes {
+                run(&mut || drop(enc.embed(&[text.as_str()]).unwrap()));
+            }
+            let ms = start.elapsed().as_secs_f64() * 1e3 / passes as f64;
+            println!("| {} | {ms:.2} |", words + 2);
+        }
     }
     if !flag("--no-http") {
         drop(pool);

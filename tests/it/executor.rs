@@ -444,3 +444,67 @@ async fn a_request_claiming_a_trillion_rows_is_a_400_and_the_executor_stays_up()
     let ok = post(&c, &url, &[], &infer_body(&["still here"], "")).await;
     assert_eq!(ok.status, 200, "{}", ok.text());
 }
+
+/// The thread count candle reads on every pass is in the executor's environment from
+/// the start (it re-executes itself, same PID, when the variables are missing or
+/// unusable), and values the user set are kept.
+#[tokio::test]
+async fn the_executor_pins_candles_thread_settings_in_its_own_environment() {
+    use braid::executor::threads::{DEFAULT_SPIN_LIMIT, SPIN_VAR, THREADS_VAR, cpus};
+    let dir = tempfile::tempdir().unwrap();
+    braid::executor::testkit::write_tiny_model(dir.path(), true).unwrap();
+    let model = dir.path().to_str().unwrap();
+    let environ = |pid: u32| -> Vec<String> {
+        let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        raw.split(|&b| b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    };
+    let args = [
+        "executor",
+        "--model",
+        model,
+        "--name",
+        "tiny",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let c = client();
+    for (given, want_threads, want_spin) in [
+        // Empty counts as unset: candle would fall back to /proc/cpuinfo per multiply.
+        (("", ""), cpus().to_string(), DEFAULT_SPIN_LIMIT.to_string()),
+        (("1", "7"), "1".to_string(), "7".to_string()),
+    ] {
+        let env = [
+            (THREADS_VAR, std::path::Path::new(given.0)),
+            (SPIN_VAR, std::path::Path::new(given.1)),
+        ];
+        let mut exec = BraidProcess::spawn(
+            &args,
+            &env,
+            &["listen=", "compute_threads="],
+            std::time::Duration::from_secs(30),
+        );
+        assert_eq!(exec.announced["compute_threads="], want_threads);
+        let addr = exec.announced["listen="].clone();
+        wait_for_status(&c, &format!("http://{addr}/v2/health/ready"), 200).await;
+        // The process we started is the one serving, now with the variables set.
+        let env = environ(exec.child.id());
+        assert!(
+            env.contains(&format!("{THREADS_VAR}={want_threads}")),
+            "{env:?}"
+        );
+        assert!(env.contains(&format!("{SPIN_VAR}={want_spin}")), "{env:?}");
+        let r = post(
+            &c,
+            &format!("http://{addr}/v2/models/tiny/infer"),
+            &[],
+            &infer_body(&["good film"], ""),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        exec.signal("TERM");
+        let status = exec.wait_exit(std::time::Duration::from_secs(20)).await;
+        assert!(status.success(), "{status}");
+    }
+}
