@@ -39,7 +39,8 @@ impl Dense {
     /// `x`: `[rows, in]`; returns `[rows, out]`, contiguous.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
-        if rows <= self.small_rows {
+        // On a GPU the library picks its own order; the repacking is a CPU matter.
+        if rows <= self.small_rows && x.device().is_cpu() {
             // [out, in] x [in, rows] -> [out, rows]; the bias add writes it back as
             // [rows, out] in the same pass over the data.
             self.weight.matmul(&x.t()?)?.t()?.broadcast_add(&self.bias)

@@ -1,8 +1,9 @@
 //! Execution off the async runtime: each model has its own threads (one batch in
 //! flight per thread) fed by a bounded queue, and its own compute pool
-//! (`threads::compute_pool`) that each forward pass runs inside. The HTTP side only enqueues and awaits a
-//! oneshot; a full queue is refused at once (503 with Retry-After), and a job whose
-//! caller has gone away is dropped before its forward pass.
+//! (`threads::compute_pool`) that each forward pass runs inside. The HTTP side only
+//! enqueues and awaits a oneshot; a full queue is refused at once (503 with
+//! Retry-After), and a job whose caller has gone away is dropped before its forward
+//! pass.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicI64, Ordering};

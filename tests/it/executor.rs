@@ -397,6 +397,13 @@ async fn the_executor_command_serves_a_model_directory_and_stops_on_sigterm() {
         &["listen="],
         std::time::Duration::from_secs(30),
     );
+    let r = infer_once_then_sigterm(&mut exec).await;
+    assert_eq!(r.json()["outputs"].as_array().unwrap().len(), 3);
+}
+
+/// Waits until the executor process is ready, sends one inference for model `tiny`,
+/// then stops it with SIGTERM, which must end it cleanly. Returns the reply.
+async fn infer_once_then_sigterm(exec: &mut BraidProcess) -> Reply {
     let addr = exec.announced["listen="].clone();
     let c = client();
     wait_for_status(&c, &format!("http://{addr}/v2/health/ready"), 200).await;
@@ -407,10 +414,10 @@ async fn the_executor_command_serves_a_model_directory_and_stops_on_sigterm() {
         &infer_body(&["good film"], ""),
     )
     .await;
-    assert_eq!(r.json()["outputs"].as_array().unwrap().len(), 3);
     exec.signal("TERM");
     let status = exec.wait_exit(std::time::Duration::from_secs(20)).await;
     assert!(status.success(), "{status}");
+    r
 }
 
 #[tokio::test]
@@ -469,7 +476,6 @@ async fn the_executor_pins_candles_thread_settings_in_its_own_environment() {
         "--listen",
         "127.0.0.1:0",
     ];
-    let c = client();
     for (given, want_threads, want_spin) in [
         // Empty counts as unset: candle would fall back to /proc/cpuinfo per multiply.
         (("", ""), cpus().to_string(), DEFAULT_SPIN_LIMIT.to_string()),
@@ -486,8 +492,6 @@ async fn the_executor_pins_candles_thread_settings_in_its_own_environment() {
             std::time::Duration::from_secs(30),
         );
         assert_eq!(exec.announced["compute_threads="], want_threads);
-        let addr = exec.announced["listen="].clone();
-        wait_for_status(&c, &format!("http://{addr}/v2/health/ready"), 200).await;
         // The process we started is the one serving, now with the variables set.
         let env = environ(exec.child.id());
         assert!(
@@ -495,16 +499,6 @@ async fn the_executor_pins_candles_thread_settings_in_its_own_environment() {
             "{env:?}"
         );
         assert!(env.contains(&format!("{SPIN_VAR}={want_spin}")), "{env:?}");
-        let r = post(
-            &c,
-            &format!("http://{addr}/v2/models/tiny/infer"),
-            &[],
-            &infer_body(&["good film"], ""),
-        )
-        .await;
-        assert_eq!(r.status, 200);
-        exec.signal("TERM");
-        let status = exec.wait_exit(std::time::Duration::from_secs(20)).await;
-        assert!(status.success(), "{status}");
+        assert_eq!(infer_once_then_sigterm(&mut exec).await.status, 200);
     }
 }
