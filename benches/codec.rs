@@ -50,7 +50,7 @@ fn codec_bench(c: &mut Criterion) {
         b.iter(|| codec::parse_v2(black_box(body.as_bytes())).unwrap())
     });
     g.bench_function("merge", |b| b.iter(|| codec::merge(black_box(&refs), None)));
-    let merged = codec::merge(&refs, None);
+    let merged = codec::merge(&refs, None).body;
     let answer = reply(&merged, false);
     g.bench_function("split", |b| {
         b.iter(|| codec::split(black_box(&refs), black_box(&answer), None).unwrap())

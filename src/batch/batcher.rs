@@ -16,28 +16,32 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::StatusCode;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::codec::{self, Item, Protocol, RowIds};
+use super::codec::{self, Item, Payload, Protocol, RowIds};
 use super::queue::{BatchLimits, Entry, Next, Queue};
 use crate::addr::Upstream;
 pub use crate::error::BatchError;
 use crate::metrics::BatchMetrics;
 
-pub type Reply = Result<Bytes, BatchError>;
+pub type Reply = Result<Payload, BatchError>;
 
 pub type ExecFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<(StatusCode, Bytes), BatchError>> + Send + 'a>>;
+    Pin<Box<dyn Future<Output = Result<(StatusCode, Payload), BatchError>> + Send + 'a>>;
 
 /// The executor as the batcher sees it: one merged body in, a status and a body out.
 /// No reply at all (refused, reset, killed mid-batch) is `Unreachable`; a reply that
 /// cannot be read is `BadReply`. Deadlines are applied by the batcher around the call.
 pub trait Execute: Send + Sync + 'static {
-    fn execute<'a>(&'a self, upstream: &'a Upstream, path: &'a str, body: Bytes) -> ExecFuture<'a>;
+    fn execute<'a>(
+        &'a self,
+        upstream: &'a Upstream,
+        path: &'a str,
+        body: Payload,
+    ) -> ExecFuture<'a>;
 }
 
 /// One request, ready to queue.
@@ -229,10 +233,10 @@ fn execute<'a>(
         let result = send(executor, &head.upstream, &head.path, body, deadline).await;
         match result {
             Ok((status, reply)) if status.is_success() => {
-                match codec::split(&items, &reply, row_ids) {
+                match codec::split_payload(&items, &reply, row_ids) {
                     Ok(bodies) => {
                         for (p, b) in parts.into_iter().zip(bodies) {
-                            let _ = p.reply.send(Ok(Bytes::from(b)));
+                            let _ = p.reply.send(Ok(b));
                         }
                     }
                     Err(e) => fail_all(parts, || BatchError::BadReply(e.0.clone())),
@@ -252,7 +256,7 @@ fn execute<'a>(
             }
             Ok((status, reply)) => fail_all(parts, || BatchError::Backend {
                 status,
-                body: reply.clone(),
+                body: reply.body.clone(),
             }),
             Err(e) => fail_all(parts, || e.clone()),
         }
@@ -279,10 +283,10 @@ async fn send(
     executor: &dyn Execute,
     up: &Upstream,
     path: &str,
-    body: Vec<u8>,
+    body: Payload,
     deadline: Option<Instant>,
-) -> Result<(StatusCode, Bytes), BatchError> {
-    let call = executor.execute(up, path, Bytes::from(body));
+) -> Result<(StatusCode, Payload), BatchError> {
+    let call = executor.execute(up, path, body);
     let deadline = deadline.unwrap_or_else(|| Instant::now() + NO_DEADLINE_LIMIT);
     tokio::time::timeout_at(deadline, call)
         .await
@@ -328,7 +332,7 @@ mod tests {
 
     fn prediction(reply: &Reply) -> String {
         let body = reply.as_ref().expect("rows");
-        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body.body).unwrap();
         v["predictions"][0].as_str().unwrap().to_string()
     }
 

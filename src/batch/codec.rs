@@ -12,26 +12,69 @@
 //! as an output of the same name; anything else refuses the reply whole. The echoed
 //! tensor is removed before clients see their rows.
 
+use bytes::Bytes;
 use serde_json::{Map, Value, json};
+
+use super::tensor::{self, Dtype};
 
 /// A request that can wait in a batch queue.
 #[derive(Debug, Clone)]
 pub struct Item {
     pub protocol: Protocol,
     /// Requests merge only with others of the same key: same input names, datatypes,
-    /// inner shapes, parameters and requested outputs.
+    /// inner shapes, parameters and requested outputs (whatever form each is sent or
+    /// asked for in: JSON and binary requests share batches).
     pub key: String,
     /// Rows along dim 0.
     pub rows: usize,
     /// The request's `id`, restored on its share of the reply.
     pub id: Option<Value>,
-    /// Per input, in order: (name, datatype, inner shape, flattened data).
-    inputs: Vec<(String, String, Vec<i64>, Vec<Value>)>,
-    /// Request-level `parameters` and `outputs`, identical across a batch (part of the key).
+    inputs: Vec<Input>,
+    /// Request-level `parameters` and requested `outputs`, identical across a batch
+    /// (part of the key), without the binary-form flags, which are per request.
     parameters: Option<Value>,
-    outputs: Option<Value>,
+    outputs: Option<Vec<Value>>,
+    /// Per requested output, whether it was asked for as binary; `binary_default` for
+    /// outputs not listed (`parameters.binary_data_output`).
+    binary_out: Vec<bool>,
+    binary_default: bool,
     /// KServe v1: the instances.
     instances: Vec<Value>,
+}
+
+#[derive(Debug, Clone)]
+struct Input {
+    name: String,
+    datatype: String,
+    /// `None` for a datatype braid does not know: such requests merge only as JSON.
+    dt: Option<Dtype>,
+    inner: Vec<i64>,
+    data: Data,
+}
+
+/// A tensor's elements, flattened, in the form the client sent them.
+#[derive(Debug, Clone)]
+enum Data {
+    Json(Vec<Value>),
+    /// Triton's binary extension: little-endian bytes (BYTES: length-prefixed).
+    Raw(Vec<u8>),
+}
+
+/// A body to or from the executor, and the length of its JSON header when binary
+/// tensor data follows it (`Inference-Header-Content-Length`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Payload {
+    pub body: Bytes,
+    pub header_len: Option<usize>,
+}
+
+impl Payload {
+    pub fn json(body: impl Into<Bytes>) -> Payload {
+        Payload {
+            body: body.into(),
+            header_len: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +88,8 @@ pub enum Protocol {
 pub enum Unqueued {
     /// Malformed: answer 400 with this message.
     Bad(String),
-    /// Well-formed but not mergeable (e.g. binary tensors): forward it alone, unchanged.
+    /// Well-formed but not mergeable (e.g. shared-memory tensors): forward it alone,
+    /// unchanged.
     Alone,
 }
 
@@ -89,16 +133,55 @@ fn flatten(v: &Value, out: &mut Vec<Value>) {
     }
 }
 
-/// Parses an OIP v2 request body (JSON only; binary extension requests are `Alone`).
+/// The model (and version) a request's path names, which a body's `model_name` and
+/// `model_version` must agree with for the request to be batched.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PathModel<'a> {
+    pub name: Option<&'a str>,
+    pub version: Option<&'a str>,
+}
+
+/// Parses an OIP v2 request body that is all JSON.
 pub fn parse_v2(body: &[u8]) -> Result<Item, Unqueued> {
-    let v: Value = serde_json::from_slice(body)
+    parse_v2_with(body, None, PathModel::default())
+}
+
+/// Splits a body at its JSON header's end (`Inference-Header-Content-Length`).
+fn split_header(body: &[u8], header_len: Option<usize>) -> Option<(&[u8], &[u8])> {
+    match header_len {
+        None => Some((body, &[])),
+        Some(n) => (n <= body.len()).then(|| body.split_at(n)),
+    }
+}
+
+/// Parses an OIP v2 request body: JSON, or with `header_len` a JSON header followed by
+/// Triton binary tensor data. `path` is what the request's path names; a body naming
+/// another model or version is forwarded alone, as sent.
+pub fn parse_v2_with(
+    body: &[u8],
+    header_len: Option<usize>,
+    path: PathModel,
+) -> Result<Item, Unqueued> {
+    let Some((head, mut raw)) = split_header(body, header_len) else {
+        return bad(format!(
+            "Inference-Header-Content-Length is {} but the body has {} bytes",
+            header_len.unwrap_or(0),
+            body.len()
+        ));
+    };
+    let v: Value = serde_json::from_slice(head)
         .map_err(|e| Unqueued::Bad(format!("request is not valid JSON: {e}")))?;
     let Some(obj) = v.as_object() else {
         return bad("request must be a JSON object");
     };
-    for k in obj.keys() {
-        if !matches!(k.as_str(), "id" | "inputs" | "outputs" | "parameters") {
-            return Err(Unqueued::Alone);
+    for (k, val) in obj {
+        match k.as_str() {
+            "id" | "inputs" | "outputs" | "parameters" => {}
+            // What KServe's and other clients repeat from the path: harmless when equal.
+            "model_name" if val.is_null() || path.name.is_none_or(|n| val == n) => {}
+            "model_version"
+                if val.is_null() || val.as_str().is_some_and(|v| path.version == Some(v)) => {}
+            _ => return Err(Unqueued::Alone),
         }
     }
     let Some(list) = obj.get("inputs").and_then(Value::as_array) else {
@@ -110,6 +193,7 @@ pub fn parse_v2(body: &[u8]) -> Result<Item, Unqueued> {
     let mut rows = None;
     let mut inputs = Vec::with_capacity(list.len());
     let mut key = String::from("v2");
+    let mut scratch = Vec::new();
     for (i, input) in list.iter().enumerate() {
         let name = input["name"]
             .as_str()
@@ -117,14 +201,11 @@ pub fn parse_v2(body: &[u8]) -> Result<Item, Unqueued> {
         let datatype = input["datatype"]
             .as_str()
             .ok_or_else(|| Unqueued::Bad(format!("input {name:?} has no datatype")))?;
+        let dt = Dtype::parse(datatype);
         let shape: Vec<i64> = input["shape"]
             .as_array()
             .and_then(|s| s.iter().map(Value::as_i64).collect())
             .ok_or_else(|| Unqueued::Bad(format!("input {name:?} has no valid shape")))?;
-        if input.get("parameters").is_some_and(|p| !p.is_null()) {
-            // Per-input parameters (binary data, shared memory): not ours to merge.
-            return Err(Unqueued::Alone);
-        }
         let Some((&n, inner)) = shape.split_first() else {
             return bad(format!("input {name:?} has an empty shape"));
         };
@@ -140,42 +221,129 @@ pub fn parse_v2(body: &[u8]) -> Result<Item, Unqueued> {
             ));
         }
         rows = Some(n as usize);
-        let mut data = Vec::new();
-        flatten(&input["data"], &mut data);
         let Some(expected) = shape.iter().try_fold(1i64, |acc, d| acc.checked_mul(*d)) else {
             return bad(format!(
                 "input {name:?} has shape {shape:?}: too many elements"
             ));
         };
-        if data.len() as i64 != expected {
-            return bad(format!(
-                "input {name:?} has shape {shape:?} ({expected} elements) but {} data elements",
-                data.len()
-            ));
-        }
+        // Per-input parameters other than the binary data size (shared memory, say)
+        // are not ours to merge.
+        let binary_size = match input.get("parameters") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(p)) if p.len() == 1 && p.contains_key("binary_data_size") => {
+                Some(p["binary_data_size"].as_u64().ok_or_else(|| {
+                    Unqueued::Bad(format!(
+                        "input {name:?}: binary_data_size must be a byte count"
+                    ))
+                })?)
+            }
+            Some(_) => return Err(Unqueued::Alone),
+        };
+        let data = match binary_size {
+            Some(size) => {
+                let Some(dt) = dt else {
+                    return Err(Unqueued::Alone);
+                };
+                if size > raw.len() as u64 {
+                    return bad(format!(
+                        "input {name:?} declares {size} bytes of binary data but {} remain in the body",
+                        raw.len()
+                    ));
+                }
+                let (mine, rest) = raw.split_at(size as usize);
+                raw = rest;
+                tensor::element_offsets(dt, mine, expected as usize)
+                    .map_err(|e| Unqueued::Bad(format!("input {name:?} (shape {shape:?}): {e}")))?;
+                Data::Raw(mine.to_vec())
+            }
+            None => {
+                let mut data = Vec::new();
+                flatten(&input["data"], &mut data);
+                if data.len() as i64 != expected {
+                    return bad(format!(
+                        "input {name:?} has shape {shape:?} ({expected} elements) but {} data elements",
+                        data.len()
+                    ));
+                }
+                // Checked now so that a batch that must be sent in binary never meets a
+                // value it cannot write (one request's mistake would fail the batch).
+                if let Some(dt) = dt {
+                    scratch.clear();
+                    tensor::to_raw(dt, &data, &mut scratch)
+                        .map_err(|e| Unqueued::Bad(format!("input {name:?}: {e}")))?;
+                }
+                Data::Json(data)
+            }
+        };
         key.push_str(&format!("|{name}:{datatype}:{inner:?}"));
-        inputs.push((name.to_string(), datatype.to_string(), inner.to_vec(), data));
+        inputs.push(Input {
+            name: name.to_string(),
+            datatype: datatype.to_string(),
+            dt,
+            inner: inner.to_vec(),
+            data,
+        });
     }
-    let parameters = obj.get("parameters").cloned().filter(|p| !p.is_null());
-    let outputs = obj.get("outputs").cloned().filter(|p| !p.is_null());
-    if let Some(Value::Array(outs)) = &outputs
-        && outs.iter().any(|o| {
-            o.get("parameters")
-                .is_some_and(|p| p["binary_data"].as_bool() == Some(true))
-        })
-    {
+    if !raw.is_empty() {
+        return bad(format!(
+            "{} bytes of binary data follow the inputs that declare theirs",
+            raw.len()
+        ));
+    }
+    if inputs.iter().any(|i| i.dt.is_none()) && header_len.is_some() {
         return Err(Unqueued::Alone);
     }
-    if parameters
-        .as_ref()
-        .is_some_and(|p| p.get("binary_data_output").is_some())
+    // The binary-form flags are per request; everything else about outputs and
+    // parameters is part of the key.
+    let mut parameters = obj.get("parameters").cloned().filter(|p| !p.is_null());
+    let mut binary_default = false;
+    if let Some(Value::Object(p)) = &mut parameters
+        && let Some(flag) = p.remove("binary_data_output")
     {
-        return Err(Unqueued::Alone);
+        binary_default = flag
+            .as_bool()
+            .ok_or_else(|| Unqueued::Bad("binary_data_output must be true or false".into()))?;
+        if p.is_empty() {
+            parameters = None;
+        }
     }
+    let mut binary_out = Vec::new();
+    let outputs = match obj.get("outputs") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(list)) => {
+            let mut outs = Vec::with_capacity(list.len());
+            for o in list {
+                let mut o = o.clone();
+                let mut binary = binary_default;
+                if let Some(Value::Object(p)) = o.get_mut("parameters") {
+                    if let Some(flag) = p.remove("binary_data") {
+                        binary = flag.as_bool().ok_or_else(|| {
+                            Unqueued::Bad(
+                                "outputs[].parameters.binary_data must be true or false".into(),
+                            )
+                        })?;
+                    }
+                    if !p.is_empty() {
+                        // Classification, shared memory: changes what comes back.
+                        return Err(Unqueued::Alone);
+                    }
+                }
+                if let Value::Object(m) = &mut o {
+                    m.remove("parameters");
+                }
+                binary_out.push(binary);
+                outs.push(o);
+            }
+            Some(outs)
+        }
+        Some(_) => return bad("\"outputs\" must be a list"),
+    };
     key.push_str(&format!(
         "|p={}|o={}",
         parameters.as_ref().map_or(String::new(), Value::to_string),
-        outputs.as_ref().map_or(String::new(), Value::to_string)
+        outputs
+            .as_ref()
+            .map_or(String::new(), |o| Value::Array(o.clone()).to_string())
     ));
     Ok(Item {
         protocol: Protocol::V2,
@@ -185,6 +353,8 @@ pub fn parse_v2(body: &[u8]) -> Result<Item, Unqueued> {
         inputs,
         parameters,
         outputs,
+        binary_out,
+        binary_default,
         instances: Vec::new(),
     })
 }
@@ -213,6 +383,8 @@ pub fn parse_v1(body: &[u8]) -> Result<Item, Unqueued> {
         inputs: Vec::new(),
         parameters: None,
         outputs: None,
+        binary_out: Vec::new(),
+        binary_default: false,
         instances: instances.clone(),
     })
 }
@@ -220,64 +392,162 @@ pub fn parse_v1(body: &[u8]) -> Result<Item, Unqueued> {
 impl Item {
     /// Whether the request has an input of this name.
     pub fn has_input(&self, name: &str) -> bool {
-        self.inputs.iter().any(|i| i.0 == name)
+        self.inputs.iter().any(|i| i.name == name)
+    }
+
+    /// Whether this request asked for output `name` as binary data.
+    fn wants_binary(&self, name: &str) -> bool {
+        self.outputs
+            .as_ref()
+            .and_then(|o| o.iter().position(|o| o["name"] == name))
+            .map_or(self.binary_default, |i| self.binary_out[i])
+    }
+
+    /// Whether any of this request is in binary form, sent or asked for.
+    fn binary(&self) -> bool {
+        self.binary_default
+            || self.binary_out.iter().any(|b| *b)
+            || self.inputs.iter().any(|i| matches!(i.data, Data::Raw(_)))
     }
 }
 
 /// The body of one request carrying every item's rows, in order. All items share a key.
 /// With `row_ids`, a v2 batch also carries the row-id input (and asks for it back).
-pub fn merge(items: &[&Item], row_ids: Option<RowIds>) -> Vec<u8> {
+/// When any item sent or asked for binary data, the batch is sent in Triton's binary
+/// form (JSON inputs converted), and asks for binary outputs; otherwise it is JSON.
+pub fn merge(items: &[&Item], row_ids: Option<RowIds>) -> Payload {
     let first = items[0];
     if first.protocol == Protocol::V1 {
         let all: Vec<Value> = items
             .iter()
             .flat_map(|i| i.instances.iter().cloned())
             .collect();
-        return serde_json::to_vec(&json!({"instances": all})).expect("JSON serializes");
+        return Payload::json(
+            serde_json::to_vec(&json!({"instances": all})).expect("JSON serializes"),
+        );
     }
+    let binary = items.iter().any(|i| i.binary());
     let rows: usize = items.iter().map(|i| i.rows).sum();
-    let mut inputs: Vec<Value> = first
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(k, (name, datatype, inner, _))| {
+    let mut raw = Vec::new();
+    let mut inputs: Vec<Value> = Vec::with_capacity(first.inputs.len() + 1);
+    for (k, input) in first.inputs.iter().enumerate() {
+        let mut shape = vec![rows as i64];
+        shape.extend(&input.inner);
+        let mut header = json!({"name": input.name, "datatype": input.datatype, "shape": shape});
+        if binary {
+            let dt = input
+                .dt
+                .expect("a request with a datatype braid does not know is never binary");
+            let start = raw.len();
+            for item in items {
+                match &item.inputs[k].data {
+                    Data::Raw(bytes) => raw.extend_from_slice(bytes),
+                    Data::Json(values) => tensor::to_raw(dt, values, &mut raw)
+                        .expect("JSON inputs are checked against their datatype when parsed"),
+                }
+            }
+            header["parameters"] = json!({"binary_data_size": raw.len() - start});
+        } else {
             let data: Vec<Value> = items
                 .iter()
-                .flat_map(|i| i.inputs[k].3.iter().cloned())
+                .flat_map(|i| match &i.inputs[k].data {
+                    Data::Json(values) => values.iter().cloned(),
+                    Data::Raw(_) => {
+                        unreachable!("a request with binary inputs makes the batch binary")
+                    }
+                })
                 .collect();
-            let mut shape = vec![rows as i64];
-            shape.extend(inner);
-            json!({"name": name, "datatype": datatype, "shape": shape, "data": data})
-        })
-        .collect();
+            header["data"] = Value::Array(data);
+        }
+        inputs.push(header);
+    }
     let mut outputs = first.outputs.clone();
+    if binary && let Some(list) = &mut outputs {
+        for o in list.iter_mut() {
+            o["parameters"] = json!({"binary_data": true});
+        }
+    }
     if let Some(ids) = row_ids {
         let data: Vec<i64> = (0..rows as i64).map(|r| ids.first + r).collect();
         inputs.push(json!({"name": ids.name, "datatype": "INT64", "shape": [rows], "data": data}));
-        if let Some(Value::Array(list)) = &mut outputs {
-            list.push(json!({"name": ids.name}));
+        if let Some(list) = &mut outputs {
+            // Always JSON: it is checked here and never reaches a client.
+            list.push(match binary {
+                true => json!({"name": ids.name, "parameters": {"binary_data": false}}),
+                false => json!({"name": ids.name}),
+            });
         }
     }
     let mut obj = Map::new();
     obj.insert("inputs".into(), Value::Array(inputs));
-    if let Some(p) = &first.parameters {
-        obj.insert("parameters".into(), p.clone());
+    let mut parameters = first.parameters.clone();
+    if binary && outputs.is_none() {
+        let p = parameters.get_or_insert_with(|| json!({}));
+        p["binary_data_output"] = Value::Bool(true);
+    }
+    if let Some(p) = parameters {
+        obj.insert("parameters".into(), p);
     }
     if let Some(o) = outputs {
-        obj.insert("outputs".into(), o);
+        obj.insert("outputs".into(), Value::Array(o));
     }
-    serde_json::to_vec(&Value::Object(obj)).expect("JSON serializes")
+    let mut body = serde_json::to_vec(&Value::Object(obj)).expect("JSON serializes");
+    if !binary {
+        return Payload::json(body);
+    }
+    let header_len = body.len();
+    body.extend_from_slice(&raw);
+    Payload {
+        body: body.into(),
+        header_len: Some(header_len),
+    }
 }
 
-/// Splits a batch reply into one body per item, in order, or refuses it whole. With
-/// `row_ids` (v2), the reply must echo them in order.
+/// A JSON reply body's split, for callers without binary data.
 pub fn split(
     items: &[&Item],
     reply: &[u8],
     row_ids: Option<RowIds>,
 ) -> Result<Vec<Vec<u8>>, SplitError> {
+    let reply = Payload::json(Bytes::copy_from_slice(reply));
+    Ok(split_payload(items, &reply, row_ids)?
+        .into_iter()
+        .map(|p| p.body.to_vec())
+        .collect())
+}
+
+/// One output of a batch reply: its fields, inner shape, elements per row, and its
+/// data with where each element starts (raw) or the elements (JSON).
+struct ReplyOutput<'a> {
+    header: Map<String, Value>,
+    name: String,
+    dt: Option<Dtype>,
+    inner: Vec<i64>,
+    per_row: usize,
+    data: ReplyData<'a>,
+}
+
+enum ReplyData<'a> {
+    Json(Vec<Value>),
+    Raw {
+        bytes: &'a [u8],
+        offsets: Vec<usize>,
+    },
+}
+
+/// Splits a batch reply into one body per item, in order, or refuses it whole. With
+/// `row_ids` (v2), the reply must echo them in order. Each item gets every output in
+/// the form it asked for (binary or JSON), whatever form the executor answered in.
+pub fn split_payload(
+    items: &[&Item],
+    reply: &Payload,
+    row_ids: Option<RowIds>,
+) -> Result<Vec<Payload>, SplitError> {
     let total: usize = items.iter().map(|i| i.rows).sum();
-    let v: Value = serde_json::from_slice(reply)
+    let (head, mut raw) = split_header(&reply.body, reply.header_len).ok_or_else(|| {
+        SplitError("backend reply is shorter than its declared JSON header".into())
+    })?;
+    let v: Value = serde_json::from_slice(head)
         .map_err(|e| SplitError(format!("backend reply is not JSON: {e}")))?;
     if items[0].protocol == Protocol::V1 {
         let preds = v["predictions"]
@@ -295,79 +565,185 @@ pub fn split(
             .map(|i| {
                 let mine = &preds[start..start + i.rows];
                 start += i.rows;
-                serde_json::to_vec(&json!({"predictions": mine})).expect("JSON serializes")
+                Payload::json(
+                    serde_json::to_vec(&json!({"predictions": mine})).expect("JSON serializes"),
+                )
             })
             .collect());
     }
     let outputs = v["outputs"]
         .as_array()
         .ok_or_else(|| SplitError("backend reply has no \"outputs\" list".into()))?;
-    if let Some(ids) = row_ids {
-        check_row_ids(outputs, ids, total)?;
-    }
-    // Per output: (fields other than shape/data, inner shape, flattened data, row size).
     let mut parsed = Vec::with_capacity(outputs.len());
+    let mut echoed_ids = Vec::new();
     for o in outputs {
-        let name = o["name"].as_str().unwrap_or("?");
-        if row_ids.is_some_and(|ids| ids.name == name) {
-            continue;
-        }
+        let name = o["name"].as_str().unwrap_or("?").to_string();
+        let dt = o["datatype"].as_str().and_then(Dtype::parse);
         let shape: Vec<i64> = o["shape"]
             .as_array()
             .and_then(|s| s.iter().map(Value::as_i64).collect())
             .ok_or_else(|| SplitError(format!("output {name:?} has no valid shape")))?;
+        let per_row = shape
+            .get(1..)
+            .unwrap_or(&[])
+            .iter()
+            .try_fold(1i64, |acc, d| acc.checked_mul(*d))
+            .filter(|r| *r >= 0)
+            .and_then(|r| usize::try_from(r).ok())
+            .ok_or_else(|| SplitError(format!("output {name:?} has shape {shape:?}")))?;
+        let elements = per_row.checked_mul(total);
+        let data = match o["parameters"]["binary_data_size"].as_u64() {
+            Some(size) => {
+                let mine = raw.get(..size as usize).ok_or_else(|| {
+                    SplitError(format!(
+                        "output {name:?} declares more binary data than the reply holds"
+                    ))
+                })?;
+                raw = &raw[size as usize..];
+                let dt = dt.ok_or_else(|| {
+                    SplitError(format!(
+                        "output {name:?} is binary of a datatype braid cannot split"
+                    ))
+                })?;
+                let offsets = elements
+                    .filter(|_| shape.first().copied() == Some(total as i64))
+                    .map(|n| tensor::element_offsets(dt, mine, n))
+                    .transpose()
+                    .map_err(|e| SplitError(format!("output {name:?}: {e}")))?
+                    .ok_or_else(|| {
+                        SplitError(format!(
+                            "output {name:?} has shape {shape:?}, expected {total} rows"
+                        ))
+                    })?;
+                ReplyData::Raw {
+                    bytes: mine,
+                    offsets,
+                }
+            }
+            None => {
+                let mut data = Vec::new();
+                flatten(&o["data"], &mut data);
+                ReplyData::Json(data)
+            }
+        };
+        if row_ids.is_some_and(|ids| ids.name == name) {
+            echoed_ids.push(match &data {
+                ReplyData::Json(values) => values.iter().map(Value::as_i64).collect(),
+                ReplyData::Raw { bytes, .. } if dt == Some(Dtype::I64) => Some(
+                    bytes
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect(),
+                ),
+                ReplyData::Raw { .. } => None,
+            });
+            continue;
+        }
         if shape.first().copied() != Some(total as i64) {
             return Err(SplitError(format!(
                 "output {name:?} has shape {shape:?}, expected {total} rows"
             )));
         }
-        let mut data = Vec::new();
-        flatten(&o["data"], &mut data);
-        let row = shape[1..]
-            .iter()
-            .try_fold(1i64, |acc, d| acc.checked_mul(*d))
-            .filter(|r| *r >= 0);
-        let Some(row) = row.filter(|r| r.checked_mul(total as i64) == Some(data.len() as i64))
-        else {
+        if let ReplyData::Json(values) = &data
+            && Some(values.len()) != elements
+        {
             return Err(SplitError(format!(
                 "output {name:?} has {} elements for shape {shape:?}",
-                data.len()
+                values.len()
             )));
-        };
-        parsed.push((o, shape[1..].to_vec(), data, row as usize));
+        }
+        let mut header = without(o, &["shape", "data", "parameters"]);
+        if let Some(Value::Object(p)) = o.get("parameters") {
+            let rest: Map<String, Value> = p
+                .iter()
+                .filter(|(k, _)| k.as_str() != "binary_data_size")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if !rest.is_empty() {
+                header.insert("parameters".into(), Value::Object(rest));
+            }
+        }
+        parsed.push(ReplyOutput {
+            header,
+            name,
+            dt,
+            inner: shape[1..].to_vec(),
+            per_row,
+            data,
+        });
+    }
+    if !raw.is_empty() {
+        return Err(SplitError(format!(
+            "{} bytes of binary data in the reply belong to no output",
+            raw.len()
+        )));
+    }
+    if let Some(ids) = row_ids {
+        check_row_ids(&echoed_ids, ids, total)?;
     }
     // Everything but the tensors' data is copied per request; the data is sliced.
     // (Cloning whole objects per request made a 32 x 384 split cost ~10 ms.)
-    let headers: Vec<Map<String, Value>> = parsed
-        .iter()
-        .map(|(o, ..)| without(o, &["shape", "data"]))
-        .collect();
     let base = without(&v, &["outputs", "id"]);
     let mut start = 0;
     let mut bodies = Vec::with_capacity(items.len());
     for item in items {
-        let outs: Vec<Value> = parsed
-            .iter()
-            .zip(&headers)
-            .map(|((_, inner, data, row), header)| {
-                let mut out = header.clone();
-                let mut shape = vec![item.rows as i64];
-                shape.extend(inner);
-                out.insert("shape".into(), json!(shape));
-                out.insert(
-                    "data".into(),
-                    Value::Array(data[start * row..(start + item.rows) * row].to_vec()),
-                );
-                Value::Object(out)
-            })
-            .collect();
+        let mut binary = Vec::new();
+        let mut outs = Vec::with_capacity(parsed.len());
+        for o in &parsed {
+            let (a, b) = (start * o.per_row, (start + item.rows) * o.per_row);
+            let mut out = o.header.clone();
+            let mut shape = vec![item.rows as i64];
+            shape.extend(&o.inner);
+            out.insert("shape".into(), json!(shape));
+            let wrong_form = |e: String| SplitError(format!("output {:?}: {e}", o.name));
+            if item.wants_binary(&o.name) {
+                let at = binary.len();
+                match &o.data {
+                    ReplyData::Raw { bytes, offsets } => {
+                        binary.extend_from_slice(&bytes[offsets[a]..offsets[b]]);
+                    }
+                    ReplyData::Json(values) => {
+                        let dt = o.dt.ok_or_else(|| {
+                            wrong_form("a datatype braid cannot write as binary".into())
+                        })?;
+                        tensor::to_raw(dt, &values[a..b], &mut binary).map_err(wrong_form)?;
+                    }
+                }
+                let mut params = out
+                    .remove("parameters")
+                    .and_then(|p| p.as_object().cloned())
+                    .unwrap_or_default();
+                params.insert("binary_data_size".into(), json!(binary.len() - at));
+                out.insert("parameters".into(), Value::Object(params));
+            } else {
+                let data = match &o.data {
+                    ReplyData::Json(values) => values[a..b].to_vec(),
+                    ReplyData::Raw { bytes, offsets } => {
+                        let dt = o.dt.expect("binary outputs have a known datatype");
+                        tensor::to_json(dt, &bytes[offsets[a]..offsets[b]]).map_err(wrong_form)?
+                    }
+                };
+                out.insert("data".into(), Value::Array(data));
+            }
+            outs.push(Value::Object(out));
+        }
         start += item.rows;
         let mut resp = base.clone();
         if let Some(id) = &item.id {
             resp.insert("id".into(), id.clone());
         }
         resp.insert("outputs".into(), Value::Array(outs));
-        bodies.push(serde_json::to_vec(&Value::Object(resp)).expect("JSON serializes"));
+        let mut body = serde_json::to_vec(&Value::Object(resp)).expect("JSON serializes");
+        if binary.is_empty() && !parsed.iter().any(|o| item.wants_binary(&o.name)) {
+            bodies.push(Payload::json(body));
+        } else {
+            let header_len = body.len();
+            body.extend_from_slice(&binary);
+            bodies.push(Payload {
+                body: body.into(),
+                header_len: Some(header_len),
+            });
+        }
     }
     Ok(bodies)
 }
@@ -384,22 +760,19 @@ fn without(v: &Value, keys: &[&str]) -> Map<String, Value> {
         .unwrap_or_default()
 }
 
-/// The reply's row-id output must be exactly the ids sent, in order.
-fn check_row_ids(outputs: &[Value], ids: RowIds, total: usize) -> Result<(), SplitError> {
-    let mut echoed = outputs.iter().filter(|o| o["name"] == ids.name);
-    let (Some(o), None) = (echoed.next(), echoed.next()) else {
+/// The reply's row-id output must be there exactly once, and be the ids sent, in order.
+fn check_row_ids(echoed: &[Option<Vec<i64>>], ids: RowIds, total: usize) -> Result<(), SplitError> {
+    let [Some(data)] = echoed else {
         return Err(SplitError(format!(
-            "backend reply must echo the row-id tensor {:?} exactly once",
+            "backend reply must echo the row-id tensor {:?} exactly once, as INT64",
             ids.name
         )));
     };
-    let mut data = Vec::new();
-    flatten(&o["data"], &mut data);
     let in_order = data.len() == total
         && data
             .iter()
             .enumerate()
-            .all(|(r, d)| d.as_i64() == Some(ids.first + r as i64));
+            .all(|(r, d)| *d == ids.first + r as i64);
     if !in_order {
         return Err(SplitError(format!(
             "backend reply's {:?} is not the rows sent, in order: rows were reordered, lost or mixed with another batch",
@@ -446,7 +819,7 @@ mod tests {
         );
         assert_eq!(a.key, b.key);
         let items = [&a, &b, &c];
-        let merged = merge(&items, None);
+        let merged = merge(&items, None).body;
         let m: Value = serde_json::from_slice(&merged).unwrap();
         assert_eq!(m["inputs"][0]["shape"], json!([6]));
         let bodies = split(&items, &reply_for(&merged), None).unwrap();
@@ -482,11 +855,18 @@ mod tests {
         let with_outputs = parse_v2(json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "outputs": [{"name": "label"}]}).to_string().as_bytes()).unwrap();
         assert_ne!(a.key, other_shape.key);
         assert_ne!(a.key, with_outputs.key);
-        let binary = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 5}}]});
+        // Shared memory (or any input parameter but the binary size): not merged.
+        let shm = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"shared_memory_region": "r"}}]});
         assert_eq!(
-            parse_v2(binary.to_string().as_bytes()).unwrap_err(),
+            parse_v2(shm.to_string().as_bytes()).unwrap_err(),
             Unqueued::Alone
         );
+        // Binary data declared but none sent: a 400, not a guess.
+        let binary = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 5}}]});
+        assert!(matches!(
+            parse_v2(binary.to_string().as_bytes()),
+            Err(Unqueued::Bad(_))
+        ));
         let mismatch =
             json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["x"]}]});
         assert!(matches!(
@@ -500,7 +880,7 @@ mod tests {
         let a = parse_v1(br#"{"instances":["a1","a2"]}"#).unwrap();
         let b = parse_v1(br#"{"instances":["b1"]}"#).unwrap();
         let items = [&a, &b];
-        let merged: Value = serde_json::from_slice(&merge(&items, None)).unwrap();
+        let merged: Value = serde_json::from_slice(&merge(&items, None).body).unwrap();
         assert_eq!(merged["instances"], json!(["a1", "a2", "b1"]));
         let bodies = split(&items, br#"{"predictions":[1,2,3]}"#, None).unwrap();
         assert_eq!(
@@ -535,7 +915,7 @@ mod tests {
             name: "braid_row_id",
             first: RowIds::fresh_first(3),
         };
-        let merged = merge(&items, Some(ids));
+        let merged = merge(&items, Some(ids)).body;
         let m: Value = serde_json::from_slice(&merged).unwrap();
         assert_eq!(m["inputs"][1]["name"], "braid_row_id");
         assert_eq!(m["inputs"][1]["shape"], json!([3]));
@@ -574,8 +954,173 @@ mod tests {
             name: "rid",
             first: 7,
         };
-        let m: Value = serde_json::from_slice(&merge(&[&item], Some(ids))).unwrap();
+        let m: Value = serde_json::from_slice(&merge(&[&item], Some(ids)).body).unwrap();
         assert_eq!(m["outputs"], json!([{"name": "label"}, {"name": "rid"}]));
         assert_eq!(m["inputs"][1]["data"], json!([7]));
+    }
+
+    /// A Triton binary-extension body: JSON header, then each binary input's bytes.
+    fn binary_req(header: Value, raw: &[u8]) -> (Vec<u8>, usize) {
+        let mut body = header.to_string().into_bytes();
+        let n = body.len();
+        body.extend_from_slice(raw);
+        (body, n)
+    }
+
+    fn bytes_tensor(items: &[&str]) -> Vec<u8> {
+        let mut raw = Vec::new();
+        let values: Vec<Value> = items.iter().map(|s| json!(s)).collect();
+        tensor::to_raw(Dtype::Bytes, &values, &mut raw).unwrap();
+        raw
+    }
+
+    /// JSON and binary requests share a batch; each gets its rows in the form it asked.
+    #[test]
+    fn json_and_binary_requests_merge_and_each_gets_its_own_form_back() {
+        let json_in_json_out = req("a", &["a1"]);
+        let raw = bytes_tensor(&["b1", "b2"]);
+        let (body, n) = binary_req(
+            json!({"id": "b", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": raw.len()}}],
+                   "parameters": {"binary_data_output": true}}),
+            &raw,
+        );
+        let binary_in_binary_out = parse_v2_with(&body, Some(n), PathModel::default()).unwrap();
+        let json_in_binary_out = parse_v2(
+            json!({"id": "c", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["c1"]}],
+                   "parameters": {"binary_data_output": true}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let items = [
+            &json_in_json_out,
+            &binary_in_binary_out,
+            &json_in_binary_out,
+        ];
+        assert!(items.iter().all(|i| i.key == items[0].key));
+        let merged = merge(&items, None);
+        let n = merged
+            .header_len
+            .expect("a batch with binary data is sent binary");
+        let head: Value = serde_json::from_slice(&merged.body[..n]).unwrap();
+        assert_eq!(head["parameters"]["binary_data_output"], true);
+        assert_eq!(head["inputs"][0]["shape"], json!([4]));
+        assert_eq!(
+            &merged.body[n..],
+            bytes_tensor(&["a1", "b1", "b2", "c1"]).as_slice()
+        );
+
+        // The executor answers binary: FP32 [4, 2] and BYTES [4].
+        let floats: Vec<u8> = (0..8)
+            .flat_map(|i| (i as f32 * 0.5).to_le_bytes())
+            .collect();
+        let labels = bytes_tensor(&["la", "lb", "lb2", "lc"]);
+        let mut raw = floats.clone();
+        raw.extend(&labels);
+        let (body, n) = binary_req(
+            json!({"model_name": "m", "outputs": [
+                {"name": "embedding", "datatype": "FP32", "shape": [4, 2], "parameters": {"binary_data_size": floats.len()}},
+                {"name": "label", "datatype": "BYTES", "shape": [4], "parameters": {"binary_data_size": labels.len()}}]}),
+            &raw,
+        );
+        let reply = Payload {
+            body: body.into(),
+            header_len: Some(n),
+        };
+        let got = split_payload(&items, &reply, None).unwrap();
+        // a: all JSON.
+        assert_eq!(got[0].header_len, None);
+        let a: Value = serde_json::from_slice(&got[0].body).unwrap();
+        assert_eq!(a["id"], "a");
+        assert_eq!(a["outputs"][0]["data"], json!([0.0, 0.5]));
+        assert_eq!(a["outputs"][0]["shape"], json!([1, 2]));
+        assert_eq!(a["outputs"][1]["data"], json!(["la"]));
+        // b: binary, its two rows, sizes right.
+        let n = got[1].header_len.unwrap();
+        let b: Value = serde_json::from_slice(&got[1].body[..n]).unwrap();
+        assert_eq!(b["id"], "b");
+        assert_eq!(b["outputs"][0]["parameters"]["binary_data_size"], 16);
+        assert_eq!(b["outputs"][0]["shape"], json!([2, 2]));
+        let mut want = floats[8..24].to_vec();
+        want.extend(bytes_tensor(&["lb", "lb2"]));
+        assert_eq!(&got[1].body[n..], want.as_slice());
+        // c: JSON inputs, binary outputs.
+        let n = got[2].header_len.unwrap();
+        let mut want = floats[24..].to_vec();
+        want.extend(bytes_tensor(&["lc"]));
+        assert_eq!(&got[2].body[n..], want.as_slice());
+
+        // The executor answering JSON instead: the binary clients still get binary.
+        let json_reply = json!({"model_name": "m", "outputs": [
+            {"name": "embedding", "datatype": "FP32", "shape": [4, 2], "data": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]},
+            {"name": "label", "datatype": "BYTES", "shape": [4], "data": ["la", "lb", "lb2", "lc"]}]});
+        let again = split_payload(&items, &Payload::json(json_reply.to_string()), None).unwrap();
+        assert_eq!(again, got);
+    }
+
+    #[test]
+    fn binary_replies_that_do_not_add_up_are_refused_whole() {
+        let items = [&req("a", &["x"]), &req("b", &["y"])];
+        let floats: Vec<u8> = (0..4).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let reply = |size: usize, shape: Value, raw: &[u8]| {
+            let (body, n) = binary_req(
+                json!({"outputs": [{"name": "e", "datatype": "FP32", "shape": shape, "parameters": {"binary_data_size": size}}]}),
+                raw,
+            );
+            Payload {
+                body: body.into(),
+                header_len: Some(n),
+            }
+        };
+        assert!(split_payload(&items, &reply(16, json!([2, 2]), &floats), None).is_ok());
+        // Claims more than is there; leaves bytes over; shape and size disagree.
+        assert!(split_payload(&items, &reply(1 << 40, json!([2, 2]), &floats), None).is_err());
+        assert!(split_payload(&items, &reply(12, json!([2, 2]), &floats), None).is_err());
+        assert!(split_payload(&items, &reply(16, json!([2, 3]), &floats), None).is_err());
+        assert!(split_payload(&items, &reply(16, json!([4, 1]), &floats), None).is_err());
+        // A header length past the end.
+        let short = Payload {
+            body: Bytes::from_static(b"{}"),
+            header_len: Some(10),
+        };
+        assert!(split_payload(&items, &short, None).is_err());
+    }
+
+    #[test]
+    fn a_body_naming_the_paths_model_is_batched_and_another_is_forwarded_alone() {
+        let body = |extra: Value| {
+            let mut v = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v.to_string()
+        };
+        let path = PathModel {
+            name: Some("m"),
+            version: None,
+        };
+        let parse = |extra| parse_v2_with(body(extra).as_bytes(), None, path);
+        assert!(parse(json!({"model_name": "m"})).is_ok());
+        assert!(parse(json!({"model_name": "m", "model_version": null})).is_ok());
+        assert_eq!(
+            parse(json!({"model_name": "other"})).unwrap_err(),
+            Unqueued::Alone
+        );
+        assert_eq!(
+            parse(json!({"model_version": "2"})).unwrap_err(),
+            Unqueued::Alone
+        );
+        let versioned = PathModel {
+            name: Some("m"),
+            version: Some("2"),
+        };
+        assert!(
+            parse_v2_with(
+                body(json!({"model_version": "2"})).as_bytes(),
+                None,
+                versioned
+            )
+            .is_ok()
+        );
     }
 }

@@ -5,12 +5,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use super::batcher::{ExecFuture, Execute};
+use super::codec::Payload;
 use crate::addr::Upstream;
 
 #[derive(Default)]
@@ -61,9 +61,9 @@ impl FakeExecutor {
 impl Execute for FakeExecutor {
     /// 500 for any path naming a `broken` model; 400 when any instance is `"bad"`;
     /// otherwise every instance back as its prediction.
-    fn execute<'a>(&'a self, _: &'a Upstream, path: &'a str, body: Bytes) -> ExecFuture<'a> {
+    fn execute<'a>(&'a self, _: &'a Upstream, path: &'a str, body: Payload) -> ExecFuture<'a> {
         Box::pin(async move {
-            let v: Value = serde_json::from_slice(&body).expect("the batcher sends JSON");
+            let v: Value = serde_json::from_slice(&body.body).expect("the batcher sends JSON");
             let instances = v["instances"].as_array().cloned().unwrap_or_default();
             self.calls
                 .lock()
@@ -72,7 +72,7 @@ impl Execute for FakeExecutor {
             if let Some(gate) = &self.gate {
                 gate.acquire().await.expect("gate open").forget();
             }
-            let reply = |status, v: Value| Ok((status, Bytes::from(v.to_string())));
+            let reply = |status, v: Value| Ok((status, Payload::json(v.to_string())));
             if path.contains("broken") {
                 return reply(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::Prepared;
 use crate::addr::Upstream;
 use crate::batch::batcher::{BatchError, Batcher, ExecFuture, Execute, Submission};
-use crate::batch::codec::{self, Item, Unqueued};
+use crate::batch::codec::{self, Item, PathModel, Payload, Unqueued};
 use crate::error::{Body, ProxyError, full};
 use crate::executor::oip::HEADER_LENGTH;
 use crate::route::{Route, Variant};
@@ -28,11 +28,13 @@ pub(super) fn queueable(
     body: &Bytes,
 ) -> Result<Option<Item>, String> {
     let path = uri.path();
-    let parsed = if path.starts_with("/v2/models/") && path.ends_with("/infer") {
-        if headers.contains_key(HEADER_LENGTH) {
-            return Ok(None); // Triton binary tensors: forwarded as they are.
-        }
-        codec::parse_v2(body)
+    if headers.contains_key(header::CONTENT_ENCODING) {
+        return Ok(None); // Compressed: forwarded as it is.
+    }
+    let parsed = if let Some(model) = v2_infer_path(path) {
+        let header_len = header_len(headers)
+            .map_err(|()| "Inference-Header-Content-Length must be a byte count".to_string())?;
+        codec::parse_v2_with(body, header_len, model)
     } else if path.starts_with("/v1/models/") && path.ends_with(":predict") {
         codec::parse_v1(body)
     } else {
@@ -43,6 +45,46 @@ pub(super) fn queueable(
         Err(Unqueued::Alone) => Ok(None),
         Err(Unqueued::Bad(msg)) => Err(msg),
     }
+}
+
+/// `Inference-Header-Content-Length`, when present: `Err` when it is not a byte count.
+fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ()> {
+    headers
+        .get(HEADER_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or(())
+        })
+        .transpose()
+}
+
+/// JSON, or (with a header length) Triton's binary form: the headers that say which.
+fn body_type(headers: &mut HeaderMap, header_len: Option<usize>) {
+    let ct = if header_len.is_some() {
+        "application/octet-stream"
+    } else {
+        "application/json"
+    };
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    if let Some(n) = header_len {
+        headers.insert(HEADER_LENGTH, HeaderValue::from(n));
+    }
+}
+
+/// The model (and version) an OIP v2 inference path names:
+/// `/v2/models/{m}[/versions/{v}]/infer`.
+fn v2_infer_path(path: &str) -> Option<PathModel<'_>> {
+    let rest = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
+    let (name, version) = match rest.split_once("/versions/") {
+        Some((n, v)) => (n, Some(v)),
+        None => (rest, None),
+    };
+    (!name.is_empty() && !name.contains('/')).then_some(PathModel {
+        name: Some(name),
+        version,
+    })
 }
 
 /// Queues `item` on the variant's batcher and waits for its rows.
@@ -73,12 +115,9 @@ pub(super) async fn submit(
         })
         .await;
     match reply {
-        Ok(body) => {
-            let mut resp = Response::new(full(body));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+        Ok(reply) => {
+            let mut resp = Response::new(full(reply.body));
+            body_type(resp.headers_mut(), reply.header_len);
             Ok(resp)
         }
         Err(e) => ProxyError::from_batch(&variant.name, &variant.upstream.authority, e),
@@ -89,7 +128,7 @@ pub(super) async fn submit(
 pub struct HttpExecutor(pub Upstreams);
 
 impl Execute for HttpExecutor {
-    fn execute<'a>(&'a self, up: &'a Upstream, path: &'a str, body: Bytes) -> ExecFuture<'a> {
+    fn execute<'a>(&'a self, up: &'a Upstream, path: &'a str, body: Payload) -> ExecFuture<'a> {
         Box::pin(async move {
             let uri = Uri::builder()
                 .scheme(up.scheme.clone())
@@ -97,13 +136,10 @@ impl Execute for HttpExecutor {
                 .path_and_query(path)
                 .build()
                 .map_err(|e| BatchError::BadReply(format!("bad executor path: {e}")))?;
-            let mut req = Request::new(Full::new(body));
+            let mut req = Request::new(Full::new(body.body));
             *req.method_mut() = Method::POST;
             *req.uri_mut() = uri;
-            req.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            body_type(req.headers_mut(), body.header_len);
             // No reply at all (refused, reset, killed mid-batch) is unavailability (503,
             // retry later); a reply we cannot trust is a bad gateway (502).
             let resp = self
@@ -112,12 +148,15 @@ impl Execute for HttpExecutor {
                 .await
                 .map_err(|e| BatchError::Unreachable(e.to_string()))?;
             let status: StatusCode = resp.status();
+            let header_len = header_len(resp.headers()).map_err(|()| {
+                BatchError::BadReply(format!("executor sent a bad {HEADER_LENGTH}"))
+            })?;
             let body = Limited::new(resp.into_body(), MAX_REPLY_BYTES)
                 .collect()
                 .await
                 .map_err(|e| BatchError::BadReply(format!("reading executor reply: {e}")))?
                 .to_bytes();
-            Ok((status, body))
+            Ok((status, Payload { body, header_len }))
         })
     }
 }

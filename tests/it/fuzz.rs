@@ -56,7 +56,7 @@ fn the_oip_corpus_gives_the_expected_verdicts() {
         match name.split('-').next().unwrap() {
             "ok" => {
                 let item = got.unwrap_or_else(|e| panic!("{name}: {e:?}"));
-                let merged = codec::merge(&[&item], None);
+                let merged = codec::merge(&[&item], None).body;
                 let again = codec::parse_v2(&merged).unwrap();
                 assert_eq!((again.rows, &again.key), (item.rows, &item.key), "{name}");
             }
@@ -224,7 +224,7 @@ proptest! {
             })
             .collect();
         let refs: Vec<&codec::Item> = items.iter().collect();
-        let merged: Value = serde_json::from_slice(&codec::merge(&refs, None)).unwrap();
+        let merged: Value = serde_json::from_slice(&codec::merge(&refs, None).body).unwrap();
         let mut flat = merged["inputs"][0]["data"].as_array().unwrap().clone();
         let total: usize = sizes.iter().sum();
         if cut {
