@@ -59,7 +59,7 @@ fn codec_bench(c: &mut Criterion) {
         name: "braid_row_id",
         first: 1000,
     };
-    let merged_ids = codec::merge(&refs, Some(ids));
+    let merged_ids = codec::merge(&refs, Some(ids)).body;
     let answer_ids = reply(&merged_ids, true);
     g.bench_function("split with row ids", |b| {
         b.iter(|| codec::split(black_box(&refs), black_box(&answer_ids), Some(ids)).unwrap())
