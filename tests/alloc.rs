@@ -134,7 +134,7 @@ fn allocation_follows_the_body_not_its_claims() {
             ] {
                 let bytes = allocated_by(|| {
                     let _ = braid::executor::oip::decode(b, h);
-                    let _ = braid::batch::codec::parse_v2(b);
+                    let _ = braid::batch::codec::parse_v2_with(b, h, Default::default());
                 });
                 prop_assert!(
                     bytes <= 2 * oip_bound(b.len()),

@@ -199,6 +199,9 @@ proptest! {
         body.extend_from_slice(b"abc");
         let _ = braid::executor::oip::decode(&body, Some(header.len()));
         let _ = braid::executor::oip::decode(&body, Some(header_cut));
+        // The proxy's binary-extension parser, on the same lies.
+        let _ = codec::parse_v2_with(&body, Some(header.len()), Default::default());
+        let _ = codec::parse_v2_with(&body, Some(header_cut), Default::default());
     }
 
     /// Requests of random sizes merged into one batch: an executor that answers each

@@ -7,6 +7,7 @@ mod support;
 mod admin;
 mod batching;
 mod check;
+mod clients;
 mod configmap;
 mod demo;
 mod docs;

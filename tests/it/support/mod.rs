@@ -875,3 +875,54 @@ pub fn batching_config(exec: SocketAddr, batching: &str) -> String {
         "executor: http://{exec}\nroutes:\n  - model: m\n    variants: [{{ name: local, backend: local }}]\n    batching: {batching}\n    timeout: 10s\n"
     )
 }
+
+// === the official Python clients (tests/python) ===
+
+/// The interpreter of a virtual environment holding the pinned official clients of
+/// `tests/python/requirements.txt`, made once (by `tests/python/install`) under the
+/// target directory and reused.
+pub fn python_clients() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let venv = root.join("target").join("py-clients");
+            let out = std::process::Command::new(root.join("tests/python/install"))
+                .arg(&venv)
+                .output()
+                .expect("run tests/python/install");
+            assert!(
+                out.status.success(),
+                "tests/python/install failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+        .clone()
+}
+
+/// Runs `tests/python/SCRIPT ARGS` with the clients' interpreter, off the async
+/// runtime; its last stdout line is JSON. Panics with its stderr when it fails.
+pub async fn run_python_client(script: &str, args: Vec<String>) -> serde_json::Value {
+    let python = python_clients();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("run the python client")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("client printed no JSON ({e}): {stdout}"))
+}
