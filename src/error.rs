@@ -46,6 +46,10 @@ pub enum ProxyError {
     Timeout { backend: String, after: Duration },
     #[error("variant {variant} is overloaded: its batch queue is full")]
     QueueFull { variant: String },
+    #[error(
+        "variant {variant}'s batch queue is full and a higher-priority request took this one's place"
+    )]
+    Preempted { variant: String },
     #[error("the request's deadline passed before it could be answered")]
     DeadlinePassed,
     #[error("braid is at its limit of requests in flight; retry shortly")]
@@ -85,6 +89,8 @@ impl SendError {
 pub enum BatchError {
     /// The queue was full: 429 with Retry-After.
     QueueFull,
+    /// Displaced from a full queue by a higher priority class: 503 with Retry-After.
+    Preempted,
     /// Its deadline passed before or during execution: 504.
     Expired,
     /// Its own failure, isolated by bisection: the executor's status and body, passed on.
@@ -124,6 +130,9 @@ impl ProxyError {
                 variant: variant.to_string(),
             },
             BatchError::Expired => ProxyError::DeadlinePassed,
+            BatchError::Preempted => ProxyError::Preempted {
+                variant: variant.to_string(),
+            },
             BatchError::BadReply(reason) => ProxyError::Upstream {
                 backend: backend.to_string(),
                 reason,
@@ -137,9 +146,10 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoConfig | ProxyError::Connect { .. } | ProxyError::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoConfig
+            | ProxyError::Connect { .. }
+            | ProxyError::Overloaded
+            | ProxyError::Preempted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::UnknownVariant { .. }
             | ProxyError::BadRequest(_)
@@ -160,6 +170,7 @@ impl ProxyError {
             ProxyError::NoConfig
                 | ProxyError::Connect { .. }
                 | ProxyError::QueueFull { .. }
+                | ProxyError::Preempted { .. }
                 | ProxyError::Overloaded
                 | ProxyError::RouteBusy { .. }
         )
@@ -179,6 +190,7 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::QueueFull { .. } => "queue_full",
+            ProxyError::Preempted { .. } => "preempted",
             ProxyError::DeadlinePassed => "deadline",
             ProxyError::Overloaded => "overloaded",
             ProxyError::RouteBusy { .. } => "route_busy",

@@ -54,6 +54,22 @@ pub struct FlushLabels {
     pub reason: &'static str,
 }
 
+/// A batch queue's series, per priority class (`default` on routes without classes).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PriorityLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+    pub priority: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+    pub priority: Arc<str>,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub route: Arc<str>,
@@ -95,11 +111,11 @@ pub struct Metrics {
     generation: Gauge,
     inflight: Gauge,
     batch_size: HistogramFamily<VariantLabels>,
-    batch_queue: HistogramFamily<VariantLabels>,
+    batch_queue: HistogramFamily<PriorityLabels>,
     batch_exec: HistogramFamily<VariantLabels>,
     batch_flushes: Family<FlushLabels, Counter>,
-    batch_dropped: Family<FlushLabels, Counter>,
-    queue_depth: Family<VariantLabels, Gauge>,
+    batch_dropped: Family<DropLabels, Counter>,
+    queue_depth: Family<PriorityLabels, Gauge>,
     retries: Family<OutcomeLabels, Counter>,
     ejections: Family<VariantLabels, Counter>,
     ejected: Family<VariantLabels, Gauge>,
@@ -151,33 +167,40 @@ impl HealthMetrics {
 pub struct BatchMetrics {
     labels: VariantLabels,
     size: Histogram,
-    queue: Histogram,
+    queue: HistogramFamily<PriorityLabels>,
     exec: Histogram,
-    depth: Gauge,
+    depth: Family<PriorityLabels, Gauge>,
     flushes: Family<FlushLabels, Counter>,
-    dropped: Family<FlushLabels, Counter>,
+    dropped: Family<DropLabels, Counter>,
 }
 
 impl BatchMetrics {
-    fn reason(&self, reason: &'static str) -> FlushLabels {
-        FlushLabels {
+    fn class(&self, priority: &str) -> PriorityLabels {
+        PriorityLabels {
             route: self.labels.route.clone(),
             variant: self.labels.variant.clone(),
-            reason,
+            priority: priority.into(),
         }
     }
 
-    /// A batch left the queue: its reason, rows, and each item's wait.
-    pub fn flushed(
+    /// A batch left the queue: its reason, rows, and each item's class and wait.
+    pub fn flushed<'a>(
         &self,
         reason: &'static str,
         rows: usize,
-        waits: impl Iterator<Item = Duration>,
+        waits: impl Iterator<Item = (&'a str, Duration)>,
     ) {
-        self.flushes.get_or_create(&self.reason(reason)).inc();
+        let labels = FlushLabels {
+            route: self.labels.route.clone(),
+            variant: self.labels.variant.clone(),
+            reason,
+        };
+        self.flushes.get_or_create(&labels).inc();
         self.size.observe(rows as f64);
-        for w in waits {
-            self.queue.observe(w.as_secs_f64());
+        for (priority, w) in waits {
+            self.queue
+                .get_or_create(&self.class(priority))
+                .observe(w.as_secs_f64());
         }
     }
 
@@ -185,13 +208,22 @@ impl BatchMetrics {
         self.exec.observe(took.as_secs_f64());
     }
 
-    /// An item left without being sent: `queue_full`, `deadline` or `cancelled`.
-    pub fn dropped(&self, reason: &'static str) {
-        self.dropped.get_or_create(&self.reason(reason)).inc();
+    /// An item left without being sent: `queue_full`, `deadline`, `cancelled`, or
+    /// `preempted` (displaced by a higher class).
+    pub fn dropped(&self, reason: &'static str, priority: &str) {
+        let labels = DropLabels {
+            route: self.labels.route.clone(),
+            variant: self.labels.variant.clone(),
+            priority: priority.into(),
+            reason,
+        };
+        self.dropped.get_or_create(&labels).inc();
     }
 
-    pub fn depth(&self, n: usize) {
-        self.depth.set(n as i64);
+    pub fn depth(&self, priority: &str, n: usize) {
+        self.depth
+            .get_or_create(&self.class(priority))
+            .set(n as i64);
     }
 }
 
@@ -240,7 +272,7 @@ impl Metrics {
             "Rows per batch sent to the executor",
             Family::new_with_constructor(batch_histogram),
         );
-        let batch_queue: HistogramFamily<VariantLabels> = register(
+        let batch_queue: HistogramFamily<PriorityLabels> = register(
             &mut registry,
             "braid_batch_queue_seconds",
             "Time a request waited in the batch queue (apart from execution)",
@@ -262,13 +294,13 @@ impl Metrics {
             &mut registry,
             "braid_batch_dropped",
             "Requests that left the batch queue unsent (queue_full, deadline, cancelled)",
-            Family::<FlushLabels, Counter>::default(),
+            Family::<DropLabels, Counter>::default(),
         );
         let queue_depth = register(
             &mut registry,
             "braid_queue_depth",
             "Requests waiting in the batch queue",
-            Family::<VariantLabels, Gauge>::default(),
+            Family::<PriorityLabels, Gauge>::default(),
         );
         let retries = register(
             &mut registry,
@@ -336,9 +368,9 @@ impl Metrics {
         };
         BatchMetrics {
             size: self.batch_size.get_or_create_owned(&labels),
-            queue: self.batch_queue.get_or_create_owned(&labels),
+            queue: self.batch_queue.clone(),
             exec: self.batch_exec.get_or_create_owned(&labels),
-            depth: self.queue_depth.get_or_create_owned(&labels),
+            depth: self.queue_depth.clone(),
             flushes: self.batch_flushes.clone(),
             dropped: self.batch_dropped.clone(),
             labels,

@@ -56,6 +56,8 @@ pub struct Submission {
     pub queue_deadline: Option<Instant>,
     /// `batching.row_id`: the tensor the executor must echo (v2 only).
     pub row_id: Option<Arc<str>>,
+    /// Priority class (index into the limits' classes; 0 on a route without them).
+    pub class: usize,
 }
 
 // Nearly every message is a submission: boxing it would cost an allocation per request.
@@ -130,11 +132,11 @@ async fn run(
     loop {
         let now = Instant::now();
         for e in q.expire(now.into_std()) {
-            m.dropped("deadline");
+            m.dropped("deadline", q.limits.class_name(e.class));
             let _ = e.payload.reply.send(Err(BatchError::Expired));
         }
-        for _ in q.take_where(|e| e.payload.reply.is_closed()) {
-            m.dropped("cancelled");
+        for e in q.take_where(|e| e.payload.reply.is_closed()) {
+            m.dropped("cancelled", q.limits.class_name(e.class));
         }
         let wake = loop {
             match q.next(now.into_std(), inflight.len()) {
@@ -144,21 +146,27 @@ async fn run(
                     let (batch, gone): (Vec<_>, Vec<_>) = batch
                         .into_iter()
                         .partition(|e| !e.payload.reply.is_closed());
-                    gone.iter().for_each(|_| m.dropped("cancelled"));
+                    for e in &gone {
+                        m.dropped("cancelled", q.limits.class_name(e.class));
+                    }
                     if batch.is_empty() {
                         continue;
                     }
                     m.flushed(
                         reason.label(),
                         batch.iter().map(|e| e.rows).sum(),
-                        batch.iter().map(|e| now.into_std() - e.enqueued),
+                        batch
+                            .iter()
+                            .map(|e| (q.limits.class_name(e.class), now.into_std() - e.enqueued)),
                     );
                     inflight.spawn(dispatch(batch, executor.clone(), m.clone()));
                 }
                 Next::WaitUntil(w) => break w,
             }
         };
-        m.depth(q.len());
+        for c in 0..q.limits.classes.len().max(1) {
+            m.depth(q.limits.class_name(c), q.len_of(c));
+        }
         if !open && q.is_empty() && inflight.is_empty() {
             return;
         }
@@ -181,13 +189,21 @@ async fn run(
                             s.item.key
                         ),
                         rows: s.item.rows,
+                        class: s.class,
                         enqueued: now.into_std(),
                         deadline: [s.deadline, s.queue_deadline].into_iter().flatten().min().map(Instant::into_std),
                         payload: Pending { item: s.item, upstream: s.upstream, path: s.path, deadline: s.deadline, row_id: s.row_id, reply },
                     };
-                    if let Err(e) = q.push(entry) {
-                        m.dropped("queue_full");
-                        let _ = e.payload.reply.send(Err(BatchError::QueueFull));
+                    match q.push(entry) {
+                        Ok(None) => {}
+                        Ok(Some(shed)) => {
+                            m.dropped("preempted", q.limits.class_name(shed.class));
+                            let _ = shed.payload.reply.send(Err(BatchError::Preempted));
+                        }
+                        Err(e) => {
+                            m.dropped("queue_full", q.limits.class_name(e.class));
+                            let _ = e.payload.reply.send(Err(BatchError::QueueFull));
+                        }
                     }
                 }
             },
@@ -306,6 +322,8 @@ mod tests {
             max_queue: 16,
             queue_timeout: None,
             max_inflight: 1,
+            classes: Arc::from([]),
+            default_class: 0,
         }
     }
 
@@ -327,6 +345,7 @@ mod tests {
             deadline,
             queue_deadline: None,
             row_id: None,
+            class: 0,
         }
     }
 
@@ -443,5 +462,59 @@ mod tests {
         gate.add_permits(1);
         assert_eq!(prediction(&pending.await.unwrap()), "held");
         stopped.await;
+    }
+
+    /// With the executor busy and the queue full of low-priority work, a high-priority
+    /// arrival displaces the newest low request (503, preempted), seeds the very next
+    /// batch, and the batch is filled with the oldest low requests.
+    #[tokio::test(start_paused = true)]
+    async fn a_high_priority_request_goes_in_the_next_batch_and_sheds_low_work() {
+        use crate::batch::queue::ClassLimits;
+        let class = |name: &str, sheddable| ClassLimits {
+            name: name.into(),
+            max_queue: 6,
+            queue_timeout: None,
+            sheddable,
+        };
+        let l = BatchLimits {
+            max_batch_size: 4,
+            max_queue: 6,
+            classes: Arc::from([class("high", false), class("low", true)]),
+            default_class: 1,
+            ..limits(0)
+        };
+        let (exec, gate) = FakeExecutor::gated();
+        let b = spawn(l, exec.clone());
+        let send = |name: String, class: usize| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let mut s = submission(&name, None);
+                s.class = class;
+                b.submit(s).await
+            })
+        };
+        let first = send("first".into(), 1);
+        exec.wait_calls(1).await;
+        let lows: Vec<_> = (0..6).map(|i| send(format!("low{i}"), 1)).collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let high = send("high".into(), 0);
+        // The newest low request is shed at once, before any batch runs.
+        let mut waiting = lows;
+        let shed = waiting.pop().unwrap().await.unwrap();
+        assert!(matches!(shed, Err(BatchError::Preempted)), "{shed:?}");
+        gate.add_permits(1);
+        assert_eq!(prediction(&first.await.unwrap()), "first");
+        // The next batch: high first, backfilled with the three oldest lows.
+        exec.wait_calls(2).await;
+        gate.add_permits(1);
+        assert_eq!(prediction(&high.await.unwrap()), "high");
+        for (i, w) in waiting.drain(..3).enumerate() {
+            assert_eq!(prediction(&w.await.unwrap()), format!("low{i}"));
+        }
+        gate.add_permits(1);
+        for (i, w) in waiting.into_iter().enumerate() {
+            assert_eq!(prediction(&w.await.unwrap()), format!("low{}", i + 3));
+        }
+        assert_eq!(exec.batches(), vec![1, 4, 2]);
     }
 }

@@ -29,6 +29,9 @@ pub struct Item {
     pub rows: usize,
     /// The request's `id`, restored on its share of the reply.
     pub id: Option<Value>,
+    /// Triton's `parameters.priority` (1 is the highest; 0 or absent: the default).
+    /// Used by braid to pick a priority class, not sent on (a batch has one).
+    pub priority: Option<u64>,
     inputs: Vec<Input>,
     /// Request-level `parameters` and requested `outputs`, identical across a batch
     /// (part of the key), without the binary-form flags, which are per request.
@@ -297,12 +300,18 @@ pub fn parse_v2_with(
     // parameters is part of the key.
     let mut parameters = obj.get("parameters").cloned().filter(|p| !p.is_null());
     let mut binary_default = false;
-    if let Some(Value::Object(p)) = &mut parameters
-        && let Some(flag) = p.remove("binary_data_output")
-    {
-        binary_default = flag
-            .as_bool()
-            .ok_or_else(|| Unqueued::Bad("binary_data_output must be true or false".into()))?;
+    let mut priority = None;
+    if let Some(Value::Object(p)) = &mut parameters {
+        if let Some(flag) = p.remove("binary_data_output") {
+            binary_default = flag
+                .as_bool()
+                .ok_or_else(|| Unqueued::Bad("binary_data_output must be true or false".into()))?;
+        }
+        if let Some(level) = p.remove("priority") {
+            priority = Some(level.as_u64().ok_or_else(|| {
+                Unqueued::Bad("parameters.priority must be a non-negative integer".into())
+            })?);
+        }
         if p.is_empty() {
             parameters = None;
         }
@@ -350,6 +359,7 @@ pub fn parse_v2_with(
         key,
         rows: rows.unwrap_or(0),
         id: obj.get("id").cloned(),
+        priority: priority.filter(|&p| p > 0),
         inputs,
         parameters,
         outputs,
@@ -380,6 +390,7 @@ pub fn parse_v1(body: &[u8]) -> Result<Item, Unqueued> {
         key: "v1".into(),
         rows: instances.len(),
         id: None,
+        priority: None,
         inputs: Vec::new(),
         parameters: None,
         outputs: None,

@@ -5,28 +5,57 @@
 //! - work-conserving: with a free executor slot, what is queued goes at once (or after
 //!   `max_delay`, if set, to gather more); while every slot is busy the queue grows,
 //!   so light load pays no waiting tax and heavy load forms big batches;
-//! - a batch is the oldest item plus later items with the same merge key, in arrival
-//!   order, up to `max_batch_size` rows;
+//! - a batch is seeded by the oldest item of the highest non-empty priority class, and
+//!   filled with items of the same merge key from that class, then from lower classes
+//!   (backfill), each in arrival order, up to `max_batch_size` rows;
+//! - a full queue takes a higher-class arrival by displacing the newest item of a lower,
+//!   sheddable class (answered 503 as `preempted`); each class also has its own cap;
 //! - items past their deadline are taken out before a batch forms (answered 504), and
 //!   so are items whose caller has gone (never sent).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Batching limits for one variant (from the route's `batching` block).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchLimits {
     pub max_batch_size: usize,
     pub max_delay: Option<Duration>,
     pub max_queue: usize,
     pub queue_timeout: Option<Duration>,
     pub max_inflight: usize,
+    /// Priority classes, highest first (`batching.priorities`); empty: one class.
+    pub classes: Arc<[ClassLimits]>,
+    /// The class of a request that names none (`batching.default_priority`).
+    pub default_class: usize,
+}
+
+/// One priority class of a route's batch queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassLimits {
+    pub name: Arc<str>,
+    /// Requests of this class queued at once; more get 429.
+    pub max_queue: usize,
+    /// How long a request of this class may wait (instead of the route's).
+    pub queue_timeout: Option<Duration>,
+    /// Whether a higher class's arrival may displace it from a full queue.
+    pub sheddable: bool,
+}
+
+impl BatchLimits {
+    /// The name of class `c` for metrics: `default` on a route without classes.
+    pub fn class_name(&self, c: usize) -> &str {
+        self.classes.get(c).map_or("default", |k| &k.name)
+    }
 }
 
 #[derive(Debug)]
 pub struct Entry<T> {
     pub key: String,
     pub rows: usize,
+    /// Priority class (0 is the highest).
+    pub class: usize,
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
     pub payload: T,
@@ -86,13 +115,43 @@ impl<T> Queue<T> {
         self.entries.is_empty()
     }
 
-    /// Queues an item, or hands it back when the queue is full (answer 429).
-    pub fn push(&mut self, e: Entry<T>) -> Result<(), Entry<T>> {
-        if self.entries.len() >= self.limits.max_queue {
+    /// Requests queued in class `c`.
+    pub fn len_of(&self, c: usize) -> usize {
+        self.entries.iter().filter(|e| e.class == c).count()
+    }
+
+    /// Queues an item. When the queue is full, an item of a higher class displaces the
+    /// newest queued item of a lower, sheddable class, which is handed back as
+    /// `Ok(Some(..))` (answer 503); otherwise the item itself is handed back as `Err`
+    /// (answer 429), as it is when its own class is at its cap.
+    pub fn push(&mut self, e: Entry<T>) -> Result<Option<Entry<T>>, Entry<T>> {
+        if let Some(class) = self.limits.classes.get(e.class)
+            && self.len_of(e.class) >= class.max_queue
+        {
             return Err(e);
         }
-        self.entries.push_back(e);
-        Ok(())
+        if self.entries.len() < self.limits.max_queue {
+            self.entries.push_back(e);
+            return Ok(None);
+        }
+        let classes = &self.limits.classes;
+        let victim = self
+            .entries
+            .iter()
+            .rposition(|q| q.class > e.class && classes.get(q.class).is_some_and(|c| c.sheddable));
+        match victim.and_then(|i| self.entries.remove(i)) {
+            Some(shed) => {
+                self.entries.push_back(e);
+                Ok(Some(shed))
+            }
+            None => Err(e),
+        }
+    }
+
+    /// The item a batch starts from: the oldest of the highest non-empty class.
+    fn seed(&self) -> Option<&Entry<T>> {
+        let best = self.entries.iter().map(|e| e.class).min()?;
+        self.entries.iter().find(|e| e.class == best)
     }
 
     /// Takes out every item whose deadline has passed.
@@ -120,9 +179,9 @@ impl<T> Queue<T> {
         self.entries.iter().filter_map(|e| e.deadline).min()
     }
 
-    /// Rows queued with the oldest item's key, and the earliest deadline among them.
+    /// Rows queued with the seed's key, and the earliest deadline among them.
     fn head_group(&self) -> Option<(usize, Option<Instant>, Instant)> {
-        let head = self.entries.front()?;
+        let head = self.seed()?;
         let mut rows = 0;
         let mut deadline: Option<Instant> = None;
         for e in self.entries.iter().filter(|e| e.key == head.key) {
@@ -160,26 +219,34 @@ impl<T> Queue<T> {
         Next::WaitUntil(Some(due))
     }
 
-    /// Takes the next batch: the oldest item and later items with its key, in order,
-    /// up to `max_batch_size` rows (an item larger than that goes alone).
+    /// Takes the next batch: the seed, then items with its key from the seed's class
+    /// and then lower classes, each in arrival order, up to `max_batch_size` rows (an
+    /// item larger than that goes alone).
     pub fn take_batch(&mut self) -> Vec<Entry<T>> {
-        let Some(head) = self.entries.front() else {
+        let Some(seed) = self.seed() else {
             return Vec::new();
         };
-        let key = head.key.clone();
+        let (key, top) = (seed.key.clone(), seed.class);
+        let mut order: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| self.entries[i].key == key && self.entries[i].class >= top)
+            .collect();
+        order.sort_by_key(|&i| (self.entries[i].class, i));
         let mut rows = 0;
-        let mut batch = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.entries.len());
-        for e in self.entries.drain(..) {
-            let fits = batch.is_empty() || rows + e.rows <= self.limits.max_batch_size;
-            if e.key == key && fits && rows < self.limits.max_batch_size {
+        let mut picked = Vec::new();
+        for i in order {
+            let e = &self.entries[i];
+            let fits = picked.is_empty() || rows + e.rows <= self.limits.max_batch_size;
+            if fits && rows < self.limits.max_batch_size {
                 rows += e.rows;
-                batch.push(e);
-            } else {
-                kept.push_back(e);
+                picked.push(i);
             }
         }
-        self.entries = kept;
+        let mut all: Vec<Option<Entry<T>>> = self.entries.drain(..).map(Some).collect();
+        let batch = picked
+            .iter()
+            .map(|&i| all[i].take().expect("each item is picked once"))
+            .collect();
+        self.entries = all.into_iter().flatten().collect();
         batch
     }
 }
@@ -195,6 +262,8 @@ mod tests {
             max_queue: 8,
             queue_timeout: None,
             max_inflight: 1,
+            classes: Arc::from([]),
+            default_class: 0,
         }
     }
 
@@ -202,6 +271,7 @@ mod tests {
         Entry {
             key: key.into(),
             rows,
+            class: 0,
             enqueued: at,
             deadline: deadline_ms.map(|d| at + Duration::from_millis(d)),
             payload: 0,
@@ -282,5 +352,96 @@ mod tests {
         assert!(q.push(entry("k", 1, t, None)).is_err());
         let expired = q.expire(t + Duration::from_millis(5));
         assert_eq!((expired.len(), q.len()), (4, 4));
+    }
+
+    fn classes(max_queue: usize, sheddable_low: bool) -> BatchLimits {
+        let class = |name: &str, sheddable| ClassLimits {
+            name: name.into(),
+            max_queue: 64,
+            queue_timeout: None,
+            sheddable,
+        };
+        BatchLimits {
+            max_queue,
+            classes: Arc::from([class("high", false), class("low", sheddable_low)]),
+            ..limits(None)
+        }
+    }
+
+    fn in_class(class: usize, id: u32, at: Instant) -> Entry<u32> {
+        Entry {
+            class,
+            payload: id,
+            ..entry("k", 1, at, None)
+        }
+    }
+
+    fn ids(batch: Vec<Entry<u32>>) -> Vec<u32> {
+        batch.into_iter().map(|e| e.payload).collect()
+    }
+
+    #[test]
+    fn the_highest_class_seeds_each_batch_and_lower_classes_fill_it() {
+        let t = Instant::now();
+        let mut q = Queue::new(classes(16, true));
+        for id in 0..6 {
+            q.push(in_class(1, id, t)).unwrap();
+        }
+        let later = t + Duration::from_millis(1);
+        q.push(in_class(0, 100, later)).unwrap();
+        q.push(in_class(0, 101, later)).unwrap();
+        // Two high first (their own order), then the oldest low ones (backfill).
+        assert_eq!(ids(q.take_batch()), vec![100, 101, 0, 1]);
+        assert_eq!(ids(q.take_batch()), vec![2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_low_class_burst_delays_a_high_request_by_at_most_one_batch() {
+        let t = Instant::now();
+        let mut q = Queue::new(classes(64, true));
+        for id in 0..40 {
+            q.push(in_class(1, id, t)).unwrap();
+        }
+        assert_eq!(ids(q.take_batch()), vec![0, 1, 2, 3]); // in flight
+        q.push(in_class(0, 100, t + Duration::from_millis(1)))
+            .unwrap();
+        assert_eq!(ids(q.take_batch())[0], 100);
+    }
+
+    #[test]
+    fn a_full_queue_sheds_the_newest_sheddable_lower_request_for_a_higher_one() {
+        let t = Instant::now();
+        let mut q = Queue::new(classes(3, true));
+        for id in 0..3 {
+            q.push(in_class(1, id, t)).unwrap();
+        }
+        // A low arrival finds the queue full: refused (429).
+        assert_eq!(q.push(in_class(1, 9, t)).unwrap_err().payload, 9);
+        // A high one displaces the newest low request (503, preempted).
+        let shed = q.push(in_class(0, 100, t)).unwrap().expect("one is shed");
+        assert_eq!(shed.payload, 2);
+        assert_eq!((q.len(), q.len_of(0), q.len_of(1)), (3, 1, 2));
+        // A class that may not be shed is never displaced.
+        let mut q = Queue::new(classes(2, false));
+        q.push(in_class(1, 0, t)).unwrap();
+        q.push(in_class(1, 1, t)).unwrap();
+        assert_eq!(q.push(in_class(0, 100, t)).unwrap_err().payload, 100);
+        // Nor is a class displaced by its own kind.
+        let mut q = Queue::new(classes(1, true));
+        q.push(in_class(0, 0, t)).unwrap();
+        assert!(q.push(in_class(0, 1, t)).is_err());
+    }
+
+    #[test]
+    fn each_class_has_its_own_cap() {
+        let t = Instant::now();
+        let mut limits = classes(16, true);
+        let mut capped = limits.classes.to_vec();
+        capped[0].max_queue = 1;
+        limits.classes = Arc::from(capped);
+        let mut q = Queue::new(limits);
+        q.push(in_class(0, 0, t)).unwrap();
+        assert!(q.push(in_class(0, 1, t)).is_err());
+        assert!(q.push(in_class(1, 2, t)).unwrap().is_none());
     }
 }

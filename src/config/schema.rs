@@ -77,6 +77,18 @@ pub struct Batching {
     pub max_inflight: u64,
     /// Name of the row-id tensor the executor echoes (see `batch::codec`).
     pub row_id: Option<String>,
+    /// Priority classes, highest first; empty: one class.
+    pub priorities: Vec<PriorityClass>,
+    /// Index into `priorities` of the class a request that names none gets.
+    pub default_priority: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PriorityClass {
+    pub name: String,
+    pub max_queue: Option<u64>,
+    pub queue_timeout: Option<Duration>,
+    pub sheddable: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -186,7 +198,14 @@ fn upstream_tls(
 }
 
 fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
-    let mut obj = Obj::new(node, path, errs)?;
+    let mut obj = Obj::new(node, path.clone(), errs)?;
+    let priorities: Vec<PriorityClass> = obj
+        .opt("priorities", |n, p, e| seq(n, p, e, priority_class))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, c)| c)
+        .collect();
+    let default_priority = obj.opt("default_priority", name);
     let b = Batching {
         max_batch_size: obj.opt("max_batch_size", positive_int).unwrap_or(32),
         max_delay: obj.opt("max_delay", duration),
@@ -194,6 +213,8 @@ fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
         queue_timeout: obj.opt("queue_timeout", duration),
         max_inflight: obj.opt("max_inflight", positive_int).unwrap_or(1),
         row_id: obj.opt("row_id", name),
+        priorities,
+        default_priority: 0,
     };
     obj.finish(&[
         "max_batch_size",
@@ -202,8 +223,46 @@ fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
         "queue_timeout",
         "max_inflight",
         "row_id",
+        "priorities",
+        "default_priority",
     ]);
+    let mut b = b;
+    for (i, c) in b.priorities.iter().enumerate() {
+        if b.priorities[..i].iter().any(|o| o.name == c.name) {
+            errs.push::<()>(
+                format!("{path}.priorities[{i}].name"),
+                format!("priority class {:?} is defined twice", c.name),
+            );
+        }
+    }
+    if let Some(d) = default_priority {
+        match b.priorities.iter().position(|c| c.name == d) {
+            Some(i) => b.default_priority = i,
+            None => {
+                let known: Vec<&str> = b.priorities.iter().map(|c| c.name.as_str()).collect();
+                errs.push::<()>(
+                    format!("{path}.default_priority"),
+                    format!("{d:?} is not one of this route's priority classes {known:?}"),
+                );
+            }
+        }
+    }
     Some(b)
+}
+
+fn priority_class(node: &Node, path: String, errs: &mut Errors) -> Option<PriorityClass> {
+    let mut obj = Obj::new(node, path, errs)?;
+    let class_name = obj.req("name", name);
+    let max_queue = obj.opt("max_queue", positive_int);
+    let queue_timeout = obj.opt("queue_timeout", duration);
+    let sheddable = obj.opt("sheddable", boolean).unwrap_or(false);
+    obj.finish(&["name", "max_queue", "queue_timeout", "sheddable"]);
+    Some(PriorityClass {
+        name: class_name?,
+        max_queue,
+        queue_timeout,
+        sheddable,
+    })
 }
 
 fn retry(node: &Node, path: String, errs: &mut Errors) -> Option<RetryPolicy> {

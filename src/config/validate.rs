@@ -11,7 +11,7 @@ use super::ConfigError;
 use super::node::Node;
 use super::schema::{BackendSpec, Document, RouteSpec};
 use crate::addr::{Protocol, Upstream};
-use crate::batch::queue::BatchLimits;
+use crate::batch::queue::{BatchLimits, ClassLimits};
 use crate::route::{Chooser, Route, RouteTable, ShadowRoute, Variant};
 use crate::upstream::TlsPool;
 
@@ -301,6 +301,17 @@ fn compile_route(
             max_queue: b.max_queue as usize,
             queue_timeout: b.queue_timeout,
             max_inflight: b.max_inflight as usize,
+            classes: b
+                .priorities
+                .iter()
+                .map(|c| ClassLimits {
+                    name: c.name.as_str().into(),
+                    max_queue: c.max_queue.unwrap_or(b.max_queue) as usize,
+                    queue_timeout: c.queue_timeout.or(b.queue_timeout),
+                    sheddable: c.sheddable,
+                })
+                .collect(),
+            default_class: b.default_priority,
         }),
         retry: Arc::new(spec.retry.clone().unwrap_or_default()),
         outlier: spec.outlier,

@@ -12,6 +12,7 @@ use super::Prepared;
 use crate::addr::Upstream;
 use crate::batch::batcher::{BatchError, Batcher, ExecFuture, Execute, Submission};
 use crate::batch::codec::{self, Item, PathModel, Payload, Unqueued};
+use crate::batch::queue::BatchLimits;
 use crate::error::{Body, ProxyError, full};
 use crate::executor::oip::HEADER_LENGTH;
 use crate::route::{Route, Variant};
@@ -87,6 +88,40 @@ fn v2_infer_path(path: &str) -> Option<PathModel<'_>> {
     })
 }
 
+/// The header that names a request's priority class on a route with `priorities`.
+pub static X_BRAID_PRIORITY: http::HeaderName = http::HeaderName::from_static("x-braid-priority");
+
+/// The priority class a request asks for: the `x-braid-priority` header (a class name),
+/// else Triton's `parameters.priority` (1 = the first class; past the last, the last),
+/// else the route's default. Routes without classes ignore both.
+fn priority_class(
+    limits: &BatchLimits,
+    headers: &HeaderMap,
+    item: &Item,
+) -> Result<usize, ProxyError> {
+    if limits.classes.is_empty() {
+        return Ok(0);
+    }
+    if let Some(v) = headers.get(&X_BRAID_PRIORITY) {
+        let name = v.to_str().unwrap_or_default().trim();
+        return limits
+            .classes
+            .iter()
+            .position(|c| &*c.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = limits.classes.iter().map(|c| &*c.name).collect();
+                ProxyError::BadRequest(format!(
+                    "unknown priority class {name:?} in x-braid-priority: this route's classes are {}",
+                    known.join(", ")
+                ))
+            });
+    }
+    Ok(match item.priority {
+        Some(level) => (level as usize - 1).min(limits.classes.len() - 1),
+        None => limits.default_class,
+    })
+}
+
 /// Queues `item` on the variant's batcher and waits for its rows.
 pub(super) async fn submit(
     batcher: &Batcher,
@@ -94,6 +129,7 @@ pub(super) async fn submit(
     variant: &Variant,
     item: Item,
     path: PathAndQuery,
+    headers: &HeaderMap,
     prepared: &Prepared,
 ) -> Result<Response<Body>, ProxyError> {
     if let Some(name) = route.row_id.as_deref()
@@ -103,7 +139,13 @@ pub(super) async fn submit(
             "input {name:?} is reserved: this route's batching uses it to check row order"
         )));
     }
-    let queue_timeout = route.batching.and_then(|l| l.queue_timeout);
+    let limits = route.batching.as_ref();
+    let class = limits.map_or(Ok(0), |l| priority_class(l, headers, &item))?;
+    let queue_timeout = limits.and_then(|l| {
+        l.classes
+            .get(class)
+            .map_or(l.queue_timeout, |c| c.queue_timeout)
+    });
     let reply = batcher
         .submit(Submission {
             item,
@@ -112,6 +154,7 @@ pub(super) async fn submit(
             deadline: prepared.deadline,
             queue_deadline: queue_timeout.map(|t| Instant::now() + t),
             row_id: route.row_id.clone(),
+            class,
         })
         .await;
     match reply {
@@ -158,5 +201,53 @@ impl Execute for HttpExecutor {
                 .to_bytes();
             Ok((status, Payload { body, header_len }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::queue::ClassLimits;
+    use std::sync::Arc;
+
+    /// Triton's `parameters.priority` (1 = highest) maps onto the classes in order;
+    /// levels past the last class get the last; none gets the default; the header wins.
+    #[test]
+    fn tritons_priority_parameter_picks_a_class() {
+        let class = |name: &str| ClassLimits {
+            name: name.into(),
+            max_queue: 8,
+            queue_timeout: None,
+            sheddable: false,
+        };
+        let limits = BatchLimits {
+            max_batch_size: 8,
+            max_delay: None,
+            max_queue: 8,
+            queue_timeout: None,
+            max_inflight: 1,
+            classes: Arc::from([class("a"), class("b"), class("c")]),
+            default_class: 1,
+        };
+        let item = |params: serde_json::Value| {
+            let body = serde_json::json!({"inputs": [{"name": "t", "datatype": "BYTES",
+                "shape": [1], "data": ["x"]}], "parameters": params});
+            codec::parse_v2(body.to_string().as_bytes()).unwrap()
+        };
+        let none = HeaderMap::new();
+        let pick = |p, h: &HeaderMap| priority_class(&limits, h, &item(p)).ok();
+        assert_eq!(pick(serde_json::json!({"priority": 1}), &none), Some(0));
+        assert_eq!(pick(serde_json::json!({"priority": 3}), &none), Some(2));
+        assert_eq!(pick(serde_json::json!({"priority": 9}), &none), Some(2));
+        assert_eq!(pick(serde_json::json!({"priority": 0}), &none), Some(1));
+        assert_eq!(pick(serde_json::json!({}), &none), Some(1));
+        let mut header = HeaderMap::new();
+        header.insert(&X_BRAID_PRIORITY, HeaderValue::from_static("c"));
+        assert_eq!(pick(serde_json::json!({"priority": 1}), &header), Some(2));
+        // The priority is braid's to use: it does not split batches.
+        assert_eq!(
+            item(serde_json::json!({"priority": 1})).key,
+            item(serde_json::json!({})).key
+        );
     }
 }

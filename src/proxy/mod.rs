@@ -314,8 +314,16 @@ impl Proxy {
         {
             match batched::queueable(&parts.uri, &parts.headers, &prepared.body) {
                 Ok(Some(item)) => {
-                    let result =
-                        batched::submit(batcher, route, variant, item, path, prepared).await;
+                    let result = batched::submit(
+                        batcher,
+                        route,
+                        variant,
+                        item,
+                        path,
+                        &parts.headers,
+                        prepared,
+                    )
+                    .await;
                     return Served {
                         result,
                         repeatable: route.retry.idempotent,

@@ -218,3 +218,49 @@ async fn a_removed_routes_batcher_answers_what_it_holds_then_stops() {
     let gone = predict(&p, "sentiment", "hi", &[]).await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
 }
+
+const CLASSES: &str = r#"
+executor: http://127.0.0.1:1
+routes:
+  - model: sentiment
+    variants: [{ name: local, backend: local }]
+    batching:
+      max_batch_size: 8
+      max_delay: 2ms
+      priorities:
+        - { name: interactive, queue_timeout: 50ms }
+        - { name: bulk, sheddable: true }
+      default_priority: bulk
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn a_priority_class_is_picked_by_header_and_an_unknown_one_is_a_400() {
+    let p = proxy(CLASSES, Arc::new(FakeExecutor::default()));
+    let a = predict(
+        &p,
+        "sentiment",
+        "hi",
+        &[("x-braid-priority", "interactive")],
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.json["predictions"][0].as_str()),
+        (StatusCode::OK, Some("hi"))
+    );
+    let b = predict(&p, "sentiment", "hi", &[]).await;
+    assert_eq!(b.status, StatusCode::OK);
+    let text = p.metrics.encode();
+    for class in ["interactive", "bulk"] {
+        let series = format!(
+            "braid_batch_queue_seconds_count{{route=\"sentiment\",variant=\"local\",priority=\"{class}\"}} 1"
+        );
+        assert!(text.contains(&series), "{series} missing:\n{text}");
+    }
+    let c = predict(&p, "sentiment", "hi", &[("x-braid-priority", "urgent")]).await;
+    assert_eq!(c.status, StatusCode::BAD_REQUEST);
+    let msg = c.json["error"].as_str().unwrap();
+    assert!(
+        msg.contains("\"urgent\"") && msg.contains("interactive, bulk"),
+        "{msg}"
+    );
+}

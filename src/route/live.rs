@@ -112,10 +112,10 @@ impl Registry {
             let mut variants = Vec::with_capacity(route.variants.len());
             for v in &route.variants {
                 let key = (route.name.clone(), v.name.clone());
-                let batcher = match route.batching {
+                let batcher = match &route.batching {
                     Some(limits) if v.local => {
                         batched_seen.insert(key.clone());
-                        Some(st.batcher(&self.metrics, &self.executor, &key, limits))
+                        Some(st.batcher(&self.metrics, &self.executor, &key, limits.clone()))
                     }
                     _ => None,
                 };

@@ -228,7 +228,7 @@ async fn a_client_that_leaves_before_dispatch_is_never_sent() {
         .await
         .text();
     assert!(
-        m.contains(r#"braid_batch_dropped_total{route="m",variant="local",reason="cancelled"} 1"#),
+        m.contains(r#"braid_batch_dropped_total{route="m",variant="local",priority="default",reason="cancelled"} 1"#),
         "{m}"
     );
     proxy.stop().await;
