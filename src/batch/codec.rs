@@ -490,6 +490,9 @@ pub fn merge(items: &[&Item], row_ids: Option<RowIds>) -> Payload {
         }
     }
     let mut obj = Map::new();
+    // Servers that must echo an id (KServe's ModelServer refuses to answer without
+    // one) get a batch's own; each client's id is restored on its share.
+    obj.insert("id".into(), Value::String(batch_id()));
     obj.insert("inputs".into(), Value::Array(inputs));
     let mut parameters = first.parameters.clone();
     if binary && outputs.is_none() {
@@ -512,6 +515,13 @@ pub fn merge(items: &[&Item], row_ids: Option<RowIds>) -> Payload {
         body: body.into(),
         header_len: Some(header_len),
     }
+}
+
+/// A process-unique id for a merged request: `braid-batch-N`.
+fn batch_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("braid-batch-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A JSON reply body's split, for callers without binary data.

@@ -9,11 +9,7 @@ use crate::support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_http_defaults_are_batched_and_each_client_gets_its_own_rows() {
     let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
-    let cfg = format!(
-        "executor: http://{}\nroutes:\n  - model: m\n    variants: [{{ name: local, backend: local, target_model: tiny }}]\n    batching: {{ max_batch_size: 64, max_delay: 50ms, row_id: braid_row_id }}\n",
-        ex.addr
-    );
-    let proxy = TestProxy::start(&cfg).await;
+    let proxy = TestProxy::start(&batched_route(&ex.addr.to_string(), "tiny", true)).await;
     let clients = 32;
     let report = run_python_client(
         "triton_http_clients.py",
@@ -26,13 +22,32 @@ async fn tritonclient_http_defaults_are_batched_and_each_client_gets_its_own_row
         ],
     )
     .await;
+    assert_own_rows_and_batched(&report, &proxy, clients).await;
+    proxy.stop().await;
+}
+
+/// `route` with one local variant (`target`) behind batching, in front of `executor`.
+fn batched_route(executor: &str, target: &str, row_id: bool) -> String {
+    let row_id = if row_id { ", row_id: braid_row_id" } else { "" };
+    format!(
+        "executor: http://{executor}\nroutes:\n  - model: m\n    variants: [{{ name: local, backend: local, target_model: {target} }}]\n    batching: {{ max_batch_size: 64, max_delay: 50ms{row_id} }}\n"
+    )
+}
+
+/// A client's report (see tests/python) says every request got exactly its own rows;
+/// braid's metrics say they were merged.
+async fn assert_own_rows_and_batched(
+    report: &serde_json::Value,
+    proxy: &TestProxy,
+    clients: usize,
+) {
     assert_eq!(report["errors"], serde_json::json!([]), "{report}");
     assert_eq!(report["answered"], clients, "{report}");
     assert_eq!(report["wrong_rows"], 0, "{report}");
     assert!(report["max_diff"].as_f64().unwrap() < 1e-5, "{report}");
     let labels = "{route=\"m\",variant=\"local\"}";
-    let batches = metric(&proxy, &format!("braid_batch_size_count{labels}")).await;
-    let rows = metric(&proxy, &format!("braid_batch_size_sum{labels}")).await;
+    let batches = metric(proxy, &format!("braid_batch_size_count{labels}")).await;
+    let rows = metric(proxy, &format!("braid_batch_size_sum{labels}")).await;
     assert_eq!(
         rows, clients as f64,
         "every request went through the batcher"
@@ -41,5 +56,50 @@ async fn tritonclient_http_defaults_are_batched_and_each_client_gets_its_own_row
         batches < rows / 2.0,
         "{batches} batches for {rows} rows: requests were not merged"
     );
+}
+
+/// KServe's `InferenceRESTClient` (v2; it puts `model_name` in the body) through braid
+/// to braid's executor: batched, each client's rows and id its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserves_rest_client_is_batched_in_front_of_braids_executor() {
+    let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
+    let proxy = TestProxy::start(&batched_route(&ex.addr.to_string(), "tiny", true)).await;
+    let clients = 32;
+    let report = run_python_client(
+        "kserve_rest_clients.py",
+        vec![
+            format!("http://{}", proxy.addr),
+            "m".into(),
+            format!("http://{}", ex.addr),
+            "tiny".into(),
+            "embedding".into(),
+            clients.to_string(),
+        ],
+    )
+    .await;
+    assert_own_rows_and_batched(&report, &proxy, clients).await;
+    proxy.stop().await;
+}
+
+/// braid in front of a server nobody here wrote: KServe's own `ModelServer` as the
+/// executor, driven by KServe's client. Batches form; rows and ids are each client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserves_model_server_behind_braid_batching_gives_each_client_its_rows() {
+    let server = PythonServer::start("kserve_model_server.py", &["features-model"]).await;
+    let proxy = TestProxy::start(&batched_route(&server.addr, "features-model", false)).await;
+    let clients = 32;
+    let report = run_python_client(
+        "kserve_rest_clients.py",
+        vec![
+            format!("http://{}", proxy.addr),
+            "m".into(),
+            format!("http://{}", server.addr),
+            "features-model".into(),
+            "features".into(),
+            clients.to_string(),
+        ],
+    )
+    .await;
+    assert_own_rows_and_batched(&report, &proxy, clients).await;
     proxy.stop().await;
 }

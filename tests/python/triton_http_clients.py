@@ -65,7 +65,7 @@ def main():
         assert got[i].shape == want[i].shape, (got[i].shape, want[i].shape)
         diffs = [float(np.abs(got[i] - w).max()) for w in want]
         max_diff = max(max_diff, diffs[i])
-        if int(np.argmin(diffs)) != i:
+        if diffs[i] > min(diffs):  # another text's row is closer than its own
             wrong += 1
     print(json.dumps({"clients": n, "answered": sum(g is not None for g in got),
                       "errors": errors, "max_diff": max_diff, "wrong_rows": wrong}))

@@ -926,3 +926,65 @@ pub async fn run_python_client(script: &str, args: Vec<String>) -> serde_json::V
     serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .unwrap_or_else(|e| panic!("client printed no JSON ({e}): {stdout}"))
 }
+
+/// A server written in Python (`tests/python/SCRIPT ARGS`, run with the clients'
+/// interpreter) that prints `listen=ADDR` first. Killed when dropped.
+pub struct PythonServer {
+    child: std::process::Child,
+    pub addr: String,
+}
+
+impl PythonServer {
+    pub async fn start(script: &str, args: &[&str]) -> PythonServer {
+        use std::io::BufRead;
+        let python = python_clients();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/python")
+            .join(script);
+        let mut child = std::process::Command::new(python)
+            .arg(script)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the python server");
+        let stdout = child.stdout.take().unwrap();
+        let addr = tokio::task::spawn_blocking(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            let addr = lines
+                .by_ref()
+                .map_while(Result::ok)
+                .find_map(|l| l.strip_prefix("listen=").map(String::from));
+            // Keep draining so the server never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            addr
+        })
+        .await
+        .unwrap()
+        .expect("the python server never said where it listens");
+        let mut server = PythonServer { child, addr };
+        // Importing a Python serving stack takes seconds; poll its readiness.
+        let url = format!("http://{}/v2/health/ready", server.addr);
+        let c = client();
+        for _ in 0..600 {
+            let req = Request::get(&url).body(Full::new(Bytes::new())).unwrap();
+            if let Ok(r) = c.request(req).await
+                && r.status() == 200
+            {
+                return server;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("the python server exited: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{url} never answered 200");
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,57 @@
+"""Many concurrent KServe InferenceRESTClient (v2) calls through braid, each compared
+with a direct call to the server for the same text. KServe's client puts model_name
+in the request body. Prints one JSON line: what a test checks.
+
+Usage: kserve_rest_clients.py PROXY_URL PROXY_MODEL DIRECT_URL DIRECT_MODEL OUTPUT CLIENTS
+"""
+import asyncio
+import json
+import sys
+
+import numpy as np
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+WORDS = ["good", "bad", "great", "terrible", "film", "movie", "food", "service", "love",
+         "hate", "weather", "lovely", "sunny", "stadium", "review", "poison", "very", "not"]
+
+
+async def infer(client, url, model, text, request_id):
+    inp = InferInput(name="text", shape=[1], datatype="BYTES", data=[text])
+    req = InferRequest(model_name=model, infer_inputs=[inp], request_id=request_id)
+    res = await client.infer(url, req, model_name=model)
+    assert res.id == request_id, (res.id, request_id)
+    return res
+
+
+async def main():
+    proxy, proxy_model, direct, direct_model, output, n = sys.argv[1:7]
+    n = int(n)
+    texts = [f"{WORDS[i % 18]} {WORDS[(i // 18 + 5) % 18]} {WORDS[(i * 5 + 2) % 18]}"
+             for i in range(n)]
+    assert len(set(texts)) == n
+    client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
+    results = await asyncio.gather(
+        *(infer(client, proxy, proxy_model, t, f"req-{i}") for i, t in enumerate(texts)),
+        return_exceptions=True)
+    errors = [f"client {i}: {r!r}" for i, r in enumerate(results) if isinstance(r, Exception)]
+    want = [await infer(client, direct, direct_model, t, f"direct-{i}")
+            for i, t in enumerate(texts)]
+
+    def rows(res):
+        out = next(o for o in res.outputs if o.name == output)
+        return np.asarray(out.as_numpy(), dtype=np.float64).reshape(1, -1)
+
+    max_diff, wrong = 0.0, 0
+    for i, r in enumerate(results):
+        if isinstance(r, Exception):
+            continue
+        diffs = [float(np.abs(rows(r) - rows(w)).max()) for w in want]
+        max_diff = max(max_diff, diffs[i])
+        if diffs[i] > min(diffs):  # another text's row is closer than its own
+            wrong += 1
+    await client.close()
+    print(json.dumps({"clients": n, "answered": n - len(errors), "errors": errors,
+                      "max_diff": max_diff, "wrong_rows": wrong}))
+
+
+asyncio.run(main())
