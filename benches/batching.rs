@@ -88,6 +88,12 @@ impl Point {
 const CONCURRENCY: [usize; 4] = [1, 4, 16, 64];
 
 async fn load(url: String, concurrency: usize, secs: u64) -> Point {
+    load_rows(url, concurrency, 1, secs).await
+}
+
+/// Closed loop: `concurrency` clients, each request carrying `rows` rows; `rps` counts
+/// requests.
+async fn load_rows(url: String, concurrency: usize, rows: usize, secs: u64) -> Point {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(256)
         .build_http();
@@ -100,8 +106,8 @@ async fn load(url: String, concurrency: usize, secs: u64) -> Point {
             let mut i = c;
             while Instant::now() < end {
                 i += 1;
-                let text = TEXTS[i % TEXTS.len()];
-                let body = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}]}).to_string();
+                let texts: Vec<&str> = (0..rows).map(|r| TEXTS[(i + r) % TEXTS.len()]).collect();
+                let body = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [rows], "data": texts}]}).to_string();
                 let req = Request::post(&url).body(Full::new(Bytes::from(body))).unwrap();
                 let t = Instant::now();
                 let resp = client.request(req).await.expect("request");
@@ -165,9 +171,9 @@ async fn scenario(
 ) -> Value {
     println!("\n{name}\n");
     println!(
-        "| concurrency | direct: req/s | off: req/s | off: p50 ms | off: p99 ms | on: req/s | on: p50 ms | on: p99 ms | on/off |"
+        "| concurrency | direct: req/s | off: req/s | off: p50 ms | off: p99 ms | on: req/s | on: p50 ms | on: p99 ms | on/off | executor alone, batches of min(c, 64): rows/s | on / that |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let (mut d_pts, mut off_pts, mut on_pts) = (vec![], vec![], vec![]);
     let levels: Vec<usize> = match arg("--concurrency", String::new()) {
         s if s.is_empty() => CONCURRENCY.to_vec(),
@@ -185,8 +191,13 @@ async fn scenario(
         )
         .await;
         let on = load(format!("http://{}/v2/models/on/infer", proxy.addr), c, secs).await;
+        // What the executor itself does with batches of the size braid forms at this
+        // concurrency (one client sending c-row requests): the ceiling for `on`.
+        let rows = c.min(64);
+        let whole = load_rows(direct.clone(), 1, rows, secs).await;
+        let ceiling = whole.rps * rows as f64;
         println!(
-            "| {c} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2}x |",
+            "| {c} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2}x | {ceiling:.0} | {:.0}% |",
             d.rps,
             off.rps,
             off.p50,
@@ -194,7 +205,8 @@ async fn scenario(
             on.rps,
             on.p50,
             on.p99,
-            on.rps / off.rps
+            on.rps / off.rps,
+            100.0 * on.rps / ceiling
         );
         d_pts.push(d.json(c));
         off_pts.push(off.json(c));

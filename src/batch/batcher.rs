@@ -127,7 +127,7 @@ async fn run(
     executor: Arc<dyn Execute>,
     m: Arc<BatchMetrics>,
 ) {
-    let mut inflight: JoinSet<()> = JoinSet::new();
+    let mut inflight: JoinSet<Duration> = JoinSet::new();
     let mut open = true;
     loop {
         let now = Instant::now();
@@ -207,7 +207,11 @@ async fn run(
                     }
                 }
             },
-            Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+            Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                if let Ok(took) = done {
+                    q.recent_exec = took;
+                }
+            }
             _ = sleep_until(wake), if wake.is_some() => {}
         }
     }
@@ -219,12 +223,19 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn dispatch(batch: Vec<Entry<Pending>>, executor: Arc<dyn Execute>, m: Arc<BatchMetrics>) {
+/// Runs one batch to its end; returns how long that took.
+async fn dispatch(
+    batch: Vec<Entry<Pending>>,
+    executor: Arc<dyn Execute>,
+    m: Arc<BatchMetrics>,
+) -> Duration {
     let deadline = batch.iter().filter_map(|e| e.payload.deadline).min();
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let parts: Vec<Pending> = batch.into_iter().map(|e| e.payload).collect();
     execute(parts, &*executor, deadline).await;
-    m.executed(start.elapsed());
+    let took = start.elapsed();
+    m.executed(took);
+    took
 }
 
 /// Sends one merged request; on a failure that may be one item's fault, bisects.

@@ -5,6 +5,12 @@
 //! - work-conserving: with a free executor slot, what is queued goes at once (or after
 //!   `max_delay`, if set, to gather more); while every slot is busy the queue grows,
 //!   so light load pays no waiting tax and heavy load forms big batches;
+//! - but not blindly: when fewer rows are queued than the last batch carried, the
+//!   batch lingers for the rest while they keep arriving (no gap over `QUIET`), at most
+//!   a quarter of the last batch's execution time and `MAX_LINGER`. Closed-loop clients
+//!   answered by one batch send their next requests within a round trip; sending the
+//!   first of them alone would leave the executor computing a batch of one while the
+//!   others queue behind it, halving the batches;
 //! - a batch is seeded by the oldest item of the highest non-empty priority class, and
 //!   filled with items of the same merge key from that class, then from lower classes
 //!   (backfill), each in arrival order, up to `max_batch_size` rows;
@@ -93,10 +99,21 @@ pub enum Next {
     WaitUntil(Option<Instant>),
 }
 
+/// The longest a batch lingers for the rows the last batch had (see the module doc).
+pub const MAX_LINGER: Duration = Duration::from_millis(5);
+/// Lingering costs at most this fraction of the last batch's execution time.
+const LINGER_FRACTION: u32 = 4;
+/// A lingering batch goes when no request has arrived for this long.
+pub const QUIET: Duration = Duration::from_micros(500);
+
 #[derive(Debug)]
 pub struct Queue<T> {
     entries: VecDeque<Entry<T>>,
     pub limits: BatchLimits,
+    /// Rows of the last batch taken.
+    recent_rows: usize,
+    /// Execution time of the last batch that finished.
+    pub recent_exec: Duration,
 }
 
 impl<T> Queue<T> {
@@ -104,6 +121,8 @@ impl<T> Queue<T> {
         Queue {
             entries: VecDeque::new(),
             limits,
+            recent_rows: 0,
+            recent_exec: Duration::ZERO,
         }
     }
 
@@ -207,6 +226,18 @@ impl<T> Queue<T> {
             return Next::Dispatch(Flush::Full);
         }
         let Some(delay) = self.limits.max_delay else {
+            let linger = (self.recent_exec / LINGER_FRACTION).min(MAX_LINGER);
+            let newest = self
+                .entries
+                .iter()
+                .map(|e| e.enqueued)
+                .max()
+                .unwrap_or(oldest);
+            let due = (oldest + linger).min(newest + QUIET);
+            let expected = self.recent_rows.min(self.limits.max_batch_size);
+            if rows < expected && due > now && !deadline.is_some_and(|d| d <= due) {
+                return Next::WaitUntil(Some(due));
+            }
             return Next::Dispatch(Flush::Idle);
         };
         let due = oldest + delay;
@@ -241,6 +272,7 @@ impl<T> Queue<T> {
                 picked.push(i);
             }
         }
+        self.recent_rows = rows;
         let mut all: Vec<Option<Entry<T>>> = self.entries.drain(..).map(Some).collect();
         let batch = picked
             .iter()
@@ -443,5 +475,58 @@ mod tests {
         q.push(in_class(0, 0, t)).unwrap();
         assert!(q.push(in_class(0, 1, t)).is_err());
         assert!(q.push(in_class(1, 2, t)).unwrap().is_none());
+    }
+
+    /// After a batch of 3, a lone arrival waits for the other two while requests keep
+    /// coming (each within `QUIET` of the last), at most a quarter of the last batch's
+    /// execution time, and goes as soon as they are there; a lone client (last batch
+    /// 1) never waits.
+    #[test]
+    fn a_batch_lingers_briefly_for_as_many_rows_as_the_last_one_had() {
+        let t = Instant::now();
+        let mut q = Queue::new(limits(None));
+        for _ in 0..3 {
+            q.push(entry("k", 1, t, None)).unwrap();
+        }
+        assert_eq!(q.take_batch().len(), 3);
+        q.recent_exec = Duration::from_millis(4);
+        let t1 = t + Duration::from_millis(20);
+        q.push(entry("k", 1, t1, None)).unwrap();
+        assert_eq!(q.next(t1, 0), Next::WaitUntil(Some(t1 + QUIET)));
+        // Another arrives 400 us later: the wait moves on, up to the 1 ms cap (4 ms / 4).
+        let t2 = t1 + Duration::from_micros(400);
+        q.push(entry("k", 1, t2, None)).unwrap();
+        let cap = t1 + Duration::from_millis(1);
+        assert_eq!(q.next(t2, 0), Next::WaitUntil(Some(cap.min(t2 + QUIET))));
+        assert_eq!(
+            q.next(cap, 0),
+            Next::Dispatch(Flush::Idle),
+            "gave up waiting"
+        );
+        assert_eq!(q.take_batch().len(), 2);
+        // The last batch had 2: two queued go at once.
+        q.push(entry("k", 1, t1, None)).unwrap();
+        q.push(entry("k", 1, t1, None)).unwrap();
+        assert_eq!(q.next(t1, 0), Next::Dispatch(Flush::Idle), "all there");
+        assert_eq!(q.take_batch().len(), 2);
+        // A request whose deadline falls inside the linger is not held.
+        q.push(entry("k", 1, t1, Some(0))).unwrap();
+        assert_eq!(q.next(t1, 0), Next::Dispatch(Flush::Idle));
+        assert_eq!(q.take_batch().len(), 1);
+        // Last batch had one row: no waiting at all.
+        q.push(entry("k", 1, t1, None)).unwrap();
+        assert_eq!(q.next(t1, 0), Next::Dispatch(Flush::Idle));
+        q.take_batch();
+        // A steady stream waits no longer than MAX_LINGER from the oldest.
+        q.limits.max_batch_size = 64;
+        q.limits.max_queue = 64;
+        q.recent_rows = 64;
+        q.recent_exec = Duration::from_secs(10);
+        let mut at = t1;
+        while at < t1 + MAX_LINGER {
+            q.push(entry("k", 1, at, None)).unwrap_or_default();
+            at += QUIET / 2;
+        }
+        assert_eq!(q.next(at, 0), Next::Dispatch(Flush::Idle));
     }
 }

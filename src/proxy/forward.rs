@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::{Prepared, Proxy, Routed, Served};
 use crate::addr::Protocol;
 use crate::error::ProxyError;
+use crate::executor::oip::HEADER_LENGTH;
 use crate::route::{self, Match, Variant};
 use crate::server::ConnInfo;
 use crate::upstream::retry::{self, Attempts, Call};
@@ -33,10 +34,19 @@ impl Proxy {
         let live = &r.live.variants[vi];
         let safe_method = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let may_repeat = safe_method || route.retry.idempotent;
-        let mut out = match upstream_request(parts, &prepared.body, variant, path, conn) {
+        let renamed = body_model_renamed(&r.m, variant, parts, &prepared.body);
+        let body = renamed.as_ref().map_or(&prepared.body, |(b, _)| b);
+        let mut out = match upstream_request(parts, body, variant, path, conn) {
             Ok(r) => r,
             Err(e) => return Served::error(e),
         };
+        if let Some((body, header_len)) = &renamed {
+            let headers = out.headers_mut();
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            if let Some(n) = header_len {
+                headers.insert(HEADER_LENGTH, HeaderValue::from(*n));
+            }
+        }
         let now = Instant::now();
         if let Some(d) = prepared.deadline {
             retry::set_deadline_header(&mut out, d.saturating_duration_since(now));
@@ -131,6 +141,39 @@ pub(super) fn upstream_path(
         None => path,
     };
     PathAndQuery::try_from(path).map_err(|e| ProxyError::BadRequest(format!("path: {e}")))
+}
+
+/// A v2 inference body that repeats the path's model in `model_name` (KServe's client
+/// does) names the variant's target model instead, as the rewritten path does: the new
+/// body, and its JSON header's new length when binary data follows. `None` when there
+/// is nothing to rewrite (most requests: checked without parsing).
+pub(super) fn body_model_renamed(
+    m: &Match<'_>,
+    variant: &Variant,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Option<(Bytes, Option<usize>)> {
+    let (span, target) = (m.model_span.as_ref()?, variant.target_model.as_deref()?);
+    let path = parts.uri.path();
+    if !path.starts_with("/v2/") || !path.ends_with("/infer") {
+        return None;
+    }
+    memchr::memmem::find(body, b"\"model_name\"")?;
+    let header_len = match parts.headers.get(HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(v.to_str().ok()?.trim().parse::<usize>().ok()?),
+    };
+    let (head, rest) = body.split_at_checked(header_len.unwrap_or(body.len()))?;
+    let mut v: serde_json::Value = serde_json::from_slice(head).ok()?;
+    let named = v.get_mut("model_name")?;
+    if named.as_str() != Some(&path[span.clone()]) {
+        return None;
+    }
+    *named = serde_json::Value::String(target.to_string());
+    let mut out = serde_json::to_vec(&v).ok()?;
+    let new_header_len = header_len.map(|_| out.len());
+    out.extend_from_slice(rest);
+    Some((Bytes::from(out), new_header_len))
 }
 
 /// The request as the variant's backend gets it.

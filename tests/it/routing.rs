@@ -68,6 +68,34 @@ async fn model_name_is_rewritten_to_the_variants_target_model() {
     )
     .await;
     assert_eq!(r.json()["path"], "/v1/models/sentiment-a:predict");
+    // A body that repeats the path's model (KServe's client does) follows the path,
+    // with a Content-Length that fits; one naming another model is left as sent.
+    let body = r#"{"model_name":"sentiment","inputs":[]}"#;
+    let pinned = [("x-braid-variant", "candidate")];
+    let url = proxy.url("/v2/models/sentiment/infer");
+    let j = post(&c, &url, &pinned, body).await.json();
+    assert_eq!(j["body"], r#"{"model_name":"sentiment-b","inputs":[]}"#);
+    assert_eq!(j["body_len"], body.len() + 2);
+    let other = r#"{"model_name":"other","inputs":[]}"#;
+    assert_eq!(post(&c, &url, &pinned, other).await.json()["body"], other);
+    // In Triton's binary form the JSON header's length follows the rewrite.
+    let header = r#"{"model_name":"sentiment","inputs":[{"name":"t","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":5}}]}"#;
+    let binary = format!("{header}\u{1}\0\0\0x");
+    let len = header.len().to_string();
+    let with_len = [
+        ("x-braid-variant", "candidate"),
+        ("inference-header-content-length", len.as_str()),
+    ];
+    let j = post(&c, &url, &with_len, &binary).await.json();
+    assert!(
+        j["body"]
+            .as_str()
+            .unwrap()
+            .starts_with(r#"{"model_name":"sentiment-b","#),
+        "{j}"
+    );
+    assert_eq!(j["body_len"], binary.len() + 2);
+    assert_eq!(j["header_len"], (header.len() + 2).to_string());
     // A path-prefix route forwards the path unchanged.
     let r = get(&c, &proxy.url("/anything/else"), &[]).await;
     assert_eq!(r.variant(), "default");

