@@ -235,7 +235,7 @@ impl<T> Queue<T> {
                 .unwrap_or(oldest);
             let due = (oldest + linger).min(newest + QUIET);
             let expected = self.recent_rows.min(self.limits.max_batch_size);
-            if rows < expected && due > now && !deadline.is_some_and(|d| d <= due) {
+            if rows < expected && due > now && deadline.is_none_or(|d| d > due) {
                 return Next::WaitUntil(Some(due));
             }
             return Next::Dispatch(Flush::Idle);
