@@ -49,8 +49,7 @@ pub struct Item {
 struct Input {
     name: String,
     datatype: String,
-    /// `None` for a datatype braid does not know: such requests merge only as JSON.
-    dt: Option<Dtype>,
+    dt: Dtype,
     inner: Vec<i64>,
     data: Data,
 }
@@ -204,7 +203,11 @@ pub fn parse_v2_with(
         let datatype = input["datatype"]
             .as_str()
             .ok_or_else(|| Unqueued::Bad(format!("input {name:?} has no datatype")))?;
-        let dt = Dtype::parse(datatype);
+        // A datatype outside the protocol's list: the server may know it; braid cannot
+        // convert it between forms, so it is not merged.
+        let Some(dt) = Dtype::parse(datatype) else {
+            return Err(Unqueued::Alone);
+        };
         let shape: Vec<i64> = input["shape"]
             .as_array()
             .and_then(|s| s.iter().map(Value::as_i64).collect())
@@ -244,9 +247,6 @@ pub fn parse_v2_with(
         };
         let data = match binary_size {
             Some(size) => {
-                let Some(dt) = dt else {
-                    return Err(Unqueued::Alone);
-                };
                 if size > raw.len() as u64 {
                     return bad(format!(
                         "input {name:?} declares {size} bytes of binary data but {} remain in the body",
@@ -270,11 +270,9 @@ pub fn parse_v2_with(
                 }
                 // Checked now so that a batch that must be sent in binary never meets a
                 // value it cannot write (one request's mistake would fail the batch).
-                if let Some(dt) = dt {
-                    scratch.clear();
-                    tensor::to_raw(dt, &data, &mut scratch)
-                        .map_err(|e| Unqueued::Bad(format!("input {name:?}: {e}")))?;
-                }
+                scratch.clear();
+                tensor::to_raw(dt, &data, &mut scratch)
+                    .map_err(|e| Unqueued::Bad(format!("input {name:?}: {e}")))?;
                 Data::Json(data)
             }
         };
@@ -292,9 +290,6 @@ pub fn parse_v2_with(
             "{} bytes of binary data follow the inputs that declare theirs",
             raw.len()
         ));
-    }
-    if inputs.iter().any(|i| i.dt.is_none()) && header_len.is_some() {
-        return Err(Unqueued::Alone);
     }
     // The binary-form flags are per request; everything else about outputs and
     // parameters is part of the key.
@@ -446,9 +441,7 @@ pub fn merge(items: &[&Item], row_ids: Option<RowIds>) -> Payload {
         shape.extend(&input.inner);
         let mut header = json!({"name": input.name, "datatype": input.datatype, "shape": shape});
         if binary {
-            let dt = input
-                .dt
-                .expect("a request with a datatype braid does not know is never binary");
+            let dt = input.dt;
             let start = raw.len();
             for item in items {
                 match &item.inputs[k].data {
@@ -880,6 +873,14 @@ mod tests {
         let shm = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"shared_memory_region": "r"}}]});
         assert_eq!(
             parse_v2(shm.to_string().as_bytes()).unwrap_err(),
+            Unqueued::Alone
+        );
+        // A datatype outside the protocol's list cannot be converted between forms:
+        // forwarded alone, whatever form its outputs are asked in.
+        let unknown = json!({"inputs": [{"name": "t", "datatype": "FP8", "shape": [1], "data": [1]}],
+                             "parameters": {"binary_data_output": true}});
+        assert_eq!(
+            parse_v2(unknown.to_string().as_bytes()).unwrap_err(),
             Unqueued::Alone
         );
         // Binary data declared but none sent: a 400, not a guess.
