@@ -8,11 +8,41 @@
 //! followed by the bytes; FP32 elements are little-endian floats.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, header};
 use serde_json::{Map, Value, json};
 
 use super::model::Outputs;
 
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// `Inference-Header-Content-Length`, when present; a value that is not a byte count is
+/// a bad request.
+pub fn header_len(headers: &HeaderMap) -> Result<Option<usize>, BadRequest> {
+    headers
+        .get(HEADER_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    BadRequest("Inference-Header-Content-Length must be a byte count".into())
+                })
+        })
+        .transpose()
+}
+
+/// Marks a body as JSON, or (with a header length) as Triton's binary form.
+pub fn set_body_type(headers: &mut HeaderMap, header_len: Option<usize>) {
+    let ct = if header_len.is_some() {
+        "application/octet-stream"
+    } else {
+        "application/json"
+    };
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    if let Some(n) = header_len {
+        headers.insert(HEADER_LENGTH, HeaderValue::from(n));
+    }
+}
 pub const INPUT: &str = "text";
 /// Optional INT64 `[N]` input echoed back as an output of the same name, so a batching
 /// proxy can check row order (`batching.row_id` in the proxy's config).

@@ -284,17 +284,9 @@ impl Executor {
     }
 
     async fn infer_v2(&self, slot: &Slot, req: Request<Incoming>) -> Response<Body> {
-        let header_len = match req.headers().get(oip::HEADER_LENGTH) {
-            None => None,
-            Some(v) => match v.to_str().ok().and_then(|s| s.parse::<usize>().ok()) {
-                Some(n) => Some(n),
-                None => {
-                    return json_error(
-                        StatusCode::BAD_REQUEST,
-                        "Inference-Header-Content-Length must be a byte count",
-                    );
-                }
-            },
+        let header_len = match oip::header_len(req.headers()) {
+            Ok(n) => n,
+            Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.0),
         };
         let (parts, body) = req.into_parts();
         let body = match server::read_body(&parts.headers, body, self.max_body_bytes).await {
@@ -314,17 +306,7 @@ impl Executor {
             Err(e) => json_error(StatusCode::BAD_REQUEST, &e.0),
             Ok(enc) => {
                 let mut resp = Response::new(full(enc.body));
-                let ct = if enc.header_len.is_some() {
-                    "application/octet-stream"
-                } else {
-                    "application/json"
-                };
-                resp.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-                if let Some(n) = enc.header_len {
-                    resp.headers_mut()
-                        .insert(oip::HEADER_LENGTH, HeaderValue::from(n));
-                }
+                oip::set_body_type(resp.headers_mut(), enc.header_len);
                 resp
             }
         }

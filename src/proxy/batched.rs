@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::Instant;
 
@@ -14,8 +14,8 @@ use crate::batch::batcher::{BatchError, Batcher, ExecFuture, Execute, Submission
 use crate::batch::codec::{self, Item, PathModel, Payload, Unqueued};
 use crate::batch::queue::BatchLimits;
 use crate::error::{Body, ProxyError, full};
-use crate::executor::oip::HEADER_LENGTH;
-use crate::route::{Route, Variant};
+use crate::executor::oip;
+use crate::route::{self, Route, Variant};
 use crate::upstream::Upstreams;
 
 /// Largest executor reply accepted for a batch.
@@ -33,8 +33,7 @@ pub(super) fn queueable(
         return Ok(None); // Compressed: forwarded as it is.
     }
     let parsed = if let Some(model) = v2_infer_path(path) {
-        let header_len = header_len(headers)
-            .map_err(|()| "Inference-Header-Content-Length must be a byte count".to_string())?;
+        let header_len = oip::header_len(headers).map_err(|e| e.0)?;
         codec::parse_v2_with(body, header_len, model)
     } else if path.starts_with("/v1/models/") && path.ends_with(":predict") {
         codec::parse_v1(body)
@@ -48,42 +47,19 @@ pub(super) fn queueable(
     }
 }
 
-/// `Inference-Header-Content-Length`, when present: `Err` when it is not a byte count.
-fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ()> {
-    headers
-        .get(HEADER_LENGTH)
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or(())
-        })
-        .transpose()
-}
-
-/// JSON, or (with a header length) Triton's binary form: the headers that say which.
-fn body_type(headers: &mut HeaderMap, header_len: Option<usize>) {
-    let ct = if header_len.is_some() {
-        "application/octet-stream"
-    } else {
-        "application/json"
-    };
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-    if let Some(n) = header_len {
-        headers.insert(HEADER_LENGTH, HeaderValue::from(n));
-    }
-}
-
 /// The model (and version) an OIP v2 inference path names:
 /// `/v2/models/{m}[/versions/{v}]/infer`.
-fn v2_infer_path(path: &str) -> Option<PathModel<'_>> {
-    let rest = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
-    let (name, version) = match rest.split_once("/versions/") {
-        Some((n, v)) => (n, Some(v)),
-        None => (rest, None),
+pub(super) fn v2_infer_path(path: &str) -> Option<PathModel<'_>> {
+    if !path.starts_with("/v2/") {
+        return None;
+    }
+    let span = route::model_span(path)?;
+    let version = match path[span.end..].strip_suffix("/infer")? {
+        "" => None,
+        rest => Some(rest.strip_prefix("/versions/")?),
     };
-    (!name.is_empty() && !name.contains('/')).then_some(PathModel {
-        name: Some(name),
+    Some(PathModel {
+        name: Some(&path[span]),
         version,
     })
 }
@@ -160,7 +136,7 @@ pub(super) async fn submit(
     match reply {
         Ok(reply) => {
             let mut resp = Response::new(full(reply.body));
-            body_type(resp.headers_mut(), reply.header_len);
+            oip::set_body_type(resp.headers_mut(), reply.header_len);
             Ok(resp)
         }
         Err(e) => ProxyError::from_batch(&variant.name, &variant.upstream.authority, e),
@@ -182,7 +158,7 @@ impl Execute for HttpExecutor {
             let mut req = Request::new(Full::new(body.body));
             *req.method_mut() = Method::POST;
             *req.uri_mut() = uri;
-            body_type(req.headers_mut(), body.header_len);
+            oip::set_body_type(req.headers_mut(), body.header_len);
             // No reply at all (refused, reset, killed mid-batch) is unavailability (503,
             // retry later); a reply we cannot trust is a bad gateway (502).
             let resp = self
@@ -191,9 +167,8 @@ impl Execute for HttpExecutor {
                 .await
                 .map_err(|e| BatchError::Unreachable(e.to_string()))?;
             let status: StatusCode = resp.status();
-            let header_len = header_len(resp.headers()).map_err(|()| {
-                BatchError::BadReply(format!("executor sent a bad {HEADER_LENGTH}"))
-            })?;
+            let header_len = oip::header_len(resp.headers())
+                .map_err(|e| BatchError::BadReply(format!("executor's reply: {}", e.0)))?;
             let body = Limited::new(resp.into_body(), MAX_REPLY_BYTES)
                 .collect()
                 .await
@@ -208,6 +183,7 @@ impl Execute for HttpExecutor {
 mod tests {
     use super::*;
     use crate::batch::queue::ClassLimits;
+    use http::HeaderValue;
     use std::sync::Arc;
 
     /// Triton's `parameters.priority` (1 = highest) maps onto the classes in order;

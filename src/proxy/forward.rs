@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::{Prepared, Proxy, Routed, Served};
 use crate::addr::Protocol;
 use crate::error::ProxyError;
-use crate::executor::oip::HEADER_LENGTH;
+use crate::executor::oip::{self, HEADER_LENGTH};
 use crate::route::{self, Match, Variant};
 use crate::server::ConnInfo;
 use crate::upstream::retry::{self, Attempts, Call};
@@ -153,20 +153,16 @@ pub(super) fn body_model_renamed(
     parts: &http::request::Parts,
     body: &Bytes,
 ) -> Option<(Bytes, Option<usize>)> {
-    let (span, target) = (m.model_span.as_ref()?, variant.target_model.as_deref()?);
-    let path = parts.uri.path();
-    if !path.starts_with("/v2/") || !path.ends_with("/infer") {
-        return None;
-    }
+    let target = variant.target_model.as_deref()?;
+    // Only where the path itself is rewritten (model routes).
+    m.model_span.as_ref()?;
+    let model = super::batched::v2_infer_path(parts.uri.path())?.name?;
     memchr::memmem::find(body, b"\"model_name\"")?;
-    let header_len = match parts.headers.get(HEADER_LENGTH) {
-        None => None,
-        Some(v) => Some(v.to_str().ok()?.trim().parse::<usize>().ok()?),
-    };
+    let header_len = oip::header_len(&parts.headers).ok()?;
     let (head, rest) = body.split_at_checked(header_len.unwrap_or(body.len()))?;
     let mut v: serde_json::Value = serde_json::from_slice(head).ok()?;
     let named = v.get_mut("model_name")?;
-    if named.as_str() != Some(&path[span.clone()]) {
+    if named.as_str() != Some(model) {
         return None;
     }
     *named = serde_json::Value::String(target.to_string());
