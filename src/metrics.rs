@@ -172,14 +172,23 @@ pub struct BatchMetrics {
     depth: Family<PriorityLabels, Gauge>,
     flushes: Family<FlushLabels, Counter>,
     dropped: Family<DropLabels, Counter>,
+    /// The `priority` label on a route without classes.
+    default_priority: Arc<str>,
 }
 
+/// A priority class's name, as `BatchLimits::class_name` gives it (`None`: no classes).
+type Priority<'a> = Option<&'a Arc<str>>;
+
 impl BatchMetrics {
-    fn class(&self, priority: &str) -> PriorityLabels {
+    fn priority(&self, p: Priority) -> Arc<str> {
+        p.unwrap_or(&self.default_priority).clone()
+    }
+
+    fn class(&self, p: Priority) -> PriorityLabels {
         PriorityLabels {
             route: self.labels.route.clone(),
             variant: self.labels.variant.clone(),
-            priority: priority.into(),
+            priority: self.priority(p),
         }
     }
 
@@ -188,7 +197,7 @@ impl BatchMetrics {
         &self,
         reason: &'static str,
         rows: usize,
-        waits: impl Iterator<Item = (&'a str, Duration)>,
+        waits: impl Iterator<Item = (Priority<'a>, Duration)>,
     ) {
         let labels = FlushLabels {
             route: self.labels.route.clone(),
@@ -210,17 +219,17 @@ impl BatchMetrics {
 
     /// An item left without being sent: `queue_full`, `deadline`, `cancelled`, or
     /// `preempted` (displaced by a higher class).
-    pub fn dropped(&self, reason: &'static str, priority: &str) {
+    pub fn dropped(&self, reason: &'static str, priority: Priority) {
         let labels = DropLabels {
             route: self.labels.route.clone(),
             variant: self.labels.variant.clone(),
-            priority: priority.into(),
+            priority: self.priority(priority),
             reason,
         };
         self.dropped.get_or_create(&labels).inc();
     }
 
-    pub fn depth(&self, priority: &str, n: usize) {
+    pub fn depth(&self, priority: Priority, n: usize) {
         self.depth
             .get_or_create(&self.class(priority))
             .set(n as i64);
@@ -373,6 +382,7 @@ impl Metrics {
             depth: self.queue_depth.clone(),
             flushes: self.batch_flushes.clone(),
             dropped: self.batch_dropped.clone(),
+            default_priority: Arc::from("default"),
             labels,
         }
     }

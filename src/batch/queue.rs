@@ -50,9 +50,10 @@ pub struct ClassLimits {
 }
 
 impl BatchLimits {
-    /// The name of class `c` for metrics: `default` on a route without classes.
-    pub fn class_name(&self, c: usize) -> &str {
-        self.classes.get(c).map_or("default", |k| &k.name)
+    /// The name of class `c` (for the `priority` metric label); `None` on a route
+    /// without classes.
+    pub fn class_name(&self, c: usize) -> Option<&Arc<str>> {
+        self.classes.get(c).map(|k| &k.name)
     }
 }
 
