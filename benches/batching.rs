@@ -131,6 +131,25 @@ async fn load_rows(url: String, concurrency: usize, rows: usize, secs: u64) -> P
     }
 }
 
+/// Batches and rows the proxy has sent for route `on` so far (from its `/metrics`).
+async fn batches_sent(admin: SocketAddr) -> (f64, f64) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("http://{admin}/metrics");
+    let resp = client.get(url.parse().unwrap()).await.expect("metrics");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let series = |name: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains("route=\"on\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (
+        series("braid_batch_size_count"),
+        series("braid_batch_size_sum"),
+    )
+}
+
 async fn start_proxy(
     executor: SocketAddr,
     target: &str,
@@ -171,9 +190,9 @@ async fn scenario(
 ) -> Value {
     println!("\n{name}\n");
     println!(
-        "| concurrency | direct: req/s | off: req/s | off: p50 ms | off: p99 ms | on: req/s | on: p50 ms | on: p99 ms | on/off | executor alone, batches of min(c, 64): rows/s | on / that |"
+        "| concurrency | direct: req/s | off: req/s | off: p50 ms | off: p99 ms | on: req/s | on: p50 ms | on: p99 ms | on: rows per batch | on/off | executor alone, batches of min(c, 64): rows/s | on / that |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (mut d_pts, mut off_pts, mut on_pts) = (vec![], vec![], vec![]);
     let levels: Vec<usize> = match arg("--concurrency", String::new()) {
         s if s.is_empty() => CONCURRENCY.to_vec(),
@@ -190,14 +209,17 @@ async fn scenario(
             secs,
         )
         .await;
+        let before = batches_sent(proxy.admin_addr).await;
         let on = load(format!("http://{}/v2/models/on/infer", proxy.addr), c, secs).await;
+        let after = batches_sent(proxy.admin_addr).await;
+        let per_batch = (after.1 - before.1) / (after.0 - before.0).max(1.0);
         // What the executor itself does with batches of the size braid forms at this
         // concurrency (one client sending c-row requests): the ceiling for `on`.
         let rows = c.min(64);
         let whole = load_rows(direct.clone(), 1, rows, secs).await;
         let ceiling = whole.rps * rows as f64;
         println!(
-            "| {c} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2}x | {ceiling:.0} | {:.0}% |",
+            "| {c} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {per_batch:.1} | {:.2}x | {ceiling:.0} | {:.0}% |",
             d.rps,
             off.rps,
             off.p50,

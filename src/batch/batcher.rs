@@ -127,7 +127,7 @@ async fn run(
     executor: Arc<dyn Execute>,
     m: Arc<BatchMetrics>,
 ) {
-    let mut inflight: JoinSet<Duration> = JoinSet::new();
+    let mut inflight: JoinSet<(usize, Duration)> = JoinSet::new();
     let mut open = true;
     loop {
         let now = Instant::now();
@@ -208,8 +208,8 @@ async fn run(
                 }
             },
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                if let Ok(took) = done {
-                    q.recent_exec = took;
+                if let Ok((rows, took)) = done {
+                    q.finished(rows, took, Instant::now().into_std());
                 }
             }
             _ = sleep_until(wake), if wake.is_some() => {}
@@ -223,19 +223,20 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Runs one batch to its end; returns how long that took.
+/// Runs one batch to its end; returns its rows and how long it took.
 async fn dispatch(
     batch: Vec<Entry<Pending>>,
     executor: Arc<dyn Execute>,
     m: Arc<BatchMetrics>,
-) -> Duration {
+) -> (usize, Duration) {
+    let rows = batch.iter().map(|e| e.rows).sum();
     let deadline = batch.iter().filter_map(|e| e.payload.deadline).min();
     let start = Instant::now();
     let parts: Vec<Pending> = batch.into_iter().map(|e| e.payload).collect();
     execute(parts, &*executor, deadline).await;
     let took = start.elapsed();
     m.executed(took);
-    took
+    (rows, took)
 }
 
 /// Sends one merged request; on a failure that may be one item's fault, bisects.

@@ -5,12 +5,15 @@
 //! - work-conserving: with a free executor slot, what is queued goes at once (or after
 //!   `max_delay`, if set, to gather more); while every slot is busy the queue grows,
 //!   so light load pays no waiting tax and heavy load forms big batches;
-//! - but not blindly: when fewer rows are queued than the last batch carried, the
-//!   batch lingers for the rest while they keep arriving (no gap over `QUIET`), at most
-//!   a quarter of the last batch's execution time and `MAX_LINGER`. Closed-loop clients
-//!   answered by one batch send their next requests within a round trip; sending the
-//!   first of them alone would leave the executor computing a batch of one while the
-//!   others queue behind it, halving the batches;
+//! - but not blindly: when fewer rows are queued than are expected (the last batch's,
+//!   or once it finished, its rows plus those that queued meanwhile), the batch lingers
+//!   for the rest while they keep arriving (the first within `RETURN` of the executor
+//!   coming free, then no gap over `QUIET`), at most a quarter of the last batch's
+//!   execution time and `MAX_LINGER`, counted from when the executor came free. Closed-loop clients answered by one batch send their next requests
+//!   within a round trip; sending the first of them alone would leave the executor
+//!   computing a batch of one while the others queue behind it, and sending what
+//!   queued during a batch without its returning callers splits one population into
+//!   two halves that alternate;
 //! - a batch is seeded by the oldest item of the highest non-empty priority class, and
 //!   filled with items of the same merge key from that class, then from lower classes
 //!   (backfill), each in arrival order, up to `max_batch_size` rows;
@@ -106,15 +109,22 @@ pub const MAX_LINGER: Duration = Duration::from_millis(5);
 const LINGER_FRACTION: u32 = 4;
 /// A lingering batch goes when no request has arrived for this long.
 pub const QUIET: Duration = Duration::from_micros(500);
+/// After a batch finishes, how long the next waits for the first of its callers to
+/// come back (a round trip through the proxy and the client).
+pub const RETURN: Duration = Duration::from_millis(2);
 
 #[derive(Debug)]
 pub struct Queue<T> {
     entries: VecDeque<Entry<T>>,
     pub limits: BatchLimits,
-    /// Rows of the last batch taken.
+    /// Rows the next batch expects: those of the last batch taken, or, once a batch
+    /// has finished, its rows plus what queued meanwhile (see `finished`).
     recent_rows: usize,
     /// Execution time of the last batch that finished.
     pub recent_exec: Duration,
+    /// When the last batch finished, if no batch was taken since: a linger counts from
+    /// then, not from when the queued items arrived.
+    free_since: Option<Instant>,
 }
 
 impl<T> Queue<T> {
@@ -124,7 +134,20 @@ impl<T> Queue<T> {
             limits,
             recent_rows: 0,
             recent_exec: Duration::ZERO,
+            free_since: None,
         }
+    }
+
+    /// A batch of `rows` rows finished after `took`. Its callers, if they are
+    /// closed-loop clients, come back within a round trip; the next batch waits for
+    /// them as well as for what queued meanwhile. Without this, two halves of one
+    /// client population alternate for ever: while one half executes the other queues,
+    /// and each goes the moment the executor is free.
+    pub fn finished(&mut self, rows: usize, took: Duration, now: Instant) {
+        self.recent_exec = took;
+        let queued: usize = self.entries.iter().map(|e| e.rows).sum();
+        self.recent_rows = self.recent_rows.max(rows + queued);
+        self.free_since = Some(now);
     }
 
     pub fn len(&self) -> usize {
@@ -234,7 +257,13 @@ impl<T> Queue<T> {
                 .map(|e| e.enqueued)
                 .max()
                 .unwrap_or(oldest);
-            let due = (oldest + linger).min(newest + QUIET);
+            let (start, last, gap) = match self.free_since {
+                // Nobody has come back yet: the first return takes a round trip.
+                Some(free) if newest <= free => (free, free, RETURN),
+                Some(free) => (oldest.max(free), newest, QUIET),
+                None => (oldest, newest, QUIET),
+            };
+            let due = (start + linger).min(last + gap);
             let expected = self.recent_rows.min(self.limits.max_batch_size);
             if rows < expected && due > now && deadline.is_none_or(|d| d > due) {
                 return Next::WaitUntil(Some(due));
@@ -274,6 +303,7 @@ impl<T> Queue<T> {
             }
         }
         self.recent_rows = rows;
+        self.free_since = None;
         let mut all: Vec<Option<Entry<T>>> = self.entries.drain(..).map(Some).collect();
         let batch = picked
             .iter()
@@ -529,5 +559,50 @@ mod tests {
             at += QUIET / 2;
         }
         assert_eq!(q.next(at, 0), Next::Dispatch(Flush::Idle));
+    }
+
+    /// Two halves of 16 closed-loop clients: while one half's batch runs, the other
+    /// queues. When the batch finishes, the queued half waits (from that moment) for
+    /// the returning half and both go as one batch of 32.
+    #[test]
+    fn a_finished_batch_s_callers_are_awaited_with_what_queued_meanwhile() {
+        let t = Instant::now();
+        let mut q = Queue::new(limits(None));
+        q.limits.max_batch_size = 64;
+        q.limits.max_queue = 64;
+        for _ in 0..16 {
+            q.push(entry("k", 1, t, None)).unwrap();
+        }
+        assert_eq!(q.take_batch().len(), 16);
+        for _ in 0..16 {
+            q.push(entry("k", 1, t, None)).unwrap();
+        }
+        assert_eq!(q.next(t, 1), Next::WaitUntil(None), "busy");
+        let done = t + Duration::from_millis(13);
+        q.finished(16, Duration::from_millis(13), done);
+        assert_eq!(
+            q.next(done, 0),
+            Next::WaitUntil(Some(done + RETURN)),
+            "waits a round trip from when the executor came free, not from the queued items' arrival"
+        );
+        let mut at = done;
+        for _ in 0..15 {
+            at += Duration::from_micros(50);
+            q.push(entry("k", 1, at, None)).unwrap();
+            assert_eq!(q.next(at, 0), Next::WaitUntil(Some(at + QUIET)));
+        }
+        q.push(entry("k", 1, at, None)).unwrap();
+        assert_eq!(q.next(at, 0), Next::Dispatch(Flush::Idle));
+        assert_eq!(q.take_batch().len(), 32);
+        // The population shrank: after the cap (13 ms / 4), what is there goes.
+        q.finished(32, Duration::from_millis(13), at);
+        q.push(entry("k", 1, at, None)).unwrap();
+        let cap = at + Duration::from_micros(3250);
+        let mut now = at;
+        while now + QUIET / 2 < cap {
+            now += QUIET / 2;
+            q.push(entry("k", 1, now, None)).unwrap();
+        }
+        assert_eq!(q.next(cap, 0), Next::Dispatch(Flush::Idle));
     }
 }
