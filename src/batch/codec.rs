@@ -12,12 +12,20 @@
 //! as an output of the same name; anything else refuses the reply whole. The echoed
 //! tensor is removed before clients see their rows.
 
+use std::fmt;
+
 use bytes::Bytes;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use super::tensor::{self, Dtype};
+use super::tensor::{self, Dtype, write_json};
 
 /// A request that can wait in a batch queue.
+///
+/// Parsed once: tensor data is kept as the text (JSON) or bytes (binary) it arrived
+/// in, checked against its datatype, and written into the merged body as it is. No
+/// JSON tree of the data is built, here or when the reply is split.
 #[derive(Debug, Clone)]
 pub struct Item {
     pub protocol: Protocol,
@@ -27,8 +35,8 @@ pub struct Item {
     pub key: String,
     /// Rows along dim 0.
     pub rows: usize,
-    /// The request's `id`, restored on its share of the reply.
-    pub id: Option<Value>,
+    /// The request's `id` as sent, restored on its share of the reply.
+    pub id: Option<Box<RawValue>>,
     /// Triton's `parameters.priority` (1 is the highest; 0 or absent: the default).
     /// Used by braid to pick a priority class, not sent on (a batch has one).
     pub priority: Option<u64>,
@@ -41,8 +49,8 @@ pub struct Item {
     /// outputs not listed (`parameters.binary_data_output`).
     binary_out: Vec<bool>,
     binary_default: bool,
-    /// KServe v1: the instances.
-    instances: Vec<Value>,
+    /// KServe v1: the instances' JSON texts, separated by commas.
+    instances: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,7 +65,8 @@ struct Input {
 /// A tensor's elements, flattened, in the form the client sent them.
 #[derive(Debug, Clone)]
 enum Data {
-    Json(Vec<Value>),
+    /// The JSON elements' texts, separated by commas (no brackets; empty for none).
+    Json(Vec<u8>),
     /// Triton's binary extension: little-endian bytes (BYTES: length-prefixed).
     Raw(Vec<u8>),
 }
@@ -128,11 +137,47 @@ fn bad<T>(m: impl Into<String>) -> Result<T, Unqueued> {
     Err(Unqueued::Bad(m.into()))
 }
 
-fn flatten(v: &Value, out: &mut Vec<Value>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        other => out.push(other.clone()),
+/// A JSON object's fields in the order sent, each value left as its text.
+struct Fields<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> Visitor<'de> for Object {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(key) = map.next_key::<String>()? {
+                    fields.push((key, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(Object)
     }
+}
+
+impl<'a> Fields<'a> {
+    /// The value of `key` (the last, if sent twice, as a JSON tree would keep).
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    /// The value of `key` read as `T`; `None` if absent or not a `T`.
+    fn read<T: Deserialize<'a>>(&self, key: &str) -> Option<T> {
+        serde_json::from_str(self.get(key)?.get()).ok()
+    }
+}
+
+/// Reads a request's JSON object.
+fn request_object(text: &[u8]) -> Result<Fields<'_>, Unqueued> {
+    serde_json::from_slice(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => Unqueued::Bad("request must be a JSON object".into()),
+        _ => Unqueued::Bad(format!("request is not valid JSON: {e}")),
+    })
 }
 
 /// The model (and version) a request's path names, which a body's `model_name` and
@@ -171,22 +216,25 @@ pub fn parse_v2_with(
             body.len()
         ));
     };
-    let v: Value = serde_json::from_slice(head)
-        .map_err(|e| Unqueued::Bad(format!("request is not valid JSON: {e}")))?;
-    let Some(obj) = v.as_object() else {
-        return bad("request must be a JSON object");
-    };
-    for (k, val) in obj {
-        match k.as_str() {
-            "id" | "inputs" | "outputs" | "parameters" => {}
-            // What KServe's and other clients repeat from the path: harmless when equal.
-            "model_name" if val.is_null() || path.name.is_none_or(|n| val == n) => {}
-            "model_version"
-                if val.is_null() || val.as_str().is_some_and(|v| path.version == Some(v)) => {}
+    let obj = request_object(head)?;
+    for (k, val) in &obj.0 {
+        let val: Value = match k.as_str() {
+            "id" | "inputs" | "outputs" | "parameters" => continue,
+            "model_name" | "model_version" => {
+                serde_json::from_str(val.get()).expect("a RawValue is valid JSON")
+            }
             _ => return Err(Unqueued::Alone),
+        };
+        // What KServe's and other clients repeat from the path: harmless when equal.
+        let same = match k.as_str() {
+            "model_name" => val.is_null() || path.name.is_none_or(|n| val == n),
+            _ => val.is_null() || val.as_str().is_some_and(|v| path.version == Some(v)),
+        };
+        if !same {
+            return Err(Unqueued::Alone);
         }
     }
-    let Some(list) = obj.get("inputs").and_then(Value::as_array) else {
+    let Some(list) = obj.read::<Vec<&RawValue>>("inputs") else {
         return bad("request has no \"inputs\" list");
     };
     if list.is_empty() {
@@ -195,22 +243,22 @@ pub fn parse_v2_with(
     let mut rows = None;
     let mut inputs = Vec::with_capacity(list.len());
     let mut key = String::from("v2");
-    let mut scratch = Vec::new();
     for (i, input) in list.iter().enumerate() {
-        let name = input["name"]
-            .as_str()
+        let fields: Fields = serde_json::from_str(input.get())
+            .map_err(|_| Unqueued::Bad(format!("inputs[{i}] is not an object")))?;
+        let name: String = fields
+            .read("name")
             .ok_or_else(|| Unqueued::Bad(format!("inputs[{i}] has no name")))?;
-        let datatype = input["datatype"]
-            .as_str()
+        let datatype: String = fields
+            .read("datatype")
             .ok_or_else(|| Unqueued::Bad(format!("input {name:?} has no datatype")))?;
         // A datatype outside the protocol's list: the server may know it; braid cannot
         // convert it between forms, so it is not merged.
-        let Some(dt) = Dtype::parse(datatype) else {
+        let Some(dt) = Dtype::parse(&datatype) else {
             return Err(Unqueued::Alone);
         };
-        let shape: Vec<i64> = input["shape"]
-            .as_array()
-            .and_then(|s| s.iter().map(Value::as_i64).collect())
+        let shape: Vec<i64> = fields
+            .read("shape")
             .ok_or_else(|| Unqueued::Bad(format!("input {name:?} has no valid shape")))?;
         let Some((&n, inner)) = shape.split_first() else {
             return bad(format!("input {name:?} has an empty shape"));
@@ -234,7 +282,7 @@ pub fn parse_v2_with(
         };
         // Per-input parameters other than the binary data size (shared memory, say)
         // are not ours to merge.
-        let binary_size = match input.get("parameters") {
+        let binary_size = match fields.read::<Value>("parameters") {
             None | Some(Value::Null) => None,
             Some(Value::Object(p)) if p.len() == 1 && p.contains_key("binary_data_size") => {
                 Some(p["binary_data_size"].as_u64().ok_or_else(|| {
@@ -260,26 +308,32 @@ pub fn parse_v2_with(
                 Data::Raw(mine.to_vec())
             }
             None => {
-                let mut data = Vec::new();
-                flatten(&input["data"], &mut data);
-                if data.len() as i64 != expected {
+                let text = fields.get("data").map_or(&b""[..], |d| d.get().as_bytes());
+                let mut elements = Vec::with_capacity(text.len());
+                let mut count = 0i64;
+                // Checked now, so that a batch never meets a value it cannot carry
+                // (one request's mistake would fail the batch).
+                tensor::leaves(text, |_, element| {
+                    if count > 0 {
+                        elements.push(b',');
+                    }
+                    elements.extend_from_slice(element);
+                    count += 1;
+                    tensor::check_text(dt, element)
+                })
+                .map_err(|e| Unqueued::Bad(format!("input {name:?}: {e}")))?;
+                if count != expected {
                     return bad(format!(
-                        "input {name:?} has shape {shape:?} ({expected} elements) but {} data elements",
-                        data.len()
+                        "input {name:?} has shape {shape:?} ({expected} elements) but {count} data elements"
                     ));
                 }
-                // Checked now so that a batch that must be sent in binary never meets a
-                // value it cannot write (one request's mistake would fail the batch).
-                scratch.clear();
-                tensor::to_raw(dt, &data, &mut scratch)
-                    .map_err(|e| Unqueued::Bad(format!("input {name:?}: {e}")))?;
-                Data::Json(data)
+                Data::Json(elements)
             }
         };
         key.push_str(&format!("|{name}:{datatype}:{inner:?}"));
         inputs.push(Input {
-            name: name.to_string(),
-            datatype: datatype.to_string(),
+            name,
+            datatype,
             dt,
             inner: inner.to_vec(),
             data,
@@ -293,7 +347,7 @@ pub fn parse_v2_with(
     }
     // The binary-form flags are per request; everything else about outputs and
     // parameters is part of the key.
-    let mut parameters = obj.get("parameters").cloned().filter(|p| !p.is_null());
+    let mut parameters = obj.read::<Value>("parameters").filter(|p| !p.is_null());
     let mut binary_default = false;
     let mut priority = None;
     if let Some(Value::Object(p)) = &mut parameters {
@@ -312,12 +366,11 @@ pub fn parse_v2_with(
         }
     }
     let mut binary_out = Vec::new();
-    let outputs = match obj.get("outputs") {
+    let outputs = match obj.read::<Value>("outputs") {
         None | Some(Value::Null) => None,
         Some(Value::Array(list)) => {
             let mut outs = Vec::with_capacity(list.len());
-            for o in list {
-                let mut o = o.clone();
+            for mut o in list {
                 let mut binary = binary_default;
                 if let Some(Value::Object(p)) = o.get_mut("parameters") {
                     if let Some(flag) = p.remove("binary_data") {
@@ -353,7 +406,7 @@ pub fn parse_v2_with(
         protocol: Protocol::V2,
         key,
         rows: rows.unwrap_or(0),
-        id: obj.get("id").cloned(),
+        id: obj.get("id").map(RawValue::to_owned),
         priority: priority.filter(|&p| p > 0),
         inputs,
         parameters,
@@ -366,24 +419,20 @@ pub fn parse_v2_with(
 
 /// Parses a KServe v1 `{"instances": [...]}` body.
 pub fn parse_v1(body: &[u8]) -> Result<Item, Unqueued> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| Unqueued::Bad(format!("request is not valid JSON: {e}")))?;
-    let Some(obj) = v.as_object() else {
-        return bad("request must be a JSON object");
-    };
-    if obj.keys().any(|k| k != "instances") {
+    let obj = request_object(body)?;
+    if obj.0.iter().any(|(k, _)| k != "instances") {
         return Err(Unqueued::Alone);
     }
-    let Some(instances) = obj.get("instances").and_then(Value::as_array) else {
+    let Some(list) = obj.read::<Vec<&RawValue>>("instances") else {
         return bad("request needs an \"instances\" list");
     };
-    if instances.is_empty() {
+    if list.is_empty() {
         return bad("empty batch: \"instances\" is empty");
     }
     Ok(Item {
         protocol: Protocol::V1,
         key: "v1".into(),
-        rows: instances.len(),
+        rows: list.len(),
         id: None,
         priority: None,
         inputs: Vec::new(),
@@ -391,8 +440,43 @@ pub fn parse_v1(body: &[u8]) -> Result<Item, Unqueued> {
         outputs: None,
         binary_out: Vec::new(),
         binary_default: false,
-        instances: instances.clone(),
+        instances: join(list.iter().map(|i| i.get().as_bytes())),
     })
+}
+
+/// Texts joined by commas, leaving out empty ones.
+fn join<'a>(texts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    join_into(&mut out, texts);
+    out
+}
+
+fn join_into<'a>(out: &mut Vec<u8>, texts: impl IntoIterator<Item = &'a [u8]>) {
+    let mut first = true;
+    for t in texts.into_iter().filter(|t| !t.is_empty()) {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        out.extend_from_slice(t);
+    }
+}
+
+/// Writes `[rows, inner...]`.
+fn write_shape(out: &mut Vec<u8>, rows: usize, inner: &[i64]) {
+    write_json(out, &rows);
+    for d in inner {
+        out.push(b',');
+        write_json(out, d);
+    }
+}
+
+/// Writes `"key":` (after a comma unless `first`).
+fn write_key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
+    if !std::mem::take(first) {
+        out.push(b',');
+    }
+    write_json(out, key);
+    out.push(b':');
 }
 
 impl Item {
@@ -421,49 +505,71 @@ impl Item {
 /// With `row_ids`, a v2 batch also carries the row-id input (and asks for it back).
 /// When any item sent or asked for binary data, the batch is sent in Triton's binary
 /// form (JSON inputs converted), and asks for binary outputs; otherwise it is JSON.
+/// The body is written directly: each item's data is copied as it was sent.
 pub fn merge(items: &[&Item], row_ids: Option<RowIds>) -> Payload {
     let first = items[0];
     if first.protocol == Protocol::V1 {
-        let all: Vec<Value> = items
-            .iter()
-            .flat_map(|i| i.instances.iter().cloned())
-            .collect();
-        return Payload::json(
-            serde_json::to_vec(&json!({"instances": all})).expect("JSON serializes"),
-        );
+        let mut body = b"{\"instances\":[".to_vec();
+        join_into(&mut body, items.iter().map(|i| &i.instances[..]));
+        body.extend_from_slice(b"]}");
+        return Payload::json(body);
     }
     let binary = items.iter().any(|i| i.binary());
     let rows: usize = items.iter().map(|i| i.rows).sum();
     let mut raw = Vec::new();
-    let mut inputs: Vec<Value> = Vec::with_capacity(first.inputs.len() + 1);
+    let mut body = Vec::with_capacity(
+        256 + items
+            .iter()
+            .flat_map(|i| &i.inputs)
+            .map(|i| match &i.data {
+                Data::Json(text) => text.len() + 1,
+                Data::Raw(_) => 0,
+            })
+            .sum::<usize>(),
+    );
+    // Servers that must echo an id (KServe's ModelServer refuses to answer without
+    // one) get a batch's own; each client's id is restored on its share.
+    body.extend_from_slice(b"{\"id\":");
+    write_json(&mut body, &batch_id());
+    body.extend_from_slice(b",\"inputs\":[");
     for (k, input) in first.inputs.iter().enumerate() {
-        let mut shape = vec![rows as i64];
-        shape.extend(&input.inner);
-        let mut header = json!({"name": input.name, "datatype": input.datatype, "shape": shape});
+        if k > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"name\":");
+        write_json(&mut body, &input.name);
+        body.extend_from_slice(b",\"datatype\":");
+        write_json(&mut body, &input.datatype);
+        body.extend_from_slice(b",\"shape\":[");
+        write_shape(&mut body, rows, &input.inner);
+        body.push(b']');
         if binary {
-            let dt = input.dt;
             let start = raw.len();
             for item in items {
                 match &item.inputs[k].data {
                     Data::Raw(bytes) => raw.extend_from_slice(bytes),
-                    Data::Json(values) => tensor::to_raw(dt, values, &mut raw)
-                        .expect("JSON inputs are checked against their datatype when parsed"),
+                    Data::Json(text) => {
+                        tensor::leaves(text, |_, e| tensor::text_to_raw(input.dt, e, &mut raw))
+                            .expect("JSON inputs are checked against their datatype when parsed");
+                    }
                 }
             }
-            header["parameters"] = json!({"binary_data_size": raw.len() - start});
+            body.extend_from_slice(b",\"parameters\":{\"binary_data_size\":");
+            write_json(&mut body, &(raw.len() - start));
+            body.extend_from_slice(b"}}");
         } else {
-            let data: Vec<Value> = items
-                .iter()
-                .flat_map(|i| match &i.inputs[k].data {
-                    Data::Json(values) => values.iter().cloned(),
+            body.extend_from_slice(b",\"data\":[");
+            join_into(
+                &mut body,
+                items.iter().map(|i| match &i.inputs[k].data {
+                    Data::Json(text) => &text[..],
                     Data::Raw(_) => {
                         unreachable!("a request with binary inputs makes the batch binary")
                     }
-                })
-                .collect();
-            header["data"] = Value::Array(data);
+                }),
+            );
+            body.extend_from_slice(b"]}");
         }
-        inputs.push(header);
     }
     let mut outputs = first.outputs.clone();
     if binary && let Some(list) = &mut outputs {
@@ -472,8 +578,18 @@ pub fn merge(items: &[&Item], row_ids: Option<RowIds>) -> Payload {
         }
     }
     if let Some(ids) = row_ids {
-        let data: Vec<i64> = (0..rows as i64).map(|r| ids.first + r).collect();
-        inputs.push(json!({"name": ids.name, "datatype": "INT64", "shape": [rows], "data": data}));
+        body.extend_from_slice(b",{\"name\":");
+        write_json(&mut body, ids.name);
+        body.extend_from_slice(b",\"datatype\":\"INT64\",\"shape\":[");
+        write_json(&mut body, &rows);
+        body.extend_from_slice(b"],\"data\":[");
+        for r in 0..rows as i64 {
+            if r > 0 {
+                body.push(b',');
+            }
+            write_json(&mut body, &(ids.first + r));
+        }
+        body.extend_from_slice(b"]}");
         if let Some(list) = &mut outputs {
             // Always JSON: it is checked here and never reaches a client.
             list.push(match binary {
@@ -482,23 +598,21 @@ pub fn merge(items: &[&Item], row_ids: Option<RowIds>) -> Payload {
             });
         }
     }
-    let mut obj = Map::new();
-    // Servers that must echo an id (KServe's ModelServer refuses to answer without
-    // one) get a batch's own; each client's id is restored on its share.
-    obj.insert("id".into(), Value::String(batch_id()));
-    obj.insert("inputs".into(), Value::Array(inputs));
+    body.push(b']');
     let mut parameters = first.parameters.clone();
     if binary && outputs.is_none() {
         let p = parameters.get_or_insert_with(|| json!({}));
         p["binary_data_output"] = Value::Bool(true);
     }
     if let Some(p) = parameters {
-        obj.insert("parameters".into(), p);
+        body.extend_from_slice(b",\"parameters\":");
+        write_json(&mut body, &p);
     }
     if let Some(o) = outputs {
-        obj.insert("outputs".into(), Value::Array(o));
+        body.extend_from_slice(b",\"outputs\":");
+        write_json(&mut body, &o);
     }
-    let mut body = serde_json::to_vec(&Value::Object(obj)).expect("JSON serializes");
+    body.push(b'}');
     if !binary {
         return Payload::json(body);
     }
@@ -530,10 +644,12 @@ pub fn split(
         .collect())
 }
 
-/// One output of a batch reply: its fields, inner shape, elements per row, and its
-/// data with where each element starts (raw) or the elements (JSON).
+/// One output of a batch reply: its other fields as sent, inner shape, elements per
+/// row, and where each element's data is.
 struct ReplyOutput<'a> {
-    header: Map<String, Value>,
+    fields: Vec<(&'a str, &'a RawValue)>,
+    /// `parameters` without `binary_data_size`.
+    parameters: Map<String, Value>,
     name: String,
     dt: Option<Dtype>,
     inner: Vec<i64>,
@@ -542,16 +658,80 @@ struct ReplyOutput<'a> {
 }
 
 enum ReplyData<'a> {
-    Json(Vec<Value>),
+    /// JSON elements: the data's text and where each element starts and ends in it;
+    /// `flat` when the elements of any run of rows are one contiguous range of it.
+    Json {
+        text: &'a [u8],
+        spans: Vec<(usize, usize)>,
+        flat: bool,
+    },
     Raw {
         bytes: &'a [u8],
         offsets: Vec<usize>,
     },
 }
 
+impl ReplyData<'_> {
+    /// Appends elements `a..b` as JSON elements separated by commas.
+    fn write_text(
+        &self,
+        dt: Option<Dtype>,
+        a: usize,
+        b: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        match self {
+            ReplyData::Json { .. } if a == b => Ok(()),
+            ReplyData::Json {
+                text,
+                spans,
+                flat: true,
+            } => {
+                out.extend_from_slice(&text[spans[a].0..spans[b - 1].1]);
+                Ok(())
+            }
+            ReplyData::Json {
+                text,
+                spans,
+                flat: false,
+            } => {
+                join_into(out, spans[a..b].iter().map(|&(s, e)| &text[s..e]));
+                Ok(())
+            }
+            ReplyData::Raw { bytes, offsets } => {
+                let dt = dt.expect("binary outputs have a known datatype");
+                tensor::raw_to_text(dt, &bytes[offsets[a]..offsets[b]], out)
+            }
+        }
+    }
+
+    /// Appends elements `a..b` as raw bytes.
+    fn write_raw(
+        &self,
+        dt: Option<Dtype>,
+        a: usize,
+        b: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        match self {
+            ReplyData::Raw { bytes, offsets } => {
+                out.extend_from_slice(&bytes[offsets[a]..offsets[b]]);
+                Ok(())
+            }
+            ReplyData::Json { text, spans, .. } => {
+                let dt = dt.ok_or("a datatype braid cannot write as binary")?;
+                spans[a..b]
+                    .iter()
+                    .try_for_each(|&(s, e)| tensor::text_to_raw(dt, &text[s..e], out))
+            }
+        }
+    }
+}
+
 /// Splits a batch reply into one body per item, in order, or refuses it whole. With
 /// `row_ids` (v2), the reply must echo them in order. Each item gets every output in
 /// the form it asked for (binary or JSON), whatever form the executor answered in.
+/// Each body is written directly, its rows copied from the reply by byte range.
 pub fn split_payload(
     items: &[&Item],
     reply: &Payload,
@@ -561,11 +741,11 @@ pub fn split_payload(
     let (head, mut raw) = split_header(&reply.body, reply.header_len).ok_or_else(|| {
         SplitError("backend reply is shorter than its declared JSON header".into())
     })?;
-    let v: Value = serde_json::from_slice(head)
+    let top: Fields = serde_json::from_slice(head)
         .map_err(|e| SplitError(format!("backend reply is not JSON: {e}")))?;
     if items[0].protocol == Protocol::V1 {
-        let preds = v["predictions"]
-            .as_array()
+        let preds: Vec<&RawValue> = top
+            .read("predictions")
             .ok_or_else(|| SplitError("backend reply has no \"predictions\" list".into()))?;
         if preds.len() != total {
             return Err(SplitError(format!(
@@ -577,25 +757,32 @@ pub fn split_payload(
         return Ok(items
             .iter()
             .map(|i| {
-                let mine = &preds[start..start + i.rows];
+                let mut body = b"{\"predictions\":[".to_vec();
+                join_into(
+                    &mut body,
+                    preds[start..start + i.rows]
+                        .iter()
+                        .map(|p| p.get().as_bytes()),
+                );
+                body.extend_from_slice(b"]}");
                 start += i.rows;
-                Payload::json(
-                    serde_json::to_vec(&json!({"predictions": mine})).expect("JSON serializes"),
-                )
+                Payload::json(body)
             })
             .collect());
     }
-    let outputs = v["outputs"]
-        .as_array()
+    let outputs: Vec<Fields> = top
+        .read("outputs")
         .ok_or_else(|| SplitError("backend reply has no \"outputs\" list".into()))?;
     let mut parsed = Vec::with_capacity(outputs.len());
     let mut echoed_ids = Vec::new();
-    for o in outputs {
-        let name = o["name"].as_str().unwrap_or("?").to_string();
-        let dt = o["datatype"].as_str().and_then(Dtype::parse);
-        let shape: Vec<i64> = o["shape"]
-            .as_array()
-            .and_then(|s| s.iter().map(Value::as_i64).collect())
+    for o in &outputs {
+        let name: String = o.read("name").unwrap_or_else(|| "?".into());
+        let dt = o
+            .read::<String>("datatype")
+            .as_deref()
+            .and_then(Dtype::parse);
+        let shape: Vec<i64> = o
+            .read("shape")
             .ok_or_else(|| SplitError(format!("output {name:?} has no valid shape")))?;
         let per_row = shape
             .get(1..)
@@ -606,7 +793,15 @@ pub fn split_payload(
             .and_then(|r| usize::try_from(r).ok())
             .ok_or_else(|| SplitError(format!("output {name:?} has shape {shape:?}")))?;
         let elements = per_row.checked_mul(total);
-        let data = match o["parameters"]["binary_data_size"].as_u64() {
+        let mut parameters = match o.read::<Value>("parameters") {
+            Some(Value::Object(p)) => p,
+            _ => Map::new(),
+        };
+        let data = match parameters
+            .remove("binary_data_size")
+            .as_ref()
+            .and_then(Value::as_u64)
+        {
             Some(size) => {
                 let mine = raw.get(..size as usize).ok_or_else(|| {
                     SplitError(format!(
@@ -635,14 +830,26 @@ pub fn split_payload(
                 }
             }
             None => {
-                let mut data = Vec::new();
-                flatten(&o["data"], &mut data);
-                ReplyData::Json(data)
+                let text = o.get("data").map_or(&b""[..], |d| d.get().as_bytes());
+                let mut spans = Vec::with_capacity(elements.unwrap_or(0).min(text.len()));
+                let nested = tensor::leaves(text, |at, e| {
+                    spans.push((at, at + e.len()));
+                    Ok::<_, ()>(())
+                })
+                .unwrap_or_else(|()| unreachable!("the callback never fails"));
+                ReplyData::Json {
+                    text,
+                    spans,
+                    flat: !nested,
+                }
             }
         };
         if row_ids.is_some_and(|ids| ids.name == name) {
             echoed_ids.push(match &data {
-                ReplyData::Json(values) => values.iter().map(Value::as_i64).collect(),
+                ReplyData::Json { text, spans, .. } => spans
+                    .iter()
+                    .map(|&(s, e)| std::str::from_utf8(&text[s..e]).ok()?.parse::<i64>().ok())
+                    .collect(),
                 ReplyData::Raw { bytes, .. } if dt == Some(Dtype::I64) => Some(
                     bytes
                         .chunks_exact(8)
@@ -658,27 +865,22 @@ pub fn split_payload(
                 "output {name:?} has shape {shape:?}, expected {total} rows"
             )));
         }
-        if let ReplyData::Json(values) = &data
-            && Some(values.len()) != elements
+        if let ReplyData::Json { spans, .. } = &data
+            && Some(spans.len()) != elements
         {
             return Err(SplitError(format!(
                 "output {name:?} has {} elements for shape {shape:?}",
-                values.len()
+                spans.len()
             )));
         }
-        let mut header = without(o, &["shape", "data", "parameters"]);
-        if let Some(Value::Object(p)) = o.get("parameters") {
-            let rest: Map<String, Value> = p
-                .iter()
-                .filter(|(k, _)| k.as_str() != "binary_data_size")
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            if !rest.is_empty() {
-                header.insert("parameters".into(), Value::Object(rest));
-            }
-        }
         parsed.push(ReplyOutput {
-            header,
+            fields: o
+                .0
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "shape" | "data" | "parameters"))
+                .map(|(k, v)| (k.as_str(), *v))
+                .collect(),
+            parameters,
             name,
             dt,
             inner: shape[1..].to_vec(),
@@ -695,60 +897,67 @@ pub fn split_payload(
     if let Some(ids) = row_ids {
         check_row_ids(&echoed_ids, ids, total)?;
     }
-    // Everything but the tensors' data is copied per request; the data is sliced.
-    // (Cloning whole objects per request made a 32 x 384 split cost ~10 ms.)
-    let base = without(&v, &["outputs", "id"]);
     let mut start = 0;
     let mut bodies = Vec::with_capacity(items.len());
     for item in items {
         let mut binary = Vec::new();
-        let mut outs = Vec::with_capacity(parsed.len());
-        for o in &parsed {
-            let (a, b) = (start * o.per_row, (start + item.rows) * o.per_row);
-            let mut out = o.header.clone();
-            let mut shape = vec![item.rows as i64];
-            shape.extend(&o.inner);
-            out.insert("shape".into(), json!(shape));
-            let wrong_form = |e: String| SplitError(format!("output {:?}: {e}", o.name));
-            if item.wants_binary(&o.name) {
-                let at = binary.len();
-                match &o.data {
-                    ReplyData::Raw { bytes, offsets } => {
-                        binary.extend_from_slice(&bytes[offsets[a]..offsets[b]]);
-                    }
-                    ReplyData::Json(values) => {
-                        let dt = o.dt.ok_or_else(|| {
-                            wrong_form("a datatype braid cannot write as binary".into())
-                        })?;
-                        tensor::to_raw(dt, &values[a..b], &mut binary).map_err(wrong_form)?;
-                    }
-                }
-                let mut params = out
-                    .remove("parameters")
-                    .and_then(|p| p.as_object().cloned())
-                    .unwrap_or_default();
-                params.insert("binary_data_size".into(), json!(binary.len() - at));
-                out.insert("parameters".into(), Value::Object(params));
-            } else {
-                let data = match &o.data {
-                    ReplyData::Json(values) => values[a..b].to_vec(),
-                    ReplyData::Raw { bytes, offsets } => {
-                        let dt = o.dt.expect("binary outputs have a known datatype");
-                        tensor::to_json(dt, &bytes[offsets[a]..offsets[b]]).map_err(wrong_form)?
-                    }
-                };
-                out.insert("data".into(), Value::Array(data));
-            }
-            outs.push(Value::Object(out));
+        let mut body = Vec::with_capacity(64 + head.len() / items.len());
+        let mut first = true;
+        body.push(b'{');
+        for (k, v) in top.0.iter().filter(|(k, _)| k != "outputs" && k != "id") {
+            write_key(&mut body, &mut first, k);
+            body.extend_from_slice(v.get().as_bytes());
         }
-        start += item.rows;
-        let mut resp = base.clone();
         if let Some(id) = &item.id {
-            resp.insert("id".into(), id.clone());
+            write_key(&mut body, &mut first, "id");
+            body.extend_from_slice(id.get().as_bytes());
         }
-        resp.insert("outputs".into(), Value::Array(outs));
-        let mut body = serde_json::to_vec(&Value::Object(resp)).expect("JSON serializes");
-        if binary.is_empty() && !parsed.iter().any(|o| item.wants_binary(&o.name)) {
+        write_key(&mut body, &mut first, "outputs");
+        body.push(b'[');
+        let mut any_binary = false;
+        for (n, o) in parsed.iter().enumerate() {
+            let (a, b) = (start * o.per_row, (start + item.rows) * o.per_row);
+            let wrong_form = |e: String| SplitError(format!("output {:?}: {e}", o.name));
+            if n > 0 {
+                body.push(b',');
+            }
+            body.push(b'{');
+            let mut first = true;
+            for (k, v) in &o.fields {
+                write_key(&mut body, &mut first, k);
+                body.extend_from_slice(v.get().as_bytes());
+            }
+            write_key(&mut body, &mut first, "shape");
+            body.push(b'[');
+            write_shape(&mut body, item.rows, &o.inner);
+            body.push(b']');
+            if item.wants_binary(&o.name) {
+                any_binary = true;
+                let at = binary.len();
+                o.data
+                    .write_raw(o.dt, a, b, &mut binary)
+                    .map_err(wrong_form)?;
+                let mut params = o.parameters.clone();
+                params.insert("binary_data_size".into(), json!(binary.len() - at));
+                write_key(&mut body, &mut first, "parameters");
+                write_json(&mut body, &params);
+            } else {
+                if !o.parameters.is_empty() {
+                    write_key(&mut body, &mut first, "parameters");
+                    write_json(&mut body, &o.parameters);
+                }
+                write_key(&mut body, &mut first, "data");
+                body.push(b'[');
+                o.data
+                    .write_text(o.dt, a, b, &mut body)
+                    .map_err(wrong_form)?;
+                body.push(b']');
+            }
+            body.push(b'}');
+        }
+        body.extend_from_slice(b"]}");
+        start += item.rows;
+        if !any_binary {
             bodies.push(Payload::json(body));
         } else {
             let header_len = body.len();
@@ -760,18 +969,6 @@ pub fn split_payload(
         }
     }
     Ok(bodies)
-}
-
-/// A copy of an object's fields, leaving out `keys` (and everything if not an object).
-fn without(v: &Value, keys: &[&str]) -> Map<String, Value> {
-    v.as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(k, _)| !keys.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The reply's row-id output must be there exactly once, and be the ids sent, in order.
@@ -991,8 +1188,10 @@ mod tests {
 
     fn bytes_tensor(items: &[&str]) -> Vec<u8> {
         let mut raw = Vec::new();
-        let values: Vec<Value> = items.iter().map(|s| json!(s)).collect();
-        tensor::to_raw(Dtype::Bytes, &values, &mut raw).unwrap();
+        for s in items {
+            let text = json!(s).to_string();
+            tensor::text_to_raw(Dtype::Bytes, text.as_bytes(), &mut raw).unwrap();
+        }
         raw
     }
 
