@@ -190,7 +190,8 @@ async fn run(
                         ),
                         rows: s.item.rows,
                         class: s.class,
-                        enqueued: now.into_std(),
+                        // Now, not the loop's last wake-up: the linger measures gaps between arrivals.
+                        enqueued: Instant::now().into_std(),
                         deadline: [s.deadline, s.queue_deadline].into_iter().flatten().min().map(Instant::into_std),
                         payload: Pending { item: s.item, upstream: s.upstream, path: s.path, deadline: s.deadline, row_id: s.row_id, reply },
                     };
@@ -388,6 +389,40 @@ mod tests {
             [prediction(&x), prediction(&y), prediction(&z)],
             ["x", "y", "z"]
         );
+    }
+
+    /// 16 closed-loop clients, each coming back 1 ms after its answer, against an
+    /// executor that costs 5 ms + 0.5 ms per row. The first client arrives alone and
+    /// is sent alone; the other 15 queue behind it. From then on every batch carries
+    /// all 16 (the last, 15, is what is left): the batch that queued waits for the
+    /// callers of the one that finished.
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_loop_population_converges_to_one_batch() {
+        let exec = FakeExecutor::costing(Duration::from_millis(5), Duration::from_micros(500));
+        let mut l = limits(0);
+        (l.max_batch_size, l.max_queue) = (64, 64);
+        let b = Arc::new(spawn(l, exec.clone()));
+        let mut clients = tokio::task::JoinSet::new();
+        for c in 0..16 {
+            let b = b.clone();
+            clients.spawn(async move {
+                if c > 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                for _ in 0..10 {
+                    let reply = b.submit(submission(&format!("c{c}"), None)).await;
+                    assert_eq!(prediction(&reply), format!("c{c}"));
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+        }
+        while let Some(done) = clients.join_next().await {
+            done.unwrap();
+        }
+        let batches = exec.batches();
+        assert_eq!(batches.iter().sum::<usize>(), 160);
+        assert_eq!(batches.len(), 11, "{batches:?}");
+        assert!(batches[1..10].iter().all(|&n| n == 16), "{batches:?}");
     }
 
     #[tokio::test(start_paused = true)]

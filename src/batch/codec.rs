@@ -1059,6 +1059,48 @@ mod tests {
         assert!(split(&items, b"{}", None).is_err());
     }
 
+    /// Nested `data` (row-major lists of lists) in requests and replies: each element
+    /// is kept as sent, the rows are cut where they are, and the reply's other fields,
+    /// including escaped strings, pass through byte for byte.
+    #[test]
+    fn nested_data_is_flattened_by_element_and_other_fields_pass_as_sent() {
+        let parse = |v: Value| parse_v2(v.to_string().as_bytes()).unwrap();
+        let a = parse(json!({"id": {"trace": [1, "x"]}, "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1.5, -2e-3], [3, 4]]}]}));
+        let b = parse(json!({"inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [5.25, 6]}]}));
+        assert_eq!(a.key, b.key);
+        let items = [&a, &b];
+        let merged: Value = serde_json::from_slice(&merge(&items, None).body).unwrap();
+        assert_eq!(merged["inputs"][0]["shape"], json!([3, 2]));
+        assert_eq!(
+            merged["inputs"][0]["data"],
+            json!([1.5, -2e-3, 3, 4, 5.25, 6])
+        );
+        let reply =
+            br#"{"model_name":"m\"q","outputs":[{"name":"y","datatype":"INT64","shape":[3,2],
+            "data":[[1, 2], [3, 4], [5, 6]], "note": {"k": "[v]"}}],"extra":[1,{"a":null}]}"#;
+        let bodies = split(&items, reply, None).unwrap();
+        let got: Vec<Value> = bodies
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect();
+        assert_eq!(got[0]["id"], json!({"trace": [1, "x"]}));
+        assert_eq!(got[0]["outputs"][0]["data"], json!([1, 2, 3, 4]));
+        assert_eq!(got[0]["outputs"][0]["shape"], json!([2, 2]));
+        assert_eq!(got[0]["outputs"][0]["note"], json!({"k": "[v]"}));
+        assert_eq!(got[1]["outputs"][0]["data"], json!([5, 6]));
+        assert_eq!(got[1].get("id"), None);
+        assert_eq!(got[1]["model_name"], "m\"q");
+        assert_eq!(got[1]["extra"], json!([1, {"a": null}]));
+        // An element the datatype cannot hold is the sender's 400, never the batch's.
+        let wrong =
+            json!({"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [[300]]}]});
+        assert!(
+            matches!(parse_v2(wrong.to_string().as_bytes()), Err(Unqueued::Bad(m)) if m.contains("300"))
+        );
+    }
+
     #[test]
     fn keys_separate_what_cannot_merge() {
         let a = req("a", &["x"]);

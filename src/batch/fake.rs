@@ -4,6 +4,7 @@
 //! paused clock: nothing here sleeps on the wall clock.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -19,6 +20,9 @@ pub struct FakeExecutor {
     pub calls: Mutex<Vec<(String, usize)>>,
     /// When set, each call waits for a permit before answering.
     pub gate: Option<Arc<Semaphore>>,
+    /// When set, each call takes this long plus the second figure per row (on the
+    /// paused clock), like a model on one accelerator.
+    pub cost: Option<(Duration, Duration)>,
 }
 
 impl FakeExecutor {
@@ -29,6 +33,13 @@ impl FakeExecutor {
             ..Default::default()
         };
         (Arc::new(fake), gate)
+    }
+
+    pub fn costing(fixed: Duration, per_row: Duration) -> Arc<FakeExecutor> {
+        Arc::new(FakeExecutor {
+            cost: Some((fixed, per_row)),
+            ..Default::default()
+        })
     }
 
     /// Rows per call, in arrival order.
@@ -43,7 +54,7 @@ impl FakeExecutor {
             if self.calls.lock().unwrap().len() >= n {
                 return;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         panic!("the executor never got {n} calls: {:?}", self.batches());
     }
@@ -71,6 +82,9 @@ impl Execute for FakeExecutor {
                 .push((path.to_string(), instances.len()));
             if let Some(gate) = &self.gate {
                 gate.acquire().await.expect("gate open").forget();
+            }
+            if let Some((fixed, per_row)) = self.cost {
+                tokio::time::sleep(fixed + per_row * instances.len() as u32).await;
             }
             let reply = |status, v: Value| Ok((status, Payload::json(v.to_string())));
             if path.contains("broken") {
