@@ -15,7 +15,7 @@
 use std::fmt;
 
 use bytes::Bytes;
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde::de::{Deserialize, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
@@ -172,6 +172,51 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// A JSON object whose tensor list (`inputs` or `outputs`, a list of objects) is read
+/// in the same pass, so that no tensor's data is skipped over twice.
+struct WithTensors<'a> {
+    /// Every other field.
+    top: Fields<'a>,
+    tensors: Option<Vec<Fields<'a>>>,
+}
+
+fn read_with_tensors<'a>(
+    text: &'a [u8],
+    list: &'static str,
+) -> serde_json::Result<WithTensors<'a>> {
+    struct Seed(&'static str);
+    impl<'de> DeserializeSeed<'de> for Seed {
+        type Value = WithTensors<'de>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Seed {
+        type Value = WithTensors<'de>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let (mut top, mut tensors) = (Vec::new(), None);
+            while let Some(key) = map.next_key::<String>()? {
+                if key == self.0 {
+                    tensors = Some(map.next_value()?);
+                } else {
+                    top.push((key, map.next_value::<&'de RawValue>()?));
+                }
+            }
+            Ok(WithTensors {
+                top: Fields(top),
+                tensors,
+            })
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let read = Seed(list).deserialize(&mut de)?;
+    de.end()?;
+    Ok(read)
+}
+
 /// Reads a request's JSON object.
 fn request_object(text: &[u8]) -> Result<Fields<'_>, Unqueued> {
     serde_json::from_slice(text).map_err(|e| match e.classify() {
@@ -216,36 +261,21 @@ pub fn parse_v2_with(
             body.len()
         ));
     };
-    let obj = request_object(head)?;
-    for (k, val) in &obj.0 {
-        let val: Value = match k.as_str() {
-            "id" | "inputs" | "outputs" | "parameters" => continue,
-            "model_name" | "model_version" => {
-                serde_json::from_str(val.get()).expect("a RawValue is valid JSON")
-            }
-            _ => return Err(Unqueued::Alone),
-        };
-        // What KServe's and other clients repeat from the path: harmless when equal.
-        let same = match k.as_str() {
-            "model_name" => val.is_null() || path.name.is_none_or(|n| val == n),
-            _ => val.is_null() || val.as_str().is_some_and(|v| path.version == Some(v)),
-        };
-        if !same {
-            return Err(Unqueued::Alone);
-        }
-    }
-    let Some(list) = obj.read::<Vec<&RawValue>>("inputs") else {
-        return bad("request has no \"inputs\" list");
+    let (obj, list) = match read_with_tensors(head, "inputs") {
+        Ok(WithTensors {
+            top,
+            tensors: Some(list),
+        }) => (top, list),
+        _ => return Err(why_unreadable(head, path)),
     };
+    check_top_fields(&obj, path)?;
     if list.is_empty() {
         return bad("request has no inputs");
     }
     let mut rows = None;
     let mut inputs = Vec::with_capacity(list.len());
     let mut key = String::from("v2");
-    for (i, input) in list.iter().enumerate() {
-        let fields: Fields = serde_json::from_str(input.get())
-            .map_err(|_| Unqueued::Bad(format!("inputs[{i}] is not an object")))?;
+    for (i, fields) in list.iter().enumerate() {
         let name: String = fields
             .read("name")
             .ok_or_else(|| Unqueued::Bad(format!("inputs[{i}] has no name")))?;
@@ -415,6 +445,51 @@ pub fn parse_v2_with(
         binary_default,
         instances: Vec::new(),
     })
+}
+
+/// Fields other than the tensors: those clients repeat from the path are harmless when
+/// they agree with it; anything else might change the result, so the request is
+/// forwarded alone.
+fn check_top_fields(obj: &Fields, path: PathModel) -> Result<(), Unqueued> {
+    for (k, val) in &obj.0 {
+        let val: Value = match k.as_str() {
+            "id" | "inputs" | "outputs" | "parameters" => continue,
+            "model_name" | "model_version" => {
+                serde_json::from_str(val.get()).expect("a RawValue is valid JSON")
+            }
+            _ => return Err(Unqueued::Alone),
+        };
+        let same = match k.as_str() {
+            "model_name" => val.is_null() || path.name.is_none_or(|n| val == n),
+            _ => val.is_null() || val.as_str().is_some_and(|v| path.version == Some(v)),
+        };
+        if !same {
+            return Err(Unqueued::Alone);
+        }
+    }
+    Ok(())
+}
+
+/// Why a request header could not be read in one pass: its JSON, an unknown field
+/// (forwarded alone), or its `inputs`.
+fn why_unreadable(head: &[u8], path: PathModel) -> Unqueued {
+    let obj = match request_object(head) {
+        Ok(obj) => obj,
+        Err(e) => return e,
+    };
+    if let Err(e) = check_top_fields(&obj, path) {
+        return e;
+    }
+    let Some(list) = obj.read::<Vec<&RawValue>>("inputs") else {
+        return Unqueued::Bad("request has no \"inputs\" list".into());
+    };
+    match list
+        .iter()
+        .position(|i| serde_json::from_str::<Fields>(i.get()).is_err())
+    {
+        Some(i) => Unqueued::Bad(format!("inputs[{i}] is not an object")),
+        None => Unqueued::Bad("request's inputs could not be read".into()),
+    }
 }
 
 /// Parses a KServe v1 `{"instances": [...]}` body.
@@ -741,9 +816,9 @@ pub fn split_payload(
     let (head, mut raw) = split_header(&reply.body, reply.header_len).ok_or_else(|| {
         SplitError("backend reply is shorter than its declared JSON header".into())
     })?;
-    let top: Fields = serde_json::from_slice(head)
-        .map_err(|e| SplitError(format!("backend reply is not JSON: {e}")))?;
     if items[0].protocol == Protocol::V1 {
+        let top: Fields = serde_json::from_slice(head)
+            .map_err(|e| SplitError(format!("backend reply is not JSON: {e}")))?;
         let preds: Vec<&RawValue> = top
             .read("predictions")
             .ok_or_else(|| SplitError("backend reply has no \"predictions\" list".into()))?;
@@ -770,9 +845,19 @@ pub fn split_payload(
             })
             .collect());
     }
-    let outputs: Vec<Fields> = top
-        .read("outputs")
-        .ok_or_else(|| SplitError("backend reply has no \"outputs\" list".into()))?;
+    let (top, outputs) = match read_with_tensors(head, "outputs") {
+        Ok(WithTensors {
+            top,
+            tensors: Some(outputs),
+        }) => (top, outputs),
+        Ok(_) => return Err(SplitError("backend reply has no \"outputs\" list".into())),
+        Err(e) if e.is_data() => {
+            return Err(SplitError(format!(
+                "backend reply has no \"outputs\" list of objects: {e}"
+            )));
+        }
+        Err(e) => return Err(SplitError(format!("backend reply is not JSON: {e}"))),
+    };
     let mut parsed = Vec::with_capacity(outputs.len());
     let mut echoed_ids = Vec::new();
     for o in &outputs {
@@ -904,7 +989,7 @@ pub fn split_payload(
         let mut body = Vec::with_capacity(64 + head.len() / items.len());
         let mut first = true;
         body.push(b'{');
-        for (k, v) in top.0.iter().filter(|(k, _)| k != "outputs" && k != "id") {
+        for (k, v) in top.0.iter().filter(|(k, _)| k != "id") {
             write_key(&mut body, &mut first, k);
             body.extend_from_slice(v.get().as_bytes());
         }
@@ -1099,6 +1184,28 @@ mod tests {
         assert!(
             matches!(parse_v2(wrong.to_string().as_bytes()), Err(Unqueued::Bad(m)) if m.contains("300"))
         );
+    }
+
+    /// A header that cannot be read in one pass is explained precisely.
+    #[test]
+    fn unreadable_requests_say_what_is_wrong_or_go_alone() {
+        let parse = |s: &str| parse_v2(s.as_bytes()).unwrap_err();
+        let bad = |m: &str| Unqueued::Bad(m.to_string());
+        assert_eq!(
+            parse(r#"{"inputs": "x"}"#),
+            bad("request has no \"inputs\" list")
+        );
+        assert_eq!(parse(r#"{"id": 1}"#), bad("request has no \"inputs\" list"));
+        assert_eq!(
+            parse(r#"{"inputs": [{}, 3]}"#),
+            bad("inputs[1] is not an object")
+        );
+        assert_eq!(parse(r#"[1]"#), bad("request must be a JSON object"));
+        assert!(
+            matches!(parse(r#"{"inputs": [}"#), Unqueued::Bad(m) if m.starts_with("request is not valid JSON"))
+        );
+        assert_eq!(parse(r#"{"extra": 1, "inputs": "x"}"#), Unqueued::Alone);
+        assert_eq!(parse(r#"{"inputs": []}"#), bad("request has no inputs"));
     }
 
     #[test]
