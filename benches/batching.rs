@@ -6,8 +6,12 @@
 //! Each point is also measured straight against the executor ("direct"), the floor
 //! the proxy adds to. `--json PATH` writes the points for benches/compare.
 //!
+//! The last column is the batcher's ceiling: batching on against the executor itself
+//! answering one client that sends requests of min(c, 64) rows, interleaved over
+//! `--rounds` (median paired ratio and range).
+//!
 //! Run: `cargo bench --bench batching -- [--seconds 3] [--skip-minilm] [--json PATH]
-//! [--concurrency 32,64]`
+//! [--concurrency 32,64] [--rounds 5]`
 
 mod common;
 
@@ -187,10 +191,11 @@ async fn scenario(
     proxy: &braid::run::Running,
     direct: String,
     secs: u64,
+    rounds: usize,
 ) -> Value {
     println!("\n{name}\n");
     println!(
-        "| concurrency | direct: req/s | off: req/s | off: p50 ms | off: p99 ms | on: req/s | on: p50 ms | on: p99 ms | on: rows per batch | on/off | executor alone, batches of min(c, 64): rows/s | on / that |"
+        "| concurrency | direct: req/s | off: req/s | off: p50 ms | off: p99 ms | on: req/s | on: p50 ms | on: p99 ms | on: rows per batch | on/off | executor alone, batches of min(c, 64): rows/s | on / that, median of rounds (range) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (mut d_pts, mut off_pts, mut on_pts) = (vec![], vec![], vec![]);
@@ -209,17 +214,25 @@ async fn scenario(
             secs,
         )
         .await;
-        let before = batches_sent(proxy.admin_addr).await;
-        let on = load(format!("http://{}/v2/models/on/infer", proxy.addr), c, secs).await;
-        let after = batches_sent(proxy.admin_addr).await;
-        let per_batch = (after.1 - before.1) / (after.0 - before.0).max(1.0);
-        // What the executor itself does with batches of the size braid forms at this
-        // concurrency (one client sending c-row requests): the ceiling for `on`.
+        // Batching on, and what the executor itself does with batches of the size
+        // braid forms at this concurrency (one client sending c-row requests): the
+        // ceiling for `on`. Interleaved over `--rounds`, paired ratio per round.
         let rows = c.min(64);
-        let whole = load_rows(direct.clone(), 1, rows, secs).await;
-        let ceiling = whole.rps * rows as f64;
+        let mut runs = Vec::new();
+        for _ in 0..rounds {
+            let before = batches_sent(proxy.admin_addr).await;
+            let on = load(format!("http://{}/v2/models/on/infer", proxy.addr), c, secs).await;
+            let after = batches_sent(proxy.admin_addr).await;
+            let per_batch = (after.1 - before.1) / (after.0 - before.0).max(1.0);
+            let whole = load_rows(direct.clone(), 1, rows, secs).await;
+            let ceiling = whole.rps * rows as f64;
+            runs.push((on.rps / ceiling, on, per_batch, ceiling));
+        }
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (lo, hi) = (runs[0].0, runs[runs.len() - 1].0);
+        let (ratio, on, per_batch, ceiling) = runs.swap_remove(runs.len() / 2);
         println!(
-            "| {c} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {per_batch:.1} | {:.2}x | {ceiling:.0} | {:.0}% |",
+            "| {c} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {per_batch:.1} | {:.2}x | {ceiling:.0} | {:.0}% ({:.0}-{:.0}%) |",
             d.rps,
             off.rps,
             off.p50,
@@ -228,7 +241,9 @@ async fn scenario(
             on.p50,
             on.p99,
             on.rps / off.rps,
-            100.0 * on.rps / ceiling
+            100.0 * ratio,
+            100.0 * lo,
+            100.0 * hi,
         );
         d_pts.push(d.json(c));
         off_pts.push(off.json(c));
@@ -243,6 +258,7 @@ fn main() {
         eprintln!("compute environment not pinned: {e}");
     }
     let secs = arg("--seconds", 3);
+    let rounds = arg("--rounds", 1usize).max(1);
     let skip_minilm = std::env::args().any(|a| a == "--skip-minilm");
     let json_out = Some(arg("--json", String::new())).filter(|p| !p.is_empty());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -263,6 +279,7 @@ fn main() {
                 &proxy,
                 format!("http://{mock}/v2/models/mock/infer"),
                 secs,
+                rounds,
             )
             .await,
         ];
@@ -292,6 +309,7 @@ fn main() {
                     &proxy,
                     direct,
                     secs,
+                    rounds,
                 )
                 .await,
             );
