@@ -561,6 +561,21 @@ mod tests {
         assert_eq!(q.next(at, 0), Next::Dispatch(Flush::Idle));
     }
 
+    /// `max_delay: 0ms` never waits: not for `max_delay`, not for returning callers.
+    #[test]
+    fn a_zero_max_delay_sends_what_is_queued_the_moment_the_executor_is_free() {
+        let t = Instant::now();
+        let mut q = Queue::new(limits(Some(0)));
+        for _ in 0..3 {
+            q.push(entry("k", 1, t, None)).unwrap();
+        }
+        assert_eq!(q.next(t, 0), Next::Dispatch(Flush::Delay));
+        assert_eq!(q.take_batch().len(), 3);
+        q.push(entry("k", 1, t, None)).unwrap();
+        q.finished(3, Duration::from_millis(20), t);
+        assert_eq!(q.next(t, 0), Next::Dispatch(Flush::Delay));
+    }
+
     /// Two halves of 16 closed-loop clients: while one half's batch runs, the other
     /// queues. When the batch finishes, the queued half waits (from that moment) for
     /// the returning half and both go as one batch of 32.

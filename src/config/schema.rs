@@ -208,7 +208,7 @@ fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
     let default_priority = obj.opt("default_priority", name);
     let b = Batching {
         max_batch_size: obj.opt("max_batch_size", positive_int).unwrap_or(32),
-        max_delay: obj.opt("max_delay", duration),
+        max_delay: obj.opt("max_delay", duration_or_zero),
         max_queue: obj.opt("max_queue", positive_int).unwrap_or(1024),
         queue_timeout: obj.opt("queue_timeout", duration),
         max_inflight: obj.opt("max_inflight", positive_int).unwrap_or(1),
@@ -473,6 +473,17 @@ fn duration(node: &Node, path: String, errs: &mut Errors) -> Option<Duration> {
     }
 }
 
+/// A duration that may be zero (`0ms`: "do not wait at all").
+fn duration_or_zero(node: &Node, path: String, errs: &mut Errors) -> Option<Duration> {
+    match node {
+        Node::Int(_) | Node::Float(_) => duration(node, path, errs),
+        _ => match parse_duration(&string(node, path.clone(), errs)?) {
+            Ok(d) => Some(d),
+            Err(e) => errs.push(path, e),
+        },
+    }
+}
+
 /// `250ms`, `2s`, `1.5s`, `100us`, `1m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || {
@@ -666,5 +677,25 @@ mod tests {
         for bad in ["", "5", "ms", "5 ms", "-1s", "5parsecs", "1e3s", "1..2s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    /// `batching.max_delay: 0ms` is "never wait"; a zero timeout is still refused.
+    #[test]
+    fn only_max_delay_may_be_zero() {
+        let route = |batching: &str, timeout: &str| {
+            format!(
+                "executor: http://127.0.0.1:1\nroutes:\n  - model: m\n    timeout: {timeout}\n    variants: [{{ name: a, backend: local }}]\n    batching: {batching}\n"
+            )
+        };
+        let root = crate::config::parse_document(&route("{ max_delay: 0ms }", "1s")).unwrap();
+        let doc = document(&root, &mut Errors::default()).unwrap();
+        let batching = doc.routes[0].batching.as_ref().unwrap();
+        assert_eq!(batching.max_delay, Some(Duration::ZERO));
+        let errs = crate::config::load(&route("{ max_delay: 0ms }", "0s"), "test").unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].to_string().contains("must be greater than zero"),
+            "{errs:?}"
+        );
     }
 }
