@@ -13,6 +13,7 @@
 //! tensor is removed before clients see their rows.
 
 use std::fmt;
+use std::ops::Range;
 
 use bytes::Bytes;
 use serde::de::{Deserialize, DeserializeSeed, Deserializer, MapAccess, Visitor};
@@ -746,58 +747,37 @@ enum ReplyData<'a> {
     },
 }
 
-impl ReplyData<'_> {
-    /// Appends elements `a..b` as JSON elements separated by commas.
-    fn write_text(
-        &self,
-        dt: Option<Dtype>,
-        a: usize,
-        b: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<(), String> {
-        match self {
-            ReplyData::Json { .. } if a == b => Ok(()),
-            ReplyData::Json {
-                text,
-                spans,
-                flat: true,
-            } => {
-                out.extend_from_slice(&text[spans[a].0..spans[b - 1].1]);
-                Ok(())
+impl ReplyOutput<'_> {
+    /// Appends elements `e` as JSON elements separated by commas.
+    fn write_text(&self, e: Range<usize>, out: &mut Vec<u8>) -> Result<(), String> {
+        match &self.data {
+            ReplyData::Json { .. } if e.is_empty() => {}
+            ReplyData::Json { text, spans, flat } if *flat => {
+                out.extend_from_slice(&text[spans[e.start].0..spans[e.end - 1].1]);
             }
-            ReplyData::Json {
-                text,
-                spans,
-                flat: false,
-            } => {
-                join_into(out, spans[a..b].iter().map(|&(s, e)| &text[s..e]));
-                Ok(())
+            ReplyData::Json { text, spans, .. } => {
+                join_into(out, spans[e].iter().map(|&(s, t)| &text[s..t]));
             }
             ReplyData::Raw { bytes, offsets } => {
-                let dt = dt.expect("binary outputs have a known datatype");
-                tensor::raw_to_text(dt, &bytes[offsets[a]..offsets[b]], out)
+                let dt = self.dt.expect("binary outputs have a known datatype");
+                tensor::raw_to_text(dt, &bytes[offsets[e.start]..offsets[e.end]], out)?;
             }
         }
+        Ok(())
     }
 
-    /// Appends elements `a..b` as raw bytes.
-    fn write_raw(
-        &self,
-        dt: Option<Dtype>,
-        a: usize,
-        b: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<(), String> {
-        match self {
+    /// Appends elements `e` as raw bytes.
+    fn write_raw(&self, e: Range<usize>, out: &mut Vec<u8>) -> Result<(), String> {
+        match &self.data {
             ReplyData::Raw { bytes, offsets } => {
-                out.extend_from_slice(&bytes[offsets[a]..offsets[b]]);
+                out.extend_from_slice(&bytes[offsets[e.start]..offsets[e.end]]);
                 Ok(())
             }
             ReplyData::Json { text, spans, .. } => {
-                let dt = dt.ok_or("a datatype braid cannot write as binary")?;
-                spans[a..b]
+                let dt = self.dt.ok_or("a datatype braid cannot write as binary")?;
+                spans[e]
                     .iter()
-                    .try_for_each(|&(s, e)| tensor::text_to_raw(dt, &text[s..e], out))
+                    .try_for_each(|&(s, t)| tensor::text_to_raw(dt, &text[s..t], out))
             }
         }
     }
@@ -1019,9 +999,7 @@ pub fn split_payload(
             if item.wants_binary(&o.name) {
                 any_binary = true;
                 let at = binary.len();
-                o.data
-                    .write_raw(o.dt, a, b, &mut binary)
-                    .map_err(wrong_form)?;
+                o.write_raw(a..b, &mut binary).map_err(wrong_form)?;
                 let mut params = o.parameters.clone();
                 params.insert("binary_data_size".into(), json!(binary.len() - at));
                 write_key(&mut body, &mut first, "parameters");
@@ -1033,9 +1011,7 @@ pub fn split_payload(
                 }
                 write_key(&mut body, &mut first, "data");
                 body.push(b'[');
-                o.data
-                    .write_text(o.dt, a, b, &mut body)
-                    .map_err(wrong_form)?;
+                o.write_text(a..b, &mut body).map_err(wrong_form)?;
                 body.push(b']');
             }
             body.push(b'}');
