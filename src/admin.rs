@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::config::Store;
 use crate::error::{Body, full, json_error, json_response};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::probe::ExecutorState;
 use crate::server::{ConnInfo, Handler};
 
@@ -25,9 +25,6 @@ pub struct Admin {
     /// Why the local executor is not ready, if it is not.
     pub executor: watch::Receiver<ExecutorState>,
 }
-
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 impl Handler for Admin {
     async fn call(&self, req: Request<Incoming>, _conn: &ConnInfo) -> Response<Body> {
@@ -49,20 +46,14 @@ impl Handler for Admin {
 
 impl Admin {
     fn metrics(&self, req: &Request<Incoming>) -> Response<Body> {
-        let wants_openmetrics = req
+        let accept = req
             .headers()
             .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("application/openmetrics-text"));
-        let mut resp = Response::new(full(self.metrics.encode()));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(if wants_openmetrics {
-                OPENMETRICS
-            } else {
-                PROMETHEUS_TEXT
-            }),
-        );
+            .and_then(|v| v.to_str().ok());
+        let (body, content_type) = metrics::exposition(self.metrics.encode(), accept);
+        let mut resp = Response::new(full(body));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         resp
     }
 

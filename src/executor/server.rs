@@ -468,8 +468,10 @@ impl Handler for Executor {
                 json!({"name": "braid", "version": env!("CARGO_PKG_VERSION"), "extensions": ["binary_tensor_data"]}).to_string(),
             ),
             Op::Metrics => {
-                let mut r = Response::new(full(self.metrics.encode()));
-                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+                let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                let (body, content_type) = crate::metrics::exposition(self.metrics.encode(), accept);
+                let mut r = Response::new(full(body));
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
                 r
             }
             Op::Model(name) => match self.slot(name) {

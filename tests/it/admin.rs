@@ -57,6 +57,13 @@ async fn metrics_health_readiness_and_config() {
     );
     // Label values come from config only: the bad override value never appears.
     assert!(!text.contains("zzz"));
+    // Prometheus text 0.0.4: metadata names the samples' name, and promtool agrees.
+    assert!(
+        text.contains("# TYPE braid_requests_total counter\n"),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
+    promtool_check(&text);
     let om = get(
         &c,
         &proxy.admin_url("/metrics"),

@@ -18,6 +18,7 @@ mod inject;
 mod kube_fake;
 mod layers;
 mod limits;
+mod metrics_text;
 mod minilm;
 mod reload;
 mod resilience;

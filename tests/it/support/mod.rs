@@ -902,6 +902,52 @@ pub fn python_clients() -> PathBuf {
         .clone()
 }
 
+/// Prometheus's `promtool`, put under target/promtool once by tests/tools/install-promtool.
+pub fn promtool() -> PathBuf {
+    static PROMTOOL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PROMTOOL
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let out = std::process::Command::new(root.join("tests/tools/install-promtool"))
+                .arg(root.join("target").join("promtool"))
+                .output()
+                .expect("run tests/tools/install-promtool");
+            assert!(
+                out.status.success(),
+                "tests/tools/install-promtool failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+        .clone()
+}
+
+/// `promtool check metrics` over a scrape: panics with what it reports unless the text
+/// is valid Prometheus text format with no lint problems.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write the scrape to promtool");
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\n--- scrape ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `tests/python/SCRIPT ARGS` with the clients' interpreter, off the async
 /// runtime; its last stdout line is JSON. Panics with its stderr when it fails.
 pub async fn run_python_client(script: &str, args: Vec<String>) -> serde_json::Value {
