@@ -204,6 +204,41 @@ proptest! {
         let _ = codec::parse_v2_with(&body, Some(header_cut), Default::default());
     }
 
+    /// Any reply, JSON or with binary data of any size, to a batch of a JSON client and
+    /// a binary one: split either answers both or refuses the reply, never panics.
+    #[test]
+    fn splitting_any_reply_never_panics(
+        v in json_value(),
+        rows in 0i64..4,
+        dt in prop_oneof![Just("FP32"), Just("BYTES"), Just("INT8"), Just("BOOL"), Just("X")],
+        raw in prop::collection::vec(any::<u8>(), 0..24),
+        size in prop_oneof![any::<u64>(), 0u64..24],
+    ) {
+        let req = |params: Value| {
+            let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
+                "data": [1.5]}], "parameters": params});
+            codec::parse_v2(body.to_string().as_bytes()).unwrap()
+        };
+        let (a, b) = (req(json!({})), req(json!({"binary_data_output": true})));
+        let items = [&a, &b];
+        let json_replies = [
+            json!({"outputs": [{"name": "y", "datatype": dt, "shape": [rows], "data": v}]}),
+            json!({"outputs": [{"name": "y", "datatype": dt, "shape": [rows, 1], "data": [v, v]}]}),
+            json!({"outputs": v}),
+            v.clone(),
+        ];
+        for reply in json_replies {
+            let _ = codec::split(&items, reply.to_string().as_bytes(), None);
+        }
+        let header = json!({"outputs": [{"name": "y", "datatype": dt, "shape": [rows],
+            "parameters": {"binary_data_size": size}}]})
+        .to_string();
+        let mut body = header.clone().into_bytes();
+        body.extend_from_slice(&raw);
+        let reply = codec::Payload { body: body.into(), header_len: Some(header.len()) };
+        let _ = codec::split_payload(&items, &reply, None);
+    }
+
     /// Requests of random sizes merged into one batch: an executor that answers each
     /// row in order gives every request exactly its own rows back, and any reply of
     /// the wrong length is refused whole.
