@@ -204,6 +204,10 @@ impl<T> Queue<T> {
 
     /// Takes out every item matching `gone` (callers that went away).
     pub fn take_where(&mut self, mut gone: impl FnMut(&Entry<T>) -> bool) -> Vec<Entry<T>> {
+        // Checked on every wake-up: the queue is rebuilt only when something goes.
+        if !self.entries.iter().any(&mut gone) {
+            return Vec::new();
+        }
         let mut out = Vec::new();
         let mut kept = VecDeque::with_capacity(self.entries.len());
         for e in self.entries.drain(..) {
