@@ -7,9 +7,9 @@
 //!   so light load pays no waiting tax and heavy load forms big batches;
 //! - but not blindly: when fewer rows are queued than are expected (the last batch's,
 //!   or once it finished, its rows plus those that queued meanwhile), the batch lingers
-//!   for the rest while they keep arriving (the first within `RETURN` of the executor
-//!   coming free, then no gap over `QUIET`), at most a quarter of the last batch's
-//!   execution time and `MAX_LINGER`, counted from when the executor came free. Closed-loop clients answered by one batch send their next requests
+//!   for the rest while they keep arriving (no gap over `RETURN` after a batch
+//!   finished, `QUIET` otherwise), at most a quarter of the last batch's execution time
+//!   and `MAX_LINGER`, counted from when the executor came free. Closed-loop clients answered by one batch send their next requests
 //!   within a round trip; sending the first of them alone would leave the executor
 //!   computing a batch of one while the others queue behind it, and sending what
 //!   queued during a batch without its returning callers splits one population into
@@ -109,8 +109,8 @@ pub const MAX_LINGER: Duration = Duration::from_millis(5);
 const LINGER_FRACTION: u32 = 4;
 /// A lingering batch goes when no request has arrived for this long.
 pub const QUIET: Duration = Duration::from_micros(500);
-/// After a batch finishes, how long the next waits for the first of its callers to
-/// come back (a round trip through the proxy and the client).
+/// After a batch finishes, how long the next waits for each of its callers to come
+/// back (a round trip through the proxy and the client).
 pub const RETURN: Duration = Duration::from_millis(2);
 
 #[derive(Debug)]
@@ -261,10 +261,10 @@ impl<T> Queue<T> {
                 .map(|e| e.enqueued)
                 .max()
                 .unwrap_or(oldest);
+            // After a batch finished, its callers come back spread over their round
+            // trips (the proxy answers them one by one): each may take `RETURN`.
             let (start, last, gap) = match self.free_since {
-                // Nobody has come back yet: the first return takes a round trip.
-                Some(free) if newest <= free => (free, free, RETURN),
-                Some(free) => (oldest.max(free), newest, QUIET),
+                Some(free) => (oldest.max(free), newest.max(free), RETURN),
                 None => (oldest, newest, QUIET),
             };
             let due = (start + linger).min(last + gap);
@@ -608,7 +608,7 @@ mod tests {
         for _ in 0..15 {
             at += Duration::from_micros(50);
             q.push(entry("k", 1, at, None)).unwrap();
-            assert_eq!(q.next(at, 0), Next::WaitUntil(Some(at + QUIET)));
+            assert_eq!(q.next(at, 0), Next::WaitUntil(Some(at + RETURN)));
         }
         q.push(entry("k", 1, at, None)).unwrap();
         assert_eq!(q.next(at, 0), Next::Dispatch(Flush::Idle));
@@ -618,8 +618,8 @@ mod tests {
         q.push(entry("k", 1, at, None)).unwrap();
         let cap = at + Duration::from_micros(3250);
         let mut now = at;
-        while now + QUIET / 2 < cap {
-            now += QUIET / 2;
+        while now + RETURN / 2 < cap {
+            now += RETURN / 2;
             q.push(entry("k", 1, now, None)).unwrap();
         }
         assert_eq!(q.next(cap, 0), Next::Dispatch(Flush::Idle));
