@@ -879,26 +879,29 @@ pub fn batching_config(exec: SocketAddr, batching: &str) -> String {
 
 // === the official Python clients (tests/python) ===
 
+/// Runs the project's installer `script` (relative to the repository) for `target/DIR`
+/// and returns the path it prints: what the tests need, made once and reused.
+fn installed(script: &str, dir: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join(script))
+        .arg(root.join("target").join(dir))
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// The interpreter of a virtual environment holding the pinned official clients of
 /// `tests/python/requirements.txt`, made once (by `tests/python/install`) under the
 /// target directory and reused.
 pub fn python_clients() -> PathBuf {
     static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     PYTHON
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let venv = root.join("target").join("py-clients");
-            let out = std::process::Command::new(root.join("tests/python/install"))
-                .arg(&venv)
-                .output()
-                .expect("run tests/python/install");
-            assert!(
-                out.status.success(),
-                "tests/python/install failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        })
+        .get_or_init(|| installed("tests/python/install", "py-clients"))
         .clone()
 }
 
@@ -906,19 +909,7 @@ pub fn python_clients() -> PathBuf {
 pub fn promtool() -> PathBuf {
     static PROMTOOL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     PROMTOOL
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let out = std::process::Command::new(root.join("tests/tools/install-promtool"))
-                .arg(root.join("target").join("promtool"))
-                .output()
-                .expect("run tests/tools/install-promtool");
-            assert!(
-                out.status.success(),
-                "tests/tools/install-promtool failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        })
+        .get_or_init(|| installed("tests/tools/install-promtool", "promtool"))
         .clone()
 }
 
