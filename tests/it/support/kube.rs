@@ -49,6 +49,9 @@ struct State {
     gone: usize,
     /// Watches that are following changes.
     watching: usize,
+    /// Bumped by `stop`: a watch opened before then sends nothing more, even while
+    /// its connection is still being torn down.
+    epoch: u64,
 }
 
 pub struct FakeApi {
@@ -111,6 +114,7 @@ impl FakeApi {
                     return;
                 };
                 let (state, changes, stop_rx) = (state.clone(), changes.clone(), stop_rx.clone());
+                let epoch = state.lock().unwrap().epoch;
                 let mut stopped = {
                     // Each connection ends when the server stops.
                     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -128,7 +132,7 @@ impl FakeApi {
                             (state.clone(), changes.clone(), svc_stopped.clone());
                         async move {
                             Ok::<_, Infallible>(
-                                handle(req, state, changes, stopped, bookmark).await,
+                                handle(req, state, changes, (stopped, epoch), bookmark).await,
                             )
                         }
                     });
@@ -148,6 +152,7 @@ impl FakeApi {
 
     /// Stops listening and cuts every connection, as a crashed API server would.
     pub async fn stop(&self) {
+        self.state.lock().unwrap().epoch += 1;
         if let Some(t) = self.task.lock().unwrap().take() {
             t.abort();
         }
@@ -369,9 +374,13 @@ async fn handle(
     req: Request<Incoming>,
     state: Arc<Mutex<State>>,
     changes: broadcast::Sender<Change>,
-    stopped: tokio::sync::watch::Receiver<bool>,
+    (stopped, epoch): (tokio::sync::watch::Receiver<bool>, u64),
     bookmark_every: Duration,
 ) -> Response<Body> {
+    if state.lock().unwrap().epoch != epoch {
+        // Accepted before `stop`: a crashed server answers nothing more.
+        return status(503, "ServiceUnavailable", "the API server is stopping");
+    }
     let path = req.uri().path().to_string();
     let q = query(&req);
     state
@@ -473,7 +482,7 @@ async fn handle(
                 return json_response(201, &obj);
             }
             if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
-                return watch(ns, q, state, changes, stopped, bookmark_every);
+                return watch(ns, q, state, changes, (stopped, epoch), bookmark_every);
             }
             let s = state.lock().unwrap();
             let items: Vec<Value> = s
@@ -591,7 +600,7 @@ fn watch(
     q: BTreeMap<String, String>,
     state: Arc<Mutex<State>>,
     changes: broadcast::Sender<Change>,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    (mut stopped, epoch): (tokio::sync::watch::Receiver<bool>, u64),
     bookmark_every: Duration,
 ) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Bytes>(64);
@@ -633,6 +642,10 @@ fn watch(
             (replay, false, s.rv)
         }
     };
+    let stopped_since = {
+        let state = state.clone();
+        move || state.lock().unwrap().epoch != epoch
+    };
     tokio::spawn(async move {
         let line = |v: Value| Bytes::from(format!("{v}\n"));
         if gone {
@@ -665,6 +678,7 @@ fn watch(
         loop {
             tokio::select! {
                 c = live.recv() => match c {
+                    Ok(_) if stopped_since() => return,
                     Ok(c) if c.rv > last => {
                         last = c.rv;
                         if wanted(&c) && tx.send(line(json!({"type": c.kind, "object": c.object}))).await.is_err() {
