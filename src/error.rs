@@ -24,6 +24,8 @@ pub enum ProxyError {
     NoConfig,
     #[error("no route matches {path}")]
     NoRoute { path: String },
+    #[error("no route serves model {model:?}; models: {models}")]
+    UnknownModel { model: String, models: String },
     #[error("unknown variant {wanted:?} in {header}; valid variants: {valid}")]
     UnknownVariant {
         header: String,
@@ -150,7 +152,7 @@ impl ProxyError {
             | ProxyError::Connect { .. }
             | ProxyError::Overloaded
             | ProxyError::Preempted { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoRoute { .. } | ProxyError::UnknownModel { .. } => StatusCode::NOT_FOUND,
             ProxyError::UnknownVariant { .. }
             | ProxyError::BadRequest(_)
             | ProxyError::Smuggling => StatusCode::BAD_REQUEST,
@@ -181,7 +183,7 @@ impl ProxyError {
     pub fn label(&self) -> &'static str {
         match self {
             ProxyError::NoConfig => "no_config",
-            ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::NoRoute { .. } | ProxyError::UnknownModel { .. } => "no_route",
             ProxyError::UnknownVariant { .. } => "unknown_variant",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadRequest(_) => "bad_request",
@@ -206,6 +208,22 @@ impl ProxyError {
         if matches!(self, ProxyError::Smuggling) {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+impl ProxyError {
+    /// The error as a gRPC caller gets it: a Trailers-Only answer (HTTP 200, the
+    /// status in `grpc-status` and `grpc-message`), the code from the HTTP status a
+    /// REST caller would get (`grpc::Code::for_status`).
+    pub fn into_grpc_response(self) -> Response<Body> {
+        let code = crate::grpc::Code::for_status(self.status().as_u16());
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.headers_mut() = crate::grpc::trailers_only(code, &self.to_string());
+        if let Some(secs) = self.retry_after() {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

@@ -9,7 +9,7 @@ use http::{Method, Request, Response, Version};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 
-use super::{Prepared, Proxy, Routed, Served};
+use super::{Prepared, Proxy, Routed, Served, Wire};
 use crate::addr::Protocol;
 use crate::error::ProxyError;
 use crate::executor::oip::{self, HEADER_LENGTH};
@@ -32,11 +32,26 @@ impl Proxy {
         let route = r.m.route;
         let variant = &route.variants[vi];
         let live = &r.live.variants[vi];
-        let safe_method = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        // ModelMetadata and ModelReady only read, as GET does.
+        let safe_method = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
+            || (r.wire == Wire::GrpcModel && !parts.uri.path().ends_with("/ModelInfer"));
         let may_repeat = safe_method || route.retry.idempotent;
-        let renamed = body_model_renamed(&r.m, variant, parts, &prepared.body);
+        let renamed = match r.wire {
+            Wire::Rest => body_model_renamed(&r.m, variant, parts, &prepared.body),
+            Wire::GrpcModel => {
+                super::grpc::model_renamed(&r.m, variant, &prepared.body).map(|b| (b, None))
+            }
+            Wire::GrpcStream => None,
+        };
         let body = renamed.as_ref().map_or(&prepared.body, |(b, _)| b);
-        let mut out = match upstream_request(parts, body, variant, path, conn) {
+        let protocol = match r.wire {
+            Wire::Rest => variant.upstream.protocol,
+            Wire::GrpcModel | Wire::GrpcStream => {
+                super::grpc::over_http2(variant.upstream.protocol)
+            }
+        };
+        let body = Full::new(body.clone());
+        let mut out = match upstream_request(parts, body, variant, protocol, path, conn) {
             Ok(r) => r,
             Err(e) => return Served::error(e),
         };
@@ -60,7 +75,7 @@ impl Proxy {
             if plain {
                 return self
                     .upstreams
-                    .send(variant.upstream.protocol, variant.tls.as_ref(), out)
+                    .send(protocol, variant.tls.as_ref(), out)
                     .await;
             }
             let attempts = Attempts {
@@ -75,7 +90,7 @@ impl Proxy {
             };
             let call = Call {
                 upstreams: self.upstreams.clone(),
-                protocol: variant.upstream.protocol,
+                protocol,
                 tls: variant.tls.clone(),
             };
             retry::send(call, attempts, out).await
@@ -172,24 +187,25 @@ pub(super) fn body_model_renamed(
     Some((Bytes::from(out), new_header_len))
 }
 
-/// The request as the variant's backend gets it.
-pub(super) fn upstream_request(
+/// The request as the variant's backend gets it, over `protocol`.
+pub(super) fn upstream_request<T>(
     parts: &http::request::Parts,
-    body: &Bytes,
+    body: T,
     variant: &Variant,
+    protocol: Protocol,
     path_and_query: PathAndQuery,
     conn: &ConnInfo,
-) -> Result<Request<Full<Bytes>>, ProxyError> {
+) -> Result<Request<T>, ProxyError> {
     let uri = Uri::builder()
         .scheme(variant.upstream.scheme.clone())
         .authority(variant.upstream.authority.clone())
         .path_and_query(path_and_query)
         .build()
         .map_err(|e| ProxyError::BadRequest(format!("uri: {e}")))?;
-    let mut out = Request::new(Full::new(body.clone()));
+    let mut out = Request::new(body);
     *out.method_mut() = parts.method.clone();
     *out.uri_mut() = uri;
-    *out.version_mut() = match variant.upstream.protocol {
+    *out.version_mut() = match protocol {
         // Over TLS, ALPN decides; the client speaks h2 on an h2 connection.
         Protocol::Http1 | Protocol::Tls => Version::HTTP_11,
         Protocol::H2c => Version::HTTP_2,
@@ -198,6 +214,10 @@ pub(super) fn upstream_request(
     strip_hop_by_hop(&mut headers);
     // The client sets Host from the backend's authority.
     headers.remove(header::HOST);
+    if crate::grpc::is_grpc(&headers) {
+        // Hop-by-hop, but gRPC needs it on every hop: servers refuse calls without it.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     append_forwarded_for(&mut headers, conn);
     *out.headers_mut() = headers;
     Ok(out)

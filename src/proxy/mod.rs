@@ -5,6 +5,7 @@
 
 mod batched;
 mod forward;
+mod grpc;
 mod shadow;
 #[cfg(test)]
 mod tests;
@@ -47,6 +48,49 @@ pub struct Proxy {
     pub max_inflight: usize,
 }
 
+/// How the caller speaks, which decides how the route is found, how the body is read
+/// and how errors are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    /// HTTP: REST inference or any other request; errors as JSON.
+    Rest,
+    /// A unary call of the inference service that names its model (ModelInfer,
+    /// ModelMetadata, ModelReady): read whole, routed by the model in its message.
+    GrpcModel,
+    /// Any other gRPC call: routed by path prefix, streamed both ways.
+    GrpcStream,
+}
+
+impl Wire {
+    fn of(parts: &http::request::Parts) -> Wire {
+        if !crate::grpc::is_grpc(&parts.headers) {
+            return Wire::Rest;
+        }
+        match parts.uri.path().strip_prefix(crate::grpc::SERVICE_PREFIX) {
+            Some("ModelInfer" | "ModelMetadata" | "ModelReady") => Wire::GrpcModel,
+            _ => Wire::GrpcStream,
+        }
+    }
+
+    fn grpc(self) -> bool {
+        self != Wire::Rest
+    }
+
+    fn error(self, e: ProxyError) -> Response<Body> {
+        if self.grpc() {
+            e.into_grpc_response()
+        } else {
+            e.into_response()
+        }
+    }
+}
+
+/// A request body, read already (to find a gRPC call's model) or not yet.
+enum Pending<B> {
+    Unread(B),
+    Read(Bytes),
+}
+
 impl Handler for Proxy {
     async fn call(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
         self.handle(req, conn).await
@@ -78,10 +122,11 @@ impl Served {
 }
 
 /// What one request works with: the route it matched and that route's live handles,
-/// from the one snapshot loaded for it.
+/// from the one snapshot loaded for it, and how its caller speaks.
 struct Routed<'a> {
     m: Match<'a>,
     live: &'a RouteLive,
+    wire: Wire,
 }
 
 impl Proxy {
@@ -89,19 +134,21 @@ impl Proxy {
     /// socket (axum's `oneshot` style); the listener calls it with hyper's body.
     pub async fn handle<B>(&self, req: Request<B>, conn: &ConnInfo) -> Response<Body>
     where
-        B: hyper::body::Body<Data = Bytes>,
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
         let start = Instant::now();
+        let (parts, body) = req.into_parts();
+        let wire = Wire::of(&parts);
         let inflight = self.metrics.inflight();
         if inflight.inc() >= self.max_inflight as i64 {
             inflight.dec();
-            return self.unrouted(ProxyError::Overloaded);
+            return self.unrouted(ProxyError::Overloaded, wire);
         }
         let resp = match self.store.load() {
             // One snapshot for the whole request: a reload cannot change it midway.
-            Some(active) => self.route(&active, req, conn, start).await,
-            None => self.unrouted(ProxyError::NoConfig),
+            Some(active) => self.route(&active, parts, body, wire, conn, start).await,
+            None => self.unrouted(ProxyError::NoConfig, wire),
         };
         inflight.dec();
         resp
@@ -110,29 +157,42 @@ impl Proxy {
     async fn route<B>(
         &self,
         active: &Active,
-        req: Request<B>,
+        parts: http::request::Parts,
+        body: B,
+        wire: Wire,
         conn: &ConnInfo,
         start: Instant,
     ) -> Response<Body>
     where
-        B: hyper::body::Body<Data = Bytes>,
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        let Some(m) = active.snapshot.routes.find(req.uri().path()) else {
-            return self.unrouted(ProxyError::NoRoute {
-                path: req.uri().path().to_string(),
-            });
+        let found = match wire {
+            Wire::GrpcModel => self.find_grpc_model(active, &parts, body).await,
+            Wire::Rest | Wire::GrpcStream => active
+                .snapshot
+                .routes
+                .find(parts.uri.path())
+                .map(|m| (m, Pending::Unread(body)))
+                .ok_or_else(|| ProxyError::NoRoute {
+                    path: parts.uri.path().to_string(),
+                }),
+        };
+        let (m, body) = match found {
+            Ok(found) => found,
+            Err(e) => return self.unrouted(e, wire),
         };
         let route = m.route;
         let live = &active.live[m.index];
-        let (assigned, how) = match assign::assign(route, req.headers()) {
+        let (assigned, how) = match assign::assign(route, &parts.headers) {
             Ok(a) => a,
             Err(assign::UnknownVariant(wanted)) => {
-                return self.unrouted(ProxyError::UnknownVariant {
+                let e = ProxyError::UnknownVariant {
                     header: route.override_header.to_string(),
                     wanted,
                     valid: route.variant_names(),
-                });
+                };
+                return self.unrouted(e, wire);
             }
         };
         let _permit = match &live.limit {
@@ -140,25 +200,37 @@ impl Proxy {
             Some(limit) => match limit.try_acquire() {
                 Ok(p) => Some(p),
                 Err(_) => {
-                    return self.unrouted(ProxyError::RouteBusy {
+                    let e = ProxyError::RouteBusy {
                         route: route.name.to_string(),
-                    });
+                    };
+                    return self.unrouted(e, wire);
                 }
             },
         };
         let (mut vi, mut fallback_from) = if how == assign::Assignment::Override {
             (assigned, None)
         } else {
-            self.avoid_ejected(route, live, assigned, req.headers())
+            self.avoid_ejected(route, live, assigned, &parts.headers)
         };
-
-        let (parts, body) = req.into_parts();
+        let r = Routed { m, live, wire };
+        let body = match body {
+            Pending::Unread(b) if wire == Wire::GrpcStream => {
+                let result = match self.deadline(&parts, route, start) {
+                    Ok((deadline, _)) => self.stream(&r, vi, &parts, b, deadline, conn).await,
+                    Err(e) => Err(e),
+                };
+                return self.finish(&r, vi, None, result, start, None);
+            }
+            b => b,
+        };
         let prepared = match self.prepare(&parts, body, route, live, start).await {
             Ok(p) => p,
-            Err(e) => return self.finish(route, vi, fallback_from, Err(e), start, None),
+            Err(e) => return self.finish(&r, vi, fallback_from, Err(e), start, None),
         };
-        let r = Routed { m, live };
-        let shadow = self.start_shadow(&r, vi, &parts, &prepared.body, conn);
+        let shadow = match wire {
+            Wire::Rest => self.start_shadow(&r, vi, &parts, &prepared.body, conn),
+            Wire::GrpcModel | Wire::GrpcStream => None,
+        };
         let mut served = self.serve(&r, vi, &parts, &prepared, conn).await;
         if let Some(fb) = route.fallback
             && fb != vi
@@ -172,24 +244,34 @@ impl Proxy {
             vi = fb;
             served = self.serve(&r, vi, &parts, &prepared, conn).await;
         }
-        self.finish(route, vi, fallback_from, served.result, start, shadow)
+        self.finish(&r, vi, fallback_from, served.result, start, shadow)
     }
 
-    /// Headers, metrics and the shadow's copy of the answer, once, at the edge.
+    /// Headers, metrics and the shadow's copy of the answer, once, at the edge. An
+    /// error's status is counted as the HTTP status a REST caller would get, whichever
+    /// way it is written.
     fn finish(
         &self,
-        route: &Route,
+        r: &Routed<'_>,
         vi: usize,
         fallback_from: Option<usize>,
         result: Result<Response<Body>, ProxyError>,
         start: Instant,
         shadow: Option<oneshot::Sender<PrimaryAnswer>>,
     ) -> Response<Body> {
+        let route = r.m.route;
         let variant = &route.variants[vi];
-        let mut resp = result.unwrap_or_else(|e| {
-            tracing::debug!(route = %route.name, variant = %variant.name, "{e}");
-            e.into_response()
-        });
+        let (mut resp, status) = match result {
+            Ok(resp) => {
+                let status = resp.status();
+                (resp, status)
+            }
+            Err(e) => {
+                tracing::debug!(route = %route.name, variant = %variant.name, "{e}");
+                let status = e.status();
+                (r.wire.error(e), status)
+            }
+        };
         let headers = resp.headers_mut();
         headers.insert(X_BRAID_VARIANT.clone(), variant.header_value.clone());
         if let Some(from) = fallback_from {
@@ -197,7 +279,6 @@ impl Proxy {
             headers.insert(X_BRAID_FALLBACK_FROM.clone(), from.header_value.clone());
             self.metrics.fallback(&route.name, &from.name);
         }
-        let status = resp.status();
         self.metrics
             .request(&route.name, &variant.name, status.as_u16(), start.elapsed());
         if let Some(tx) = shadow {
@@ -209,9 +290,9 @@ impl Proxy {
         resp
     }
 
-    fn unrouted(&self, e: ProxyError) -> Response<Body> {
+    fn unrouted(&self, e: ProxyError, wire: Wire) -> Response<Body> {
         self.metrics.unrouted(e.label());
-        e.into_response()
+        wire.error(e)
     }
 
     /// The assigned variant, or, while it is ejected, the fallback (named in the
@@ -248,11 +329,11 @@ impl Proxy {
         (other.unwrap_or(vi), None)
     }
 
-    /// Reads the body and works out the request's deadline.
+    /// Reads the body (unless read already) and works out the request's deadline.
     async fn prepare<B>(
         &self,
         parts: &http::request::Parts,
-        body: B,
+        body: Pending<B>,
         route: &Route,
         live: &RouteLive,
         start: Instant,
@@ -261,23 +342,11 @@ impl Proxy {
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let header_deadline = match parts.headers.get(DEADLINE_HEADER) {
-            None => None,
-            Some(v) => {
-                let d = v
-                    .to_str()
-                    .ok()
-                    .and_then(|s| parse_duration(s).ok())
-                    .ok_or_else(|| {
-                        ProxyError::BadRequest(format!(
-                            "{DEADLINE_HEADER} must be a duration such as \"250ms\""
-                        ))
-                    })?;
-                Some(start + d)
-            }
+        let (deadline, by_header) = self.deadline(parts, route, start)?;
+        let body = match body {
+            Pending::Read(b) => b,
+            Pending::Unread(b) => server::read_body(&parts.headers, b, self.max_body_bytes).await?,
         };
-        let route_deadline = route.timeout.map(|t| start + t);
-        let body = server::read_body(&parts.headers, body, self.max_body_bytes).await?;
         let budget = live.budget.clone();
         if let Some(b) = &budget {
             b.deposit();
@@ -285,12 +354,52 @@ impl Proxy {
         Ok(Prepared {
             budget,
             body,
-            deadline: [header_deadline, route_deadline]
-                .into_iter()
-                .flatten()
-                .min(),
-            by_header: header_deadline.is_some_and(|h| route_deadline.is_none_or(|r| h < r)),
+            deadline,
+            by_header,
         })
+    }
+
+    /// The earliest of the route's timeout and the caller's (`x-braid-timeout`, or a
+    /// gRPC caller's `grpc-timeout`), and whether the caller's is the earlier.
+    fn deadline(
+        &self,
+        parts: &http::request::Parts,
+        route: &Route,
+        start: Instant,
+    ) -> Result<(Option<Instant>, bool), ProxyError> {
+        let mut header_deadline = None;
+        if let Some(v) = parts.headers.get(DEADLINE_HEADER) {
+            let d = v
+                .to_str()
+                .ok()
+                .and_then(|s| parse_duration(s).ok())
+                .ok_or_else(|| {
+                    ProxyError::BadRequest(format!(
+                        "{DEADLINE_HEADER} must be a duration such as \"250ms\""
+                    ))
+                })?;
+            header_deadline = Some(start + d);
+        }
+        if let Some(v) = parts.headers.get(&crate::grpc::GRPC_TIMEOUT) {
+            let d = v
+                .to_str()
+                .ok()
+                .and_then(crate::grpc::parse_timeout)
+                .ok_or_else(|| {
+                    ProxyError::BadRequest(
+                        "grpc-timeout must be up to 8 digits and a unit (H, M, S, m, u, n)".into(),
+                    )
+                })?;
+            let at = start + d;
+            header_deadline = Some(header_deadline.map_or(at, |h: Instant| h.min(at)));
+        }
+        let route_deadline = route.timeout.map(|t| start + t);
+        let deadline = [header_deadline, route_deadline]
+            .into_iter()
+            .flatten()
+            .min();
+        let by_header = header_deadline.is_some_and(|h| route_deadline.is_none_or(|r| h < r));
+        Ok((deadline, by_header))
     }
 
     /// One variant's answer: coalesced for a local variant with a batcher, else
@@ -311,6 +420,7 @@ impl Proxy {
         };
         if let Some(batcher) = &r.live.variants[vi].batcher
             && parts.method == Method::POST
+            && r.wire == Wire::Rest
         {
             match batched::queueable(&parts.uri, &parts.headers, &prepared.body) {
                 Ok(Some(item)) => {

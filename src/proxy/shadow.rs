@@ -53,7 +53,9 @@ impl Proxy {
             }
         };
         let path = upstream_path(&r.m, variant, &parts.uri).ok()?;
-        let mut req = upstream_request(parts, body, variant, path, conn).ok()?;
+        let body = Full::new(body.clone());
+        let protocol = variant.upstream.protocol;
+        let mut req = upstream_request(parts, body, variant, protocol, path, conn).ok()?;
         req.headers_mut()
             .insert(X_BRAID_SHADOW.clone(), HeaderValue::from_static("1"));
         let (tx, primary) = oneshot::channel();

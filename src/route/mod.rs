@@ -121,6 +121,24 @@ impl RouteTable {
         }
     }
 
+    /// The route serving `model` by name (a gRPC call names its model in its message,
+    /// not its path).
+    pub fn find_model(&self, model: &str) -> Option<Match<'_>> {
+        let &i = self.by_model.get(model)?;
+        Some(Match {
+            index: i,
+            route: &self.routes[i],
+            model_span: None,
+        })
+    }
+
+    /// The models routed by name, sorted, comma-separated (for a NOT_FOUND's message).
+    pub fn models(&self) -> String {
+        let mut names: Vec<&str> = self.by_model.keys().map(|m| &**m).collect();
+        names.sort_unstable();
+        names.join(", ")
+    }
+
     pub fn find(&self, path: &str) -> Option<Match<'_>> {
         if let Some(span) = model_span(path)
             && let Some(&i) = self.by_model.get(&path[span.clone()])

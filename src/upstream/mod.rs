@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -29,13 +29,17 @@ use crate::server::tls::{self, UpstreamTls};
 /// Default connect timeout for backends (a route timeout, when set, bounds it too).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-type Pool = Client<HttpConnector, Full<Bytes>>;
+/// What braid sends: a whole body (every request it may repeat), or a stream passed
+/// through as it arrives (gRPC streaming calls).
+type OutBody = Either<Full<Bytes>, crate::error::Body>;
+
+type Pool = Client<HttpConnector, OutBody>;
 
 /// A pool of TLS connections for `https://` backends sharing one TLS setup. Pools are
 /// cached by the content of their files, so a reload that changes nothing keeps its
 /// connections.
 #[derive(Clone, Debug)]
-pub struct TlsPool(Client<HttpsConnector<HttpConnector>, Full<Bytes>>);
+pub struct TlsPool(Client<HttpsConnector<HttpConnector>, OutBody>);
 
 impl TlsPool {
     pub fn new(t: &UpstreamTls) -> Result<TlsPool, String> {
@@ -121,6 +125,26 @@ impl Upstreams {
         protocol: Protocol,
         tls: Option<&TlsPool>,
         req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, SendError> {
+        self.dispatch(protocol, tls, req.map(Either::Left)).await
+    }
+
+    /// `send` for a body streamed as it arrives: nothing of it is kept, so the caller
+    /// cannot repeat it.
+    pub async fn send_streaming(
+        &self,
+        protocol: Protocol,
+        tls: Option<&TlsPool>,
+        req: Request<crate::error::Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        self.dispatch(protocol, tls, req.map(Either::Right)).await
+    }
+
+    async fn dispatch(
+        &self,
+        protocol: Protocol,
+        tls: Option<&TlsPool>,
+        req: Request<OutBody>,
     ) -> Result<Response<Incoming>, SendError> {
         let sent = match (protocol, tls) {
             (Protocol::Http1, _) => self.h1.request(req).await,

@@ -195,10 +195,16 @@ fn retry_after(r: &Response<Incoming>) -> Option<Duration> {
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// Tells the backend how long it has left, in milliseconds.
-pub fn set_deadline_header(req: &mut Req, left: Duration) {
+/// Tells the backend how long it has left: `x-braid-timeout` in milliseconds, and
+/// `grpc-timeout` as well for a gRPC call.
+pub fn set_deadline_header<T>(req: &mut http::Request<T>, left: Duration) {
     if let Ok(v) = HeaderValue::from_str(&format!("{}ms", left.as_millis())) {
         req.headers_mut().insert(DEADLINE_HEADER, v);
+    }
+    if crate::grpc::is_grpc(req.headers()) {
+        let v = crate::grpc::format_timeout(left);
+        req.headers_mut()
+            .insert(crate::grpc::GRPC_TIMEOUT.clone(), v);
     }
 }
 

@@ -12,6 +12,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("metrics", 0),
     ("hash", 0),
     ("addr", 0),
+    ("grpc", 0),
     ("server", 1),
     ("upstream", 1),
     ("batch", 1),

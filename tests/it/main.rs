@@ -14,6 +14,7 @@ mod docs;
 
 mod executor;
 mod fuzz;
+mod grpc;
 mod inject;
 mod kube_fake;
 mod layers;

@@ -1,9 +1,10 @@
-"""KServe's own ModelServer (the `kserve` package, v2 REST), serving one model whose
-output is a deterministic function of each row, so a test can tell whose row is whose.
-Listens on a port the OS picked, printed first as `listen=127.0.0.1:PORT`; it is ready
-when its /v2/health/ready says so.
+"""KServe's own ModelServer (the `kserve` package, v2 REST, and with --grpc its
+`inference.GRPCInferenceService` too), serving one model whose output is a
+deterministic function of each row, so a test can tell whose row is whose. Listens on
+ports the OS picked, printed first as `listen=127.0.0.1:PORT` (REST) and, with --grpc,
+`grpc=127.0.0.1:PORT`; it is ready when its /v2/health/ready says so.
 
-Usage: kserve_model_server.py MODEL_NAME
+Usage: kserve_model_server.py MODEL_NAME [--grpc]
 """
 import socket
 import sys
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 
 name = sys.argv[1]
+grpc = "--grpc" in sys.argv[2:]
 sys.argv = sys.argv[:1]  # kserve parses the command line on import
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer  # noqa: E402
 
@@ -29,7 +31,9 @@ class RowFeatures(Model):
                           sum((i + 1) * ord(c) for i, c in enumerate(t))] for t in texts],
                         dtype=np.float32)
         out = InferOutput(name="features", shape=list(rows.shape), datatype="FP32")
-        out.set_data_from_numpy(rows, binary_data=False)
+        # Over gRPC, raw inputs get raw outputs (what tritonclient reads); REST stays JSON.
+        out.set_data_from_numpy(rows, binary_data=payload.from_grpc
+                                and payload.use_binary_outputs)
         return InferResponse(model_name=self.name, infer_outputs=[out],
                              response_id=payload.id)
 
@@ -42,4 +46,8 @@ def free_port():
 
 port = free_port()
 print(f"listen=127.0.0.1:{port}", flush=True)
-ModelServer(http_port=port, enable_grpc=False, workers=1).start([RowFeatures(name)])
+grpc_port = free_port() if grpc else None
+if grpc:
+    print(f"grpc=127.0.0.1:{grpc_port}", flush=True)
+ModelServer(http_port=port, enable_grpc=grpc, grpc_port=grpc_port or 8081,
+            workers=1).start([RowFeatures(name)])

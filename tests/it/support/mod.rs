@@ -2,6 +2,7 @@
 //! `127.0.0.1:0`, plus small clients. Nothing here uses a fixed port or a sleep to
 //! wait for readiness.
 
+pub mod grpc;
 pub mod kube;
 
 use std::collections::HashMap;

@@ -1,0 +1,240 @@
+//! gRPC through the data port: any service streamed through on a path-prefix route,
+//! the inference service's model calls routed by the model in their message, and
+//! braid's own errors as gRPC statuses. The official `tritonclient[grpc]` in front of
+//! KServe's `ModelServer` is in `grpc_clients`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::support::grpc::{Call, GrpcBackend, frame, name_of, named, unary};
+use crate::support::*;
+
+const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+/// Model `m` split between backend `a` (h2c://) and `b` (http://, which gRPC reaches
+/// over HTTP/2 anyway), sticky on `x-user`; paths under `prefix` to `a`.
+fn split(a: &GrpcBackend, b: &GrpcBackend, prefix: &str) -> String {
+    format!(
+        "routes:
+  - model: m
+    variants:
+      - {{ name: a, weight: 1, backend: h2c://{}, target_model: m-a }}
+      - {{ name: b, weight: 1, backend: http://{}, target_model: m-b }}
+    sticky_header: x-user
+  - path_prefix: {prefix}
+    variants: [{{ name: all, backend: h2c://{} }}]
+",
+        a.addr, b.addr, a.addr
+    )
+}
+
+/// A bidirectional stream on a prefix route: each message comes back before the next
+/// is sent, then the backend's trailers; `te: trailers` and the deadline reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bidirectional_stream_flows_both_ways_with_its_trailers() {
+    let (a, b) = (GrpcBackend::start("a").await, GrpcBackend::start("b").await);
+    let proxy = TestProxy::start(&split(&a, &b, "/")).await;
+    let mut call = Call::open(proxy.addr, "/echo.Echo/Chat", &[("grpc-timeout", "5S")]).await;
+    call.send(frame(b"one"), false);
+    let headers = call
+        .headers()
+        .await
+        .expect("headers before the request ends");
+    assert_eq!(headers["x-backend"], "a");
+    assert_eq!(headers["x-braid-variant"], "all");
+    assert_eq!(call.next().await.unwrap(), frame(b"one"), "echoed at once");
+    call.send(frame(b"two"), false);
+    assert_eq!(call.next().await.unwrap(), frame(b"two"));
+    call.send(frame(b"three"), true);
+    let (rest, trailers) = call.finish().await;
+    assert_eq!(rest, frame(b"three"));
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-trailer"], "done");
+    let seen = a.seen();
+    let seen = seen.iter().find(|s| s.path == "/echo.Echo/Chat").unwrap();
+    assert_eq!(seen.headers["te"], "trailers");
+    let left = seen.headers["grpc-timeout"].to_str().unwrap();
+    let left = braid::grpc::parse_timeout(left).expect("a valid grpc-timeout");
+    assert!(
+        left <= Duration::from_secs(5) && left > Duration::from_secs(4),
+        "{left:?}"
+    );
+    proxy.stop().await;
+}
+
+/// ModelInfer and ModelReady are routed by field 1 of their message: weights, the
+/// sticky key and the override header from gRPC metadata, field 1 rewritten to the
+/// variant's target model and every other byte as sent, `x-braid-variant` in the
+/// answer's headers. Calls that name no model go by prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_calls_are_routed_by_the_model_in_their_message() {
+    let (a, b) = (GrpcBackend::start("a").await, GrpcBackend::start("b").await);
+    let proxy = TestProxy::start(&split(&a, &b, "/")).await;
+    let rest = b"\x1a\x02id\x2a\x03\x0a\x01x"; // id = "id", inputs = [{name: "x"}]
+    let mut variants = Vec::new();
+    for user in 0..24 {
+        let user = format!("user-{user}");
+        let mut first = None;
+        for _ in 0..2 {
+            let r = unary(
+                proxy.addr,
+                INFER,
+                &[("x-user", &user)],
+                frame(&named("m", rest)),
+            )
+            .await;
+            assert_eq!(r.status(), 0, "{}", r.message());
+            let v = r.variant().to_string();
+            assert_eq!(r.headers["x-backend"], v.as_str(), "served where it says");
+            assert_eq!(name_of(r.reply()), format!("m-{v}"), "field 1 rewritten");
+            assert_eq!(&r.reply()[2 + 3..], rest, "every other byte as sent");
+            assert!(first.get_or_insert(v.clone()) == &v, "{user} is sticky");
+        }
+        variants.push(first.unwrap());
+    }
+    let on_b = variants.iter().filter(|v| *v == "b").count();
+    assert!((4..=20).contains(&on_b), "{on_b} of 24 users on b");
+
+    let pinned = unary(
+        proxy.addr,
+        "/inference.GRPCInferenceService/ModelReady",
+        &[("x-user", "user-0"), ("x-braid-variant", "b")],
+        frame(&named("m", b"")),
+    )
+    .await;
+    assert_eq!((pinned.status(), pinned.variant()), (0, "b"));
+    assert_eq!(name_of(pinned.reply()), "m-b");
+
+    let live = unary(
+        proxy.addr,
+        "/inference.GRPCInferenceService/ServerLive",
+        &[],
+        frame(b""),
+    )
+    .await;
+    assert_eq!((live.status(), live.variant()), (0, "all"));
+    let b_seen = b.seen();
+    assert!(
+        !b_seen.is_empty(),
+        "b was reached over HTTP/2 though it says http://"
+    );
+    assert!(b_seen.iter().all(|s| s.headers["te"] == "trailers"));
+    proxy.stop().await;
+}
+
+/// braid's own errors reach a gRPC caller as Trailers-Only answers (HTTP 200,
+/// `grpc-status`, `grpc-message`), and the next call is served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_grpc_statuses_and_nothing_else_is_disturbed() {
+    let (a, b) = (GrpcBackend::start("a").await, GrpcBackend::start("b").await);
+    let dead = dead_addr().await;
+    let config = format!(
+        "{}  - model: gone
+    variants: [{{ name: dead, backend: h2c://{dead} }}]
+",
+        split(&a, &b, "/echo.")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("braid.yaml");
+    std::fs::write(&path, config).unwrap();
+    let mut opts = options(&path);
+    opts.limits.max_body_bytes = 64 * 1024;
+    let proxy = TestProxy::start_at(&path, opts).await;
+
+    let ok = || frame(&named("m", b"\x1a\x02id"));
+    let cases: Vec<(&str, Vec<(&str, &str)>, Bytes, u8, &str)> = vec![
+        ("malformed", vec![], frame(&[0x0b, 1]), 3, "wire type 3"),
+        (
+            "no prefix",
+            vec![],
+            Bytes::from_static(b"\0\0"),
+            3,
+            "5-byte prefix",
+        ),
+        (
+            "unknown model",
+            vec![],
+            frame(&named("nope", b"")),
+            5,
+            "models: gone, m",
+        ),
+        (
+            "oversized",
+            vec![],
+            frame(&named("m", &vec![b'x'; 100_000])),
+            8,
+            "larger than the 65536-byte limit",
+        ),
+        (
+            "unknown variant",
+            vec![("x-braid-variant", "zzz")],
+            ok(),
+            3,
+            "valid variants: a, b",
+        ),
+        (
+            "bad timeout",
+            vec![("grpc-timeout", "soon")],
+            ok(),
+            3,
+            "grpc-timeout",
+        ),
+        (
+            "deadline",
+            vec![("grpc-timeout", "100m"), ("x-test-delay-ms", "3000")],
+            ok(),
+            4,
+            "deadline",
+        ),
+        ("reset", vec![("x-test-reset", "1")], ok(), 13, "backend"),
+        (
+            "unreachable",
+            vec![],
+            frame(&named("gone", b"")),
+            14,
+            "unreachable",
+        ),
+    ];
+    for (what, metadata, body, code, needle) in cases {
+        let r = unary(proxy.addr, INFER, &metadata, body).await;
+        assert_eq!(r.headers["content-type"], "application/grpc", "{what}");
+        assert_eq!(r.status(), code, "{what}: {}", r.message());
+        let message = percent_decoded(&r.message());
+        assert!(message.contains(needle), "{what}: {message}");
+        assert!(r.body.is_empty(), "{what}: Trailers-Only");
+        let next = unary(proxy.addr, INFER, &[], ok()).await;
+        assert_eq!(next.status(), 0, "after {what}: {}", next.message());
+    }
+    assert_eq!(
+        metric(
+            &proxy,
+            "braid_requests_total{route=\"m\",variant=\"a\",code=\"504\"}"
+        )
+        .await
+            + metric(
+                &proxy,
+                "braid_requests_total{route=\"m\",variant=\"b\",code=\"504\"}"
+            )
+            .await,
+        1.0,
+        "a gRPC error is counted as the HTTP status a REST caller would get"
+    );
+    proxy.stop().await;
+}
+
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() + 1 {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
