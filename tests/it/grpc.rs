@@ -143,7 +143,9 @@ async fn errors_are_grpc_statuses_and_nothing_else_is_disturbed() {
     let proxy = TestProxy::start_at(&path, opts).await;
 
     let ok = || frame(&named("m", b"\x1a\x02id"));
-    let cases: Vec<(&str, Vec<(&str, &str)>, Bytes, u8, &str)> = vec![
+    // What, metadata, body, the status, and words its message must hold.
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Bytes, u8, &'a str);
+    let cases: Vec<Case> = vec![
         ("malformed", vec![], frame(&[0x0b, 1]), 3, "wire type 3"),
         (
             "no prefix",
