@@ -94,3 +94,63 @@ async fn kserves_model_server_behind_braid_batching_gives_each_client_its_rows()
     let server = PythonServer::start("kserve_model_server.py", &["features-model"]).await;
     kserve_clients_through_braid(&server.addr, "features-model", "features", false).await;
 }
+
+/// The official `tritonclient[grpc]`, in its default mode, through braid to a gRPC
+/// server nobody here wrote (KServe's `ModelServer`) behind a weighted, sticky split:
+/// each client gets what a direct call gets, keeps its variant (read from the initial
+/// metadata), and server-level calls pass by prefix (an unknown model too: the
+/// server's own NOT_FOUND comes back through braid).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_grpc_through_a_sticky_split_to_kserves_model_server() {
+    let server = PythonServer::start("kserve_model_server.py", &["features-model", "--grpc"]).await;
+    let grpc = server.grpc.clone().expect("a gRPC port");
+    let proxy = TestProxy::start(&format!(
+        "routes:
+  - model: features
+    variants:
+      - {{ name: a, weight: 1, backend: h2c://{grpc}, target_model: features-model }}
+      - {{ name: b, weight: 1, backend: http://{grpc}, target_model: features-model }}
+    sticky_header: x-user-id
+  - path_prefix: /inference.GRPCInferenceService/
+    variants: [{{ name: server, backend: h2c://{grpc} }}]
+"
+    ))
+    .await;
+    let clients = 16;
+    let report = run_python_client(
+        "triton_grpc_clients.py",
+        vec![
+            proxy.addr.to_string(),
+            "features".into(),
+            grpc.clone(),
+            "features-model".into(),
+            "features".into(),
+            clients.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(report["errors"], serde_json::json!([]), "{report}");
+    assert_eq!(report["answered"], clients, "{report}");
+    assert_eq!(report["wrong_rows"], 0, "{report}");
+    let variants: Vec<&str> = report["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap_or("none"))
+        .collect();
+    let tally = tally(variants.iter().copied());
+    assert_eq!(
+        tally.get("a").unwrap_or(&0) + tally.get("b").unwrap_or(&0),
+        clients,
+        "every client kept one variant: {tally:?}"
+    );
+    assert!(tally.len() == 2, "both variants serve: {tally:?}");
+    assert_eq!(report["server_live"], true, "{report}");
+    assert_eq!(report["model_ready"], true, "{report}");
+    let not_found = report["not_found"].as_str().unwrap();
+    assert!(
+        not_found.contains("NOT_FOUND") && not_found.contains("no-such-model"),
+        "{not_found}"
+    );
+    proxy.stop().await;
+}

@@ -967,10 +967,12 @@ pub async fn run_python_client(script: &str, args: Vec<String>) -> serde_json::V
 }
 
 /// A server written in Python (`tests/python/SCRIPT ARGS`, run with the clients'
-/// interpreter) that prints `listen=ADDR` first. Killed when dropped.
+/// interpreter) that prints `listen=ADDR` first, and `grpc=ADDR` next when it serves
+/// gRPC too. Killed when dropped.
 pub struct PythonServer {
     child: std::process::Child,
     pub addr: String,
+    pub grpc: Option<String>,
 }
 
 impl PythonServer {
@@ -988,20 +990,25 @@ impl PythonServer {
             .spawn()
             .expect("start the python server");
         let stdout = child.stdout.take().unwrap();
-        let addr = tokio::task::spawn_blocking(move || {
+        let grpc = args.contains(&"--grpc");
+        let (addr, grpc) = tokio::task::spawn_blocking(move || {
             let mut lines = std::io::BufReader::new(stdout).lines();
-            let addr = lines
-                .by_ref()
-                .map_while(Result::ok)
-                .find_map(|l| l.strip_prefix("listen=").map(String::from));
+            let mut said = |key: &str| {
+                lines
+                    .by_ref()
+                    .map_while(Result::ok)
+                    .find_map(|l| l.strip_prefix(key).map(String::from))
+            };
+            let addr = said("listen=");
+            let grpc_addr = if grpc { said("grpc=") } else { None };
             // Keep draining so the server never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
-            addr
+            (addr, grpc_addr)
         })
         .await
-        .unwrap()
-        .expect("the python server never said where it listens");
-        let mut server = PythonServer { child, addr };
+        .unwrap();
+        let addr = addr.expect("the python server never said where it listens");
+        let mut server = PythonServer { child, addr, grpc };
         // Importing a Python serving stack takes seconds; poll its readiness.
         let url = format!("http://{}/v2/health/ready", server.addr);
         let c = client();
