@@ -1,6 +1,7 @@
 //! Forwarding: the request as a variant's backend gets it (model name rewritten,
 //! hop-by-hop headers stripped, `x-forwarded-for` appended), sent through the one
-//! upstream path under the route's retry policy, budget and deadline.
+//! upstream path under the route's retry policy, budget and deadline; and gRPC calls
+//! streamed both ways as they arrive (`stream`).
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -11,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{Prepared, Proxy, Routed, Served, Wire};
 use crate::addr::Protocol;
-use crate::error::ProxyError;
+use crate::error::{Body, BoxError, ProxyError};
 use crate::executor::oip::{self, HEADER_LENGTH};
 use crate::route::{self, Match, Variant};
 use crate::server::ConnInfo;
@@ -134,6 +135,54 @@ impl Proxy {
                 result: Err(ProxyError::from_send(&variant.upstream.authority, e)),
             },
         }
+    }
+
+    /// A streamed call: the body goes to the variant's backend as it arrives and the
+    /// answer comes back as it is sent, trailers included. Nothing is kept, so nothing
+    /// is retried; the deadline bounds the wait for the answer's headers and reaches
+    /// the backend as `grpc-timeout`.
+    pub(super) async fn stream<B>(
+        &self,
+        r: &Routed<'_>,
+        vi: usize,
+        parts: &http::request::Parts,
+        body: B,
+        deadline: Option<Instant>,
+        conn: &ConnInfo,
+    ) -> Result<Response<Body>, ProxyError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let route = r.m.route;
+        let variant = &route.variants[vi];
+        let protocol = super::grpc::over_http2(variant.upstream.protocol);
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let body: Body = body.map_err(Into::into).boxed();
+        let mut out = upstream_request(parts, body, variant, protocol, path, conn)?;
+        if let Some(d) = deadline {
+            retry::set_deadline_header(&mut out, d.saturating_duration_since(Instant::now()));
+        }
+        let sent = self
+            .upstreams
+            .send_streaming(protocol, variant.tls.as_ref(), out);
+        let sent = match deadline {
+            Some(d) => tokio::time::timeout_at(d, sent)
+                .await
+                .map_err(|_| ProxyError::DeadlinePassed)?,
+            None => sent.await,
+        };
+        if let Some(h) = &r.live.variants[vi].health {
+            h.record(sent.is_ok(), Instant::now());
+        }
+        let resp = sent.map_err(|e| ProxyError::from_send(&variant.upstream.authority, e))?;
+        let (mut head, body) = resp.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        Ok(Response::from_parts(head, body.map_err(Into::into).boxed()))
     }
 }
 

@@ -7,20 +7,14 @@
 //! leaves over HTTP/2: an `http://` backend is spoken to with prior knowledge (h2c).
 
 use bytes::Bytes;
-use http::Response;
-use http::uri::PathAndQuery;
-use http_body_util::BodyExt;
-use tokio::time::Instant;
 
-use super::forward::{strip_hop_by_hop, upstream_request};
-use super::{Pending, Proxy, Routed};
+use super::{Pending, Proxy};
 use crate::addr::Protocol;
 use crate::config::Active;
-use crate::error::{Body, BoxError, ProxyError};
+use crate::error::{BoxError, ProxyError};
 use crate::grpc::{frame, string_field, unary_message, with_string_field};
 use crate::route::{Match, Variant};
-use crate::server::{self, ConnInfo};
-use crate::upstream::retry;
+use crate::server;
 
 impl Proxy {
     /// Reads a model-naming call and finds its route: by model, else by path prefix,
@@ -48,54 +42,6 @@ impl Proxy {
                 models: routes.models(),
             })?;
         Ok((m, Pending::Read(bytes)))
-    }
-
-    /// A streamed call: the body goes to the variant's backend as it arrives and the
-    /// answer comes back as it is sent, trailers included. Nothing is kept, so nothing
-    /// is retried; the deadline bounds the wait for the answer's headers and reaches
-    /// the backend as `grpc-timeout`.
-    pub(super) async fn stream<B>(
-        &self,
-        r: &Routed<'_>,
-        vi: usize,
-        parts: &http::request::Parts,
-        body: B,
-        deadline: Option<Instant>,
-        conn: &ConnInfo,
-    ) -> Result<Response<Body>, ProxyError>
-    where
-        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
-        B::Error: Into<BoxError>,
-    {
-        let route = r.m.route;
-        let variant = &route.variants[vi];
-        let protocol = over_http2(variant.upstream.protocol);
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let body: Body = body.map_err(Into::into).boxed();
-        let mut out = upstream_request(parts, body, variant, protocol, path, conn)?;
-        if let Some(d) = deadline {
-            retry::set_deadline_header(&mut out, d.saturating_duration_since(Instant::now()));
-        }
-        let sent = self
-            .upstreams
-            .send_streaming(protocol, variant.tls.as_ref(), out);
-        let sent = match deadline {
-            Some(d) => tokio::time::timeout_at(d, sent)
-                .await
-                .map_err(|_| ProxyError::DeadlinePassed)?,
-            None => sent.await,
-        };
-        if let Some(h) = &r.live.variants[vi].health {
-            h.record(sent.is_ok(), Instant::now());
-        }
-        let resp = sent.map_err(|e| ProxyError::from_send(&variant.upstream.authority, e))?;
-        let (mut head, body) = resp.into_parts();
-        strip_hop_by_hop(&mut head.headers);
-        Ok(Response::from_parts(head, body.map_err(Into::into).boxed()))
     }
 }
 
