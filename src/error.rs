@@ -219,8 +219,7 @@ impl ProxyError {
     /// REST caller would get (`grpc::Code::for_status`).
     pub fn into_grpc_response(self) -> Response<Body> {
         let code = crate::grpc::Code::for_status(self.status().as_u16());
-        let mut resp = Response::new(full(Bytes::new()));
-        *resp.headers_mut() = crate::grpc::trailers_only(code, &self.to_string());
+        let mut resp = crate::grpc::status_response(code, &self.to_string());
         if let Some(secs) = self.retry_after() {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -1,5 +1,7 @@
 //! The executor's HTTP side: Open Inference Protocol v2 (and KServe v1 predict) for its
-//! models, health and readiness, and its own `/metrics`. Models load on a background
+//! models, health and readiness, and its own `/metrics`; on the same port, the
+//! protocol's gRPC service (`inference.GRPCInferenceService`, told apart by
+//! `content-type: application/grpc`), whose calls are answered by the same code. Models load on a background
 //! thread after the port is open, so liveness answers at once and readiness turns 200
 //! only when every model has loaded.
 
@@ -18,6 +20,7 @@ use super::model::Model;
 use super::oip;
 use super::worker::{ExecError, ModelHandle};
 use crate::error::{Body, full, json_error, json_response};
+use crate::grpc::{self, pb};
 use crate::metrics::ExecutorMetrics;
 use crate::server::{self, ConnInfo, Handler, Limits, Phase};
 
@@ -293,7 +296,17 @@ impl Executor {
             Ok(b) => b,
             Err(e) => return e.into_response(),
         };
-        let mut decoded = match oip::decode(&body, header_len) {
+        self.infer_v2_body(slot, &body, header_len).await
+    }
+
+    /// A v2 inference body (JSON, or a JSON header and binary data) -> the REST answer.
+    async fn infer_v2_body(
+        &self,
+        slot: &Slot,
+        body: &[u8],
+        header_len: Option<usize>,
+    ) -> Response<Body> {
+        let mut decoded = match oip::decode(body, header_len) {
             Ok(d) => d,
             Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.0),
         };
@@ -440,6 +453,9 @@ fn parse_path(path: &str) -> Option<Op<'_>> {
 
 impl Handler for Executor {
     async fn call(&self, req: Request<Incoming>, _conn: &ConnInfo) -> Response<Body> {
+        if grpc::is_grpc(req.headers()) {
+            return self.grpc(req).await;
+        }
         let path = req.uri().path().to_string();
         let Some(op) = parse_path(&path) else {
             return json_error(StatusCode::NOT_FOUND, &format!("no endpoint {path}"));
@@ -502,10 +518,121 @@ impl Handler for Executor {
 
 impl Executor {
     fn unknown_model(&self, name: &str) -> Response<Body> {
+        json_error(StatusCode::NOT_FOUND, &self.unknown_model_message(name))
+    }
+
+    fn unknown_model_message(&self, name: &str) -> String {
         let names: Vec<&str> = self.slots.iter().map(|s| s.spec.name.as_str()).collect();
-        json_error(
-            StatusCode::NOT_FOUND,
-            &format!("unknown model {name:?}; serving: {}", names.join(", ")),
-        )
+        format!("unknown model {name:?}; serving: {}", names.join(", "))
+    }
+
+    /// One call of `inference.GRPCInferenceService`: read whole (every method braid
+    /// serves is unary), answered by the REST code, the answer in gRPC's form.
+    async fn grpc(&self, req: Request<Incoming>) -> Response<Body> {
+        use grpc::Code;
+        let Some(method) = req.uri().path().strip_prefix(grpc::SERVICE_PREFIX) else {
+            let msg = format!("no service at {}", req.uri().path());
+            return grpc::status_response(Code::Unimplemented, &msg);
+        };
+        let method = method.to_string();
+        let (parts, body) = req.into_parts();
+        let body = match server::read_body(&parts.headers, body, self.max_body_bytes).await {
+            Ok(b) => b,
+            Err(e) => return e.into_grpc_response(),
+        };
+        let msg = match grpc::unary_message(&body) {
+            Ok(m) => m,
+            Err(e) => return grpc::status_response(Code::InvalidArgument, &e),
+        };
+        fn decode<M: prost::Message + Default>(msg: &[u8]) -> Result<M, (Code, String)> {
+            M::decode(msg).map_err(|e| (Code::InvalidArgument, format!("malformed message: {e}")))
+        }
+        let slot = |name: &str| {
+            self.slot(name)
+                .ok_or_else(|| (Code::NotFound, self.unknown_model_message(name)))
+        };
+        let answer = async {
+            Ok(match method.as_str() {
+                "ServerLive" => grpc::unary_ok(&pb::ServerLiveResponse { live: true }),
+                "ServerReady" => grpc::unary_ok(&pb::ServerReadyResponse {
+                    ready: self.ready(),
+                }),
+                "ServerMetadata" => grpc::unary_ok(&pb::ServerMetadataResponse {
+                    name: "braid".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    extensions: vec!["binary_tensor_data".into()],
+                }),
+                "ModelReady" => {
+                    let req: pb::ModelReadyRequest = decode(msg)?;
+                    let ready = matches!(slot(&req.name)?.state.get(), Some(Ok(_)));
+                    grpc::unary_ok(&pb::ModelReadyResponse { ready })
+                }
+                "ModelMetadata" => {
+                    let req: pb::ModelMetadataRequest = decode(msg)?;
+                    let meta = self.metadata(slot(&req.name)?);
+                    grpc::unary_ok(&grpc::oip::model_metadata(&meta))
+                }
+                "ModelInfer" => {
+                    let req: pb::ModelInferRequest = decode(msg)?;
+                    let slot = slot(&req.model_name).inspect_err(|_| {
+                        // Counted without the name: label values never come from requests.
+                        self.metrics.request("", 404);
+                    })?;
+                    let (resp, status) = self.infer_grpc(slot, &req).await;
+                    self.metrics.request(&req.model_name, status.as_u16());
+                    resp
+                }
+                other => {
+                    let e = format!("braid's executor does not serve {other}");
+                    return Err((Code::Unimplemented, e));
+                }
+            })
+        };
+        answer
+            .await
+            .unwrap_or_else(|(code, message)| grpc::status_response(code, &message))
+    }
+
+    /// ModelInfer: the request in its REST form through `infer_v2_body`, the REST
+    /// answer back as a ModelInferResponse or a status; with the HTTP status it stands
+    /// for (for the metrics).
+    async fn infer_grpc(
+        &self,
+        slot: &Slot,
+        req: &pb::ModelInferRequest,
+    ) -> (Response<Body>, StatusCode) {
+        use http_body_util::BodyExt;
+        let internal = |e: &str| {
+            let r = grpc::status_response(grpc::Code::Internal, e);
+            (r, StatusCode::INTERNAL_SERVER_ERROR)
+        };
+        let (body, header_len) = match grpc::oip::rest_request(req) {
+            Ok(b) => b,
+            Err(e) => {
+                let r = grpc::status_response(grpc::Code::InvalidArgument, &e);
+                return (r, StatusCode::BAD_REQUEST);
+            }
+        };
+        let resp = self.infer_v2_body(slot, &body, Some(header_len)).await;
+        let status = resp.status();
+        let reply_len = match oip::header_len(resp.headers()) {
+            Ok(n) => n,
+            Err(e) => return internal(&e.0),
+        };
+        let bytes = match resp.into_body().collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) => return internal(&e.to_string()),
+        };
+        if !status.is_success() {
+            let (code, message) = grpc::oip::rest_error(status.as_u16(), &bytes);
+            return (grpc::status_response(code, &message), status);
+        }
+        match grpc::oip::grpc_response(&bytes, reply_len) {
+            Ok(mut r) => {
+                r.id.clone_from(&req.id);
+                (grpc::unary_ok(&r), status)
+            }
+            Err(e) => internal(&e),
+        }
     }
 }

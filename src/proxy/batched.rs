@@ -15,8 +15,10 @@ use crate::batch::codec::{self, Item, PathModel, Payload, Unqueued};
 use crate::batch::queue::BatchLimits;
 use crate::error::{Body, ProxyError, full};
 use crate::executor::oip;
+use crate::grpc::{self, pb};
 use crate::route::{self, Route, Variant};
 use crate::upstream::Upstreams;
+use prost::Message;
 
 /// Largest executor reply accepted for a batch.
 const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
@@ -42,6 +44,35 @@ pub(super) fn queueable(
     };
     match parsed {
         Ok(item) => Ok(Some(item)),
+        Err(Unqueued::Alone) => Ok(None),
+        Err(Unqueued::Bad(msg)) => Err(msg),
+    }
+}
+
+/// Whether a gRPC ModelInfer can wait in a batch, and the executor path (REST) its
+/// batch goes to: the request in its REST form (`grpc::oip::rest_request`), then as
+/// `queueable`. The model is the route's (its target's), as for REST.
+pub(super) fn queueable_grpc(
+    body: &Bytes,
+    target: &str,
+) -> Result<Option<(Item, PathAndQuery)>, String> {
+    let msg = grpc::unary_message(body)?;
+    let req = pb::ModelInferRequest::decode(msg)
+        .map_err(|e| format!("malformed ModelInferRequest: {e}"))?;
+    let path = match req.model_version.as_str() {
+        "" => format!("/v2/models/{target}/infer"),
+        v => format!("/v2/models/{target}/versions/{v}/infer"),
+    };
+    let Ok(path) = PathAndQuery::try_from(path) else {
+        return Ok(None); // A version no path can carry: forwarded as it is.
+    };
+    let (rest, header_len) = grpc::oip::rest_request(&req)?;
+    let unnamed = PathModel {
+        name: None,
+        version: None,
+    };
+    match codec::parse_v2_with(&rest, Some(header_len), unnamed) {
+        Ok(item) => Ok(Some((item, path))),
         Err(Unqueued::Alone) => Ok(None),
         Err(Unqueued::Bad(msg)) => Err(msg),
     }
@@ -98,7 +129,9 @@ fn priority_class(
     })
 }
 
-/// Queues `item` on the variant's batcher and waits for its rows.
+/// Queues `item` on the variant's batcher and waits for its rows, answered in the
+/// caller's form (REST, or a gRPC ModelInferResponse when `grpc`).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn submit(
     batcher: &Batcher,
     route: &Route,
@@ -107,6 +140,7 @@ pub(super) async fn submit(
     path: PathAndQuery,
     headers: &HeaderMap,
     prepared: &Prepared,
+    grpc: bool,
 ) -> Result<Response<Body>, ProxyError> {
     if let Some(name) = route.row_id.as_deref()
         && item.has_input(name)
@@ -134,9 +168,22 @@ pub(super) async fn submit(
         })
         .await;
     match reply {
+        Ok(reply) if grpc => grpc::oip::grpc_response(&reply.body, reply.header_len)
+            .map(|r| grpc::unary_ok(&r))
+            .map_err(|reason| ProxyError::Upstream {
+                backend: variant.upstream.authority.to_string(),
+                reason: format!("the executor's reply as gRPC: {reason}"),
+            }),
         Ok(reply) => {
             let mut resp = Response::new(full(reply.body));
             oip::set_body_type(resp.headers_mut(), reply.header_len);
+            Ok(resp)
+        }
+        Err(BatchError::Backend { status, body }) if grpc => {
+            let (code, message) = grpc::oip::rest_error(status.as_u16(), &body);
+            let mut resp = grpc::status_response(code, &message);
+            // The HTTP status this answer stands for, for the metrics.
+            resp.extensions_mut().insert(status);
             Ok(resp)
         }
         Err(e) => ProxyError::from_batch(&variant.name, &variant.upstream.authority, e),

@@ -263,7 +263,12 @@ impl Proxy {
         let variant = &route.variants[vi];
         let (mut resp, status) = match result {
             Ok(resp) => {
-                let status = resp.status();
+                // A gRPC status stands for the HTTP status it was made from, if any.
+                let status = resp
+                    .extensions()
+                    .get::<http::StatusCode>()
+                    .copied()
+                    .unwrap_or(resp.status());
                 (resp, status)
             }
             Err(e) => {
@@ -420,18 +425,30 @@ impl Proxy {
         };
         if let Some(batcher) = &r.live.variants[vi].batcher
             && parts.method == Method::POST
-            && r.wire == Wire::Rest
         {
-            match batched::queueable(&parts.uri, &parts.headers, &prepared.body) {
-                Ok(Some(item)) => {
+            let queueable = match r.wire {
+                Wire::Rest => batched::queueable(&parts.uri, &parts.headers, &prepared.body)
+                    .map(|item| item.map(|item| (item, path.clone()))),
+                Wire::GrpcModel if parts.uri.path().ends_with("/ModelInfer") => {
+                    let target = variant.target_model.as_ref().or(route.model.as_ref());
+                    match target {
+                        Some(t) => batched::queueable_grpc(&prepared.body, t),
+                        None => Ok(None),
+                    }
+                }
+                Wire::GrpcModel | Wire::GrpcStream => Ok(None),
+            };
+            match queueable {
+                Ok(Some((item, exec_path))) => {
                     let result = batched::submit(
                         batcher,
                         route,
                         variant,
                         item,
-                        path,
+                        exec_path,
                         &parts.headers,
                         prepared,
+                        r.wire.grpc(),
                     )
                     .await;
                     return Served {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::support::grpc::{Call, GrpcBackend, frame, name_of, named, unary};
+use crate::support::grpc::{
+    Call, GrpcBackend, decoded, fp32_output, frame, name_of, named, texts_request, unary,
+};
 use crate::support::*;
 
 const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
@@ -239,4 +241,177 @@ fn percent_decoded(s: &str) -> String {
         }
     }
     String::from_utf8(out).unwrap()
+}
+
+const SERVICE: &str = "/inference.GRPCInferenceService/";
+
+/// braid's executor answers `inference.GRPCInferenceService` on its REST port (h2c,
+/// told apart by content-type): health, metadata, and ModelInfer with raw or typed
+/// contents giving what the REST path gives; errors are statuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn braids_executor_serves_the_grpc_service_on_its_rest_port() {
+    use braid::grpc::pb;
+    use prost::Message;
+    let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
+    let call = |method: &str, msg: Vec<u8>| {
+        let path = format!("{SERVICE}{method}");
+        async move { unary(ex.addr, &path, &[], frame(&msg)).await }
+    };
+    let live: pb::ServerLiveResponse = decoded(&call("ServerLive", vec![]).await);
+    assert!(live.live);
+    let ready: pb::ServerReadyResponse = decoded(&call("ServerReady", vec![]).await);
+    assert!(ready.ready);
+    let meta: pb::ServerMetadataResponse = decoded(&call("ServerMetadata", vec![]).await);
+    assert_eq!(meta.name, "braid");
+    let named = |name: &str| pb::ModelReadyRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    let ready: pb::ModelReadyResponse =
+        decoded(&call("ModelReady", named("tiny").encode_to_vec()).await);
+    assert!(ready.ready);
+    let unknown = call("ModelReady", named("nope").encode_to_vec()).await;
+    assert_eq!(unknown.status(), 5);
+    assert!(
+        unknown.message().contains("serving: tiny"),
+        "{}",
+        unknown.message()
+    );
+    let model: pb::ModelMetadataResponse =
+        decoded(&call("ModelMetadata", named("tiny").encode_to_vec()).await);
+    assert_eq!(model.inputs[0].name, "text");
+    assert!(model.outputs.iter().any(|o| o.name == "embedding"));
+
+    let texts = ["good film", "bad food"];
+    let rest = post(
+        &client(),
+        &ex.url("/v2/models/tiny/infer"),
+        &[],
+        &infer_body(&texts, ""),
+    )
+    .await
+    .json();
+    let want: Vec<f32> = rest["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "embedding")
+        .unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| match v.as_array() {
+            Some(row) => row.iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+            None => vec![v.as_f64().unwrap() as f32],
+        })
+        .collect();
+    for raw in [true, false] {
+        let r = unary(
+            ex.addr,
+            INFER,
+            &[],
+            texts_request("tiny", "r1", &texts, raw),
+        )
+        .await;
+        assert_eq!(r.status(), 0, "{}", r.message());
+        let resp: pb::ModelInferResponse = decoded(&r);
+        assert_eq!(resp.id, "r1");
+        let (shape, got) = fp32_output(&resp, "embedding");
+        assert_eq!(shape[0], 2);
+        assert_eq!(got.len(), want.len());
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "raw {raw}: {diff}");
+    }
+    let bad = unary(ex.addr, INFER, &[], frame(&[0x0b])).await;
+    assert_eq!(bad.status(), 3, "{}", bad.message());
+    let other = call("RepositoryIndex", vec![]).await;
+    assert_eq!(other.status(), 12, "{}", other.message());
+}
+
+/// Concurrent gRPC ModelInfer calls on a batched route share executor calls, and each
+/// caller gets exactly its own rows and id (checked against a direct call). A call
+/// the batcher does not take (ModelMetadata) reaches the executor over HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_model_infer_is_batched_and_each_caller_gets_its_own_rows() {
+    use braid::grpc::pb;
+    use prost::Message;
+    let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
+    let proxy = TestProxy::start(&format!(
+        "executor: http://{}
+routes:
+  - model: m
+    variants: [{{ name: local, backend: local, target_model: tiny }}]
+    batching: {{ max_batch_size: 64, max_delay: 50ms, row_id: braid_row_id }}
+",
+        ex.addr
+    ))
+    .await;
+    let n = 24;
+    let texts: Vec<String> = (0..n).map(|i| format!("text number {i} of {n}")).collect();
+    let calls = texts.iter().enumerate().map(|(i, t)| {
+        let (addr, t) = (proxy.addr, t.clone());
+        tokio::spawn(async move {
+            let r = unary(
+                addr,
+                INFER,
+                &[],
+                texts_request("m", &format!("id-{i}"), &[&t], i % 2 == 0),
+            )
+            .await;
+            assert_eq!(r.status(), 0, "{}", r.message());
+            decoded::<pb::ModelInferResponse>(&r)
+        })
+    });
+    let got: Vec<pb::ModelInferResponse> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    for (i, (resp, text)) in got.iter().zip(&texts).enumerate() {
+        assert_eq!(resp.id, format!("id-{i}"));
+        assert!(
+            !resp.outputs.iter().any(|o| o.name == "braid_row_id"),
+            "the row ids are braid's"
+        );
+        let direct = unary(
+            ex.addr,
+            INFER,
+            &[],
+            texts_request("tiny", "", &[text], true),
+        )
+        .await;
+        let want = fp32_output(&decoded(&direct), "embedding");
+        assert_eq!(
+            fp32_output(resp, "embedding"),
+            want,
+            "caller {i} got its own row"
+        );
+    }
+    let labels = "{route=\"m\",variant=\"local\"}";
+    let batches = metric(&proxy, &format!("braid_batch_size_count{labels}")).await;
+    let rows = metric(&proxy, &format!("braid_batch_size_sum{labels}")).await;
+    assert_eq!(rows, n as f64, "every call went through the batcher");
+    assert!(batches < rows / 2.0, "{batches} batches for {rows} rows");
+
+    let meta = pb::ModelMetadataRequest {
+        name: "m".into(),
+        ..Default::default()
+    };
+    let r = unary(
+        proxy.addr,
+        &format!("{SERVICE}ModelMetadata"),
+        &[],
+        frame(&meta.encode_to_vec()),
+    )
+    .await;
+    let meta: pb::ModelMetadataResponse = decoded(&r);
+    assert_eq!(
+        meta.name, "tiny",
+        "forwarded to the executor with the target's name"
+    );
+    proxy.stop().await;
 }

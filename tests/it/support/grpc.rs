@@ -250,3 +250,57 @@ impl Unary {
         &self.body[5..]
     }
 }
+
+/// A ModelInferRequest for `model` with one BYTES input `text` of these rows, in raw
+/// contents (what tritonclient sends) or typed contents.
+pub fn texts_request(model: &str, id: &str, texts: &[&str], raw: bool) -> Bytes {
+    use braid::grpc::pb::{InferTensorContents, ModelInferRequest, model_infer_request};
+    use prost::Message;
+    let contents = InferTensorContents {
+        bytes_contents: texts.iter().map(|t| Bytes::from(t.to_string())).collect(),
+        ..Default::default()
+    };
+    let mut raw_contents = Vec::new();
+    for t in texts {
+        raw_contents.extend_from_slice(&(t.len() as u32).to_le_bytes());
+        raw_contents.extend_from_slice(t.as_bytes());
+    }
+    let req = ModelInferRequest {
+        model_name: model.into(),
+        id: id.into(),
+        inputs: vec![model_infer_request::InferInputTensor {
+            name: "text".into(),
+            datatype: "BYTES".into(),
+            shape: vec![texts.len() as i64],
+            contents: (!raw).then_some(contents),
+            ..Default::default()
+        }],
+        raw_input_contents: if raw {
+            vec![raw_contents.into()]
+        } else {
+            vec![]
+        },
+        ..Default::default()
+    };
+    frame(&req.encode_to_vec())
+}
+
+/// An answer's message, decoded.
+pub fn decoded<M: prost::Message + Default>(r: &Unary) -> M {
+    M::decode(r.reply()).expect("a well-formed message")
+}
+
+/// An output of a ModelInferResponse as FP32 values, with its shape.
+pub fn fp32_output(r: &braid::grpc::pb::ModelInferResponse, name: &str) -> (Vec<i64>, Vec<f32>) {
+    let i = r
+        .outputs
+        .iter()
+        .position(|o| o.name == name)
+        .unwrap_or_else(|| panic!("no output {name} in {r:?}"));
+    assert_eq!(r.outputs[i].datatype, "FP32");
+    let values = r.raw_output_contents[i]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (r.outputs[i].shape.clone(), values)
+}

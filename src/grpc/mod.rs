@@ -7,11 +7,24 @@
 //! requests that name a model carry the name in field 1 (`ModelInferRequest.model_name`,
 //! `ModelMetadataRequest.name`, `ModelReadyRequest.name`).
 
+pub mod oip;
+
+/// The messages of `inference.GRPCInferenceService`, generated from
+/// `inference.proto` at build time.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/inference.rs"));
+}
+
 use std::ops::Range;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use http::Response;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Full};
+
+use crate::error::Body;
 
 /// The service of the Open Inference Protocol over gRPC.
 pub const SERVICE_PREFIX: &str = "/inference.GRPCInferenceService/";
@@ -92,6 +105,29 @@ pub fn trailers_only(code: Code, message: &str) -> HeaderMap {
         h.insert(GRPC_MESSAGE.clone(), v);
     }
     h
+}
+
+/// A Trailers-Only answer with this status.
+pub fn status_response(code: Code, message: &str) -> Response<Body> {
+    let mut resp = Response::new(crate::error::full(Bytes::new()));
+    *resp.headers_mut() = trailers_only(code, message);
+    resp
+}
+
+/// A unary call's successful answer: the message, then the trailers `grpc-status: 0`.
+pub fn unary_ok(msg: &impl prost::Message) -> Response<Body> {
+    let mut trailers = HeaderMap::with_capacity(1);
+    trailers.insert(GRPC_STATUS.clone(), HeaderValue::from_static("0"));
+    let body = Full::new(frame(&msg.encode_to_vec()))
+        .with_trailers(async move { Some(Ok(trailers)) })
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    resp
 }
 
 /// `grpc-message` encoding: printable ASCII other than `%` as is, every other byte of
