@@ -22,7 +22,7 @@ async fn tritonclient_http_defaults_are_batched_and_each_client_gets_its_own_row
         ],
     )
     .await;
-    assert_own_rows_and_batched(&report, &proxy, clients).await;
+    assert_own_rows_and_batched(&report, &proxy, clients, clients).await;
     proxy.stop().await;
 }
 
@@ -35,11 +35,12 @@ fn batched_route(executor: &str, target: &str, row_id: bool) -> String {
 }
 
 /// A client's report (see tests/python) says every request got exactly its own rows;
-/// braid's metrics say they were merged.
+/// braid's metrics say all `rows` were merged.
 async fn assert_own_rows_and_batched(
     report: &serde_json::Value,
     proxy: &TestProxy,
     clients: usize,
+    rows_sent: usize,
 ) {
     assert_eq!(report["errors"], serde_json::json!([]), "{report}");
     assert_eq!(report["answered"], clients, "{report}");
@@ -49,7 +50,7 @@ async fn assert_own_rows_and_batched(
     let batches = metric(proxy, &format!("braid_batch_size_count{labels}")).await;
     let rows = metric(proxy, &format!("braid_batch_size_sum{labels}")).await;
     assert_eq!(
-        rows, clients as f64,
+        rows, rows_sent as f64,
         "every request went through the batcher"
     );
     assert!(
@@ -75,7 +76,7 @@ async fn kserve_clients_through_braid(direct: &str, model: &str, output: &str, r
         ],
     )
     .await;
-    assert_own_rows_and_batched(&report, &proxy, clients).await;
+    assert_own_rows_and_batched(&report, &proxy, clients, clients).await;
     proxy.stop().await;
 }
 
@@ -152,5 +153,36 @@ async fn tritonclient_grpc_through_a_sticky_split_to_kserves_model_server() {
         not_found.contains("NOT_FOUND") && not_found.contains("no-such-model"),
         "{not_found}"
     );
+    proxy.stop().await;
+}
+
+/// 64 concurrent `tritonclient[grpc]` clients (raw contents, their default) through a
+/// batched route to braid's executor: batches form, and each client gets what a
+/// direct gRPC call to the executor gets for its text, with its own id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_grpc_is_batched_and_each_client_gets_its_own_rows() {
+    let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
+    let config = format!(
+        "{}  - path_prefix: /inference.GRPCInferenceService/\n    variants: [{{ name: server, backend: h2c://{} }}]\n",
+        batched_route(&ex.addr.to_string(), "tiny", true),
+        ex.addr
+    );
+    let proxy = TestProxy::start(&config).await;
+    let clients = 64;
+    let report = run_python_client(
+        "triton_grpc_clients.py",
+        vec![
+            proxy.addr.to_string(),
+            "m".into(),
+            ex.addr.to_string(),
+            "tiny".into(),
+            "embedding".into(),
+            clients.to_string(),
+        ],
+    )
+    .await;
+    // Each client's infer, then two more calls through the stub to read its variant.
+    assert_own_rows_and_batched(&report, &proxy, clients, 3 * clients).await;
+    assert_eq!(report["model_ready"], true, "{report}");
     proxy.stop().await;
 }
