@@ -48,6 +48,13 @@ pub struct UnroutedLabels {
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+    pub grpc_status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlushLabels {
     pub route: Arc<str>,
     pub variant: Arc<str>,
@@ -105,6 +112,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    grpc: Family<GrpcLabels, Counter>,
     duration: HistogramFamily<VariantLabels>,
     unrouted: Family<UnroutedLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
@@ -245,6 +253,12 @@ impl Metrics {
             "Routed requests answered, by route, variant and HTTP status",
             Family::<RequestLabels, Counter>::default(),
         );
+        let grpc = register(
+            &mut registry,
+            "braid_grpc_requests",
+            "Routed gRPC calls ended, by route, variant and gRPC status (from the answer's trailers, or braid's own)",
+            Family::<GrpcLabels, Counter>::default(),
+        );
         let duration: HistogramFamily<VariantLabels> = register(
             &mut registry,
             "braid_request_duration_seconds",
@@ -356,6 +370,7 @@ impl Metrics {
             shadow,
             divergence,
             requests,
+            grpc,
             duration,
             unrouted,
             reloads,
@@ -457,6 +472,17 @@ impl Metrics {
                 route: labels.route,
                 variant: labels.variant,
                 code,
+            })
+            .inc();
+    }
+
+    /// Records how a routed gRPC call ended (its `grpc-status`, by name).
+    pub fn grpc_request(&self, route: &Arc<str>, variant: &Arc<str>, grpc_status: &'static str) {
+        self.grpc
+            .get_or_create(&GrpcLabels {
+                route: route.clone(),
+                variant: variant.clone(),
+                grpc_status,
             })
             .inc();
     }

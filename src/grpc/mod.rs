@@ -80,6 +80,35 @@ impl Code {
     }
 }
 
+/// The name of a `grpc-status` value, as gRPC's documentation spells it; a value
+/// that is not a code is `UNKNOWN`, as a gRPC client reads it.
+pub fn status_name(value: &[u8]) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .and_then(|i| NAMES.get(i).copied())
+        .unwrap_or("UNKNOWN")
+}
+
 /// Whether a request is gRPC: `content-type: application/grpc` or `application/grpc+...`.
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
@@ -351,6 +380,27 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_names() {
+        assert_eq!(status_name(b"0"), "OK");
+        assert_eq!(status_name(b"14"), "UNAVAILABLE");
+        assert_eq!(status_name(b"16"), "UNAUTHENTICATED");
+        for odd in [&b"17"[..], b"", b"x", b"-1"] {
+            assert_eq!(status_name(odd), "UNKNOWN");
+        }
+        for code in [
+            Code::Ok,
+            Code::InvalidArgument,
+            Code::Unavailable,
+            Code::Internal,
+        ] {
+            assert_eq!(
+                status_name((code as u8).to_string().as_bytes()),
+                code.name()
+            );
+        }
+    }
 
     #[test]
     fn grpc_content_types() {

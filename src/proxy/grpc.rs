@@ -6,13 +6,23 @@
 //! is routed by path prefix and streamed through, trailers included. gRPC always
 //! leaves over HTTP/2: an `http://` backend is spoken to with prior knowledge (h2c).
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
+use http::Response;
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::{Pending, Proxy};
 use crate::addr::Protocol;
 use crate::config::Active;
-use crate::error::{BoxError, ProxyError};
-use crate::grpc::{frame, string_field, unary_message, with_string_field};
+use crate::error::{Body, BoxError, ProxyError};
+use crate::grpc::{
+    GRPC_STATUS, frame, status_name, string_field, unary_message, with_string_field,
+};
+use crate::metrics::Metrics;
 use crate::route::{Match, Variant};
 use crate::server;
 
@@ -64,4 +74,78 @@ pub(super) fn model_renamed(m: &Match<'_>, variant: &Variant, body: &Bytes) -> O
         return None;
     }
     Some(frame(&with_string_field(msg, 1, target).ok()?))
+}
+
+/// Counts how a gRPC call ends in `braid_grpc_requests`: at once for a Trailers-Only
+/// answer (braid's own errors included), else when its trailers pass. An answer that
+/// ends without trailers counts as UNKNOWN; one the client leaves first, CANCELLED.
+pub(super) fn count_status(
+    metrics: &Arc<Metrics>,
+    route: &Arc<str>,
+    variant: &Arc<str>,
+    resp: Response<Body>,
+) -> Response<Body> {
+    if let Some(v) = resp.headers().get(&GRPC_STATUS) {
+        metrics.grpc_request(route, variant, status_name(v.as_bytes()));
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let tap = StatusTap {
+        inner: body,
+        pending: Some((metrics.clone(), route.clone(), variant.clone())),
+    };
+    Response::from_parts(parts, tap.boxed())
+}
+
+struct StatusTap {
+    inner: Body,
+    /// Where to count, until counted.
+    pending: Option<(Arc<Metrics>, Arc<str>, Arc<str>)>,
+}
+
+impl StatusTap {
+    fn count(&mut self, status: &'static str) {
+        if let Some((metrics, route, variant)) = self.pending.take() {
+            metrics.grpc_request(&route, &variant, status);
+        }
+    }
+}
+
+impl HttpBody for StatusTap {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(t) = f.trailers_ref() {
+                    let status = t
+                        .get(&GRPC_STATUS)
+                        .map_or("UNKNOWN", |v| status_name(v.as_bytes()));
+                    self.count(status);
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => self.count("UNKNOWN"),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for StatusTap {
+    fn drop(&mut self) {
+        self.count("CANCELLED");
+    }
 }

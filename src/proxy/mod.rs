@@ -286,6 +286,9 @@ impl Proxy {
         }
         self.metrics
             .request(&route.name, &variant.name, status.as_u16(), start.elapsed());
+        if r.wire.grpc() {
+            resp = grpc::count_status(&self.metrics, &route.name, &variant.name, resp);
+        }
         if let Some(tx) = shadow {
             let (parts, body) = resp.into_parts();
             let (tee, copy) = shadow::Tee::new(body);

@@ -224,6 +224,16 @@ async fn errors_are_grpc_statuses_and_nothing_else_is_disturbed() {
         1.0,
         "a gRPC error is counted as the HTTP status a REST caller would get"
     );
+    let grpc = |variant: &str, status: &str| {
+        format!(
+            "braid_grpc_requests_total{{route=\"m\",variant=\"{variant}\",grpc_status=\"{status}\"}}"
+        )
+    };
+    let deadline = metric(&proxy, &grpc("a", "DEADLINE_EXCEEDED")).await
+        + metric(&proxy, &grpc("b", "DEADLINE_EXCEEDED")).await;
+    assert_eq!(deadline, 1.0, "gRPC statuses are counted by name");
+    let ok = metric(&proxy, &grpc("a", "OK")).await + metric(&proxy, &grpc("b", "OK")).await;
+    assert_eq!(ok, 9.0, "the backend's own status, read from its trailers");
     proxy.stop().await;
 }
 

@@ -43,6 +43,7 @@ fn every_proxy_family_passes_promtool() {
         Arc::from("candidate"),
     );
     m.request(&route, &a, 200, Duration::from_millis(3));
+    m.grpc_request(&route, &a, "UNAVAILABLE");
     m.unrouted("unknown_model");
     m.config_reloaded("file", true, 1);
     m.inflight().set(1);
