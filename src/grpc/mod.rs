@@ -245,6 +245,31 @@ pub fn message(body: &[u8]) -> Result<(&[u8], &[u8]), String> {
     })
 }
 
+/// The first message of a stream's bytes so far, and how many bytes it took with its
+/// prefix; `None` until all of it has arrived. Its declared length may be checked
+/// before that with `declared_len`.
+pub fn next_message(buf: &[u8]) -> Result<Option<(&[u8], usize)>, String> {
+    let Some(len) = declared_len(buf)? else {
+        return Ok(None);
+    };
+    Ok(buf.get(5..5 + len).map(|m| (m, 5 + len)))
+}
+
+/// The length the next message's prefix declares, once the prefix has arrived.
+pub fn declared_len(buf: &[u8]) -> Result<Option<usize>, String> {
+    let Some(head) = buf.get(..5) else {
+        return Ok(None);
+    };
+    if head[0] != 0 {
+        return Err(
+            "compressed gRPC messages are not supported (send with compression off)".into(),
+        );
+    }
+    Ok(Some(
+        u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize,
+    ))
+}
+
 /// A message with its 5-byte prefix.
 pub fn frame(msg: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(5 + msg.len());
@@ -466,6 +491,11 @@ mod tests {
         );
         let two = [frame(b"a"), frame(b"b")].concat();
         assert!(unary_message(&two).unwrap_err().contains("one message"));
+        assert_eq!(next_message(&two).unwrap(), Some((&b"a"[..], 6)));
+        assert_eq!(next_message(&two[..5]).unwrap(), None);
+        assert_eq!(declared_len(&two[..5]).unwrap(), Some(1));
+        assert_eq!(next_message(&two[..3]).unwrap(), None);
+        assert!(next_message(b"\x01\0\0\0\0").is_err());
     }
 
     /// `ModelInferRequest{model_name: "m", id: "x", inputs: [...]}` with a varint, a

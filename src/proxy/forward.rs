@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{Prepared, Proxy, Routed, Served, Wire};
 use crate::addr::Protocol;
-use crate::error::{Body, BoxError, ProxyError};
+use crate::error::{Body, ProxyError};
 use crate::executor::oip::{self, HEADER_LENGTH};
 use crate::route::{self, Match, Variant};
 use crate::server::ConnInfo;
@@ -42,14 +42,13 @@ impl Proxy {
             Wire::GrpcModel => {
                 super::grpc::model_renamed(&r.m, variant, &prepared.body).map(|b| (b, None))
             }
-            Wire::GrpcStream => None,
+            Wire::GrpcModelStream | Wire::GrpcStream => None,
         };
         let body = renamed.as_ref().map_or(&prepared.body, |(b, _)| b);
-        let protocol = match r.wire {
-            Wire::Rest => variant.upstream.protocol,
-            Wire::GrpcModel | Wire::GrpcStream => {
-                super::grpc::over_http2(variant.upstream.protocol)
-            }
+        let protocol = if r.wire.grpc() {
+            super::grpc::over_http2(variant.upstream.protocol)
+        } else {
+            variant.upstream.protocol
         };
         let body = Full::new(body.clone());
         let mut out = match upstream_request(parts, body, variant, protocol, path, conn) {
@@ -141,19 +140,15 @@ impl Proxy {
     /// answer comes back as it is sent, trailers included. Nothing is kept, so nothing
     /// is retried; the deadline bounds the wait for the answer's headers and reaches
     /// the backend as `grpc-timeout`.
-    pub(super) async fn stream<B>(
+    pub(super) async fn stream(
         &self,
         r: &Routed<'_>,
         vi: usize,
         parts: &http::request::Parts,
-        body: B,
+        body: Body,
         deadline: Option<Instant>,
         conn: &ConnInfo,
-    ) -> Result<Response<Body>, ProxyError>
-    where
-        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
-        B::Error: Into<BoxError>,
-    {
+    ) -> Result<Response<Body>, ProxyError> {
         let route = r.m.route;
         let variant = &route.variants[vi];
         let protocol = super::grpc::over_http2(variant.upstream.protocol);
@@ -162,7 +157,6 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let body: Body = body.map_err(Into::into).boxed();
         let mut out = upstream_request(parts, body, variant, protocol, path, conn)?;
         if let Some(d) = deadline {
             retry::set_deadline_header(&mut out, d.saturating_duration_since(Instant::now()));

@@ -8,9 +8,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::Response;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
@@ -20,10 +20,11 @@ use crate::addr::Protocol;
 use crate::config::Active;
 use crate::error::{Body, BoxError, ProxyError};
 use crate::grpc::{
-    GRPC_STATUS, frame, status_name, string_field, unary_message, with_string_field,
+    GRPC_STATUS, declared_len, frame, next_message, status_name, string_field, unary_message,
+    with_string_field,
 };
 use crate::metrics::Metrics;
-use crate::route::{Match, Variant};
+use crate::route::{Match, Route, Variant};
 use crate::server;
 
 impl Proxy {
@@ -52,6 +53,141 @@ impl Proxy {
                 models: routes.models(),
             })?;
         Ok((m, Pending::Read(bytes)))
+    }
+
+    /// Reads a ModelStreamInfer call up to its first message and finds the stream's
+    /// route by the model it names (else by path prefix), as `find_grpc_model` does.
+    pub(super) async fn find_grpc_stream<'a, B>(
+        &self,
+        active: &'a Active,
+        parts: &http::request::Parts,
+        body: B,
+    ) -> Result<(Match<'a>, Pending<B>), ProxyError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let call = parts.uri.path();
+        let bad = |e: String| ProxyError::BadRequest(format!("{call}: {e}"));
+        let mut rest: Body = body.map_err(Into::into).boxed();
+        let mut head = BytesMut::new();
+        let model = loop {
+            if let Some((msg, _)) = next_message(&head).map_err(bad)? {
+                break string_field(msg, 1).map_err(bad)?.to_string();
+            }
+            if declared_len(&head)
+                .map_err(bad)?
+                .is_some_and(|n| n > self.max_body_bytes)
+            {
+                return Err(ProxyError::BodyTooLarge {
+                    limit: self.max_body_bytes,
+                });
+            }
+            match rest.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        head.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => return Err(bad(format!("reading the stream: {e}"))),
+                None => return Err(bad("the stream ended before its first message".into())),
+            }
+        };
+        let routes = &active.snapshot.routes;
+        let m = routes
+            .find_model(&model)
+            .or_else(|| routes.find(call))
+            .ok_or_else(|| ProxyError::UnknownModel {
+                model,
+                models: routes.models(),
+            })?;
+        Ok((m, Pending::Started { head, rest }))
+    }
+
+    /// A streamed call's body as it goes to `variant`: as it arrives, or, for a model
+    /// stream, message by message, each at most `--max-body-bytes` and naming the
+    /// variant's target model where it named the route's.
+    pub(super) fn streamed<B>(&self, body: Pending<B>, variant: &Variant, route: &Route) -> Body
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let rename = route.model.clone().zip(variant.target_model.clone());
+        match body {
+            Pending::Unread(b) => b.map_err(Into::into).boxed(),
+            Pending::Read(b) => http_body_util::Full::new(b).map_err(|e| match e {}).boxed(),
+            Pending::Started { head, rest } => Messages {
+                inner: rest,
+                buf: head,
+                rename,
+                limit: self.max_body_bytes,
+                ended: false,
+            }
+            .boxed(),
+        }
+    }
+}
+
+/// A model stream's request body, passed on one message at a time.
+struct Messages {
+    inner: Body,
+    /// What has arrived and not been passed on.
+    buf: BytesMut,
+    /// (the route's model, the variant's target model).
+    rename: Option<(Arc<str>, Arc<str>)>,
+    limit: usize,
+    ended: bool,
+}
+
+impl HttpBody for Messages {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let this = &mut *self;
+            match next_message(&this.buf) {
+                Ok(Some((msg, used))) => {
+                    let renamed = this.rename.as_ref().and_then(|(model, target)| {
+                        (string_field(msg, 1).ok()? == &**model)
+                            .then(|| with_string_field(msg, 1, target).ok())?
+                    });
+                    let out = match renamed {
+                        Some(m) => {
+                            this.buf.advance(used);
+                            frame(&m)
+                        }
+                        None => this.buf.split_to(used).freeze(),
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+            if let Ok(Some(n)) = declared_len(&this.buf)
+                && n > this.limit
+            {
+                let e = format!("a {n}-byte message is over the {}-byte limit", this.limit);
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            if this.ended {
+                if this.buf.is_empty() {
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Err("the stream ended inside a message".into())));
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(data) => this.buf.extend_from_slice(&data),
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.ended = true,
+            }
+        }
     }
 }
 

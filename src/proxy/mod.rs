@@ -57,6 +57,9 @@ enum Wire {
     /// A unary call of the inference service that names its model (ModelInfer,
     /// ModelMetadata, ModelReady): read whole, routed by the model in its message.
     GrpcModel,
+    /// Triton's ModelStreamInfer: routed by the model its first message names (one
+    /// variant for the whole stream), then streamed both ways.
+    GrpcModelStream,
     /// Any other gRPC call: routed by path prefix, streamed both ways.
     GrpcStream,
 }
@@ -68,6 +71,7 @@ impl Wire {
         }
         match parts.uri.path().strip_prefix(crate::grpc::SERVICE_PREFIX) {
             Some("ModelInfer" | "ModelMetadata" | "ModelReady") => Wire::GrpcModel,
+            Some("ModelStreamInfer") => Wire::GrpcModelStream,
             _ => Wire::GrpcStream,
         }
     }
@@ -85,10 +89,12 @@ impl Wire {
     }
 }
 
-/// A request body, read already (to find a gRPC call's model) or not yet.
+/// A request body, read already (to find a gRPC call's model), not yet, or read up
+/// to a stream's first message.
 enum Pending<B> {
     Unread(B),
     Read(Bytes),
+    Started { head: bytes::BytesMut, rest: Body },
 }
 
 impl Handler for Proxy {
@@ -169,6 +175,7 @@ impl Proxy {
     {
         let found = match wire {
             Wire::GrpcModel => self.find_grpc_model(active, &parts, body).await,
+            Wire::GrpcModelStream => self.find_grpc_stream(active, &parts, body).await,
             Wire::Rest | Wire::GrpcStream => active
                 .snapshot
                 .routes
@@ -213,23 +220,23 @@ impl Proxy {
             self.avoid_ejected(route, live, assigned, &parts.headers)
         };
         let r = Routed { m, live, wire };
-        let body = match body {
-            Pending::Unread(b) if wire == Wire::GrpcStream => {
-                let result = match self.deadline(&parts, route, start) {
-                    Ok((deadline, _)) => self.stream(&r, vi, &parts, b, deadline, conn).await,
-                    Err(e) => Err(e),
-                };
-                return self.finish(&r, vi, None, result, start, None);
-            }
-            b => b,
-        };
+        if matches!(wire, Wire::GrpcStream | Wire::GrpcModelStream) {
+            let result = match self.deadline(&parts, route, start) {
+                Ok((deadline, _)) => {
+                    let body = self.streamed(body, &route.variants[vi], route);
+                    self.stream(&r, vi, &parts, body, deadline, conn).await
+                }
+                Err(e) => Err(e),
+            };
+            return self.finish(&r, vi, None, result, start, None);
+        }
         let prepared = match self.prepare(&parts, body, route, live, start).await {
             Ok(p) => p,
             Err(e) => return self.finish(&r, vi, fallback_from, Err(e), start, None),
         };
         let shadow = match wire {
             Wire::Rest => self.start_shadow(&r, vi, &parts, &prepared.body, conn),
-            Wire::GrpcModel | Wire::GrpcStream => None,
+            Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => None,
         };
         let mut served = self.serve(&r, vi, &parts, &prepared, conn).await;
         if let Some(fb) = route.fallback
@@ -354,6 +361,11 @@ impl Proxy {
         let body = match body {
             Pending::Read(b) => b,
             Pending::Unread(b) => server::read_body(&parts.headers, b, self.max_body_bytes).await?,
+            Pending::Started { .. } => {
+                return Err(ProxyError::BadRequest(
+                    "a streamed call cannot be read whole".into(),
+                ));
+            }
         };
         let budget = live.budget.clone();
         if let Some(b) = &budget {
@@ -439,7 +451,7 @@ impl Proxy {
                         None => Ok(None),
                     }
                 }
-                Wire::GrpcModel | Wire::GrpcStream => Ok(None),
+                Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => Ok(None),
             };
             match queueable {
                 Ok(Some((item, exec_path))) => {

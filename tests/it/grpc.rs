@@ -65,6 +65,51 @@ async fn a_bidirectional_stream_flows_both_ways_with_its_trailers() {
     proxy.stop().await;
 }
 
+/// Triton's ModelStreamInfer: the stream's variant is chosen once, by the model its
+/// first message names; every message naming the route's model reaches the backend
+/// naming the variant's target, however the messages are cut into data frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_stream_is_routed_once_by_its_first_message() {
+    let (a, b) = (GrpcBackend::start("a").await, GrpcBackend::start("b").await);
+    let proxy = TestProxy::start(&split(&a, &b, "/")).await;
+    for user in ["user-1", "user-2", "user-3", "user-4"] {
+        let mut call = Call::open(
+            proxy.addr,
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            &[("x-user", user)],
+        )
+        .await;
+        call.send(frame(&named("m", b"\x1a\x011")), false);
+        let v = call.headers().await.expect("headers").clone();
+        let v = v["x-braid-variant"].to_str().unwrap().to_string();
+        let first = call.next().await.unwrap();
+        assert_eq!(name_of(&first[5..]), format!("m-{v}"));
+        // The second message in two pieces, cut inside its prefix.
+        let second = frame(&named("m", b"\x1a\x012"));
+        call.send(second.slice(..3), false);
+        call.send(second.slice(3..), false);
+        let echoed = call.next().await.unwrap();
+        assert_eq!(name_of(&echoed[5..]), format!("m-{v}"), "{user}");
+        assert_eq!(&echoed[echoed.len() - 3..], b"\x1a\x012");
+        call.send(Bytes::new(), true);
+        let (_, trailers) = call.finish().await;
+        assert_eq!(trailers["grpc-status"], "0");
+        let (ra, rb) = (a.seen().len(), b.seen().len());
+        assert_eq!(ra + rb, 1, "one stream, one variant");
+        let again = unary(
+            proxy.addr,
+            INFER,
+            &[("x-user", user)],
+            frame(&named("m", b"")),
+        )
+        .await;
+        assert_eq!(again.variant(), v, "the same sticky choice as a unary call");
+        a.clear();
+        b.clear();
+    }
+    proxy.stop().await;
+}
+
 /// ModelInfer and ModelReady are routed by field 1 of their message: weights, the
 /// sticky key and the override header from gRPC metadata, field 1 rewritten to the
 /// variant's target model and every other byte as sent, `x-braid-variant` in the
@@ -210,6 +255,15 @@ async fn errors_are_grpc_statuses_and_nothing_else_is_disturbed() {
         let next = unary(proxy.addr, INFER, &[], ok()).await;
         assert_eq!(next.status(), 0, "after {what}: {}", next.message());
     }
+    // A model stream is refused the same ways before it starts.
+    let stream = "/inference.GRPCInferenceService/ModelStreamInfer";
+    let unknown = unary(proxy.addr, stream, &[], frame(&named("nope", b""))).await;
+    assert_eq!(unknown.status(), 5, "{}", unknown.message());
+    let big = frame(&named("m", &vec![b'x'; 100_000]));
+    let oversized = unary(proxy.addr, stream, &[], big).await;
+    assert_eq!(oversized.status(), 8, "{}", oversized.message());
+    let cut = unary(proxy.addr, stream, &[], frame(&named("m", b"")).slice(..4)).await;
+    assert_eq!(cut.status(), 3, "{}", cut.message());
     assert_eq!(
         metric(
             &proxy,

@@ -86,6 +86,10 @@ impl GrpcBackend {
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    pub fn clear(&self) {
+        self.seen.lock().unwrap().clear();
+    }
 }
 
 async fn answer(
