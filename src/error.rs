@@ -213,21 +213,6 @@ impl ProxyError {
     }
 }
 
-impl ProxyError {
-    /// The error as a gRPC caller gets it: a Trailers-Only answer (HTTP 200, the
-    /// status in `grpc-status` and `grpc-message`), the code from the HTTP status a
-    /// REST caller would get (`grpc::Code::for_status`).
-    pub fn into_grpc_response(self) -> Response<Body> {
-        let code = crate::grpc::Code::for_status(self.status().as_u16());
-        let mut resp = crate::grpc::status_response(code, &self.to_string());
-        if let Some(secs) = self.retry_after() {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
-    }
-}
-
 /// A JSON error response: `{"error": message}`.
 pub fn json_error(status: StatusCode, message: &str) -> Response<Body> {
     let body = serde_json::json!({ "error": message }).to_string();

@@ -538,7 +538,7 @@ impl Executor {
         let (parts, body) = req.into_parts();
         let body = match server::read_body(&parts.headers, body, self.max_body_bytes).await {
             Ok(b) => b,
-            Err(e) => return e.into_grpc_response(),
+            Err(e) => return grpc::error_response(&e),
         };
         let msg = match grpc::unary_message(&body) {
             Ok(m) => m,

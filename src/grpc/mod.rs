@@ -24,7 +24,7 @@ use http::Response;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full};
 
-use crate::error::Body;
+use crate::error::{Body, ProxyError};
 
 /// The service of the Open Inference Protocol over gRPC.
 pub const SERVICE_PREFIX: &str = "/inference.GRPCInferenceService/";
@@ -140,6 +140,19 @@ pub fn trailers_only(code: Code, message: &str) -> HeaderMap {
 pub fn status_response(code: Code, message: &str) -> Response<Body> {
     let mut resp = Response::new(crate::error::full(Bytes::new()));
     *resp.headers_mut() = trailers_only(code, message);
+    resp
+}
+
+/// A braid error as a gRPC caller gets it: a Trailers-Only answer (HTTP 200, the
+/// status in `grpc-status` and `grpc-message`), the code from the HTTP status a REST
+/// caller would get (`Code::for_status`), `Retry-After` kept.
+pub fn error_response(e: &ProxyError) -> Response<Body> {
+    let code = Code::for_status(e.status().as_u16());
+    let mut resp = status_response(code, &e.to_string());
+    if let Some(secs) = e.retry_after() {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     resp
 }
 

@@ -82,7 +82,7 @@ impl Wire {
 
     fn error(self, e: ProxyError) -> Response<Body> {
         if self.grpc() {
-            e.into_grpc_response()
+            crate::grpc::error_response(&e)
         } else {
             e.into_response()
         }

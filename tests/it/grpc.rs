@@ -479,3 +479,101 @@ routes:
     );
     proxy.stop().await;
 }
+
+/// The rows of a BYTES output (raw contents) of a ModelInferResponse.
+fn bytes_output(r: &braid::grpc::pb::ModelInferResponse, name: &str) -> Vec<String> {
+    let i = r.outputs.iter().position(|o| o.name == name).unwrap();
+    let mut rest = &r.raw_output_contents[i][..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        out.push(String::from_utf8(rest[4..4 + n].to_vec()).unwrap());
+        rest = &rest[4 + n..];
+    }
+    out
+}
+
+/// gRPC calls in a batch keep the batcher's guarantees: a poisoned call fails alone
+/// (the executor's 400 as INVALID_ARGUMENT) while the others get their rows; a
+/// deadline that passes in the queue is DEADLINE_EXCEEDED; a caller that leaves while
+/// queued is never sent; a reply that cannot be split fails the batch as INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_batches_keep_the_batchers_guarantees() {
+    use braid::grpc::pb;
+    let exec = MockExecutor::start(MockBehaviour {
+        poison: true,
+        ..Default::default()
+    })
+    .await;
+    let proxy = TestProxy::start(&batching_config(
+        exec.addr,
+        "{ max_batch_size: 8, max_delay: 20ms }",
+    ))
+    .await;
+    let infer = |text: &'static str, metadata: Vec<(&'static str, &'static str)>| {
+        let addr = proxy.addr;
+        tokio::spawn(async move {
+            unary(
+                addr,
+                INFER,
+                &metadata,
+                texts_request("m", text, &[text], true),
+            )
+            .await
+        })
+    };
+    let calls: Vec<_> = ["ok-1", "ok-2", "POISON-3", "ok-4"]
+        .into_iter()
+        .map(|t| infer(t, vec![]))
+        .collect();
+    for (call, text) in calls.into_iter().zip(["ok-1", "ok-2", "POISON-3", "ok-4"]) {
+        let r = call.await.unwrap();
+        if text.starts_with("POISON") {
+            assert_eq!(r.status(), 3, "{}", r.message());
+            assert!(r.message().contains("poisoned input"), "{}", r.message());
+            continue;
+        }
+        assert_eq!(r.status(), 0, "{text}: {}", r.message());
+        let resp: pb::ModelInferResponse = decoded(&r);
+        assert_eq!(resp.id, text);
+        assert_eq!(bytes_output(&resp, "echo"), [format!("{text}!")]);
+    }
+
+    // The executor busy for 300 ms: a 50 ms deadline passes in the queue.
+    exec.set(|b| b.fixed = Duration::from_millis(300));
+    let busy = infer("busy", vec![]);
+    exec.wait_seen("busy").await;
+    let late = infer("late", vec![("grpc-timeout", "50m")]).await.unwrap();
+    assert_eq!(late.status(), 4, "{}", late.message());
+    // A caller that leaves while queued.
+    let mut leaving = Call::open(proxy.addr, INFER, &[]).await;
+    leaving.send(texts_request("m", "abandoned", &["abandoned"], true), true);
+    let waited = tokio::time::timeout(Duration::from_millis(100), leaving.headers()).await;
+    assert!(waited.is_err(), "still queued behind the busy batch");
+    drop(leaving);
+    assert_eq!(busy.await.unwrap().status(), 0);
+    let after = infer("after", vec![]).await.unwrap();
+    assert_eq!(after.status(), 0, "{}", after.message());
+    assert!(
+        !exec.seen().contains(&"abandoned".to_string()),
+        "a cancelled call was sent"
+    );
+    let cancelled = "braid_batch_dropped_total{route=\"m\",variant=\"local\",priority=\"default\",reason=\"cancelled\"}";
+    assert_eq!(metric(&proxy, cancelled).await, 1.0);
+
+    // One row short: nobody gets anything.
+    exec.set(|b| {
+        b.fixed = Duration::ZERO;
+        b.drop_row = true;
+    });
+    let calls: Vec<_> = ["s-1", "s-2"]
+        .into_iter()
+        .map(|t| infer(t, vec![]))
+        .collect();
+    for call in calls {
+        let r = call.await.unwrap();
+        assert_eq!(r.status(), 13, "{}", r.message());
+        assert!(r.body.is_empty(), "no rows leak");
+    }
+    proxy.stop().await;
+}

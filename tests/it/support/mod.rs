@@ -801,13 +801,44 @@ async fn mock_answer(
         ))));
     }
     let v1 = req.uri().path().ends_with(":predict");
+    let header_len: Option<usize> = req
+        .headers()
+        .get("inference-header-content-length")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     let body = req
         .into_body()
         .collect()
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (head, binary) = body.split_at(header_len.unwrap_or(body.len()));
+    let mut v: serde_json::Value = serde_json::from_slice(head).unwrap_or_default();
+    if header_len.is_some() {
+        // Triton's binary form (what a gRPC batch is sent as): BYTES and INT64 inputs
+        // read back into JSON `data`, so the rest of the mock reads one form.
+        let mut at = 0;
+        for input in v["inputs"].as_array_mut().into_iter().flatten() {
+            let size = input["parameters"]["binary_data_size"]
+                .as_u64()
+                .unwrap_or(0) as usize;
+            let raw = &binary[at..at + size];
+            at += size;
+            input["data"] = if input["datatype"] == "INT64" {
+                raw.chunks_exact(8)
+                    .map(|c| serde_json::Value::from(i64::from_le_bytes(c.try_into().unwrap())))
+                    .collect()
+            } else {
+                let mut items = Vec::new();
+                let mut rest = raw;
+                while rest.len() >= 4 {
+                    let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+                    items.push(String::from_utf8_lossy(&rest[4..4 + n]).into_owned().into());
+                    rest = &rest[4 + n..];
+                }
+                serde_json::Value::Array(items)
+            };
+        }
+    }
     let rows: Vec<String> = if v1 {
         &v["instances"]
     } else {
