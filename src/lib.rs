@@ -20,11 +20,13 @@
 //! ```text
 //! client --h1/h2c/TLS--> server::serve (limits, smuggling guard) --> Proxy::handle
 //!     active = store.load()              one Arc<Active> for the whole request
-//!     route match                        /v2/models/{m}, /v1/models/{m}, path prefix
+//!     route match                        /v2/models/{m}, /v1/models/{m}, path prefix;
+//!                                        gRPC model calls: field 1 of the message
 //!     live = active.live[route]          budgets, health, batchers: by index, no lock
 //!     assign variant                     override > sticky (rendezvous) > weighted random;
 //!                                        an ejected variant -> fallback or the others
-//!     read body (<= limit, else 413)     and the deadline (timeout, x-braid-timeout)
+//!     read body (<= limit, else 413)     and the deadline (timeout, x-braid-timeout,
+//!                                        grpc-timeout); other gRPC calls: streamed
 //!     shadow copy?                       fire and forget, compared off the request path
 //!     batch? (variant has a batcher)     queue -> merge -> Execute -> split per request
 //!     forward                            Retry(policy, budget) -> per-try timeout ->
