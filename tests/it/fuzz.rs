@@ -1,5 +1,5 @@
-//! Property tests in place of fuzzing for the three parsers of untrusted input: the
-//! config document, the OIP codec (proxy and executor), and variant assignment. The
+//! Property tests in place of fuzzing for the parsers of untrusted input: the config
+//! document, the OIP codec (proxy and executor), gRPC messages, and variant assignment. The
 //! corpora in `tests/corpus/` (inputs that once mattered) are replayed on every run;
 //! file names say what each must produce: `ok-`, `bad-`, or `alone-` (forwarded
 //! unbatched).
@@ -174,6 +174,53 @@ proptest! {
         let wrapped = serde_json::to_vec(&json!({"inputs": [v.clone()], "outputs": v})).unwrap();
         let _ = codec::parse_v2(&wrapped);
         let _ = braid::executor::oip::decode(&wrapped, None);
+    }
+
+    /// gRPC messages from anywhere: arbitrary bytes, and well-formed ModelInferRequests
+    /// whose shapes, datatypes and raw contents disagree. Reading field 1, rewriting
+    /// it, decoding, turning into the REST form and parsing that for a batch either
+    /// answer or refuse, never panic; a rewrite changes field 1 only.
+    #[test]
+    fn grpc_messages_are_read_or_refused_never_panicking(
+        bytes in prop::collection::vec(any::<u8>(), 0..64),
+        dims in prop::collection::vec(prop_oneof![any::<i64>(), 0i64..4], 0..3),
+        dt in prop_oneof![Just("FP32"), Just("BYTES"), Just("INT16"), Just("BF16"), Just("X")],
+        raw in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..12), 0..3),
+        typed in prop::collection::vec(any::<i32>(), 0..4),
+    ) {
+        use braid::grpc::{self, pb};
+        use prost::Message;
+        let _ = grpc::fields(&bytes);
+        let _ = grpc::string_field(&bytes, 1);
+        if let Ok(out) = grpc::with_string_field(&bytes, 1, "target") {
+            prop_assert_eq!(grpc::string_field(&out, 1).unwrap(), "target");
+        }
+        let _ = grpc::next_message(&bytes);
+        if let Ok(req) = pb::ModelInferRequest::decode(&bytes[..]) {
+            let _ = grpc::oip::rest_request(&req);
+        }
+        let _ = grpc::oip::grpc_response(&bytes, Some(bytes.len() / 2));
+        let req = pb::ModelInferRequest {
+            model_name: "m".into(),
+            inputs: vec![pb::model_infer_request::InferInputTensor {
+                name: "x".into(),
+                datatype: dt.into(),
+                shape: dims,
+                contents: raw.is_empty().then(|| pb::InferTensorContents {
+                    int_contents: typed,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            raw_input_contents: raw.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        };
+        let encoded = req.encode_to_vec();
+        prop_assert_eq!(grpc::string_field(&encoded, 1).unwrap(), "m");
+        if let Ok((body, header_len)) = grpc::oip::rest_request(&req) {
+            let _ = codec::parse_v2_with(&body, Some(header_len), Default::default());
+            let _ = braid::executor::oip::decode(&body, Some(header_len));
+        }
     }
 
     /// Well-formed requests whose sizes lie: any declared dim (up to u64::MAX), any
