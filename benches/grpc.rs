@@ -11,8 +11,8 @@
 //!    each millisecond: tokio's timer resolution), against a backend that answers at
 //!    once; rounds alternate direct and through braid (target: <= 0.1 ms).
 //!
-//! Run (after `cargo build --release`): `cargo bench --bench grpc -- [--seconds 3]
-//! [--rounds 3] [--rate 2000] [--concurrency 1,4,16,64]`
+//! Run: `cargo bench --bench grpc -- [--seconds 3] [--rounds 3] [--rate 2000]
+//! [--concurrency 1,4,16,64] [--skip-gain]`
 
 mod common;
 
@@ -147,12 +147,13 @@ impl Drop for Braid {
     }
 }
 
-fn start_braid(config: &str) -> (Braid, tempfile::TempDir) {
+fn start_braid(config: &str, threads: usize) -> (Braid, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("braid.yaml");
     std::fs::write(&path, config).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
         .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--worker-threads", &threads.to_string()])
         .arg("--config")
         .arg(&path)
         .env("BRAID_LOG", "warn,braid::cli=info")
@@ -266,9 +267,25 @@ async fn closed_loop(
     total as f64 / secs as f64
 }
 
+fn rest_request(addr: SocketAddr, model: &str, text: &str) -> Request<Full<Bytes>> {
+    let body =
+        json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}]});
+    Request::post(format!("http://{addr}/v2/models/{model}/infer"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
 /// Open loop at `rate` requests/s on one HTTP/2 connection: each call's latency from
-/// when it was due; the p50 in milliseconds.
-async fn open_loop_p50(addr: SocketAddr, model: &'static str, rate: u64, secs: u64) -> f64 {
+/// when it was sent (the load is light, so sending late hides no queueing, and
+/// tokio's timer lateness stays out of the figure); the p50 in milliseconds.
+async fn open_loop_p50(
+    addr: SocketAddr,
+    model: &'static str,
+    grpc_form: bool,
+    rate: u64,
+    secs: u64,
+) -> f64 {
     let conn = h2_connection(addr).await;
     let per_tick = (rate / 1000).max(1);
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -276,14 +293,22 @@ async fn open_loop_p50(addr: SocketAddr, model: &'static str, rate: u64, secs: u
     let start = Instant::now();
     let mut sent = 0u64;
     while start.elapsed() < Duration::from_secs(secs) {
-        let due = tick.tick().await.into_std();
+        tick.tick().await;
         for _ in 0..per_tick {
             let (mut conn, tx) = (conn.clone(), tx.clone());
             let text = TEXTS[sent as usize % TEXTS.len()];
             sent += 1;
             tokio::spawn(async move {
-                grpc_call(&mut conn, grpc_request(addr, model, text)).await;
-                let _ = tx.send(due.elapsed().as_secs_f64() * 1e3);
+                let sent = Instant::now();
+                if grpc_form {
+                    grpc_call(&mut conn, grpc_request(addr, model, text)).await;
+                } else {
+                    let resp = conn.send_request(rest_request(addr, model, text)).await;
+                    let resp = resp.expect("call");
+                    assert!(resp.status().is_success(), "{}", resp.status());
+                    let _ = resp.into_body().collect().await;
+                }
+                let _ = tx.send(sent.elapsed().as_secs_f64() * 1e3);
             });
         }
     }
@@ -316,12 +341,16 @@ fn main() {
     let config = format!(
         "executor: http://{mock}\nroutes:\n  - model: off\n    {local}\n  - model: on\n    {local}\n    batching: {{ max_batch_size: 64, max_queue: 1024 }}\n  - model: fast\n    variants: [{{ name: fast, backend: h2c://{instant} }}]\n"
     );
-    let (braid, _dir) = start_braid(&config);
+    let (braid, _dir) = start_braid(&config, arg("--braid-threads", 2));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
+    let skip_gain = std::env::args().any(|a| a == "--skip-gain");
     rt.block_on(async {
+        if skip_gain {
+            return;
+        }
         println!("## Batching gain, gRPC against REST (mock executor, {secs} s per point, {rounds} rounds)\n");
         println!("| concurrency | REST off | REST on | REST on/off | gRPC direct | gRPC off | gRPC on | gRPC on/off | gRPC gain / REST gain (median, range) |");
         println!("|---|---|---|---|---|---|---|---|---|");
@@ -355,26 +384,30 @@ fn main() {
                 median(&mut ratio),
             );
         }
+    });
+    rt.block_on(async {
         println!("\n## Added p50, unbatched ModelInfer at {rate} requests/s ({secs} s per run, {rounds} rounds)\n");
-        let (mut direct, mut proxied, mut added) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            let d = open_loop_p50(instant, "fast", rate, secs).await;
-            let p = open_loop_p50(braid.addr, "fast", rate, secs).await;
-            direct.push(d);
-            proxied.push(p);
-            added.push(p - d);
+        println!("| form | direct p50 | through braid p50 | added p50 (median, range) |");
+        println!("|---|---|---|---|");
+        for (form, grpc_form) in [("gRPC ModelInfer", true), ("REST infer over HTTP/2", false)] {
+            let (mut direct, mut proxied, mut added) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let d = open_loop_p50(instant, "fast", grpc_form, rate, secs).await;
+                let p = open_loop_p50(braid.addr, "fast", grpc_form, rate, secs).await;
+                direct.push(d);
+                proxied.push(p);
+                added.push(p - d);
+            }
+            let (lo, hi) = (
+                added.iter().copied().fold(f64::MAX, f64::min),
+                added.iter().copied().fold(f64::MIN, f64::max),
+            );
+            println!(
+                "| {form} | {:.3} ms | {:.3} ms | {:.3} ms ({lo:.3} to {hi:.3}) |",
+                median(&mut direct),
+                median(&mut proxied),
+                median(&mut added)
+            );
         }
-        let (lo, hi) = (
-            added.iter().copied().fold(f64::MAX, f64::min),
-            added.iter().copied().fold(f64::MIN, f64::max),
-        );
-        println!("| direct p50 | through braid p50 | added p50 (median, range) |");
-        println!("|---|---|---|");
-        println!(
-            "| {:.3} ms | {:.3} ms | {:.3} ms ({lo:.3} to {hi:.3}) |",
-            median(&mut direct),
-            median(&mut proxied),
-            median(&mut added)
-        );
     });
 }

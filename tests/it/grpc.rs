@@ -12,7 +12,7 @@ use crate::support::grpc::{
 };
 use crate::support::*;
 
-const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+use crate::support::grpc::INFER;
 
 /// Model `m` split between backend `a` (h2c://) and `b` (http://, which gRPC reaches
 /// over HTTP/2 anyway), sticky on `x-user`; paths under `prefix` to `a`.

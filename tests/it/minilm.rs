@@ -143,3 +143,76 @@ fn braids_bert_gives_candles_hidden_states_on_minilm() {
         );
     }
 }
+
+/// The quickstart's sentences as three concurrent gRPC ModelInfer calls (raw contents,
+/// as tritonclient sends them) through braid's batcher to its executor: the same
+/// embeddings as the REST path's, so the same published similarities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_through_the_batcher_gives_the_rest_paths_embeddings() {
+    use crate::support::grpc::{INFER, decoded, fp32_output, texts_request, unary};
+    use crate::support::{TestExecutor, TestProxy, infer_body, post};
+    let dir = tokio::task::spawn_blocking(|| source::resolve(DEMO_MODEL).unwrap())
+        .await
+        .unwrap();
+    let ex = TestExecutor::start(|_| {
+        vec![braid::executor::server::ModelSpec {
+            name: "minilm".into(),
+            source: dir.display().to_string(),
+            labels: vec![],
+            threads: 1,
+            compute_threads: None,
+            queue: 16,
+            max_batch: 64,
+        }]
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "executor: http://{}\nroutes:\n  - model: m\n    variants: [{{ name: local, backend: local, target_model: minilm }}]\n    batching: {{ max_batch_size: 8, max_delay: 50ms }}\n",
+        ex.addr
+    ))
+    .await;
+    let texts = [
+        "The weather is lovely today.",
+        "It's so sunny outside!",
+        "He drove to the stadium.",
+    ];
+    let calls = texts.map(|t| {
+        let addr = proxy.addr;
+        tokio::spawn(
+            async move { unary(addr, INFER, &[], texts_request("m", t, &[t], true)).await },
+        )
+    });
+    let mut grpc = Vec::new();
+    for call in calls {
+        let r = call.await.unwrap();
+        assert_eq!(r.status(), 0, "{}", r.message());
+        grpc.push(fp32_output(&decoded(&r), "embedding").1);
+    }
+    let rest = post(
+        &crate::support::client(),
+        &proxy.url("/v2/models/m/infer"),
+        &[],
+        &infer_body(&texts, ""),
+    )
+    .await
+    .json();
+    let rest: Vec<f32> = rest["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| match v.as_array() {
+            Some(row) => row.iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+            None => vec![v.as_f64().unwrap() as f32],
+        })
+        .collect();
+    for (i, g) in grpc.iter().enumerate() {
+        assert_eq!(g.len(), 384);
+        let diff = max_abs_diff(g, &rest[i * 384..(i + 1) * 384]);
+        assert!(diff < 1e-5, "sentence {i}: {diff}");
+    }
+    for ((a, b), want) in [((0, 1), 0.6660), ((0, 2), 0.1046), ((1, 2), 0.1411)] {
+        let got = cosine(&grpc[a], &grpc[b]);
+        assert!((got - want).abs() < 5e-4, "cos({a},{b}) = {got:.4}");
+    }
+    proxy.stop().await;
+}

@@ -10,6 +10,8 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Request, Response};
 use tokio::net::{TcpListener, TcpStream};
 
+pub const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+
 /// A gRPC message with its 5-byte prefix.
 pub fn frame(msg: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(5 + msg.len());
