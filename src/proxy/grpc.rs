@@ -282,6 +282,12 @@ impl HttpBody for StatusTap {
 
 impl Drop for StatusTap {
     fn drop(&mut self) {
-        self.count("CANCELLED");
+        // Dropped before the end: the client left, or the server gave up on the stream.
+        let status = if self.inner.is_end_stream() {
+            "UNKNOWN"
+        } else {
+            "CANCELLED"
+        };
+        self.count(status);
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::support::grpc::{
-    Call, GrpcBackend, decoded, fp32_output, frame, name_of, named, texts_request, unary,
+    Call, GrpcBackend, decoded, fp32_output, frame, json_fp32_output, name_of, named,
+    texts_request, unary,
 };
 use crate::support::*;
 
@@ -355,20 +356,7 @@ async fn braids_executor_serves_the_grpc_service_on_its_rest_port() {
     )
     .await
     .json();
-    let want: Vec<f32> = rest["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["name"] == "embedding")
-        .unwrap()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|v| match v.as_array() {
-            Some(row) => row.iter().map(|x| x.as_f64().unwrap() as f32).collect(),
-            None => vec![v.as_f64().unwrap() as f32],
-        })
-        .collect();
+    let want = json_fp32_output(&rest, "embedding");
     for raw in [true, false] {
         let r = unary(
             ex.addr,

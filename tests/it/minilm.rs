@@ -149,7 +149,9 @@ fn braids_bert_gives_candles_hidden_states_on_minilm() {
 /// embeddings as the REST path's, so the same published similarities.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_through_the_batcher_gives_the_rest_paths_embeddings() {
-    use crate::support::grpc::{INFER, decoded, fp32_output, texts_request, unary};
+    use crate::support::grpc::{
+        INFER, decoded, fp32_output, json_fp32_output, texts_request, unary,
+    };
     use crate::support::{TestExecutor, TestProxy, infer_body, post};
     let dir = tokio::task::spawn_blocking(|| source::resolve(DEMO_MODEL).unwrap())
         .await
@@ -196,15 +198,7 @@ async fn grpc_through_the_batcher_gives_the_rest_paths_embeddings() {
     )
     .await
     .json();
-    let rest: Vec<f32> = rest["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|v| match v.as_array() {
-            Some(row) => row.iter().map(|x| x.as_f64().unwrap() as f32).collect(),
-            None => vec![v.as_f64().unwrap() as f32],
-        })
-        .collect();
+    let rest = json_fp32_output(&rest, "embedding");
     for (i, g) in grpc.iter().enumerate() {
         assert_eq!(g.len(), 384);
         let diff = max_abs_diff(g, &rest[i * 384..(i + 1) * 384]);

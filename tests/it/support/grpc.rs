@@ -310,3 +310,20 @@ pub fn fp32_output(r: &braid::grpc::pb::ModelInferResponse, name: &str) -> (Vec<
         .collect();
     (r.outputs[i].shape.clone(), values)
 }
+
+/// An output of a REST (JSON) inference reply as FP32 values, flattened.
+pub fn json_fp32_output(reply: &serde_json::Value, name: &str) -> Vec<f32> {
+    let output = reply["outputs"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["name"] == name))
+        .unwrap_or_else(|| panic!("no output {name} in {reply}"));
+    output["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| match v.as_array() {
+            Some(row) => row.iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+            None => vec![v.as_f64().unwrap() as f32],
+        })
+        .collect()
+}
