@@ -1,7 +1,8 @@
 //! The request path, composed in one function (`Proxy::route`), one step per line; the
 //! picture of it is the crate doc's (`lib.rs`). Each step's detail lives beside it:
-//! `forward` (retries, the upstream request), `batched` (coalescing through the
-//! variant's batcher), `shadow` (copies and their comparison).
+//! `forward` (retries, the upstream request, streamed calls), `batched` (coalescing
+//! through the variant's batcher), `grpc` (a gRPC call's route from its message, its
+//! streamed body, its status counted), `shadow` (copies and their comparison).
 
 mod batched;
 mod forward;
