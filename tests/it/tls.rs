@@ -139,6 +139,50 @@ async fn inbound_tls_speaks_h2_and_http1_by_alpn() {
     proxy.stop().await;
 }
 
+/// gRPC over inbound TLS (ALPN h2), to an h2c backend: the call, its answer and its
+/// trailers pass as they do in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_reaches_an_h2c_backend_with_its_trailers() {
+    use crate::support::grpc::{GrpcBackend, frame};
+    let backend = GrpcBackend::start("g").await;
+    let pki = Pki::new();
+    let (proxy, _, _) = tls_proxy(&pki, &format!("h2c://{}", backend.addr)).await;
+    let mut cfg = trust(&pki.ca());
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::post(format!(
+        "https://localhost:{}/echo.Echo/Say",
+        proxy.addr.port()
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (answer, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(frame(b"hello"), true).unwrap();
+    let resp = answer.await.unwrap();
+    assert_eq!(resp.headers()["x-braid-variant"], "only");
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, frame(b"hello"));
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_and_broken_handshakes_are_closed_and_serving_goes_on() {
     let b = Backend::start("b").await;
