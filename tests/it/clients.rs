@@ -186,3 +186,26 @@ async fn tritonclient_grpc_is_batched_and_each_client_gets_its_own_rows() {
     assert_eq!(report["model_ready"], true, "{report}");
     proxy.stop().await;
 }
+
+/// KServe's `InferenceGRPCClient` (its SDK's gRPC client, defaults) through a batched
+/// route to braid's executor: batched, each client's rows and id its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserves_grpc_client_is_batched_in_front_of_braids_executor() {
+    let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
+    let proxy = TestProxy::start(&batched_route(&ex.addr.to_string(), "tiny", true)).await;
+    let clients = 32;
+    let report = run_python_client(
+        "kserve_grpc_clients.py",
+        vec![
+            proxy.addr.to_string(),
+            "m".into(),
+            ex.addr.to_string(),
+            "tiny".into(),
+            "embedding".into(),
+            clients.to_string(),
+        ],
+    )
+    .await;
+    assert_own_rows_and_batched(&report, &proxy, clients, clients).await;
+    proxy.stop().await;
+}
