@@ -16,7 +16,6 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
 use serde_json::{Value, json};
 
-use common::{TEXTS, arg};
+use common::{Braid, TEXTS, arg, start_braid};
 
 const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
@@ -135,44 +134,11 @@ async fn mock(
     Response::new(full(out.to_string()))
 }
 
-struct Braid {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Braid {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_braid(config: &str, threads: usize) -> (Braid, tempfile::TempDir) {
+fn start_proxy(config: &str, threads: usize) -> (Braid, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("braid.yaml");
     std::fs::write(&path, config).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
-        .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .args(["--worker-threads", &threads.to_string()])
-        .arg("--config")
-        .arg(&path)
-        .env("BRAID_LOG", "warn,braid::cli=info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn braid");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("braid exited").unwrap();
-        if let Some(a) = line
-            .split_whitespace()
-            .find_map(|t| t.strip_prefix("data="))
-        {
-            break a.parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (Braid { child, addr }, dir)
+    (start_braid(&path, threads), dir)
 }
 
 fn grpc_request(addr: SocketAddr, model: &str, text: &str) -> Request<Full<Bytes>> {
@@ -341,7 +307,7 @@ fn main() {
     let config = format!(
         "executor: http://{mock}\nroutes:\n  - model: off\n    {local}\n  - model: on\n    {local}\n    batching: {{ max_batch_size: 64, max_queue: 1024 }}\n  - model: fast\n    variants: [{{ name: fast, backend: h2c://{instant} }}]\n"
     );
-    let (braid, _dir) = start_braid(&config, arg("--braid-threads", 2));
+    let (braid, _dir) = start_proxy(&config, arg("--braid-threads", 2));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -9,7 +9,6 @@
 mod common;
 
 use std::convert::Infallible;
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use common::arg;
+use common::{arg, start_braid};
 
 const BODY: &[u8] = br#"{"model_name":"sentiment","outputs":[{"name":"label","datatype":"BYTES","shape":[1],"data":["positive"]}]}"#;
 
@@ -50,50 +49,6 @@ fn start_backend() -> SocketAddr {
         });
     });
     rx.recv().unwrap()
-}
-
-struct Braid {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Braid {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_braid(config: &std::path::Path) -> Braid {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
-        .args([
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--worker-threads",
-            "1",
-            "--config",
-        ])
-        .arg(config)
-        .env("BRAID_LOG", "warn,braid::cli=info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn braid");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("braid exited").unwrap();
-        if let Some(a) = line
-            .split_whitespace()
-            .find_map(|t| t.strip_prefix("data="))
-        {
-            break a.parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Braid { child, addr }
 }
 
 /// utime + stime of a process, in microseconds.
@@ -201,7 +156,7 @@ fn main() {
         ),
     )
     .unwrap();
-    let braid = start_braid(&config);
+    let braid = start_braid(&config, 1);
     let pid = braid.child.id();
     // Warm up both paths (connections, allocator, pools).
     load(control, conns, 1);

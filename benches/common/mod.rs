@@ -30,3 +30,43 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// `braid proxy` from this build, on ports the OS picks; killed when dropped.
+pub struct Braid {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl Drop for Braid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `braid proxy --config CONFIG` with `--worker-threads THREADS` and waits for
+/// the data address it logs.
+pub fn start_braid(config: &std::path::Path, threads: usize) -> Braid {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+        .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--worker-threads", &threads.to_string(), "--config"])
+        .arg(config)
+        .env("BRAID_LOG", "warn,braid::cli=info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn braid");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().expect("braid exited").unwrap();
+        if let Some(a) = line
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix("data="))
+        {
+            break a.parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Braid { child, addr }
+}

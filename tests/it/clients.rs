@@ -26,6 +26,28 @@ async fn tritonclient_http_defaults_are_batched_and_each_client_gets_its_own_row
     proxy.stop().await;
 }
 
+/// Runs `script` (tests/python) with the arguments every client script takes: the
+/// proxy and its model, the executor and its model (for the direct calls), the output
+/// to compare, and how many clients.
+async fn clients_of(
+    script: &str,
+    proxy: &TestProxy,
+    executor: std::net::SocketAddr,
+    target: &str,
+    output: &str,
+    clients: usize,
+) -> serde_json::Value {
+    let args = vec![
+        proxy.addr.to_string(),
+        "m".into(),
+        executor.to_string(),
+        target.into(),
+        output.into(),
+        clients.to_string(),
+    ];
+    run_python_client(script, args).await
+}
+
 /// `route` with one local variant (`target`) behind batching, in front of `executor`.
 fn batched_route(executor: &str, target: &str, row_id: bool) -> String {
     let row_id = if row_id { ", row_id: braid_row_id" } else { "" };
@@ -169,16 +191,13 @@ async fn tritonclient_grpc_is_batched_and_each_client_gets_its_own_rows() {
     );
     let proxy = TestProxy::start(&config).await;
     let clients = 64;
-    let report = run_python_client(
+    let report = clients_of(
         "triton_grpc_clients.py",
-        vec![
-            proxy.addr.to_string(),
-            "m".into(),
-            ex.addr.to_string(),
-            "tiny".into(),
-            "embedding".into(),
-            clients.to_string(),
-        ],
+        &proxy,
+        ex.addr,
+        "tiny",
+        "embedding",
+        clients,
     )
     .await;
     // Each client's infer, then two more calls through the stub to read its variant.
@@ -194,16 +213,13 @@ async fn kserves_grpc_client_is_batched_in_front_of_braids_executor() {
     let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
     let proxy = TestProxy::start(&batched_route(&ex.addr.to_string(), "tiny", true)).await;
     let clients = 32;
-    let report = run_python_client(
+    let report = clients_of(
         "kserve_grpc_clients.py",
-        vec![
-            proxy.addr.to_string(),
-            "m".into(),
-            ex.addr.to_string(),
-            "tiny".into(),
-            "embedding".into(),
-            clients.to_string(),
-        ],
+        &proxy,
+        ex.addr,
+        "tiny",
+        "embedding",
+        clients,
     )
     .await;
     assert_own_rows_and_batched(&report, &proxy, clients, clients).await;

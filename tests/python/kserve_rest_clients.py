@@ -8,8 +8,9 @@ import asyncio
 import json
 import sys
 
-import numpy as np
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+from rows import compare
 
 WORDS = ["good", "bad", "great", "terrible", "film", "movie", "food", "service", "love",
          "hate", "weather", "lovely", "sunny", "stadium", "review", "poison", "very", "not"]
@@ -37,18 +38,7 @@ async def main():
     want = [await infer(client, direct, direct_model, t, f"direct-{i}")
             for i, t in enumerate(texts)]
 
-    def rows(res):
-        out = next(o for o in res.outputs if o.name == output)
-        return np.asarray(out.as_numpy(), dtype=np.float64).reshape(1, -1)
-
-    max_diff, wrong = 0.0, 0
-    for i, r in enumerate(results):
-        if isinstance(r, Exception):
-            continue
-        diffs = [float(np.abs(rows(r) - rows(w)).max()) for w in want]
-        max_diff = max(max_diff, diffs[i])
-        if diffs[i] > min(diffs):  # another text's row is closer than its own
-            wrong += 1
+    max_diff, wrong = compare(results, want, output)
     await client.close()
     print(json.dumps({"clients": n, "answered": n - len(errors), "errors": errors,
                       "max_diff": max_diff, "wrong_rows": wrong}))
