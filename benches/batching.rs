@@ -178,6 +178,7 @@ async fn start_proxy(
         drain_timeout: Duration::from_secs(5),
         executor_probe_interval: Duration::from_secs(1),
         tls: None,
+        access_log: None,
     };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

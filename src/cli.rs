@@ -145,6 +145,10 @@ pub struct ProxyArgs {
     /// Then wait at most this long for in-flight requests.
     #[arg(long, env = "BRAID_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Write one JSON line per request to this file (appended), or `-` for standard
+    /// error; each route's `access_log.fraction` samples it (default: every request).
+    #[arg(long, env = "BRAID_ACCESS_LOG")]
+    pub access_log: Option<crate::access::Destination>,
     /// Largest request body accepted (413 above).
     #[arg(long, env = "BRAID_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
@@ -559,6 +563,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
                 }),
                 _ => None,
             },
+            access_log: args.access_log.clone(),
         };
         let mut running = match run::start(opts, listener, admin).await {
             Ok(r) => r,

@@ -124,6 +124,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         drain_timeout: Duration::from_secs(10),
         executor_probe_interval: Duration::from_secs(1),
         tls: None,
+        access_log: None,
     };
     let mut proxy = match run::start(opts, data_l, admin_l).await {
         Ok(p) => p,

@@ -48,6 +48,11 @@ pub struct UnroutedLabels {
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
     pub route: Arc<str>,
     pub variant: Arc<str>,
@@ -113,6 +118,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     grpc: Family<GrpcLabels, Counter>,
+    access_log: Family<ResultLabels, Counter>,
     duration: HistogramFamily<VariantLabels>,
     unrouted: Family<UnroutedLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
@@ -259,6 +265,12 @@ impl Metrics {
             "Routed gRPC calls ended, by route, variant and gRPC status (from the answer's trailers, or braid's own)",
             Family::<GrpcLabels, Counter>::default(),
         );
+        let access_log = register(
+            &mut registry,
+            "braid_access_log_lines",
+            "Access log lines, by result (written, failed: the write failed, dropped: the writer's queue was full)",
+            Family::<ResultLabels, Counter>::default(),
+        );
         let duration: HistogramFamily<VariantLabels> = register(
             &mut registry,
             "braid_request_duration_seconds",
@@ -371,6 +383,7 @@ impl Metrics {
             divergence,
             requests,
             grpc,
+            access_log,
             duration,
             unrouted,
             reloads,
@@ -485,6 +498,15 @@ impl Metrics {
                 grpc_status,
             })
             .inc();
+    }
+
+    /// Counts access log lines by what became of them.
+    pub fn access_log_lines(&self, result: &'static str, n: u64) {
+        if n > 0 {
+            self.access_log
+                .get_or_create(&ResultLabels { result })
+                .inc_by(n);
+        }
     }
 
     pub fn unrouted(&self, reason: &'static str) {

@@ -32,6 +32,8 @@ pub struct ProxyOptions {
     pub executor_probe_interval: Duration,
     /// Serve the data port over TLS.
     pub tls: Option<TlsFiles>,
+    /// Write an access log line per sampled request here.
+    pub access_log: Option<crate::access::Destination>,
 }
 
 /// The data port's certificate and key (PEM), re-read when they change.
@@ -133,9 +135,21 @@ pub async fn start(
         opts.executor_probe_interval,
         executor_tx,
     ));
+    let access_log = match &opts.access_log {
+        None => None,
+        Some(dest) => Some(Arc::new(
+            crate::access::AccessLog::open(dest, metrics.clone()).map_err(|message| {
+                vec![ConfigError {
+                    path: "--access-log".into(),
+                    message,
+                }]
+            })?,
+        )),
+    };
     let proxy = Arc::new(Proxy {
         store: store.clone(),
         metrics: metrics.clone(),
+        access_log,
         upstreams,
         max_body_bytes: opts.limits.max_body_bytes,
         max_inflight: opts.limits.max_inflight,

@@ -27,7 +27,17 @@ use crate::addr::Upstream;
 pub use crate::error::BatchError;
 use crate::metrics::BatchMetrics;
 
-pub type Reply = Result<Payload, BatchError>;
+pub type Reply = Result<Delivered, BatchError>;
+
+/// A request's share of a batch's reply, and how it got there (for the access log).
+#[derive(Debug)]
+pub struct Delivered {
+    pub payload: Payload,
+    /// Time in the queue, from arrival to its batch being sent.
+    pub waited: Duration,
+    /// Rows of the executor call that answered it (a half, after bisection).
+    pub batch_rows: usize,
+}
 
 pub type ExecFuture<'a> =
     Pin<Box<dyn Future<Output = Result<(StatusCode, Payload), BatchError>> + Send + 'a>>;
@@ -119,6 +129,8 @@ struct Pending {
     deadline: Option<Instant>,
     row_id: Option<Arc<str>>,
     reply: oneshot::Sender<Reply>,
+    /// Set when its batch is sent.
+    waited: Duration,
 }
 
 async fn run(
@@ -193,7 +205,7 @@ async fn run(
                         // Now, not the loop's last wake-up: the linger measures gaps between arrivals.
                         enqueued: Instant::now().into_std(),
                         deadline: [s.deadline, s.queue_deadline].into_iter().flatten().min().map(Instant::into_std),
-                        payload: Pending { item: s.item, upstream: s.upstream, path: s.path, deadline: s.deadline, row_id: s.row_id, reply },
+                        payload: Pending { item: s.item, upstream: s.upstream, path: s.path, deadline: s.deadline, row_id: s.row_id, reply, waited: Duration::ZERO },
                     };
                     match q.push(entry) {
                         Ok(None) => {}
@@ -233,7 +245,15 @@ async fn dispatch(
     let rows = batch.iter().map(|e| e.rows).sum();
     let deadline = batch.iter().filter_map(|e| e.payload.deadline).min();
     let start = Instant::now();
-    let parts: Vec<Pending> = batch.into_iter().map(|e| e.payload).collect();
+    let sent = start.into_std();
+    let parts: Vec<Pending> = batch
+        .into_iter()
+        .map(|e| {
+            let mut p = e.payload;
+            p.waited = sent.saturating_duration_since(e.enqueued);
+            p
+        })
+        .collect();
     execute(parts, &*executor, deadline).await;
     let took = start.elapsed();
     m.executed(took);
@@ -264,8 +284,13 @@ fn execute<'a>(
             Ok((status, reply)) if status.is_success() => {
                 match codec::split_payload(&items, &reply, row_ids) {
                     Ok(bodies) => {
-                        for (p, b) in parts.into_iter().zip(bodies) {
-                            let _ = p.reply.send(Ok(b));
+                        let batch_rows = items.iter().map(|i| i.rows).sum();
+                        for (p, payload) in parts.into_iter().zip(bodies) {
+                            let _ = p.reply.send(Ok(Delivered {
+                                payload,
+                                waited: p.waited,
+                                batch_rows,
+                            }));
                         }
                     }
                     Err(e) => fail_all(parts, || BatchError::BadReply(e.0.clone())),
@@ -363,7 +388,7 @@ mod tests {
     }
 
     fn prediction(reply: &Reply) -> String {
-        let body = reply.as_ref().expect("rows");
+        let body = &reply.as_ref().expect("rows").payload;
         let v: serde_json::Value = serde_json::from_slice(&body.body).unwrap();
         v["predictions"][0].as_str().unwrap().to_string()
     }

@@ -45,6 +45,8 @@ pub struct RouteSpec {
     pub outlier: Option<Outlier>,
     /// Requests in flight on this route at once; more get 429.
     pub max_inflight: Option<u64>,
+    /// Share of this route's requests written to the access log (when braid has one).
+    pub access_log_fraction: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +143,7 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
         fallback: obj.opt("fallback", name),
         outlier: obj.opt("outlier", outlier),
         max_inflight: obj.opt("max_inflight", positive_int),
+        access_log_fraction: obj.opt("access_log", access_log).flatten(),
     };
     obj.finish(&[
         "name",
@@ -156,8 +159,16 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
         "fallback",
         "outlier",
         "max_inflight",
+        "access_log",
     ]);
     Some(spec)
+}
+
+fn access_log(node: &Node, path: String, errs: &mut Errors) -> Option<Option<f64>> {
+    let mut obj = Obj::new(node, path, errs)?;
+    let f = obj.opt("fraction", fraction);
+    obj.finish(&["fraction"]);
+    Some(f)
 }
 
 fn variant(node: &Node, path: String, errs: &mut Errors) -> Option<VariantSpec> {

@@ -324,6 +324,7 @@ fn compile_route(
             })
         }),
         max_inflight: spec.max_inflight.map(|n| n as usize),
+        access_log: spec.access_log_fraction.unwrap_or(1.0),
         row_id: spec
             .batching
             .as_ref()

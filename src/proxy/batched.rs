@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::Prepared;
 use crate::addr::Upstream;
-use crate::batch::batcher::{BatchError, Batcher, ExecFuture, Execute, Submission};
+use crate::batch::batcher::{BatchError, Batcher, Delivered, ExecFuture, Execute, Submission};
 use crate::batch::codec::{self, Item, PathModel, Payload, Unqueued};
 use crate::batch::queue::BatchLimits;
 use crate::error::{Body, ProxyError, full};
@@ -168,15 +168,27 @@ pub(super) async fn submit(
         })
         .await;
     match reply {
-        Ok(reply) if grpc => grpc::oip::grpc_response(&reply.body, reply.header_len)
-            .map(|r| grpc::unary_ok(&r))
-            .map_err(|reason| ProxyError::Upstream {
-                backend: variant.upstream.authority.to_string(),
-                reason: format!("the executor's reply as gRPC: {reason}"),
-            }),
-        Ok(reply) => {
-            let mut resp = Response::new(full(reply.body));
-            oip::set_body_type(resp.headers_mut(), reply.header_len);
+        Ok(delivered) => {
+            let Delivered {
+                payload,
+                waited,
+                batch_rows,
+            } = delivered;
+            let mut resp = if grpc {
+                let r = grpc::oip::grpc_response(&payload.body, payload.header_len).map_err(
+                    |reason| ProxyError::Upstream {
+                        backend: variant.upstream.authority.to_string(),
+                        reason: format!("the executor's reply as gRPC: {reason}"),
+                    },
+                )?;
+                grpc::unary_ok(&r)
+            } else {
+                let mut resp = Response::new(full(payload.body));
+                oip::set_body_type(resp.headers_mut(), payload.header_len);
+                resp
+            };
+            // For the access log, at the edge.
+            resp.extensions_mut().insert(Batched { waited, batch_rows });
             Ok(resp)
         }
         Err(BatchError::Backend { status, body }) if grpc => {
@@ -188,6 +200,13 @@ pub(super) async fn submit(
         }
         Err(e) => ProxyError::from_batch(&variant.name, &variant.upstream.authority, e),
     }
+}
+
+/// How a batched request was served: its wait in the queue and its batch's rows.
+#[derive(Clone, Copy, Debug)]
+pub struct Batched {
+    pub waited: std::time::Duration,
+    pub batch_rows: usize,
 }
 
 /// The batcher's executor in production: a POST through braid's pooled client.

@@ -4,6 +4,7 @@
 //! through the variant's batcher), `grpc` (a gRPC call's route from its message, its
 //! streamed body, its status counted), `shadow` (copies and their comparison).
 
+mod access;
 mod batched;
 mod forward;
 mod grpc;
@@ -43,6 +44,8 @@ pub static X_BRAID_SHADOW: HeaderName = HeaderName::from_static("x-braid-shadow"
 pub struct Proxy {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
+    /// One line per sampled request, when braid runs with `--access-log`.
+    pub access_log: Option<Arc<crate::access::AccessLog>>,
     pub upstreams: Upstreams,
     pub max_body_bytes: usize,
     /// Requests answered at once; more get 503 + Retry-After.
@@ -134,6 +137,8 @@ struct Routed<'a> {
     m: Match<'a>,
     live: &'a RouteLive,
     wire: Wire,
+    /// How the variant was chosen (before any fallback), for the access log.
+    how: assign::Assignment,
 }
 
 impl Proxy {
@@ -220,7 +225,7 @@ impl Proxy {
         } else {
             self.avoid_ejected(route, live, assigned, &parts.headers)
         };
-        let r = Routed { m, live, wire };
+        let r = Routed { m, live, wire, how };
         if matches!(wire, Wire::GrpcStream | Wire::GrpcModelStream) {
             let result = match self.deadline(&parts, route, start) {
                 Ok((deadline, _)) => {
@@ -229,11 +234,14 @@ impl Proxy {
                 }
                 Err(e) => Err(e),
             };
-            return self.finish(&r, vi, None, result, start, None);
+            return self.finish(&r, vi, None, result, (start, &parts, None), None);
         }
         let prepared = match self.prepare(&parts, body, route, live, start).await {
             Ok(p) => p,
-            Err(e) => return self.finish(&r, vi, fallback_from, Err(e), start, None),
+            Err(e) => {
+                let req = (start, &parts, None);
+                return self.finish(&r, vi, fallback_from, Err(e), req, None);
+            }
         };
         let shadow = match wire {
             Wire::Rest => self.start_shadow(&r, vi, &parts, &prepared.body, conn),
@@ -252,7 +260,8 @@ impl Proxy {
             vi = fb;
             served = self.serve(&r, vi, &parts, &prepared, conn).await;
         }
-        self.finish(&r, vi, fallback_from, served.result, start, shadow)
+        let req = (start, &parts, Some(prepared.body.len()));
+        self.finish(&r, vi, fallback_from, served.result, req, shadow)
     }
 
     /// Headers, metrics and the shadow's copy of the answer, once, at the edge. An
@@ -264,7 +273,7 @@ impl Proxy {
         vi: usize,
         fallback_from: Option<usize>,
         result: Result<Response<Body>, ProxyError>,
-        start: Instant,
+        (start, parts, request_bytes): (Instant, &http::request::Parts, Option<usize>),
         shadow: Option<oneshot::Sender<PrimaryAnswer>>,
     ) -> Response<Body> {
         let route = r.m.route;
@@ -292,8 +301,30 @@ impl Proxy {
             headers.insert(X_BRAID_FALLBACK_FROM.clone(), from.header_value.clone());
             self.metrics.fallback(&route.name, &from.name);
         }
+        let elapsed = start.elapsed();
         self.metrics
-            .request(&route.name, &variant.name, status.as_u16(), start.elapsed());
+            .request(&route.name, &variant.name, status.as_u16(), elapsed);
+        if let Some(log) = &self.access_log
+            && route.access_log > 0.0
+            && (route.access_log >= 1.0 || crate::hash::next_f64() < route.access_log)
+        {
+            let how = if fallback_from.is_some() {
+                "fallback"
+            } else {
+                access::assignment(r.how)
+            };
+            log.write(access::line(access::Entry {
+                route: &route.name,
+                variant: &variant.name,
+                assignment: how,
+                parts,
+                grpc: r.wire.grpc(),
+                status: status.as_u16(),
+                elapsed,
+                request_bytes,
+                response: &resp,
+            }));
+        }
         if r.wire.grpc() {
             resp = grpc::count_status(&self.metrics, &route.name, &variant.name, resp);
         }

@@ -25,6 +25,7 @@ fn proxy(config: &str, exec: Arc<FakeExecutor>) -> Proxy {
     Proxy {
         store,
         metrics,
+        access_log: None,
         upstreams: Upstreams::new(CONNECT_TIMEOUT),
         max_body_bytes: 1 << 20,
         max_inflight: 100,

@@ -47,6 +47,8 @@ pub struct Route {
     pub shadow: Option<ShadowRoute>,
     /// Requests in flight on this route at once; more get 429.
     pub max_inflight: Option<usize>,
+    /// Share of requests written to the access log, when braid runs with one.
+    pub access_log: f64,
 }
 
 /// A route's shadow traffic: a copy of `fraction` of requests goes to `variant`.

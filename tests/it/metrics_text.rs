@@ -44,6 +44,7 @@ fn every_proxy_family_passes_promtool() {
     );
     m.request(&route, &a, 200, Duration::from_millis(3));
     m.grpc_request(&route, &a, "UNAVAILABLE");
+    m.access_log_lines("written", 3);
     m.unrouted("unknown_model");
     m.config_reloaded("file", true, 1);
     m.inflight().set(1);

@@ -249,6 +249,7 @@ pub fn options(config_path: &Path) -> ProxyOptions {
         drain_timeout: Duration::from_secs(5),
         executor_probe_interval: Duration::from_millis(50),
         tls: None,
+        access_log: None,
     }
 }
 

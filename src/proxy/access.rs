@@ -1,0 +1,122 @@
+//! The access log's line for one request, built at the edge only when the request is
+//! sampled: when it started, its trace id (from `traceparent`), route, variant, how
+//! the variant was chosen, status, duration, its wait in a batch queue and its batch's
+//! rows (batched requests), bytes in and out. Nothing from the request body.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{Response, header};
+use serde_json::json;
+
+use super::batched::Batched;
+use crate::error::Body;
+use crate::route::assign::Assignment;
+
+pub(super) struct Entry<'a> {
+    pub route: &'a str,
+    pub variant: &'a str,
+    pub assignment: &'static str,
+    pub parts: &'a http::request::Parts,
+    pub grpc: bool,
+    /// The HTTP status the answer stands for (a gRPC error's REST equivalent).
+    pub status: u16,
+    /// Until the response headers, as `braid_request_duration_seconds`.
+    pub elapsed: Duration,
+    /// `None` for a streamed request.
+    pub request_bytes: Option<usize>,
+    pub response: &'a Response<Body>,
+}
+
+pub(super) fn assignment(how: Assignment) -> &'static str {
+    match how {
+        Assignment::Override => "override",
+        Assignment::Sticky => "sticky",
+        Assignment::Random => "weighted",
+    }
+}
+
+pub(super) fn line(e: Entry<'_>) -> String {
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(e.elapsed);
+    let batched = e.response.extensions().get::<Batched>();
+    let response_bytes = e
+        .response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    json!({
+        "time": crate::access::rfc3339_millis(started),
+        "trace_id": trace_id(&e.parts.headers),
+        "method": e.parts.method.as_str(),
+        "path": e.parts.uri.path(),
+        "protocol": if e.grpc { "grpc" } else { "http" },
+        "route": e.route,
+        "variant": e.variant,
+        "assignment": e.assignment,
+        "status": e.status,
+        "duration_ms": millis(e.elapsed),
+        "queue_wait_ms": batched.map(|b| millis(b.waited)),
+        "batch_size": batched.map(|b| b.batch_rows),
+        "request_bytes": e.request_bytes,
+        "response_bytes": response_bytes,
+    })
+    .to_string()
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not
+/// all zero), else `None`.
+fn trace_id(headers: &http::HeaderMap) -> Option<&str> {
+    let v = headers.get("traceparent")?.to_str().ok()?;
+    let mut it = v.split('-');
+    let (version, trace, span, flags) = (it.next()?, it.next()?, it.next()?, it.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(span, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && span.bytes().any(|b| b != b'0')
+        && (version != "00" || it.next().is_none());
+    valid.then_some(trace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_come_from_valid_traceparents_only() {
+        let id = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("traceparent", v.parse().unwrap());
+            trace_id(&h).map(str::to_string)
+        };
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            id(good).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f35-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            assert_eq!(id(bad), None, "{bad}");
+        }
+    }
+}
