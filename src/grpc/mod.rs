@@ -63,21 +63,6 @@ impl Code {
             _ => Code::Internal,
         }
     }
-
-    /// The name gRPC's documentation gives the code, for metrics and logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            Code::Ok => "OK",
-            Code::Cancelled => "CANCELLED",
-            Code::InvalidArgument => "INVALID_ARGUMENT",
-            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Code::NotFound => "NOT_FOUND",
-            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-            Code::Unimplemented => "UNIMPLEMENTED",
-            Code::Internal => "INTERNAL",
-            Code::Unavailable => "UNAVAILABLE",
-        }
-    }
 }
 
 /// The name of a `grpc-status` value, as gRPC's documentation spells it; a value
@@ -226,36 +211,24 @@ pub fn format_timeout(left: Duration) -> HeaderValue {
 /// The one message of a unary call's body (5-byte prefix: compressed flag, big-endian
 /// length). Compressed messages cannot be read here.
 pub fn unary_message(body: &[u8]) -> Result<&[u8], String> {
-    let (msg, rest) = message(body)?;
-    if !rest.is_empty() {
-        return Err(format!(
-            "a unary call's body holds one message; {} bytes follow it",
-            rest.len()
-        ));
-    }
-    Ok(msg)
-}
-
-/// The first length-prefixed message of `body` and what follows it.
-pub fn message(body: &[u8]) -> Result<(&[u8], &[u8]), String> {
-    let Some((head, rest)) = body.split_at_checked(5) else {
+    let Some(len) = declared_len(body)? else {
         return Err(format!(
             "a gRPC message needs a 5-byte prefix; the body has {} bytes",
             body.len()
         ));
     };
-    if head[0] != 0 {
-        return Err(
-            "compressed gRPC messages are not supported (send with compression off)".into(),
-        );
-    }
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    rest.split_at_checked(len).ok_or_else(|| {
-        format!(
+    let rest = &body[5..];
+    match rest.len().cmp(&len) {
+        std::cmp::Ordering::Equal => Ok(rest),
+        std::cmp::Ordering::Less => Err(format!(
             "the message prefix says {len} bytes; {} follow it",
             rest.len()
-        )
-    })
+        )),
+        std::cmp::Ordering::Greater => Err(format!(
+            "a unary call's body holds one message; {} bytes follow it",
+            rest.len() - len
+        )),
+    }
 }
 
 /// The first message of a stream's bytes so far, and how many bytes it took with its
@@ -302,53 +275,62 @@ pub struct Field {
     pub payload: Range<usize>,
 }
 
-/// The top-level fields of a protobuf message, in order; an error names what is
-/// malformed and where.
-pub fn fields(msg: &[u8]) -> Result<Vec<Field>, String> {
-    let mut out = Vec::new();
+/// The top-level fields of a protobuf message, in order, read as they are asked for
+/// (routing reads field 1 without collecting the rest); an error names what is
+/// malformed and where, and ends the iteration.
+pub fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, String>> + '_ {
     let mut at = 0;
-    while at < msg.len() {
-        let start = at;
-        let tag = varint(msg, &mut at)?;
-        let number = u32::try_from(tag >> 3)
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| format!("field number {} at byte {start}", tag >> 3))?;
-        let wire_type = (tag & 7) as u8;
-        let payload_start;
-        match wire_type {
-            0 => {
-                payload_start = at;
-                varint(msg, &mut at)?;
-            }
-            1 | 5 => {
-                payload_start = at;
-                at += if wire_type == 1 { 8 } else { 4 };
-            }
-            2 => {
-                let len = varint(msg, &mut at)?;
-                payload_start = at;
-                at = usize::try_from(len)
-                    .ok()
-                    .and_then(|l| at.checked_add(l))
-                    .ok_or_else(|| format!("field {number} at byte {start}: length {len}"))?;
-            }
-            t => return Err(format!("field {number} at byte {start}: wire type {t}")),
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || at >= msg.len() {
+            return None;
         }
-        if at > msg.len() {
-            return Err(format!(
-                "field {number} at byte {start} runs past the message's {} bytes",
-                msg.len()
-            ));
+        let field = next_field(msg, &mut at);
+        failed = field.is_err();
+        Some(field)
+    })
+}
+
+fn next_field(msg: &[u8], at: &mut usize) -> Result<Field, String> {
+    let start = *at;
+    let tag = varint(msg, at)?;
+    let number = u32::try_from(tag >> 3)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("field number {} at byte {start}", tag >> 3))?;
+    let wire_type = (tag & 7) as u8;
+    let payload_start;
+    match wire_type {
+        0 => {
+            payload_start = *at;
+            varint(msg, at)?;
         }
-        out.push(Field {
-            number,
-            wire_type,
-            span: start..at,
-            payload: payload_start..at,
-        });
+        1 | 5 => {
+            payload_start = *at;
+            *at += if wire_type == 1 { 8 } else { 4 };
+        }
+        2 => {
+            let len = varint(msg, at)?;
+            payload_start = *at;
+            *at = usize::try_from(len)
+                .ok()
+                .and_then(|l| at.checked_add(l))
+                .ok_or_else(|| format!("field {number} at byte {start}: length {len}"))?;
+        }
+        t => return Err(format!("field {number} at byte {start}: wire type {t}")),
     }
-    Ok(out)
+    if *at > msg.len() {
+        return Err(format!(
+            "field {number} at byte {start} runs past the message's {} bytes",
+            msg.len()
+        ));
+    }
+    Ok(Field {
+        number,
+        wire_type,
+        span: start..*at,
+        payload: payload_start..*at,
+    })
 }
 
 fn varint(buf: &[u8], at: &mut usize) -> Result<u64, String> {
@@ -371,7 +353,8 @@ fn varint(buf: &[u8], at: &mut usize) -> Result<u64, String> {
 /// "" when absent.
 pub fn string_field(msg: &[u8], number: u32) -> Result<&str, String> {
     let mut found = "";
-    for f in fields(msg)? {
+    for f in fields(msg) {
+        let f = f?;
         if f.number != number {
             continue;
         }
@@ -394,7 +377,11 @@ pub fn with_string_field(msg: &[u8], number: u32, value: &str) -> Result<Vec<u8>
     let mut out = Vec::with_capacity(msg.len() + value.len());
     let mut copied = 0;
     let mut replaced = false;
-    for f in fields(msg)?.into_iter().filter(|f| f.number == number) {
+    for f in fields(msg) {
+        let f = f?;
+        if f.number != number {
+            continue;
+        }
         out.extend_from_slice(&msg[copied..f.span.start]);
         out.extend_from_slice(&encoded);
         copied = f.span.end;
@@ -427,16 +414,13 @@ mod tests {
         for odd in [&b"17"[..], b"", b"x", b"-1"] {
             assert_eq!(status_name(odd), "UNKNOWN");
         }
-        for code in [
-            Code::Ok,
-            Code::InvalidArgument,
-            Code::Unavailable,
-            Code::Internal,
+        for (code, name) in [
+            (Code::Ok, "OK"),
+            (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            (Code::Unavailable, "UNAVAILABLE"),
+            (Code::Internal, "INTERNAL"),
         ] {
-            assert_eq!(
-                status_name((code as u8).to_string().as_bytes()),
-                code.name()
-            );
+            assert_eq!(status_name((code as u8).to_string().as_bytes()), name);
         }
     }
 
@@ -545,13 +529,33 @@ mod tests {
     fn malformed_messages_are_errors_not_panics() {
         let m = request("model-a");
         for cut in 0..m.len() {
-            let _ = fields(&m[..cut]);
+            fields(&m[..cut]).for_each(drop);
             let _ = with_string_field(&m[..cut], 1, "x");
         }
-        assert!(fields(&[0x0a, 5, b'a']).unwrap_err().contains("runs past"));
-        assert!(fields(&[0x0b]).unwrap_err().contains("wire type 3"));
-        assert!(fields(&[0x00]).unwrap_err().contains("field number 0"));
-        assert!(fields(&[0x08, 0xff, 0xff]).unwrap_err().contains("varint"));
+        assert!(
+            fields(&[0x0a, 5, b'a'])
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap_err()
+                .contains("runs past")
+        );
+        assert!(
+            fields(&[0x0b])
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap_err()
+                .contains("wire type 3")
+        );
+        assert!(
+            fields(&[0x00])
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap_err()
+                .contains("field number 0")
+        );
+        assert!(
+            fields(&[0x08, 0xff, 0xff])
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap_err()
+                .contains("varint")
+        );
         assert!(
             string_field(&[0x08, 1], 1)
                 .unwrap_err()

@@ -12,14 +12,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
-/// A gRPC message with its 5-byte prefix.
-pub fn frame(msg: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(5 + msg.len());
-    out.extend_from_slice(&[0]);
-    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    out.extend_from_slice(msg);
-    out.freeze()
-}
+/// A gRPC message with its 5-byte prefix (braid's own framing).
+pub use braid::grpc::frame;
 
 /// A message whose field 1 (the model name of ModelInfer/ModelReady/ModelMetadata) is
 /// `model`, followed by `rest` as sent.
