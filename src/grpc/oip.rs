@@ -16,6 +16,7 @@ use super::pb::{
     InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
     ModelMetadataResponse, infer_parameter::ParameterChoice,
 };
+use crate::batch::tensor::{self, Dtype};
 
 /// The REST form of a gRPC inference request: its JSON header followed by the
 /// tensors' bytes, and the header's length (`Inference-Header-Content-Length`). Every
@@ -147,12 +148,10 @@ pub fn grpc_response(body: &[u8], header_len: Option<usize>) -> Result<ModelInfe
                 mine.to_vec()
             }
             None => {
-                let mut out = Vec::new();
                 let data = o
                     .get("data")
                     .ok_or_else(|| format!("output {name:?} has no data"))?;
-                json_to_raw(name, datatype, data, &mut out)?;
-                out
+                json_to_raw(name, datatype, data)?
             }
         };
         resp.outputs.push(InferOutputTensor {
@@ -273,7 +272,8 @@ fn contents_to_raw(
     c: &InferTensorContents,
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
-    let width = int_width(datatype);
+    // The element width of the narrow integer types, written from 32-bit contents.
+    let width = Dtype::parse(datatype).and_then(Dtype::size).unwrap_or(4);
     match datatype {
         "BOOL" => out.extend(c.bool_contents.iter().map(|&b| u8::from(b))),
         "INT8" | "INT16" | "INT32" => {
@@ -317,57 +317,18 @@ fn contents_to_raw(
     Ok(())
 }
 
-/// JSON `data` (flat or nested) as raw little-endian bytes of `datatype`.
-fn json_to_raw(name: &str, datatype: &str, data: &Value, out: &mut Vec<u8>) -> Result<(), String> {
-    let bad = |v: &Value| format!("output {name:?}: {v} is not a {datatype} element");
-    match data {
-        Value::Array(items) => {
-            for v in items {
-                json_to_raw(name, datatype, v, out)?;
-            }
-        }
-        v => match datatype {
-            "BOOL" => out.push(u8::from(v.as_bool().ok_or_else(|| bad(v))?)),
-            "INT8" | "INT16" | "INT32" | "INT64" => {
-                let n = v.as_i64().ok_or_else(|| bad(v))?;
-                let width = int_width(datatype);
-                out.extend_from_slice(&n.to_le_bytes()[..width]);
-            }
-            "UINT8" | "UINT16" | "UINT32" | "UINT64" => {
-                let n = v.as_u64().ok_or_else(|| bad(v))?;
-                let width = int_width(datatype);
-                out.extend_from_slice(&n.to_le_bytes()[..width]);
-            }
-            "FP16" => {
-                let f = v.as_f64().ok_or_else(|| bad(v))?;
-                out.extend_from_slice(&half::f16::from_f64(f).to_le_bytes());
-            }
-            "BF16" => {
-                let f = v.as_f64().ok_or_else(|| bad(v))?;
-                out.extend_from_slice(&half::bf16::from_f64(f).to_le_bytes());
-            }
-            "FP32" => {
-                out.extend_from_slice(&(v.as_f64().ok_or_else(|| bad(v))? as f32).to_le_bytes())
-            }
-            "FP64" => out.extend_from_slice(&v.as_f64().ok_or_else(|| bad(v))?.to_le_bytes()),
-            "BYTES" => {
-                let s = v.as_str().ok_or_else(|| bad(v))?;
-                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
-            }
-            other => return Err(format!("output {name:?}: unknown datatype {other:?}")),
-        },
-    }
-    Ok(())
-}
-
-fn int_width(datatype: &str) -> usize {
-    match datatype.trim_start_matches('U') {
-        "INT8" => 1,
-        "INT16" => 2,
-        "INT32" => 4,
-        _ => 8,
-    }
+/// JSON `data` (flat or nested) as raw little-endian bytes of `datatype`, element by
+/// element as the batcher's codec converts them.
+fn json_to_raw(name: &str, datatype: &str, data: &Value) -> Result<Vec<u8>, String> {
+    let dt = Dtype::parse(datatype)
+        .ok_or_else(|| format!("output {name:?}: unknown datatype {datatype:?}"))?;
+    let text = data.to_string();
+    let mut out = Vec::new();
+    tensor::leaves(text.as_bytes(), |_, token| {
+        tensor::text_to_raw(dt, token, &mut out)
+    })
+    .map_err(|e| format!("output {name:?}: {e}"))?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -234,7 +234,7 @@ impl Proxy {
                 }
                 Err(e) => Err(e),
             };
-            return self.finish(&r, vi, None, result, (start, &parts, None), None);
+            return self.finish(&r, vi, fallback_from, result, (start, &parts, None), None);
         }
         let prepared = match self.prepare(&parts, body, route, live, start).await {
             Ok(p) => p,
