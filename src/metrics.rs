@@ -4,7 +4,7 @@
 //! (status codes, outcomes): never from request data, so cardinality is bounded by
 //! the config.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -136,6 +136,45 @@ pub struct Metrics {
     fallbacks: Family<VariantLabels, Counter>,
     shadow: Family<OutcomeLabels, Counter>,
     divergence: HistogramFamily<VariantLabels>,
+}
+
+/// Requests counted by code and timed, for one variant. The series appear on first
+/// use, as a family lookup would make them; 200, the common code, keeps its handle.
+pub struct RequestMetrics {
+    family: Family<RequestLabels, Counter>,
+    durations: HistogramFamily<VariantLabels>,
+    labels: VariantLabels,
+    duration: OnceLock<Histogram>,
+    ok: OnceLock<Counter>,
+}
+
+impl std::fmt::Debug for RequestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestMetrics")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestMetrics {
+    /// Records one routed request at the edge, once.
+    pub fn record(&self, code: u16, elapsed: Duration) {
+        self.duration
+            .get_or_init(|| self.durations.get_or_create_owned(&self.labels))
+            .observe(elapsed.as_secs_f64());
+        let counter = |code| {
+            self.family.get_or_create_owned(&RequestLabels {
+                route: self.labels.route.clone(),
+                variant: self.labels.variant.clone(),
+                code,
+            })
+        };
+        if code == 200 {
+            self.ok.get_or_init(|| counter(200)).inc();
+        } else {
+            counter(code).inc();
+        }
+    }
 }
 
 /// A (route, variant)'s retry outcomes.
@@ -471,22 +510,19 @@ impl Metrics {
         }
     }
 
-    /// Records one routed request at the edge, once.
-    pub fn request(&self, route: &Arc<str>, variant: &Arc<str>, code: u16, elapsed: Duration) {
-        let labels = VariantLabels {
-            route: route.clone(),
-            variant: variant.clone(),
-        };
-        self.duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: labels.route,
-                variant: labels.variant,
-                code,
-            })
-            .inc();
+    /// One variant's request counter and latency histogram, resolved once (when a
+    /// snapshot is bound) so a request takes no lock and hashes no label.
+    pub fn requests(&self, route: &Arc<str>, variant: &Arc<str>) -> RequestMetrics {
+        RequestMetrics {
+            family: self.requests.clone(),
+            durations: self.duration.clone(),
+            labels: VariantLabels {
+                route: route.clone(),
+                variant: variant.clone(),
+            },
+            duration: OnceLock::new(),
+            ok: OnceLock::new(),
+        }
     }
 
     /// Records how a routed gRPC call ended (its `grpc-status`, by name).

@@ -98,6 +98,7 @@ pub async fn start(
     let store = Arc::new(Store::new(
         metrics.clone(),
         Arc::new(HttpExecutor(upstreams.clone())),
+        upstreams.clone(),
     ));
     let watcher = match opts.config.clone() {
         // A file must hold a valid config before braid starts serving.

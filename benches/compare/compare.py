@@ -94,15 +94,17 @@ class Proc:
         return out
 
     def cpu_seconds(self):
-        total = 0
+        """(user, system) CPU seconds of the process and its children so far."""
+        user = system = 0
         for pid in self.pids():
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
+                user += int(fields[11])
+                system += int(fields[12])
             except OSError:
                 pass
-        return total / CLK_TCK
+        return user / CLK_TCK, system / CLK_TCK
 
     def rss_mib(self):
         total = 0
@@ -188,11 +190,28 @@ http {{
 
 
 def upstream_count(up):
-    """Requests the upstream has served, less this query itself."""
+    """(connections accepted, requests served) by the upstream so far; the
+    status query itself is one of each."""
     with urllib.request.urlopen(f"http://127.0.0.1:{up.port}/_count", timeout=5) as r:
         text = r.read().decode()
     # "Active connections: 1\nserver accepts handled requests\n 3 3 7 \n..."
-    return int(text.splitlines()[2].split()[2])
+    words = text.splitlines()[2].split()
+    return int(words[0]), int(words[2])
+
+
+class Upstreams:
+    """Both upstreams' counters before a measurement, and what changed after it."""
+
+    def __init__(self, ups):
+        self.ups = ups
+        self.before = [upstream_count(u) for u in ups]
+
+    def delta(self):
+        after = [upstream_count(u) for u in self.ups]
+        # less the status query of `before` (one accept, one request each)
+        accepts = sum(a[0] - b[0] - 1 for a, b in zip(after, self.before))
+        requests = [a[1] - b[1] - 1 for a, b in zip(after, self.before)]
+        return accepts, requests
 
 
 def braid_config(a, b):
@@ -216,7 +235,7 @@ def start_braid(work, binary, a, b, cpu, wrapper=(), ready_timeout=30):
     return p
 
 
-def start_nginx(work, a, b, cpu):
+def start_nginx(work, a, b, cpu, wrapper=()):
     port = free_port()
     text = f"""
 daemon off; master_process off; worker_processes 1; pid {work}/nginx-proxy.pid;
@@ -230,6 +249,10 @@ http {{
     server 127.0.0.1:{a.port} weight=9;
     server 127.0.0.1:{b.port} weight=1;
     keepalive 64;
+    # nginx's default (1000 requests, then a new connection) would make it reconnect
+    # to its upstreams; every proxy here keeps its upstream connections.
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
   }}
   server {{
     listen 127.0.0.1:{port} backlog=4096;
@@ -242,10 +265,10 @@ http {{
 }}
 """
     return launch(work, "nginx", "nginx-proxy.conf", text,
-                  lambda c: ["nginx", "-p", work, "-c", c], cpu, port)
+                  lambda c: [*wrapper, "nginx", "-p", work, "-c", c], cpu, port)
 
 
-def start_haproxy(work, a, b, cpu):
+def start_haproxy(work, a, b, cpu, wrapper=()):
     port = free_port()
     text = f"""
 global
@@ -266,8 +289,8 @@ backend models
   server a 127.0.0.1:{a.port} weight 90
   server b 127.0.0.1:{b.port} weight 10
 """
-    return launch(work, "haproxy", "haproxy.cfg", text, lambda c: ["haproxy", "-db", "-f", c],
-                  cpu, port)
+    return launch(work, "haproxy", "haproxy.cfg", text,
+                  lambda c: [*wrapper, "haproxy", "-db", "-f", c], cpu, port)
 
 
 def start_envoy(work, a, b, cpu):
@@ -384,18 +407,51 @@ def summarize(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run_proxies(args, work):
-    cpu_proxy, cpu_load = (0, 1) if os.cpu_count() >= 2 else (None, None)
+# Where each process runs. "separate": the proxy alone on CPU 0, the load generator and
+# both upstreams on CPU 1 (the proxy's cost, isolated). "pod": the proxy and its
+# upstreams share CPU 0, as a sidecar shares its pod with the model server, and the
+# load generator has CPU 1.
+LAYOUTS = {
+    "separate": {"proxy": 0, "upstream": 1, "load": 1},
+    "pod": {"proxy": 0, "upstream": 0, "load": 1},
+}
+
+
+def measure(t, url, proc, ups, work, args, cpus, rate):
+    """One measurement of target `t`: closed loop (rate None) or open loop at `rate`,
+    with the proxy's user and system CPU per request and its upstream accepts."""
+    cpu0 = proc.cpu_seconds() if proc else (0, 0)
+    counts = Upstreams(ups)
+    if rate is None:
+        r = wrk(url, work, args.seconds, args.connections, cpus["load"])
+        r["failed"] = r.pop("errors")
+    else:
+        r = oha(url, rate, args.seconds, args.open_connections, cpus["load"])
+    cpu1 = proc.cpu_seconds() if proc else (0, 0)
+    accepts, split = counts.delta()
+    served = max(sum(split), 1)
+    r["split"] = split
+    r["accepts_per_kreq"] = accepts / served * 1000
+    if proc:
+        r["user_us"] = (cpu1[0] - cpu0[0]) / served * 1e6
+        r["sys_us"] = (cpu1[1] - cpu0[1]) / served * 1e6
+        r["cpu_us"] = r["user_us"] + r["sys_us"]
+    return r
+
+
+def run_proxies(args, work, layout):
+    cpus = LAYOUTS[layout] if os.cpu_count() >= 2 else {"proxy": None, "upstream": None,
+                                                          "load": None}
     procs = []
     try:
-        a = start_upstream(work, "upstream-a", cpu_load)
-        b = start_upstream(work, "upstream-b", cpu_load)
+        a = start_upstream(work, "upstream-a", cpus["upstream"])
+        b = start_upstream(work, "upstream-b", cpus["upstream"])
         procs += [a, b]
         starters = {
-            "braid": lambda: start_braid(work, args.braid, a, b, cpu_proxy),
-            "nginx": lambda: start_nginx(work, a, b, cpu_proxy),
-            "haproxy": lambda: start_haproxy(work, a, b, cpu_proxy),
-            "envoy": lambda: start_envoy(work, a, b, cpu_proxy),
+            "braid": lambda: start_braid(work, args.braid, a, b, cpus["proxy"]),
+            "nginx": lambda: start_nginx(work, a, b, cpus["proxy"]),
+            "haproxy": lambda: start_haproxy(work, a, b, cpus["proxy"]),
+            "envoy": lambda: start_envoy(work, a, b, cpus["proxy"]),
         }
         running = {}
         for name in args.proxies:
@@ -410,23 +466,17 @@ def run_proxies(args, work):
         for r in range(args.rounds):
             for t in targets:
                 proc = running.get(t)
-                before = (proc.cpu_seconds() if proc else 0, upstream_count(a), upstream_count(b))
-                closed = wrk(url[t], work, args.seconds, args.connections, cpu_load)
-                after = (proc.cpu_seconds() if proc else 0, upstream_count(a), upstream_count(b))
-                s = {
-                    "rps": closed["rps"],
-                    "errors": closed["errors"],
-                    "split": (after[1] - before[1] - 1, after[2] - before[2] - 1),
-                    "cpu_us": (after[0] - before[0]) / closed["requests"] * 1e6 if proc else None,
-                }
+                s = {"closed": measure(t, url[t], proc, [a, b], work, args, cpus, None)}
                 for rate in args.rates:
-                    s[rate] = oha(url[t], rate, args.seconds, args.open_connections, cpu_load)
+                    s[rate] = measure(t, url[t], proc, [a, b], work, args, cpus, rate)
                 s["rss"] = proc.rss_mib() if proc else None
                 samples[t].append(s)
-                print(f"round {r + 1}/{args.rounds} {t}: {closed['rps']:.0f} req/s closed"
-                      + (f", {s['cpu_us']:.1f} us CPU/req, {s['rss']:.1f} MiB" if proc else "")
-                      + "".join(f", p50 {s[q]['p50']:.3f} ms @{q}" for q in args.rates),
-                      flush=True)
+                line = f"{layout} round {r + 1}/{args.rounds} {t}: {s['closed']['rps']:.0f} req/s"
+                if proc:
+                    line += "".join(f", {s[m]['cpu_us']:.1f} us/req @{m}"
+                                    for m in ["closed"] + args.rates)
+                    line += f", {s['rss']:.1f} MiB"
+                print(line, flush=True)
         return samples
     finally:
         for p in reversed(procs):
@@ -434,33 +484,133 @@ def run_proxies(args, work):
 
 
 def proxy_results(args, samples):
+    """Medians and ranges per target and measurement; ratios are taken within each
+    round (paired), so drift between rounds cancels."""
+    measures = ["closed"] + args.rates
+    direct = samples["direct"]
     res = {}
-    direct_rps = summarize([s["rps"] for s in samples["direct"]])
     for t, ss in samples.items():
-        row = {
-            "rps": summarize([s["rps"] for s in ss]),
-            # the ratio within each round, so drift between rounds cancels
-            "ratio": summarize([s["rps"] / d["rps"] for s, d in zip(ss, samples["direct"])]),
-            "cpu_us": summarize([s["cpu_us"] for s in ss]),
-            "rss": summarize([s["rss"] for s in ss]),
-            "errors": sum(s["errors"] for s in ss),
-            "split": [sum(s["split"][0] for s in ss), sum(s["split"][1] for s in ss)],
-            "open": {},
-        }
-        for rate in args.rates:
-            o = {}
-            for q in ("p50", "p99", "p99.9", "rps"):
-                o[q] = summarize([s[rate][q] for s in ss])
-            o["added_p50"] = summarize(
-                [s[rate]["p50"] - d[rate]["p50"] for s, d in zip(ss, samples["direct"])])
-            o["added_p99"] = summarize(
-                [s[rate]["p99"] - d[rate]["p99"] for s, d in zip(ss, samples["direct"])])
-            o["failed"] = sum(s[rate]["failed"] for s in ss)
-            o["errors"] = sorted({e for s in ss for e in s[rate]["errors"]})
-            row["open"][rate] = o
+        row = {"rss": summarize([s["rss"] for s in ss]),
+               "split": [sum(s[m]["split"][i] for s in ss for m in measures) for i in (0, 1)]}
+        for m in measures:
+            o = {q: summarize([s[m].get(q) for s in ss])
+                 for q in ("rps", "cpu_us", "user_us", "sys_us", "accepts_per_kreq",
+                           "p50", "p99", "p99.9")}
+            o["ratio"] = summarize([s[m]["rps"] / d[m]["rps"] for s, d in zip(ss, direct)])
+            if m != "closed":
+                o["added_p50"] = summarize([s[m]["p50"] - d[m]["p50"] for s, d in zip(ss, direct)])
+                o["added_p99"] = summarize([s[m]["p99"] - d[m]["p99"] for s, d in zip(ss, direct)])
+                o["errors"] = sorted({e for s in ss for e in s[m]["errors"]})
+            o["failed"] = sum(s[m]["failed"] for s in ss)
+            if "nginx" in samples and t not in ("direct", "nginx"):
+                ng = samples["nginx"]
+                o["cpu_vs_nginx"] = summarize(
+                    [s[m]["cpu_us"] / n[m]["cpu_us"] for s, n in zip(ss, ng)])
+                o["ratio_vs_nginx"] = summarize(
+                    [(s[m]["rps"] / d[m]["rps"]) / (n[m]["rps"] / d[m]["rps"])
+                     for s, n, d in zip(ss, ng, direct)])
+                if m != "closed":
+                    o["added_p50_vs_nginx"] = summarize(
+                        [s[m]["p50"] - n[m]["p50"] for s, n in zip(ss, ng)])
+                    o["added_p99_vs_nginx"] = summarize(
+                        [s[m]["p99"] - n[m]["p99"] for s, n in zip(ss, ng)])
+            row[m] = o
         res[t] = row
-    res["direct"]["rps"] = direct_rps
     return res
+
+
+# ---------------------------------------------------------------------------
+# Instructions per request (callgrind): a figure machine noise does not move.
+
+
+def callgrind_load(port, requests, connections):
+    """`requests` POSTs over `connections` keep-alive connections, each checked."""
+    import http.client
+    import threading
+
+    failures = []
+
+    def worker(n):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        for _ in range(n):
+            c.request("POST", PATH, body=REQUEST, headers={"content-type": "application/json"})
+            r = c.getresponse()
+            r.read()
+            if r.status != 200:
+                failures.append(r.status)
+        c.close()
+
+    share = [requests // connections + (i < requests % connections) for i in range(connections)]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in share]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise SystemExit(f"callgrind load: {len(failures)} failed requests ({failures[:5]})")
+
+
+def callgrind_ir(work, name, start, a, b, requests, connections=4, out=None):
+    """User-space instructions per proxied request: counters zeroed after a warm-up,
+    `requests` sent, counters dumped. Returns (Ir per request, dump file)."""
+    import glob
+    prefix = os.path.join(work, f"cg-{name}")
+    wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p",
+               *os.environ.get("CALLGRIND_FLAGS", "").split()]
+    p = start(wrapper)
+    try:
+        wait_ready(p, f"http://127.0.0.1:{p.port}{PATH}", "POST", REQUEST.encode(), timeout=180)
+        callgrind_load(p.port, 500, connections)
+        # Unpinned, so the process started is valgrind running the proxy; nginx and
+        # HAProxy run as one process here.
+        pid = str(p.popen.pid)
+        subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
+        counts = Upstreams([a, b])
+        callgrind_load(p.port, requests, connections)
+        _, split = counts.delta()
+        for f in glob.glob(f"{prefix}.*"):
+            os.remove(f)
+        subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True)
+        deadline = time.time() + 60
+        while not glob.glob(f"{prefix}.*") and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        dump = sorted(glob.glob(f"{prefix}.*"))[-1]
+    finally:
+        p.stop()
+    total = 0
+    with open(dump) as f:
+        for line in f:
+            if line.startswith("summary:") or line.startswith("totals:"):
+                total = int(line.split()[1])
+    if out:
+        shutil.copy(dump, out)
+    return total / max(sum(split), 1), dump
+
+
+def run_callgrind(args, work):
+    if not shutil.which("valgrind"):
+        print("valgrind is not installed: no instruction counts", flush=True)
+        return {}
+    a = start_upstream(work, "cg-upstream-a", None)
+    b = start_upstream(work, "cg-upstream-b", None)
+    out = {}
+    try:
+        starters = {
+            "braid": lambda w: start_braid(work, args.braid, a, b, None, w, ready_timeout=180),
+            "nginx": lambda w: start_nginx(work, a, b, None, w),
+            "haproxy": lambda w: start_haproxy(work, a, b, None, w),
+        }
+        for r in range(args.callgrind_rounds):
+            for name in [p for p in args.proxies if p in starters]:
+                ir, _ = callgrind_ir(work, name, starters[name], a, b, args.callgrind_requests)
+                out.setdefault(name, []).append(ir)
+                print(f"callgrind round {r + 1}: {name} {ir:,.0f} instructions/request",
+                      flush=True)
+    finally:
+        b.stop()
+        a.stop()
+    return {k: summarize(v) for k, v in out.items()}
 
 
 def run_batching(args, work):
@@ -523,11 +673,12 @@ def versions():
     }
 
 
-def write_report(args, res, batching, command, host=None):
+def write_report(args, res, batching, command, host=None, callgrind=None):
+    """`res` is per layout: {layout: {target: row}}."""
     docs = args.out
+    callgrind = callgrind or {}
     os.makedirs(os.path.join(docs, "img"), exist_ok=True)
-    names = ["direct"] + [p for p in args.proxies if p in res]
-    proxies = [p for p in names if p != "direct"]
+    layouts = [lay for lay in args.layouts if lay in res]
 
     def svg(name, text):
         with open(os.path.join(docs, "img", name), "w") as f:
@@ -535,27 +686,29 @@ def write_report(args, res, batching, command, host=None):
         return f"img/{name}"
 
     charts_md = []
-    if res:
+    if layouts:
+        first = res[layouts[0]]
+        names = ["direct"] + [p for p in args.proxies if p in first]
+        proxies = [p for p in names if p != "direct"]
+
+        def bars(key, m):
+            return [(p, first[p][m][key]["median"],
+                     (first[p][m][key]["min"], first[p][m][key]["max"])) for p in proxies]
         cpu = svg("cpu-per-request.svg", charts.bar_chart(
-            "Proxy CPU per request (lower is better)", "microseconds of CPU per request",
-            [(p, res[p]["cpu_us"]["median"], (res[p]["cpu_us"]["min"], res[p]["cpu_us"]["max"]))
-             for p in proxies]))
+            f"Proxy CPU per request, closed loop, {layouts[0]} layout (lower is better)",
+            "microseconds of CPU per request", bars("cpu_us", "closed")))
         ratio = svg("throughput-ratio.svg", charts.bar_chart(
-            "Closed-loop throughput, proxied / direct (higher is better)", "ratio",
-            [(p, res[p]["ratio"]["median"], (res[p]["ratio"]["min"], res[p]["ratio"]["max"]))
-             for p in proxies]))
-        open_loop = []
+            f"Closed-loop throughput, proxied / direct, {layouts[0]} layout (higher is better)",
+            "ratio", bars("ratio", "closed")))
+        charts_md += [f"![CPU per request]({cpu})", f"![throughput ratio]({ratio})"]
         if args.rates:
-            p50 = svg("latency-p50.svg", charts.line_chart(
-                "p50 latency at fixed rates (open loop)", "requests/s", "ms",
-                [(t, [(r, res[t]["open"][r]["p50"]["median"]) for r in args.rates]) for t in names],
-                log_x=True, xticks=args.rates))
-            p99 = svg("latency-p99.svg", charts.line_chart(
-                "p99 latency at fixed rates (open loop)", "requests/s", "ms",
-                [(t, [(r, res[t]["open"][r]["p99"]["median"]) for r in args.rates]) for t in names],
-                log_x=True, xticks=args.rates))
-            open_loop = [f"![p50 vs rate]({p50})", f"![p99 vs rate]({p99})"]
-        charts_md += [f"![CPU per request]({cpu})", f"![throughput ratio]({ratio})"] + open_loop
+            for q in ("p50", "p99"):
+                path = svg(f"latency-{q}.svg", charts.line_chart(
+                    f"{q} latency at fixed rates (open loop, {layouts[0]} layout)",
+                    "requests/s", "ms",
+                    [(t, [(r, first[t][r][q]["median"]) for r in args.rates]) for t in names],
+                    log_x=True, xticks=args.rates))
+                charts_md.append(f"![{q} vs rate]({path})")
     batch_charts = []
     for sc in batching.get("scenarios", []):
         slug = sc["slug"]
@@ -579,60 +732,89 @@ def write_report(args, res, batching, command, host=None):
     v = versions()
     L.append("- **Versions:** " + ", ".join(f"{k}: {val}" for k, val in v.items()))
     L.append(f"- **Setup:** {args.rounds} round(s), targets interleaved round-robin; "
-             f"{args.seconds}s per measurement; proxy pinned to CPU 0, load generator and "
-             "upstreams to CPU 1. Every proxy: one worker thread, a 90/10 weighted split "
-             "over two nginx upstreams with keep-alive, "
-             f"a {len(REQUEST)}-byte JSON POST to `{PATH}` answered with {len(REPLY)} bytes. Figures are the median, (min-max) across rounds.\n")
-    if res:
-        L.append("## Proxies, closed loop\n")
-        L.append(f"wrk, 1 thread, {args.connections} connections.\n")
-        L.append("| target | requests/s | proxied / direct | CPU us / request | RSS after load (MiB) "
-                 "| upstream a : b | errors |")
-        L.append("|---|---|---|---|---|---|---|")
-        for t in names:
-            r = res[t]
-            a, b = r["split"]
-            share = f"{a} : {b} ({100 * b / (a + b):.1f}% b)" if a + b else "-"
-            L.append(f"| {t} | {fmt(r['rps'], 0)} | {fmt(r['ratio'], 3) if t != 'direct' else '1'} "
-                     f"| {fmt(r['cpu_us'])} | {fmt(r['rss'])} | {share} | {r['errors']} |")
+             f"{args.seconds}s per measurement. Every proxy: one worker thread, a 90/10 "
+             "weighted split over two single-worker nginx upstreams with keep-alive, "
+             f"a {len(REQUEST)}-byte JSON POST to `{PATH}` answered with {len(REPLY)} bytes. "
+             "Layouts: *separate* pins the proxy to CPU 0 and the load generator and "
+             "upstreams to CPU 1; *pod* pins the proxy and its upstreams to CPU 0 (a sidecar "
+             "beside its model server) and the load generator to CPU 1. Figures are the "
+             "median, (min-max) across rounds; ratios are paired within a round.\n")
+    if callgrind:
+        L.append("## Instructions per request (callgrind)\n")
+        L.append("User-space instructions the proxy executes per proxied request, counted by "
+                 f"valgrind's callgrind over {args.callgrind_requests} requests on 4 keep-alive "
+                 "connections after a warm-up (counters zeroed, then dumped). Unlike CPU time, "
+                 "this does not move with machine noise; it leaves out the kernel's share "
+                 "(system time, in the tables below).\n")
+        L.append("| proxy | instructions / request | / nginx |")
+        L.append("|---|---|---|")
+        ng = callgrind.get("nginx")
+        for p_, c in callgrind.items():
+            rel = f"{c['median'] / ng['median']:.2f}" if ng else "-"
+            L.append(f"| {p_} | {fmt(c, 0)} | {rel} |")
         L.append("")
-        if args.rates:
-            L.append("## Proxies, open loop\n")
-            L.append(f"oha with latency correction, {args.open_connections} connections, "
-                     "fixed request rates. Latency in milliseconds; *added* is the proxy's p50 "
-                     "(p99) minus direct's in the same round.\n")
-            L.append("| target | rate | achieved req/s | p50 | p99 | p99.9 | added p50 | added p99 | failed |")
-            L.append("|---|---|---|---|---|---|---|---|---|")
-            for rate in args.rates:
-                for t in names:
-                    o = res[t]["open"][rate]
-                    added = (fmt(o["added_p50"], 3), fmt(o["added_p99"], 3)) if t != "direct" else ("-", "-")
-                    L.append(f"| {t} | {rate} | {fmt(o['rps'], 0)} | {fmt(o['p50'], 3)} | "
-                             f"{fmt(o['p99'], 3)} | {fmt(o['p99.9'], 3)} | {added[0]} | {added[1]} "
-                             f"| {o['failed']} |")
-            L.append("")
-        L += [c + "\n" for c in charts_md]
-        if "braid" in res and "nginx" in res:
-            L.append("## Targets\n")
-            br, ng = res["braid"], res["nginx"]
-            rows = [
-                ("CPU per request <= nginx's", f"{br['cpu_us']['median']:.1f} us",
-                 f"{ng['cpu_us']['median']:.1f} us", br["cpu_us"]["median"] <= ng["cpu_us"]["median"]),
-                ("proxied/direct >= nginx's", f"{br['ratio']['median']:.3f}",
-                 f"{ng['ratio']['median']:.3f}", br["ratio"]["median"] >= ng["ratio"]["median"]),
-                ("RSS after load <= 20 MiB", f"{br['rss']['median']:.1f} MiB", "20 MiB",
-                 br["rss"]["median"] <= 20),
-            ]
-            if args.rates:
-                low = min(args.rates)
-                rows.insert(2, (f"added p50 at {low} rps <= 0.1 ms",
-                                f"{br['open'][low]['added_p50']['median']:.3f} ms",
-                                "0.100 ms", br["open"][low]["added_p50"]["median"] <= 0.1))
-            L.append("| target | braid | bar | met |")
-            L.append("|---|---|---|---|")
-            for name, got, bar, ok in rows:
-                L.append(f"| {name} | {got} | {bar} | {'yes' if ok else '**no**'} |")
-            L.append("")
+    for lay in layouts:
+        r_ = res[lay]
+        names = ["direct"] + [p for p in args.proxies if p in r_]
+        L.append(f"## Layout: {lay}\n")
+        L.append(f"Closed loop: wrk, 1 thread, {args.connections} connections. Open loop: oha "
+                 f"with latency correction, {args.open_connections} connections, at fixed "
+                 "rates. CPU is the proxy's own (all its processes), user and system apart, "
+                 "per request its upstreams served; *vs nginx* is braid's figure over "
+                 "nginx's in the same round. Accepts: new upstream connections per 1,000 "
+                 "requests (0 means every proxy reused its connections).\n")
+        L.append("| target | load | req/s | proxied / direct | CPU us/req (user + sys) "
+                 "| CPU vs nginx | p50 ms | p99 ms | added p50 | added p99 | upstream accepts/1k "
+                 "| failed |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for m in ["closed"] + args.rates:
+            key = m if m == "closed" else str(m)
+            for t in names:
+                o = r_[t][m] if m in r_[t] else r_[t][key]
+                load = "closed" if m == "closed" else f"{m} rps"
+                cpu = (f"{fmt(o['cpu_us'])} ({fmt(o['user_us'])} + {fmt(o['sys_us'])})"
+                       if o.get("cpu_us") else "-")
+                vs = fmt(o.get("cpu_vs_nginx"), 2) if o.get("cpu_vs_nginx") else "-"
+                lat = (fmt(o["p50"], 3), fmt(o["p99"], 3)) if o.get("p50") else ("-", "-")
+                added = ((fmt(o["added_p50"], 3), fmt(o["added_p99"], 3))
+                         if o.get("added_p50") and t != "direct" else ("-", "-"))
+                ratio = fmt(o["ratio"], 3) if t != "direct" else "1"
+                acc = fmt(o["accepts_per_kreq"], 2) if t != "direct" else "-"
+                L.append(f"| {t} | {load} | {fmt(o['rps'], 0)} | {ratio} | {cpu} | {vs} "
+                         f"| {lat[0]} | {lat[1]} | {added[0]} | {added[1]} | {acc} "
+                         f"| {o['failed']} |")
+        L.append("")
+        rss = ", ".join(f"{t} {fmt(r_[t]['rss'])} MiB" for t in names if r_[t]["rss"])
+        L.append(f"RSS after load: {rss}.\n")
+    L += [c + "\n" for c in charts_md]
+    if layouts and "braid" in res[layouts[0]] and "nginx" in res[layouts[0]]:
+        L.append("## Targets (issue 13)\n")
+        L.append("| target | layout | braid | bar | met |")
+        L.append("|---|---|---|---|---|")
+        for lay in layouts:
+            br, ng = res[lay]["braid"], res[lay]["nginx"]
+            for m in ["closed"] + args.rates:
+                c = br[m]["cpu_vs_nginx"]["median"]
+                L.append(f"| CPU per request <= nginx's ({'closed loop' if m == 'closed' else f'{m} rps'}) "
+                         f"| {lay} | {c:.2f}x nginx | 1.00x | {'yes' if c <= 1 else '**no**'} |")
+            rr = br["closed"]["ratio_vs_nginx"]["median"]
+            L.append(f"| proxied/direct >= nginx's | {lay} | {br['closed']['ratio']['median']:.3f} "
+                     f"({rr:.2f}x nginx's) | {ng['closed']['ratio']['median']:.3f} "
+                     f"| {'yes' if rr >= 1 else '**no**'} |")
+            if 2000 in args.rates:
+                d50 = br[2000]["added_p50_vs_nginx"]["median"]
+                d99 = br[2000]["added_p99_vs_nginx"]["median"]
+                L.append(f"| added p50 at 2000 rps <= nginx's + 0.02 ms | {lay} | "
+                         f"{d50:+.3f} ms vs nginx | +0.020 ms | {'yes' if d50 <= 0.02 else '**no**'} |")
+                L.append(f"| added p99 at 2000 rps <= nginx's | {lay} | {d99:+.3f} ms vs nginx "
+                         f"| +0.000 ms | {'yes' if d99 <= 0 else '**no**'} |")
+            L.append(f"| RSS after load <= 15 MiB | {lay} | {br['rss']['median']:.1f} MiB | 15 MiB "
+                     f"| {'yes' if br['rss']['median'] <= 15 else '**no**'} |")
+        if "braid" in callgrind and "nginx" in callgrind:
+            c = callgrind["braid"]["median"] / callgrind["nginx"]["median"]
+            L.append(f"| instructions per request <= nginx's | - | {c:.2f}x nginx | 1.00x "
+                     f"| {'yes' if c <= 1 else '**no**'} |")
+        L.append("")
     if batch_charts:
         L.append("## Batching: on vs off vs direct\n")
         L.append(f"`cargo bench --bench batching`: closed loop, one row per request, "
@@ -657,10 +839,12 @@ def write_report(args, res, batching, command, host=None):
     with open(os.path.join(docs, "benchmarks.md"), "w") as f:
         f.write("\n".join(L).rstrip() + "\n")
     setup = {k: getattr(args, k) for k in
-             ("rounds", "seconds", "connections", "open_connections", "rates", "proxies")}
+             ("rounds", "seconds", "connections", "open_connections", "rates", "proxies",
+              "layouts", "callgrind_requests")}
     with open(os.path.join(docs, "benchmarks.json"), "w") as f:
-        json.dump({"command": command, "date": TODAY, "machine": host, "setup": setup, "proxies": res,
-                   "batching": batching}, f, indent=1, default=str)
+        json.dump({"command": command, "date": TODAY, "machine": host, "setup": setup,
+                   "layouts": res, "callgrind": callgrind, "batching": batching},
+                  f, indent=1, default=str)
 
 
 def render(args):
@@ -668,20 +852,22 @@ def render(args):
     global ARGS, TODAY
     with open(args.render) as f:
         doc = json.load(f)
-    setup = doc.get("setup", {"rounds": 3, "seconds": 10, "connections": 16,
-                              "open_connections": 32, "rates": [2000, 10000],
-                              "proxies": PROXIES})
-    for k, v in setup.items():
+    if "layouts" not in doc:
+        raise SystemExit(f"{args.render} was written by the harness before layouts; run again")
+    for k, v in doc["setup"].items():
         setattr(args, k, v)
     TODAY = doc.get("date", TODAY)
-    res = doc["proxies"]
-    for row in res.values():
-        row["open"] = {int(k): v for k, v in row["open"].items()}
+    res = doc["layouts"]
+    # JSON keys are strings; the rates are numbers.
+    for rows in res.values():
+        for row in rows.values():
+            for r in args.rates:
+                row[r] = row.pop(str(r))
     args.out = args.out or os.path.dirname(os.path.abspath(args.render))
     ARGS = args
     # The machine the run was recorded on, not the one rendering it.
     write_report(args, res, doc["batching"], doc.get("command", "benches/compare/run"),
-                 doc.get("machine"))
+                 doc.get("machine"), doc.get("callgrind"))
     print(f"wrote {os.path.join(args.out, 'benchmarks.md')}")
 
 
@@ -690,14 +876,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="one short round of everything (CI); the report goes to a temp dir")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--open-connections", type=int, default=32)
-    ap.add_argument("--rates", default="2000,10000")
+    ap.add_argument("--rates", default="2000,5000,10000")
+    ap.add_argument("--layouts", default="separate,pod")
     ap.add_argument("--proxies", default=",".join(PROXIES))
+    ap.add_argument("--callgrind-requests", type=int, default=5000,
+                    help="requests counted under callgrind per proxy (0: skip callgrind)")
+    ap.add_argument("--callgrind-rounds", type=int, default=1)
     ap.add_argument("--batching-seconds", type=int, default=3)
     ap.add_argument("--skip-batching", action="store_true")
+    ap.add_argument("--batching-from", metavar="JSON",
+                    help="take the batching section from a recorded benchmarks.json "
+                         "instead of measuring it again")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--braid", default=os.path.join(ROOT, "target", "release", "braid"))
     ap.add_argument("--out", default=None, help="where benchmarks.md and img/ go (default: docs/)")
@@ -711,40 +904,57 @@ def main():
         # Closed loop and batching only: the open loop needs oha, which takes ~7 minutes
         # to build on a fresh machine; full runs exercise that path.
         args.rounds, args.seconds, args.batching_seconds = 1, 2, 1
-        args.rates = ""
+        args.rates, args.layouts, args.callgrind_requests = "", "separate", 0
         args.out = args.out or tempfile.mkdtemp(prefix="braid-compare-")
     args.out = args.out or os.path.join(ROOT, "docs")
     args.braid = os.path.abspath(args.braid)
     args.rates = [int(r) for r in args.rates.split(",") if r]
     args.proxies = [p for p in args.proxies.split(",") if p]
+    args.layouts = [lay for lay in args.layouts.split(",") if lay]
+    for lay in args.layouts:
+        if lay not in LAYOUTS:
+            raise SystemExit(f"unknown layout {lay!r}: one of {', '.join(LAYOUTS)}")
     ARGS = args
     for tool in ["wrk", "nginx"] + (["oha"] if args.rates else []) + [p for p in args.proxies if p != "braid"]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed: run benches/compare/run, which installs it")
     if "braid" in args.proxies and not os.access(args.braid, os.X_OK):
         raise SystemExit(f"no braid binary at {args.braid}")
+    res = {}
     with tempfile.TemporaryDirectory(prefix="braid-compare-") as work:
-        samples = run_proxies(args, work) if args.proxies else {}
-        res = proxy_results(args, samples) if samples else {}
-        batching = {} if args.skip_batching else run_batching(args, work)
-    write_report(args, res, batching, command)
+        callgrind = run_callgrind(args, work) if args.callgrind_requests else {}
+        if args.proxies:
+            for lay in args.layouts:
+                res[lay] = proxy_results(args, run_proxies(args, work, lay))
+        if args.batching_from:
+            with open(args.batching_from) as f:
+                batching = json.load(f)["batching"]
+        else:
+            batching = {} if args.skip_batching else run_batching(args, work)
+    write_report(args, res, batching, command, callgrind=callgrind)
     print(f"wrote {os.path.join(args.out, 'benchmarks.md')}")
-    if res:
-        for t in res:
-            r = res[t]
-            print(f"{t:8} {fmt(r['rps'], 0):>24} req/s  ratio {fmt(r['ratio'], 3):>22}  "
-                  f"CPU {fmt(r['cpu_us']):>20} us/req  RSS {fmt(r['rss'])} MiB  split {r['split']}")
-        # A proxy that did not split 90/10 is a broken comparison. Failed requests are
-        # reported (an overloaded peer may drop some at the highest rate), not fatal.
+    for lay, rows in res.items():
+        for t, r in rows.items():
+            c = r["closed"]
+            print(f"{lay:8} {t:8} {fmt(c['rps'], 0):>24} req/s  ratio {fmt(c['ratio'], 3):>22}  "
+                  f"CPU {fmt(c['cpu_us']):>20} us/req  RSS {fmt(r['rss'])} MiB  split {r['split']}")
+        # A proxy that did not split 90/10 is a broken comparison; one that opened new
+        # upstream connections under load is not doing what the others do. Failed
+        # requests are reported (an overloaded peer may drop some at the highest rate).
         for t in args.proxies:
-            a, b = res[t]["split"]
+            a, b = rows[t]["split"]
             share = b / (a + b) if a + b else 0
             if not 0.07 <= share <= 0.13:
                 raise SystemExit(f"{t} sent {share:.1%} to upstream b, not about 10%")
-            failed = res[t]["errors"] + sum(o["failed"] for o in res[t]["open"].values())
+            measures = ["closed"] + args.rates
+            accepts = max(rows[t][m]["accepts_per_kreq"]["max"] for m in measures)
+            if accepts > 1:
+                print(f"warning: {lay}: {t} opened {accepts:.2f} upstream connections per "
+                      "1,000 requests: not reusing them")
+            failed = sum(rows[t][m]["failed"] for m in measures)
             if failed:
-                why = {e for o in res[t]["open"].values() for e in o["errors"]}
-                print(f"warning: {t}: {failed} requests failed: {sorted(why)}")
+                why = {e for m in args.rates for e in rows[t][m]["errors"]}
+                print(f"warning: {lay}: {t}: {failed} requests failed: {sorted(why)}")
 
 
 if __name__ == "__main__":

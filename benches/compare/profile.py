@@ -7,7 +7,7 @@ braid runs under callgrind (one worker thread) in front of the same nginx upstre
 and 90/10 split as compare.py. Counters are zeroed after warm-up, `--requests`
 requests are sent over keep-alive connections, then the counters are dumped:
 
-    python3 benches/compare/profile.py [--braid target/release/braid] [--requests 5000]
+    python3 benches/compare/profile.py [--proxy braid|nginx|haproxy] [--requests 5000]
 
 prints Ir per request and the top functions (inclusive), and leaves the full profile
 in the output file for callgrind_annotate / kcachegrind. Extra callgrind flags
@@ -15,84 +15,41 @@ in the output file for callgrind_annotate / kcachegrind. Extra callgrind flags
 """
 
 import argparse
-import glob
-import http.client
-import threading
 import os
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
 
 
-def load(port, requests, connections):
-    """`requests` POSTs over `connections` keep-alive connections, each checked."""
-
-    def worker(n):
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for _ in range(n):
-            c.request("POST", compare.PATH, body=compare.REQUEST,
-                      headers={"content-type": "application/json"})
-            r = c.getresponse()
-            r.read()
-            if r.status != 200:
-                raise SystemExit(f"status {r.status}")
-        c.close()
-
-    share = [requests // connections + (i < requests % connections) for i in range(connections)]
-    threads = [threading.Thread(target=worker, args=(n,)) for n in share]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--braid", default=os.path.join(compare.ROOT, "target", "release", "braid"))
+    ap.add_argument("--proxy", default="braid", choices=["braid", "nginx", "haproxy"])
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--connections", type=int, default=4)
-    ap.add_argument("--out", default="callgrind.braid.out")
+    ap.add_argument("--out", default=None, help="default: callgrind.PROXY.out")
     args = ap.parse_args()
-    out = os.path.abspath(args.out)
+    out = os.path.abspath(args.out or f"callgrind.{args.proxy}.out")
     with tempfile.TemporaryDirectory(prefix="braid-profile-") as work:
         a = compare.start_upstream(work, "upstream-a", None)
         b = compare.start_upstream(work, "upstream-b", None)
-        procs = [a, b]
         try:
-            valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.%p",
-                        *os.environ.get("CALLGRIND_FLAGS", "").split()]
-            p = compare.start_braid(work, args.braid, a, b, None, valgrind, ready_timeout=120)
-            procs.append(p)
-            port = p.port
-            # warm-up: connections, pools, lazily created metrics
-            load(port, 500, args.connections)
-            subprocess.run(["callgrind_control", "--zero", str(p.popen.pid)], check=True,
-                           capture_output=True)
-            load(port, args.requests, args.connections)
-            for f in glob.glob(f"{work}/cg.*"):
-                os.remove(f)
-            subprocess.run(["callgrind_control", "--dump", str(p.popen.pid)], check=True,
-                           capture_output=True)
-            deadline = time.time() + 60
-            while not glob.glob(f"{work}/cg.*") and time.time() < deadline:
-                time.sleep(0.2)
-            time.sleep(1)
-            dump = sorted(glob.glob(f"{work}/cg.*"))[-1]
-            os.replace(dump, out)
+            start = {
+                "braid": lambda w: compare.start_braid(work, os.path.abspath(args.braid), a, b,
+                                                       None, w, ready_timeout=180),
+                "nginx": lambda w: compare.start_nginx(work, a, b, None, w),
+                "haproxy": lambda w: compare.start_haproxy(work, a, b, None, w),
+            }[args.proxy]
+            ir, _ = compare.callgrind_ir(work, args.proxy, start, a, b, args.requests,
+                                         args.connections, out)
         finally:
-            for proc in reversed(procs):
-                proc.stop()
-    total = 0
-    with open(out) as f:
-        for line in f:
-            if line.startswith("summary:") or line.startswith("totals:"):
-                total = int(line.split()[1])
-    print(f"{total / args.requests:,.0f} instructions per request "
-          f"({total:,} over {args.requests} requests, {args.connections} connections)")
+            b.stop()
+            a.stop()
+    print(f"{args.proxy}: {ir:,.0f} instructions per request "
+          f"({args.requests} requests, {args.connections} connections)")
     annotate = subprocess.run(["callgrind_annotate", "--inclusive=yes", out],
                               capture_output=True, text=True)
     print("\n".join(annotate.stdout.splitlines()[:60]))

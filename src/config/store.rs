@@ -15,6 +15,7 @@ use super::{ConfigError, Snapshot};
 use crate::batch::batcher::Execute;
 use crate::metrics::Metrics;
 use crate::route::live::{Registry, RouteLive};
+use crate::upstream::Upstreams;
 
 /// A snapshot in force and the live handles bound to it, published together.
 #[derive(Debug)]
@@ -49,8 +50,8 @@ pub struct Store {
 impl Store {
     /// `executor` is how batchers reach the model server (braid's HTTP client in
     /// production, a fake in unit tests).
-    pub fn new(metrics: Arc<Metrics>, executor: Arc<dyn Execute>) -> Self {
-        let registry = Registry::new(metrics.clone(), executor);
+    pub fn new(metrics: Arc<Metrics>, executor: Arc<dyn Execute>, upstreams: Upstreams) -> Self {
+        let registry = Registry::new(metrics.clone(), executor, upstreams);
         Store {
             registry,
             current: ArcSwapOption::empty(),
@@ -85,6 +86,8 @@ impl Store {
                 let live = self.registry.bind(&snapshot.routes);
                 self.current
                     .store(Some(Arc::new(Active { snapshot, live })));
+                // The previous snapshot's pools, unless requests still hold it.
+                self.registry.release_unbound();
                 *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 self.metrics.config_reloaded(kind, true, generation);
                 tracing::info!(source, generation, "config accepted");

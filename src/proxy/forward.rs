@@ -75,7 +75,7 @@ impl Proxy {
             if plain {
                 return self
                     .upstreams
-                    .send(protocol, variant.tls.as_ref(), out)
+                    .send_to(live.backend.as_ref(), protocol, variant.tls.as_ref(), out)
                     .await;
             }
             let attempts = Attempts {
@@ -90,6 +90,7 @@ impl Proxy {
             };
             let call = Call {
                 upstreams: self.upstreams.clone(),
+                backend: live.backend.clone(),
                 protocol,
                 tls: variant.tls.clone(),
             };
@@ -230,7 +231,8 @@ pub(super) fn body_model_renamed(
     Some((Bytes::from(out), new_header_len))
 }
 
-/// The request as the variant's backend gets it, over `protocol`.
+/// The request as the variant's backend gets it, over `protocol`. Over HTTP/1.1 the
+/// URI is in origin form, for the variant's bound pool (`VariantLive::backend`).
 pub(super) fn upstream_request<T>(
     parts: &http::request::Parts,
     body: T,
@@ -239,12 +241,17 @@ pub(super) fn upstream_request<T>(
     path_and_query: PathAndQuery,
     conn: &ConnInfo,
 ) -> Result<Request<T>, ProxyError> {
-    let uri = Uri::builder()
-        .scheme(variant.upstream.scheme.clone())
-        .authority(variant.upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|e| ProxyError::BadRequest(format!("uri: {e}")))?;
+    let uri = if protocol == Protocol::Http1 {
+        // Origin form: the variant's bound pool knows the backend and sets Host.
+        Uri::from(path_and_query)
+    } else {
+        Uri::builder()
+            .scheme(variant.upstream.scheme.clone())
+            .authority(variant.upstream.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| ProxyError::BadRequest(format!("uri: {e}")))?
+    };
     let mut out = Request::new(body);
     *out.method_mut() = parts.method.clone();
     *out.uri_mut() = uri;
@@ -267,21 +274,46 @@ pub(super) fn upstream_request<T>(
 }
 
 /// Connection-scoped headers (RFC 9110 §7.6.1), never forwarded in either direction.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
 
 /// Removes the hop-by-hop headers and any the `Connection` header names.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names is cheaper than the removals.
-    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+    // Most messages carry none, or only `Connection: keep-alive` (nginx answers with
+    // it): one pass over the names, and no list built for those.
+    let (mut found, mut only_connection) = (false, true);
+    for name in headers.keys() {
+        if is_hop_by_hop(name) {
+            found = true;
+            only_connection &= name == header::CONNECTION;
+        }
+    }
+    if !found {
+        return;
+    }
+    let names_nothing_else = || {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .all(|t| {
+                let t = t.trim_ascii();
+                t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
+            })
+    };
+    if only_connection && names_nothing_else() {
+        headers.remove(header::CONNECTION);
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -291,7 +323,12 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for name in named.iter().chain(&hop) {
         headers.remove(name);
     }
 }
@@ -307,4 +344,53 @@ fn append_forwarded_for(headers: &mut HeaderMap, conn: &ConnInfo) {
         None => conn.peer_ip.clone(),
     };
     headers.insert(X_FORWARDED_FOR.clone(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut h = headers(&[("content-type", "a"), ("connection", "Keep-Alive")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-type"]);
+
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-connection", "keep-alive"),
+            ("trailer", "x-sum"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["x-kept"]);
+
+        let mut h = headers(&[("x-kept", "yes")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["x-kept"]);
+    }
 }

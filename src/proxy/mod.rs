@@ -302,8 +302,9 @@ impl Proxy {
             self.metrics.fallback(&route.name, &from.name);
         }
         let elapsed = start.elapsed();
-        self.metrics
-            .request(&route.name, &variant.name, status.as_u16(), elapsed);
+        r.live.variants[vi]
+            .requests
+            .record(status.as_u16(), elapsed);
         if let Some(log) = &self.access_log
             && route.access_log > 0.0
             && (route.access_log >= 1.0 || crate::hash::next_f64() < route.access_log)

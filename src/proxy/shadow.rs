@@ -22,7 +22,7 @@ use crate::error::{Body, BoxError};
 use crate::hash::next_f64;
 use crate::metrics::Metrics;
 use crate::server::ConnInfo;
-use crate::upstream::{TlsPool, Upstreams};
+use crate::upstream::{TlsPool, Upstreams, h1};
 
 /// How long a shadow copy may take when its route has no timeout.
 const SHADOW_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,6 +61,7 @@ impl Proxy {
         let (tx, primary) = oneshot::channel();
         let job = ShadowJob {
             upstreams: self.upstreams.clone(),
+            backend: r.live.variants[sh.variant].backend.clone(),
             protocol: variant.upstream.protocol,
             tls: variant.tls.clone(),
             timeout: route.timeout.unwrap_or(SHADOW_TIMEOUT),
@@ -84,6 +85,7 @@ pub(super) struct PrimaryAnswer {
 
 struct ShadowJob {
     upstreams: Upstreams,
+    backend: Option<Arc<h1::Backend>>,
     protocol: Protocol,
     tls: Option<TlsPool>,
     timeout: Duration,
@@ -97,7 +99,7 @@ impl ShadowJob {
         let send = async {
             let resp = self
                 .upstreams
-                .send(self.protocol, self.tls.as_ref(), req)
+                .send_to(self.backend.as_ref(), self.protocol, self.tls.as_ref(), req)
                 .await
                 .ok()?;
             let status = resp.status();

@@ -20,13 +20,14 @@ use crate::upstream::{CONNECT_TIMEOUT, Upstreams};
 /// A proxy over `config`, its batchers calling `exec`.
 fn proxy(config: &str, exec: Arc<FakeExecutor>) -> Proxy {
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(Store::new(metrics.clone(), exec));
+    let upstreams = Upstreams::new(CONNECT_TIMEOUT);
+    let store = Arc::new(Store::new(metrics.clone(), exec, upstreams.clone()));
     store.apply(config, "test", "file").expect("valid config");
     Proxy {
         store,
         metrics,
         access_log: None,
-        upstreams: Upstreams::new(CONNECT_TIMEOUT),
+        upstreams,
         max_body_bytes: 1 << 20,
         max_inflight: 100,
     }

@@ -16,10 +16,12 @@ use tokio::sync::Semaphore;
 use tower::retry::budget::TpsBudget;
 
 use super::RouteTable;
+use crate::addr::Protocol;
 use crate::batch::batcher::{Batcher, Execute};
-use crate::metrics::{Metrics, RetryMetrics};
+use crate::metrics::{Metrics, RequestMetrics, RetryMetrics};
 use crate::upstream::health::{Outlier, VariantHealth};
 use crate::upstream::retry::RetryPolicy;
+use crate::upstream::{Upstreams, h1};
 
 /// A route's live handles, at the route's index in the table.
 #[derive(Debug, Default)]
@@ -35,7 +37,6 @@ pub struct RouteLive {
 }
 
 /// A variant's live handles.
-#[derive(Default)]
 pub struct VariantLive {
     /// Failure accrual; `None` when the route has no `outlier` block.
     pub health: Option<Arc<VariantHealth>>,
@@ -43,6 +44,10 @@ pub struct VariantLive {
     pub retry_metrics: Option<Arc<RetryMetrics>>,
     /// Coalesces this variant's requests; `None` unless it is local and the route batches.
     pub batcher: Option<Batcher>,
+    /// The backend's HTTP/1.1 pool; `None` for h2c and TLS backends.
+    pub backend: Option<Arc<h1::Backend>>,
+    /// Requests counted and timed at the edge, resolved once.
+    pub requests: Arc<RequestMetrics>,
 }
 
 impl std::fmt::Debug for VariantLive {
@@ -63,6 +68,8 @@ type LimitEntry = (usize, Arc<Semaphore>);
 /// Every live handle by name, kept across reloads.
 pub struct Registry {
     metrics: Arc<Metrics>,
+    /// Where each HTTP/1.1 variant's pool is found.
+    upstreams: Upstreams,
     /// How batchers reach the executor.
     executor: Arc<dyn Execute>,
     state: Mutex<State>,
@@ -78,6 +85,7 @@ impl std::fmt::Debug for Registry {
 struct State {
     budgets: HashMap<Arc<str>, BudgetEntry>,
     retry_metrics: HashMap<VariantKey, Arc<RetryMetrics>>,
+    request_metrics: HashMap<VariantKey, Arc<RequestMetrics>>,
     health: HashMap<VariantKey, Arc<VariantHealth>>,
     /// Per route and purpose.
     limits: HashMap<(Arc<str>, &'static str), LimitEntry>,
@@ -89,9 +97,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Registry {
-    pub fn new(metrics: Arc<Metrics>, executor: Arc<dyn Execute>) -> Registry {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        executor: Arc<dyn Execute>,
+        upstreams: Upstreams,
+    ) -> Registry {
         Registry {
             metrics,
+            upstreams,
             executor,
             state: Mutex::default(),
         }
@@ -123,6 +136,13 @@ impl Registry {
                     health: route.outlier.map(|o| st.health(&self.metrics, &key, o)),
                     retry_metrics: retries.then(|| st.retry_metrics(&self.metrics, &key)),
                     batcher,
+                    backend: (v.upstream.protocol == Protocol::Http1)
+                        .then(|| self.upstreams.backend(&v.upstream.authority)),
+                    requests: st
+                        .request_metrics
+                        .entry(key.clone())
+                        .or_insert_with(|| Arc::new(self.metrics.requests(&key.0, &key.1)))
+                        .clone(),
                 });
                 variants_seen.insert(key);
             }
@@ -141,9 +161,15 @@ impl Registry {
         st.limits.retain(|(r, _), _| routes_seen.contains(r));
         st.health.retain(|k, _| variants_seen.contains(k));
         st.retry_metrics.retain(|k, _| variants_seen.contains(k));
+        st.request_metrics.retain(|k, _| variants_seen.contains(k));
         // A dropped batcher answers what it holds, then its task ends.
         st.batchers.retain(|k, _| batched_seen.contains(k));
         bound
+    }
+
+    /// Closes the HTTP/1.1 pools no installed snapshot binds any more.
+    pub fn release_unbound(&self) {
+        self.upstreams.release_unbound();
     }
 
     /// How many batcher tasks the registry holds (for tests and `/config`).

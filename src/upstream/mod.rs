@@ -1,7 +1,10 @@
-//! Pooled keep-alive clients to backends: one speaking HTTP/1.1, one speaking HTTP/2
-//! with prior knowledge (`h2c://` backends). Connections are reused across requests
-//! and across config reloads, since the pool is keyed by authority, not by snapshot.
+//! Pooled keep-alive clients to backends: braid's own HTTP/1.1 pool (`h1`, one
+//! `Backend` per authority, bound to variants when a snapshot is installed), and
+//! hyper-util's for HTTP/2 with prior knowledge (`h2c://`) and TLS. Connections are
+//! reused across requests and across config reloads, since pools are kept by
+//! authority, not by snapshot.
 
+pub mod h1;
 pub mod health;
 pub mod retry;
 
@@ -10,13 +13,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use http::uri::Authority;
 
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use rustls_pki_types::ServerName;
@@ -31,7 +35,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What braid sends: a whole body (every request it may repeat), or a stream passed
 /// through as it arrives (gRPC streaming calls).
-type OutBody = Either<Full<Bytes>, crate::error::Body>;
+pub(crate) type OutBody = Either<Full<Bytes>, crate::error::Body>;
+
+/// What a backend answers: its head, and a body that returns a pooled connection
+/// once read to its end.
+pub type Reply = Response<h1::Reply>;
 
 type Pool = Client<HttpConnector, OutBody>;
 
@@ -54,10 +62,7 @@ impl TlsPool {
         key.update(t.server_name.as_deref().unwrap_or_default());
         let key: [u8; 32] = key.finalize().into();
         static CACHE: OnceLock<Mutex<HashMap<[u8; 32], TlsPool>>> = OnceLock::new();
-        let mut cache = CACHE
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut cache = lock(CACHE.get_or_init(Default::default));
         if let Some(p) = cache.get(&key) {
             return Ok(p.clone());
         }
@@ -97,17 +102,25 @@ fn connector(connect_timeout: Duration) -> HttpConnector {
 
 #[derive(Clone, Debug)]
 pub struct Upstreams {
-    h1: Pool,
+    h1: Arc<H1Backends>,
     h2: Pool,
+}
+
+/// Every HTTP/1.1 backend by authority, for binding and for callers that name a
+/// backend by URI (probes, shadows, batches).
+#[derive(Debug)]
+struct H1Backends {
+    connect_timeout: Duration,
+    by_authority: Mutex<HashMap<Authority, Arc<h1::Backend>>>,
 }
 
 impl Upstreams {
     pub fn new(connect_timeout: Duration) -> Self {
         let connector = connector(connect_timeout);
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector.clone());
+        let h1 = Arc::new(H1Backends {
+            connect_timeout,
+            by_authority: Mutex::default(),
+        });
         let h2 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -115,6 +128,23 @@ impl Upstreams {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .build(connector);
         Upstreams { h1, h2 }
+    }
+
+    /// The HTTP/1.1 pool for `authority`, made on first use and kept while anything
+    /// holds it: bound to variants when a snapshot is installed.
+    pub fn backend(&self, authority: &Authority) -> Arc<h1::Backend> {
+        let mut map = lock(&self.h1.by_authority);
+        map.entry(authority.clone())
+            .or_insert_with(|| {
+                Arc::new(h1::Backend::new(authority.clone(), self.h1.connect_timeout))
+            })
+            .clone()
+    }
+
+    /// Lets go of the HTTP/1.1 pools nothing holds any more (after a reload that
+    /// dropped their variants): their idle connections close.
+    pub fn release_unbound(&self) {
+        lock(&self.h1.by_authority).retain(|_, b| Arc::strong_count(b) > 1);
     }
 
     /// The one way braid sends to a backend (forwarding, retries, shadow copies,
@@ -125,8 +155,21 @@ impl Upstreams {
         protocol: Protocol,
         tls: Option<&TlsPool>,
         req: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, SendError> {
-        self.dispatch(protocol, tls, req.map(Either::Left)).await
+    ) -> Result<Reply, SendError> {
+        self.dispatch(None, protocol, tls, req.map(Either::Left))
+            .await
+    }
+
+    /// `send` through a backend bound in advance (`backend`), for HTTP/1.1: no lookup.
+    pub async fn send_to(
+        &self,
+        backend: Option<&Arc<h1::Backend>>,
+        protocol: Protocol,
+        tls: Option<&TlsPool>,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Reply, SendError> {
+        self.dispatch(backend, protocol, tls, req.map(Either::Left))
+            .await
     }
 
     /// `send` for a body streamed as it arrives: nothing of it is kept, so the caller
@@ -136,18 +179,30 @@ impl Upstreams {
         protocol: Protocol,
         tls: Option<&TlsPool>,
         req: Request<crate::error::Body>,
-    ) -> Result<Response<Incoming>, SendError> {
-        self.dispatch(protocol, tls, req.map(Either::Right)).await
+    ) -> Result<Reply, SendError> {
+        self.dispatch(None, protocol, tls, req.map(Either::Right))
+            .await
     }
 
     async fn dispatch(
         &self,
+        backend: Option<&Arc<h1::Backend>>,
         protocol: Protocol,
         tls: Option<&TlsPool>,
         req: Request<OutBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Reply, SendError> {
         let sent = match (protocol, tls) {
-            (Protocol::Http1, _) => self.h1.request(req).await,
+            (Protocol::Http1, _) => {
+                return match backend {
+                    Some(b) => b.send(req).await,
+                    None => {
+                        let Some(authority) = req.uri().authority() else {
+                            return Err(SendError::Connect("a request without a backend".into()));
+                        };
+                        self.backend(authority).send(req).await
+                    }
+                };
+            }
             (Protocol::H2c, _) => self.h2.request(req).await,
             (Protocol::Tls, Some(pool)) => pool.0.request(req).await,
             (Protocol::Tls, None) => {
@@ -156,7 +211,7 @@ impl Upstreams {
                 ));
             }
         };
-        sent.map_err(|e| {
+        sent.map(|r| r.map(h1::Reply::unpooled)).map_err(|e| {
             let reason = error_chain(&e);
             // A TLS failure (with TLS 1.3 a refused client certificate is only known
             // after the client's first write) means no request reached the application.
@@ -205,7 +260,7 @@ fn tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// "a: b: c" from an error and its sources: hyper's top-level messages are vague.
-fn error_chain(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -214,4 +269,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -18,15 +18,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
 
 use super::health::VariantHealth;
-use super::{SendError, TlsPool, Upstreams};
+use super::{Reply, SendError, TlsPool, Upstreams, h1};
 use crate::addr::Protocol;
 use crate::metrics::RetryMetrics;
 
@@ -99,13 +98,13 @@ pub struct Attempts {
 
 type Req = Request<Full<Bytes>>;
 
-impl tower::retry::Policy<Req, Response<Incoming>, SendError> for Attempts {
+impl tower::retry::Policy<Req, Reply, SendError> for Attempts {
     type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
         req: &mut Req,
-        result: &mut Result<Response<Incoming>, SendError>,
+        result: &mut Result<Reply, SendError>,
     ) -> Option<Self::Future> {
         let failed = match result {
             Ok(r) => r.status().is_server_error(),
@@ -190,7 +189,7 @@ pub fn backoff(p: &RetryPolicy, retried: u32) -> Duration {
 }
 
 /// A 429/503's `Retry-After` in seconds (HTTP dates are not honoured: treated as absent).
-fn retry_after(r: &Response<Incoming>) -> Option<Duration> {
+fn retry_after(r: &Reply) -> Option<Duration> {
     let v = r.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
@@ -212,14 +211,16 @@ pub fn set_deadline_header<T>(req: &mut http::Request<T>, left: Duration) {
 #[derive(Clone)]
 pub struct Call {
     pub upstreams: Upstreams,
+    /// The variant's HTTP/1.1 pool, bound with the snapshot.
+    pub backend: Option<Arc<h1::Backend>>,
     pub protocol: Protocol,
     pub tls: Option<TlsPool>,
 }
 
-type CallFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, SendError>> + Send>>;
+type CallFuture = Pin<Box<dyn Future<Output = Result<Reply, SendError>> + Send>>;
 
 impl Service<Req> for Call {
-    type Response = Response<Incoming>;
+    type Response = Reply;
     type Error = SendError;
     type Future = CallFuture;
 
@@ -228,8 +229,12 @@ impl Service<Req> for Call {
     }
 
     fn call(&mut self, req: Req) -> CallFuture {
-        let (upstreams, protocol, tls) = (self.upstreams.clone(), self.protocol, self.tls.clone());
-        Box::pin(async move { upstreams.send(protocol, tls.as_ref(), req).await })
+        let call = self.clone();
+        Box::pin(async move {
+            call.upstreams
+                .send_to(call.backend.as_ref(), call.protocol, call.tls.as_ref(), req)
+                .await
+        })
     }
 }
 
@@ -240,10 +245,10 @@ pub struct PerTry {
     timeout: Option<Duration>,
 }
 
-type TryFuture = Pin<Box<dyn Future<Output = Result<Response<Incoming>, SendError>> + Send>>;
+type TryFuture = Pin<Box<dyn Future<Output = Result<Reply, SendError>> + Send>>;
 
 impl Service<Req> for PerTry {
-    type Response = Response<Incoming>;
+    type Response = Reply;
     type Error = SendError;
     type Future = TryFuture;
 
@@ -267,11 +272,7 @@ impl Service<Req> for PerTry {
 
 /// Sends `req` with the route's retry policy; every repeat withdraws from the budget
 /// (the caller deposits once per client request, however many variants serve it).
-pub async fn send(
-    call: Call,
-    attempts: Attempts,
-    req: Req,
-) -> Result<Response<Incoming>, SendError> {
+pub async fn send(call: Call, attempts: Attempts, req: Req) -> Result<Reply, SendError> {
     let per_try = PerTry {
         inner: call,
         timeout: attempts.policy.per_try_timeout,

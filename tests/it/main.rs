@@ -27,3 +27,4 @@ mod resilience;
 mod routing;
 mod shutdown;
 mod tls;
+mod upstream_h1;

@@ -42,7 +42,7 @@ fn every_proxy_family_passes_promtool() {
         Arc::from("stable"),
         Arc::from("candidate"),
     );
-    m.request(&route, &a, 200, Duration::from_millis(3));
+    m.requests(&route, &a).record(200, Duration::from_millis(3));
     m.grpc_request(&route, &a, "UNAVAILABLE");
     m.access_log_lines("written", 3);
     m.unrouted("unknown_model");
