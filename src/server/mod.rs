@@ -21,13 +21,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, Version, header};
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::error::{Body, ProxyError};
+use crate::error::{Body, BoxError, ProxyError};
 use sniff::{ConnFlags, Sniffer};
 
 /// Limits for one listener. Each one exists because hyper's default is either
@@ -291,13 +292,31 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge { limit })
+    let too_large = |e: &BoxError| e.is::<http_body_util::LengthLimitError>();
+    let refused = |e: BoxError| {
+        if too_large(&e) {
+            ProxyError::BodyTooLarge { limit }
+        } else {
+            ProxyError::BadRequest(format!("reading request body: {e}"))
         }
-        Err(e) => Err(ProxyError::BadRequest(format!("reading request body: {e}"))),
+    };
+    let mut body = std::pin::pin!(Limited::new(body, limit));
+    // Most bodies arrive in one frame: taken as it is, with no copy.
+    let first = match body.frame().await {
+        None => return Ok(Bytes::new()),
+        Some(frame) => frame.map_err(refused)?.into_data().unwrap_or_default(),
+    };
+    if body.is_end_stream() {
+        return Ok(first);
     }
+    let rest = body.collect().await.map_err(refused)?.to_bytes();
+    if first.is_empty() {
+        return Ok(rest);
+    }
+    let mut all = bytes::BytesMut::with_capacity(first.len() + rest.len());
+    all.extend_from_slice(&first);
+    all.extend_from_slice(&rest);
+    Ok(all.freeze())
 }
 
 #[cfg(test)]

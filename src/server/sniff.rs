@@ -82,14 +82,22 @@ impl Scan {
                 bytes = &bytes[n..];
                 continue;
             }
-            // Jump to the end of the line; only its first LINE_KEEP bytes matter.
+            // Jump to the end of the line. A line wholly in this read is looked at where
+            // it lies; one split across reads is kept (its first LINE_KEEP bytes).
             let Some(nl) = memchr::memchr(b'\n', bytes) else {
                 self.keep(bytes);
                 return;
             };
-            self.keep(&bytes[..nl]);
+            let kept = self.line_len > 0;
+            if kept {
+                self.keep(&bytes[..nl]);
+            }
+            let mut line = if kept {
+                &self.line[..self.line_len]
+            } else {
+                &bytes[..nl]
+            };
             bytes = &bytes[nl + 1..];
-            let mut line = &self.line[..self.line_len];
             if line.last() == Some(&b'\r') {
                 line = &line[..line.len() - 1];
             }
@@ -107,9 +115,13 @@ impl Scan {
                 self.te = false;
                 self.cl_count = 0;
                 self.cl_value = None;
-            } else if starts_with_ignore_case(line, b"transfer-encoding:") {
+            } else if matches!(line[0], b't' | b'T')
+                && starts_with_ignore_case(line, b"transfer-encoding:")
+            {
                 self.te = true;
-            } else if starts_with_ignore_case(line, b"content-length:") {
+            } else if matches!(line[0], b'c' | b'C')
+                && starts_with_ignore_case(line, b"content-length:")
+            {
                 self.cl_count = self.cl_count.saturating_add(1);
                 self.cl_value = std::str::from_utf8(&line[15..])
                     .ok()

@@ -1,15 +1,22 @@
-//! braid's own HTTP/1.1 keep-alive pool: one `Backend` per authority, bound to the
-//! variants that use it when a snapshot is installed and kept across reloads.
+//! braid's own HTTP/1.1 client and keep-alive pool: one `Backend` per authority,
+//! bound to the variants that use it when a snapshot is installed and kept across
+//! reloads.
 //!
-//! A request takes an idle connection (or opens one) and sends on it from its own
-//! task, through `hyper::client::conn::http1`: no pool-wide map, no hashing, no task
-//! spawned per request. The connection goes back to its backend when the response
-//! body has been read to its end; a response dropped before its end takes its
-//! connection with it (hyper closes it), so a half-read body never meets the next
-//! request. A reused connection the backend has closed gives the request back unsent
-//! (hyper's `TrySendError::take_message`), and it is sent on another; once any of it
-//! was written it is never resent here (the retry policy decides).
+//! A request takes an idle connection (or opens one) and does all its work in its
+//! own task, in the style of pingora: head and body in one write, the response head
+//! parsed with `httparse` (`wire`) from the same read that brought it, and a small
+//! Content-Length body taken straight from that buffer. No connection task, no
+//! channel, no pool-wide map, nothing spawned per request.
 //!
+//! The connection goes back to its backend once the body has been read to its end;
+//! a body dropped before its end takes its connection with it (closed), so a
+//! half-read body never meets the next request. An idle connection that has become
+//! readable (the backend closed it, or sent something unasked) is not reused. A
+//! reused connection that fails before any of the request was written is replaced
+//! and the request sent on another; once any of it was written it is never resent
+//! here (the retry policy decides).
+//!
+//! Only whole bodies are sent this way: streamed calls are gRPC, always HTTP/2.
 //! HTTP/2, h2c and TLS backends keep hyper-util's pools.
 
 use std::collections::VecDeque;
@@ -18,23 +25,31 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::uri::{Authority, Uri};
-use http::{Request, Response};
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::header::HeaderValue;
+use http::uri::Authority;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use http_body_util::Either;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{OutBody, SendError, error_chain};
+use super::wire::{self, Chunked, Decoded, Framing, Parsed, WireError};
+use super::{OutBody, SendError};
+use crate::error::BoxError;
 
 /// An idle connection older than this is closed rather than reused (servers close
 /// theirs after 5 s (uvicorn) to 75 s (nginx); this bounds what is left open).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// At most this many idle connections are kept per backend.
 pub const MAX_IDLE: usize = 1024;
+/// A body up to this size is written in the same buffer (one write) as the head.
+const COALESCE_BODY: usize = 16 * 1024;
+/// How much a read asks for.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// One backend authority's connections.
 pub struct Backend {
@@ -46,8 +61,14 @@ pub struct Backend {
     idle: Mutex<VecDeque<Idle>>,
 }
 
+/// An open connection and what has been read from it but not yet used.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
 struct Idle {
-    sender: SendRequest<OutBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -87,81 +108,156 @@ impl Backend {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends `req` (absolute or origin-form URI) on a pooled connection. The error
-    /// says whether any of it may have reached the backend.
+    /// Sends `req` (absolute or origin-form URI; a whole body) on a pooled connection.
+    /// The error says whether any of it may have reached the backend.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<OutBody>,
     ) -> Result<Response<Reply>, SendError> {
-        let (mut parts, body) = req.into_parts();
-        if parts.uri.authority().is_some() {
-            let pq = parts.uri.into_parts().path_and_query;
-            parts.uri = pq.map_or_else(|| Uri::from_static("/"), Uri::from);
+        let (parts, body) = req.into_parts();
+        let body = match body {
+            Either::Left(full) => match full.collect().now_or_never() {
+                Some(Ok(c)) => c.to_bytes(),
+                _ => Bytes::new(),
+            },
+            Either::Right(_) => {
+                return Err(SendError::Connect(
+                    "a streamed body is sent over HTTP/2 only".into(),
+                ));
+            }
+        };
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut out = Vec::with_capacity(512 + body.len().min(COALESCE_BODY));
+        wire::encode_request(
+            &parts.method,
+            path,
+            &self.host,
+            &parts.headers,
+            &body,
+            &mut out,
+        );
+        let coalesced = body.len() <= COALESCE_BODY;
+        if coalesced {
+            out.extend_from_slice(&body);
         }
-        if !parts.headers.contains_key(header::HOST) {
-            parts.headers.insert(header::HOST, self.host.clone());
-        }
-        let mut req = Request::from_parts(parts, body);
         loop {
-            let (mut sender, reused) = match self.checkout() {
-                Some(s) => (s, true),
+            let (mut conn, reused) = match self.checkout() {
+                Some(c) => (c, true),
                 None => (self.connect().await?, false),
             };
-            if sender.ready().await.is_err() {
-                if reused {
-                    continue;
+            // The first write says whether the connection is alive at all.
+            let first = match conn.stream.write(&out).await {
+                Ok(n) if n > 0 => n,
+                Ok(_) | Err(_) if reused => continue,
+                Ok(_) => return Err(self.failed("wrote nothing", false)),
+                Err(e) => return Err(self.failed(&e.to_string(), false)),
+            };
+            let written = async {
+                conn.stream.write_all(&out[first..]).await?;
+                if !coalesced {
+                    conn.stream.write_all(&body).await?;
                 }
-                return Err(SendError::Connect(format!(
-                    "connection to {} closed before the request was sent",
-                    self.authority
-                )));
+                std::io::Result::Ok(())
             }
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let back = Some(Checkin {
-                        sender,
-                        backend: self.clone(),
-                    });
-                    return Ok(resp.map(|inner| Reply { inner, back }));
-                }
-                Err(mut e) => match e.take_message() {
-                    // Nothing of it was written: safe to send on another connection.
-                    Some(unsent) if reused => req = unsent,
-                    Some(_) => return Err(SendError::Connect(error_chain(e.error()))),
-                    None => return Err(SendError::Other(error_chain(e.error()))),
-                },
+            .await;
+            // A backend may answer early and close without reading the whole body:
+            // its answer is still read.
+            if let Err(e) = written {
+                tracing::debug!(authority = %self.authority, "writing the request: {e}");
             }
+            return self.read_head(conn, &parts.method).await;
         }
     }
 
-    fn checkout(&self) -> Option<SendRequest<OutBody>> {
+    async fn read_head(
+        self: &Arc<Self>,
+        mut conn: Conn,
+        method: &Method,
+    ) -> Result<Response<Reply>, SendError> {
+        let head = loop {
+            match wire::parse_head(&mut conn.buf, method) {
+                Ok(Parsed::Head(_, head)) => break head,
+                Ok(Parsed::Interim(_)) => continue,
+                Ok(Parsed::Partial) => {}
+                Err(e) => return Err(self.failed(&e.to_string(), true)),
+            }
+            conn.buf.reserve(READ_CHUNK);
+            match conn.stream.read_buf(&mut conn.buf).await {
+                Ok(0) => return Err(self.failed(&WireError::Truncated.to_string(), true)),
+                Ok(_) => {}
+                Err(e) => return Err(self.failed(&e.to_string(), true)),
+            }
+        };
+        let state = match head.framing {
+            Framing::Empty => State::Ready(None),
+            Framing::Length(n) if conn.buf.len() as u64 >= n => {
+                // The whole body came with the head (the common case for small answers).
+                let body = conn.buf.split_to(n as usize).freeze();
+                State::Ready(Some(body))
+            }
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunked::default()),
+            Framing::Close => State::Close,
+        };
+        let mut reply = Reply(Inner::Inline(Inline {
+            conn: Some(conn),
+            state,
+            reusable: head.keep_alive,
+            backend: self.clone(),
+        }));
+        if let Inner::Inline(i) = &mut reply.0
+            && matches!(i.state, State::Ready(_))
+        {
+            i.finish();
+        }
+        let mut resp = Response::new(reply);
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        Ok(resp)
+    }
+
+    /// A send that failed; `written` says the request was sent (it may have been
+    /// processed).
+    fn failed(&self, why: &str, written: bool) -> SendError {
+        let msg = format!("backend {}: {why}", self.authority);
+        match written {
+            true => SendError::Other(msg),
+            false => SendError::Connect(msg),
+        }
+    }
+
+    fn checkout(&self) -> Option<Conn> {
+        let waker = futures_util::task::noop_waker_ref();
+        let mut cx = Context::from_waker(waker);
         let mut idle = self.lock();
         while let Some(i) = idle.pop_back() {
-            if !i.sender.is_closed() && i.since.elapsed() < IDLE_TIMEOUT {
-                return Some(i.sender);
+            // Readable while idle: closed by the backend, or bytes nobody asked for.
+            let stale = i.since.elapsed() >= IDLE_TIMEOUT
+                || !i.conn.buf.is_empty()
+                || i.conn.stream.poll_read_ready(&mut cx).is_ready();
+            if !stale {
+                return Some(i.conn);
             }
         }
         None
     }
 
-    fn checkin(&self, sender: SendRequest<OutBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn checkin(&self, conn: Conn) {
         let now = Instant::now();
         let mut idle = self.lock();
         while idle
             .front()
-            .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT || i.sender.is_closed())
+            .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
         {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE {
-            idle.push_back(Idle { sender, since: now });
+            idle.push_back(Idle { conn, since: now });
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<OutBody>, SendError> {
+    async fn connect(&self) -> Result<Conn, SendError> {
         let host = self.authority.host();
         // An IPv6 literal comes bracketed in an authority, bare in a socket address.
         let host = host
@@ -178,81 +274,180 @@ impl Backend {
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| refused(error_chain(&e)))?;
-        let authority = self.authority.clone();
-        // A plain map, not an async block: the body's boxed error type defeats the
-        // compiler's Send inference through `async move`.
-        tokio::spawn(futures_util::FutureExt::map(conn, move |ended| {
-            if let Err(e) = ended {
-                tracing::debug!(%authority, "backend connection ended: {e}");
-            }
-        }));
-        Ok(sender)
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        })
     }
 }
 
-/// A backend's response body. A pooled connection goes back to its backend once
-/// this has been read to its end.
-pub struct Reply {
-    inner: Incoming,
-    back: Option<Checkin>,
+/// A backend's response body: read by braid's own client from a pooled connection
+/// (which goes back once the body is read to its end), or from one of hyper-util's
+/// pools (h2c, TLS).
+pub struct Reply(Inner);
+
+enum Inner {
+    Hyper(Incoming),
+    Inline(Inline),
 }
 
-struct Checkin {
-    sender: SendRequest<OutBody>,
+struct Inline {
+    /// `None` once the body is over (the connection given back or closed).
+    conn: Option<Conn>,
+    state: State,
+    /// The head allowed another request on this connection.
+    reusable: bool,
     backend: Arc<Backend>,
+}
+
+enum State {
+    /// The whole body is here (or there is none); `None` once taken.
+    Ready(Option<Bytes>),
+    /// Bytes still to read.
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the backend closes.
+    Close,
+    Done,
 }
 
 impl Reply {
     /// A body from one of hyper-util's pools, which keep their own connections.
     pub fn unpooled(inner: Incoming) -> Reply {
-        Reply { inner, back: None }
+        Reply(Inner::Hyper(inner))
+    }
+}
+
+impl Inline {
+    /// The body is over: the connection goes back if nothing is left on it.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.buf.is_empty()
+        {
+            self.backend.checkin(conn);
+        }
     }
 
-    fn give_back(&mut self) {
-        if let Some(c) = self.back.take() {
-            c.backend.checkin(c.sender);
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                // Done, or a body that came whole with its head.
+                return Poll::Ready(match &mut self.state {
+                    State::Ready(b) => b.take().map(|b| Ok(Frame::data(b))),
+                    _ => None,
+                });
+            };
+            match &mut self.state {
+                State::Ready(b) => {
+                    let b = b.take();
+                    self.finish();
+                    return Poll::Ready(b.map(|b| Ok(Frame::data(b))));
+                }
+                State::Done => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                State::Length(left) if !conn.buf.is_empty() => {
+                    let take = (*left).min(conn.buf.len() as u64) as usize;
+                    let data = conn.buf.split_to(take).freeze();
+                    *left -= take as u64;
+                    if *left == 0 {
+                        self.state = State::Done;
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::Chunked(dec) => match dec.decode(&mut conn.buf) {
+                    Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    Ok(Decoded::Trailers(t)) => {
+                        self.state = State::Done;
+                        self.finish();
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(Decoded::End) => {
+                        self.state = State::Done;
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(e) => {
+                        self.conn = None;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                },
+                State::Close if !conn.buf.is_empty() => {
+                    let data = conn.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::Length(_) | State::Close => {}
+            }
+            // More bytes are needed.
+            conn.buf.reserve(READ_CHUNK);
+            let read = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.stream),
+                cx,
+                &mut conn.buf
+            ));
+            match read {
+                Ok(0) if matches!(self.state, State::Close) => {
+                    self.state = State::Done;
+                    self.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(WireError::Truncated.into())));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            State::Ready(b) => b.is_none(),
+            State::Length(n) => *n == 0,
+            State::Done => true,
+            State::Chunked(_) | State::Close => false,
         }
     }
 }
 
 impl Body for Reply {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            None => this.give_back(),
-            // Trailers come last; a reader may stop at them without a further poll.
-            Some(Ok(f)) if f.is_trailers() || this.inner.is_end_stream() => this.give_back(),
-            Some(Err(_)) => this.back = None,
-            Some(Ok(_)) => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            Inner::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::Inline(i) => i.poll_frame(cx),
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Inner::Hyper(b) => b.is_end_stream(),
+            Inner::Inline(i) => i.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Reply {
-    fn drop(&mut self) {
-        // Read to its end without a last poll (a known length, a HEAD, a 204).
-        if self.inner.is_end_stream() {
-            self.give_back();
+        match &self.0 {
+            Inner::Hyper(b) => b.size_hint(),
+            Inner::Inline(i) => match &i.state {
+                State::Ready(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+                State::Length(n) => SizeHint::with_exact(*n),
+                State::Done => SizeHint::with_exact(0),
+                State::Chunked(_) | State::Close => SizeHint::default(),
+            },
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod h1;
 pub mod health;
 pub mod retry;
+pub mod wire;
 
 use std::time::Duration;
 

@@ -1,0 +1,330 @@
+//! HTTP/1.1 on the wire for braid's upstream client: a request written in one
+//! buffer, a response head parsed with `httparse`, and the body's framing decided as
+//! RFC 9112 §6.3 says (HEAD, 1xx, 204 and 304 have none; chunked wins over a length
+//! and then the connection is not reused; a length; else to the close). Pure
+//! functions over byte buffers, so the property tests drive them directly.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// A response head longer than this is refused (502): hyper's limit for a client
+/// is in the same range, and no inference server needs more.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// At most this many response header lines (and trailer lines).
+pub const MAX_HEADERS: usize = 128;
+/// A chunk-size line (extensions included) longer than this is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Why a backend's bytes are not an HTTP/1.1 response braid will pass on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("malformed response head: {0}")]
+    Head(String),
+    #[error("response head over {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("malformed chunked body: {0}")]
+    Chunk(&'static str),
+    #[error("the backend closed the connection before the response ended")]
+    Truncated,
+}
+
+/// How the body after a head is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes the connection.
+    Close,
+}
+
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The connection may carry another request once this body has been read.
+    pub keep_alive: bool,
+}
+
+#[derive(Debug)]
+pub enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    /// A 1xx interim response of this many bytes, taken off and to be skipped.
+    Interim(usize),
+    /// The final head (taken off the buffer), and how many bytes it took.
+    Head(usize, Head),
+}
+
+/// Parses the response head at the front of `buf` and takes it off (an interim 1xx
+/// head is taken off and reported); `method` is the request's. Header values share
+/// the head's bytes rather than copying them.
+pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let used = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(WireError::HeadTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(WireError::Head(format!("more than {MAX_HEADERS} headers")));
+        }
+        Err(e) => return Err(WireError::Head(e.to_string())),
+    };
+    if used > MAX_HEAD {
+        return Err(WireError::HeadTooLarge);
+    }
+    let code = resp.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| WireError::Head(format!("status {code}")))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(WireError::Head(
+            "101 to a request that asked no upgrade".into(),
+        ));
+    }
+    if status.is_informational() {
+        buf.advance(used);
+        return Ok(Parsed::Interim(used));
+    }
+    let version = match resp.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // Where each name and value lies in the head, to slice them out of it once frozen.
+    let base = buf.as_ptr() as usize;
+    let mut spans = Vec::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| WireError::Head(format!("header name {:?}", h.name)))?;
+        let at = h.value.as_ptr() as usize - base;
+        spans.push((name, at..at + h.value.len()));
+    }
+    let head = buf.split_to(used).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, span) in spans {
+        let value = HeaderValue::from_maybe_shared(head.slice(span))
+            .map_err(|_| WireError::Head(format!("value of {name}")))?;
+        headers.append(name, value);
+    }
+    let (framing, mut keep_alive) = framing(&headers, status, method)?;
+    let connection = |token: &[u8]| {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    };
+    keep_alive &= match version {
+        Version::HTTP_10 => connection(b"keep-alive"),
+        _ => !connection(b"close"),
+    };
+    let head = Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    };
+    Ok(Parsed::Head(used, head))
+}
+
+/// The body's framing, and whether the connection can be reused after it.
+fn framing(
+    headers: &HeaderMap,
+    status: StatusCode,
+    method: &Method,
+) -> Result<(Framing, bool), WireError> {
+    if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Empty, true));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+            .last();
+        let chunked = last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+        // A length beside the encoding is ignored, and the connection not trusted again.
+        let reuse = !headers.contains_key(header::CONTENT_LENGTH);
+        return Ok(match chunked {
+            true => (Framing::Chunked, reuse),
+            false => (Framing::Close, false),
+        });
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| WireError::Head("invalid content-length".into()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(WireError::Head("conflicting content-length values".into()));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), true),
+        None => (Framing::Close, false),
+    })
+}
+
+/// Writes a request head (and `body`, when small, after it) in HTTP/1.1: the
+/// request line in origin form, `host` unless the headers carry one, every header,
+/// and a Content-Length of the body's own size (any length in `headers` is ignored).
+pub fn encode_request(
+    method: &Method,
+    path: &str,
+    host: &HeaderValue,
+    headers: &HeaderMap,
+    body: &[u8],
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let bodiless = matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    );
+    if !body.is_empty() || !bodiless {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A chunked body's decoder, fed from the connection's read buffer.
+#[derive(Debug, Default)]
+pub struct Chunked {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The last chunk and an empty trailer section: the body is over.
+    End,
+    NeedMore,
+}
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// The next thing the buffer holds; consumes what it returns.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, WireError> {
+        loop {
+            match self.state {
+                ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        self.state = if size == 0 {
+                            ChunkState::Trailers
+                        } else {
+                            ChunkState::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                        return Err(WireError::Chunk("chunk-size line too long"));
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                    Err(_) => return Err(WireError::Chunk("invalid chunk size")),
+                },
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let take = left.min(buf.len() as u64) as usize;
+                    let data = buf.split_to(take).freeze();
+                    let left = left - take as u64;
+                    self.state = match left {
+                        0 => ChunkState::DataEnd,
+                        n => ChunkState::Data(n),
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(WireError::Chunk("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        self.state = ChunkState::Done;
+                        return Ok(Decoded::End);
+                    }
+                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let used = match httparse::parse_headers(buf, &mut slots) {
+                        Ok(httparse::Status::Complete((used, _))) => used,
+                        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                            return Err(WireError::Chunk("trailer section too large"));
+                        }
+                        Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                        Err(_) => return Err(WireError::Chunk("malformed trailers")),
+                    };
+                    let mut trailers = HeaderMap::new();
+                    for h in slots.iter().take_while(|h| !h.name.is_empty()) {
+                        if let (Ok(n), Ok(v)) = (
+                            HeaderName::from_bytes(h.name.as_bytes()),
+                            HeaderValue::from_bytes(h.value),
+                        ) {
+                            trailers.append(n, v);
+                        }
+                    }
+                    buf.advance(used);
+                    self.state = ChunkState::Done;
+                    return Ok(Decoded::Trailers(trailers));
+                }
+                ChunkState::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
