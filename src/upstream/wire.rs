@@ -151,8 +151,7 @@ fn framing(
             .iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
             .map(<[u8]>::trim_ascii)
-            .filter(|t| !t.is_empty())
-            .last();
+            .rfind(|t| !t.is_empty());
         let chunked = last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
         // A length beside the encoding is ignored, and the connection not trusted again.
         let reuse = !headers.contains_key(header::CONTENT_LENGTH);
