@@ -50,28 +50,83 @@ impl Proxy {
         } else {
             variant.upstream.protocol
         };
-        let body = Full::new(body.clone());
-        let mut out = match upstream_request(parts, body, variant, protocol, path, conn) {
-            Ok(r) => r,
-            Err(e) => return Served::error(e),
-        };
-        if let Some((body, header_len)) = &renamed {
-            let headers = out.headers_mut();
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-            if let Some(n) = header_len {
-                headers.insert(HEADER_LENGTH, HeaderValue::from(*n));
-            }
-        }
-        let now = Instant::now();
-        if let Some(d) = prepared.deadline {
-            retry::set_deadline_header(&mut out, d.saturating_duration_since(now));
-        }
         let health = live.health.clone();
         // A route that neither retries, times tries out nor tracks health needs none of
         // the tower stack: one call, as cheap as it can be.
         let plain =
             route.retry.attempts <= 1 && route.retry.per_try_timeout.is_none() && health.is_none();
+        let now = Instant::now();
+        let left = prepared.deadline.map(|d| d.saturating_duration_since(now));
+        // Cheaper still over HTTP/1.1: the client's headers are written as they came,
+        // with no request built, when there is nothing hop-by-hop to take out.
+        let direct = match &live.backend {
+            Some(b)
+                if plain
+                    && protocol == Protocol::Http1
+                    && renamed.is_none()
+                    && !has_hop_by_hop(&parts.headers) =>
+            {
+                Some(b)
+            }
+            _ => None,
+        };
+        let out = match direct {
+            Some(_) => None,
+            None => {
+                let body = Full::new(body.clone());
+                let mut out =
+                    match upstream_request(parts, body, variant, protocol, path.clone(), conn) {
+                        Ok(r) => r,
+                        Err(e) => return Served::error(e),
+                    };
+                if let Some((body, header_len)) = &renamed {
+                    let headers = out.headers_mut();
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                    if let Some(n) = header_len {
+                        headers.insert(HEADER_LENGTH, HeaderValue::from(*n));
+                    }
+                }
+                if let Some(left) = left {
+                    retry::set_deadline_header(&mut out, left);
+                }
+                Some(out)
+            }
+        };
         let sent = async {
+            let out = match (out, direct) {
+                (Some(out), _) => out,
+                (None, Some(backend)) => {
+                    let xff = forwarded_for(&parts.headers, conn);
+                    let timeout = left.map(retry::deadline_value);
+                    let (x, t) = (&X_FORWARDED_FOR, &retry::DEADLINE_HEADER);
+                    let (both, one);
+                    let replaced: &[(&HeaderName, &HeaderValue)] = match (&xff, &timeout) {
+                        (Some(xff), Some(timeout)) => {
+                            both = [(x, xff), (t, timeout)];
+                            &both
+                        }
+                        (Some(v), None) => {
+                            one = [(x, v)];
+                            &one
+                        }
+                        (None, Some(v)) => {
+                            one = [(t, v)];
+                            &one
+                        }
+                        (None, None) => &[],
+                    };
+                    return backend
+                        .send_head(
+                            &parts.method,
+                            path.as_str(),
+                            &parts.headers,
+                            replaced,
+                            body.clone(),
+                        )
+                        .await;
+                }
+                (None, None) => unreachable!("a request is built unless it is sent directly"),
+            };
             if plain {
                 return self
                     .upstreams
@@ -216,7 +271,12 @@ pub(super) fn body_model_renamed(
     // Only where the path itself is rewritten (model routes).
     m.model_span.as_ref()?;
     let model = super::batched::v2_infer_path(parts.uri.path())?.name?;
-    memchr::memmem::find(body, b"\"model_name\"")?;
+    if model == target {
+        return None;
+    }
+    static MODEL_NAME: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"model_name\""));
+    MODEL_NAME.find(body)?;
     let header_len = oip::header_len(&parts.headers).ok()?;
     let (head, rest) = body.split_at_checked(header_len.unwrap_or(body.len()))?;
     let mut v: serde_json::Value = serde_json::from_slice(head).ok()?;
@@ -288,6 +348,11 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// Whether any header must be taken out before forwarding.
+fn has_hop_by_hop(headers: &HeaderMap) -> bool {
+    headers.keys().any(is_hop_by_hop)
+}
+
 /// Removes the hop-by-hop headers and any the `Connection` header names.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none, or only `Connection: keep-alive` (nginx answers with
@@ -335,15 +400,19 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
+/// `x-forwarded-for` as the backend gets it: the client's address appended to any
+/// the request carried.
+fn forwarded_for(headers: &HeaderMap, conn: &ConnInfo) -> Option<HeaderValue> {
+    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => HeaderValue::try_from(format!("{prev}, {}", conn.peer.ip())).ok(),
+        None => Some(conn.peer_ip.clone()),
+    }
+}
+
 fn append_forwarded_for(headers: &mut HeaderMap, conn: &ConnInfo) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => match HeaderValue::try_from(format!("{prev}, {}", conn.peer.ip())) {
-            Ok(v) => v,
-            Err(_) => return,
-        },
-        None => conn.peer_ip.clone(),
-    };
-    headers.insert(X_FORWARDED_FOR.clone(), value);
+    if let Some(v) = forwarded_for(headers, conn) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
 }
 
 #[cfg(test)]

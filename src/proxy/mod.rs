@@ -421,14 +421,15 @@ impl Proxy {
         start: Instant,
     ) -> Result<(Option<Instant>, bool), ProxyError> {
         let mut header_deadline = None;
-        if let Some(v) = parts.headers.get(DEADLINE_HEADER) {
+        if let Some(v) = parts.headers.get(&DEADLINE_HEADER) {
             let d = v
                 .to_str()
                 .ok()
                 .and_then(|s| parse_duration(s).ok())
                 .ok_or_else(|| {
                     ProxyError::BadRequest(format!(
-                        "{DEADLINE_HEADER} must be a duration such as \"250ms\""
+                        "{} must be a duration such as \"250ms\"",
+                        DEADLINE_HEADER.as_str()
                     ))
                 })?;
             header_deadline = Some(start + d);

@@ -127,16 +127,32 @@ impl Backend {
             }
         };
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut out = Vec::with_capacity(512 + body.len().min(COALESCE_BODY));
+        self.send_head(&parts.method, path, &parts.headers, &[], body)
+            .await
+    }
+
+    /// Sends a request made of the caller's own parts, with no `Request` built: the
+    /// headers as they are, less those `replaced` names (sent with the new values).
+    /// The caller has taken out hop-by-hop headers.
+    pub async fn send_head(
+        self: &Arc<Self>,
+        method: &Method,
+        path: &str,
+        headers: &http::HeaderMap,
+        replaced: &[(&http::HeaderName, &HeaderValue)],
+        body: Bytes,
+    ) -> Result<Response<Reply>, SendError> {
+        let coalesced = body.len() <= COALESCE_BODY;
+        let mut out = Vec::with_capacity(512 + if coalesced { body.len() } else { 0 });
         wire::encode_request(
-            &parts.method,
+            method,
             path,
             &self.host,
-            &parts.headers,
-            &body,
+            headers,
+            replaced,
+            body.len(),
             &mut out,
         );
-        let coalesced = body.len() <= COALESCE_BODY;
         if coalesced {
             out.extend_from_slice(&body);
         }
@@ -165,7 +181,7 @@ impl Backend {
             if let Err(e) = written {
                 tracing::debug!(authority = %self.authority, "writing the request: {e}");
             }
-            return self.read_head(conn, &parts.method).await;
+            return self.read_head(conn, method).await;
         }
     }
 

@@ -30,7 +30,7 @@ use crate::addr::Protocol;
 use crate::metrics::RetryMetrics;
 
 /// Header carrying a request's remaining time budget, e.g. `x-braid-timeout: 250ms`.
-pub const DEADLINE_HEADER: &str = "x-braid-timeout";
+pub static DEADLINE_HEADER: http::HeaderName = http::HeaderName::from_static("x-braid-timeout");
 
 /// A route's retry settings, compiled from its `retry` block (defaults: one attempt).
 #[derive(Debug, Clone, PartialEq)]
@@ -194,12 +194,18 @@ fn retry_after(r: &Reply) -> Option<Duration> {
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
+/// `x-braid-timeout`'s value for `left`: whole milliseconds.
+pub fn deadline_value(left: Duration) -> HeaderValue {
+    let mut text = itoa::Buffer::new().format(left.as_millis()).to_string();
+    text.push_str("ms");
+    HeaderValue::try_from(text).expect("digits and letters are a valid header value")
+}
+
 /// Tells the backend how long it has left: `x-braid-timeout` in milliseconds, and
 /// `grpc-timeout` as well for a gRPC call.
 pub fn set_deadline_header<T>(req: &mut http::Request<T>, left: Duration) {
-    if let Ok(v) = HeaderValue::from_str(&format!("{}ms", left.as_millis())) {
-        req.headers_mut().insert(DEADLINE_HEADER, v);
-    }
+    req.headers_mut()
+        .insert(DEADLINE_HEADER.clone(), deadline_value(left));
     if crate::grpc::is_grpc(req.headers()) {
         let v = crate::grpc::format_timeout(left);
         req.headers_mut()

@@ -4,6 +4,8 @@
 //! and then the connection is not reused; a length; else to the close). Pure
 //! functions over byte buffers, so the property tests drive them directly.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -63,9 +65,12 @@ pub enum Parsed {
 /// head is taken off and reported); `method` is the request's. Header values share
 /// the head's bytes rather than copying them.
 pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let used = match resp.parse(buf) {
+    // Left uninitialised: zeroing 128 slots would cost more than parsing a short head.
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+    let used = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Err(WireError::HeadTooLarge);
@@ -181,43 +186,53 @@ fn framing(
     })
 }
 
-/// Writes a request head (and `body`, when small, after it) in HTTP/1.1: the
-/// request line in origin form, `host` unless the headers carry one, every header,
-/// and a Content-Length of the body's own size (any length in `headers` is ignored).
+/// A request head in HTTP/1.1: the request line in origin form, `host` (the
+/// backend's, whatever the headers say), every header except those `replaced`
+/// names (written with their new values instead), and a Content-Length of the body's
+/// own size (any length or transfer coding in `headers` is ignored).
 pub fn encode_request(
     method: &Method,
     path: &str,
     host: &HeaderValue,
     headers: &HeaderMap,
-    body: &[u8],
+    replaced: &[(&HeaderName, &HeaderValue)],
+    body_len: usize,
     out: &mut Vec<u8>,
 ) {
+    let line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(host.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    line(out, b"host", host.as_bytes());
     for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || replaced.iter().any(|(n, _)| *n == name)
+        {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    for (name, value) in replaced {
+        line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let bodiless = matches!(
         *method,
         Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
     );
-    if !body.is_empty() || !bodiless {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
+    if body_len > 0 || !bodiless {
+        line(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(body_len).as_bytes(),
+        );
     }
     out.extend_from_slice(b"\r\n");
 }

@@ -144,13 +144,6 @@ async fn one_connection_serves_every_request_in_turn() {
         1,
         "one keep-alive connection for sequential requests"
     );
-    // A reload binds the same pool: the connection outlives the snapshot.
-    proxy
-        .reload(&format!("{}    timeout: 5s\n", single_route(&b.url())))
-        .await;
-    let r = post(&c, &proxy.url("/x"), &[], "{}").await;
-    assert_eq!(r.status, 200);
-    assert_eq!(b.accepts(), 1, "the reload kept the connection");
     let head = b.heads.lock().unwrap()[0].clone();
     // Origin form, and Host names the backend.
     assert!(
@@ -162,6 +155,59 @@ async fn one_connection_serves_every_request_in_turn() {
             .contains(&format!("host: {}\r\n", b.addr)),
         "{head}"
     );
+    // A reload binds the same pool: the connection outlives the snapshot.
+    proxy
+        .reload(&format!("{}    timeout: 5s\n", single_route(&b.url())))
+        .await;
+    let r = post(&c, &proxy.url("/x"), &[], "{}").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(b.accepts(), 1, "the reload kept the connection");
+}
+
+#[tokio::test]
+async fn the_backend_gets_forwarded_for_its_deadline_and_no_hop_by_hop_headers() {
+    let b = RawBackend::start(|_, _| (ok("fine"), false)).await;
+    let proxy = TestProxy::start(&format!("{}    timeout: 5s\n", single_route(&b.url()))).await;
+    let c = client();
+    // As a client sends it (the direct path), and with hop-by-hop headers to take out.
+    post(
+        &c,
+        &proxy.url("/x"),
+        &[("x-forwarded-for", "10.0.0.1")],
+        "{}",
+    )
+    .await;
+    post(
+        &c,
+        &proxy.url("/x"),
+        &[
+            ("connection", "x-private"),
+            ("x-private", "1"),
+            ("te", "gzip"),
+        ],
+        "{}",
+    )
+    .await;
+    let heads = b.heads.lock().unwrap().clone();
+    let first = heads[0].to_ascii_lowercase();
+    assert!(
+        first.contains("x-forwarded-for: 10.0.0.1, 127.0.0.1\r\n"),
+        "{first}"
+    );
+    assert!(first.contains("x-braid-timeout: "), "{first}");
+    assert!(first.contains("content-length: 2\r\n"), "{first}");
+    assert_eq!(first.matches("host: ").count(), 1, "{first}");
+    let second = heads[1].to_ascii_lowercase();
+    assert!(
+        second.contains("x-forwarded-for: 127.0.0.1\r\n"),
+        "{second}"
+    );
+    for gone in ["x-private", "te:", "connection"] {
+        assert!(
+            !second.contains(gone),
+            "{gone} reached the backend: {second}"
+        );
+    }
 }
 
 #[tokio::test]
