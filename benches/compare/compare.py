@@ -94,17 +94,23 @@ class Proc:
         return out
 
     def cpu_seconds(self):
-        """(user, system) CPU seconds of the process and its children so far."""
-        user = system = 0
+        """(user, system, total) CPU seconds of the process and its children so far.
+        User and system come from /proc/PID/stat in clock ticks (10 ms); the total,
+        from every thread's /proc/PID/task/TID/schedstat in nanoseconds, is the
+        precise figure: the ticks only split it."""
+        user = system = total_ns = 0
         for pid in self.pids():
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 user += int(fields[11])
                 system += int(fields[12])
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                        total_ns += int(f.read().split()[0])
             except OSError:
                 pass
-        return user / CLK_TCK, system / CLK_TCK
+        return user / CLK_TCK, system / CLK_TCK, total_ns / 1e9
 
     def rss_mib(self):
         total = 0
@@ -420,22 +426,24 @@ LAYOUTS = {
 def measure(t, url, proc, ups, work, args, cpus, rate):
     """One measurement of target `t`: closed loop (rate None) or open loop at `rate`,
     with the proxy's user and system CPU per request and its upstream accepts."""
-    cpu0 = proc.cpu_seconds() if proc else (0, 0)
+    cpu0 = proc.cpu_seconds() if proc else (0, 0, 0)
     counts = Upstreams(ups)
     if rate is None:
         r = wrk(url, work, args.seconds, args.connections, cpus["load"])
         r["failed"] = r.pop("errors")
     else:
         r = oha(url, rate, args.seconds, args.open_connections, cpus["load"])
-    cpu1 = proc.cpu_seconds() if proc else (0, 0)
+    cpu1 = proc.cpu_seconds() if proc else (0, 0, 0)
     accepts, split = counts.delta()
     served = max(sum(split), 1)
     r["split"] = split
     r["accepts_per_kreq"] = accepts / served * 1000
     if proc:
-        r["user_us"] = (cpu1[0] - cpu0[0]) / served * 1e6
-        r["sys_us"] = (cpu1[1] - cpu0[1]) / served * 1e6
-        r["cpu_us"] = r["user_us"] + r["sys_us"]
+        r["cpu_us"] = (cpu1[2] - cpu0[2]) / served * 1e6
+        user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+        share = user / (user + system) if user + system else 0.5
+        r["user_us"] = r["cpu_us"] * share
+        r["sys_us"] = r["cpu_us"] - r["user_us"]
     return r
 
 
@@ -821,6 +829,11 @@ def write_report(args, res, batching, command, host=None, callgrind=None):
                  f"{batching.get('seconds')}s per point; braid with batching "
                  "(max_batch_size 64) and without, and the load generator talking to the "
                  "executor directly. Proxy, executor and load generator share the machine.\n")
+        if batching.get("recorded"):
+            r = batching["recorded"]
+            L.append(f"*This section was not measured again in this run:* it is the run of "
+                     f"{r['date']} on {r['machine']} (`{r['command']}`), carried over with "
+                     "`--batching-from`.\n")
         for sc, path in batch_charts:
             L.append(f"### {sc['name']}\n")
             L.append("| concurrency | direct req/s | off req/s | on req/s | on/off | direct p50/p99 ms "
@@ -928,7 +941,10 @@ def main():
                 res[lay] = proxy_results(args, run_proxies(args, work, lay))
         if args.batching_from:
             with open(args.batching_from) as f:
-                batching = json.load(f)["batching"]
+                doc = json.load(f)
+            batching = doc["batching"]
+            batching.setdefault("recorded", {k: doc.get(k, "?")
+                                             for k in ("date", "machine", "command")})
         else:
             batching = {} if args.skip_batching else run_batching(args, work)
     write_report(args, res, batching, command, callgrind=callgrind)

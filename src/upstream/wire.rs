@@ -103,9 +103,11 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireErr
     // Where each name and value lies in the head, to slice them out of it once frozen.
     let base = buf.as_ptr() as usize;
     let mut spans = Vec::with_capacity(resp.headers.len());
+    let mut seen = Seen::default();
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| WireError::Head(format!("header name {:?}", h.name)))?;
+        seen.note(&name, h.value)?;
         let at = h.value.as_ptr() as usize - base;
         spans.push((name, at..at + h.value.len()));
     }
@@ -116,17 +118,10 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireErr
             .map_err(|_| WireError::Head(format!("value of {name}")))?;
         headers.append(name, value);
     }
-    let (framing, mut keep_alive) = framing(&headers, status, method)?;
-    let connection = |token: &[u8]| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    };
+    let (framing, mut keep_alive) = seen.framing(status, method);
     keep_alive &= match version {
-        Version::HTTP_10 => connection(b"keep-alive"),
-        _ => !connection(b"close"),
+        Version::HTTP_10 => seen.keep_alive,
+        _ => !seen.close,
     };
     let head = Head {
         status,
@@ -138,52 +133,67 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireErr
     Ok(Parsed::Head(used, head))
 }
 
-/// The body's framing, and whether the connection can be reused after it.
-fn framing(
-    headers: &HeaderMap,
-    status: StatusCode,
-    method: &Method,
-) -> Result<(Framing, bool), WireError> {
-    if method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok((Framing::Empty, true));
-    }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .rfind(|t| !t.is_empty());
-        let chunked = last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-        // A length beside the encoding is ignored, and the connection not trusted again.
-        let reuse = !headers.contains_key(header::CONTENT_LENGTH);
-        return Ok(match chunked {
-            true => (Framing::Chunked, reuse),
-            false => (Framing::Close, false),
-        });
-    }
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            let n = std::str::from_utf8(part)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| WireError::Head("invalid content-length".into()))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(WireError::Head("conflicting content-length values".into()));
+/// What the framing headers said, noted as the head is read (no lookups after).
+#[derive(Default)]
+struct Seen {
+    /// Transfer-Encoding was present; whether its last coding is chunked.
+    chunked: Option<bool>,
+    length: Option<u64>,
+    close: bool,
+    keep_alive: bool,
+}
+
+fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+impl Seen {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), WireError> {
+        if name == header::TRANSFER_ENCODING {
+            if let Some(last) = tokens(value).next_back() {
+                self.chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
             }
-            length = Some(n);
+        } else if name == header::CONTENT_LENGTH {
+            for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                let n = std::str::from_utf8(part)
+                    .ok()
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| WireError::Head("invalid content-length".into()))?;
+                if self.length.is_some_and(|l| l != n) {
+                    return Err(WireError::Head("conflicting content-length values".into()));
+                }
+                self.length = Some(n);
+            }
+        } else if name == header::CONNECTION {
+            for t in tokens(value) {
+                self.close |= t.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        Ok(())
+    }
+
+    /// The body's framing, and whether the connection can be reused after it.
+    fn framing(&self, status: StatusCode, method: &Method) -> (Framing, bool) {
+        if method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return (Framing::Empty, true);
+        }
+        match (self.chunked, self.length) {
+            // A length beside the encoding is ignored, and the connection not trusted
+            // again.
+            (Some(true), length) => (Framing::Chunked, length.is_none()),
+            (Some(false), _) => (Framing::Close, false),
+            (None, Some(n)) => (Framing::Length(n), true),
+            (None, None) => (Framing::Close, false),
         }
     }
-    Ok(match length {
-        Some(n) => (Framing::Length(n), true),
-        None => (Framing::Close, false),
-    })
 }
 
 /// A request head in HTTP/1.1: the request line in origin form, `host` (the
