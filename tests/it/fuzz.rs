@@ -1,5 +1,6 @@
 //! Property tests in place of fuzzing for the parsers of untrusted input: the config
-//! document, the OIP codec (proxy and executor), gRPC messages, and variant assignment. The
+//! document, the OIP codec (proxy and executor), gRPC messages, backends' HTTP/1.1
+//! responses (`upstream::wire`), and variant assignment. The
 //! corpora in `tests/corpus/` (inputs that once mattered) are replayed on every run;
 //! file names say what each must produce: `ok-`, `bad-`, or `alone-` (forwarded
 //! unbatched).
@@ -364,4 +365,162 @@ proptest! {
             }
         }
     }
+
+    /// Backends' HTTP/1.1 responses, however the bytes arrive: a head with a length,
+    /// chunks (with trailers) or a close-delimited body, cut at arbitrary points,
+    /// reads back as the same status, headers, body and trailers. Arbitrary bytes are
+    /// read or refused, never panicking, and never make a buffer grow past the head
+    /// limit unnoticed.
+    #[test]
+    fn backend_responses_read_back_whole_however_they_are_cut(
+        status in prop_oneof![Just(200u16), Just(201), Just(404), Just(500), Just(503)],
+        headers in prop::collection::vec(("x-[a-z]{1,8}", "[ -~]{0,20}"), 0..6),
+        body in prop::collection::vec(any::<u8>(), 0..3000),
+        framing in 0u8..3,
+        chunk in 1usize..700,
+        trailer in proptest::option::of("[a-z0-9]{1,10}"),
+        interim in any::<bool>(),
+        cuts in prop::collection::vec(1usize..400, 1..40),
+    ) {
+        let mut wire = Vec::new();
+        if interim {
+            wire.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        wire.extend_from_slice(format!("HTTP/1.1 {status} Whatever\r\n").as_bytes());
+        for (k, v) in &headers {
+            wire.extend_from_slice(format!("{k}: {}\r\n", v.trim()).as_bytes());
+        }
+        match framing {
+            0 => {
+                wire.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+                wire.extend_from_slice(&body);
+            }
+            1 => {
+                wire.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+                for c in body.chunks(chunk) {
+                    wire.extend_from_slice(format!("{:x};ext=1\r\n", c.len()).as_bytes());
+                    wire.extend_from_slice(c);
+                    wire.extend_from_slice(b"\r\n");
+                }
+                wire.extend_from_slice(b"0\r\n");
+                if let Some(t) = &trailer {
+                    wire.extend_from_slice(format!("x-sum: {t}\r\n").as_bytes());
+                }
+                wire.extend_from_slice(b"\r\n");
+            }
+            _ => {
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(&body);
+            }
+        }
+        let read = read_response(&wire, &cuts).expect("a well-formed response");
+        prop_assert_eq!(read.status, status);
+        for (k, v) in &headers {
+            prop_assert!(read.headers.get_all(k.as_str()).iter().any(|x| x == v.trim()));
+        }
+        prop_assert_eq!(&read.body, &body);
+        if framing == 1 {
+            prop_assert_eq!(read.trailer.as_deref(), trailer.as_deref());
+        }
+        prop_assert_eq!(read.reusable, framing != 2);
+    }
+
+    #[test]
+    fn arbitrary_backend_bytes_are_read_or_refused(
+        bytes in prop::collection::vec(any::<u8>(), 0..512),
+        prefix in prop_oneof![
+            Just(&b""[..]),
+            Just(&b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..]),
+            Just(&b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"[..]),
+        ],
+        cuts in prop::collection::vec(1usize..64, 1..20),
+    ) {
+        let mut wire = prefix.to_vec();
+        wire.extend_from_slice(&bytes);
+        let _ = read_response(&wire, &cuts);
+    }
+}
+
+/// What `read_response` got.
+struct ReadBack {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+    trailer: Option<String>,
+    reusable: bool,
+}
+
+/// Reads a response as braid's upstream client does, the bytes arriving in pieces of
+/// the sizes `cuts` gives (cycled): the head, then the body by its framing.
+fn read_response(wire: &[u8], cuts: &[usize]) -> Result<ReadBack, String> {
+    use braid::upstream::wire::{self, Chunked, Decoded, Framing, Parsed};
+    let mut pieces = {
+        let mut at = 0;
+        let mut out = Vec::new();
+        for c in cuts.iter().cycle() {
+            if at >= wire.len() {
+                break;
+            }
+            let end = (at + c).min(wire.len());
+            out.push(&wire[at..end]);
+            at = end;
+        }
+        out.into_iter()
+    };
+    let mut buf = bytes::BytesMut::new();
+    let head = loop {
+        match wire::parse_head(&mut buf, &http::Method::POST).map_err(|e| e.to_string())? {
+            Parsed::Head(_, head) => break head,
+            Parsed::Interim(_) => continue,
+            Parsed::Partial => {
+                assert!(
+                    buf.len() <= wire::MAX_HEAD + 400,
+                    "head buffer grew unchecked"
+                );
+                let p = pieces.next().ok_or("ended inside the head")?;
+                buf.extend_from_slice(p);
+            }
+        }
+    };
+    let mut body = Vec::new();
+    let mut trailer = None;
+    match head.framing {
+        Framing::Empty => {}
+        Framing::Length(n) => {
+            while (buf.len() as u64) < n {
+                buf.extend_from_slice(pieces.next().ok_or("ended inside the body")?);
+            }
+            body.extend_from_slice(&buf.split_to(n as usize));
+        }
+        Framing::Chunked => {
+            let mut dec = Chunked::default();
+            loop {
+                match dec.decode(&mut buf).map_err(|e| e.to_string())? {
+                    Decoded::Data(d) => body.extend_from_slice(&d),
+                    Decoded::Trailers(t) => {
+                        trailer = t.get("x-sum").map(|v| v.to_str().unwrap().to_string());
+                        break;
+                    }
+                    Decoded::End => break,
+                    Decoded::NeedMore => {
+                        buf.extend_from_slice(pieces.next().ok_or("ended inside the chunks")?)
+                    }
+                }
+            }
+            assert!(dec.is_done());
+        }
+        Framing::Close => {
+            body.extend_from_slice(&buf.split());
+            for p in pieces.by_ref() {
+                body.extend_from_slice(p);
+            }
+        }
+    }
+    Ok(ReadBack {
+        status: head.status.as_u16(),
+        headers: head.headers,
+        body,
+        trailer,
+        reusable: head.keep_alive && !matches!(head.framing, Framing::Close),
+    })
 }
