@@ -9,7 +9,7 @@
 //! | layer | modules | what |
 //! |---|---|---|
 //! | 0 | `error` `metrics` `hash` `addr` | request errors (and what a failed send or batch maps to), every metric family, stable hashing and randomness, backend addresses |
-//! | 1 | `server` `upstream` `batch` `executor` `access` `grpc` | listeners (HTTP/1.1 + h2c, TLS with ALPN, limits, smuggling guard, drain); pooled clients, retry policy and budget, failure accrual; coalescing (codec, pure queue, batcher task behind the `Execute` trait); the candle model server; the access log's writer; gRPC's wire format (framing, statuses, `grpc-timeout`, one protobuf field read or rewritten, the generated messages and their REST form) |
+//! | 1 | `server` `upstream` `batch` `executor` `access` `grpc` | listeners (HTTP/1.1 + h2c, TLS with ALPN, limits, smuggling guard, drain); pooled clients (braid's own for HTTP/1.1), retry policy and budget, failure accrual; coalescing (codec, pure queue, batcher task behind the `Execute` trait); the candle model server; the access log's writer; gRPC's wire format (framing, statuses, `grpc-timeout`, one protobuf field read or rewritten, the generated messages and their REST form) |
 //! | 2 | `route` | routes as compiled data, matching, assignment (override, sticky, weighted); `route::live`: the handles bound to a table (budgets, health, limits, batchers), kept across reloads by name |
 //! | 3 | `config` | YAML -> `Document` (schema) -> `Snapshot` (validate, pure data) -> `Active` (snapshot + live state, bound in the store, the one place that binds) -> `ArcSwap`; the file and ConfigMap sources |
 //! | 4 | `proxy` `admin` `probe` `inject` | the request path (forwarding, batched submission, shadow); the admin port; the executor readiness probe; sidecar injection for `inject` and `webhook` |
@@ -22,7 +22,8 @@
 //!     active = store.load()              one Arc<Active> for the whole request
 //!     route match                        /v2/models/{m}, /v1/models/{m}, path prefix;
 //!                                        gRPC model calls: field 1 of the message
-//!     live = active.live[route]          budgets, health, batchers: by index, no lock
+//!     live = active.live[route]          budgets, health, batchers, metric handles,
+//!                                        HTTP/1.1 pools: by index, no lock
 //!     assign variant                     override > sticky (rendezvous) > weighted random;
 //!                                        an ejected variant -> fallback or the others
 //!     read body (<= limit, else 413)     and the deadline (timeout, x-braid-timeout,
@@ -30,7 +31,8 @@
 //!     shadow copy?                       fire and forget, compared off the request path
 //!     batch? (variant has a batcher)     queue -> merge -> Execute -> split per request
 //!     forward                            Retry(policy, budget) -> per-try timeout ->
-//!                                        Upstreams::send (the one way out)
+//!                                        Upstreams::send (the one way out); http://
+//!                                        backends: braid's own client (upstream::h1)
 //!     fallback?                          failed and safe to repeat -> the fallback, once
 //!     response + x-braid-variant         metrics recorded once, at the edge
 //! ```
