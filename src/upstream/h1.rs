@@ -177,11 +177,11 @@ impl Backend {
             }
             .await;
             // A backend may answer early and close without reading the whole body:
-            // its answer is still read.
-            if let Err(e) = written {
+            // its answer is still read, and the connection not used again.
+            if let Err(e) = &written {
                 tracing::debug!(authority = %self.authority, "writing the request: {e}");
             }
-            return self.read_head(conn, method).await;
+            return self.read_head(conn, method, written.is_ok()).await;
         }
     }
 
@@ -189,6 +189,7 @@ impl Backend {
         self: &Arc<Self>,
         mut conn: Conn,
         method: &Method,
+        whole_request_written: bool,
     ) -> Result<Response<Reply>, SendError> {
         let head = loop {
             match wire::parse_head(&mut conn.buf, method) {
@@ -218,7 +219,7 @@ impl Backend {
         let mut reply = Reply(Inner::Inline(Inline {
             conn: Some(conn),
             state,
-            reusable: head.keep_alive,
+            reusable: head.keep_alive && whole_request_written,
             backend: self.clone(),
         }));
         if let Inner::Inline(i) = &mut reply.0
