@@ -95,15 +95,6 @@ impl Backend {
         }
     }
 
-    pub fn authority(&self) -> &Authority {
-        &self.authority
-    }
-
-    /// Idle connections held now (for tests).
-    pub fn idle(&self) -> usize {
-        self.lock().len()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
