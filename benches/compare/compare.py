@@ -423,8 +423,8 @@ LAYOUTS = {
 }
 
 
-def measure(t, url, proc, ups, work, args, cpus, rate):
-    """One measurement of target `t`: closed loop (rate None) or open loop at `rate`,
+def measure(url, proc, ups, work, args, cpus, rate):
+    """One measurement of a target: closed loop (rate None) or open loop at `rate`,
     with the proxy's user and system CPU per request and its upstream accepts."""
     cpu0 = proc.cpu_seconds() if proc else (0, 0, 0)
     counts = Upstreams(ups)
@@ -475,9 +475,9 @@ def run_proxies(args, work, layout):
         for r in range(args.rounds):
             for t in targets:
                 proc = running.get(t)
-                s = {"closed": measure(t, url[t], proc, [a, b], work, args, cpus, None)}
+                s = {"closed": measure(url[t], proc, [a, b], work, args, cpus, None)}
                 for rate in args.rates:
-                    s[rate] = measure(t, url[t], proc, [a, b], work, args, cpus, rate)
+                    s[rate] = measure(url[t], proc, [a, b], work, args, cpus, rate)
                 s["rss"] = proc.rss_mib() if proc else None
                 samples[t].append(s)
                 line = f"{layout} round {r + 1}/{args.rounds} {t}: {s['closed']['rps']:.0f} req/s"
@@ -777,9 +777,8 @@ def write_report(args, res, batching, command, host=None, callgrind=None):
                  "| failed |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for m in ["closed"] + args.rates:
-            key = m if m == "closed" else str(m)
             for t in names:
-                o = r_[t][m] if m in r_[t] else r_[t][key]
+                o = r_[t][m]
                 load = "closed" if m == "closed" else f"{m} rps"
                 cpu = (f"{fmt(o['cpu_us'])} ({fmt(o['user_us'])} + {fmt(o['sys_us'])})"
                        if o.get("cpu_us") else "-")

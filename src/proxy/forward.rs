@@ -59,20 +59,18 @@ impl Proxy {
         let left = prepared.deadline.map(|d| d.saturating_duration_since(now));
         // Cheaper still over HTTP/1.1: the client's headers are written as they came,
         // with no request built, when there is nothing hop-by-hop to take out.
-        let direct = match &live.backend {
-            Some(b)
+        let outgoing = match &live.backend {
+            // Cheaper still over HTTP/1.1: the client's headers are written as they
+            // came, with no request built, when there is nothing hop-by-hop to take out.
+            Some(backend)
                 if plain
                     && protocol == Protocol::Http1
                     && renamed.is_none()
                     && !has_hop_by_hop(&parts.headers) =>
             {
-                Some(b)
+                Outgoing::Direct(backend)
             }
-            _ => None,
-        };
-        let out = match direct {
-            Some(_) => None,
-            None => {
+            _ => {
                 let body = Full::new(body.clone());
                 let mut out =
                     match upstream_request(parts, body, variant, protocol, path.clone(), conn) {
@@ -89,43 +87,29 @@ impl Proxy {
                 if let Some(left) = left {
                     retry::set_deadline_header(&mut out, left);
                 }
-                Some(out)
+                Outgoing::Built(out)
             }
         };
         let sent = async {
-            let out = match (out, direct) {
-                (Some(out), _) => out,
-                (None, Some(backend)) => {
+            let out = match outgoing {
+                Outgoing::Built(out) => out,
+                Outgoing::Direct(backend) => {
                     let xff = forwarded_for(&parts.headers, conn);
                     let timeout = left.map(retry::deadline_value);
-                    let (x, t) = (&X_FORWARDED_FOR, &retry::DEADLINE_HEADER);
-                    let (both, one);
-                    let replaced: &[(&HeaderName, &HeaderValue)] = match (&xff, &timeout) {
-                        (Some(xff), Some(timeout)) => {
-                            both = [(x, xff), (t, timeout)];
-                            &both
-                        }
-                        (Some(v), None) => {
-                            one = [(x, v)];
-                            &one
-                        }
-                        (None, Some(v)) => {
-                            one = [(t, v)];
-                            &one
-                        }
-                        (None, None) => &[],
-                    };
+                    let replaced = [
+                        xff.as_ref().map(|v| (&X_FORWARDED_FOR, v)),
+                        timeout.as_ref().map(|v| (&retry::DEADLINE_HEADER, v)),
+                    ];
                     return backend
                         .send_head(
                             &parts.method,
                             path.as_str(),
                             &parts.headers,
-                            replaced,
+                            &replaced,
                             body.clone(),
                         )
                         .await;
                 }
-                (None, None) => unreachable!("a request is built unless it is sent directly"),
             };
             if plain {
                 return self
@@ -234,6 +218,15 @@ impl Proxy {
         strip_hop_by_hop(&mut head.headers);
         Ok(Response::from_parts(head, body.map_err(Into::into).boxed()))
     }
+}
+
+/// How a forwarded request leaves: written straight from the client's parts by the
+/// variant's HTTP/1.1 pool, or built as a request (retries, renames, other protocols).
+// Held for one call; boxing the built request would allocate on every forward.
+#[allow(clippy::large_enum_variant)]
+enum Outgoing<'a> {
+    Direct(&'a std::sync::Arc<crate::upstream::h1::Backend>),
+    Built(Request<Full<Bytes>>),
 }
 
 /// The path at the backend: the model name rewritten to the variant's target.

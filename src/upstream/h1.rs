@@ -95,10 +95,6 @@ impl Backend {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Sends `req` (absolute or origin-form URI; a whole body) on a pooled connection.
     /// The error says whether any of it may have reached the backend.
     pub async fn send(
@@ -130,7 +126,7 @@ impl Backend {
         method: &Method,
         path: &str,
         headers: &http::HeaderMap,
-        replaced: &[(&http::HeaderName, &HeaderValue)],
+        replaced: &[Option<(&http::HeaderName, &HeaderValue)>],
         body: Bytes,
     ) -> Result<Response<Reply>, SendError> {
         let coalesced = body.len() <= COALESCE_BODY;
@@ -184,8 +180,8 @@ impl Backend {
     ) -> Result<Response<Reply>, SendError> {
         let head = loop {
             match wire::parse_head(&mut conn.buf, method) {
-                Ok(Parsed::Head(_, head)) => break head,
-                Ok(Parsed::Interim(_)) => continue,
+                Ok(Parsed::Head(head)) => break head,
+                Ok(Parsed::Interim) => continue,
                 Ok(Parsed::Partial) => {}
                 Err(e) => return Err(self.failed(&e.to_string(), true)),
             }
@@ -207,18 +203,17 @@ impl Backend {
             Framing::Chunked => State::Chunked(Chunked::default()),
             Framing::Close => State::Close,
         };
-        let mut reply = Reply(Inner::Inline(Inline {
+        let mut body = Inline {
             conn: Some(conn),
             state,
             reusable: head.keep_alive && whole_request_written,
             backend: self.clone(),
-        }));
-        if let Inner::Inline(i) = &mut reply.0
-            && matches!(i.state, State::Ready(_))
-        {
-            i.finish();
+        };
+        if matches!(body.state, State::Ready(_)) {
+            // Nothing more to read: the connection goes back before the body is used.
+            body.finish();
         }
-        let mut resp = Response::new(reply);
+        let mut resp = Response::new(Reply(Inner::Inline(body)));
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
         *resp.headers_mut() = head.headers;
@@ -238,7 +233,7 @@ impl Backend {
     fn checkout(&self) -> Option<Conn> {
         let waker = futures_util::task::noop_waker_ref();
         let mut cx = Context::from_waker(waker);
-        let mut idle = self.lock();
+        let mut idle = super::lock(&self.idle);
         while let Some(i) = idle.pop_back() {
             // Readable while idle: closed by the backend, or bytes nobody asked for.
             let stale = i.since.elapsed() >= IDLE_TIMEOUT
@@ -253,7 +248,7 @@ impl Backend {
 
     fn checkin(&self, conn: Conn) {
         let now = Instant::now();
-        let mut idle = self.lock();
+        let mut idle = super::lock(&self.idle);
         while idle
             .front()
             .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
@@ -309,14 +304,13 @@ struct Inline {
 }
 
 enum State {
-    /// The whole body is here (or there is none); `None` once taken.
+    /// The rest of the body is here: all of it, or `None` once taken or over.
     Ready(Option<Bytes>),
     /// Bytes still to read.
     Length(u64),
     Chunked(Chunked),
     /// Until the backend closes.
     Close,
-    Done,
 }
 
 impl Reply {
@@ -339,29 +333,22 @@ impl Inline {
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         loop {
+            if let State::Ready(b) = &mut self.state {
+                let b = b.take();
+                self.finish();
+                return Poll::Ready(b.map(|b| Ok(Frame::data(b))));
+            }
             let Some(conn) = self.conn.as_mut() else {
-                // Done, or a body that came whole with its head.
-                return Poll::Ready(match &mut self.state {
-                    State::Ready(b) => b.take().map(|b| Ok(Frame::data(b))),
-                    _ => None,
-                });
+                // Ended by an error, already reported.
+                return Poll::Ready(None);
             };
             match &mut self.state {
-                State::Ready(b) => {
-                    let b = b.take();
-                    self.finish();
-                    return Poll::Ready(b.map(|b| Ok(Frame::data(b))));
-                }
-                State::Done => {
-                    self.finish();
-                    return Poll::Ready(None);
-                }
                 State::Length(left) if !conn.buf.is_empty() => {
                     let take = (*left).min(conn.buf.len() as u64) as usize;
                     let data = conn.buf.split_to(take).freeze();
                     *left -= take as u64;
                     if *left == 0 {
-                        self.state = State::Done;
+                        self.state = State::Ready(None);
                         self.finish();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -369,12 +356,12 @@ impl Inline {
                 State::Chunked(dec) => match dec.decode(&mut conn.buf) {
                     Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
                     Ok(Decoded::Trailers(t)) => {
-                        self.state = State::Done;
+                        self.state = State::Ready(None);
                         self.finish();
                         return Poll::Ready(Some(Ok(Frame::trailers(t))));
                     }
                     Ok(Decoded::End) => {
-                        self.state = State::Done;
+                        self.state = State::Ready(None);
                         self.finish();
                         return Poll::Ready(None);
                     }
@@ -388,7 +375,7 @@ impl Inline {
                     let data = conn.buf.split().freeze();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                State::Length(_) | State::Close => {}
+                State::Ready(_) | State::Length(_) | State::Close => {}
             }
             // More bytes are needed.
             conn.buf.reserve(READ_CHUNK);
@@ -399,7 +386,7 @@ impl Inline {
             ));
             match read {
                 Ok(0) if matches!(self.state, State::Close) => {
-                    self.state = State::Done;
+                    self.state = State::Ready(None);
                     self.conn = None;
                     return Poll::Ready(None);
                 }
@@ -420,7 +407,6 @@ impl Inline {
         match &self.state {
             State::Ready(b) => b.is_none(),
             State::Length(n) => *n == 0,
-            State::Done => true,
             State::Chunked(_) | State::Close => false,
         }
     }
@@ -453,7 +439,6 @@ impl Body for Reply {
             Inner::Inline(i) => match &i.state {
                 State::Ready(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
                 State::Length(n) => SizeHint::with_exact(*n),
-                State::Done => SizeHint::with_exact(0),
                 State::Chunked(_) | State::Close => SizeHint::default(),
             },
         }

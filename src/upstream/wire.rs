@@ -55,10 +55,10 @@ pub struct Head {
 pub enum Parsed {
     /// More bytes are needed.
     Partial,
-    /// A 1xx interim response of this many bytes, taken off and to be skipped.
-    Interim(usize),
-    /// The final head (taken off the buffer), and how many bytes it took.
-    Head(usize, Head),
+    /// A 1xx interim response, taken off the buffer, to be skipped.
+    Interim,
+    /// The final head, taken off the buffer.
+    Head(Head),
 }
 
 /// Parses the response head at the front of `buf` and takes it off (an interim 1xx
@@ -94,7 +94,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireErr
     }
     if status.is_informational() {
         buf.advance(used);
-        return Ok(Parsed::Interim(used));
+        return Ok(Parsed::Interim);
     }
     let version = match resp.version {
         Some(0) => Version::HTTP_10,
@@ -130,7 +130,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireErr
         framing,
         keep_alive,
     };
-    Ok(Parsed::Head(used, head))
+    Ok(Parsed::Head(head))
 }
 
 /// What the framing headers said, noted as the head is read (no lookups after).
@@ -197,15 +197,16 @@ impl Seen {
 }
 
 /// A request head in HTTP/1.1: the request line in origin form, `host` (the
-/// backend's, whatever the headers say), every header except those `replaced`
-/// names (written with their new values instead), and a Content-Length of the body's
+/// backend's, whatever the headers say), every header except those `replaced` names
+/// (written with their new values instead; `None` entries are ignored), and a
+/// Content-Length of the body's
 /// own size (any length or transfer coding in `headers` is ignored).
 pub fn encode_request(
     method: &Method,
     path: &str,
     host: &HeaderValue,
     headers: &HeaderMap,
-    replaced: &[(&HeaderName, &HeaderValue)],
+    replaced: &[Option<(&HeaderName, &HeaderValue)>],
     body_len: usize,
     out: &mut Vec<u8>,
 ) {
@@ -224,13 +225,13 @@ pub fn encode_request(
         if name == header::HOST
             || name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
-            || replaced.iter().any(|(n, _)| *n == name)
+            || replaced.iter().flatten().any(|(n, _)| *n == name)
         {
             continue;
         }
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    for (name, value) in replaced {
+    for (name, value) in replaced.iter().flatten() {
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let bodiless = matches!(

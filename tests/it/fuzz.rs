@@ -471,8 +471,8 @@ fn read_response(wire: &[u8], cuts: &[usize]) -> Result<ReadBack, String> {
     let mut buf = bytes::BytesMut::new();
     let head = loop {
         match wire::parse_head(&mut buf, &http::Method::POST).map_err(|e| e.to_string())? {
-            Parsed::Head(_, head) => break head,
-            Parsed::Interim(_) => continue,
+            Parsed::Head(head) => break head,
+            Parsed::Interim => continue,
             Parsed::Partial => {
                 assert!(
                     buf.len() <= wire::MAX_HEAD + 400,
