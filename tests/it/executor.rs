@@ -296,7 +296,12 @@ async fn a_full_queue_answers_503_with_retry_after_and_everything_else_succeeds(
             s => panic!("unexpected {s}: {}", r.text()),
         }
     }
-    assert!(ok >= 2 && busy >= 1, "ok {ok}, busy {busy}");
+    // With a queue of one, how many get in depends on whether the first request left
+    // the queue before the rest arrived (not, on a loaded machine): at least one does.
+    assert!(
+        ok >= 1 && busy >= 1 && ok + busy == 24,
+        "ok {ok}, busy {busy}"
+    );
     let m = get(&client(), &ex.url("/metrics"), &[]).await.text();
     assert!(
         m.contains(r#"braid_executor_requests_total{model="tiny",code="503"}"#),
