@@ -44,7 +44,8 @@ fn route_and_assign(c: &mut Criterion) {
             b.iter(|| {
                 let m = snap.routes.find(black_box(path)).expect("route");
                 let (vi, _) =
-                    braid::route::assign::assign(m.route, black_box(headers)).expect("variant");
+                    braid::route::assign::assign(m.route, &m.route.chooser, black_box(headers))
+                        .expect("variant");
                 black_box(&m.route.variants[vi]);
             })
         });

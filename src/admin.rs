@@ -1,5 +1,6 @@
-//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/config`. It runs on its own
-//! listener so that probes and scrapes keep answering while the data port is busy.
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/config`, `/experiments` (and
+//! `POST /experiments/{route}/reset`). It runs on its own listener so that probes and
+//! scrapes keep answering while the data port is busy.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,13 +29,27 @@ pub struct Admin {
 
 impl Handler for Admin {
     async fn call(&self, req: Request<Incoming>, _conn: &ConnInfo) -> Response<Body> {
+        let path = req.uri().path();
+        if let Some(route) = path
+            .strip_prefix("/experiments/")
+            .and_then(|p| p.strip_suffix("/reset"))
+        {
+            if req.method() != Method::POST {
+                return json_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "reset an experiment with POST",
+                );
+            }
+            return self.reset(route);
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return json_error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "admin endpoints accept GET only",
+                "admin endpoints accept GET only (and POST /experiments/{route}/reset)",
             );
         }
-        match req.uri().path() {
+        match path {
+            "/experiments" => self.experiments(),
             "/metrics" => self.metrics(&req),
             "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"}).to_string()),
             "/readyz" => self.readyz(),
@@ -55,6 +70,53 @@ impl Admin {
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         resp
+    }
+
+    /// Every route with two variants or more: its weights, counts, latencies, split
+    /// health, ramps and guardrails.
+    fn experiments(&self) -> Response<Body> {
+        let active = self.store.load();
+        let routes: Vec<serde_json::Value> = active
+            .iter()
+            .flat_map(|a| {
+                a.snapshot
+                    .routes
+                    .routes
+                    .iter()
+                    .zip(&a.live)
+                    .filter_map(|(route, live)| Some(live.experiment.as_ref()?.report(route)))
+            })
+            .collect();
+        json_response(
+            StatusCode::OK,
+            serde_json::to_string_pretty(&json!({ "routes": routes })).unwrap_or_default(),
+        )
+    }
+
+    /// Releases a route's tripped guardrails and starts its experiment afresh.
+    fn reset(&self, route: &str) -> Response<Body> {
+        let active = self.store.load();
+        let found = active.as_ref().and_then(|a| {
+            a.live
+                .iter()
+                .filter_map(|l| l.experiment.as_ref())
+                .find(|e| &**e.route() == route)
+        });
+        match found {
+            Some(e) => {
+                e.reset();
+                json_response(
+                    StatusCode::OK,
+                    json!({"route": route, "reset": true}).to_string(),
+                )
+            }
+            None => json_error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "no experiment on route {route:?} (routes with two variants or more have one)"
+                ),
+            ),
+        }
     }
 
     fn readyz(&self) -> Response<Body> {

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | 0 | `error` `metrics` `hash` `addr` | request errors (and what a failed send or batch maps to), every metric family, stable hashing and randomness, backend addresses |
 //! | 1 | `server` `upstream` `batch` `executor` `access` `grpc` | listeners (HTTP/1.1 + h2c, TLS with ALPN, limits, smuggling guard, drain); pooled clients (braid's own for HTTP/1.1), retry policy and budget, failure accrual; coalescing (codec, pure queue, batcher task behind the `Execute` trait); the candle model server; the access log's writer; gRPC's wire format (framing, statuses, `grpc-timeout`, one protobuf field read or rewritten, the generated messages and their REST form) |
-//! | 2 | `route` | routes as compiled data, matching, assignment (override, sticky, weighted); `route::live`: the handles bound to a table (budgets, health, limits, batchers), kept across reloads by name |
+//! | 2 | `route` | routes as compiled data, matching, assignment (override, sticky, weighted); `route::live`: the handles bound to a table (budgets, health, limits, batchers, experiments), kept across reloads by name; `route::experiment`: the weights in force (ramps on the wall clock, guardrail trips), split health and the report, over `route::evidence`'s pure statistics |
 //! | 3 | `config` | YAML -> `Document` (schema) -> `Snapshot` (validate, pure data) -> `Active` (snapshot + live state, bound in the store, the one place that binds) -> `ArcSwap`; the file and ConfigMap sources |
 //! | 4 | `proxy` `admin` `probe` `inject` | the request path (forwarding, batched submission, shadow); the admin port; the executor readiness probe; sidecar injection for `inject` and `webhook` |
 //! | 5 | `run` `demo` `cli` | wiring and the drain sequence; `braid demo`; commands and flags |
@@ -24,8 +24,10 @@
 //!                                        gRPC model calls: field 1 of the message
 //!     live = active.live[route]          budgets, health, batchers, metric handles,
 //!                                        HTTP/1.1 pools: by index, no lock
-//!     assign variant                     override > sticky (rendezvous) > weighted random;
-//!                                        an ejected variant -> fallback or the others
+//!     assign variant                     override > sticky (rendezvous) > weighted random,
+//!                                        with the experiment's weights in force (ramps,
+//!                                        tripped guardrails); an ejected variant ->
+//!                                        fallback or the others
 //!     read body (<= limit, else 413)     and the deadline (timeout, x-braid-timeout,
 //!                                        grpc-timeout); other gRPC calls: streamed
 //!     shadow copy?                       fire and forget, compared off the request path
@@ -34,7 +36,9 @@
 //!                                        Upstreams::send (the one way out); http://
 //!                                        backends: braid's own client (upstream::h1)
 //!     fallback?                          failed and safe to repeat -> the fallback, once
-//!     response + x-braid-variant         metrics recorded once, at the edge
+//!     response + x-braid-variant         metrics recorded once, at the edge; the
+//!                                        experiment observes the outcome (split check,
+//!                                        guardrail evidence under the assigned share)
 //! ```
 #![forbid(unsafe_code)]
 

@@ -136,6 +136,30 @@ pub struct Metrics {
     fallbacks: Family<VariantLabels, Counter>,
     shadow: Family<OutcomeLabels, Counter>,
     divergence: HistogramFamily<VariantLabels>,
+    weight: Family<VariantLabels, FloatGauge>,
+    tripped: Family<VariantLabels, Gauge>,
+    evidence: Family<VariantLabels, FloatGauge>,
+    trips: Family<VariantLabels, Counter>,
+    split_mismatch: Family<RouteLabels, Gauge>,
+}
+
+/// A gauge holding an f64 (weights, log10 evidence).
+pub type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: Arc<str>,
+}
+
+/// One experiment's handles (a route with two variants or more), per variant where
+/// the series is per variant; resolved when the experiment starts.
+#[derive(Debug)]
+pub struct ExperimentMetrics {
+    pub weight: Vec<FloatGauge>,
+    pub tripped: Vec<Gauge>,
+    pub evidence: Vec<FloatGauge>,
+    pub trips: Vec<Counter>,
+    pub split_mismatch: Gauge,
 }
 
 /// Requests counted by code and timed, for one variant. The series appear on first
@@ -412,7 +436,42 @@ impl Metrics {
             "Largest absolute difference between primary and shadow output tensors (OIP), per pair",
             Family::new_with_constructor(divergence_histogram),
         );
+        let weight = register(
+            &mut registry,
+            "braid_variant_weight",
+            "The weight a variant gets now: its configured weight, its ramp's step, or 0 once its guardrail rolled it back",
+            Family::<VariantLabels, FloatGauge>::default(),
+        );
+        let tripped = register(
+            &mut registry,
+            "braid_guardrail_tripped",
+            "1 while a candidate's guardrail has tripped on this replica (latched until its route's config changes or a reset)",
+            Family::<VariantLabels, Gauge>::default(),
+        );
+        let evidence = register(
+            &mut registry,
+            "braid_guardrail_evidence",
+            "log10 of the guardrail's e-value that a candidate is worse than the control (trips at log10(1/alpha))",
+            Family::<VariantLabels, FloatGauge>::default(),
+        );
+        let trips = register(
+            &mut registry,
+            "braid_guardrail_trips",
+            "Times a candidate's guardrail tripped on this replica",
+            Family::<VariantLabels, Counter>::default(),
+        );
+        let split_mismatch = register(
+            &mut registry,
+            "braid_split_mismatch",
+            "1 once a route's observed assignments differ from its configured shares (sample ratio mismatch, e-value >= 1000)",
+            Family::<RouteLabels, Gauge>::default(),
+        );
         Metrics {
+            weight,
+            tripped,
+            evidence,
+            trips,
+            split_mismatch,
             registry,
             retries,
             ejections,
@@ -523,6 +582,41 @@ impl Metrics {
             duration: OnceLock::new(),
             ok: OnceLock::new(),
         }
+    }
+
+    /// An experiment's series, one per variant of `variants`, each set to its start.
+    pub fn experiment(&self, route: &Arc<str>, variants: &[Arc<str>]) -> ExperimentMetrics {
+        let labels = |v: &Arc<str>| VariantLabels {
+            route: route.clone(),
+            variant: v.clone(),
+        };
+        let m = ExperimentMetrics {
+            weight: variants
+                .iter()
+                .map(|v| self.weight.get_or_create_owned(&labels(v)))
+                .collect(),
+            tripped: variants
+                .iter()
+                .map(|v| self.tripped.get_or_create_owned(&labels(v)))
+                .collect(),
+            evidence: variants
+                .iter()
+                .map(|v| self.evidence.get_or_create_owned(&labels(v)))
+                .collect(),
+            trips: variants
+                .iter()
+                .map(|v| self.trips.get_or_create_owned(&labels(v)))
+                .collect(),
+            split_mismatch: self.split_mismatch.get_or_create_owned(&RouteLabels {
+                route: route.clone(),
+            }),
+        };
+        for (t, e) in m.tripped.iter().zip(&m.evidence) {
+            t.set(0);
+            e.set(0.0);
+        }
+        m.split_mismatch.set(0);
+        m
     }
 
     /// Records how a routed gRPC call ended (its `grpc-status`, by name).

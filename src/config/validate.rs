@@ -12,6 +12,7 @@ use super::node::Node;
 use super::schema::{BackendSpec, Document, RouteSpec};
 use crate::addr::{Protocol, Upstream};
 use crate::batch::queue::{BatchLimits, ClassLimits};
+use crate::route::experiment::{Action, Guardrail};
 use crate::route::{Chooser, Route, RouteTable, ShadowRoute, Variant};
 use crate::upstream::TlsPool;
 
@@ -232,6 +233,30 @@ pub fn compile(
                 "{at}.retry: batched requests are not retried (a batch isolates failures by bisection instead)"
             ));
         }
+        if let Some(g) = &spec.guardrail
+            && !partial
+        {
+            if !variant_names.contains_key(g.control.as_str()) {
+                err(
+                    format!("{at}.guardrail.control"),
+                    format!(
+                        "unknown variant {:?} (this route has: {})",
+                        g.control,
+                        names(spec)
+                    ),
+                );
+            } else if spec.variants.len() < 2 {
+                err(
+                    format!("{at}.guardrail"),
+                    "needs a candidate: the route has only its control".into(),
+                );
+            }
+            if g.action == Action::Hold && spec.variants.iter().all(|v| v.ramp.is_none()) {
+                warnings.push(format!(
+                    "{at}.guardrail.action: `hold` freezes ramps and no variant of this route has one; a trip only reports"
+                ));
+            }
+        }
         if spec.sticky_header.as_ref() == Some(&spec.override_header) {
             err(
                 format!("{at}.sticky_header"),
@@ -284,6 +309,7 @@ fn compile_route(
                 .or(spec.model.as_deref())
                 .map(Arc::from),
             tls: pools.get(&(spec.at, v.at)).cloned(),
+            ramp: v.ramp.clone(),
         })
         .collect();
     Route {
@@ -325,6 +351,22 @@ fn compile_route(
         }),
         max_inflight: spec.max_inflight.map(|n| n as usize),
         access_log: spec.access_log_fraction.unwrap_or(1.0),
+        guardrail: spec.guardrail.as_ref().and_then(|g| {
+            Some(Guardrail {
+                control: variants_index(spec, &g.control)?,
+                errors: g.errors,
+                slow: g.slow,
+                alpha: g.alpha,
+                min_bad_events: g.min_bad_events,
+                warmup: g.warmup,
+                action: g.action,
+            })
+        }),
+        fingerprint: {
+            let mut s = spec.clone();
+            s.at = 0;
+            super::digest(format!("{s:?}").as_bytes())
+        },
         row_id: spec
             .batching
             .as_ref()

@@ -29,8 +29,9 @@ use crate::config::schema::parse_duration;
 use crate::config::{Active, Store};
 use crate::error::{Body, BoxError, ProxyError};
 use crate::metrics::Metrics;
+use crate::route::experiment::{Outcome, Weights};
 use crate::route::live::RouteLive;
-use crate::route::{Match, Route, assign};
+use crate::route::{Chooser, Match, Route, assign};
 use crate::server::{self, ConnInfo, Handler};
 use crate::upstream::Upstreams;
 use crate::upstream::health::Admit;
@@ -139,6 +140,12 @@ struct Routed<'a> {
     wire: Wire,
     /// How the variant was chosen (before any fallback), for the access log.
     how: assign::Assignment,
+    /// The variant chosen, before an ejection or a failure sent the request elsewhere.
+    assigned: usize,
+    /// Sent elsewhere before the assigned variant was tried (it was ejected).
+    rerouted: bool,
+    /// The weights it was assigned under, on a route with an experiment.
+    weights: Option<Arc<Weights>>,
 }
 
 impl Proxy {
@@ -197,7 +204,10 @@ impl Proxy {
         };
         let route = m.route;
         let live = &active.live[m.index];
-        let (assigned, how) = match assign::assign(route, &parts.headers) {
+        // The weights in force (ramps, guardrails) for routes with an experiment.
+        let weights = live.experiment.as_ref().map(|e| e.weights());
+        let chooser = weights.as_deref().map_or(&route.chooser, |w| &w.chooser);
+        let (assigned, how) = match assign::assign(route, chooser, &parts.headers) {
             Ok(a) => a,
             Err(assign::UnknownVariant(wanted)) => {
                 let e = ProxyError::UnknownVariant {
@@ -223,9 +233,17 @@ impl Proxy {
         let (mut vi, mut fallback_from) = if how == assign::Assignment::Override {
             (assigned, None)
         } else {
-            self.avoid_ejected(route, live, assigned, &parts.headers)
+            self.avoid_ejected(route, chooser, live, assigned, &parts.headers)
         };
-        let r = Routed { m, live, wire, how };
+        let r = Routed {
+            m,
+            live,
+            wire,
+            how,
+            assigned,
+            rerouted: vi != assigned,
+            weights,
+        };
         if matches!(wire, Wire::GrpcStream | Wire::GrpcModelStream) {
             let result = match self.deadline(&parts, route, start) {
                 Ok((deadline, _)) => {
@@ -305,6 +323,18 @@ impl Proxy {
         r.live.variants[vi]
             .requests
             .record(status.as_u16(), elapsed);
+        if let (Some(exp), Some(weights)) = (&r.live.experiment, &r.weights) {
+            exp.observe(Outcome {
+                weights,
+                assigned: r.assigned,
+                randomized: r.how != assign::Assignment::Override,
+                rerouted: r.rerouted,
+                served: vi,
+                assigned_failed: fallback_from.is_some() && !r.rerouted,
+                status: status.as_u16(),
+                elapsed,
+            });
+        }
         if let Some(log) = &self.access_log
             && route.access_log > 0.0
             && (route.access_log >= 1.0 || crate::hash::next_f64() < route.access_log)
@@ -349,6 +379,7 @@ impl Proxy {
     fn avoid_ejected(
         &self,
         route: &Route,
+        chooser: &Chooser,
         live: &RouteLive,
         vi: usize,
         headers: &HeaderMap,
@@ -371,8 +402,8 @@ impl Proxy {
         }
         let keep = |i: usize| i != vi && !ejected(i);
         let other = match route.sticky_header.as_ref().and_then(|h| headers.get(h)) {
-            Some(key) => route.chooser.sticky_among(key.as_bytes(), keep),
-            None => route.chooser.random_among(keep),
+            Some(key) => chooser.sticky_among(key.as_bytes(), keep),
+            None => chooser.random_among(keep),
         };
         (other.unwrap_or(vi), None)
     }

@@ -116,8 +116,13 @@ impl Chooser {
     }
 }
 
-/// Picks the variant for a request.
-pub fn assign(route: &Route, headers: &HeaderMap) -> Result<(usize, Assignment), UnknownVariant> {
+/// Picks the variant for a request, with the weights in force (`chooser`: the route's
+/// own, or its experiment's when ramps or a guardrail move them).
+pub fn assign(
+    route: &Route,
+    chooser: &Chooser,
+    headers: &HeaderMap,
+) -> Result<(usize, Assignment), UnknownVariant> {
     if let Some(v) = headers.get(&route.override_header) {
         let wanted = v.as_bytes();
         return route
@@ -131,9 +136,9 @@ pub fn assign(route: &Route, headers: &HeaderMap) -> Result<(usize, Assignment),
         return Ok((0, Assignment::Random));
     }
     if let Some(key) = route.sticky_header.as_ref().and_then(|h| headers.get(h)) {
-        return Ok((route.chooser.sticky(key.as_bytes()), Assignment::Sticky));
+        return Ok((chooser.sticky(key.as_bytes()), Assignment::Sticky));
     }
-    Ok((route.chooser.random(), Assignment::Random))
+    Ok((chooser.random(), Assignment::Random))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tower::retry::budget::TpsBudget;
 
 use super::RouteTable;
+use super::experiment::Experiment;
 use crate::addr::Protocol;
 use crate::batch::batcher::{Batcher, Execute};
 use crate::metrics::{Metrics, RequestMetrics, RetryMetrics};
@@ -34,6 +35,9 @@ pub struct RouteLive {
     pub shadow_limit: Option<Arc<Semaphore>>,
     /// Indexed like the route's variants.
     pub variants: Vec<VariantLive>,
+    /// Weights in force, guardrails, split health and the report; `None` on a route
+    /// with one variant.
+    pub experiment: Option<Arc<Experiment>>,
 }
 
 /// A variant's live handles.
@@ -90,6 +94,8 @@ struct State {
     /// Per route and purpose.
     limits: HashMap<(Arc<str>, &'static str), LimitEntry>,
     batchers: HashMap<VariantKey, Batcher>,
+    /// Per route, with the fingerprint of the settings it was started for.
+    experiments: HashMap<Arc<str>, (u64, Arc<Experiment>)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -155,10 +161,22 @@ impl Registry {
                     .shadow
                     .map(|sh| st.limit(&route.name, "shadow", sh.max_inflight)),
                 variants,
+                experiment: (route.variants.len() > 1).then(|| {
+                    match st.experiments.get(&route.name) {
+                        Some((f, e)) if *f == route.fingerprint => e.clone(),
+                        _ => {
+                            let e = Arc::new(Experiment::new(route, &self.metrics));
+                            st.experiments
+                                .insert(route.name.clone(), (route.fingerprint, e.clone()));
+                            e
+                        }
+                    }
+                }),
             });
         }
         st.budgets.retain(|r, _| routes_seen.contains(r));
         st.limits.retain(|(r, _), _| routes_seen.contains(r));
+        st.experiments.retain(|r, _| routes_seen.contains(r));
         st.health.retain(|k, _| variants_seen.contains(k));
         st.retry_metrics.retain(|k, _| variants_seen.contains(k));
         st.request_metrics.retain(|k, _| variants_seen.contains(k));

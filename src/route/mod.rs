@@ -5,7 +5,10 @@
 //! (budgets, health, batchers) are in `live`, bound beside the table by the store.
 
 pub mod assign;
+pub mod evidence;
+pub mod experiment;
 pub mod live;
+pub mod ramp;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -49,6 +52,11 @@ pub struct Route {
     pub max_inflight: Option<usize>,
     /// Share of requests written to the access log, when braid runs with one.
     pub access_log: f64,
+    /// Watches every other variant against a control.
+    pub guardrail: Option<experiment::Guardrail>,
+    /// Digest of the route's settings: an experiment (its trips, evidence and counts)
+    /// starts afresh when they change.
+    pub fingerprint: u64,
 }
 
 /// A route's shadow traffic: a copy of `fraction` of requests goes to `variant`.
@@ -72,6 +80,8 @@ pub struct Variant {
     pub target_model: Option<Arc<str>>,
     /// The connection pool of an `https://` backend (shared by content, across reloads).
     pub tls: Option<crate::upstream::TlsPool>,
+    /// The weight's schedule on the wall clock; `weight` applies before it starts.
+    pub ramp: Option<ramp::Ramp>,
 }
 
 impl Route {

@@ -14,6 +14,7 @@ mod demo;
 mod docs;
 
 mod executor;
+mod experiments;
 mod fuzz;
 mod grpc;
 mod inject;

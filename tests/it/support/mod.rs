@@ -83,6 +83,10 @@ pub struct Fault {
     pub reset: bool,
     /// Add OIP `outputs` with one FP32 tensor `e` holding these numbers.
     pub outputs: Option<Vec<f64>>,
+    /// Answer 500 to every Nth request from now on (5: 20% fail); 0: never.
+    pub fail_every: usize,
+    /// Requests seen since `fail_every` was last read (its counter).
+    pub seen: usize,
 }
 
 impl Backend {
@@ -119,7 +123,13 @@ impl Backend {
                 h.fetch_add(1, Ordering::SeqCst);
                 let fault = {
                     let mut f = f.lock().unwrap();
-                    let now = f.clone();
+                    if f.fail_every > 0 {
+                        f.seen += 1;
+                    }
+                    let mut now = f.clone();
+                    if f.fail_every > 0 && f.seen % f.fail_every == 0 {
+                        now.status = 500;
+                    }
                     if f.times > 0 {
                         f.times -= 1;
                         if f.times == 0 {

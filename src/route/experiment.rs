@@ -1,0 +1,559 @@
+//! An experiment: the live side of a route with two variants or more. It owns the
+//! weights in force (configured, moved by ramps on the wall clock, zeroed or frozen by
+//! a tripped guardrail), watches every candidate against the control with the
+//! guardrail's e-process, checks that assignments follow the weights (split health),
+//! and keeps what `/experiments` reports. The statistics are in `evidence`.
+//!
+//! A request reads the weights once (`weights`), is assigned with them, and reports
+//! how it went (`observe`) with the same weights, so the share used for its evidence
+//! is the one it was assigned under.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::evidence::{Evidence, Latencies, SplitTest, rate_difference};
+use super::ramp::{Position, Ramp};
+use super::{Chooser, Route};
+use crate::metrics::{ExperimentMetrics, Metrics};
+
+/// `routes[].guardrail`, compiled: indices instead of names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Guardrail {
+    /// The variant trusted to take traffic back.
+    pub control: usize,
+    /// 5xx answers, transport errors and timeouts count as bad.
+    pub errors: bool,
+    /// A request slower than this counts as bad.
+    pub slow: Option<Duration>,
+    /// False-trip probability per replica and candidate.
+    pub alpha: f64,
+    /// A candidate needs this many bad events before it can trip.
+    pub min_bad_events: u64,
+    /// Requests are not watched for this long after the experiment starts.
+    pub warmup: Duration,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// The candidate's weight becomes 0 on this replica.
+    Rollback,
+    /// The candidate's ramp stays at the weight it had when it tripped.
+    Hold,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Rollback => "rollback",
+            Action::Hold => "hold",
+        }
+    }
+}
+
+/// The weights in force for a route at one moment.
+#[derive(Debug)]
+pub struct Weights {
+    pub chooser: Chooser,
+    pub weights: Vec<f64>,
+    /// Each variant's share of assignments (`weights` over their sum).
+    pub shares: Vec<f64>,
+    /// Each ramped variant's position on its schedule.
+    pub positions: Vec<Option<Position>>,
+    /// When a ramp next changes a weight.
+    next_change: Option<SystemTime>,
+}
+
+/// How one request went, for the experiment's counts and evidence.
+#[derive(Debug)]
+pub struct Outcome<'a> {
+    /// The weights it was assigned under.
+    pub weights: &'a Weights,
+    /// The variant the weights (or the override header) chose.
+    pub assigned: usize,
+    /// Chosen by the weights (sticky or random), not pinned by the override header.
+    pub randomized: bool,
+    /// Sent elsewhere before the assigned variant was tried (it was ejected).
+    pub rerouted: bool,
+    /// The variant whose answer the client got.
+    pub served: usize,
+    /// The assigned variant failed and the fallback answered instead.
+    pub assigned_failed: bool,
+    pub status: u16,
+    pub elapsed: Duration,
+}
+
+struct Trip {
+    at: SystemTime,
+    /// The weight `hold` keeps.
+    weight: f64,
+    evidence: f64,
+}
+
+#[derive(Default)]
+struct Served {
+    requests: u64,
+    errors: u64,
+    latency: Latencies,
+}
+
+struct State {
+    /// When watching began (start, reload, reset), for the warmup.
+    started: Instant,
+    trips: Vec<Option<Trip>>,
+    /// Per variant: evidence against it (candidates only).
+    evidence: Vec<Evidence>,
+    /// Per variant: watched requests and bad events among them, after the warmup.
+    watched: Vec<(u64, u64)>,
+    served: Vec<Served>,
+    split: SplitTest,
+}
+
+impl State {
+    fn new(variants: usize) -> State {
+        State {
+            started: Instant::now(),
+            trips: (0..variants).map(|_| None).collect(),
+            evidence: vec![Evidence::default(); variants],
+            watched: vec![(0, 0); variants],
+            served: (0..variants).map(|_| Served::default()).collect(),
+            split: SplitTest::new(variants),
+        }
+    }
+}
+
+pub struct Experiment {
+    route: Arc<str>,
+    names: Vec<Arc<str>>,
+    /// Per variant: configured weight and ramp.
+    base: Vec<(f64, Option<Ramp>)>,
+    guardrail: Option<Guardrail>,
+    current: ArcSwap<Weights>,
+    state: Mutex<State>,
+    metrics: ExperimentMetrics,
+}
+
+impl std::fmt::Debug for Experiment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Experiment")
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Experiment {
+    pub fn new(route: &Route, metrics: &Metrics) -> Experiment {
+        let names: Vec<Arc<str>> = route.variants.iter().map(|v| v.name.clone()).collect();
+        let base = route
+            .variants
+            .iter()
+            .map(|v| (v.weight, v.ramp.clone()))
+            .collect();
+        let state = State::new(names.len());
+        let mut e = Experiment {
+            metrics: metrics.experiment(&route.name, &names),
+            route: route.name.clone(),
+            guardrail: route.guardrail.clone(),
+            current: ArcSwap::from_pointee(Weights {
+                chooser: route.chooser.clone(),
+                weights: Vec::new(),
+                shares: Vec::new(),
+                positions: Vec::new(),
+                next_change: None,
+            }),
+            names,
+            base,
+            state: Mutex::new(state),
+        };
+        let w = e.compute(&lock(&e.state), SystemTime::now());
+        e.current = ArcSwap::from_pointee(w);
+        e
+    }
+
+    /// The weights in force now (recomputed when a ramp has reached its next step).
+    pub fn weights(&self) -> Arc<Weights> {
+        let w = self.current.load_full();
+        match w.next_change {
+            Some(at) if SystemTime::now() >= at => self.refresh(&lock(&self.state)),
+            _ => w,
+        }
+    }
+
+    fn refresh(&self, st: &State) -> Arc<Weights> {
+        let w = Arc::new(self.compute(st, SystemTime::now()));
+        self.current.store(w.clone());
+        w
+    }
+
+    fn compute(&self, st: &State, now: SystemTime) -> Weights {
+        let mut next_change: Option<SystemTime> = None;
+        let mut positions = Vec::with_capacity(self.base.len());
+        let mut weights: Vec<f64> = self
+            .base
+            .iter()
+            .zip(&st.trips)
+            .map(|((w, ramp), trip)| {
+                let (w, pos) = match ramp {
+                    Some(r) => {
+                        let (w, pos) = r.at(*w, now);
+                        if trip.is_none()
+                            && let Some(at) = r.next_change(now)
+                        {
+                            next_change = Some(next_change.map_or(at, |n| n.min(at)));
+                        }
+                        (w, Some(pos))
+                    }
+                    None => (*w, None),
+                };
+                positions.push(pos);
+                match (trip, &self.guardrail) {
+                    (Some(_), Some(g)) if g.action == Action::Rollback => 0.0,
+                    (Some(t), _) => t.weight,
+                    (None, _) => w,
+                }
+            })
+            .collect();
+        if weights.iter().all(|w| *w <= 0.0) {
+            // Every weight is zero (a ramp from zero, a control at zero and its only
+            // candidate rolled back): the control, or the first variant, takes it all.
+            let i = self.guardrail.as_ref().map_or(0, |g| g.control);
+            weights[i] = 1.0;
+        }
+        let total: f64 = weights.iter().sum();
+        for (g, w) in self.metrics.weight.iter().zip(&weights) {
+            g.set(*w);
+        }
+        Weights {
+            chooser: Chooser::new(self.names.iter().map(|n| &**n).zip(weights.iter().copied())),
+            shares: weights.iter().map(|w| w / total).collect(),
+            weights,
+            positions,
+            next_change,
+        }
+    }
+
+    /// Counts one request, feeds the split check and, for requests the weights chose,
+    /// the guardrail; trips it when the evidence is enough.
+    pub fn observe(&self, o: Outcome<'_>) {
+        let mut st = lock(&self.state);
+        let served = &mut st.served[o.served];
+        served.requests += 1;
+        served.errors += u64::from(o.status >= 500);
+        served.latency.record(o.elapsed);
+        if !o.randomized || o.weights.shares.len() != self.names.len() {
+            return;
+        }
+        let was = st.split.mismatch();
+        st.split.observe(o.assigned, &o.weights.shares);
+        if !was && st.split.mismatch() {
+            self.metrics.split_mismatch.set(1);
+            tracing::warn!(
+                route = %self.route,
+                "sample ratio mismatch: assignments differ from the configured weights; the experiment's comparisons are not trustworthy"
+            );
+        }
+        let Some(g) = &self.guardrail else { return };
+        if o.rerouted || st.started.elapsed() < g.warmup {
+            return;
+        }
+        let a = o.assigned;
+        let bad = (g.errors && (o.assigned_failed || o.status >= 500))
+            || g.slow.is_some_and(|s| o.elapsed > s);
+        st.watched[a].0 += 1;
+        st.watched[a].1 += u64::from(bad);
+        if !bad {
+            return;
+        }
+        let w = &o.weights.weights;
+        let pi = |c: usize| {
+            let pair = w[c] + w[g.control];
+            if pair > 0.0 { w[c] / pair } else { 0.0 }
+        };
+        if a == g.control {
+            for c in 0..self.names.len() {
+                if c != g.control && st.trips[c].is_none() {
+                    st.evidence[c].observe(false, pi(c));
+                    self.metrics.evidence[c].set(st.evidence[c].log10_e());
+                }
+            }
+            return;
+        }
+        if st.trips[a].is_some() {
+            return;
+        }
+        st.evidence[a].observe(true, pi(a));
+        let e = st.evidence[a].log10_e();
+        self.metrics.evidence[a].set(e);
+        if st.watched[a].1 >= g.min_bad_events && st.evidence[a].exceeds(g.alpha) {
+            st.trips[a] = Some(Trip {
+                at: SystemTime::now(),
+                weight: w[a],
+                evidence: e,
+            });
+            self.metrics.tripped[a].set(1);
+            self.metrics.trips[a].inc();
+            tracing::warn!(
+                route = %self.route,
+                variant = %self.names[a],
+                control = %self.names[g.control],
+                evidence = e,
+                action = g.action.name(),
+                "guardrail tripped: the candidate has more bad requests than the control"
+            );
+            self.refresh(&st);
+        }
+    }
+
+    /// Forgets every trip, count and piece of evidence, as a config change does.
+    pub fn reset(&self) {
+        let mut st = lock(&self.state);
+        *st = State::new(self.names.len());
+        for (t, e) in self.metrics.tripped.iter().zip(&self.metrics.evidence) {
+            t.set(0);
+            e.set(0.0);
+        }
+        self.metrics.split_mismatch.set(0);
+        self.refresh(&st);
+        tracing::info!(route = %self.route, "experiment reset");
+    }
+
+    pub fn route(&self) -> &Arc<str> {
+        &self.route
+    }
+
+    /// The `/experiments` entry for this route.
+    pub fn report(&self, route: &Route) -> Value {
+        let now = SystemTime::now();
+        let w = self.weights();
+        let st = lock(&self.state);
+        let g = self.guardrail.as_ref();
+        let warming = g.is_some_and(|g| st.started.elapsed() < g.warmup);
+        let control = g.map(|g| g.control);
+        let ms = |s: Option<f64>| s.map(|s| (s * 1e6).round() / 1e3);
+        let variants: Vec<Value> = (0..self.names.len())
+            .map(|i| {
+                let served = &st.served[i];
+                let (watched, bad) = st.watched[i];
+                let ramp = self.base[i].1.as_ref().map(|r| {
+                    let (step, state) = match w.positions[i] {
+                        Some(Position::Step(s)) => (Some(s + 1), "running"),
+                        Some(Position::Done) => (Some(r.steps.len()), "done"),
+                        Some(Position::Pending) | None => (None, "pending"),
+                    };
+                    json!({
+                        "state": if st.trips[i].is_some() && g.is_some_and(|g| g.action == Action::Hold) { "held" } else { state },
+                        "step": step,
+                        "steps": r.steps.len(),
+                        "next_change": r.next_change(now).map(rfc3339),
+                    })
+                });
+                let vs_control = control.filter(|&c| c != i).map(|c| {
+                    let (cw, cb) = st.watched[c];
+                    let d = rate_difference(bad, watched, cb, cw, 0.05);
+                    let p50 = |v: usize| st.served[v].latency.quantile(0.5);
+                    json!({
+                        "bad_rate_difference": {"estimate": d.estimate, "low": d.low, "high": d.high, "confidence": 0.95},
+                        "p50_ms_difference": match (p50(i), p50(c)) {
+                            (Some(a), Some(b)) => ms(Some(a - b)),
+                            _ => None,
+                        },
+                    })
+                });
+                let guardrail = g.map(|g| {
+                    if i == g.control {
+                        return json!({"state": "control"});
+                    }
+                    let state = match &st.trips[i] {
+                        Some(_) => "tripped",
+                        None if warming => "warmup",
+                        None => "watching",
+                    };
+                    json!({
+                        "state": state,
+                        "evidence_log10": st.evidence[i].log10_e(),
+                        "trips_at_log10": -g.alpha.log10(),
+                        "bad_events": bad,
+                        "tripped_at": st.trips[i].as_ref().map(|t| rfc3339(t.at)),
+                        "evidence_at_trip_log10": st.trips[i].as_ref().map(|t| t.evidence),
+                    })
+                });
+                let rate = |n: u64, of: u64| if of == 0 { None } else { Some(n as f64 / of as f64) };
+                json!({
+                    "name": &*self.names[i],
+                    "weight": w.weights.get(i),
+                    "share": w.shares.get(i),
+                    "configured_weight": route.variants.get(i).map(|v| v.weight),
+                    "ramp": ramp,
+                    "requests": served.requests,
+                    "errors": served.errors,
+                    "error_rate": rate(served.errors, served.requests),
+                    "latency_ms": {
+                        "p50": ms(served.latency.quantile(0.5)),
+                        "p95": ms(served.latency.quantile(0.95)),
+                        "p99": ms(served.latency.quantile(0.99)),
+                    },
+                    "watched": {"requests": watched, "bad": bad, "bad_rate": rate(bad, watched)},
+                    "vs_control": vs_control,
+                    "guardrail": guardrail,
+                })
+            })
+            .collect();
+        let split: Vec<Value> = st
+            .split
+            .counts()
+            .zip(&self.names)
+            .map(|((o, e), n)| json!({"name": &**n, "assigned": o, "expected": (e * 10.0).round() / 10.0}))
+            .collect();
+        json!({
+            "route": &*self.route,
+            "control": control.map(|c| &*self.names[c]),
+            "guardrail": g.map(|g| json!({
+                "alpha": g.alpha,
+                "errors": g.errors,
+                "slow_ms": g.slow.map(|s| s.as_secs_f64() * 1e3),
+                "min_bad_events": g.min_bad_events,
+                "warmup_s": g.warmup.as_secs_f64(),
+                "action": g.action.name(),
+                "warming_up": warming,
+            })),
+            "split": {
+                "healthy": !st.split.mismatch(),
+                "evidence_log10": st.split.log10_e(),
+                "chi_square": st.split.chi_square(),
+                "variants": split,
+            },
+            "variants": variants,
+        })
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    crate::access::rfc3339_millis(t.duration_since(UNIX_EPOCH).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn experiment(guardrail: &str, ramp: &str) -> (Experiment, crate::config::Snapshot) {
+        let doc = format!(
+            "routes:\n  - model: m\n    variants:\n      - {{name: stable, weight: 10, backend: \"http://127.0.0.1:1\"}}\n      - name: canary\n        weight: 0\n        backend: \"http://127.0.0.1:2\"\n{ramp}    guardrail: {guardrail}\n"
+        );
+        let snap = crate::config::load(&doc, "test").unwrap_or_else(|e| panic!("{e:?}"));
+        let e = Experiment::new(&snap.routes.routes[0], &Metrics::new());
+        (e, snap)
+    }
+
+    fn bad(e: &Experiment, w: &Weights, variant: usize) {
+        e.observe(Outcome {
+            weights: w,
+            assigned: variant,
+            randomized: true,
+            rerouted: false,
+            served: variant,
+            assigned_failed: false,
+            status: 500,
+            elapsed: Duration::from_millis(1),
+        });
+    }
+
+    const RAMP_FROM_AN_HOUR_AGO: &str =
+        "        ramp: {start: START, steps: [{weight: 10, hold: 2h}, {weight: 50, hold: 2h}]}\n";
+
+    fn ramp_started(ago: Duration) -> String {
+        let start = SystemTime::now() - ago;
+        RAMP_FROM_AN_HOUR_AGO.replace("START", &format!("\"{}\"", rfc3339(start)))
+    }
+
+    /// The warmup is on tokio's clock: requests in it are not evidence; after it, the
+    /// same failures trip the candidate.
+    #[tokio::test(start_paused = true)]
+    async fn warmup_ignores_early_requests_then_trips() {
+        let (e, _snap) = experiment(
+            "{control: stable, warmup: 30s, min_bad_events: 3}",
+            &ramp_started(Duration::from_secs(60)),
+        );
+        let w = e.weights();
+        assert_eq!(w.weights, [10.0, 10.0]);
+        for _ in 0..200 {
+            bad(&e, &w, 1);
+        }
+        assert!(lock(&e.state).trips[1].is_none());
+        assert_eq!(lock(&e.state).watched[1], (0, 0));
+        tokio::time::advance(Duration::from_secs(31)).await;
+        for _ in 0..200 {
+            bad(&e, &w, 1);
+        }
+        assert!(lock(&e.state).trips[1].is_some());
+        assert_eq!(e.weights().weights, [10.0, 0.0]);
+        assert_eq!(e.metrics.tripped[1].get(), 1);
+        // The control's own bad requests never trip it.
+        e.reset();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let w = e.weights();
+        for _ in 0..200 {
+            bad(&e, &w, 0);
+        }
+        assert!(lock(&e.state).trips.iter().all(Option::is_none));
+        assert!(e.metrics.evidence[1].get() < 0.0);
+    }
+
+    /// `action: hold` keeps the step the candidate tripped on, whatever the clock says
+    /// later; without a trip the ramp moves on.
+    #[tokio::test(start_paused = true)]
+    async fn hold_freezes_the_ramp_where_it_tripped() {
+        let later = SystemTime::now() + Duration::from_secs(2 * 3600);
+        let (e, _snap) = experiment(
+            "{control: stable, warmup: 0s, min_bad_events: 3, action: hold}",
+            &ramp_started(Duration::from_secs(60)),
+        );
+        assert_eq!(e.compute(&lock(&e.state), later).weights, [10.0, 50.0]);
+        let w = e.weights();
+        for _ in 0..200 {
+            bad(&e, &w, 1);
+        }
+        assert!(lock(&e.state).trips[1].is_some());
+        assert_eq!(e.weights().weights, [10.0, 10.0]);
+        assert_eq!(e.compute(&lock(&e.state), later).weights, [10.0, 10.0]);
+        let report = e.report(&_snap.routes.routes[0]);
+        assert_eq!(report["variants"][1]["ramp"]["state"], "held");
+        assert_eq!(report["variants"][1]["guardrail"]["state"], "tripped");
+    }
+
+    /// Override-pinned and rerouted requests are neither evidence nor split counts.
+    #[tokio::test(start_paused = true)]
+    async fn pinned_and_rerouted_requests_are_not_evidence() {
+        let (e, _snap) = experiment(
+            "{control: stable, warmup: 0s, min_bad_events: 1}",
+            &ramp_started(Duration::from_secs(60)),
+        );
+        let w = e.weights();
+        for randomized in [false, true] {
+            for _ in 0..200 {
+                e.observe(Outcome {
+                    weights: &w,
+                    assigned: 1,
+                    randomized,
+                    rerouted: randomized,
+                    served: 0,
+                    assigned_failed: false,
+                    status: 500,
+                    elapsed: Duration::from_millis(1),
+                });
+            }
+        }
+        let st = lock(&e.state);
+        assert!(st.trips[1].is_none());
+        assert_eq!(st.watched[1], (0, 0));
+        assert_eq!(st.served[0].requests, 400);
+        assert_eq!(st.split.counts().map(|c| c.0).sum::<f64>(), 200.0);
+    }
+}
