@@ -45,6 +45,9 @@ routes:
     sticky_header: x-user-id
     timeout: 10s
     batching: {{ max_batch_size: 32, max_queue: 1024, row_id: braid_row_id }}   # shared forward passes; row order checked
+    # sentence-labels is watched against short-labels: if it fails or takes over 2s more
+    # often, its users go back to short-labels (see `braid experiments`).
+    guardrail: {{ control: short-labels, slow: 2s, warmup: 10s }}
 "#
     )
 }
@@ -140,7 +143,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         r#"
 braid demo is ready.
   proxy     http://{p}   (model "sentiment": 50/50 between short-labels and sentence-labels, sticky on x-user-id)
-  admin     http://{a}   (/metrics /readyz /config)
+  admin     http://{a}   (/metrics /readyz /config /experiments)
   executor  http://{x}   (models sentiment-short, sentiment-sentences; its own /metrics)
   config    {config}  (edit and save: applied live)
 
@@ -149,6 +152,7 @@ Try:
     -d '{{"inputs":[{{"name":"text","datatype":"BYTES","shape":[2],"data":["I loved this film","The service was awful"]}}],"outputs":[{{"name":"label"}},{{"name":"scores"}}]}}'
   curl -si http://{p}/v1/models/sentiment:predict -H 'x-braid-variant: sentence-labels' -d '{{"instances":["What a great day"]}}' | grep -i x-braid-variant
   curl -s http://{a}/metrics | grep braid_requests_total
+  braid experiments --admin {a}      (the A/B test so far: requests, latency, guardrail)
 
 Ctrl-C to stop."#,
         config = path.display()

@@ -251,6 +251,15 @@ pub fn compile(
                     "needs a candidate: the route has only its control".into(),
                 );
             }
+            if let Some(c) = spec.variants.iter().find(|v| v.name == g.control)
+                && c.weight == 0.0
+                && c.ramp.is_none()
+            {
+                warnings.push(format!(
+                    "{at}.guardrail.control: {:?} has weight 0, so there is nothing to compare the candidates with and the guardrail never trips",
+                    g.control
+                ));
+            }
             if g.action == Action::Hold && spec.variants.iter().all(|v| v.ramp.is_none()) {
                 warnings.push(format!(
                     "{at}.guardrail.action: `hold` freezes ramps and no variant of this route has one; a trip only reports"

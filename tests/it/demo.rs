@@ -114,6 +114,16 @@ async fn demo_serves_the_ab_test_end_to_end() {
         m.contains(r#"braid_batch_size_count{route="sentiment",variant="short-labels"}"#),
         "{m}"
     );
+    // The demo's A/B test is an experiment with a guardrail on the sentence variant.
+    let e = get(&c, &format!("{admin}/experiments"), &[]).await.json();
+    let route = &e["routes"][0];
+    assert_eq!(route["control"], "short-labels", "{e}");
+    let state = &route["variants"][1]["guardrail"]["state"];
+    assert!(state == "warmup" || state == "watching", "{e}");
+    assert!(
+        route["variants"][0]["requests"].as_u64().unwrap() >= 16,
+        "{e}"
+    );
 
     demo.signal("INT");
     let status = demo.wait_exit(Duration::from_secs(30)).await;
