@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -141,6 +141,23 @@ pub struct Metrics {
     evidence: Family<VariantLabels, FloatGauge>,
     trips: Family<VariantLabels, Counter>,
     split_mismatch: Family<RouteLabels, Gauge>,
+}
+
+/// One series of `family` per variant of a route, in the variants' order.
+fn per_variant<M: Clone, C: MetricConstructor<M>>(
+    family: &Family<VariantLabels, M, C>,
+    route: &Arc<str>,
+    variants: &[Arc<str>],
+) -> Vec<M> {
+    variants
+        .iter()
+        .map(|v| {
+            family.get_or_create_owned(&VariantLabels {
+                route: route.clone(),
+                variant: v.clone(),
+            })
+        })
+        .collect()
 }
 
 /// A gauge holding an f64 (weights, log10 evidence).
@@ -586,27 +603,11 @@ impl Metrics {
 
     /// An experiment's series, one per variant of `variants`, each set to its start.
     pub fn experiment(&self, route: &Arc<str>, variants: &[Arc<str>]) -> ExperimentMetrics {
-        let labels = |v: &Arc<str>| VariantLabels {
-            route: route.clone(),
-            variant: v.clone(),
-        };
         let m = ExperimentMetrics {
-            weight: variants
-                .iter()
-                .map(|v| self.weight.get_or_create_owned(&labels(v)))
-                .collect(),
-            tripped: variants
-                .iter()
-                .map(|v| self.tripped.get_or_create_owned(&labels(v)))
-                .collect(),
-            evidence: variants
-                .iter()
-                .map(|v| self.evidence.get_or_create_owned(&labels(v)))
-                .collect(),
-            trips: variants
-                .iter()
-                .map(|v| self.trips.get_or_create_owned(&labels(v)))
-                .collect(),
+            weight: per_variant(&self.weight, route, variants),
+            tripped: per_variant(&self.tripped, route, variants),
+            evidence: per_variant(&self.evidence, route, variants),
+            trips: per_variant(&self.trips, route, variants),
             split_mismatch: self.split_mismatch.get_or_create_owned(&RouteLabels {
                 route: route.clone(),
             }),

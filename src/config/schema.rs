@@ -11,7 +11,7 @@ pub use crate::addr::{Protocol, Upstream};
 
 use super::node::Node;
 use super::{ConfigError, Errors};
-use crate::route::experiment::Action;
+use crate::route::experiment::{Action, Guardrail};
 use crate::route::ramp::{Ramp, Step};
 use crate::upstream::health::Outlier;
 use crate::upstream::retry::RetryPolicy;
@@ -52,16 +52,12 @@ pub struct RouteSpec {
     pub guardrail: Option<GuardrailSpec>,
 }
 
-/// `routes[].guardrail`, as written (the control by name).
+/// `routes[].guardrail`, as written: the control by name (`guardrail.control` is set
+/// to its index when the route is compiled).
 #[derive(Debug, Clone)]
 pub struct GuardrailSpec {
     pub control: String,
-    pub errors: bool,
-    pub slow: Option<Duration>,
-    pub alpha: f64,
-    pub min_bad_events: u64,
-    pub warmup: Duration,
-    pub action: Action,
+    pub guardrail: Guardrail,
 }
 
 #[derive(Debug, Clone)]
@@ -210,12 +206,15 @@ fn guardrail(node: &Node, path: String, errs: &mut Errors) -> Option<GuardrailSp
     }
     Some(GuardrailSpec {
         control: control?,
-        errors,
-        slow,
-        alpha,
-        min_bad_events,
-        warmup,
-        action,
+        guardrail: Guardrail {
+            control: 0,
+            errors,
+            slow,
+            alpha,
+            min_bad_events,
+            warmup,
+            action,
+        },
     })
 }
 

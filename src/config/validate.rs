@@ -260,7 +260,8 @@ pub fn compile(
                     g.control
                 ));
             }
-            if g.action == Action::Hold && spec.variants.iter().all(|v| v.ramp.is_none()) {
+            if g.guardrail.action == Action::Hold && spec.variants.iter().all(|v| v.ramp.is_none())
+            {
                 warnings.push(format!(
                     "{at}.guardrail.action: `hold` freezes ramps and no variant of this route has one; a trip only reports"
                 ));
@@ -363,12 +364,7 @@ fn compile_route(
         guardrail: spec.guardrail.as_ref().and_then(|g| {
             Some(Guardrail {
                 control: variants_index(spec, &g.control)?,
-                errors: g.errors,
-                slow: g.slow,
-                alpha: g.alpha,
-                min_bad_events: g.min_bad_events,
-                warmup: g.warmup,
-                action: g.action,
+                ..g.guardrail.clone()
             })
         }),
         fingerprint: {

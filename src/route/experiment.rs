@@ -452,17 +452,22 @@ mod tests {
         (e, snap)
     }
 
-    fn bad(e: &Experiment, w: &Weights, variant: usize) {
-        e.observe(Outcome {
+    /// A 500 assigned to `assigned` and answered by `served`.
+    fn failed(w: &Weights, assigned: usize, served: usize, randomized: bool) -> Outcome<'_> {
+        Outcome {
             weights: w,
-            assigned: variant,
-            randomized: true,
-            rerouted: false,
-            served: variant,
+            assigned,
+            randomized,
+            rerouted: assigned != served,
+            served,
             assigned_failed: false,
             status: 500,
             elapsed: Duration::from_millis(1),
-        });
+        }
+    }
+
+    fn bad(e: &Experiment, w: &Weights, variant: usize) {
+        e.observe(failed(w, variant, variant, true));
     }
 
     const RAMP_FROM_AN_HOUR_AGO: &str =
@@ -538,16 +543,7 @@ mod tests {
         let w = e.weights();
         for randomized in [false, true] {
             for _ in 0..200 {
-                e.observe(Outcome {
-                    weights: &w,
-                    assigned: 1,
-                    randomized,
-                    rerouted: randomized,
-                    served: 0,
-                    assigned_failed: false,
-                    status: 500,
-                    elapsed: Duration::from_millis(1),
-                });
+                e.observe(failed(&w, 1, 0, randomized));
             }
         }
         let st = lock(&e.state);
