@@ -141,6 +141,13 @@ pub struct Metrics {
     evidence: Family<VariantLabels, FloatGauge>,
     trips: Family<VariantLabels, Counter>,
     split_mismatch: Family<RouteLabels, Gauge>,
+    payload_log: Family<RouteResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteResultLabels {
+    pub route: Arc<str>,
+    pub result: &'static str,
 }
 
 /// One series of `family` per variant of a route, in the variants' order.
@@ -483,7 +490,14 @@ impl Metrics {
             "1 once a route's observed assignments differ from its configured shares (sample ratio mismatch, e-value >= 1000)",
             Family::<RouteLabels, Gauge>::default(),
         );
+        let payload_log = register(
+            &mut registry,
+            "braid_payload_log_records",
+            "Sampled payload log records, by route and result (written; failed: the file or endpoint refused it; dropped: the queue was full)",
+            Family::<RouteResultLabels, Counter>::default(),
+        );
         Metrics {
+            payload_log,
             weight,
             tripped,
             evidence,
@@ -627,6 +641,16 @@ impl Metrics {
                 route: route.clone(),
                 variant: variant.clone(),
                 grpc_status,
+            })
+            .inc();
+    }
+
+    /// Counts one payload log record by what became of it.
+    pub fn payload_log(&self, route: &Arc<str>, result: &'static str) {
+        self.payload_log
+            .get_or_create(&RouteResultLabels {
+                route: route.clone(),
+                result,
             })
             .inc();
     }

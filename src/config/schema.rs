@@ -50,6 +50,8 @@ pub struct RouteSpec {
     /// Share of this route's requests written to the access log (when braid has one).
     pub access_log_fraction: Option<f64>,
     pub guardrail: Option<GuardrailSpec>,
+    /// `log`: the sampled payload log.
+    pub payload_log: Option<crate::payload::Settings>,
 }
 
 /// `routes[].guardrail`, as written: the control by name (`guardrail.control` is set
@@ -157,6 +159,7 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
         max_inflight: obj.opt("max_inflight", positive_int),
         access_log_fraction: obj.opt("access_log", access_log).flatten(),
         guardrail: obj.opt("guardrail", guardrail),
+        payload_log: obj.opt("log", payload_log),
     };
     obj.finish(&[
         "name",
@@ -174,8 +177,72 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
         "max_inflight",
         "access_log",
         "guardrail",
+        "log",
     ]);
     Some(spec)
+}
+
+/// Largest `log.max_bytes`: a record holds two bodies this long.
+const MAX_PAYLOAD_BYTES: u64 = 8 * 1024 * 1024;
+
+fn payload_log(node: &Node, path: String, errs: &mut Errors) -> Option<crate::payload::Settings> {
+    use crate::payload::{Settings, Sink};
+    let mut obj = Obj::new(node, path.clone(), errs)?;
+    let fraction = obj.req("fraction", fraction);
+    let max_bytes = obj.opt("max_bytes", positive_int).unwrap_or(64 * 1024);
+    let sink = obj.req("sink", string);
+    let rotate_bytes = obj.opt("rotate_bytes", positive_int);
+    let keep = obj.opt("keep", int);
+    obj.finish(&["fraction", "max_bytes", "sink", "rotate_bytes", "keep"]);
+    if max_bytes > MAX_PAYLOAD_BYTES {
+        errs.push::<()>(
+            format!("{path}.max_bytes"),
+            format!("must be at most {MAX_PAYLOAD_BYTES} (8 MiB)"),
+        );
+    }
+    if keep.is_some_and(|k| k > 100) {
+        errs.push::<()>(format!("{path}.keep"), "must be at most 100".into());
+    }
+    let sink = sink?;
+    let sink = if sink.starts_with("http://") {
+        let uri: http::Uri = match sink.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                return errs.push(
+                    format!("{path}.sink"),
+                    format!("{sink:?} is not a URL: {e}"),
+                );
+            }
+        };
+        if uri.host().is_none() {
+            return errs.push(format!("{path}.sink"), format!("{sink:?} has no host"));
+        }
+        for (key, set) in [
+            ("rotate_bytes", rotate_bytes.is_some()),
+            ("keep", keep.is_some()),
+        ] {
+            if set {
+                errs.push::<()>(format!("{path}.{key}"), "applies to file sinks only".into());
+            }
+        }
+        Sink::Http(uri)
+    } else if sink.starts_with('/') {
+        Sink::File {
+            path: sink.into(),
+            rotate_bytes: rotate_bytes.unwrap_or(100 * 1024 * 1024),
+            keep: keep.unwrap_or(3) as u32,
+        }
+    } else {
+        return errs.push(
+            format!("{path}.sink"),
+            format!("{sink:?} must be an absolute file path or an http:// URL"),
+        );
+    };
+    Some(Settings {
+        fraction: fraction?,
+        max_bytes: max_bytes.min(MAX_PAYLOAD_BYTES) as usize,
+        sink,
+    })
 }
 
 fn guardrail(node: &Node, path: String, errs: &mut Errors) -> Option<GuardrailSpec> {

@@ -367,6 +367,7 @@ fn compile_route(
                 ..g.guardrail.clone()
             })
         }),
+        payload_log: spec.payload_log.clone(),
         fingerprint: {
             let mut s = spec.clone();
             s.at = 0;

@@ -1,15 +1,20 @@
-//! The access log's line for one request, built at the edge only when the request is
-//! sampled: when it started, its trace id (from `traceparent`), route, variant, how
+//! The access log's line for one request, and the payload log's record, built at the
+//! edge only when the request is sampled. The access line: when it started, its trace id (from `traceparent`), route, variant, how
 //! the variant was chosen, status, duration, its wait in a batch queue and its batch's
 //! rows (batched requests), bytes in and out. Nothing from the request body.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use http::{Response, header};
+use http_body_util::BodyExt;
 use serde_json::json;
 
 use super::batched::Batched;
+use super::tee::Tee;
 use crate::error::Body;
+use crate::payload::{self, Payload, PayloadLog, Record};
 use crate::route::assign::Assignment;
 
 pub(super) struct Entry<'a> {
@@ -63,6 +68,70 @@ pub(super) fn line(e: Entry<'_>) -> String {
         "response_bytes": response_bytes,
     })
     .to_string()
+}
+
+/// A request sampled for the payload log, with what the edge knows of it.
+pub(super) struct Sampled<'a> {
+    pub route: &'a Arc<str>,
+    pub variant: &'a Arc<str>,
+    pub assignment: &'static str,
+    pub parts: &'a http::request::Parts,
+    pub status: u16,
+    pub elapsed: Duration,
+    pub body: &'a Bytes,
+}
+
+/// Logs a sampled request's payloads: the response streams to the client through a
+/// `Tee` keeping its first `max_bytes`, and the record is queued when it ends, on a
+/// task of its own. Returns the response to send.
+pub(super) fn log_payload(
+    s: Sampled<'_>,
+    max_bytes: usize,
+    log: Arc<PayloadLog>,
+    resp: Response<Body>,
+) -> Response<Body> {
+    let content_type = |h: &http::HeaderMap| {
+        h.get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut record = Record {
+        time: SystemTime::now() - s.elapsed,
+        id: String::new(),
+        trace_id: trace_id(&s.parts.headers).map(str::to_string),
+        route: s.route.clone(),
+        variant: s.variant.clone(),
+        assignment: s.assignment,
+        status: s.status,
+        latency: s.elapsed,
+        method: s.parts.method.to_string(),
+        path: s.parts.uri.path().to_string(),
+        headers: payload::loggable_headers(&s.parts.headers),
+        request: Payload {
+            bytes: s.body.slice(..s.body.len().min(max_bytes)),
+            total: s.body.len() as u64,
+            complete: true,
+            content_type: content_type(&s.parts.headers),
+        },
+        response: Payload {
+            bytes: Bytes::new(),
+            total: 0,
+            complete: false,
+            content_type: content_type(resp.headers()),
+        },
+    };
+    record.id = record.trace_id.clone().unwrap_or_else(payload::new_id);
+    let (parts, body) = resp.into_parts();
+    let (tee, copy) = Tee::new(body, max_bytes);
+    tokio::spawn(async move {
+        if let Ok(c) = copy.await {
+            record.response.bytes = c.bytes;
+            record.response.total = c.total;
+            record.response.complete = c.complete;
+        }
+        log.write(record);
+    });
+    Response::from_parts(parts, tee.boxed())
 }
 
 fn millis(d: Duration) -> f64 {

@@ -9,6 +9,7 @@ mod batched;
 mod forward;
 mod grpc;
 mod shadow;
+mod tee;
 #[cfg(test)]
 mod tests;
 
@@ -252,7 +253,8 @@ impl Proxy {
                 }
                 Err(e) => Err(e),
             };
-            return self.finish(&r, vi, fallback_from, result, (start, &parts, None), None);
+            let req = (start, &parts, None);
+            return self.finish(&r, vi, fallback_from, result, req, None);
         }
         let prepared = match self.prepare(&parts, body, route, live, start).await {
             Ok(p) => p,
@@ -278,7 +280,7 @@ impl Proxy {
             vi = fb;
             served = self.serve(&r, vi, &parts, &prepared, conn).await;
         }
-        let req = (start, &parts, Some(prepared.body.len()));
+        let req = (start, &parts, Some(&prepared.body));
         self.finish(&r, vi, fallback_from, served.result, req, shadow)
     }
 
@@ -291,7 +293,7 @@ impl Proxy {
         vi: usize,
         fallback_from: Option<usize>,
         result: Result<Response<Body>, ProxyError>,
-        (start, parts, request_bytes): (Instant, &http::request::Parts, Option<usize>),
+        (start, parts, request_body): (Instant, &http::request::Parts, Option<&Bytes>),
         shadow: Option<oneshot::Sender<PrimaryAnswer>>,
     ) -> Response<Body> {
         let route = r.m.route;
@@ -352,16 +354,37 @@ impl Proxy {
                 grpc: r.wire.grpc(),
                 status: status.as_u16(),
                 elapsed,
-                request_bytes,
+                request_bytes: request_body.map(Bytes::len),
                 response: &resp,
             }));
+        }
+        if let (Some(settings), Some(log), Some(body)) =
+            (&route.payload_log, &r.live.payload_log, request_body)
+            && settings.fraction > 0.0
+            && (settings.fraction >= 1.0 || crate::hash::next_f64() < settings.fraction)
+        {
+            let how = if fallback_from.is_some() {
+                "fallback"
+            } else {
+                access::assignment(r.how)
+            };
+            let sampled = access::Sampled {
+                route: &route.name,
+                variant: &variant.name,
+                assignment: how,
+                parts,
+                status: status.as_u16(),
+                elapsed,
+                body,
+            };
+            resp = access::log_payload(sampled, settings.max_bytes, log.clone(), resp);
         }
         if r.wire.grpc() {
             resp = grpc::count_status(&self.metrics, &route.name, &variant.name, resp);
         }
         if let Some(tx) = shadow {
             let (parts, body) = resp.into_parts();
-            let (tee, copy) = shadow::Tee::new(body);
+            let (tee, copy) = tee::Tee::new(body, shadow::COMPARE_LIMIT);
             let _ = tx.send(PrimaryAnswer { status, copy });
             resp = Response::from_parts(parts, tee.boxed());
         }

@@ -3,22 +3,19 @@
 //! a limit) for the comparison, which runs on its own task once both answers are in.
 //! Nothing the shadow does can delay or change the client's response.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::forward::{upstream_path, upstream_request};
+use super::tee::Copied;
 use super::{Proxy, Routed, X_BRAID_SHADOW};
 use crate::addr::Protocol;
-use crate::error::{Body, BoxError};
 use crate::hash::next_f64;
 use crate::metrics::Metrics;
 use crate::server::ConnInfo;
@@ -80,7 +77,7 @@ impl Proxy {
 /// What the shadow compares against.
 pub(super) struct PrimaryAnswer {
     pub(super) status: http::StatusCode,
-    pub(super) copy: oneshot::Receiver<Option<Bytes>>,
+    pub(super) copy: oneshot::Receiver<Copied>,
 }
 
 struct ShadowJob {
@@ -125,7 +122,7 @@ impl ShadowJob {
             return;
         }
         let divergence = match (status.is_success(), primary.copy.await) {
-            (true, Ok(Some(copy))) => divergence(&copy, &body),
+            (true, Ok(copy)) if copy.whole() => divergence(&copy.bytes, &body),
             _ => None,
         };
         self.metrics
@@ -135,83 +132,6 @@ impl ShadowJob {
 
 /// Largest response body kept for comparison, per side.
 pub const COMPARE_LIMIT: usize = 8 * 1024 * 1024;
-
-/// Passes a body through unchanged and, when it ends, sends a copy of its bytes (or
-/// `None` if it failed, was cut short, or outgrew the limit).
-pub struct Tee {
-    inner: Body,
-    copy: Option<BytesMut>,
-    done: Option<oneshot::Sender<Option<Bytes>>>,
-}
-
-impl Tee {
-    pub fn new(inner: Body) -> (Tee, oneshot::Receiver<Option<Bytes>>) {
-        let (tx, rx) = oneshot::channel();
-        let tee = Tee {
-            inner,
-            copy: Some(BytesMut::new()),
-            done: Some(tx),
-        };
-        (tee, rx)
-    }
-
-    fn finish(&mut self, ok: bool) {
-        if let Some(tx) = self.done.take() {
-            let copy = self.copy.take().filter(|_| ok).map(BytesMut::freeze);
-            let _ = tx.send(copy);
-        }
-    }
-}
-
-impl HttpBody for Tee {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let over = self
-                        .copy
-                        .as_ref()
-                        .is_some_and(|c| c.len() + data.len() > COMPARE_LIMIT);
-                    if over {
-                        self.copy = None;
-                    } else if let Some(c) = self.copy.as_mut() {
-                        c.extend_from_slice(data);
-                    }
-                }
-                if self.inner.is_end_stream() {
-                    self.finish(true);
-                }
-            }
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Tee {
-    fn drop(&mut self) {
-        // Dropped before the end: the client left, or the server gave up on the stream.
-        let complete = self.inner.is_end_stream();
-        self.finish(complete);
-    }
-}
 
 /// The largest absolute difference between the numeric outputs of two inference
 /// responses: OIP v2 outputs matched by name, or KServe v1 `predictions`. `None` when
@@ -270,8 +190,6 @@ fn numbers(v: &Value) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::full;
-    use http_body_util::BodyExt;
 
     #[test]
     fn divergence_compares_outputs_by_name() {
@@ -292,32 +210,5 @@ mod tests {
             divergence(br#"{"outputs":[{"name":"label","data":["x"]}]}"#, a),
             None
         );
-    }
-
-    #[tokio::test]
-    async fn tee_passes_the_body_through_and_keeps_a_copy() {
-        let (tee, copy) = Tee::new(full("hello world"));
-        let got = tee.collect().await.unwrap().to_bytes();
-        assert_eq!(got, "hello world");
-        assert_eq!(copy.await.unwrap().unwrap(), "hello world");
-        // Dropped before its end (the client left): no copy.
-        let (tee, copy) = Tee::new(Never.boxed());
-        drop(tee);
-        assert_eq!(copy.await.unwrap(), None);
-    }
-
-    /// A body that never ends.
-    struct Never;
-
-    impl HttpBody for Never {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            Poll::Pending
-        }
     }
 }

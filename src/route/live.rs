@@ -20,6 +20,7 @@ use super::experiment::Experiment;
 use crate::addr::Protocol;
 use crate::batch::batcher::{Batcher, Execute};
 use crate::metrics::{Metrics, RequestMetrics, RetryMetrics};
+use crate::payload::{PayloadLog, Sink};
 use crate::upstream::health::{Outlier, VariantHealth};
 use crate::upstream::retry::RetryPolicy;
 use crate::upstream::{Upstreams, h1};
@@ -38,6 +39,8 @@ pub struct RouteLive {
     /// Weights in force, guardrails, split health and the report; `None` on a route
     /// with one variant.
     pub experiment: Option<Arc<Experiment>>,
+    /// The writer of the route's sampled payload log (shared by routes with one sink).
+    pub payload_log: Option<Arc<PayloadLog>>,
 }
 
 /// A variant's live handles.
@@ -96,6 +99,8 @@ struct State {
     batchers: HashMap<VariantKey, Batcher>,
     /// Per route, with the fingerprint of the settings it was started for.
     experiments: HashMap<Arc<str>, (u64, Arc<Experiment>)>,
+    /// One writer per payload log sink, kept across reloads (a file keeps rotating).
+    payload_logs: HashMap<Sink, Arc<PayloadLog>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -124,6 +129,7 @@ impl Registry {
         let mut routes_seen = HashSet::new();
         let mut variants_seen = HashSet::new();
         let mut batched_seen = HashSet::new();
+        let mut sinks_seen = HashSet::new();
         let mut bound = Vec::with_capacity(table.routes.len());
         for route in &table.routes {
             routes_seen.insert(route.name.clone());
@@ -161,6 +167,19 @@ impl Registry {
                     .shadow
                     .map(|sh| st.limit(&route.name, "shadow", sh.max_inflight)),
                 variants,
+                payload_log: route.payload_log.as_ref().map(|p| {
+                    sinks_seen.insert(p.sink.clone());
+                    st.payload_logs
+                        .entry(p.sink.clone())
+                        .or_insert_with(|| {
+                            Arc::new(PayloadLog::start(
+                                &p.sink,
+                                self.metrics.clone(),
+                                &self.upstreams,
+                            ))
+                        })
+                        .clone()
+                }),
                 experiment: (route.variants.len() > 1).then(|| {
                     match st.experiments.get(&route.name) {
                         Some((f, e)) if *f == route.fingerprint => e.clone(),
@@ -177,6 +196,7 @@ impl Registry {
         st.budgets.retain(|r, _| routes_seen.contains(r));
         st.limits.retain(|(r, _), _| routes_seen.contains(r));
         st.experiments.retain(|r, _| routes_seen.contains(r));
+        st.payload_logs.retain(|s, _| sinks_seen.contains(s));
         st.health.retain(|k, _| variants_seen.contains(k));
         st.retry_metrics.retain(|k, _| variants_seen.contains(k));
         st.request_metrics.retain(|k, _| variants_seen.contains(k));

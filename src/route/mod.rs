@@ -54,6 +54,8 @@ pub struct Route {
     pub access_log: f64,
     /// Watches every other variant against a control.
     pub guardrail: Option<experiment::Guardrail>,
+    /// The sampled payload log (`log`).
+    pub payload_log: Option<crate::payload::Settings>,
     /// Digest of the route's settings: an experiment (its trips, evidence and counts)
     /// starts afresh when they change.
     pub fingerprint: u64,

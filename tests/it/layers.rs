@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("addr", 0),
     ("server", 1),
     ("access", 1),
+    ("payload", 1),
     ("grpc", 1),
     ("upstream", 1),
     ("batch", 1),

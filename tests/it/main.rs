@@ -23,6 +23,7 @@ mod layers;
 mod limits;
 mod metrics_text;
 mod minilm;
+mod payload_log;
 mod reload;
 mod resilience;
 mod routing;

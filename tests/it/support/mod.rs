@@ -29,7 +29,11 @@ use braid::server::Limits;
 
 /// Serves `answer` on every connection `listener` accepts (HTTP/1.1, or HTTP/2 with
 /// prior knowledge), until the returned task is aborted.
-fn serve_on<F, Fut>(listener: TcpListener, h2_only: bool, answer: F) -> tokio::task::JoinHandle<()>
+pub fn serve_on<F, Fut>(
+    listener: TcpListener,
+    h2_only: bool,
+    answer: F,
+) -> tokio::task::JoinHandle<()>
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, std::io::Error>>

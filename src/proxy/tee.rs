@@ -1,0 +1,151 @@
+//! A response body passed through unchanged while a copy of its first bytes is kept,
+//! for the shadow's comparison and the payload log. The copy is handed over when the
+//! body ends (or is dropped), off the client's path.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::oneshot;
+
+use crate::error::{Body, BoxError};
+
+/// What a `Tee` saw: its first `limit` bytes, how many there were in all, and whether
+/// the body ended properly (not failed, not cut short).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copied {
+    pub bytes: Bytes,
+    pub total: u64,
+    pub complete: bool,
+}
+
+impl Copied {
+    /// The whole body, ended properly, nothing left out.
+    pub fn whole(&self) -> bool {
+        self.complete && self.total == self.bytes.len() as u64
+    }
+}
+
+pub struct Tee {
+    inner: Body,
+    copy: BytesMut,
+    limit: usize,
+    total: u64,
+    done: Option<oneshot::Sender<Copied>>,
+}
+
+impl Tee {
+    /// Keeps up to `limit` bytes of `inner`.
+    pub fn new(inner: Body, limit: usize) -> (Tee, oneshot::Receiver<Copied>) {
+        let (tx, rx) = oneshot::channel();
+        let tee = Tee {
+            inner,
+            copy: BytesMut::new(),
+            limit,
+            total: 0,
+            done: Some(tx),
+        };
+        (tee, rx)
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(Copied {
+                bytes: std::mem::take(&mut self.copy).freeze(),
+                total: self.total,
+                complete,
+            });
+        }
+    }
+}
+
+impl HttpBody for Tee {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let room = self.limit.saturating_sub(self.copy.len());
+                    let keep = data.len().min(room);
+                    let this = &mut *self;
+                    this.copy.extend_from_slice(&data[..keep]);
+                    this.total += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(true);
+                }
+            }
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        // Dropped before the end: the client left, or the server gave up on the stream.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::full;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn passes_the_body_through_and_keeps_a_copy() {
+        let (tee, copy) = Tee::new(full("hello world"), 1 << 20);
+        let got = tee.collect().await.unwrap().to_bytes();
+        assert_eq!(got, "hello world");
+        let copy = copy.await.unwrap();
+        assert_eq!(copy.bytes, "hello world");
+        assert!(copy.whole());
+        // A limit keeps the first bytes and counts the rest.
+        let (tee, copy) = Tee::new(full("hello world"), 5);
+        assert_eq!(tee.collect().await.unwrap().to_bytes(), "hello world");
+        let copy = copy.await.unwrap();
+        assert_eq!(
+            (copy.bytes.as_ref(), copy.total, copy.whole()),
+            (&b"hello"[..], 11, false)
+        );
+        // Dropped before its end (the client left): not complete.
+        let (tee, copy) = Tee::new(Never.boxed(), 10);
+        drop(tee);
+        assert!(!copy.await.unwrap().complete);
+    }
+
+    /// A body that never ends.
+    struct Never;
+
+    impl HttpBody for Never {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Pending
+        }
+    }
+}
