@@ -1,10 +1,13 @@
-//! Compiles the Open Inference Protocol's gRPC messages (src/grpc/inference.proto)
-//! into Rust types with prost. protox parses the file in Rust: no `protoc` needed.
+//! Compiles the Open Inference Protocol's gRPC messages (src/grpc/inference.proto) and
+//! the OTLP trace messages braid exports (src/trace/otlp.proto) into Rust types with
+//! prost. protox parses the files in Rust: no `protoc` needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "src/grpc/inference.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let descriptors = protox::compile([proto], ["src/grpc"])?;
+    let protos = ["src/grpc/inference.proto", "src/trace/otlp.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let descriptors = protox::compile(protos, ["src/grpc", "src/trace"])?;
     prost_build::Config::new()
         .bytes(["."])
         .btree_map(["."])

@@ -179,6 +179,9 @@ async fn start_proxy(
         executor_probe_interval: Duration::from_secs(1),
         tls: None,
         access_log: None,
+        // OTEL_EXPORTER_OTLP_ENDPOINT and the rest, as `braid proxy` reads them: the
+        // cost of tracing (and of a dead collector) shows in this bench's throughput.
+        trace: braid::trace::TraceConfig::from_env("braid-bench").expect("OTEL_* settings"),
     };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

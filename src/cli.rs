@@ -709,7 +709,18 @@ fn proxy(args: ProxyArgs) -> ExitCode {
             crate::config::ConfigSource::File(f) => f.path.display().to_string(),
             crate::config::ConfigSource::ConfigMap(cm) => cm.describe(),
         };
+        let trace = match crate::trace::TraceConfig::from_env("braid") {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("tracing: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(t) = &trace {
+            tracing::info!(endpoint = %t.endpoint, sampler = ?t.sampler, "exporting spans over OTLP/HTTP");
+        }
         let opts = ProxyOptions {
+            trace,
             config,
             limits: Limits {
                 header_read_timeout: args.header_read_timeout,

@@ -128,6 +128,13 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         executor_probe_interval: Duration::from_secs(1),
         tls: None,
         access_log: None,
+        trace: match crate::trace::TraceConfig::from_env("braid-demo") {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("braid demo: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
     let mut proxy = match run::start(opts, data_l, admin_l).await {
         Ok(p) => p,

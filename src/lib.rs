@@ -9,7 +9,7 @@
 //! | layer | modules | what |
 //! |---|---|---|
 //! | 0 | `error` `metrics` `hash` `addr` | request errors (and what a failed send or batch maps to), every metric family, stable hashing and randomness, backend addresses |
-//! | 1 | `server` `upstream` `batch` `executor` `access` `payload` `grpc` | listeners (HTTP/1.1 + h2c, TLS with ALPN, limits, smuggling guard, drain); pooled clients (braid's own for HTTP/1.1), retry policy and budget, failure accrual; coalescing (codec, pure queue, batcher task behind the `Execute` trait); the candle model server; the access log's writer; the sampled payload log's sinks (rotated files, CloudEvents); gRPC's wire format (framing, statuses, `grpc-timeout`, one protobuf field read or rewritten, the generated messages and their REST form) |
+//! | 1 | `server` `upstream` `batch` `executor` `access` `payload` `trace` `grpc` | listeners (HTTP/1.1 + h2c, TLS with ALPN, limits, smuggling guard, drain); pooled clients (braid's own for HTTP/1.1), retry policy and budget, failure accrual; coalescing (codec, pure queue, batcher task behind the `Execute` trait); the candle model server; the access log's writer; the sampled payload log's sinks (rotated files, CloudEvents); W3C trace context, samplers and the OTLP/HTTP span exporter; gRPC's wire format (framing, statuses, `grpc-timeout`, one protobuf field read or rewritten, the generated messages and their REST form) |
 //! | 2 | `route` | routes as compiled data, matching, assignment (override, sticky, weighted); `route::live`: the handles bound to a table (budgets, health, limits, batchers, experiments), kept across reloads by name; `route::experiment`: the weights in force (ramps on the wall clock, guardrail trips), split health and the report, over `route::evidence`'s pure statistics |
 //! | 3 | `config` | YAML -> `Document` (schema) -> `Snapshot` (validate, pure data) -> `Active` (snapshot + live state, bound in the store, the one place that binds) -> `ArcSwap`; the file and ConfigMap sources |
 //! | 4 | `proxy` `admin` `probe` `inject` | the request path (forwarding, batched submission, shadow); the admin port; the executor readiness probe; sidecar injection for `inject` and `webhook` |
@@ -61,4 +61,5 @@ pub mod proxy;
 pub mod route;
 pub mod run;
 pub mod server;
+pub mod trace;
 pub mod upstream;

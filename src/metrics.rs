@@ -142,6 +142,7 @@ pub struct Metrics {
     trips: Family<VariantLabels, Counter>,
     split_mismatch: Family<RouteLabels, Gauge>,
     payload_log: Family<RouteResultLabels, Counter>,
+    trace_spans: Family<ResultLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -496,7 +497,14 @@ impl Metrics {
             "Sampled payload log records, by route and result (written; failed: the file or endpoint refused it; dropped: the queue was full)",
             Family::<RouteResultLabels, Counter>::default(),
         );
+        let trace_spans = register(
+            &mut registry,
+            "braid_trace_spans",
+            "Spans, by result (exported; failed: the OTLP endpoint refused them or did not answer; dropped: the export queue was full)",
+            Family::<ResultLabels, Counter>::default(),
+        );
         Metrics {
+            trace_spans,
             payload_log,
             weight,
             tripped,
@@ -643,6 +651,13 @@ impl Metrics {
                 grpc_status,
             })
             .inc();
+    }
+
+    /// Counts `n` spans by what became of them.
+    pub fn trace_spans(&self, result: &'static str, n: u64) {
+        self.trace_spans
+            .get_or_create(&ResultLabels { result })
+            .inc_by(n);
     }
 
     /// Counts one payload log record by what became of it.

@@ -34,6 +34,8 @@ pub struct ProxyOptions {
     pub tls: Option<TlsFiles>,
     /// Write an access log line per sampled request here.
     pub access_log: Option<crate::access::Destination>,
+    /// Export spans (from the `OTEL_*` variables); `None`: tracing is off.
+    pub trace: Option<crate::trace::TraceConfig>,
 }
 
 /// The data port's certificate and key (PEM), re-read when they change.
@@ -151,6 +153,13 @@ pub async fn start(
         store: store.clone(),
         metrics: metrics.clone(),
         access_log,
+        tracer: opts.trace.map(|c| {
+            Arc::new(crate::trace::export::Tracer::start(
+                c,
+                metrics.clone(),
+                upstreams.clone(),
+            ))
+        }),
         upstreams,
         max_body_bytes: opts.limits.max_body_bytes,
         max_inflight: opts.limits.max_inflight,

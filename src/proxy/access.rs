@@ -11,11 +11,14 @@ use http::{Response, header};
 use http_body_util::BodyExt;
 use serde_json::json;
 
+use super::Routed;
 use super::batched::Batched;
 use super::tee::Tee;
 use crate::error::Body;
 use crate::payload::{self, Payload, PayloadLog, Record};
 use crate::route::assign::Assignment;
+use crate::trace::otlp::span::SpanKind;
+use crate::trace::{RequestTrace, SpanData, Value};
 
 pub(super) struct Entry<'a> {
     pub route: &'a str,
@@ -30,6 +33,8 @@ pub(super) struct Entry<'a> {
     /// `None` for a streamed request.
     pub request_bytes: Option<usize>,
     pub response: &'a Response<Body>,
+    /// braid's place in the request's trace, when tracing is on.
+    pub trace: Option<&'a RequestTrace>,
 }
 
 pub(super) fn assignment(how: Assignment) -> &'static str {
@@ -53,7 +58,10 @@ pub(super) fn line(e: Entry<'_>) -> String {
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     json!({
         "time": crate::access::rfc3339_millis(started),
-        "trace_id": trace_id(&e.parts.headers),
+        "trace_id": e.trace.map_or_else(
+            || trace_id(&e.parts.headers).map(str::to_string),
+            |t| Some(t.context.trace_id_hex()),
+        ),
         "method": e.parts.method.as_str(),
         "path": e.parts.uri.path(),
         "protocol": if e.grpc { "grpc" } else { "http" },
@@ -79,6 +87,7 @@ pub(super) struct Sampled<'a> {
     pub status: u16,
     pub elapsed: Duration,
     pub body: &'a Bytes,
+    pub trace: Option<&'a RequestTrace>,
 }
 
 /// Logs a sampled request's payloads: the response streams to the client through a
@@ -98,7 +107,10 @@ pub(super) fn log_payload(
     let mut record = Record {
         time: SystemTime::now() - s.elapsed,
         id: String::new(),
-        trace_id: trace_id(&s.parts.headers).map(str::to_string),
+        trace_id: s.trace.map_or_else(
+            || trace_id(&s.parts.headers).map(str::to_string),
+            |t| Some(t.context.trace_id_hex()),
+        ),
         route: s.route.clone(),
         variant: s.variant.clone(),
         assignment: s.assignment,
@@ -132,6 +144,70 @@ pub(super) fn log_payload(
         log.write(record);
     });
     Response::from_parts(parts, tee.boxed())
+}
+
+/// braid's SERVER span for a sampled request, named and attributed by OpenTelemetry's
+/// HTTP (and RPC) conventions, plus braid's own `braid.*` attributes. It ends at the
+/// response headers, as `braid_request_duration_seconds` does.
+pub(super) fn server_span(
+    r: &Routed<'_>,
+    t: &RequestTrace,
+    parts: &http::request::Parts,
+    variant: &str,
+    assignment: &'static str,
+    status: http::StatusCode,
+    resp: &Response<Body>,
+) -> SpanData {
+    let route = r.m.route;
+    let path = parts.uri.path();
+    let mut attributes = vec![
+        ("http.request.method", Value::Str(parts.method.to_string())),
+        ("url.path", Value::Str(path.to_string())),
+        (
+            "http.response.status_code",
+            Value::Int(status.as_u16().into()),
+        ),
+        ("braid.route", Value::Str(route.name.to_string())),
+        ("braid.variant", Value::Str(variant.to_string())),
+        ("braid.assignment", Value::Str(assignment.to_string())),
+    ];
+    let name = if r.wire.grpc() {
+        // `{rpc.service}/{rpc.method}`, as the RPC conventions name a gRPC server span.
+        let full = path.trim_start_matches('/');
+        let (service, method) = full.rsplit_once('/').unwrap_or((full, ""));
+        attributes.push(("rpc.system", Value::Str("grpc".into())));
+        attributes.push(("rpc.service", Value::Str(service.into())));
+        attributes.push(("rpc.method", Value::Str(method.into())));
+        full.to_string()
+    } else {
+        // The route as a template: the model's place in the path, or the prefix.
+        let template = match &r.m.model_span {
+            Some(s) => format!("{}{{model}}{}", &path[..s.start], &path[s.end..]),
+            None => route
+                .path_prefix
+                .clone()
+                .unwrap_or_else(|| path.to_string()),
+        };
+        let name = format!("{} {template}", parts.method);
+        attributes.push(("http.route", Value::Str(template)));
+        name
+    };
+    if let Some(b) = resp.extensions().get::<Batched>() {
+        attributes.push(("braid.queue.wait", Value::Float(b.waited.as_secs_f64())));
+        attributes.push(("braid.batch.size", Value::Int(b.batch_rows as i64)));
+    }
+    SpanData {
+        context: t.context,
+        parent: t.parent,
+        trace_state: t.trace_state.clone(),
+        name,
+        kind: SpanKind::Server,
+        start: t.start,
+        end: SystemTime::now(),
+        attributes,
+        // The server span's status: an error only for 5xx (OpenTelemetry's HTTP rule).
+        error: status.is_server_error(),
+    }
 }
 
 fn millis(d: Duration) -> f64 {

@@ -16,6 +16,7 @@ use crate::error::{Body, ProxyError};
 use crate::executor::oip::{self, HEADER_LENGTH};
 use crate::route::{self, Match, Variant};
 use crate::server::ConnInfo;
+use crate::trace::TRACEPARENT;
 use crate::upstream::retry::{self, Attempts, Call};
 
 impl Proxy {
@@ -87,6 +88,10 @@ impl Proxy {
                 if let Some(left) = left {
                     retry::set_deadline_header(&mut out, left);
                 }
+                if let Some(t) = &r.trace {
+                    out.headers_mut()
+                        .insert(TRACEPARENT.clone(), t.context.traceparent());
+                }
                 Outgoing::Built(out)
             }
         };
@@ -96,9 +101,11 @@ impl Proxy {
                 Outgoing::Direct(backend) => {
                     let xff = forwarded_for(&parts.headers, conn);
                     let timeout = left.map(retry::deadline_value);
+                    let traceparent = r.trace.as_ref().map(|t| t.context.traceparent());
                     let replaced = [
                         xff.as_ref().map(|v| (&X_FORWARDED_FOR, v)),
                         timeout.as_ref().map(|v| (&retry::DEADLINE_HEADER, v)),
+                        traceparent.as_ref().map(|v| (&TRACEPARENT, v)),
                     ];
                     return backend
                         .send_head(
@@ -198,6 +205,10 @@ impl Proxy {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut out = upstream_request(parts, body, variant, protocol, path, conn)?;
+        if let Some(t) = &r.trace {
+            out.headers_mut()
+                .insert(TRACEPARENT.clone(), t.context.traceparent());
+        }
         if let Some(d) = deadline {
             retry::set_deadline_header(&mut out, d.saturating_duration_since(Instant::now()));
         }

@@ -34,6 +34,7 @@ use crate::route::experiment::{Outcome, Weights};
 use crate::route::live::RouteLive;
 use crate::route::{Chooser, Match, Route, assign};
 use crate::server::{self, ConnInfo, Handler};
+use crate::trace::RequestTrace;
 use crate::upstream::Upstreams;
 use crate::upstream::health::Admit;
 use crate::upstream::retry::DEADLINE_HEADER;
@@ -48,6 +49,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// One line per sampled request, when braid runs with `--access-log`.
     pub access_log: Option<Arc<crate::access::AccessLog>>,
+    /// Spans and trace context, when the `OTEL_*` variables name an endpoint.
+    pub tracer: Option<Arc<crate::trace::export::Tracer>>,
     pub upstreams: Upstreams,
     pub max_body_bytes: usize,
     /// Requests answered at once; more get 503 + Retry-After.
@@ -147,6 +150,8 @@ struct Routed<'a> {
     rerouted: bool,
     /// The weights it was assigned under, on a route with an experiment.
     weights: Option<Arc<Weights>>,
+    /// braid's span in the request's trace, when tracing is on.
+    trace: Option<RequestTrace>,
 }
 
 impl Proxy {
@@ -165,9 +170,13 @@ impl Proxy {
             inflight.dec();
             return self.unrouted(ProxyError::Overloaded, wire);
         }
+        let trace = self.tracer.as_ref().map(|t| t.begin(&parts.headers));
         let resp = match self.store.load() {
             // One snapshot for the whole request: a reload cannot change it midway.
-            Some(active) => self.route(&active, parts, body, wire, conn, start).await,
+            Some(active) => {
+                let at = (start, trace);
+                self.route(&active, parts, body, wire, conn, at).await
+            }
             None => self.unrouted(ProxyError::NoConfig, wire),
         };
         inflight.dec();
@@ -181,7 +190,7 @@ impl Proxy {
         body: B,
         wire: Wire,
         conn: &ConnInfo,
-        start: Instant,
+        (start, trace): (Instant, Option<RequestTrace>),
     ) -> Response<Body>
     where
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
@@ -244,6 +253,7 @@ impl Proxy {
             assigned,
             rerouted: vi != assigned,
             weights,
+            trace,
         };
         if matches!(wire, Wire::GrpcStream | Wire::GrpcModelStream) {
             let result = match self.deadline(&parts, route, start) {
@@ -356,6 +366,7 @@ impl Proxy {
                 elapsed,
                 request_bytes: request_body.map(Bytes::len),
                 response: &resp,
+                trace: r.trace.as_ref(),
             }));
         }
         if let (Some(settings), Some(log), Some(body)) =
@@ -376,8 +387,27 @@ impl Proxy {
                 status: status.as_u16(),
                 elapsed,
                 body,
+                trace: r.trace.as_ref(),
             };
             resp = access::log_payload(sampled, settings.max_bytes, log.clone(), resp);
+        }
+        if let (Some(tracer), Some(t)) = (&self.tracer, &r.trace)
+            && t.context.sampled
+        {
+            let how = if fallback_from.is_some() {
+                "fallback"
+            } else {
+                access::assignment(r.how)
+            };
+            tracer.record(access::server_span(
+                r,
+                t,
+                parts,
+                &variant.name,
+                how,
+                status,
+                &resp,
+            ));
         }
         if r.wire.grpc() {
             resp = grpc::count_status(&self.metrics, &route.name, &variant.name, resp);

@@ -27,6 +27,7 @@ fn proxy(config: &str, exec: Arc<FakeExecutor>) -> Proxy {
         store,
         metrics,
         access_log: None,
+        tracer: None,
         upstreams,
         max_body_bytes: 1 << 20,
         max_inflight: 100,

@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("server", 1),
     ("access", 1),
     ("payload", 1),
+    ("trace", 1),
     ("grpc", 1),
     ("upstream", 1),
     ("batch", 1),

@@ -29,4 +29,5 @@ mod resilience;
 mod routing;
 mod shutdown;
 mod tls;
+mod tracing;
 mod upstream_h1;

@@ -150,6 +150,8 @@ impl Backend {
                 let version = format!("{:?}", req.version());
                 let host = header(&req, "host");
                 let xff = header(&req, "x-forwarded-for");
+                let traceparent = header(&req, "traceparent");
+                let tracestate = header(&req, "tracestate");
                 let header_len = header(&req, "inference-header-content-length");
                 let delay = header(&req, "x-delay-ms")
                     .and_then(|v| v.parse().ok())
@@ -172,6 +174,7 @@ impl Backend {
                     "host": host, "x_forwarded_for": xff, "body_len": body.len(),
                     "body": String::from_utf8_lossy(&body), "deadline": deadline,
                     "shadow": shadow, "header_len": header_len,
+                    "traceparent": traceparent, "tracestate": tracestate,
                 });
                 if let Some(data) = &fault.outputs {
                     json["outputs"] = serde_json::json!([{"name": "e", "datatype": "FP32", "shape": [data.len()], "data": data}]);
@@ -264,6 +267,7 @@ pub fn options(config_path: &Path) -> ProxyOptions {
         executor_probe_interval: Duration::from_millis(50),
         tls: None,
         access_log: None,
+        trace: None,
     }
 }
 

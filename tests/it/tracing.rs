@@ -1,0 +1,332 @@
+//! Tracing over real sockets: W3C trace context continued through braid to the
+//! backend, SERVER spans exported over OTLP/HTTP and decoded here from the protobuf a
+//! collector would receive, samplers, and a dead collector costing requests nothing.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use braid::trace::otlp::{self, any_value};
+use braid::trace::{RootSampler, Sampler, TraceConfig};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use prost::Message;
+use tokio::net::TcpListener;
+
+use crate::support::*;
+
+const INFER: &str = "/v2/models/sentiment/infer";
+
+/// A fake OTLP/HTTP receiver: every span of every `POST /v1/traces`, decoded.
+struct Collector {
+    url: String,
+    spans: Arc<Mutex<Vec<(otlp::Resource, otlp::Span)>>>,
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        let spans: Arc<Mutex<Vec<(otlp::Resource, otlp::Span)>>> = Arc::default();
+        let s = spans.clone();
+        serve_on(
+            listener,
+            false,
+            move |req: Request<hyper::body::Incoming>| {
+                let s = s.clone();
+                async move {
+                    assert_eq!(req.uri().path(), "/v1/traces");
+                    assert_eq!(req.headers()["content-type"], "application/x-protobuf");
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let export =
+                        otlp::ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                    for rs in export.resource_spans {
+                        let resource = rs.resource.clone().unwrap_or_default();
+                        for ss in rs.scope_spans {
+                            assert_eq!(ss.scope.as_ref().unwrap().name, "braid");
+                            for span in ss.spans {
+                                s.lock().unwrap().push((resource.clone(), span));
+                            }
+                        }
+                    }
+                    Ok(Response::new(Full::new(Bytes::new())))
+                }
+            },
+        );
+        Collector { url, spans }
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<(otlp::Resource, otlp::Span)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.spans.lock().unwrap().clone();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {n} spans",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn trace_config(endpoint: &str, sampler: Sampler) -> TraceConfig {
+    TraceConfig {
+        endpoint: endpoint.parse().unwrap(),
+        sampler,
+        resource: vec![("service.name".into(), "braid-test".into())],
+        max_queue: 4096,
+        max_batch: 64,
+        delay: Duration::from_millis(20),
+        timeout: Duration::from_secs(2),
+    }
+}
+
+async fn traced_proxy(dir: &Path, config: &str, trace: TraceConfig) -> TestProxy {
+    let path = dir.join("braid.yaml");
+    std::fs::write(&path, config).unwrap();
+    let mut opts = options(&path);
+    opts.trace = Some(trace);
+    TestProxy::start_at(&path, opts).await
+}
+
+fn attrs(span: &otlp::Span) -> HashMap<String, any_value::Value> {
+    span.attributes
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone().unwrap().value.unwrap()))
+        .collect()
+}
+
+fn s(v: &str) -> any_value::Value {
+    any_value::Value::StringValue(v.into())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER: &str = "00f067aa0ba902b7";
+
+#[tokio::test]
+async fn the_callers_trace_continues_through_braid_to_the_backend() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sampler = Sampler::ParentBased(RootSampler::AlwaysOn);
+    let proxy = traced_proxy(
+        dir.path(),
+        &ab_config(&a.url(), &b.url(), 1.0, 1.0),
+        trace_config(&collector.url, sampler),
+    )
+    .await;
+    let c = client();
+    let tp = format!("00-{TRACE}-{CALLER}-01");
+    let r = post(
+        &c,
+        &proxy.url(INFER),
+        &[
+            ("traceparent", &tp),
+            ("tracestate", "vendor=x"),
+            ("x-user-id", "alice"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = r.json();
+    let sent = seen["traceparent"]
+        .as_str()
+        .expect("the backend got a traceparent");
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("00", TRACE, "01"),
+        "{sent}"
+    );
+    assert_ne!(
+        parts[2], CALLER,
+        "the backend's parent is braid's span, not the caller's"
+    );
+    assert_eq!(seen["tracestate"], "vendor=x");
+
+    let spans = collector.wait_for(1).await;
+    let (resource, span) = &spans[0];
+    assert_eq!(hex(&span.trace_id), TRACE);
+    assert_eq!(hex(&span.parent_span_id), CALLER);
+    assert_eq!(hex(&span.span_id), parts[2]);
+    assert_eq!(span.kind, otlp::span::SpanKind::Server as i32);
+    assert_eq!(span.name, "POST /v2/models/{model}/infer");
+    assert_eq!(span.trace_state, "vendor=x");
+    assert!(span.end_time_unix_nano > span.start_time_unix_nano);
+    let at = attrs(span);
+    assert_eq!(at["braid.route"], s("sentiment"));
+    assert_eq!(at["braid.variant"], s(r.variant()));
+    assert_eq!(at["braid.assignment"], s("sticky"));
+    assert_eq!(at["http.route"], s("/v2/models/{model}/infer"));
+    assert_eq!(at["http.request.method"], s("POST"));
+    assert_eq!(
+        at["http.response.status_code"],
+        any_value::Value::IntValue(200)
+    );
+    assert_eq!(
+        span.status.as_ref().unwrap().code,
+        otlp::status::StatusCode::Unset as i32
+    );
+    let service = &resource.attributes[0];
+    assert_eq!(service.key, "service.name");
+    assert_eq!(
+        service.value.clone().unwrap().value.unwrap(),
+        s("braid-test")
+    );
+
+    // A 5xx answer makes the server span an error.
+    a.set(|f| f.status = 500);
+    b.set(|f| f.status = 500);
+    post(&c, &proxy.url(INFER), &[("traceparent", &tp)], "{}").await;
+    let spans = collector.wait_for(2).await;
+    assert_eq!(
+        spans[1].1.status.as_ref().unwrap().code,
+        otlp::status::StatusCode::Error as i32
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn samplers_decide_which_requests_are_recorded_and_the_flag_says_so() {
+    let a = Backend::start("a").await;
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sampler = Sampler::ParentBased(RootSampler::TraceIdRatio(0.25));
+    let proxy = traced_proxy(
+        dir.path(),
+        &single_route(&a.url()),
+        trace_config(&collector.url, sampler),
+    )
+    .await;
+    let c = client();
+    let n = 400;
+    let mut sampled = Vec::new();
+    let mut trace_ids = std::collections::HashSet::new();
+    for _ in 0..n {
+        let seen = post(&c, &proxy.url("/anything"), &[], "{}").await.json();
+        let tp = seen["traceparent"]
+            .as_str()
+            .expect("a new trace for every request")
+            .to_string();
+        let fields: Vec<&str> = tp.split('-').collect();
+        trace_ids.insert(fields[1].to_string());
+        if fields[3] == "01" {
+            sampled.push(fields[1].to_string());
+        }
+    }
+    assert_eq!(trace_ids.len(), n, "every request starts its own trace");
+    // Binomial(400, 0.25): mean 100, sd 8.7; four standard deviations either side.
+    assert!(
+        (65..=135).contains(&sampled.len()),
+        "{} of {n} sampled",
+        sampled.len()
+    );
+    let spans = collector.wait_for(sampled.len()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let spans_now = collector.spans.lock().unwrap().len();
+    assert_eq!(
+        spans_now,
+        sampled.len(),
+        "exactly the sampled requests are recorded"
+    );
+    let exported: std::collections::HashSet<String> =
+        spans.iter().map(|(_, s)| hex(&s.trace_id)).collect();
+    assert!(sampled.iter().all(|t| exported.contains(t)));
+    assert!(
+        spans.iter().all(|(_, s)| s.parent_span_id.is_empty()),
+        "roots have no parent"
+    );
+
+    // A caller that did not sample: braid records nothing and passes the decision on.
+    let tp = format!("00-{TRACE}-{CALLER}-00");
+    let seen = post(&c, &proxy.url("/anything"), &[("traceparent", &tp)], "{}")
+        .await
+        .json();
+    let fwd = seen["traceparent"].as_str().unwrap();
+    assert!(
+        fwd.starts_with(&format!("00-{TRACE}-")) && fwd.ends_with("-00"),
+        "{fwd}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(collector.spans.lock().unwrap().len(), spans_now);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_collector_costs_requests_nothing() {
+    let a = Backend::start("a").await;
+    let dead = format!("http://{}/v1/traces", dead_addr().await);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = traced_proxy(
+        dir.path(),
+        &single_route(&a.url()),
+        trace_config(&dead, Sampler::AlwaysOn),
+    )
+    .await;
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(post(&c, &proxy.url("/x"), &[], "{}").await.status, 200);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(&proxy, "braid_trace_spans_total{result=\"failed\"}").await < 50.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "failed exports not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn without_tracing_traceparent_passes_through_unchanged() {
+    let a = Backend::start("a").await;
+    let proxy = TestProxy::start(&single_route(&a.url())).await;
+    let tp = format!("00-{TRACE}-{CALLER}-01");
+    let seen = post(&client(), &proxy.url("/x"), &[("traceparent", &tp)], "{}")
+        .await
+        .json();
+    assert_eq!(seen["traceparent"], tp.as_str());
+    let seen = post(&client(), &proxy.url("/x"), &[], "{}").await.json();
+    assert!(seen["traceparent"].is_null());
+    proxy.stop().await;
+}
+
+/// Requests built for retries (not written straight) carry braid's traceparent too.
+#[tokio::test]
+async fn retried_requests_carry_braids_span_as_the_parent() {
+    let a = Backend::start("a").await;
+    a.set(|f| {
+        f.status = 503;
+        f.times = 1;
+    });
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "routes:\n  - path_prefix: /\n    variants: [{{ name: only, backend: \"{}\" }}]\n    retry: {{ attempts: 2, backoff_base: 1ms, backoff_max: 1ms }}\n",
+        a.url()
+    );
+    let sampler = Sampler::ParentBased(RootSampler::AlwaysOn);
+    let proxy = traced_proxy(dir.path(), &config, trace_config(&collector.url, sampler)).await;
+    let tp = format!("00-{TRACE}-{CALLER}-01");
+    let r = post(&client(), &proxy.url("/x"), &[("traceparent", &tp)], "{}").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(a.hits(), 2, "retried once");
+    let sent = r.json()["traceparent"].as_str().unwrap().to_string();
+    let spans = collector.wait_for(1).await;
+    let span = &spans[0].1;
+    assert_eq!(sent, format!("00-{TRACE}-{}-01", hex(&span.span_id)));
+    assert_eq!(span.name, "POST /");
+    proxy.stop().await;
+}
