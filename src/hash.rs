@@ -33,13 +33,17 @@ thread_local! {
     static RNG: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()) | 1);
 }
 
-/// A uniform f64 in [0, 1) from a per-thread wyrand generator.
-pub fn next_f64() -> f64 {
+/// 64 uniform bits from a per-thread wyrand generator.
+pub fn next_u64() -> u64 {
     RNG.with(|s| {
         let x = s.get().wrapping_add(0xa076_1d64_78bd_642f);
         s.set(x);
         let t = (x as u128).wrapping_mul((x ^ 0xe703_7ed1_a0b4_28db) as u128);
-        let r = ((t >> 64) as u64) ^ (t as u64);
-        (r >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        ((t >> 64) as u64) ^ (t as u64)
     })
+}
+
+/// A uniform f64 in [0, 1) from the same generator.
+pub fn next_f64() -> f64 {
+    (next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }

@@ -156,8 +156,9 @@ pub(super) fn server_span(
     variant: &str,
     assignment: &'static str,
     status: http::StatusCode,
-    resp: &Response<Body>,
+    (resp, elapsed): (&Response<Body>, Duration),
 ) -> SpanData {
+    let end = SystemTime::now();
     let route = r.m.route;
     let path = parts.uri.path();
     let mut attributes = vec![
@@ -202,8 +203,9 @@ pub(super) fn server_span(
         trace_state: t.trace_state.clone(),
         name,
         kind: SpanKind::Server,
-        start: t.start,
-        end: SystemTime::now(),
+        // The wall clock is read once, at the end, and only for recorded spans.
+        start: end - elapsed,
+        end,
         attributes,
         // The server span's status: an error only for 5xx (OpenTelemetry's HTTP rule).
         error: status.is_server_error(),

@@ -101,11 +101,13 @@ impl Proxy {
                 Outgoing::Direct(backend) => {
                     let xff = forwarded_for(&parts.headers, conn);
                     let timeout = left.map(retry::deadline_value);
-                    let traceparent = r.trace.as_ref().map(|t| t.context.traceparent());
+                    let traceparent = r.trace.as_ref().map(|t| t.context.traceparent_bytes());
                     let replaced = [
-                        xff.as_ref().map(|v| (&X_FORWARDED_FOR, v)),
-                        timeout.as_ref().map(|v| (&retry::DEADLINE_HEADER, v)),
-                        traceparent.as_ref().map(|v| (&TRACEPARENT, v)),
+                        xff.as_ref().map(|v| (&X_FORWARDED_FOR, v.as_bytes())),
+                        timeout
+                            .as_ref()
+                            .map(|v| (&retry::DEADLINE_HEADER, v.as_bytes())),
+                        traceparent.as_ref().map(|v| (&TRACEPARENT, &v[..])),
                     ];
                     return backend
                         .send_head(

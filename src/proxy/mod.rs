@@ -406,7 +406,7 @@ impl Proxy {
                 &variant.name,
                 how,
                 status,
-                &resp,
+                (&resp, elapsed),
             ));
         }
         if r.wire.grpc() {

@@ -38,27 +38,43 @@ pub struct SpanContext {
 impl SpanContext {
     /// `traceparent` for this context: `00-{trace}-{span}-{flags}`.
     pub fn traceparent(&self) -> HeaderValue {
-        let mut s = String::with_capacity(55);
-        s.push_str("00-");
-        hex(&mut s, &self.trace_id);
-        s.push('-');
-        hex(&mut s, &self.span_id);
-        s.push_str(if self.sampled { "-01" } else { "-00" });
-        HeaderValue::from_str(&s).expect("hex is a valid header value")
+        HeaderValue::from_bytes(&self.traceparent_bytes()).expect("hex is a valid header value")
+    }
+
+    /// The same, as bytes on the stack (the direct HTTP/1.1 path writes them as they are).
+    pub fn traceparent_bytes(&self) -> [u8; 55] {
+        let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex(&mut b[3..35], &self.trace_id);
+        hex(&mut b[36..52], &self.span_id);
+        if self.sampled {
+            b[54] = b'1';
+        }
+        b
     }
 
     pub fn trace_id_hex(&self) -> String {
-        let mut s = String::with_capacity(32);
-        hex(&mut s, &self.trace_id);
-        s
+        let mut b = [0u8; 32];
+        hex(&mut b, &self.trace_id);
+        b.iter().map(|&c| c as char).collect()
     }
 }
 
-fn hex(out: &mut String, bytes: &[u8]) {
+/// Each byte's two lower-case hex digits.
+const HEX: [[u8; 2]; 256] = {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 15) as usize] as char);
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [DIGITS[i >> 4], DIGITS[i & 15]];
+        i += 1;
+    }
+    t
+};
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex(out: &mut [u8], bytes: &[u8]) {
+    for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX[b as usize]);
     }
 }
 
@@ -284,8 +300,8 @@ impl TraceConfig {
 /// unique, not secret).
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
-    for chunk in out.chunks_mut(6) {
-        let r = (crate::hash::next_f64() * (1u64 << 48) as f64) as u64;
+    for chunk in out.chunks_mut(8) {
+        let r = crate::hash::next_u64();
         chunk.copy_from_slice(&r.to_le_bytes()[..chunk.len()]);
     }
     if out.iter().all(|b| *b == 0) {
@@ -306,7 +322,6 @@ pub struct RequestTrace {
     /// The caller's span, when it sent a valid `traceparent`.
     pub parent: Option<[u8; 8]>,
     pub trace_state: Option<String>,
-    pub start: SystemTime,
 }
 
 impl RequestTrace {
@@ -327,7 +342,6 @@ impl RequestTrace {
             },
             parent: parent.map(|p| p.span_id),
             trace_state,
-            start: SystemTime::now(),
         }
     }
 }

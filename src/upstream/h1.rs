@@ -126,7 +126,7 @@ impl Backend {
         method: &Method,
         path: &str,
         headers: &http::HeaderMap,
-        replaced: &[Option<(&http::HeaderName, &HeaderValue)>],
+        replaced: &[Option<(&http::HeaderName, &[u8])>],
         body: Bytes,
     ) -> Result<Response<Reply>, SendError> {
         let coalesced = body.len() <= COALESCE_BODY;

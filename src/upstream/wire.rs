@@ -206,7 +206,7 @@ pub fn encode_request(
     path: &str,
     host: &HeaderValue,
     headers: &HeaderMap,
-    replaced: &[Option<(&HeaderName, &HeaderValue)>],
+    replaced: &[Option<(&HeaderName, &[u8])>],
     body_len: usize,
     out: &mut Vec<u8>,
 ) {
@@ -232,7 +232,7 @@ pub fn encode_request(
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     for (name, value) in replaced.iter().flatten() {
-        line(out, name.as_str().as_bytes(), value.as_bytes());
+        line(out, name.as_str().as_bytes(), value);
     }
     let bodiless = matches!(
         *method,
