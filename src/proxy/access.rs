@@ -11,14 +11,12 @@ use http::{Response, header};
 use http_body_util::BodyExt;
 use serde_json::json;
 
-use super::Routed;
 use super::batched::Batched;
 use super::tee::Tee;
 use crate::error::Body;
 use crate::payload::{self, Payload, PayloadLog, Record};
 use crate::route::assign::Assignment;
-use crate::trace::otlp::span::SpanKind;
-use crate::trace::{RequestTrace, SpanData, Value};
+use crate::trace::RequestTrace;
 
 pub(super) struct Entry<'a> {
     pub route: &'a str,
@@ -144,72 +142,6 @@ pub(super) fn log_payload(
         log.write(record);
     });
     Response::from_parts(parts, tee.boxed())
-}
-
-/// braid's SERVER span for a sampled request, named and attributed by OpenTelemetry's
-/// HTTP (and RPC) conventions, plus braid's own `braid.*` attributes. It ends at the
-/// response headers, as `braid_request_duration_seconds` does.
-pub(super) fn server_span(
-    r: &Routed<'_>,
-    t: &RequestTrace,
-    parts: &http::request::Parts,
-    variant: &str,
-    assignment: &'static str,
-    status: http::StatusCode,
-    (resp, elapsed): (&Response<Body>, Duration),
-) -> SpanData {
-    let end = SystemTime::now();
-    let route = r.m.route;
-    let path = parts.uri.path();
-    let mut attributes = vec![
-        ("http.request.method", Value::Str(parts.method.to_string())),
-        ("url.path", Value::Str(path.to_string())),
-        (
-            "http.response.status_code",
-            Value::Int(status.as_u16().into()),
-        ),
-        ("braid.route", Value::Str(route.name.to_string())),
-        ("braid.variant", Value::Str(variant.to_string())),
-        ("braid.assignment", Value::Str(assignment.to_string())),
-    ];
-    let name = if r.wire.grpc() {
-        // `{rpc.service}/{rpc.method}`, as the RPC conventions name a gRPC server span.
-        let full = path.trim_start_matches('/');
-        let (service, method) = full.rsplit_once('/').unwrap_or((full, ""));
-        attributes.push(("rpc.system", Value::Str("grpc".into())));
-        attributes.push(("rpc.service", Value::Str(service.into())));
-        attributes.push(("rpc.method", Value::Str(method.into())));
-        full.to_string()
-    } else {
-        // The route as a template: the model's place in the path, or the prefix.
-        let template = match &r.m.model_span {
-            Some(s) => format!("{}{{model}}{}", &path[..s.start], &path[s.end..]),
-            None => route
-                .path_prefix
-                .clone()
-                .unwrap_or_else(|| path.to_string()),
-        };
-        let name = format!("{} {template}", parts.method);
-        attributes.push(("http.route", Value::Str(template)));
-        name
-    };
-    if let Some(b) = resp.extensions().get::<Batched>() {
-        attributes.push(("braid.queue.wait", Value::Float(b.waited.as_secs_f64())));
-        attributes.push(("braid.batch.size", Value::Int(b.batch_rows as i64)));
-    }
-    SpanData {
-        context: t.context,
-        parent: t.parent,
-        trace_state: t.trace_state.clone(),
-        name,
-        kind: SpanKind::Server,
-        // The wall clock is read once, at the end, and only for recorded spans.
-        start: end - elapsed,
-        end,
-        attributes,
-        // The server span's status: an error only for 5xx (OpenTelemetry's HTTP rule).
-        error: status.is_server_error(),
-    }
 }
 
 fn millis(d: Duration) -> f64 {

@@ -3,6 +3,8 @@
 //! upstream path under the route's retry policy, budget and deadline; and gRPC calls
 //! streamed both ways as they arrive (`stream`).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
@@ -10,6 +12,7 @@ use http::{Method, Request, Response, Version};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 
+use super::spans::ClientSpans;
 use super::{Prepared, Proxy, Routed, Served, Wire};
 use crate::addr::Protocol;
 use crate::error::{Body, ProxyError};
@@ -17,7 +20,7 @@ use crate::executor::oip::{self, HEADER_LENGTH};
 use crate::route::{self, Match, Variant};
 use crate::server::ConnInfo;
 use crate::trace::TRACEPARENT;
-use crate::upstream::retry::{self, Attempts, Call};
+use crate::upstream::retry::{self, Attempts, Call, TryHook};
 
 impl Proxy {
     /// Sends the request to the variant's backend under the route's retry policy and
@@ -58,6 +61,14 @@ impl Proxy {
             route.retry.attempts <= 1 && route.retry.per_try_timeout.is_none() && health.is_none();
         let now = Instant::now();
         let left = prepared.deadline.map(|d| d.saturating_duration_since(now));
+        // A recorded request gets a CLIENT span per try, whose id the backend sees as
+        // its parent; otherwise the backend's parent is braid's (unrecorded) span.
+        let spans = ClientSpans::new(
+            self.tracer.as_ref(),
+            r.trace.as_ref(),
+            &parts.method,
+            &variant.upstream.authority,
+        );
         // Cheaper still over HTTP/1.1: the client's headers are written as they came,
         // with no request built, when there is nothing hop-by-hop to take out.
         let outgoing = match &live.backend {
@@ -88,7 +99,9 @@ impl Proxy {
                 if let Some(left) = left {
                     retry::set_deadline_header(&mut out, left);
                 }
-                if let Some(t) = &r.trace {
+                if let Some(t) = &r.trace
+                    && spans.is_none()
+                {
                     out.headers_mut()
                         .insert(TRACEPARENT.clone(), t.context.traceparent());
                 }
@@ -101,7 +114,12 @@ impl Proxy {
                 Outgoing::Direct(backend) => {
                     let xff = forwarded_for(&parts.headers, conn);
                     let timeout = left.map(retry::deadline_value);
-                    let traceparent = r.trace.as_ref().map(|t| t.context.traceparent_bytes());
+                    let try_span = spans.as_ref().map(|s| s.start(0));
+                    let context = try_span
+                        .as_ref()
+                        .map(|(c, _)| *c)
+                        .or(r.trace.as_ref().map(|t| t.context));
+                    let traceparent = context.map(|c| c.traceparent_bytes());
                     let replaced = [
                         xff.as_ref().map(|v| (&X_FORWARDED_FOR, v.as_bytes())),
                         timeout
@@ -109,7 +127,7 @@ impl Proxy {
                             .map(|v| (&retry::DEADLINE_HEADER, v.as_bytes())),
                         traceparent.as_ref().map(|v| (&TRACEPARENT, &v[..])),
                     ];
-                    return backend
+                    let sent = backend
                         .send_head(
                             &parts.method,
                             path.as_str(),
@@ -118,13 +136,24 @@ impl Proxy {
                             body.clone(),
                         )
                         .await;
+                    if let Some((_, end)) = try_span {
+                        end.end(sent.as_ref().ok().map(|r| r.status()));
+                    }
+                    return sent;
                 }
             };
+            let hook = spans.map(|s| -> (Arc<dyn TryHook>, _) { (Arc::new(s), Arc::default()) });
             if plain {
-                return self
+                let mut out = out;
+                let end = hook.map(|(h, _)| h.begin(0, out.headers_mut()));
+                let sent = self
                     .upstreams
                     .send_to(live.backend.as_ref(), protocol, variant.tls.as_ref(), out)
                     .await;
+                if let Some(end) = end {
+                    end.end(sent.as_ref().ok().map(|r| r.status()));
+                }
+                return sent;
             }
             let attempts = Attempts {
                 policy: route.retry.clone(),
@@ -141,6 +170,7 @@ impl Proxy {
                 backend: live.backend.clone(),
                 protocol,
                 tls: variant.tls.clone(),
+                hook,
             };
             retry::send(call, attempts, out).await
         };
@@ -207,10 +237,21 @@ impl Proxy {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut out = upstream_request(parts, body, variant, protocol, path, conn)?;
-        if let Some(t) = &r.trace {
-            out.headers_mut()
-                .insert(TRACEPARENT.clone(), t.context.traceparent());
-        }
+        let spans = ClientSpans::new(
+            self.tracer.as_ref(),
+            r.trace.as_ref(),
+            &parts.method,
+            &variant.upstream.authority,
+        );
+        let try_end = match (&spans, &r.trace) {
+            (Some(s), _) => Some(s.begin(0, out.headers_mut())),
+            (None, Some(t)) => {
+                out.headers_mut()
+                    .insert(TRACEPARENT.clone(), t.context.traceparent());
+                None
+            }
+            (None, None) => None,
+        };
         if let Some(d) = deadline {
             retry::set_deadline_header(&mut out, d.saturating_duration_since(Instant::now()));
         }
@@ -226,6 +267,9 @@ impl Proxy {
         if let Some(h) = &r.live.variants[vi].health {
             h.record(sent.is_ok(), Instant::now());
         }
+        if let Some(end) = try_end {
+            end.end(sent.as_ref().ok().map(|r| r.status()));
+        }
         let resp = sent.map_err(|e| ProxyError::from_send(&variant.upstream.authority, e))?;
         let (mut head, body) = resp.into_parts();
         strip_hop_by_hop(&mut head.headers);
@@ -238,7 +282,7 @@ impl Proxy {
 // Held for one call; boxing the built request would allocate on every forward.
 #[allow(clippy::large_enum_variant)]
 enum Outgoing<'a> {
-    Direct(&'a std::sync::Arc<crate::upstream::h1::Backend>),
+    Direct(&'a Arc<crate::upstream::h1::Backend>),
     Built(Request<Full<Bytes>>),
 }
 

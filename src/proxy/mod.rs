@@ -9,6 +9,7 @@ mod batched;
 mod forward;
 mod grpc;
 mod shadow;
+mod spans;
 mod tee;
 #[cfg(test)]
 mod tests;
@@ -399,7 +400,7 @@ impl Proxy {
             } else {
                 access::assignment(r.how)
             };
-            tracer.record(access::server_span(
+            tracer.record(spans::server_span(
                 r,
                 t,
                 parts,

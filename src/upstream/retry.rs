@@ -213,6 +213,36 @@ pub fn set_deadline_header<T>(req: &mut http::Request<T>, left: Duration) {
     }
 }
 
+/// Watches each try of a call (tracing's CLIENT spans): `begin` runs before try number
+/// `resend` (0: the first) and may change its headers; what it returns is told how the
+/// try ended: the status, or `None` when no answer came (failed, timed out, dropped).
+pub trait TryHook: Send + Sync {
+    fn begin(&self, resend: u32, headers: &mut http::HeaderMap) -> TryEnd;
+}
+
+/// Told how one try ended; told `None` if dropped first (a per-try timeout).
+pub struct TryEnd(Option<Box<dyn FnOnce(Option<StatusCode>) + Send>>);
+
+impl TryEnd {
+    pub fn new(f: impl FnOnce(Option<StatusCode>) + Send + 'static) -> TryEnd {
+        TryEnd(Some(Box::new(f)))
+    }
+
+    pub fn end(mut self, status: Option<StatusCode>) {
+        if let Some(f) = self.0.take() {
+            f(status);
+        }
+    }
+}
+
+impl Drop for TryEnd {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(None);
+        }
+    }
+}
+
 /// The innermost service: one call through the pooled client.
 #[derive(Clone)]
 pub struct Call {
@@ -221,6 +251,8 @@ pub struct Call {
     pub backend: Option<Arc<h1::Backend>>,
     pub protocol: Protocol,
     pub tls: Option<TlsPool>,
+    /// Watches every try, with the count of tries so far shared by the clones.
+    pub hook: Option<(Arc<dyn TryHook>, Arc<std::sync::atomic::AtomicU32>)>,
 }
 
 type CallFuture = Pin<Box<dyn Future<Output = Result<Reply, SendError>> + Send>>;
@@ -234,12 +266,21 @@ impl Service<Req> for Call {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Req) -> CallFuture {
+    fn call(&mut self, mut req: Req) -> CallFuture {
         let call = self.clone();
+        let watch = call.hook.as_ref().map(|(hook, tries)| {
+            let resend = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            hook.begin(resend, req.headers_mut())
+        });
         Box::pin(async move {
-            call.upstreams
+            let sent = call
+                .upstreams
                 .send_to(call.backend.as_ref(), call.protocol, call.tls.as_ref(), req)
-                .await
+                .await;
+            if let Some(w) = watch {
+                w.end(sent.as_ref().ok().map(|r| r.status()));
+            }
+            sent
         })
     }
 }

@@ -58,6 +58,16 @@ impl Collector {
         Collector { url, spans }
     }
 
+    /// The spans of one kind seen so far.
+    fn of_kind(&self, kind: otlp::span::SpanKind) -> Vec<otlp::Span> {
+        let spans = self.spans.lock().unwrap();
+        spans
+            .iter()
+            .filter(|(_, s)| s.kind == kind as i32)
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
     async fn wait_for(&self, n: usize) -> Vec<(otlp::Resource, otlp::Span)> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -155,12 +165,29 @@ async fn the_callers_trace_continues_through_braid_to_the_backend() {
     );
     assert_eq!(seen["tracestate"], "vendor=x");
 
-    let spans = collector.wait_for(1).await;
-    let (resource, span) = &spans[0];
+    let spans = collector.wait_for(2).await;
+    let resource = &spans[0].0;
+    let server = collector.of_kind(otlp::span::SpanKind::Server);
+    let client_spans = collector.of_kind(otlp::span::SpanKind::Client);
+    assert_eq!((server.len(), client_spans.len()), (1, 1));
+    let (span, try_span) = (&server[0], &client_spans[0]);
     assert_eq!(hex(&span.trace_id), TRACE);
     assert_eq!(hex(&span.parent_span_id), CALLER);
-    assert_eq!(hex(&span.span_id), parts[2]);
-    assert_eq!(span.kind, otlp::span::SpanKind::Server as i32);
+    // The backend's parent is the try's CLIENT span, itself a child of braid's span.
+    assert_eq!(hex(&try_span.span_id), parts[2]);
+    assert_eq!(try_span.parent_span_id, span.span_id);
+    assert_eq!(hex(&try_span.trace_id), TRACE);
+    assert_eq!(try_span.name, "POST");
+    let ct = attrs(try_span);
+    assert_eq!(
+        ct["http.request.resend_count"],
+        any_value::Value::IntValue(0)
+    );
+    assert_eq!(
+        ct["http.response.status_code"],
+        any_value::Value::IntValue(200)
+    );
+    assert_eq!(ct["server.address"], s("127.0.0.1"));
     assert_eq!(span.name, "POST /v2/models/{model}/infer");
     assert_eq!(span.trace_state, "vendor=x");
     assert!(span.end_time_unix_nano > span.start_time_unix_nano);
@@ -189,9 +216,10 @@ async fn the_callers_trace_continues_through_braid_to_the_backend() {
     a.set(|f| f.status = 500);
     b.set(|f| f.status = 500);
     post(&c, &proxy.url(INFER), &[("traceparent", &tp)], "{}").await;
-    let spans = collector.wait_for(2).await;
+    collector.wait_for(4).await;
+    let server = collector.of_kind(otlp::span::SpanKind::Server);
     assert_eq!(
-        spans[1].1.status.as_ref().unwrap().code,
+        server[1].status.as_ref().unwrap().code,
         otlp::status::StatusCode::Error as i32
     );
     proxy.stop().await;
@@ -232,13 +260,18 @@ async fn samplers_decide_which_requests_are_recorded_and_the_flag_says_so() {
         "{} of {n} sampled",
         sampled.len()
     );
-    let spans = collector.wait_for(sampled.len()).await;
+    collector.wait_for(2 * sampled.len()).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let spans_now = collector.spans.lock().unwrap().len();
+    let spans: Vec<((), otlp::Span)> = collector
+        .of_kind(otlp::span::SpanKind::Server)
+        .into_iter()
+        .map(|s| ((), s))
+        .collect();
     assert_eq!(
-        spans_now,
-        sampled.len(),
-        "exactly the sampled requests are recorded"
+        (spans.len(), spans_now),
+        (sampled.len(), 2 * sampled.len()),
+        "exactly the sampled requests are recorded, each with its try"
     );
     let exported: std::collections::HashSet<String> =
         spans.iter().map(|(_, s)| hex(&s.trace_id)).collect();
@@ -303,9 +336,10 @@ async fn without_tracing_traceparent_passes_through_unchanged() {
     proxy.stop().await;
 }
 
-/// Requests built for retries (not written straight) carry braid's traceparent too.
+/// Each try is a CLIENT span under braid's SERVER span, with its resend count; the
+/// backend's parent is the try that reached it.
 #[tokio::test]
-async fn retried_requests_carry_braids_span_as_the_parent() {
+async fn every_try_is_a_client_span_with_its_resend_count() {
     let a = Backend::start("a").await;
     a.set(|f| {
         f.status = 503;
@@ -324,9 +358,27 @@ async fn retried_requests_carry_braids_span_as_the_parent() {
     assert_eq!(r.status, 200);
     assert_eq!(a.hits(), 2, "retried once");
     let sent = r.json()["traceparent"].as_str().unwrap().to_string();
-    let spans = collector.wait_for(1).await;
-    let span = &spans[0].1;
-    assert_eq!(sent, format!("00-{TRACE}-{}-01", hex(&span.span_id)));
-    assert_eq!(span.name, "POST /");
+    collector.wait_for(3).await;
+    let server = collector.of_kind(otlp::span::SpanKind::Server);
+    let mut tries = collector.of_kind(otlp::span::SpanKind::Client);
+    assert_eq!((server.len(), tries.len()), (1, 2));
+    assert_eq!(server[0].name, "POST /");
+    let resend = |s: &otlp::Span| match attrs(s)["http.request.resend_count"] {
+        any_value::Value::IntValue(n) => n,
+        ref other => panic!("{other:?}"),
+    };
+    tries.sort_by_key(resend);
+    for (i, t) in tries.iter().enumerate() {
+        assert_eq!(resend(t), i as i64);
+        assert_eq!(t.parent_span_id, server[0].span_id);
+    }
+    let status = |s: &otlp::Span| attrs(s)["http.response.status_code"].clone();
+    assert_eq!(status(&tries[0]), any_value::Value::IntValue(503));
+    assert_eq!(
+        tries[0].status.as_ref().unwrap().code,
+        otlp::status::StatusCode::Error as i32
+    );
+    assert_eq!(status(&tries[1]), any_value::Value::IntValue(200));
+    assert_eq!(sent, format!("00-{TRACE}-{}-01", hex(&tries[1].span_id)));
     proxy.stop().await;
 }

@@ -1,0 +1,165 @@
+//! The spans braid records for a request: its SERVER span, named and attributed by
+//! OpenTelemetry's HTTP (and RPC) conventions with braid's own `braid.*` attributes,
+//! and a CLIENT span for every try that reaches a backend (retries and the fallback
+//! included), whose id the backend gets as its parent.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::Response;
+use http::uri::Authority;
+
+use super::Routed;
+use super::batched::Batched;
+use crate::error::Body;
+use crate::trace::export::Tracer;
+use crate::trace::otlp::span::SpanKind;
+use crate::trace::{RequestTrace, SpanContext, SpanData, TRACEPARENT, Value, new_span_id};
+use crate::upstream::retry::{TryEnd, TryHook};
+
+/// braid's SERVER span for a sampled request, named and attributed by OpenTelemetry's
+/// HTTP (and RPC) conventions, plus braid's own `braid.*` attributes. It ends at the
+/// response headers, as `braid_request_duration_seconds` does.
+pub(super) fn server_span(
+    r: &Routed<'_>,
+    t: &RequestTrace,
+    parts: &http::request::Parts,
+    variant: &str,
+    assignment: &'static str,
+    status: http::StatusCode,
+    (resp, elapsed): (&Response<Body>, Duration),
+) -> SpanData {
+    let end = SystemTime::now();
+    let route = r.m.route;
+    let path = parts.uri.path();
+    let mut attributes = vec![
+        ("http.request.method", Value::Str(parts.method.to_string())),
+        ("url.path", Value::Str(path.to_string())),
+        (
+            "http.response.status_code",
+            Value::Int(status.as_u16().into()),
+        ),
+        ("braid.route", Value::Str(route.name.to_string())),
+        ("braid.variant", Value::Str(variant.to_string())),
+        ("braid.assignment", Value::Str(assignment.to_string())),
+    ];
+    let name = if r.wire.grpc() {
+        // `{rpc.service}/{rpc.method}`, as the RPC conventions name a gRPC server span.
+        let full = path.trim_start_matches('/');
+        let (service, method) = full.rsplit_once('/').unwrap_or((full, ""));
+        attributes.push(("rpc.system", Value::Str("grpc".into())));
+        attributes.push(("rpc.service", Value::Str(service.into())));
+        attributes.push(("rpc.method", Value::Str(method.into())));
+        full.to_string()
+    } else {
+        // The route as a template: the model's place in the path, or the prefix.
+        let template = match &r.m.model_span {
+            Some(s) => format!("{}{{model}}{}", &path[..s.start], &path[s.end..]),
+            None => route
+                .path_prefix
+                .clone()
+                .unwrap_or_else(|| path.to_string()),
+        };
+        let name = format!("{} {template}", parts.method);
+        attributes.push(("http.route", Value::Str(template)));
+        name
+    };
+    if let Some(b) = resp.extensions().get::<Batched>() {
+        attributes.push(("braid.queue.wait", Value::Float(b.waited.as_secs_f64())));
+        attributes.push(("braid.batch.size", Value::Int(b.batch_rows as i64)));
+    }
+    SpanData {
+        context: t.context,
+        parent: t.parent,
+        trace_state: t.trace_state.clone(),
+        name,
+        kind: SpanKind::Server,
+        // The wall clock is read once, at the end, and only for recorded spans.
+        start: end - elapsed,
+        end,
+        attributes,
+        // The server span's status: an error only for 5xx (OpenTelemetry's HTTP rule).
+        error: status.is_server_error(),
+    }
+}
+
+/// CLIENT spans for the tries of one recorded request, children of its SERVER span.
+pub(super) struct ClientSpans {
+    tracer: Arc<Tracer>,
+    server: SpanContext,
+    trace_state: Option<String>,
+    method: http::Method,
+    authority: Authority,
+}
+
+impl ClientSpans {
+    /// `None` unless the request is being recorded.
+    pub(super) fn new(
+        tracer: Option<&Arc<Tracer>>,
+        trace: Option<&RequestTrace>,
+        method: &http::Method,
+        authority: &Authority,
+    ) -> Option<ClientSpans> {
+        let t = trace.filter(|t| t.context.sampled)?;
+        Some(ClientSpans {
+            tracer: tracer?.clone(),
+            server: t.context,
+            trace_state: t.trace_state.clone(),
+            method: method.clone(),
+            authority: authority.clone(),
+        })
+    }
+
+    /// Starts try number `resend`: its context (the backend's parent) and what records
+    /// the span when the try ends.
+    pub(super) fn start(&self, resend: u32) -> (SpanContext, TryEnd) {
+        let context = SpanContext {
+            span_id: new_span_id(),
+            ..self.server
+        };
+        let start = SystemTime::now();
+        let (tracer, parent, trace_state) = (
+            self.tracer.clone(),
+            self.server.span_id,
+            self.trace_state.clone(),
+        );
+        let (method, authority) = (self.method.clone(), self.authority.clone());
+        let end = TryEnd::new(move |status: Option<http::StatusCode>| {
+            let mut attributes = vec![
+                ("http.request.method", Value::Str(method.to_string())),
+                ("server.address", Value::Str(authority.host().to_string())),
+                ("http.request.resend_count", Value::Int(resend.into())),
+            ];
+            if let Some(port) = authority.port_u16() {
+                attributes.push(("server.port", Value::Int(port.into())));
+            }
+            match status {
+                Some(s) => {
+                    attributes.push(("http.response.status_code", Value::Int(s.as_u16().into())))
+                }
+                None => attributes.push(("error.type", Value::Str("no_response".into()))),
+            }
+            tracer.record(SpanData {
+                context,
+                parent: Some(parent),
+                trace_state,
+                name: method.to_string(),
+                kind: SpanKind::Client,
+                start,
+                end: SystemTime::now(),
+                attributes,
+                // The client-span rule: 4xx and 5xx, or no answer, are errors.
+                error: status.is_none_or(|s| s.as_u16() >= 400),
+            });
+        });
+        (context, end)
+    }
+}
+
+impl TryHook for ClientSpans {
+    fn begin(&self, resend: u32, headers: &mut http::HeaderMap) -> TryEnd {
+        let (context, end) = self.start(resend);
+        headers.insert(TRACEPARENT.clone(), context.traceparent());
+        end
+    }
+}
