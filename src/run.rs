@@ -97,9 +97,19 @@ pub async fn start(
     };
     let metrics = Arc::new(Metrics::new());
     let upstreams = Upstreams::new(CONNECT_TIMEOUT);
+    let tracer = opts.trace.map(|c| {
+        Arc::new(crate::trace::export::Tracer::start(
+            c,
+            metrics.clone(),
+            upstreams.clone(),
+        ))
+    });
     let store = Arc::new(Store::new(
         metrics.clone(),
-        Arc::new(HttpExecutor(upstreams.clone())),
+        Arc::new(HttpExecutor {
+            upstreams: upstreams.clone(),
+            tracer: tracer.clone(),
+        }),
         upstreams.clone(),
     ));
     let watcher = match opts.config.clone() {
@@ -153,13 +163,7 @@ pub async fn start(
         store: store.clone(),
         metrics: metrics.clone(),
         access_log,
-        tracer: opts.trace.map(|c| {
-            Arc::new(crate::trace::export::Tracer::start(
-                c,
-                metrics.clone(),
-                upstreams.clone(),
-            ))
-        }),
+        tracer,
         upstreams,
         max_body_bytes: opts.limits.max_body_bytes,
         max_inflight: opts.limits.max_inflight,

@@ -26,6 +26,7 @@ use super::queue::{BatchLimits, Entry, Next, Queue};
 use crate::addr::Upstream;
 pub use crate::error::BatchError;
 use crate::metrics::BatchMetrics;
+use crate::trace::SpanContext;
 
 pub type Reply = Result<Delivered, BatchError>;
 
@@ -46,11 +47,14 @@ pub type ExecFuture<'a> =
 /// No reply at all (refused, reset, killed mid-batch) is `Unreachable`; a reply that
 /// cannot be read is `BadReply`. Deadlines are applied by the batcher around the call.
 pub trait Execute: Send + Sync + 'static {
+    /// One call with a merged body; `links` are the recorded spans of the requests it
+    /// carries (tracing's `braid.batch` span links to each).
     fn execute<'a>(
         &'a self,
         upstream: &'a Upstream,
         path: &'a str,
         body: Payload,
+        links: &'a [SpanContext],
     ) -> ExecFuture<'a>;
 }
 
@@ -68,6 +72,8 @@ pub struct Submission {
     pub row_id: Option<Arc<str>>,
     /// Priority class (index into the limits' classes; 0 on a route without them).
     pub class: usize,
+    /// The request's span, when it is being recorded.
+    pub trace: Option<SpanContext>,
 }
 
 // Nearly every message is a submission: boxing it would cost an allocation per request.
@@ -131,6 +137,7 @@ struct Pending {
     reply: oneshot::Sender<Reply>,
     /// Set when its batch is sent.
     waited: Duration,
+    trace: Option<SpanContext>,
 }
 
 async fn run(
@@ -205,7 +212,7 @@ async fn run(
                         // Now, not the loop's last wake-up: the linger measures gaps between arrivals.
                         enqueued: Instant::now().into_std(),
                         deadline: [s.deadline, s.queue_deadline].into_iter().flatten().min().map(Instant::into_std),
-                        payload: Pending { item: s.item, upstream: s.upstream, path: s.path, deadline: s.deadline, row_id: s.row_id, reply, waited: Duration::ZERO },
+                        payload: Pending { item: s.item, upstream: s.upstream, path: s.path, deadline: s.deadline, row_id: s.row_id, reply, waited: Duration::ZERO, trace: s.trace },
                     };
                     match q.push(entry) {
                         Ok(None) => {}
@@ -279,7 +286,15 @@ fn execute<'a>(
                 first: RowIds::fresh_first(items.iter().map(|i| i.rows).sum()),
             });
         let body = codec::merge(&items, row_ids);
-        let result = send(executor, &head.upstream, &head.path, body, deadline).await;
+        let links: Vec<SpanContext> = parts.iter().filter_map(|p| p.trace).collect();
+        let result = send(
+            executor,
+            (&head.upstream, &head.path),
+            body,
+            &links,
+            deadline,
+        )
+        .await;
         match result {
             Ok((status, reply)) if status.is_success() => {
                 match codec::split_payload(&items, &reply, row_ids) {
@@ -335,12 +350,12 @@ fn could_be_one_item(status: StatusCode) -> bool {
 /// One call to the executor, bounded by the batch's earliest deadline.
 async fn send(
     executor: &dyn Execute,
-    up: &Upstream,
-    path: &str,
+    (up, path): (&Upstream, &str),
     body: Payload,
+    links: &[SpanContext],
     deadline: Option<Instant>,
 ) -> Result<(StatusCode, Payload), BatchError> {
-    let call = executor.execute(up, path, body);
+    let call = executor.execute(up, path, body, links);
     let deadline = deadline.unwrap_or_else(|| Instant::now() + NO_DEADLINE_LIMIT);
     tokio::time::timeout_at(deadline, call)
         .await
@@ -384,6 +399,7 @@ mod tests {
             queue_deadline: None,
             row_id: None,
             class: 0,
+            trace: None,
         }
     }
 

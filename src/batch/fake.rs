@@ -72,7 +72,13 @@ impl FakeExecutor {
 impl Execute for FakeExecutor {
     /// 500 for any path naming a `broken` model; 400 when any instance is `"bad"`;
     /// otherwise every instance back as its prediction.
-    fn execute<'a>(&'a self, _: &'a Upstream, path: &'a str, body: Payload) -> ExecFuture<'a> {
+    fn execute<'a>(
+        &'a self,
+        _: &'a Upstream,
+        path: &'a str,
+        body: Payload,
+        _: &'a [crate::trace::SpanContext],
+    ) -> ExecFuture<'a> {
         Box::pin(async move {
             let v: Value = serde_json::from_slice(&body.body).expect("the batcher sends JSON");
             let instances = v["instances"].as_array().cloned().unwrap_or_default();

@@ -2,6 +2,8 @@
 //! variant's batcher, and how the outcome becomes a response. Also the batcher's way
 //! to the executor (`HttpExecutor`), over the same pooled client as forwarding.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
@@ -9,6 +11,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::Instant;
 
 use super::Prepared;
+use super::spans::BatchSpan;
 use crate::addr::Upstream;
 use crate::batch::batcher::{BatchError, Batcher, Delivered, ExecFuture, Execute, Submission};
 use crate::batch::codec::{self, Item, PathModel, Payload, Unqueued};
@@ -17,6 +20,8 @@ use crate::error::{Body, ProxyError, full};
 use crate::executor::oip;
 use crate::grpc::{self, pb};
 use crate::route::{self, Route, Variant};
+use crate::trace::export::Tracer;
+use crate::trace::{SpanContext, TRACEPARENT};
 use crate::upstream::Upstreams;
 use prost::Message;
 
@@ -140,7 +145,7 @@ pub(super) async fn submit(
     path: PathAndQuery,
     headers: &HeaderMap,
     prepared: &Prepared,
-    grpc: bool,
+    (grpc, trace): (bool, Option<SpanContext>),
 ) -> Result<Response<Body>, ProxyError> {
     if let Some(name) = route.row_id.as_deref()
         && item.has_input(name)
@@ -165,6 +170,7 @@ pub(super) async fn submit(
             queue_deadline: queue_timeout.map(|t| Instant::now() + t),
             row_id: route.row_id.clone(),
             class,
+            trace,
         })
         .await;
     match reply {
@@ -210,11 +216,23 @@ pub struct Batched {
 }
 
 /// The batcher's executor in production: a POST through braid's pooled client.
-pub struct HttpExecutor(pub Upstreams);
+pub struct HttpExecutor {
+    pub upstreams: Upstreams,
+    /// Records a `braid.batch` span for each call that carries a recorded request.
+    pub tracer: Option<Arc<Tracer>>,
+}
 
 impl Execute for HttpExecutor {
-    fn execute<'a>(&'a self, up: &'a Upstream, path: &'a str, body: Payload) -> ExecFuture<'a> {
+    fn execute<'a>(
+        &'a self,
+        up: &'a Upstream,
+        path: &'a str,
+        body: Payload,
+        links: &'a [SpanContext],
+    ) -> ExecFuture<'a> {
         Box::pin(async move {
+            let tracer = self.tracer.as_ref().filter(|_| !links.is_empty());
+            let span = tracer.map(|_| BatchSpan::start());
             let uri = Uri::builder()
                 .scheme(up.scheme.clone())
                 .authority(up.authority.clone())
@@ -225,13 +243,22 @@ impl Execute for HttpExecutor {
             *req.method_mut() = Method::POST;
             *req.uri_mut() = uri;
             oip::set_body_type(req.headers_mut(), body.header_len);
+            if let Some(s) = &span {
+                req.headers_mut()
+                    .insert(TRACEPARENT.clone(), s.client.traceparent());
+            }
             // No reply at all (refused, reset, killed mid-batch) is unavailability (503,
             // retry later); a reply we cannot trust is a bad gateway (502).
-            let resp = self
-                .0
-                .send(up.protocol, None, req)
-                .await
-                .map_err(|e| BatchError::Unreachable(e.to_string()))?;
+            let sent = self.upstreams.send(up.protocol, None, req).await;
+            if let (Some(t), Some(s)) = (tracer, span) {
+                s.finish(
+                    t,
+                    links,
+                    &up.authority,
+                    sent.as_ref().ok().map(|r| r.status()),
+                );
+            }
+            let resp = sent.map_err(|e| BatchError::Unreachable(e.to_string()))?;
             let status: StatusCode = resp.status();
             let header_len = oip::header_len(resp.headers())
                 .map_err(|e| BatchError::BadReply(format!("executor's reply: {}", e.0)))?;

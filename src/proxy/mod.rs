@@ -574,6 +574,12 @@ impl Proxy {
             };
             match queueable {
                 Ok(Some((item, exec_path))) => {
+                    // The batch's span links to this request's, when it is recorded.
+                    let recorded = r
+                        .trace
+                        .as_ref()
+                        .filter(|t| t.context.sampled && self.tracer.is_some())
+                        .map(|t| t.context);
                     let result = batched::submit(
                         batcher,
                         route,
@@ -582,7 +588,7 @@ impl Proxy {
                         exec_path,
                         &parts.headers,
                         prepared,
-                        r.wire.grpc(),
+                        (r.wire.grpc(), recorded),
                     )
                     .await;
                     return Served {

@@ -14,7 +14,9 @@ use super::batched::Batched;
 use crate::error::Body;
 use crate::trace::export::Tracer;
 use crate::trace::otlp::span::SpanKind;
-use crate::trace::{RequestTrace, SpanContext, SpanData, TRACEPARENT, Value, new_span_id};
+use crate::trace::{
+    RequestTrace, SpanContext, SpanData, TRACEPARENT, Value, new_span_id, new_trace_id,
+};
 use crate::upstream::retry::{TryEnd, TryHook};
 
 /// braid's SERVER span for a sampled request, named and attributed by OpenTelemetry's
@@ -78,6 +80,7 @@ pub(super) fn server_span(
         start: end - elapsed,
         end,
         attributes,
+        links: Vec::new(),
         // The server span's status: an error only for 5xx (OpenTelemetry's HTTP rule).
         error: status.is_server_error(),
     }
@@ -125,34 +128,115 @@ impl ClientSpans {
         );
         let (method, authority) = (self.method.clone(), self.authority.clone());
         let end = TryEnd::new(move |status: Option<http::StatusCode>| {
-            let mut attributes = vec![
-                ("http.request.method", Value::Str(method.to_string())),
-                ("server.address", Value::Str(authority.host().to_string())),
-                ("http.request.resend_count", Value::Int(resend.into())),
-            ];
-            if let Some(port) = authority.port_u16() {
-                attributes.push(("server.port", Value::Int(port.into())));
-            }
-            match status {
-                Some(s) => {
-                    attributes.push(("http.response.status_code", Value::Int(s.as_u16().into())))
-                }
-                None => attributes.push(("error.type", Value::Str("no_response".into()))),
-            }
-            tracer.record(SpanData {
-                context,
-                parent: Some(parent),
-                trace_state,
-                name: method.to_string(),
-                kind: SpanKind::Client,
+            let attempt = Attempt {
+                method: &method,
+                authority: &authority,
+                resend,
                 start,
-                end: SystemTime::now(),
-                attributes,
-                // The client-span rule: 4xx and 5xx, or no answer, are errors.
-                error: status.is_none_or(|s| s.as_u16() >= 400),
-            });
+                status,
+            };
+            tracer.record(client_span(context, parent, trace_state, attempt));
         });
         (context, end)
+    }
+}
+
+/// One call to a backend, as a CLIENT span records it.
+struct Attempt<'a> {
+    method: &'a http::Method,
+    authority: &'a Authority,
+    resend: u32,
+    start: SystemTime,
+    /// `None`: no answer came.
+    status: Option<http::StatusCode>,
+}
+
+/// A CLIENT span by OpenTelemetry's HTTP client conventions.
+fn client_span(
+    context: SpanContext,
+    parent: [u8; 8],
+    trace_state: Option<String>,
+    a: Attempt<'_>,
+) -> SpanData {
+    let mut attributes = vec![
+        ("http.request.method", Value::Str(a.method.to_string())),
+        ("server.address", Value::Str(a.authority.host().to_string())),
+        ("http.request.resend_count", Value::Int(a.resend.into())),
+    ];
+    if let Some(port) = a.authority.port_u16() {
+        attributes.push(("server.port", Value::Int(port.into())));
+    }
+    match a.status {
+        Some(s) => attributes.push(("http.response.status_code", Value::Int(s.as_u16().into()))),
+        None => attributes.push(("error.type", Value::Str("no_response".into()))),
+    }
+    SpanData {
+        context,
+        parent: Some(parent),
+        trace_state,
+        name: a.method.to_string(),
+        kind: SpanKind::Client,
+        start: a.start,
+        end: SystemTime::now(),
+        attributes,
+        links: Vec::new(),
+        // The client-span rule: 4xx and 5xx, or no answer, are errors.
+        error: a.status.is_none_or(|s| s.as_u16() >= 400),
+    }
+}
+
+/// One executor call carrying a batch: a `braid.batch` span in a trace of its own
+/// (a span cannot have many parents), linked to the span of every recorded request it
+/// carries, with the call itself as its CLIENT child (the executor's parent).
+pub(super) struct BatchSpan {
+    batch: SpanContext,
+    /// The executor's parent.
+    pub(super) client: SpanContext,
+    start: SystemTime,
+}
+
+impl BatchSpan {
+    pub(super) fn start() -> BatchSpan {
+        let trace_id = new_trace_id();
+        let span = |span_id| SpanContext {
+            trace_id,
+            span_id,
+            sampled: true,
+        };
+        BatchSpan {
+            batch: span(new_span_id()),
+            client: span(new_span_id()),
+            start: SystemTime::now(),
+        }
+    }
+
+    pub(super) fn finish(
+        self,
+        tracer: &Tracer,
+        links: &[SpanContext],
+        authority: &Authority,
+        status: Option<http::StatusCode>,
+    ) {
+        let attempt = Attempt {
+            method: &http::Method::POST,
+            authority,
+            resend: 0,
+            start: self.start,
+            status,
+        };
+        tracer.record(client_span(self.client, self.batch.span_id, None, attempt));
+        tracer.record(SpanData {
+            context: self.batch,
+            parent: None,
+            trace_state: None,
+            name: "braid.batch".into(),
+            kind: SpanKind::Internal,
+            start: self.start,
+            end: SystemTime::now(),
+            attributes: vec![("braid.batch.requests", Value::Int(links.len() as i64))],
+            links: links.to_vec(),
+            error: status.is_none_or(|s| !s.is_success()),
+        });
     }
 }
 

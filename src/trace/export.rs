@@ -145,7 +145,18 @@ pub fn encode(resource: &otlp::Resource, spans: impl Iterator<Item = SpanData>) 
             end_time_unix_nano: nanos(s.end),
             attributes: s.attributes.iter().map(|(k, v)| kv(k, v)).collect(),
             dropped_attributes_count: 0,
-            links: Vec::new(),
+            links: s
+                .links
+                .iter()
+                .map(|l| otlp::span::Link {
+                    trace_id: Bytes::copy_from_slice(&l.trace_id),
+                    span_id: Bytes::copy_from_slice(&l.span_id),
+                    trace_state: String::new(),
+                    attributes: Vec::new(),
+                    dropped_attributes_count: 0,
+                    flags: u32::from(l.sampled),
+                })
+                .collect(),
             dropped_links_count: 0,
             status: Some(otlp::Status {
                 message: String::new(),

@@ -314,6 +314,10 @@ pub fn new_span_id() -> [u8; 8] {
     random_bytes()
 }
 
+pub fn new_trace_id() -> [u8; 16] {
+    random_bytes()
+}
+
 /// One request's part in its trace: braid's SERVER span and where it hangs.
 #[derive(Debug, Clone)]
 pub struct RequestTrace {
@@ -357,6 +361,8 @@ pub struct SpanData {
     pub start: SystemTime,
     pub end: SystemTime,
     pub attributes: Vec<(&'static str, Value)>,
+    /// Spans this one relates to without being their child (a batch's requests).
+    pub links: Vec<SpanContext>,
     pub error: bool,
 }
 

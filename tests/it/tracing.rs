@@ -382,3 +382,90 @@ async fn every_try_is_a_client_span_with_its_resend_count() {
     assert_eq!(sent, format!("00-{TRACE}-{}-01", hex(&tries[1].span_id)));
     proxy.stop().await;
 }
+
+/// A batched call is one `braid.batch` span in a trace of its own, linked to the span
+/// of every recorded request it carries, with the executor call as its CLIENT child
+/// (the executor's parent); each request's own trace keeps its SERVER span.
+#[tokio::test]
+async fn a_batch_span_links_every_request_it_carries() {
+    let exec = MockExecutor::start(MockBehaviour {
+        fixed: Duration::from_millis(30),
+        ..Default::default()
+    })
+    .await;
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = batching_config(exec.addr, "{ max_batch_size: 8, max_delay: 20ms }");
+    let sampler = Sampler::ParentBased(RootSampler::AlwaysOn);
+    let proxy = traced_proxy(dir.path(), &config, trace_config(&collector.url, sampler)).await;
+    let n = 6;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let url = proxy.url("/v2/models/m/infer");
+        tasks.push(tokio::spawn(async move {
+            let tp = format!("00-{:032x}-{:016x}-01", 0xabc0 + i, 0x10 + i);
+            let body = infer_body(&[&format!("row {i}")], "");
+            let r = post(&client(), &url, &[("traceparent", &tp)], &body).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let calls = exec.batches().len();
+    assert!(
+        calls >= 1 && calls < n,
+        "requests were merged: {:?}",
+        exec.batches()
+    );
+    // Every request's SERVER span, one batch span and one CLIENT span per call.
+    collector.wait_for(n + 2 * calls).await;
+    let server = collector.of_kind(otlp::span::SpanKind::Server);
+    let batches = collector.of_kind(otlp::span::SpanKind::Internal);
+    let tries = collector.of_kind(otlp::span::SpanKind::Client);
+    assert_eq!(
+        (server.len(), batches.len(), tries.len()),
+        (n, calls, calls)
+    );
+    let mut linked: Vec<(Bytes, Bytes)> = batches
+        .iter()
+        .flat_map(|b| {
+            b.links
+                .iter()
+                .map(|l| (l.trace_id.clone(), l.span_id.clone()))
+        })
+        .collect();
+    let mut members: Vec<(Bytes, Bytes)> = server
+        .iter()
+        .map(|s| (s.trace_id.clone(), s.span_id.clone()))
+        .collect();
+    linked.sort();
+    members.sort();
+    assert_eq!(
+        linked, members,
+        "each request's span is linked from its batch"
+    );
+    for s in &server {
+        assert!(matches!(
+            attrs(s).get("braid.batch.size"),
+            Some(any_value::Value::IntValue(rows)) if *rows >= 1
+        ));
+    }
+    let executor_saw = exec.traceparents.lock().unwrap().clone();
+    assert_eq!(executor_saw.len(), calls);
+    for b in &batches {
+        assert_eq!(b.name, "braid.batch");
+        assert!(b.parent_span_id.is_empty(), "a batch starts its own trace");
+        let call = tries
+            .iter()
+            .find(|t| t.parent_span_id == b.span_id)
+            .expect("the executor call is the batch span's child");
+        assert_eq!(call.trace_id, b.trace_id);
+        let want = format!("00-{}-{}-01", hex(&call.trace_id), hex(&call.span_id));
+        assert!(
+            executor_saw.contains(&want),
+            "{want} not in {executor_saw:?}"
+        );
+    }
+    proxy.stop().await;
+}

@@ -751,6 +751,8 @@ pub struct MockExecutor {
     pub batches: Arc<std::sync::Mutex<Vec<usize>>>,
     /// Every row text ever received.
     pub seen: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The `traceparent` of every call that had one.
+    pub traceparents: Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -767,9 +769,18 @@ impl MockExecutor {
         let behaviour = Arc::new(std::sync::Mutex::new(behaviour));
         let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (b, ba, se) = (behaviour.clone(), batches.clone(), seen.clone());
-        let task = serve_on(listener, false, move |req| {
+        let traceparents = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (b, ba, se, tp) = (
+            behaviour.clone(),
+            batches.clone(),
+            seen.clone(),
+            traceparents.clone(),
+        );
+        let task = serve_on(listener, false, move |req: Request<Incoming>| {
             let (b, ba, se) = (b.clone(), ba.clone(), se.clone());
+            if let Some(v) = header(&req, "traceparent") {
+                tp.lock().unwrap().push(v);
+            }
             async move { mock_answer(req, &b, &ba, &se).await }
         });
         MockExecutor {
@@ -777,6 +788,7 @@ impl MockExecutor {
             behaviour,
             batches,
             seen,
+            traceparents,
             task,
         }
     }
