@@ -300,6 +300,7 @@ fn main() {
                     max_batch: 256,
                 }],
                 device: "cpu".into(),
+                trace: None,
                 limits: braid::server::Limits::default(),
             };
             let mut exec = braid::executor::server::start(opts, l).await.unwrap();

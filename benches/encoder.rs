@@ -149,6 +149,7 @@ fn http(corpus: &[&str], pass_ms: f64) {
                 max_batch: 256,
             }],
             device: "cpu".into(),
+            trace: None,
             limits: braid::server::Limits::default(),
         };
         let mut exec = braid::executor::server::start(opts, l).await.unwrap();

@@ -638,6 +638,13 @@ fn executor(args: ExecutorArgs) -> ExitCode {
             (None, vec![spec])
         }
     };
+    let trace = match crate::trace::TraceConfig::from_env("braid-executor") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("braid executor: tracing: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let opts = crate::executor::server::ExecutorOptions {
         models,
         device: args
@@ -645,6 +652,7 @@ fn executor(args: ExecutorArgs) -> ExitCode {
             .clone()
             .or(device)
             .unwrap_or_else(|| "cpu".into()),
+        trace,
         limits: Limits::default(),
     };
     runtime(None).block_on(async move {

@@ -93,6 +93,9 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     let opts = ExecutorOptions {
         models: models(&args.model),
         device: "cpu".into(),
+        trace: crate::trace::TraceConfig::from_env("braid-demo-executor")
+            .ok()
+            .flatten(),
         limits: Limits::default(),
     };
     let mut exec = match executor::start(opts, exec_l).await {

@@ -808,9 +808,17 @@ pub struct ExecutorMetrics {
     cancelled: Family<ModelLabels, Counter>,
     tokens_computed: Family<ModelLabels, Counter>,
     tokens_real: Family<ModelLabels, Counter>,
+    trace_spans: Family<ResultLabels, Counter>,
 }
 
 impl ExecutorMetrics {
+    /// Counts `n` of the executor's spans by what became of them.
+    pub fn trace_spans(&self, result: &'static str, n: u64) {
+        self.trace_spans
+            .get_or_create(&ResultLabels { result })
+            .inc_by(n);
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = register(
@@ -843,6 +851,12 @@ impl ExecutorMetrics {
             "Batches waiting for a model thread",
             Family::<ModelLabels, Gauge>::default(),
         );
+        let trace_spans = register(
+            &mut registry,
+            "braid_executor_trace_spans",
+            "The executor's spans, by result (exported; failed: the OTLP endpoint refused them or did not answer; dropped: the export queue was full)",
+            Family::<ResultLabels, Counter>::default(),
+        );
         let cancelled = register(
             &mut registry,
             "braid_executor_cancelled",
@@ -871,6 +885,7 @@ impl ExecutorMetrics {
             cancelled,
             tokens_computed,
             tokens_real,
+            trace_spans,
         }
     }
 

@@ -98,10 +98,11 @@ pub async fn start(
     let metrics = Arc::new(Metrics::new());
     let upstreams = Upstreams::new(CONNECT_TIMEOUT);
     let tracer = opts.trace.map(|c| {
+        let m = metrics.clone();
         Arc::new(crate::trace::export::Tracer::start(
             c,
-            metrics.clone(),
-            upstreams.clone(),
+            Arc::new(move |result, n| m.trace_spans(result, n)),
+            upstreams.poster(),
         ))
     });
     let store = Arc::new(Store::new(

@@ -53,6 +53,28 @@ pub struct Embeddings {
     /// Tokens computed (rows x longest) and tokens that were real (not padding).
     pub tokens_computed: usize,
     pub tokens_real: usize,
+    /// The timed steps of this batch (tokenize, then forward and pool per pass), for
+    /// tracing.
+    pub phases: Vec<Phase>,
+}
+
+/// One timed step of inference, on the wall clock (a trace's spans are).
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub name: &'static str,
+    pub start: std::time::SystemTime,
+    pub end: std::time::SystemTime,
+}
+
+impl Phase {
+    /// A step that began at `start` and ends now.
+    pub fn since(name: &'static str, start: std::time::SystemTime) -> Phase {
+        Phase {
+            name,
+            start,
+            end: std::time::SystemTime::now(),
+        }
+    }
 }
 
 impl Embeddings {
@@ -136,16 +158,19 @@ impl SentenceEncoder {
             dim: self.dim,
             tokens_computed: 0,
             tokens_real: 0,
+            phases: Vec::new(),
         };
         if rows == 0 {
             return Ok(out);
         }
         // One tokenizer pass; encodings are right-padded to the batch's longest, so a
         // group just cuts its rows to its own longest.
+        let started = std::time::SystemTime::now();
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| ModelError::Tokenize(e.to_string()))?;
+        out.phases.push(Phase::since("tokenize", started));
         let lens: Vec<usize> = encodings
             .iter()
             .map(|e| e.get_attention_mask().iter().filter(|&&m| m == 1).count())
@@ -168,7 +193,7 @@ impl SentenceEncoder {
             }
             out.tokens_computed += n * len;
             out.tokens_real += group.iter().map(|&i| lens[i]).sum::<usize>();
-            let pooled = self.forward(ids, types, mask, n, len)?;
+            let pooled = self.forward(ids, types, mask, (n, len), &mut out.phases)?;
             for (k, &i) in group.iter().enumerate() {
                 out.data[i * self.dim..(i + 1) * self.dim]
                     .copy_from_slice(&pooled[k * self.dim..(k + 1) * self.dim]);
@@ -183,13 +208,16 @@ impl SentenceEncoder {
         ids: Vec<u32>,
         types: Vec<u32>,
         mask: Vec<u32>,
-        rows: usize,
-        len: usize,
+        (rows, len): (usize, usize),
+        phases: &mut Vec<Phase>,
     ) -> Result<Vec<f32>, ModelError> {
+        let started = std::time::SystemTime::now();
         let ids = Tensor::from_vec(ids, (rows, len), &self.device)?;
         let types = Tensor::from_vec(types, (rows, len), &self.device)?;
         let mask = Tensor::from_vec(mask, (rows, len), &self.device)?;
         let hidden = self.model.forward(&ids, &types, &mask)?; // [rows, len, dim]
+        phases.push(Phase::since("forward", started));
+        let started = std::time::SystemTime::now();
         let pooled = match self.pooling {
             Pooling::Cls => hidden.i((.., 0))?,
             Pooling::Mean => {
@@ -204,7 +232,9 @@ impl SentenceEncoder {
         } else {
             pooled
         };
-        Ok(pooled.flatten_all()?.to_vec1::<f32>()?)
+        let pooled = pooled.flatten_all()?.to_vec1::<f32>()?;
+        phases.push(Phase::since("pool", started));
+        Ok(pooled)
     }
 }
 

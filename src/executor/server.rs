@@ -23,6 +23,8 @@ use crate::error::{Body, full, json_error, json_response};
 use crate::grpc::{self, pb};
 use crate::metrics::ExecutorMetrics;
 use crate::server::{self, ConnInfo, Handler, Limits, Phase};
+use crate::trace::RequestTrace;
+use crate::trace::export::Tracer;
 
 /// One model to serve.
 #[derive(Debug, Clone)]
@@ -50,6 +52,8 @@ pub struct ExecutorOptions {
     /// `cpu` or `cuda:N`.
     pub device: String,
     pub limits: Limits,
+    /// Continue callers' traces with spans of each inference (from `OTEL_*`).
+    pub trace: Option<crate::trace::TraceConfig>,
 }
 
 struct Slot {
@@ -63,7 +67,12 @@ pub struct Executor {
     by_name: HashMap<String, usize>,
     metrics: Arc<ExecutorMetrics>,
     max_body_bytes: usize,
+    tracer: Option<Arc<Tracer>>,
 }
+
+/// The timed steps of an answered inference, on its response for the span builder.
+#[derive(Clone)]
+struct Phases(Vec<crate::executor::encoder::Phase>);
 
 /// The outcome of loading every model: `None` while loading.
 pub type LoadState = Option<Result<(), String>>;
@@ -127,7 +136,17 @@ pub async fn start(
     if opts.models.is_empty() {
         return Err("no models to serve".into());
     }
+    let metrics = Arc::new(ExecutorMetrics::new());
+    let tracer = opts.trace.map(|c| {
+        let m = metrics.clone();
+        Arc::new(Tracer::start(
+            c,
+            Arc::new(move |result, n| m.trace_spans(result, n)),
+            crate::upstream::Upstreams::new(std::time::Duration::from_secs(5)).poster(),
+        ))
+    });
     let executor = Arc::new(Executor {
+        tracer,
         slots: opts
             .models
             .iter()
@@ -137,7 +156,7 @@ pub async fn start(
             })
             .collect(),
         by_name,
-        metrics: Arc::new(ExecutorMetrics::new()),
+        metrics,
         max_body_bytes: opts.limits.max_body_bytes,
     });
     let (loaded_tx, loaded) = watch::channel(None);
@@ -320,6 +339,7 @@ impl Executor {
             Ok(enc) => {
                 let mut resp = Response::new(full(enc.body));
                 oip::set_body_type(resp.headers_mut(), enc.header_len);
+                resp.extensions_mut().insert(Phases(out.embedding.phases));
                 resp
             }
         }
@@ -391,10 +411,12 @@ impl Executor {
                 p
             })
             .collect();
-        json_response(
+        let mut resp = json_response(
             StatusCode::OK,
             json!({"predictions": predictions}).to_string(),
-        )
+        );
+        resp.extensions_mut().insert(Phases(out.embedding.phases));
+        resp
     }
 }
 
@@ -508,11 +530,75 @@ impl Handler for Executor {
                     self.metrics.request("", 404);
                     return self.unknown_model(name);
                 };
+                let trace = self.tracer.as_ref().map(|t| t.begin(req.headers())).filter(|t| t.context.sampled);
+                let started = std::time::Instant::now();
                 let resp = if matches!(op, Op::Infer(_)) { self.infer_v2(slot, req).await } else { self.predict_v1(slot, req).await };
                 self.metrics.request(name, resp.status().as_u16());
+                if let (Some(tracer), Some(t)) = (&self.tracer, trace) {
+                    let v1 = matches!(op, Op::Predict(_));
+                    record_spans(tracer, &t, (name, v1), &resp, started.elapsed());
+                }
                 resp
             }
         }
+    }
+}
+
+/// The executor's part of a trace: a SERVER span continuing the caller's (braid's batch
+/// call), with a span per step of the inference under it (queue, tokenize, then forward
+/// and pool per pass).
+fn record_spans(
+    tracer: &Tracer,
+    t: &RequestTrace,
+    (model, v1): (&str, bool),
+    resp: &Response<Body>,
+    elapsed: std::time::Duration,
+) {
+    use crate::trace::otlp::span::SpanKind;
+    use crate::trace::{SpanContext, SpanData, Value, new_span_id};
+    let end = std::time::SystemTime::now();
+    let route = if v1 {
+        "/v1/models/{model}:predict"
+    } else {
+        "/v2/models/{model}/infer"
+    };
+    let status = resp.status();
+    tracer.record(SpanData {
+        context: t.context,
+        parent: t.parent,
+        trace_state: t.trace_state.clone(),
+        name: format!("POST {route}"),
+        kind: SpanKind::Server,
+        start: end - elapsed,
+        end,
+        attributes: vec![
+            ("http.request.method", Value::Str("POST".into())),
+            ("http.route", Value::Str(route.into())),
+            (
+                "http.response.status_code",
+                Value::Int(status.as_u16().into()),
+            ),
+            ("braid.model", Value::Str(model.into())),
+        ],
+        links: Vec::new(),
+        error: status.is_server_error(),
+    });
+    for p in resp.extensions().get::<Phases>().map_or(&[][..], |p| &p.0) {
+        tracer.record(SpanData {
+            context: SpanContext {
+                span_id: new_span_id(),
+                ..t.context
+            },
+            parent: Some(t.context.span_id),
+            trace_state: None,
+            name: p.name.into(),
+            kind: SpanKind::Internal,
+            start: p.start,
+            end: p.end,
+            attributes: vec![("braid.model", Value::Str(model.into()))],
+            links: Vec::new(),
+            error: false,
+        });
     }
 }
 

@@ -34,6 +34,8 @@ pub enum ExecError {
 struct Job {
     texts: Vec<String>,
     enqueued: Instant,
+    /// The same moment on the wall clock, for the `queue` phase of a trace.
+    enqueued_at: std::time::SystemTime,
     reply: oneshot::Sender<Result<Outputs, ExecError>>,
 }
 
@@ -87,6 +89,7 @@ impl ModelHandle {
         let job = Job {
             texts,
             enqueued: Instant::now(),
+            enqueued_at: std::time::SystemTime::now(),
             reply,
         };
         match self.tx.try_send(job) {
@@ -126,20 +129,22 @@ fn run(
             continue;
         }
         metrics.queued(&model.name, job.enqueued.elapsed());
+        let queued = crate::executor::encoder::Phase::since("queue", job.enqueued_at);
         let start = Instant::now();
         let texts: Vec<&str> = job.texts.iter().map(String::as_str).collect();
         // A panic in model code fails this job only; the thread lives on for the next.
         // The pass runs on a pool thread, so its matrix kernels split across the pool
         // from there rather than being handed from this thread op by op.
         let pass = || pool.install(|| model.infer(&texts));
-        let result = match std::panic::catch_unwind(AssertUnwindSafe(pass)) {
+        let mut result = match std::panic::catch_unwind(AssertUnwindSafe(pass)) {
             Ok(r) => r.map_err(ExecError::from),
             Err(_) => {
                 tracing::error!(model = %model.name, "model code panicked; answered 500");
                 Err(ExecError::Panicked(model.name.to_string()))
             }
         };
-        if let Ok(out) = &result {
+        if let Ok(out) = &mut result {
+            out.embedding.phases.insert(0, queued);
             metrics.batch(
                 &model.name,
                 texts.len(),

@@ -400,14 +400,17 @@ impl Proxy {
             } else {
                 access::assignment(r.how)
             };
+            let batch = resp
+                .extensions()
+                .get::<batched::Batched>()
+                .map(|b| (b.waited, b.batch_rows));
             tracer.record(spans::server_span(
                 r,
                 t,
                 parts,
                 &variant.name,
                 how,
-                status,
-                (&resp, elapsed),
+                (status, elapsed, batch),
             ));
         }
         if r.wire.grpc() {

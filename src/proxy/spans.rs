@@ -6,12 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::Response;
 use http::uri::Authority;
 
 use super::Routed;
-use super::batched::Batched;
-use crate::error::Body;
 use crate::trace::export::Tracer;
 use crate::trace::otlp::span::SpanKind;
 use crate::trace::{
@@ -28,8 +25,7 @@ pub(super) fn server_span(
     parts: &http::request::Parts,
     variant: &str,
     assignment: &'static str,
-    status: http::StatusCode,
-    (resp, elapsed): (&Response<Body>, Duration),
+    (status, elapsed, batch): (http::StatusCode, Duration, Option<(Duration, usize)>),
 ) -> SpanData {
     let end = SystemTime::now();
     let route = r.m.route;
@@ -66,9 +62,9 @@ pub(super) fn server_span(
         attributes.push(("http.route", Value::Str(template)));
         name
     };
-    if let Some(b) = resp.extensions().get::<Batched>() {
-        attributes.push(("braid.queue.wait", Value::Float(b.waited.as_secs_f64())));
-        attributes.push(("braid.batch.size", Value::Int(b.batch_rows as i64)));
+    if let Some((waited, rows)) = batch {
+        attributes.push(("braid.queue.wait", Value::Float(waited.as_secs_f64())));
+        attributes.push(("braid.batch.size", Value::Int(rows as i64)));
     }
     SpanData {
         context: t.context,

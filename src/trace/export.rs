@@ -15,30 +15,39 @@ use tokio::sync::mpsc;
 
 use super::otlp::{self, any_value};
 use super::{RequestTrace, Sampler, SpanData, TraceConfig, Value};
-use crate::addr::Protocol;
-use crate::metrics::Metrics;
-use crate::upstream::Upstreams;
+
+/// POSTs one export and says whether it was accepted (2xx); the caller's HTTP client
+/// (braid's pooled one), so tracing depends on no transport of its own.
+pub type Poster = Arc<dyn Fn(Request<Full<Bytes>>) -> PostFuture + Send + Sync>;
+pub type PostFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
+/// Counts spans by what became of them (`exported`, `failed`, `dropped`): the proxy's
+/// `braid_trace_spans_total`, the executor's `braid_executor_trace_spans_total`.
+pub type SpanCounter = Arc<dyn Fn(&'static str, u64) + Send + Sync>;
 
 /// What the request path holds: the sampler and the queue's sending end.
-#[derive(Debug)]
 pub struct Tracer {
     sampler: Sampler,
     tx: mpsc::Sender<SpanData>,
-    metrics: Arc<Metrics>,
+    count: SpanCounter,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer")
+            .field("sampler", &self.sampler)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Tracer {
     /// Starts the exporter task (inside the runtime); it ends when the tracer is dropped,
     /// after sending what it holds.
-    pub fn start(config: TraceConfig, metrics: Arc<Metrics>, upstreams: Upstreams) -> Tracer {
+    pub fn start(config: TraceConfig, count: SpanCounter, post: Poster) -> Tracer {
         let (tx, rx) = mpsc::channel(config.max_queue);
         let sampler = config.sampler;
-        tokio::spawn(run(config, rx, metrics.clone(), upstreams));
-        Tracer {
-            sampler,
-            tx,
-            metrics,
-        }
+        tokio::spawn(run(config, rx, count.clone(), post));
+        Tracer { sampler, tx, count }
     }
 
     /// Continues (or starts) the trace of a request with these headers.
@@ -49,7 +58,7 @@ impl Tracer {
     /// Queues a finished span; never waits.
     pub fn record(&self, span: SpanData) {
         if self.tx.try_send(span).is_err() {
-            self.metrics.trace_spans("dropped", 1);
+            (self.count)("dropped", 1);
         }
     }
 }
@@ -57,8 +66,8 @@ impl Tracer {
 async fn run(
     config: TraceConfig,
     mut rx: mpsc::Receiver<SpanData>,
-    metrics: Arc<Metrics>,
-    upstreams: Upstreams,
+    count: SpanCounter,
+    post: Poster,
 ) {
     let resource = otlp::Resource {
         attributes: config
@@ -84,31 +93,24 @@ async fn run(
         }
         let n = batch.len() as u64;
         let body = encode(&resource, batch.drain(..));
-        let ok = send(&upstreams, &config, body).await;
-        metrics.trace_spans(if ok { "exported" } else { "failed" }, n);
+        let ok = send(&post, &config, body).await;
+        count(if ok { "exported" } else { "failed" }, n);
         if !ok {
             tracing::debug!(endpoint = %config.endpoint, spans = n, "span export failed");
         }
     }
 }
 
-async fn send(upstreams: &Upstreams, config: &TraceConfig, body: Bytes) -> bool {
+async fn send(post: &Poster, config: &TraceConfig, body: Bytes) -> bool {
     let Ok(req) = Request::post(config.endpoint.clone())
         .header(http::header::CONTENT_TYPE, "application/x-protobuf")
         .body(Full::new(body))
     else {
         return false;
     };
-    let sent = tokio::time::timeout(config.timeout, async {
-        let resp = upstreams.send(Protocol::Http1, None, req).await.ok()?;
-        let ok = resp.status().is_success();
-        http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .ok()?;
-        Some(ok)
-    })
-    .await;
-    sent == Ok(Some(true))
+    tokio::time::timeout(config.timeout, post(req))
+        .await
+        .unwrap_or(false)
 }
 
 fn nanos(t: SystemTime) -> u64 {

@@ -142,6 +142,36 @@ impl Upstreams {
             .clone()
     }
 
+    /// A POST over HTTP/1.1 that says whether it was accepted (2xx), reading the answer
+    /// to its end so the connection is kept: how span exports leave.
+    #[allow(clippy::type_complexity)]
+    pub fn poster(
+        &self,
+    ) -> Arc<
+        dyn Fn(
+                Request<Full<Bytes>>,
+            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+            + Send
+            + Sync,
+    > {
+        let up = self.clone();
+        Arc::new(move |req| {
+            let up = up.clone();
+            Box::pin(async move {
+                match up.send(Protocol::Http1, None, req).await {
+                    Ok(resp) => {
+                        let ok = resp.status().is_success();
+                        http_body_util::BodyExt::collect(resp.into_body())
+                            .await
+                            .is_ok()
+                            && ok
+                    }
+                    Err(_) => false,
+                }
+            })
+        })
+    }
+
     /// Lets go of the HTTP/1.1 pools nothing holds any more (after a reload that
     /// dropped their variants): their idle connections close.
     pub fn release_unbound(&self) {

@@ -39,7 +39,20 @@ impl Collector {
                 async move {
                     assert_eq!(req.uri().path(), "/v1/traces");
                     assert_eq!(req.headers()["content-type"], "application/x-protobuf");
-                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let gzip = req
+                        .headers()
+                        .get("content-encoding")
+                        .is_some_and(|v| v == "gzip");
+                    let mut body = req.into_body().collect().await.unwrap().to_bytes();
+                    if gzip {
+                        // A real collector compresses what it passes on (braid does not).
+                        use std::io::Read;
+                        let mut plain = Vec::new();
+                        flate2::read::GzDecoder::new(&body[..])
+                            .read_to_end(&mut plain)
+                            .expect("gzip");
+                        body = plain.into();
+                    }
                     let export =
                         otlp::ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
                     for rs in export.resource_spans {
@@ -467,5 +480,186 @@ async fn a_batch_span_links_every_request_it_carries() {
             "{want} not in {executor_saw:?}"
         );
     }
+    proxy.stop().await;
+}
+
+/// braid's executor continues the batch's trace: its SERVER span hangs under the batch
+/// call, with a span per step of the inference (queue, tokenize, forward, pool).
+#[tokio::test]
+async fn the_executor_continues_the_batch_trace_with_its_steps() {
+    let collector = Collector::start().await;
+    let sampler = Sampler::ParentBased(RootSampler::AlwaysOn);
+    let exec = TestExecutor::start_traced(
+        |dir| vec![tiny_spec(dir, "m", &[])],
+        Some(trace_config(&collector.url, sampler)),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = batching_config(exec.addr, "{ max_batch_size: 8 }");
+    let proxy = traced_proxy(dir.path(), &config, trace_config(&collector.url, sampler)).await;
+    let tp = format!("00-{TRACE}-{CALLER}-01");
+    let body = infer_body(&["a short text"], "");
+    let r = post(
+        &client(),
+        &proxy.url("/v2/models/m/infer"),
+        &[("traceparent", &tp)],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // braid: SERVER, braid.batch, its CLIENT call; executor: SERVER + four steps.
+    collector.wait_for(7).await;
+    let batch = &collector
+        .of_kind(otlp::span::SpanKind::Internal)
+        .into_iter()
+        .find(|s| s.name == "braid.batch")
+        .expect("a batch span");
+    let call = collector
+        .of_kind(otlp::span::SpanKind::Client)
+        .into_iter()
+        .find(|s| s.parent_span_id == batch.span_id)
+        .expect("the batch's executor call");
+    let exec_server = collector
+        .of_kind(otlp::span::SpanKind::Server)
+        .into_iter()
+        .find(|s| s.parent_span_id == call.span_id)
+        .expect("the executor's span continues the batch call");
+    assert_eq!(exec_server.trace_id, batch.trace_id);
+    assert_eq!(exec_server.name, "POST /v2/models/{model}/infer");
+    let mut steps: Vec<String> = collector
+        .of_kind(otlp::span::SpanKind::Internal)
+        .into_iter()
+        .filter(|s| s.parent_span_id == exec_server.span_id)
+        .map(|s| {
+            assert!(s.start_time_unix_nano >= exec_server.start_time_unix_nano - 1_000_000);
+            assert!(s.end_time_unix_nano <= exec_server.end_time_unix_nano + 1_000_000);
+            s.name
+        })
+        .collect();
+    steps.sort();
+    assert_eq!(steps, ["forward", "pool", "queue", "tokenize"]);
+    proxy.stop().await;
+}
+
+/// Kills the collector process when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real collector (rotel, pinned in tests/python/requirements.txt) accepts braid's
+/// OTLP/HTTP export and passes the spans on, re-encoded by its own OTLP code, to the
+/// fake receiver: the trace arrives whole.
+#[tokio::test]
+async fn a_real_collector_takes_braids_spans() {
+    let python = python_clients();
+    let out = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import os, rotel; print(os.path.dirname(rotel.__file__))",
+        ])
+        .output()
+        .unwrap();
+    let agent = Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("rotel-agent");
+    let collector = Collector::start().await;
+    let upstream = collector.url.trim_end_matches("/v1/traces").to_string();
+    let (http, grpc) = (free_port(), free_port());
+    let _rotel = Child(
+        std::process::Command::new(&agent)
+            .args([
+                "start",
+                "--otlp-http-endpoint",
+                &format!("127.0.0.1:{http}"),
+            ])
+            .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
+            .args(["--exporter", "otlp", "--otlp-exporter-endpoint", &upstream])
+            .args(["--otlp-exporter-protocol", "http"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", agent.display())),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", http))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rotel never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{http}/v1/traces");
+    let sampler = Sampler::ParentBased(RootSampler::AlwaysOn);
+    let proxy = traced_proxy(
+        dir.path(),
+        &single_route(&a.url()),
+        trace_config(&endpoint, sampler),
+    )
+    .await;
+    let tp = format!("00-{TRACE}-{CALLER}-01");
+    let r = post(&client(), &proxy.url("/x"), &[("traceparent", &tp)], "{}").await;
+    assert_eq!(r.status, 200);
+    let spans = collector.wait_for(2).await;
+    assert!(spans.iter().all(|(_, s)| hex(&s.trace_id) == TRACE));
+    let server = collector.of_kind(otlp::span::SpanKind::Server);
+    assert_eq!(hex(&server[0].parent_span_id), CALLER);
+    assert_eq!(
+        metric(&proxy, "braid_trace_spans_total{result=\"failed\"}").await,
+        0.0
+    );
+    proxy.stop().await;
+}
+
+/// gRPC metadata are HTTP/2 headers: a ModelInfer call's `traceparent` is continued
+/// the same way, and its span is named by the RPC conventions.
+#[tokio::test]
+async fn a_grpc_call_continues_its_trace_from_metadata() {
+    use crate::support::grpc::{GrpcBackend, texts_request, unary};
+    let backend = GrpcBackend::start("a").await;
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "routes:\n  - model: m\n    variants: [{{ name: a, backend: h2c://{} }}]\n",
+        backend.addr
+    );
+    let sampler = Sampler::ParentBased(RootSampler::AlwaysOn);
+    let proxy = traced_proxy(dir.path(), &config, trace_config(&collector.url, sampler)).await;
+    let tp = format!("00-{TRACE}-{CALLER}-01");
+    let path = "/inference.GRPCInferenceService/ModelInfer";
+    let r = unary(
+        proxy.addr,
+        path,
+        &[("traceparent", &tp)],
+        texts_request("m", "1", &["hi"], true),
+    )
+    .await;
+    assert_eq!(r.status(), 0, "{}", r.message());
+    collector.wait_for(2).await;
+    let server = collector.of_kind(otlp::span::SpanKind::Server);
+    assert_eq!(server[0].name, "inference.GRPCInferenceService/ModelInfer");
+    assert_eq!(hex(&server[0].parent_span_id), CALLER);
+    let at = attrs(&server[0]);
+    assert_eq!(at["rpc.system"], s("grpc"));
+    assert_eq!(at["rpc.method"], s("ModelInfer"));
+    let call = &collector.of_kind(otlp::span::SpanKind::Client)[0];
+    let seen = backend.seen();
+    let got = seen[0].headers["traceparent"].to_str().unwrap();
+    assert_eq!(got, format!("00-{TRACE}-{}-01", hex(&call.span_id)));
     proxy.stop().await;
 }

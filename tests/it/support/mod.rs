@@ -690,11 +690,20 @@ impl TestExecutor {
     pub async fn start(
         specs: impl FnOnce(&Path) -> Vec<braid::executor::server::ModelSpec>,
     ) -> TestExecutor {
+        Self::start_traced(specs, None).await
+    }
+
+    /// An executor exporting spans with `trace`.
+    pub async fn start_traced(
+        specs: impl FnOnce(&Path) -> Vec<braid::executor::server::ModelSpec>,
+        trace: Option<braid::trace::TraceConfig>,
+    ) -> TestExecutor {
         let dir = tempfile::tempdir().unwrap();
         braid::executor::testkit::write_tiny_model(dir.path(), true).unwrap();
         let opts = braid::executor::server::ExecutorOptions {
             models: specs(dir.path()),
             device: "cpu".into(),
+            trace,
             limits: Limits::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
