@@ -114,11 +114,10 @@ impl Proxy {
                 Outgoing::Direct(backend) => {
                     let xff = forwarded_for(&parts.headers, conn);
                     let timeout = left.map(retry::deadline_value);
-                    let try_span = spans.as_ref().map(|s| s.start(0));
-                    let context = try_span
-                        .as_ref()
-                        .map(|(c, _)| *c)
-                        .or(r.trace.as_ref().map(|t| t.context));
+                    let (context, try_end) = match spans.as_ref().map(|s| s.start(0)) {
+                        Some((c, end)) => (Some(c), Some(end)),
+                        None => (r.trace.as_ref().map(|t| t.context), None),
+                    };
                     let traceparent = context.map(|c| c.traceparent_bytes());
                     let replaced = [
                         xff.as_ref().map(|v| (&X_FORWARDED_FOR, v.as_bytes())),
@@ -136,13 +135,13 @@ impl Proxy {
                             body.clone(),
                         )
                         .await;
-                    if let Some((_, end)) = try_span {
+                    if let Some(end) = try_end {
                         end.end(sent.as_ref().ok().map(|r| r.status()));
                     }
                     return sent;
                 }
             };
-            let hook = spans.map(|s| -> (Arc<dyn TryHook>, _) { (Arc::new(s), Arc::default()) });
+            let hook = spans.map(|s| -> (Arc<dyn TryHook>, _) { (s, Arc::default()) });
             if plain {
                 let mut out = out;
                 let end = hook.map(|(h, _)| h.begin(0, out.headers_mut()));

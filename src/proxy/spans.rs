@@ -92,21 +92,22 @@ pub(super) struct ClientSpans {
 }
 
 impl ClientSpans {
-    /// `None` unless the request is being recorded.
+    /// `None` unless the request is being recorded. Shared, so a request's future
+    /// holds one pointer for it (and the retry hook the same one).
     pub(super) fn new(
         tracer: Option<&Arc<Tracer>>,
         trace: Option<&RequestTrace>,
         method: &http::Method,
         authority: &Authority,
-    ) -> Option<ClientSpans> {
+    ) -> Option<Arc<ClientSpans>> {
         let t = trace.filter(|t| t.context.sampled)?;
-        Some(ClientSpans {
+        Some(Arc::new(ClientSpans {
             tracer: tracer?.clone(),
             server: t.context,
             trace_state: t.trace_state.clone(),
             method: method.clone(),
             authority: authority.clone(),
-        })
+        }))
     }
 
     /// Starts try number `resend`: its context (the backend's parent) and what records
