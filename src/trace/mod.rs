@@ -402,6 +402,8 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
             "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f35-00f067aa0ba902b7-01",
+            "garbage",
             "",
         ] {
             assert_eq!(parse_traceparent(&hv(bad)), None, "{bad}");
