@@ -663,3 +663,155 @@ async fn a_grpc_call_continues_its_trace_from_metadata() {
     assert_eq!(got, format!("00-{TRACE}-{}-01", hex(&call.span_id)));
     proxy.stop().await;
 }
+
+/// The official clients in their default modes (tritonclient HTTP with binary tensors,
+/// tritonclient gRPC with raw contents, KServe's REST client) through a batched A/B route with tracing, the
+/// payload log and a guardrail on: every client gets its own rows, every request has
+/// its SERVER span and its payload record, batches link their requests, and the
+/// experiment counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_clients_are_traced_logged_and_counted() {
+    let ex = TestExecutor::start(|dir| vec![tiny_spec(dir, "tiny", &[])]).await;
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("payloads.jsonl");
+    let config = format!(
+        r#"executor: http://{ex}
+routes:
+  - model: m
+    variants:
+      - {{ name: a, weight: 1, backend: local, target_model: tiny }}
+      - {{ name: b, weight: 1, backend: local, target_model: tiny }}
+    batching: {{ max_batch_size: 64, max_delay: 50ms }}
+    guardrail: {{ control: a, warmup: 0s }}
+    log: {{ fraction: 1, max_bytes: 4096, sink: "{log}" }}
+  - path_prefix: /inference.GRPCInferenceService/
+    variants: [{{ name: server, backend: "h2c://{ex}" }}]
+"#,
+        ex = ex.addr,
+        log = log.display()
+    );
+    let sampler = Sampler::ParentBased(RootSampler::AlwaysOn);
+    let proxy = traced_proxy(dir.path(), &config, trace_config(&collector.url, sampler)).await;
+    let n = 9;
+    let http = run_python_client(
+        "triton_http_clients.py",
+        vec![
+            proxy.addr.to_string(),
+            "m".into(),
+            ex.addr.to_string(),
+            "tiny".into(),
+            n.to_string(),
+        ],
+    )
+    .await;
+    let grpc = run_python_client(
+        "triton_grpc_clients.py",
+        vec![
+            proxy.addr.to_string(),
+            "m".into(),
+            ex.addr.to_string(),
+            "tiny".into(),
+            "embedding".into(),
+            n.to_string(),
+        ],
+    )
+    .await;
+    let kserve = run_python_client(
+        "kserve_rest_clients.py",
+        vec![
+            format!("http://{}", proxy.addr),
+            "m".into(),
+            format!("http://{}", ex.addr),
+            "tiny".into(),
+            "embedding".into(),
+            n.to_string(),
+        ],
+    )
+    .await;
+    for report in [&http, &grpc, &kserve] {
+        assert_eq!(report["errors"], serde_json::json!([]), "{report}");
+        assert_eq!(report["answered"], n, "{report}");
+        assert_eq!(report["wrong_rows"], 0, "{report}");
+    }
+    // Spans: a SERVER span for every inference, by its protocol's name.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let server = loop {
+        let server = collector.of_kind(otlp::span::SpanKind::Server);
+        let named = |name: &str| server.iter().filter(|s| s.name == name).count();
+        if named("POST /v2/models/{model}/infer") >= 2 * n
+            && named("inference.GRPCInferenceService/ModelInfer") >= n
+        {
+            break server;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} server spans",
+            server.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Batches link the requests they carried (those of both protocols merge).
+    let linked: std::collections::HashSet<Bytes> = collector
+        .of_kind(otlp::span::SpanKind::Internal)
+        .iter()
+        .filter(|s| s.name == "braid.batch")
+        .flat_map(|b| b.links.iter().map(|l| l.span_id.clone()))
+        .collect();
+    let inferences: Vec<&otlp::Span> = server
+        .iter()
+        .filter(|s| s.name.ends_with("/infer") || s.name.ends_with("/ModelInfer"))
+        .filter(|s| attrs(s)["braid.route"] == any_value::Value::StringValue("m".into()))
+        .collect();
+    assert!(inferences.len() >= 3 * n);
+    let unlinked: Vec<(&str, HashMap<String, any_value::Value>)> = inferences
+        .iter()
+        .filter(|s| !linked.contains(&s.span_id))
+        .map(|s| (s.name.as_str(), attrs(s)))
+        .collect();
+    assert!(unlinked.is_empty(), "not linked from a batch: {unlinked:?}");
+    // The payload log has a record per inference, with both bodies.
+    let written = "braid_payload_log_records_total{route=\"m\",result=\"written\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(&proxy, written).await < (3 * n) as f64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "payload records missing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for r in &records {
+        assert!(r["variant"] == "a" || r["variant"] == "b", "{r}");
+        assert_eq!(r["status"], 200, "{r}");
+        assert!(
+            r["request"]["payload"]["bytes"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+        assert!(
+            r["response"]["payload"]["bytes"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+    }
+    // The experiment counted every request its weights assigned.
+    let e = get(&client(), &proxy.admin_url("/experiments"), &[])
+        .await
+        .json();
+    let route = &e["routes"][0];
+    let served: u64 = route["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["requests"].as_u64().unwrap())
+        .sum();
+    assert!(served >= 3 * n as u64, "{e}");
+    assert_eq!(
+        route["variants"][1]["guardrail"]["state"], "watching",
+        "{e}"
+    );
+    proxy.stop().await;
+}
