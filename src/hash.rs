@@ -47,3 +47,8 @@ pub fn next_u64() -> u64 {
 pub fn next_f64() -> f64 {
     (next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
+
+/// True with probability `p` (a sampling fraction in [0, 1]); 0 and 1 draw nothing.
+pub fn chance(p: f64) -> bool {
+    p >= 1.0 || (p > 0.0 && next_f64() < p)
+}

@@ -121,9 +121,8 @@ pub fn loggable_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 
 /// A random 128-bit id in hex, for a record without a trace id.
 pub fn new_id() -> String {
-    let hi = (crate::hash::next_f64() * (1u64 << 53) as f64) as u64;
-    let lo = (crate::hash::next_f64() * (1u64 << 53) as f64) as u64;
-    format!("{:016x}{:016x}", hi << 11 ^ lo >> 42, lo)
+    use crate::hash::next_u64;
+    format!("{:016x}{:016x}", next_u64(), next_u64())
 }
 
 impl Payload {
@@ -190,7 +189,6 @@ fn rfc3339(t: SystemTime) -> String {
 #[derive(Debug)]
 pub struct PayloadLog {
     tx: Sender,
-    queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 }
 
@@ -201,13 +199,18 @@ enum Sender {
 }
 
 /// Bytes queued over every sink (the bound is shared).
-static QUEUED: std::sync::OnceLock<Arc<AtomicUsize>> = std::sync::OnceLock::new();
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
+/// A record has left the queue: written, or refused by its sink.
+fn settled(metrics: &Metrics, r: &Record, ok: bool) {
+    QUEUED.fetch_sub(r.size(), Ordering::Relaxed);
+    metrics.payload_log(&r.route, if ok { "written" } else { "failed" });
+}
 
 impl PayloadLog {
     /// Starts the sink's writer (a thread for a file, a task for HTTP: call it inside
     /// the runtime). A file is opened on the first record, and again after a failure.
     pub fn start(sink: &Sink, metrics: Arc<Metrics>, upstreams: &Upstreams) -> PayloadLog {
-        let queued = QUEUED.get_or_init(Arc::default).clone();
         let tx = match sink {
             Sink::File {
                 path,
@@ -216,7 +219,7 @@ impl PayloadLog {
             } => {
                 let (tx, rx) = mpsc::sync_channel::<Record>(4096);
                 let mut file = FileSink::new(path.clone(), *rotate_bytes, *keep);
-                let (m, q) = (metrics.clone(), queued.clone());
+                let m = metrics.clone();
                 let spawned = std::thread::Builder::new()
                     .name("braid-payload-log".into())
                     .spawn(move || {
@@ -225,8 +228,7 @@ impl PayloadLog {
                             batch.extend(rx.try_iter());
                             let results = file.write(&batch);
                             for (r, ok) in batch.iter().zip(results) {
-                                q.fetch_sub(r.size(), Ordering::Relaxed);
-                                m.payload_log(&r.route, if ok { "written" } else { "failed" });
+                                settled(&m, r, ok);
                             }
                         }
                     });
@@ -237,44 +239,33 @@ impl PayloadLog {
             }
             Sink::Http(uri) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Record>();
-                let (m, q, up, uri) = (
-                    metrics.clone(),
-                    queued.clone(),
-                    upstreams.clone(),
-                    uri.clone(),
-                );
+                let (m, up, uri) = (metrics.clone(), upstreams.clone(), uri.clone());
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                     tracing::error!(
                         "payload log {uri}: started outside the runtime; records are dropped"
                     );
                     return PayloadLog {
                         tx: Sender::Http(tx),
-                        queued,
                         metrics,
                     };
                 };
                 runtime.spawn(async move {
                     while let Some(r) = rx.recv().await {
                         let ok = post_events(&up, &uri, &r).await;
-                        q.fetch_sub(r.size(), Ordering::Relaxed);
-                        m.payload_log(&r.route, if ok { "written" } else { "failed" });
+                        settled(&m, &r, ok);
                     }
                 });
                 Sender::Http(tx)
             }
         };
-        PayloadLog {
-            tx,
-            queued,
-            metrics,
-        }
+        PayloadLog { tx, metrics }
     }
 
     /// Queues a record; never waits. Over the byte bound the record is dropped.
     pub fn write(&self, record: Record) {
         let size = record.size();
-        if self.queued.fetch_add(size, Ordering::Relaxed) + size > MAX_QUEUED_BYTES {
-            self.queued.fetch_sub(size, Ordering::Relaxed);
+        if QUEUED.fetch_add(size, Ordering::Relaxed) + size > MAX_QUEUED_BYTES {
+            QUEUED.fetch_sub(size, Ordering::Relaxed);
             self.metrics.payload_log(&record.route, "dropped");
             return;
         }
@@ -284,7 +275,7 @@ impl PayloadLog {
             Sender::Http(tx) => tx.send(record).is_ok(),
         };
         if !sent {
-            self.queued.fetch_sub(size, Ordering::Relaxed);
+            QUEUED.fetch_sub(size, Ordering::Relaxed);
             self.metrics.payload_log(&route, "dropped");
         }
     }

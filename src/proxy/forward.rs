@@ -69,8 +69,6 @@ impl Proxy {
             &parts.method,
             &variant.upstream.authority,
         );
-        // Cheaper still over HTTP/1.1: the client's headers are written as they came,
-        // with no request built, when there is nothing hop-by-hop to take out.
         let outgoing = match &live.backend {
             // Cheaper still over HTTP/1.1: the client's headers are written as they
             // came, with no request built, when there is nothing hop-by-hop to take out.
@@ -136,24 +134,24 @@ impl Proxy {
                         )
                         .await;
                     if let Some(end) = try_end {
-                        end.end(sent.as_ref().ok().map(|r| r.status()));
+                        end.sent(&sent);
                     }
                     return sent;
                 }
             };
-            let hook = spans.map(|s| -> (Arc<dyn TryHook>, _) { (s, Arc::default()) });
             if plain {
                 let mut out = out;
-                let end = hook.map(|(h, _)| h.begin(0, out.headers_mut()));
+                let end = spans.as_ref().map(|s| s.begin(0, out.headers_mut()));
                 let sent = self
                     .upstreams
                     .send_to(live.backend.as_ref(), protocol, variant.tls.as_ref(), out)
                     .await;
                 if let Some(end) = end {
-                    end.end(sent.as_ref().ok().map(|r| r.status()));
+                    end.sent(&sent);
                 }
                 return sent;
             }
+            let hook = spans.map(|s| -> (Arc<dyn TryHook>, _) { (s, Arc::default()) });
             let attempts = Attempts {
                 policy: route.retry.clone(),
                 budget: prepared.budget.clone(),
@@ -267,7 +265,7 @@ impl Proxy {
             h.record(sent.is_ok(), Instant::now());
         }
         if let Some(end) = try_end {
-            end.end(sent.as_ref().ok().map(|r| r.status()));
+            end.sent(&sent);
         }
         let resp = sent.map_err(|e| ProxyError::from_send(&variant.upstream.authority, e))?;
         let (mut head, body) = resp.into_parts();

@@ -348,15 +348,15 @@ impl Proxy {
                 elapsed,
             });
         }
+        // How the variant was chosen, as the logs and spans name it.
+        let how = if fallback_from.is_some() {
+            "fallback"
+        } else {
+            access::assignment(r.how)
+        };
         if let Some(log) = &self.access_log
-            && route.access_log > 0.0
-            && (route.access_log >= 1.0 || crate::hash::next_f64() < route.access_log)
+            && crate::hash::chance(route.access_log)
         {
-            let how = if fallback_from.is_some() {
-                "fallback"
-            } else {
-                access::assignment(r.how)
-            };
             log.write(access::line(access::Entry {
                 route: &route.name,
                 variant: &variant.name,
@@ -372,14 +372,8 @@ impl Proxy {
         }
         if let (Some(settings), Some(log), Some(body)) =
             (&route.payload_log, &r.live.payload_log, request_body)
-            && settings.fraction > 0.0
-            && (settings.fraction >= 1.0 || crate::hash::next_f64() < settings.fraction)
+            && crate::hash::chance(settings.fraction)
         {
-            let how = if fallback_from.is_some() {
-                "fallback"
-            } else {
-                access::assignment(r.how)
-            };
             let sampled = access::Sampled {
                 route: &route.name,
                 variant: &variant.name,
@@ -395,11 +389,6 @@ impl Proxy {
         if let (Some(tracer), Some(t)) = (&self.tracer, &r.trace)
             && t.context.sampled
         {
-            let how = if fallback_from.is_some() {
-                "fallback"
-            } else {
-                access::assignment(r.how)
-            };
             let batch = resp
                 .extensions()
                 .get::<batched::Batched>()
@@ -581,7 +570,7 @@ impl Proxy {
                     let recorded = r
                         .trace
                         .as_ref()
-                        .filter(|t| t.context.sampled && self.tracer.is_some())
+                        .filter(|t| t.context.sampled)
                         .map(|t| t.context);
                     let result = batched::submit(
                         batcher,

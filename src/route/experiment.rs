@@ -158,10 +158,11 @@ impl Experiment {
             .map(|v| (v.weight, v.ramp.clone()))
             .collect();
         let state = State::new(names.len());
-        let mut e = Experiment {
+        let e = Experiment {
             metrics: metrics.experiment(&route.name, &names),
             route: route.name.clone(),
             guardrail: route.guardrail.clone(),
+            // Replaced before anyone can read it: the weights need the rest of `e`.
             current: ArcSwap::from_pointee(Weights {
                 chooser: route.chooser.clone(),
                 weights: Vec::new(),
@@ -173,8 +174,7 @@ impl Experiment {
             base,
             state: Mutex::new(state),
         };
-        let w = e.compute(&lock(&e.state), SystemTime::now());
-        e.current = ArcSwap::from_pointee(w);
+        e.refresh(&lock(&e.state));
         e
     }
 
@@ -248,7 +248,7 @@ impl Experiment {
         served.requests += 1;
         served.errors += u64::from(o.status >= 500);
         served.latency.record(o.elapsed);
-        if !o.randomized || o.weights.shares.len() != self.names.len() {
+        if !o.randomized {
             return;
         }
         let was = st.split.mismatch();

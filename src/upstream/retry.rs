@@ -233,6 +233,11 @@ impl TryEnd {
             f(status);
         }
     }
+
+    /// Ends the try with what the send gave: its status, or no answer.
+    pub fn sent<B>(self, sent: &Result<http::Response<B>, SendError>) {
+        self.end(sent.as_ref().ok().map(|r| r.status()));
+    }
 }
 
 impl Drop for TryEnd {
@@ -278,7 +283,7 @@ impl Service<Req> for Call {
                 .send_to(call.backend.as_ref(), call.protocol, call.tls.as_ref(), req)
                 .await;
             if let Some(w) = watch {
-                w.end(sent.as_ref().ok().map(|r| r.status()));
+                w.sent(&sent);
             }
             sent
         })
