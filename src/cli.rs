@@ -421,7 +421,7 @@ pub fn render_experiments(report: &serde_json::Value) -> String {
                 "  {:<16} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8}  {:<26} {:<12} {}",
                 v["name"].as_str().unwrap_or("?"),
                 num(&v["weight"]),
-                v["requests"],
+                v["requests"].to_string(),
                 pct(&v["error_rate"]),
                 num(&v["latency_ms"]["p50"]),
                 num(&v["latency_ms"]["p95"]),

@@ -167,6 +167,10 @@ async fn a_failing_candidate_loses_its_traffic_to_the_control_until_the_config_c
     assert!(out.status.success(), "{table}");
     assert!(table.contains("route sentiment"), "{table}");
     assert!(table.contains("tripped (evidence"), "{table}");
+    // Columns line up: each variant row is as wide as the header up to the guardrail.
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    let at = |l: &str| l.find('%').unwrap_or(0);
+    assert!(rows[1..].iter().all(|l| at(l) == at(rows[1])), "{table}");
 
     // A reload of the same document keeps the latch...
     let other_route = format!(
