@@ -38,6 +38,17 @@ pub struct AccessLog {
     metrics: Arc<Metrics>,
 }
 
+/// Opens a log file for appending, creating it readable and writable by its owner
+/// only (0600): logs carry request data. An existing file keeps its mode.
+pub fn private_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
 impl AccessLog {
     /// Opens the destination now (a file that cannot be opened is an error at start,
     /// not a silent loss later) and starts the writer thread, which ends when the log
@@ -46,11 +57,7 @@ impl AccessLog {
         let out: Box<dyn Write + Send> = match dest {
             Destination::Stderr => Box::new(std::io::stderr()),
             Destination::File(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| format!("access log {}: {e}", path.display()))?,
+                private_append(path).map_err(|e| format!("access log {}: {e}", path.display()))?,
             ),
         };
         let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);

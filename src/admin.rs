@@ -1,6 +1,7 @@
 //! The admin port: `/metrics`, `/healthz`, `/readyz`, `/config`, `/experiments` (and
 //! `POST /experiments/{route}/reset`). It runs on its own listener so that probes and
-//! scrapes keep answering while the data port is busy.
+//! scrapes keep answering while the data port is busy. It answers reads to anyone who
+//! can reach it and changes state only for loopback callers (inside the pod).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,8 +29,18 @@ pub struct Admin {
 }
 
 impl Handler for Admin {
-    async fn call(&self, req: Request<Incoming>, _conn: &ConnInfo) -> Response<Body> {
+    async fn call(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
         let path = req.uri().path();
+        // Read-only for everyone (Prometheus scrapes from other pods); state changes
+        // only from inside the pod, as Linkerd's admin does.
+        let reads = req.method() == Method::GET || req.method() == Method::HEAD;
+        if !reads && !conn.peer.ip().to_canonical().is_loopback() {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "admin endpoints change state only for callers inside the pod (loopback); \
+                 run `braid experiments --reset` there",
+            );
+        }
         if let Some(route) = path
             .strip_prefix("/experiments/")
             .and_then(|p| p.strip_suffix("/reset"))

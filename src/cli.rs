@@ -178,9 +178,23 @@ pub struct ProxyArgs {
     /// Requests answered at once; more get 503 with Retry-After (the admin port is separate).
     #[arg(long, env = "BRAID_MAX_INFLIGHT", default_value_t = Limits::default().max_inflight)]
     pub max_inflight: usize,
-    /// Close connections whose request head takes longer than this.
+    /// Close connections whose request head takes longer than this (and connections
+    /// that send no complete request head this long after they open).
     #[arg(long, env = "BRAID_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+    /// A request body that sends nothing for this long is answered 408.
+    #[arg(long, env = "BRAID_BODY_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_idle_timeout: Duration,
+    /// Close an HTTP/2 connection (GOAWAY) with no request in flight for this long.
+    #[arg(long, env = "BRAID_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Connections served at once on the data port; more wait in the kernel's backlog.
+    #[arg(long, env = "BRAID_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
+    /// Request body bytes held at once across all requests; a request that would go
+    /// beyond is answered 503 with Retry-After (see docs/configuration.md for sizing).
+    #[arg(long, env = "BRAID_MAX_BUFFERED_BYTES", default_value_t = Limits::default().max_buffered_bytes)]
+    pub max_buffered_bytes: usize,
     /// Most header lines in a request (431 above).
     #[arg(long, env = "BRAID_MAX_HEADERS", default_value_t = Limits::default().max_headers)]
     pub max_headers: usize,
@@ -737,6 +751,10 @@ fn proxy(args: ProxyArgs) -> ExitCode {
                 max_body_bytes: args.max_body_bytes,
                 h2_max_concurrent_streams: args.h2_max_concurrent_streams,
                 max_inflight: args.max_inflight,
+                body_idle_timeout: args.body_idle_timeout,
+                idle_timeout: args.idle_timeout,
+                max_connections: args.max_connections,
+                max_buffered_bytes: args.max_buffered_bytes,
                 ..Limits::default()
             },
             drain_grace: args.drain_grace,

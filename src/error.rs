@@ -58,6 +58,14 @@ pub enum ProxyError {
     Overloaded,
     #[error("route {route} is at its limit of requests in flight (max_inflight); retry shortly")]
     RouteBusy { route: String },
+    #[error("the request body did not arrive in time: {0}")]
+    BodyStalled(String),
+    #[error(
+        "braid holds its limit of {limit} buffered bytes (--max-buffered-bytes); retry shortly"
+    )]
+    BufferFull { limit: usize },
+    #[error("transfer coding {0:?} is not supported: send the body as is or as chunked alone")]
+    UnsupportedCoding(String),
 }
 
 /// Why one call to a backend produced no response, split by whether the request may
@@ -151,7 +159,10 @@ impl ProxyError {
             ProxyError::NoConfig
             | ProxyError::Connect { .. }
             | ProxyError::Overloaded
+            | ProxyError::BufferFull { .. }
             | ProxyError::Preempted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::UnsupportedCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute { .. } | ProxyError::UnknownModel { .. } => StatusCode::NOT_FOUND,
             ProxyError::UnknownVariant { .. }
             | ProxyError::BadRequest(_)
@@ -174,6 +185,7 @@ impl ProxyError {
                 | ProxyError::QueueFull { .. }
                 | ProxyError::Preempted { .. }
                 | ProxyError::Overloaded
+                | ProxyError::BufferFull { .. }
                 | ProxyError::RouteBusy { .. }
         )
         .then_some(1)
@@ -196,6 +208,9 @@ impl ProxyError {
             ProxyError::DeadlinePassed => "deadline",
             ProxyError::Overloaded => "overloaded",
             ProxyError::RouteBusy { .. } => "route_busy",
+            ProxyError::BodyStalled(_) => "body_stalled",
+            ProxyError::BufferFull { .. } => "buffer_full",
+            ProxyError::UnsupportedCoding(_) => "unsupported_coding",
         }
     }
 
@@ -205,7 +220,11 @@ impl ProxyError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if matches!(self, ProxyError::Smuggling) {
+        // The connection's framing is lost (or its client too slow to keep): close it.
+        if matches!(
+            self,
+            ProxyError::Smuggling | ProxyError::BodyStalled(_) | ProxyError::UnsupportedCoding(_)
+        ) {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

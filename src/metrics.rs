@@ -124,6 +124,8 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     generation: Gauge,
     inflight: Gauge,
+    buffered: Gauge,
+    connections: Gauge,
     batch_size: HistogramFamily<VariantLabels>,
     batch_queue: HistogramFamily<PriorityLabels>,
     batch_exec: HistogramFamily<VariantLabels>,
@@ -389,6 +391,18 @@ impl Metrics {
             "Requests received and not yet answered",
             Gauge::default(),
         );
+        let buffered = register(
+            &mut registry,
+            "braid_buffered_bytes",
+            "Request bytes held now, out of the --max-buffered-bytes budget",
+            Gauge::default(),
+        );
+        let connections = register(
+            &mut registry,
+            "braid_connections",
+            "Connections open now on the data port (at most --max-connections)",
+            Gauge::default(),
+        );
         let batch_size: HistogramFamily<VariantLabels> = register(
             &mut registry,
             "braid_batch_size",
@@ -526,6 +540,8 @@ impl Metrics {
             reloads,
             generation,
             inflight,
+            buffered,
+            connections,
             batch_size,
             batch_queue,
             batch_exec,
@@ -695,6 +711,16 @@ impl Metrics {
 
     pub fn inflight(&self) -> &Gauge {
         &self.inflight
+    }
+
+    /// The gauge the request byte budget keeps (`server::ByteBudget`).
+    pub fn buffered(&self) -> Gauge {
+        self.buffered.clone()
+    }
+
+    /// The gauge the data listener keeps of its open connections.
+    pub fn connections(&self) -> Gauge {
+        self.connections.clone()
     }
 
     /// The OpenMetrics text exposition; see `exposition` for what a scrape gets.

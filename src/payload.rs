@@ -8,8 +8,9 @@
 //! Nothing here can hold or fail a request: records are queued without waiting, the
 //! queue is bounded in bytes (a full queue drops the record), and the writer runs on
 //! its own thread (files) or task (HTTP). What became of each record is counted in
-//! `braid_payload_log_records_total`. Header values that may carry credentials are
-//! never written (`is_credential`).
+//! `braid_payload_log_records_total`. Request headers are written from an allowlist
+//! (`routes[].log.headers`), and a header that may carry credentials never is
+//! (`is_credential`), allowed or not. Files are created readable by their owner only.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,8 @@ pub struct Settings {
     /// Each body is cut after this many bytes.
     pub max_bytes: usize,
     pub sink: Sink,
+    /// Request headers written into records (lowercase names); no other is.
+    pub headers: Vec<http::HeaderName>,
 }
 
 /// Where records go.
@@ -105,11 +108,11 @@ pub fn is_credential(name: &str) -> bool {
     WORDS.iter().any(|w| name.contains(w))
 }
 
-/// The headers worth keeping in a record: every one but credentials, values as text.
-pub fn loggable_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+/// The allowed headers of a request, values as text; credentials never, even allowed.
+pub fn loggable_headers(headers: &HeaderMap, allowed: &[http::HeaderName]) -> Vec<(String, String)> {
     headers
         .iter()
-        .filter(|(n, _)| !is_credential(n.as_str()))
+        .filter(|(n, _)| allowed.contains(n) && !is_credential(n.as_str()))
         .map(|(n, v)| {
             (
                 n.as_str().to_string(),
@@ -194,16 +197,44 @@ pub struct PayloadLog {
 
 #[derive(Debug)]
 enum Sender {
-    File(SyncSender<Record>),
-    Http(tokio::sync::mpsc::UnboundedSender<Record>),
+    File(SyncSender<Queued>),
+    Http(tokio::sync::mpsc::Sender<Queued>),
 }
+
+/// Records one sink may hold queued (each sink's channel; the bytes are bounded too).
+const MAX_QUEUED_RECORDS: usize = 4096;
 
 /// Bytes queued over every sink (the bound is shared).
 static QUEUED: AtomicUsize = AtomicUsize::new(0);
 
+/// A record in a queue, its bytes counted in `QUEUED` until it is dropped: written,
+/// refused, or lost with its channel (a stopped writer gives its bytes back too).
+#[derive(Debug)]
+struct Queued {
+    record: Record,
+    size: usize,
+}
+
+impl Queued {
+    /// Counts the record in, or gives it back when the bound would be passed.
+    fn take(record: Record) -> Result<Queued, Record> {
+        let size = record.size();
+        if QUEUED.fetch_add(size, Ordering::Relaxed) + size > MAX_QUEUED_BYTES {
+            QUEUED.fetch_sub(size, Ordering::Relaxed);
+            return Err(record);
+        }
+        Ok(Queued { record, size })
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        QUEUED.fetch_sub(self.size, Ordering::Relaxed);
+    }
+}
+
 /// A record has left the queue: written, or refused by its sink.
 fn settled(metrics: &Metrics, r: &Record, ok: bool) {
-    QUEUED.fetch_sub(r.size(), Ordering::Relaxed);
     metrics.payload_log(&r.route, if ok { "written" } else { "failed" });
 }
 
@@ -217,7 +248,7 @@ impl PayloadLog {
                 rotate_bytes,
                 keep,
             } => {
-                let (tx, rx) = mpsc::sync_channel::<Record>(4096);
+                let (tx, rx) = mpsc::sync_channel::<Queued>(MAX_QUEUED_RECORDS);
                 let mut file = FileSink::new(path.clone(), *rotate_bytes, *keep);
                 let m = metrics.clone();
                 let spawned = std::thread::Builder::new()
@@ -227,8 +258,8 @@ impl PayloadLog {
                             let mut batch = vec![first];
                             batch.extend(rx.try_iter());
                             let results = file.write(&batch);
-                            for (r, ok) in batch.iter().zip(results) {
-                                settled(&m, r, ok);
+                            for (q, ok) in batch.iter().zip(results) {
+                                settled(&m, &q.record, ok);
                             }
                         }
                     });
@@ -238,7 +269,7 @@ impl PayloadLog {
                 Sender::File(tx)
             }
             Sink::Http(uri) => {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Record>();
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Queued>(MAX_QUEUED_RECORDS);
                 let (m, up, uri) = (metrics.clone(), upstreams.clone(), uri.clone());
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                     tracing::error!(
@@ -250,9 +281,9 @@ impl PayloadLog {
                     };
                 };
                 runtime.spawn(async move {
-                    while let Some(r) = rx.recv().await {
-                        let ok = post_events(&up, &uri, &r).await;
-                        settled(&m, &r, ok);
+                    while let Some(q) = rx.recv().await {
+                        let ok = post_events(&up, &uri, &q.record).await;
+                        settled(&m, &q.record, ok);
                     }
                 });
                 Sender::Http(tx)
@@ -263,19 +294,17 @@ impl PayloadLog {
 
     /// Queues a record; never waits. Over the byte bound the record is dropped.
     pub fn write(&self, record: Record) {
-        let size = record.size();
-        if QUEUED.fetch_add(size, Ordering::Relaxed) + size > MAX_QUEUED_BYTES {
-            QUEUED.fetch_sub(size, Ordering::Relaxed);
-            self.metrics.payload_log(&record.route, "dropped");
-            return;
-        }
-        let route = record.route.clone();
+        let queued = match Queued::take(record) {
+            Ok(q) => q,
+            Err(record) => return self.metrics.payload_log(&record.route, "dropped"),
+        };
+        let route = queued.record.route.clone();
+        // A refused record is dropped here, and its bytes with it.
         let sent = match &self.tx {
-            Sender::File(tx) => tx.try_send(record).is_ok(),
-            Sender::Http(tx) => tx.send(record).is_ok(),
+            Sender::File(tx) => tx.try_send(queued).is_ok(),
+            Sender::Http(tx) => tx.try_send(queued).is_ok(),
         };
         if !sent {
-            QUEUED.fetch_sub(size, Ordering::Relaxed);
             self.metrics.payload_log(&route, "dropped");
         }
     }
@@ -303,10 +332,10 @@ impl FileSink {
     }
 
     /// Writes a batch; per record, whether it reached the file (flushed).
-    fn write(&mut self, batch: &[Record]) -> Vec<bool> {
+    fn write(&mut self, batch: &[Queued]) -> Vec<bool> {
         let mut written = Vec::with_capacity(batch.len());
-        for r in batch {
-            let line = r.line();
+        for q in batch {
+            let line = q.record.line();
             written.push(self.append(line.as_bytes()));
         }
         // Lines count only once flushed: a full disk shows here.
@@ -352,10 +381,7 @@ impl FileSink {
     }
 
     fn open(&mut self) -> std::io::Result<()> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        let file = crate::access::private_append(&self.path)?;
         let size = file.metadata()?.len();
         self.out = Some((std::io::BufWriter::new(file), size));
         Ok(())
@@ -550,7 +576,8 @@ mod tests {
         let line_len = record(b"x", 1).line().len() as u64 + 1;
         let mut sink = FileSink::new(path.clone(), line_len * 3, 2);
         for _ in 0..20 {
-            assert_eq!(sink.write(&[record(b"x", 1)]), [true]);
+            let q = Queued::take(record(b"x", 1)).unwrap();
+            assert_eq!(sink.write(&[q]), [true]);
         }
         let lines = |p: &Path| {
             std::fs::read_to_string(p)
@@ -562,5 +589,11 @@ mod tests {
         assert_eq!(lines(&dir.path().join("p.jsonl.1")), 3);
         assert_eq!(lines(&dir.path().join("p.jsonl.2")), 3);
         assert!(!dir.path().join("p.jsonl.3").exists());
+        // Owner-only, the rotated ones too.
+        use std::os::unix::fs::PermissionsExt;
+        for p in [path.clone(), dir.path().join("p.jsonl.1")] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
     }
 }

@@ -168,6 +168,8 @@ pub async fn start(
         upstreams,
         max_body_bytes: opts.limits.max_body_bytes,
         max_inflight: opts.limits.max_inflight,
+        body_idle_timeout: opts.limits.body_idle_timeout,
+        buffers: server::ByteBudget::new(opts.limits.max_buffered_bytes, metrics.buffered()),
     });
     let admin = Arc::new(Admin {
         store: store.clone(),
@@ -176,9 +178,13 @@ pub async fn start(
         executor: executor_rx,
     });
     let (acceptor, cert_watch) = tls.unzip();
+    let data_limits = server::Limits {
+        open_connections: metrics.connections(),
+        ..opts.limits.clone()
+    };
     let data = tokio::spawn(server::serve_tls(
         listener,
-        opts.limits.clone(),
+        data_limits,
         acceptor,
         proxy,
         data_rx,

@@ -135,6 +135,7 @@ pub fn document(root: &Node, errs: &mut Errors) -> Option<Document> {
 
 fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
     let mut obj = Obj::new(node, path, errs)?;
+    let sticky = obj.opt("sticky_header", header_name);
     let spec = RouteSpec {
         at: 0,
         name: obj.opt("name", name),
@@ -146,7 +147,7 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
             .into_iter()
             .map(|(at, v)| VariantSpec { at, ..v })
             .collect(),
-        sticky_header: obj.opt("sticky_header", header_name),
+        sticky_header: sticky.clone(),
         override_header: obj
             .opt("override_header", header_name)
             .unwrap_or(HeaderName::from_static(DEFAULT_OVERRIDE_HEADER)),
@@ -159,7 +160,13 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
         max_inflight: obj.opt("max_inflight", positive_int),
         access_log_fraction: obj.opt("access_log", access_log).flatten(),
         guardrail: obj.opt("guardrail", guardrail),
-        payload_log: obj.opt("log", payload_log),
+        // The default allowlist names the route's sticky header too.
+        payload_log: obj.opt("log", payload_log).map(|(mut log, defaulted)| {
+            if defaulted {
+                log.headers.extend(sticky);
+            }
+            log
+        }),
     };
     obj.finish(&[
         "name",
@@ -185,7 +192,25 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
 /// Largest `log.max_bytes`: a record holds two bodies this long.
 const MAX_PAYLOAD_BYTES: u64 = 8 * 1024 * 1024;
 
-fn payload_log(node: &Node, path: String, errs: &mut Errors) -> Option<crate::payload::Settings> {
+/// A request header the payload log may write: never one that may carry credentials.
+fn logged_header(node: &Node, path: String, errs: &mut Errors) -> Option<HeaderName> {
+    let h = header_name(node, path.clone(), errs)?;
+    if crate::payload::is_credential(h.as_str()) {
+        return errs.push(
+            path,
+            format!("{:?} may carry credentials and is never logged", h.as_str()),
+        );
+    }
+    Some(h)
+}
+
+/// `routes[].log`, and whether its header allowlist is the default (`content-type`,
+/// to which the route adds its sticky header).
+fn payload_log(
+    node: &Node,
+    path: String,
+    errs: &mut Errors,
+) -> Option<(crate::payload::Settings, bool)> {
     use crate::payload::{Settings, Sink};
     let mut obj = Obj::new(node, path.clone(), errs)?;
     let fraction = obj.req("fraction", fraction);
@@ -193,7 +218,13 @@ fn payload_log(node: &Node, path: String, errs: &mut Errors) -> Option<crate::pa
     let sink = obj.req("sink", string);
     let rotate_bytes = obj.opt("rotate_bytes", positive_int);
     let keep = obj.opt("keep", int);
-    obj.finish(&["fraction", "max_bytes", "sink", "rotate_bytes", "keep"]);
+    let headers = obj.opt("headers", |n, p, e| seq(n, p, e, logged_header));
+    obj.finish(&["fraction", "max_bytes", "sink", "rotate_bytes", "keep", "headers"]);
+    let defaulted = headers.is_none();
+    let headers = match headers {
+        Some(list) => list.into_iter().map(|(_, h)| h).collect(),
+        None => vec![http::header::CONTENT_TYPE],
+    };
     if max_bytes > MAX_PAYLOAD_BYTES {
         errs.push::<()>(
             format!("{path}.max_bytes"),
@@ -238,11 +269,13 @@ fn payload_log(node: &Node, path: String, errs: &mut Errors) -> Option<crate::pa
             format!("{sink:?} must be an absolute file path or an http:// URL"),
         );
     };
-    Some(Settings {
+    let settings = Settings {
         fraction: fraction?,
         max_bytes: max_bytes.min(MAX_PAYLOAD_BYTES) as usize,
         sink,
-    })
+        headers,
+    };
+    Some((settings, defaulted))
 }
 
 fn guardrail(node: &Node, path: String, errs: &mut Errors) -> Option<GuardrailSpec> {

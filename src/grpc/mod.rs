@@ -59,7 +59,7 @@ impl Code {
             404 => Code::NotFound,
             413 | 429 => Code::ResourceExhausted,
             503 => Code::Unavailable,
-            504 => Code::DeadlineExceeded,
+            408 | 504 => Code::DeadlineExceeded,
             _ => Code::Internal,
         }
     }

@@ -16,8 +16,19 @@ use super::{Options, Outcome, inject_template, json_patch};
 use crate::error::{Body, json_error, json_response};
 use crate::server::{self, ConnInfo, Handler};
 
-/// Largest AdmissionReview accepted (the API server sends at most ~3 MiB objects).
-const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
+/// Largest AdmissionReview accepted. etcd stores objects of at most 1.5 MiB, and a
+/// review carries the object (plus, on UPDATE, the old one): 3 MiB covers every real
+/// review, and bounds what one connection can make the webhook hold.
+pub const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
+
+/// Reviews read and answered at once. A review takes milliseconds; the cap bounds
+/// memory (each holds its body and its parsed JSON, a few times the body), so under
+/// any number of callers the webhook stays within its 128Mi limit.
+pub const MAX_CONCURRENT_REVIEWS: usize = 4;
+
+/// How long a review waits for a slot before it is answered 429 (well inside the
+/// API server's `timeoutSeconds`).
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct WebhookOptions {
@@ -28,6 +39,17 @@ pub struct WebhookOptions {
 
 pub struct Webhook {
     pub opts: WebhookOptions,
+    /// `MAX_CONCURRENT_REVIEWS` permits; one held while a review is read and answered.
+    slots: tokio::sync::Semaphore,
+}
+
+impl Webhook {
+    pub fn new(opts: WebhookOptions) -> Webhook {
+        Webhook {
+            opts,
+            slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REVIEWS),
+        }
+    }
 }
 
 impl Handler for Webhook {
@@ -35,12 +57,23 @@ impl Handler for Webhook {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, "{\"ok\":true}"),
             (&Method::POST, "/mutate") => {
+                // Taken before the body is read, so waiting reviews hold no bytes.
+                let Ok(Ok(_slot)) = tokio::time::timeout(SLOT_WAIT, self.slots.acquire()).await
+                else {
+                    let mut busy = json_error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "the webhook is answering its limit of reviews at once; retry shortly",
+                    );
+                    busy.headers_mut()
+                        .insert(http::header::RETRY_AFTER, http::HeaderValue::from(1));
+                    return busy;
+                };
                 let (parts, body) = req.into_parts();
-                let body: Bytes =
-                    match server::read_body(&parts.headers, body, MAX_REVIEW_BYTES).await {
-                        Ok(b) => b,
-                        Err(e) => return e.into_response(),
-                    };
+                let rules = server::BodyRules::limit(MAX_REVIEW_BYTES);
+                let body: Bytes = match server::read_body(&parts.headers, body, rules).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
                 match review(&body, &self.opts) {
                     Ok(v) => json_response(StatusCode::OK, v.to_string()),
                     Err(msg) => json_error(StatusCode::BAD_REQUEST, &msg),
@@ -158,7 +191,7 @@ pub fn start(
         listener,
         server::Limits::default(),
         Some(acceptor),
-        std::sync::Arc::new(Webhook { opts }),
+        std::sync::Arc::new(Webhook::new(opts)),
         rx,
     ));
     Ok(RunningWebhook {

@@ -90,10 +90,11 @@ pub(super) struct Sampled<'a> {
 /// task of its own. Returns the response to send.
 pub(super) fn log_payload(
     s: Sampled<'_>,
-    max_bytes: usize,
+    settings: &payload::Settings,
     log: Arc<PayloadLog>,
     resp: Response<Body>,
 ) -> Response<Body> {
+    let max_bytes = settings.max_bytes;
     let content_type = |h: &http::HeaderMap| {
         h.get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -110,7 +111,7 @@ pub(super) fn log_payload(
         latency: s.elapsed,
         method: s.parts.method.to_string(),
         path: s.parts.uri.path().to_string(),
-        headers: payload::loggable_headers(&s.parts.headers),
+        headers: payload::loggable_headers(&s.parts.headers, &settings.headers),
         request: Payload {
             bytes: s.body.slice(..s.body.len().min(max_bytes)),
             total: s.body.len() as u64,

@@ -35,12 +35,15 @@ impl Proxy {
         active: &'a Active,
         parts: &http::request::Parts,
         body: B,
+        held: &mut server::Reservation,
     ) -> Result<(Match<'a>, Pending<B>), ProxyError>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let bytes = server::read_body(&parts.headers, body, self.max_body_bytes).await?;
+        // The route (and so its timeout) is not known until the message is read.
+        let rules = self.body_rules(None, held);
+        let bytes = server::read_body(&parts.headers, body, rules).await?;
         let call = parts.uri.path();
         let bad = |e: String| ProxyError::BadRequest(format!("{call}: {e}"));
         let model = string_field(unary_message(&bytes).map_err(bad)?, 1).map_err(bad)?;

@@ -56,6 +56,24 @@ pub struct Proxy {
     pub max_body_bytes: usize,
     /// Requests answered at once; more get 503 + Retry-After.
     pub max_inflight: usize,
+    /// A request body silent this long is 408.
+    pub body_idle_timeout: std::time::Duration,
+    /// Every request body's bytes are reserved here while the request lives.
+    pub buffers: server::ByteBudget,
+}
+
+/// A caller's deadline (`x-braid-timeout`, `grpc-timeout`) on a route without a
+/// timeout of its own is at most this far away; on a route with one, at most that.
+pub const LONGEST_CALLER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// One request counted in `braid_requests_in_flight`, until it is dropped: answered,
+/// or its future dropped by hyper when the client left or reset the stream.
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// How the caller speaks, which decides how the route is found, how the body is read
@@ -167,23 +185,42 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let wire = Wire::of(&parts);
         let inflight = self.metrics.inflight();
-        if inflight.inc() >= self.max_inflight as i64 {
-            inflight.dec();
+        let counted = inflight.inc() + 1;
+        // Given back by Drop: a client that leaves mid-request drops this future.
+        let _inflight = InFlight(inflight);
+        if counted > self.max_inflight as i64 {
             return self.unrouted(ProxyError::Overloaded, wire);
         }
+        // The bytes this request buffers, given back when it ends, however it ends.
+        let mut held = server::Reservation::default();
         let trace = self.tracer.as_ref().map(|t| t.begin(&parts.headers));
-        let resp = match self.store.load() {
+        match self.store.load() {
             // One snapshot for the whole request: a reload cannot change it midway.
             Some(active) => {
                 let at = (start, trace);
-                self.route(&active, parts, body, wire, conn, at).await
+                self.route(&active, parts, body, wire, conn, at, &mut held)
+                    .await
             }
             None => self.unrouted(ProxyError::NoConfig, wire),
-        };
-        inflight.dec();
-        resp
+        }
     }
 
+    /// How this request's body is read: braid's limits, its deadline if known, its
+    /// bytes reserved into `held`.
+    fn body_rules<'a>(
+        &'a self,
+        deadline: Option<Instant>,
+        held: &'a mut server::Reservation,
+    ) -> server::BodyRules<'a> {
+        server::BodyRules {
+            limit: self.max_body_bytes,
+            idle: self.body_idle_timeout,
+            deadline,
+            reserve: Some((&self.buffers, held)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn route<B>(
         &self,
         active: &Active,
@@ -192,13 +229,14 @@ impl Proxy {
         wire: Wire,
         conn: &ConnInfo,
         (start, trace): (Instant, Option<RequestTrace>),
+        held: &mut server::Reservation,
     ) -> Response<Body>
     where
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
         let found = match wire {
-            Wire::GrpcModel => self.find_grpc_model(active, &parts, body).await,
+            Wire::GrpcModel => self.find_grpc_model(active, &parts, body, held).await,
             Wire::GrpcModelStream => self.find_grpc_stream(active, &parts, body).await,
             Wire::Rest | Wire::GrpcStream => active
                 .snapshot
@@ -267,7 +305,7 @@ impl Proxy {
             let req = (start, &parts, None);
             return self.finish(&r, vi, fallback_from, result, req, None);
         }
-        let prepared = match self.prepare(&parts, body, route, live, start).await {
+        let prepared = match self.prepare(&parts, body, route, live, start, held).await {
             Ok(p) => p,
             Err(e) => {
                 let req = (start, &parts, None);
@@ -384,7 +422,7 @@ impl Proxy {
                 body,
                 trace: r.trace.as_ref(),
             };
-            resp = access::log_payload(sampled, settings.max_bytes, log.clone(), resp);
+            resp = access::log_payload(sampled, settings, log.clone(), resp);
         }
         if let (Some(tracer), Some(t)) = (&self.tracer, &r.trace)
             && t.context.sampled
@@ -462,6 +500,7 @@ impl Proxy {
         route: &Route,
         live: &RouteLive,
         start: Instant,
+        held: &mut server::Reservation,
     ) -> Result<Prepared, ProxyError>
     where
         B: hyper::body::Body<Data = Bytes>,
@@ -470,7 +509,10 @@ impl Proxy {
         let (deadline, by_header) = self.deadline(parts, route, start)?;
         let body = match body {
             Pending::Read(b) => b,
-            Pending::Unread(b) => server::read_body(&parts.headers, b, self.max_body_bytes).await?,
+            Pending::Unread(b) => {
+                let rules = self.body_rules(deadline, held);
+                server::read_body(&parts.headers, b, rules).await?
+            }
             Pending::Started { .. } => {
                 return Err(ProxyError::BadRequest(
                     "a streamed call cannot be read whole".into(),
@@ -490,7 +532,9 @@ impl Proxy {
     }
 
     /// The earliest of the route's timeout and the caller's (`x-braid-timeout`, or a
-    /// gRPC caller's `grpc-timeout`), and whether the caller's is the earlier.
+    /// gRPC caller's `grpc-timeout`), and whether the caller's is the earlier. A
+    /// caller's timeout is capped (at the route's, else `LONGEST_CALLER_TIMEOUT`), so
+    /// no header value can overflow the clock.
     fn deadline(
         &self,
         parts: &http::request::Parts,
@@ -509,7 +553,7 @@ impl Proxy {
                         DEADLINE_HEADER.as_str()
                     ))
                 })?;
-            header_deadline = Some(start + d);
+            header_deadline = Some(d);
         }
         if let Some(v) = parts.headers.get(&crate::grpc::GRPC_TIMEOUT) {
             let d = v
@@ -521,10 +565,12 @@ impl Proxy {
                         "grpc-timeout must be up to 8 digits and a unit (H, M, S, m, u, n)".into(),
                     )
                 })?;
-            let at = start + d;
-            header_deadline = Some(header_deadline.map_or(at, |h: Instant| h.min(at)));
+            header_deadline = Some(header_deadline.map_or(d, |h: std::time::Duration| h.min(d)));
         }
-        let route_deadline = route.timeout.map(|t| start + t);
+        let cap = route.timeout.unwrap_or(LONGEST_CALLER_TIMEOUT);
+        let at = |d: std::time::Duration| start.checked_add(d.min(cap));
+        let header_deadline = header_deadline.and_then(at);
+        let route_deadline = route.timeout.and_then(at);
         let deadline = [header_deadline, route_deadline]
             .into_iter()
             .flatten()

@@ -31,6 +31,8 @@ fn proxy(config: &str, exec: Arc<FakeExecutor>) -> Proxy {
         upstreams,
         max_body_bytes: 1 << 20,
         max_inflight: 100,
+        body_idle_timeout: std::time::Duration::from_secs(30),
+        buffers: crate::server::ByteBudget::unshared(1 << 24),
     }
 }
 

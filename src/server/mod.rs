@@ -8,14 +8,17 @@
 //! ever having a request reset. `Closing`: the listener stops accepting, every
 //! connection finishes its in-flight requests and closes, and `serve` returns.
 
+pub mod budget;
 pub mod sniff;
 pub mod tls;
+
+pub use budget::{ByteBudget, Reservation};
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -53,6 +56,18 @@ pub struct Limits {
     pub h2_keep_alive_interval: Duration,
     /// Requests being answered at once by the proxy; more get 503 + Retry-After.
     pub max_inflight: usize,
+    /// A request body that sends nothing for this long is answered 408 (nginx's
+    /// `client_body_timeout`).
+    pub body_idle_timeout: Duration,
+    /// An HTTP/2 connection with no request in flight for this long is sent GOAWAY
+    /// and closed (HTTP/1.1 idles under `header_read_timeout`).
+    pub idle_timeout: Duration,
+    /// Connections served at once; beyond it new ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Request bytes buffered at once across all requests; beyond it 503 + Retry-After.
+    pub max_buffered_bytes: usize,
+    /// Kept at the number of open connections (`braid_connections` on the data port).
+    pub open_connections: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Default for Limits {
@@ -67,6 +82,11 @@ impl Default for Limits {
             h2_max_local_error_reset_streams: 256,
             h2_keep_alive_interval: Duration::from_secs(30),
             max_inflight: 4096,
+            body_idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_buffered_bytes: 64 * 1024 * 1024,
+            open_connections: Default::default(),
         }
     }
 }
@@ -151,7 +171,17 @@ pub async fn serve_tls<H: Handler>(
     mut phase: watch::Receiver<Phase>,
 ) {
     let builder = builder(&limits);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let timers = Timers {
+        first_request: limits.header_read_timeout,
+        h2_idle: limits.idle_timeout,
+    };
     loop {
+        // Beyond the cap, connections wait in the kernel's backlog: no task, no buffer.
+        let permit = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+            _ = phase.wait_for(|p| *p == Phase::Closing) => break,
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = phase.wait_for(|p| *p == Phase::Closing) => break,
@@ -166,13 +196,17 @@ pub async fn serve_tls<H: Handler>(
             }
         };
         let _ = stream.set_nodelay(true);
+        let slot = ConnSlot::new(permit, &limits.open_connections);
         let flags = Arc::new(ConnFlags::default());
         let conn_info = Arc::new(ConnInfo::new(peer, flags.clone()));
         let (builder, handler, phase) = (builder.clone(), handler.clone(), phase.clone());
         match tls.clone() {
             None => {
                 let io = TokioIo::new(Sniffer::new(stream, flags));
-                tokio::spawn(connection(builder, io, handler, conn_info, phase));
+                tokio::spawn(async move {
+                    connection(builder, io, handler, conn_info, phase, timers).await;
+                    drop(slot);
+                });
             }
             Some(acceptor) => {
                 let handshake_timeout = limits.header_read_timeout;
@@ -194,7 +228,8 @@ pub async fn serve_tls<H: Handler>(
                         }
                     };
                     let io = TokioIo::new(Sniffer::new(stream, flags));
-                    connection(builder, io, handler, conn_info, phase).await;
+                    connection(builder, io, handler, conn_info, phase, timers).await;
+                    drop(slot);
                 });
             }
         }
@@ -224,28 +259,144 @@ async fn answer_even_if_it_panics(call: impl Future<Output = Response<Body>>) ->
     }
 }
 
+/// One accepted connection's place under `max_connections`, given back by `Drop`
+/// however its task ends.
+struct ConnSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ConnSlot {
+    fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        open: &prometheus_client::metrics::gauge::Gauge,
+    ) -> ConnSlot {
+        open.inc();
+        ConnSlot {
+            _permit: permit,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// How long a connection may go without a request.
+#[derive(Debug, Clone, Copy)]
+struct Timers {
+    /// Until its first complete request head, whatever the protocol (hyper-util's
+    /// protocol detection has no timeout of its own).
+    first_request: Duration,
+    /// An HTTP/2 connection with nothing in flight.
+    h2_idle: Duration,
+}
+
+/// Requests in flight on one connection, and since when it has had none; each request
+/// holds an `Active` guard, so a dropped request future counts as finished.
+struct Activity {
+    opened: tokio::time::Instant,
+    active: AtomicUsize,
+    /// Nanoseconds after `opened` when the count last fell to 0.
+    idle_since: AtomicU64,
+    /// A request head has arrived.
+    served: AtomicBool,
+    /// Woken when the last request in flight ends, to arm the idle timer.
+    quiet: tokio::sync::Notify,
+}
+
+struct Active<'a>(&'a Activity);
+
+impl Activity {
+    fn begin(&self) -> Active<'_> {
+        self.served.store(true, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Active(self)
+    }
+
+    /// When the connection will have been idle too long, if it is idle now.
+    fn idle_until(&self, timers: Timers, h2: bool) -> Option<tokio::time::Instant> {
+        if self.active.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let since = self.opened + Duration::from_nanos(self.idle_since.load(Ordering::Relaxed));
+        if !self.served.load(Ordering::Relaxed) {
+            Some(since + timers.first_request)
+        } else if h2 {
+            Some(since + timers.h2_idle)
+        } else {
+            None // HTTP/1.1 keep-alive idles under hyper's header read timeout
+        }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let at = self.0.opened.elapsed().as_nanos() as u64;
+            self.0.idle_since.store(at, Ordering::Relaxed);
+            self.0.quiet.notify_one();
+        }
+    }
+}
+
+/// Refuses a request whose transfer coding braid would not apply: anything but a
+/// lone `chunked` (hyper would decode `gzip, chunked` as chunked and drop the gzip).
+fn unsupported_coding(headers: &HeaderMap) -> Option<Response<Body>> {
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let first = codings.next()?;
+    let plain_chunked = first
+        .to_str()
+        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+    if plain_chunked && codings.next().is_none() {
+        return None;
+    }
+    let e = ProxyError::UnsupportedCoding(String::from_utf8_lossy(first.as_bytes()).into_owned());
+    Some(e.into_response())
+}
+
 async fn connection<H, S>(
     builder: auto::Builder<TokioExecutor>,
     io: TokioIo<Sniffer<S>>,
     handler: Arc<H>,
     info: Arc<ConnInfo>,
     mut phase: watch::Receiver<Phase>,
+    timers: Timers,
 ) where
     H: Handler,
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let activity = Arc::new(Activity {
+        opened: tokio::time::Instant::now(),
+        active: AtomicUsize::new(0),
+        idle_since: AtomicU64::new(0),
+        served: AtomicBool::new(false),
+        quiet: tokio::sync::Notify::new(),
+    });
     let svc_phase = phase.clone();
     let svc_info = info.clone();
+    let svc_activity = activity.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let handler = handler.clone();
         let info = svc_info.clone();
         let phase = svc_phase.clone();
+        let activity = svc_activity.clone();
         async move {
+            let _active = activity.begin();
             let h1 = req.version() < Version::HTTP_2;
-            let mut resp = if info.flags.smuggling.load(Ordering::Relaxed) {
-                ProxyError::Smuggling.into_response()
+            let refused = if info.flags.smuggling.load(Ordering::Relaxed) {
+                Some(ProxyError::Smuggling.into_response())
+            } else if h1 {
+                unsupported_coding(req.headers())
             } else {
-                answer_even_if_it_panics(handler.call(req, &info)).await
+                None
+            };
+            let mut resp = match refused {
+                Some(resp) => resp,
+                None => answer_even_if_it_panics(handler.call(req, &info)).await,
             };
             // Judged after the handler: a drain may have begun while it ran.
             if h1 && *phase.borrow() != Phase::Serving {
@@ -259,6 +410,10 @@ async fn connection<H, S>(
     tokio::pin!(conn);
     let mut shutting_down = false;
     loop {
+        let h2 = info.flags.h2.load(Ordering::Relaxed);
+        // Re-armed on every wake-up; a request in flight leaves it unarmed, and the end
+        // of a request wakes the loop through the connection future itself.
+        let idle = activity.idle_until(timers, h2);
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -268,29 +423,89 @@ async fn connection<H, S>(
             }
             changed = phase.changed(), if !shutting_down => {
                 let p = if changed.is_ok() { *phase.borrow() } else { Phase::Closing };
-                let h2 = info.flags.h2.load(Ordering::Relaxed);
                 if p == Phase::Closing || (p == Phase::Draining && h2) {
                     conn.as_mut().graceful_shutdown();
                     shutting_down = true;
+                }
+            }
+            _ = activity.quiet.notified() => {}
+            _ = sleep_until(idle) => {
+                // Still idle? A request may have begun and ended since the timer was set.
+                let now = tokio::time::Instant::now();
+                if activity.idle_until(timers, h2).is_some_and(|at| at <= now) {
+                    if !activity.served.load(Ordering::Relaxed) || shutting_down {
+                        tracing::debug!(peer = %info.peer, "closing a connection that sent no request in time");
+                        return;
+                    }
+                    tracing::debug!(peer = %info.peer, "closing an idle HTTP/2 connection");
+                    conn.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                    // GOAWAY sent; a peer that keeps it open gets one more period.
+                    activity.idle_since.store(now.duration_since(activity.opened).as_nanos() as u64, Ordering::Relaxed);
                 }
             }
         }
     }
 }
 
-/// Reads the whole body under the limit: a declared length over it is refused before
-/// a byte is read, and a body that grows past it is cut off.
-pub async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, ProxyError>
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How one request body may be read.
+pub struct BodyRules<'a> {
+    /// Larger is 413.
+    pub limit: usize,
+    /// No bytes for this long is 408.
+    pub idle: Duration,
+    /// The request's deadline: a body still arriving then is 408 too.
+    pub deadline: Option<tokio::time::Instant>,
+    /// The shared budget the body's bytes are reserved from, into the request's
+    /// reservation (given back when the request ends, however it ends).
+    pub reserve: Option<(&'a ByteBudget, &'a mut Reservation)>,
+}
+
+impl BodyRules<'_> {
+    /// A body bounded by size and stall time alone.
+    pub fn limit(limit: usize) -> BodyRules<'static> {
+        BodyRules {
+            limit,
+            idle: Limits::default().body_idle_timeout,
+            deadline: None,
+            reserve: None,
+        }
+    }
+
+    fn reserve(&mut self, total: usize) -> Result<(), ProxyError> {
+        match &mut self.reserve {
+            Some((budget, held)) => held.grow_to(budget, total),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Reads the whole body under the rules: a declared length over the limit (or the
+/// budget) is refused before a byte is read, a body that grows past either is cut off,
+/// and one that stalls is 408. The bytes are copied at most once.
+pub async fn read_body<B>(headers: &HeaderMap, body: B, mut rules: BodyRules<'_>) -> Result<Bytes, ProxyError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<crate::error::BoxError>,
 {
+    let limit = rules.limit;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let declared = declared.map(|n| n as usize);
+    if let Some(n) = declared {
+        rules.reserve(n)?;
     }
     let too_large = |e: &BoxError| e.is::<http_body_util::LengthLimitError>();
     let refused = |e: BoxError| {
@@ -301,21 +516,38 @@ where
         }
     };
     let mut body = std::pin::pin!(Limited::new(body, limit));
+    let (idle, deadline) = (rules.idle, rules.deadline);
+    let next_frame = async |body: &mut std::pin::Pin<&mut Limited<B>>| {
+        let stall = tokio::time::Instant::now() + idle;
+        let until = deadline.map_or(stall, |d| d.min(stall));
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(frame) => Ok(frame),
+            Err(_) if until < stall => Err(ProxyError::BodyStalled(
+                "the request's timeout passed while its body was still arriving".into(),
+            )),
+            Err(_) => Err(ProxyError::BodyStalled(format!(
+                "no bytes for {idle:?} (--body-idle-timeout)"
+            ))),
+        }
+    };
     // Most bodies arrive in one frame: taken as it is, with no copy.
-    let first = match body.frame().await {
+    let first = match next_frame(&mut body).await? {
         None => return Ok(Bytes::new()),
         Some(frame) => frame.map_err(refused)?.into_data().unwrap_or_default(),
     };
+    rules.reserve(first.len())?;
     if body.is_end_stream() {
         return Ok(first);
     }
-    let rest = body.collect().await.map_err(refused)?.to_bytes();
-    if first.is_empty() {
-        return Ok(rest);
-    }
-    let mut all = bytes::BytesMut::with_capacity(first.len() + rest.len());
+    let mut all = bytes::BytesMut::with_capacity(declared.unwrap_or(2 * first.len()).min(limit));
     all.extend_from_slice(&first);
-    all.extend_from_slice(&rest);
+    drop(first);
+    while let Some(frame) = next_frame(&mut body).await? {
+        if let Ok(data) = frame.map_err(refused)?.into_data() {
+            rules.reserve(all.len() + data.len())?;
+            all.extend_from_slice(&data);
+        }
+    }
     Ok(all.freeze())
 }
 

@@ -5,8 +5,11 @@
 //! repeated identical `Content-Length` lines. A proxy in front of other HTTP stacks
 //! should refuse both outright, so this wrapper watches the bytes hyper reads, spots
 //! those header combinations inside one message head, and flags the connection; the
-//! server then answers 400 and closes. Bodies with a known length are skipped, not
-//! scanned. HTTP/2 connections (the prior-knowledge preface) are not scanned at all.
+//! server then answers 400 and closes. Only header bytes are looked at: a body with a
+//! known length is skipped, and a chunked body is followed by its chunk sizes (its
+//! data skipped, its trailers passed over), so body bytes that look like headers never
+//! raise a false alarm. HTTP/2 connections (the prior-knowledge preface) are not
+//! scanned at all.
 
 use std::io;
 use std::pin::Pin;
@@ -28,6 +31,17 @@ pub struct ConnFlags {
 /// Enough of a line to recognise the header name and read a Content-Length value.
 const LINE_KEEP: usize = 48;
 
+/// What the next line of the connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// A request line or header line.
+    Head,
+    /// A chunk-size line (or the line ending the chunk before it).
+    ChunkSize,
+    /// A trailer line, after the last chunk, until a blank line.
+    Trailers,
+}
+
 #[derive(Debug)]
 struct Scan {
     line: [u8; LINE_KEEP],
@@ -36,8 +50,9 @@ struct Scan {
     te: bool,
     cl_count: u8,
     cl_value: Option<u64>,
-    /// Body bytes still to pass unscanned (a Content-Length body).
+    /// Body bytes still to pass unscanned (a Content-Length body, or chunk data).
     skip: u64,
+    part: Part,
     done: bool,
 }
 
@@ -59,6 +74,7 @@ impl<S> Sniffer<S> {
                 cl_count: 0,
                 cl_value: None,
                 skip: 0,
+                part: Part::Head,
                 done: false,
             },
             flags,
@@ -101,6 +117,12 @@ impl Scan {
             if line.last() == Some(&b'\r') {
                 line = &line[..line.len() - 1];
             }
+            if self.part != Part::Head {
+                let (part, skip, done) = chunked_line(self.part, line);
+                (self.part, self.skip, self.done) = (part, skip, done);
+                self.line_len = 0;
+                continue;
+            }
             if self.first_line {
                 self.first_line = false;
                 if line == b"PRI * HTTP/2.0" {
@@ -108,9 +130,12 @@ impl Scan {
                     self.done = true;
                 }
             } else if line.is_empty() {
-                // End of a head (or a blank line inside a chunked body).
+                // The end of a head: its body follows.
                 if let (Some(len), false, 1) = (self.cl_value, self.te, self.cl_count) {
                     self.skip = len;
+                }
+                if self.te {
+                    self.part = Part::ChunkSize;
                 }
                 self.te = false;
                 self.cl_count = 0;
@@ -133,6 +158,33 @@ impl Scan {
             }
             self.line_len = 0;
         }
+    }
+}
+
+/// One line of a chunked body: a chunk size (its data then skipped), the blank line
+/// after a chunk's data, or a trailer; returns the next part, the bytes to skip and
+/// whether to stop. A size that does not parse ends the scan: hyper refuses the
+/// message itself.
+fn chunked_line(part: Part, line: &[u8]) -> (Part, u64, bool) {
+    match part {
+        Part::ChunkSize if line.is_empty() => (part, 0, false), // the CRLF after data
+        Part::ChunkSize => {
+            let digits = line
+                .split(|&b| b == b';' || b == b' ' || b == b'\t')
+                .next()
+                .unwrap_or_default();
+            let size = std::str::from_utf8(digits)
+                .ok()
+                .filter(|d| !d.is_empty() && d.len() <= 16)
+                .and_then(|d| u64::from_str_radix(d, 16).ok());
+            match size {
+                Some(0) => (Part::Trailers, 0, false),
+                Some(n) => (part, n, false),
+                None => (part, 0, true),
+            }
+        }
+        Part::Trailers if line.is_empty() => (Part::Head, 0, false),
+        Part::Trailers | Part::Head => (part, 0, false),
     }
 }
 
@@ -239,6 +291,25 @@ mod tests {
     fn keep_alive_requests_are_judged_one_head_at_a_time() {
         let two = b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(scan(&[two]), (false, false));
+    }
+
+    #[test]
+    fn a_chunked_body_that_looks_like_headers_is_not_scanned() {
+        let data = "content-length: 1\r\ntransfer-encoding: chunked\r\n";
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x};ext=1\r\n{data}\r\n0\r\nx-trailer: 1\r\ncontent-length: 9\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            data.len()
+        );
+        let req = req.as_bytes();
+        for cut in 0..req.len() {
+            let (a, b) = req.split_at(cut);
+            assert_eq!(scan(&[a, b]), (false, false), "split at {cut}");
+        }
+        // The next head on the connection is still judged.
+        let next = b"POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\nx";
+        let mut two = req.to_vec();
+        two.extend_from_slice(next);
+        assert_eq!(scan(&[&two]), (true, false));
     }
 
     #[test]
