@@ -520,9 +520,21 @@ fn webhook(args: WebhookArgs) -> ExitCode {
     })
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BRAID_LOG")
+/// The log filter: `BRAID_LOG` (default `info`), with the HTTP/2 library held to its
+/// errors unless `BRAID_LOG` names it: it warns once per peer misstep (an unsolicited
+/// PING ack, say), so any client could fill the log with it.
+pub fn log_filter(braid_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let spec = braid_log.unwrap_or("info");
+    let filter = tracing_subscriber::EnvFilter::try_new(spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if spec.contains("h2") {
+        return filter;
+    }
+    filter.add_directive("h2=error".parse().expect("a valid directive"))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = log_filter(std::env::var("BRAID_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

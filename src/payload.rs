@@ -109,7 +109,10 @@ pub fn is_credential(name: &str) -> bool {
 }
 
 /// The allowed headers of a request, values as text; credentials never, even allowed.
-pub fn loggable_headers(headers: &HeaderMap, allowed: &[http::HeaderName]) -> Vec<(String, String)> {
+pub fn loggable_headers(
+    headers: &HeaderMap,
+    allowed: &[http::HeaderName],
+) -> Vec<(String, String)> {
     headers
         .iter()
         .filter(|(n, _)| allowed.contains(n) && !is_credential(n.as_str()))

@@ -219,7 +219,14 @@ fn payload_log(
     let rotate_bytes = obj.opt("rotate_bytes", positive_int);
     let keep = obj.opt("keep", int);
     let headers = obj.opt("headers", |n, p, e| seq(n, p, e, logged_header));
-    obj.finish(&["fraction", "max_bytes", "sink", "rotate_bytes", "keep", "headers"]);
+    obj.finish(&[
+        "fraction",
+        "max_bytes",
+        "sink",
+        "rotate_bytes",
+        "keep",
+        "headers",
+    ]);
     let defaulted = headers.is_none();
     let headers = match headers {
         Some(list) => list.into_iter().map(|(_, h)| h).collect(),

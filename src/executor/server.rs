@@ -311,7 +311,13 @@ impl Executor {
             Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.0),
         };
         let (parts, body) = req.into_parts();
-        let body = match server::read_body(&parts.headers, body, server::BodyRules::limit(self.max_body_bytes)).await {
+        let body = match server::read_body(
+            &parts.headers,
+            body,
+            server::BodyRules::limit(self.max_body_bytes),
+        )
+        .await
+        {
             Ok(b) => b,
             Err(e) => return e.into_response(),
         };
@@ -349,7 +355,13 @@ impl Executor {
     /// `{"predictions": [{"embedding": [...], "label": ..., "scores": {...}}]}`.
     async fn predict_v1(&self, slot: &Slot, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
-        let body = match server::read_body(&parts.headers, body, server::BodyRules::limit(self.max_body_bytes)).await {
+        let body = match server::read_body(
+            &parts.headers,
+            body,
+            server::BodyRules::limit(self.max_body_bytes),
+        )
+        .await
+        {
             Ok(b) => b,
             Err(e) => return e.into_response(),
         };
@@ -622,7 +634,13 @@ impl Executor {
         };
         let method = method.to_string();
         let (parts, body) = req.into_parts();
-        let body = match server::read_body(&parts.headers, body, server::BodyRules::limit(self.max_body_bytes)).await {
+        let body = match server::read_body(
+            &parts.headers,
+            body,
+            server::BodyRules::limit(self.max_body_bytes),
+        )
+        .await
+        {
             Ok(b) => b,
             Err(e) => return grpc::error_response(&e),
         };

@@ -490,7 +490,11 @@ impl BodyRules<'_> {
 /// Reads the whole body under the rules: a declared length over the limit (or the
 /// budget) is refused before a byte is read, a body that grows past either is cut off,
 /// and one that stalls is 408. The bytes are copied at most once.
-pub async fn read_body<B>(headers: &HeaderMap, body: B, mut rules: BodyRules<'_>) -> Result<Bytes, ProxyError>
+pub async fn read_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    mut rules: BodyRules<'_>,
+) -> Result<Bytes, ProxyError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<crate::error::BoxError>,

@@ -215,7 +215,8 @@ impl Backend {
         }
         let mut resp = Response::new(Reply(Inner::Inline(body)));
         *resp.status_mut() = head.status;
-        *resp.version_mut() = head.version;
+        // The version stays braid's own (HTTP/1.1): an intermediary sends its own
+        // version, not its backend's (RFC 9112 section 2.3).
         *resp.headers_mut() = head.headers;
         Ok(resp)
     }

@@ -17,6 +17,7 @@ mod executor;
 mod experiments;
 mod fuzz;
 mod grpc;
+mod hardening;
 mod inject;
 mod kube_fake;
 mod layers;

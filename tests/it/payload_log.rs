@@ -78,6 +78,12 @@ async fn records_carry_both_bodies_cut_at_max_bytes_and_never_credentials() {
             ("authorization", "Bearer s3cr3t-token"),
             ("cookie", "session=c00kie"),
             ("x-api-key", "k3y-value"),
+            // Credentials no name fragment catches: the allowlist keeps them out.
+            ("x-goog-iap-jwt-assertion", "iap-jwt"),
+            ("x-forwarded-client-cert", "xfcc-cert"),
+            ("dpop", "dpop-proof"),
+            ("x-amzn-oidc-data", "oidc-data"),
+            ("x-other", "other-value"),
             ("content-type", "application/json"),
         ];
         let r = post(&c, &proxy.url(INFER), &headers, &body).await;
@@ -92,9 +98,18 @@ async fn records_carry_both_bodies_cut_at_max_bytes_and_never_credentials() {
         "k3y-value",
         "authorization",
         "x-api-key",
+        "iap-jwt",
+        "xfcc-cert",
+        "dpop-proof",
+        "oidc-data",
+        "other-value",
     ] {
         assert!(!text.contains(secret), "{secret} written: {text}");
     }
+    // Readable by braid's user only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
     let records = lines(&path);
     assert_eq!(records.len(), 3);
     for (user, variant, response_len) in variants {
@@ -123,6 +138,13 @@ async fn records_carry_both_bodies_cut_at_max_bytes_and_never_credentials() {
             "{resp}"
         );
         assert_eq!(r["id"].as_str().unwrap().len(), 32);
+        // The default allowlist: content-type and the route's sticky header.
+        let names: Vec<&String> = r["request"]["headers"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        assert_eq!(names, ["content-type", "x-user-id"], "{r}");
     }
     proxy.stop().await;
 }

@@ -381,3 +381,23 @@ async fn a_body_cut_short_by_the_backend_is_cut_short_for_the_client() {
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "whole"));
     assert_eq!(b.accepts(), 2);
 }
+
+#[tokio::test]
+async fn an_http_1_0_backend_is_answered_to_the_client_as_http_1_1() {
+    let b = RawBackend::start(|_, _| {
+        (
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            true,
+        )
+    })
+    .await;
+    let proxy = proxy_to(&b).await;
+    let (resp, _) = raw(
+        proxy.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    // An intermediary sends its own version (RFC 9112 section 2.3).
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("ok"), "{resp}");
+}

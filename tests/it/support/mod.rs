@@ -251,7 +251,7 @@ pub struct TestProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
-    _dir: Option<tempfile::TempDir>,
+    pub _dir: Option<tempfile::TempDir>,
 }
 
 pub fn options(config_path: &Path) -> ProxyOptions {
