@@ -219,12 +219,12 @@ struct Queued {
 }
 
 impl Queued {
-    /// Counts the record in, or gives it back when the bound would be passed.
-    fn take(record: Record) -> Result<Queued, Record> {
+    /// Counts the record in, or drops it (naming its route) past the bound.
+    fn take(record: Record) -> Result<Queued, Arc<str>> {
         let size = record.size();
         if QUEUED.fetch_add(size, Ordering::Relaxed) + size > MAX_QUEUED_BYTES {
             QUEUED.fetch_sub(size, Ordering::Relaxed);
-            return Err(record);
+            return Err(record.route);
         }
         Ok(Queued { record, size })
     }
@@ -299,7 +299,7 @@ impl PayloadLog {
     pub fn write(&self, record: Record) {
         let queued = match Queued::take(record) {
             Ok(q) => q,
-            Err(record) => return self.metrics.payload_log(&record.route, "dropped"),
+            Err(route) => return self.metrics.payload_log(&route, "dropped"),
         };
         let route = queued.record.route.clone();
         // A refused record is dropped here, and its bytes with it.

@@ -334,7 +334,15 @@ mod tests {
             let want = reference.forward(&ids, &types, Some(&mask)).unwrap();
             assert_eq!(got.dims(), want.dims());
             let d = max_diff(&got, &want);
-            assert!(d <= 1e-5, "{batch}x{len}: max difference {d}");
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let bound = crate::executor::model::bert_bound(2, 32, 64, len, scale);
+            assert!(d <= bound, "{batch}x{len}: max difference {d} (> {bound})");
         }
     }
 

@@ -101,6 +101,40 @@ fn unit_vector(v: &[f32]) -> Vec<f32> {
     v.iter().map(|x| x / norm).collect()
 }
 
+/// How far two runs of one f32 computation may differ when only the order of their
+/// sums differs (another CPU's kernels, another batch's blocking): the bound tests
+/// compare with, derived from the computation rather than one machine's error.
+///
+/// Each output is a chain of `depth` reductions of at most `terms` products, whose
+/// sizes are bounded by `scale`. Reordering one such sum moves it by at most
+/// γ_n·Σ|x_i|, γ_n = n·u/(1 - n·u) with u the unit roundoff (Higham, *Accuracy and
+/// Stability of Numerical Algorithms*, 2nd ed., §3.1), and a chain adds its links'
+/// errors to first order. This is a worst case: real differences are far smaller, and
+/// a real fault (a padding token attended to, another request's row) far larger.
+pub fn reorder_bound(terms: usize, depth: usize, scale: f32) -> f32 {
+    let nu = terms as f32 * (f32::EPSILON / 2.0);
+    depth as f32 * nu / (1.0 - nu) * scale
+}
+
+/// `reorder_bound` for a BERT encoder's outputs: per layer, five reductions (Q·K over a
+/// head, the attention-weighted sum over the sequence, three projections) of at most
+/// `max(intermediate, hidden, tokens)` terms; `scale` the outputs' largest magnitude.
+pub fn bert_bound(
+    layers: usize,
+    hidden: usize,
+    intermediate: usize,
+    tokens: usize,
+    scale: f32,
+) -> f32 {
+    let terms = intermediate.max(hidden).max(tokens);
+    reorder_bound(terms, 5 * layers + 1, scale)
+}
+
+/// The largest magnitude in either vector (a comparison's scale).
+pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().chain(b).fold(0.0, |m, x| m.max(x.abs()))
+}
+
 /// The largest element-wise difference of two vectors (for comparing embeddings).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()

@@ -225,6 +225,7 @@ pub fn inject_template(template: &mut Value, default_config_map: &str, opts: &Op
         "securityContext": {
             "runAsNonRoot": true, "runAsUser": 65532, "allowPrivilegeEscalation": false,
             "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
     });
     if !api_source {

@@ -67,7 +67,9 @@ async fn assert_own_rows_and_batched(
     assert_eq!(report["errors"], serde_json::json!([]), "{report}");
     assert_eq!(report["answered"], clients, "{report}");
     assert_eq!(report["wrong_rows"], 0, "{report}");
-    assert!(report["max_diff"].as_f64().unwrap() < 1e-5, "{report}");
+    // Embeddings are unit vectors: the tiny model's summation-order bound at scale 1.
+    let bound = braid::executor::model::bert_bound(2, 32, 64, 48, 1.0) as f64;
+    assert!(report["max_diff"].as_f64().unwrap() <= bound, "{report}");
     let labels = "{route=\"m\",variant=\"local\"}";
     let batches = metric(proxy, &format!("braid_batch_size_count{labels}")).await;
     let rows = metric(proxy, &format!("braid_batch_size_sum{labels}")).await;

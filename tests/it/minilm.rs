@@ -4,7 +4,14 @@
 use std::sync::OnceLock;
 
 use braid::executor::encoder::{Grouping, SentenceEncoder};
-use braid::executor::model::{cosine, max_abs_diff};
+use braid::executor::model::{bert_bound, cosine, max_abs, max_abs_diff};
+
+/// How far two runs of MiniLM (6 layers, 384 wide, 1536 inner, at most 256 tokens) may
+/// differ by summation order alone, for outputs as large as `a`'s and `b`'s
+/// (docs/development.md, "Floating-point bounds").
+fn minilm_bound(a: &[f32], b: &[f32]) -> f32 {
+    bert_bound(6, 384, 1536, 256, max_abs(a, b))
+}
 use braid::executor::source::{self, DEMO_MODEL, PipSource, SourceError};
 use candle_core::Device;
 
@@ -54,11 +61,16 @@ fn a_mixed_length_batch_gives_the_same_embeddings_as_each_sentence_alone() {
     for (i, t) in texts.iter().enumerate() {
         let alone = enc.embed(&[t]).unwrap();
         let diff = max_abs_diff(alone.row(0), batch.row(i));
-        assert!(diff < 1e-5, "sentence {i} differs by {diff} in a batch");
-        let diff = max_abs_diff(alone.row(0), grouped.row(i));
+        let bound = minilm_bound(alone.row(0), batch.row(i));
         assert!(
-            diff < 1e-5,
-            "sentence {i} differs by {diff} in a grouped batch"
+            diff <= bound,
+            "sentence {i} differs by {diff} (> {bound}) in a batch"
+        );
+        let diff = max_abs_diff(alone.row(0), grouped.row(i));
+        let bound = minilm_bound(alone.row(0), grouped.row(i));
+        assert!(
+            diff <= bound,
+            "sentence {i} differs by {diff} (> {bound}) in a grouped batch"
         );
     }
 }
@@ -137,9 +149,10 @@ fn braids_bert_gives_candles_hidden_states_on_minilm() {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let diff = max_abs_diff(&a, &b);
+        let bound = minilm_bound(&a, &b);
         assert!(
-            diff <= 1e-5,
-            "{batch}x{len}: hidden states differ by {diff}"
+            diff <= bound,
+            "{batch}x{len}: hidden states differ by {diff} (> {bound})"
         );
     }
 }
@@ -201,8 +214,9 @@ async fn grpc_through_the_batcher_gives_the_rest_paths_embeddings() {
     let rest = json_fp32_output(&rest, "embedding");
     for (i, g) in grpc.iter().enumerate() {
         assert_eq!(g.len(), 384);
-        let diff = max_abs_diff(g, &rest[i * 384..(i + 1) * 384]);
-        assert!(diff < 1e-5, "sentence {i}: {diff}");
+        let r = &rest[i * 384..(i + 1) * 384];
+        let (diff, bound) = (max_abs_diff(g, r), minilm_bound(g, r));
+        assert!(diff <= bound, "sentence {i}: {diff} > {bound}");
     }
     for ((a, b), want) in [((0, 1), 0.6660), ((0, 2), 0.1046), ((1, 2), 0.1411)] {
         let got = cosine(&grpc[a], &grpc[b]);
