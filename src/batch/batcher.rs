@@ -214,7 +214,15 @@ async fn run(
                         deadline: [s.deadline, s.queue_deadline].into_iter().flatten().min().map(Instant::into_std),
                         payload: Pending { item: s.item, upstream: s.upstream, path: s.path, deadline: s.deadline, row_id: s.row_id, reply, waited: Duration::ZERO, trace: s.trace },
                     };
-                    match q.push(entry) {
+                    let mut pushed = q.push(entry);
+                    if let Err(refused) = pushed {
+                        // Callers that left while queued hold no place: make room first.
+                        for e in q.take_where(|e| e.payload.reply.is_closed()) {
+                            m.dropped("cancelled", q.limits.class_name(e.class));
+                        }
+                        pushed = q.push(refused);
+                    }
+                    match pushed {
                         Ok(None) => {}
                         Ok(Some(shed)) => {
                             m.dropped("preempted", q.limits.class_name(shed.class));
@@ -491,6 +499,45 @@ mod tests {
         let mut calls = exec.batches();
         calls.sort();
         assert_eq!(calls, vec![1, 1, 2, 2, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_that_left_a_full_queue_leave_room_for_the_next() {
+        let (exec, gate) = FakeExecutor::gated();
+        let b = spawn(limits(0), exec.clone());
+        let first = tokio::spawn({
+            let b = b.clone();
+            async move { b.submit(submission("first", None)).await }
+        });
+        exec.wait_calls(1).await;
+        // The queue (16) fills with callers that then give up.
+        let waiting: Vec<_> = (0..16)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { b.submit(submission(&format!("gone{i}"), None)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for w in &waiting {
+            w.abort();
+        }
+        for w in waiting {
+            let _ = w.await;
+        }
+        let next = tokio::spawn({
+            let b = b.clone();
+            async move { b.submit(submission("next", None)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        gate.add_permits(2);
+        assert_eq!(prediction(&first.await.unwrap()), "first");
+        let next = next.await.unwrap();
+        assert!(
+            next.is_ok(),
+            "refused while the queue held only departed callers: {next:?}"
+        );
+        assert_eq!(prediction(&next), "next");
+        assert_eq!(exec.batches(), vec![1, 1], "no departed caller was sent");
     }
 
     #[tokio::test(start_paused = true)]

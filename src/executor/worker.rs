@@ -92,16 +92,17 @@ impl ModelHandle {
             enqueued_at: std::time::SystemTime::now(),
             reply,
         };
+        // Counted before the send, so a worker taking the job at once never sees the
+        // depth below zero; taken back if the queue refuses it.
+        let d = self.depth.fetch_add(1, Ordering::SeqCst) + 1;
         match self.tx.try_send(job) {
-            Ok(()) => {
-                let d = self.depth.fetch_add(1, Ordering::SeqCst) + 1;
-                self.metrics.queue_depth(&self.model.name, d);
-            }
-            Err(TrySendError::Full(_)) => {
-                return Err(ExecError::QueueFull(self.model.name.clone()));
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(ExecError::Stopped(self.model.name.clone()));
+            Ok(()) => self.metrics.queue_depth(&self.model.name, d),
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                return Err(match e {
+                    TrySendError::Full(_) => ExecError::QueueFull(self.model.name.clone()),
+                    TrySendError::Disconnected(_) => ExecError::Stopped(self.model.name.clone()),
+                });
             }
         }
         rx.await
