@@ -7,6 +7,9 @@
 //! `BRAID_BLESS=1 cargo test --test inject` rewrites the expected files.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::BraidProcess;
 
 use braid::inject::webhook::{WebhookOptions, review};
 use braid::inject::{Options, inject_yaml, read_yaml};
@@ -364,4 +367,112 @@ async fn the_webhook_answers_over_tls() {
         serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert!(body["error"].is_string());
     running.stop().await;
+}
+
+/// `pod-create.json` grown to `size` bytes by an annotation, as a large pod would be.
+fn review_of_size(size: usize) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&fixture("pod-create.json")).unwrap();
+    let base = v.to_string().len();
+    let pad = size.saturating_sub(base + 40);
+    v["request"]["object"]["metadata"]["annotations"]["example.com/large"] = json!("x".repeat(pad));
+    let out = v.to_string().into_bytes();
+    assert!(out.len() <= size, "{} > {size}", out.len());
+    out
+}
+
+/// The webhook binary under 20 concurrent reviews of the largest size it accepts: each
+/// answered (200, or 429 with Retry-After once its concurrency cap is reached), larger
+/// ones refused with 413, and its peak memory within the Deployment's 128Mi limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_stays_within_its_memory_limit_under_maximal_reviews() {
+    use braid::inject::webhook::MAX_REVIEW_BYTES;
+    use http_body_util::{BodyExt, Full};
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let p = BraidProcess::spawn(
+        &[
+            "webhook",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            c,
+            "--tls-key",
+            k,
+        ],
+        &[],
+        &["addr="],
+        Duration::from_secs(30),
+    );
+    let addr: std::net::SocketAddr = p.announced["addr="].parse().unwrap();
+    let tls = braid::server::tls::client_config(&braid::server::tls::UpstreamTls {
+        ca_file: cert.clone(),
+        cert_file: None,
+        key_file: None,
+        server_name: None,
+    })
+    .unwrap();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let url = format!("https://localhost:{}/mutate", addr.port());
+    let send = |body: bytes::Bytes| {
+        let req = http::Request::post(&url)
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let resp = client.request(req).await?;
+            let status = resp.status().as_u16();
+            let retry = resp.headers().contains_key("retry-after");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            Ok::<_, hyper_util::client::legacy::Error>((status, retry, body))
+        }
+    };
+    // Refused from its declared length, before its body is read: the client sees the
+    // 413, or the connection closed under a body it was still writing.
+    match send(review_of_size(MAX_REVIEW_BYTES + 1024 * 1024).into()).await {
+        Ok((status, _, body)) => assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body)),
+        Err(e) => assert!(format!("{e:?}").contains("BodyWrite"), "{e:?}"),
+    }
+    let big = bytes::Bytes::from(review_of_size(MAX_REVIEW_BYTES));
+    let answers = futures_util::future::join_all((0..20).map(|_| send(big.clone()))).await;
+    let mut admitted = 0;
+    for answer in &answers {
+        let (status, retry, body) = answer.as_ref().expect("every review is answered");
+        match status {
+            200 => {
+                let v: Value = serde_json::from_slice(body).unwrap();
+                assert_eq!(v["response"]["allowed"], true);
+                assert!(v["response"]["patch"].is_string(), "not patched: {v}");
+                admitted += 1;
+            }
+            429 => assert!(retry, "429 without Retry-After"),
+            other => panic!("status {other}: {}", String::from_utf8_lossy(body)),
+        }
+    }
+    assert!(admitted >= 4, "only {admitted} of 20 reviews answered");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    eprintln!(
+        "webhook peak RSS under 20 maximal reviews: {} MiB",
+        peak_kb / 1024
+    );
+    assert!(
+        peak_kb < 128 * 1024,
+        "peak RSS {peak_kb} kB is over the 128Mi limit"
+    );
 }
