@@ -806,3 +806,21 @@ fn proxy(args: ProxyArgs) -> ExitCode {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn the_http2_library_logs_errors_only_unless_braid_log_names_it() {
+        for spec in [None, Some("info"), Some("debug,braid=trace")] {
+            let f = log_filter(spec).to_string();
+            assert!(f.contains("h2=error"), "{spec:?}: {f}");
+        }
+        assert!(
+            !log_filter(Some("h2=debug"))
+                .to_string()
+                .contains("h2=error")
+        );
+    }
+}

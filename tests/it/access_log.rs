@@ -146,6 +146,10 @@ routes:
     );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("hello"), "nothing from a body: {text}");
+    // Readable by braid's user only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the access log is {mode:o}");
     let written = "braid_access_log_lines_total{result=\"written\"}";
     assert_eq!(metric(&proxy, written).await, 5.0);
     proxy.stop().await;
