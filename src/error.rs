@@ -134,7 +134,14 @@ impl ProxyError {
     ) -> Result<Response<Body>, ProxyError> {
         Err(match e {
             BatchError::Backend { status, body } => {
-                return Ok(json_response(status, body));
+                let mut resp = json_response(status, body);
+                // The executor's overload and loading answers are retryable: say so, as
+                // its own Retry-After did (the batch's reply keeps no headers).
+                if matches!(status.as_u16(), 429 | 503) {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(1));
+                }
+                return Ok(resp);
             }
             BatchError::QueueFull => ProxyError::QueueFull {
                 variant: variant.to_string(),

@@ -130,7 +130,8 @@ async def backend_conn(reader, writer):
                 body = json.dumps({"id": rid, "len": n}).encode()
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
             await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError,
+            asyncio.CancelledError):
         pass
     finally:
         writer.close()
@@ -147,7 +148,10 @@ async def http(addr, method, path, body=b"", headers=None, timeout=20):
         h = {"host": "braid", "content-length": str(len(body)), "connection": "close", **(headers or {})}
         req = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n"
         writer.write(req.encode() + body)
-        await writer.drain()
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass  # answered and closed before the body was all sent (an early 413/503)
         raw = await asyncio.wait_for(reader.read(-1), timeout)
     finally:
         writer.close()

@@ -305,6 +305,25 @@ async fn short_or_garbled_replies_fail_the_whole_batch_with_502_and_leak_nothing
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_still_loading_is_a_503_with_retry_after_for_every_caller() {
+    let behaviour = MockBehaviour {
+        fixed: Duration::from_millis(5),
+        loading: true,
+        ..Default::default()
+    };
+    let (_exec, proxy) =
+        mock_behind_proxy(behaviour, "{ max_batch_size: 16, max_delay: 5ms }").await;
+    for (_, r) in concurrent(&proxy, 4, 2, "loading").await {
+        assert_json_error(&r, 503, "loading");
+        assert_eq!(
+            r.headers["retry-after"], "1",
+            "a retryable 503 must say when"
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_that_permutes_rows_is_caught_by_row_ids_and_leaks_nothing() {
     let (exec, proxy) = mock_behind_proxy(
         MockBehaviour {

@@ -750,6 +750,8 @@ pub struct MockBehaviour {
     pub garbage: bool,
     /// Close the connection without answering.
     pub die: bool,
+    /// Answer 503 "loading" (as braid's executor does while its model loads).
+    pub loading: bool,
 }
 
 /// An OIP v2 / KServe v1 executor whose answer to each row is `"<row>!"`.
@@ -905,6 +907,9 @@ async fn mock_answer(
     };
     if beh.garbage {
         return json(200, "<html>oops</html>".into());
+    }
+    if beh.loading {
+        return json(503, r#"{"error":"model m is still loading"}"#.into());
     }
     if beh.poison && rows.iter().any(|r| r.contains("POISON")) {
         return json(400, r#"{"error":"poisoned input"}"#.into());
