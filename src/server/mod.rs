@@ -304,8 +304,11 @@ struct Activity {
     idle_since: AtomicU64,
     /// A request head has arrived.
     served: AtomicBool,
-    /// Woken when the last request in flight ends, to arm the idle timer.
+    /// Woken when the last request in flight ends, to arm the idle timer; only while
+    /// the connection has one to arm (`wants_quiet`), so HTTP/1.1 keep-alive pays
+    /// nothing per request.
     quiet: tokio::sync::Notify,
+    wants_quiet: AtomicBool,
 }
 
 struct Active<'a>(&'a Activity);
@@ -338,7 +341,9 @@ impl Drop for Active<'_> {
         if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
             let at = self.0.opened.elapsed().as_nanos() as u64;
             self.0.idle_since.store(at, Ordering::Relaxed);
-            self.0.quiet.notify_one();
+            if self.0.wants_quiet.load(Ordering::Relaxed) {
+                self.0.quiet.notify_one();
+            }
         }
     }
 }
@@ -375,6 +380,7 @@ async fn connection<H, S>(
         idle_since: AtomicU64::new(0),
         served: AtomicBool::new(false),
         quiet: tokio::sync::Notify::new(),
+        wants_quiet: AtomicBool::new(true),
     });
     let svc_phase = phase.clone();
     let svc_info = info.clone();
@@ -414,6 +420,8 @@ async fn connection<H, S>(
         // Re-armed on every wake-up; a request in flight leaves it unarmed, and the end
         // of a request wakes the loop through the connection future itself.
         let idle = activity.idle_until(timers, h2);
+        let served = activity.served.load(Ordering::Relaxed);
+        activity.wants_quiet.store(h2 || !served, Ordering::Relaxed);
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
