@@ -3,30 +3,23 @@
 //! the reservation is given back by `Drop`: however the request ends (answered, its
 //! client gone, its future dropped mid-read) the bytes return to the budget.
 
-use std::sync::Arc;
-
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ProxyError;
 
-/// Shared by every connection of a listener; clones share the budget.
+/// Shared by every connection of a listener; clones share the budget. The count is
+/// one atomic (the `braid_buffered_bytes` gauge itself): a request never waits for
+/// bytes, it takes them or is refused, so no semaphore and no waiter list is needed.
 #[derive(Clone, Debug)]
 pub struct ByteBudget {
-    permits: Arc<Semaphore>,
     limit: usize,
-    /// Bytes reserved now, for `braid_buffered_bytes`.
+    /// Bytes reserved now.
     held: Gauge,
 }
 
 impl ByteBudget {
     pub fn new(limit: usize, held: Gauge) -> ByteBudget {
-        let limit = limit.min(Semaphore::MAX_PERMITS);
-        ByteBudget {
-            permits: Arc::new(Semaphore::new(limit)),
-            limit,
-            held,
-        }
+        ByteBudget { limit, held }
     }
 
     /// A budget nothing else shares, for servers whose bodies are bounded otherwise.
@@ -40,41 +33,41 @@ impl ByteBudget {
 
     /// Bytes reserved at this moment.
     pub fn in_use(&self) -> usize {
-        self.limit - self.permits.available_permits()
+        self.held.get().max(0) as usize
     }
 }
 
 /// Bytes one request holds; empty until it reads something.
 #[derive(Debug, Default)]
 pub struct Reservation {
-    permit: Option<(OwnedSemaphorePermit, Gauge)>,
+    bytes: usize,
+    /// The budget's counter, once something is reserved.
+    held: Option<Gauge>,
 }
 
 impl Reservation {
     pub fn bytes(&self) -> usize {
-        self.permit.as_ref().map_or(0, |(p, _)| p.num_permits())
+        self.bytes
     }
 
     /// Grows the reservation to `total` bytes, or refuses (503 + Retry-After) without
     /// waiting when the budget cannot cover it; what was reserved stays reserved.
     pub fn grow_to(&mut self, budget: &ByteBudget, total: usize) -> Result<(), ProxyError> {
-        let more = total.saturating_sub(self.bytes());
+        let more = total.saturating_sub(self.bytes);
         if more == 0 {
             return Ok(());
         }
-        let full = || ProxyError::BufferFull {
-            limit: budget.limit,
-        };
-        let n = u32::try_from(more).map_err(|_| full())?;
-        let permit = budget
-            .permits
-            .clone()
-            .try_acquire_many_owned(n)
-            .map_err(|_| full())?;
-        budget.held.inc_by(more as i64);
-        match &mut self.permit {
-            Some((p, _)) => p.merge(permit),
-            None => self.permit = Some((permit, budget.held.clone())),
+        let more_i = i64::try_from(more).unwrap_or(i64::MAX / 2);
+        let before = budget.held.inc_by(more_i);
+        if before.saturating_add(more_i) > budget.limit as i64 {
+            budget.held.dec_by(more_i);
+            return Err(ProxyError::BufferFull {
+                limit: budget.limit,
+            });
+        }
+        self.bytes += more;
+        if self.held.is_none() {
+            self.held = Some(budget.held.clone());
         }
         Ok(())
     }
@@ -82,8 +75,8 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if let Some((p, held)) = &self.permit {
-            held.dec_by(p.num_permits() as i64);
+        if let Some(held) = &self.held {
+            held.dec_by(self.bytes as i64);
         }
     }
 }

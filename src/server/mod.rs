@@ -338,29 +338,15 @@ impl Activity {
 
 impl Drop for Active<'_> {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+        // Only a connection with an idle timer to arm needs the time and the wake-up.
+        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1
+            && self.0.wants_quiet.load(Ordering::Relaxed)
+        {
             let at = self.0.opened.elapsed().as_nanos() as u64;
             self.0.idle_since.store(at, Ordering::Relaxed);
-            if self.0.wants_quiet.load(Ordering::Relaxed) {
-                self.0.quiet.notify_one();
-            }
+            self.0.quiet.notify_one();
         }
     }
-}
-
-/// Refuses a request whose transfer coding braid would not apply: anything but a
-/// lone `chunked` (hyper would decode `gzip, chunked` as chunked and drop the gzip).
-fn unsupported_coding(headers: &HeaderMap) -> Option<Response<Body>> {
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
-    let first = codings.next()?;
-    let plain_chunked = first
-        .to_str()
-        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
-    if plain_chunked && codings.next().is_none() {
-        return None;
-    }
-    let e = ProxyError::UnsupportedCoding(String::from_utf8_lossy(first.as_bytes()).into_owned());
-    Some(e.into_response())
 }
 
 async fn connection<H, S>(
@@ -393,10 +379,13 @@ async fn connection<H, S>(
         async move {
             let _active = activity.begin();
             let h1 = req.version() < Version::HTTP_2;
+            // What the sniffer saw in this request's head (HTTP/1 only).
             let refused = if info.flags.smuggling.load(Ordering::Relaxed) {
                 Some(ProxyError::Smuggling.into_response())
-            } else if h1 {
-                unsupported_coding(req.headers())
+            } else if info.flags.unsupported_coding.load(Ordering::Relaxed) {
+                let te = req.headers().get(header::TRANSFER_ENCODING);
+                let te = te.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                Some(ProxyError::UnsupportedCoding(te.unwrap_or_default()).into_response())
             } else {
                 None
             };
@@ -421,7 +410,8 @@ async fn connection<H, S>(
         // of a request wakes the loop through the connection future itself.
         let idle = activity.idle_until(timers, h2);
         let served = activity.served.load(Ordering::Relaxed);
-        activity.wants_quiet.store(h2 || !served, Ordering::Relaxed);
+        let wants_quiet = h2 || !served;
+        activity.wants_quiet.store(wants_quiet, Ordering::Relaxed);
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -436,7 +426,7 @@ async fn connection<H, S>(
                     shutting_down = true;
                 }
             }
-            _ = activity.quiet.notified() => {}
+            _ = activity.quiet.notified(), if wants_quiet => {}
             _ = sleep_until(idle) => {
                 // Still idle? A request may have begun and ended since the timer was set.
                 let now = tokio::time::Instant::now();
@@ -530,6 +520,11 @@ where
     let mut body = std::pin::pin!(Limited::new(body, limit));
     let (idle, deadline) = (rules.idle, rules.deadline);
     let next_frame = async |body: &mut std::pin::Pin<&mut Limited<B>>| {
+        // Most frames are there already (a small body arrives with its head): no timer
+        // is armed for those, only for a frame the client has yet to send.
+        if let Some(ready) = futures_util::FutureExt::now_or_never(body.frame()) {
+            return Ok(ready);
+        }
         let stall = tokio::time::Instant::now() + idle;
         let until = deadline.map_or(stall, |d| d.min(stall));
         match tokio::time::timeout_at(until, body.frame()).await {

@@ -26,6 +26,10 @@ pub struct ConnFlags {
     pub smuggling: AtomicBool,
     /// The connection opened with the HTTP/2 preface.
     pub h2: AtomicBool,
+    /// A message head asked for a transfer coding other than a lone `chunked`
+    /// (`gzip, chunked`, `identity`, two Transfer-Encoding lines): braid would not
+    /// apply it, so the request is refused (501) rather than decoded as something else.
+    pub unsupported_coding: AtomicBool,
 }
 
 /// Enough of a line to recognise the header name and read a Content-Length value.
@@ -143,6 +147,11 @@ impl Scan {
             } else if matches!(line[0], b't' | b'T')
                 && starts_with_ignore_case(line, b"transfer-encoding:")
             {
+                let value = line[18..].trim_ascii();
+                if self.te || !value.eq_ignore_ascii_case(b"chunked") {
+                    flags.unsupported_coding.store(true, Ordering::Relaxed);
+                    self.done = true;
+                }
                 self.te = true;
             } else if matches!(line[0], b'c' | b'C')
                 && starts_with_ignore_case(line, b"content-length:")
@@ -239,6 +248,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffer<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn codings(head: &str) -> bool {
+        let flags = ConnFlags::default();
+        let mut s = Sniffer::new((), Arc::new(ConnFlags::default())).scan;
+        s.feed(head.as_bytes(), &flags);
+        flags.unsupported_coding.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn only_a_lone_chunked_coding_is_accepted() {
+        let head = |te: &str| format!("POST / HTTP/1.1\r\nHost: x\r\n{te}\r\n\r\n");
+        assert!(!codings(&head("Transfer-Encoding: chunked")));
+        assert!(!codings(&head("transfer-encoding:   CHUNKED  ")));
+        assert!(!codings("GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        for bad in [
+            "Transfer-Encoding: gzip, chunked",
+            "Transfer-Encoding: gzip",
+            "Transfer-Encoding: identity",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+            "Transfer-Encoding: chunked, chunked",
+        ] {
+            assert!(codings(&head(bad)), "{bad}");
+        }
+    }
 
     fn scan(chunks: &[&[u8]]) -> (bool, bool) {
         let flags = ConnFlags::default();
