@@ -435,3 +435,112 @@ async fn the_admin_port_is_read_only_from_outside_the_pod() {
     running.shutdown();
     running.wait().await;
 }
+
+/// Waits (bounded) until a line of the process's log contains `needle`; returns the log.
+async fn wait_log(p: &BraidProcess, needle: &str) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = p.log.lock().unwrap().clone();
+        if log.iter().any(|l| l.contains(needle)) {
+            return log;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never logged {needle:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test]
+async fn a_peers_http2_protocol_noise_does_not_fill_the_log() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_single_route(dir.path(), &a.url());
+    let braid = BraidProcess::start(&path, &[]);
+    // Unsolicited PING acks, which h2 warns about once each, then a PING of our own:
+    // its ack means every frame before it was processed.
+    let mut s = TcpStream::connect(braid.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &[]));
+    for i in 0..50u8 {
+        out.extend(h2_frame(6, 1, 0, &[i; 8]));
+    }
+    out.extend(h2_frame(6, 0, 0, b"braid-ok"));
+    s.write_all(&out).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(8).any(|w| w == b"braid-ok") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the PING was answered")
+            .unwrap();
+        assert!(n > 0, "closed before answering the PING");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // A line known to come after: an invalid config's rejection.
+    write_atomically(&path, "routes: 7\n");
+    let log = wait_log(&braid, "config rejected").await;
+    let noise: Vec<&String> = log.iter().filter(|l| l.contains("PING")).collect();
+    assert!(
+        noise.is_empty(),
+        "{} lines of noise: {:?}",
+        noise.len(),
+        noise.first()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_large_bodies_stay_within_the_sidecars_memory_limit() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_single_route(dir.path(), &a.url());
+    // The defaults: 16 MiB bodies, a 64 MiB budget.
+    let braid = BraidProcess::start(&path, &[]);
+    let body = bytes::Bytes::from(vec![b'x'; 15 * 1024 * 1024]);
+    let url = format!("http://{}/x", braid.addr);
+    let sends = (0..20).map(|_| {
+        let (c, url, body) = (client(), url.clone(), body.clone());
+        async move {
+            let req = http::Request::post(&url)
+                .body(http_body_util::Full::new(body))
+                .unwrap();
+            match c.request(req).await {
+                Ok(r) => Some((r.status().as_u16(), r.headers().contains_key("retry-after"))),
+                // Refused from its declared length while still sending: a reset.
+                Err(_) => None,
+            }
+        }
+    });
+    let answers = futures_util::future::join_all(sends).await;
+    let ok = answers
+        .iter()
+        .filter(|a| matches!(a, Some((200, _))))
+        .count();
+    for a in answers.iter().flatten() {
+        assert!(a.0 == 200 || (a.0 == 503 && a.1), "answered {a:?}");
+    }
+    assert!(ok >= 4, "only {ok} of 20 served: {answers:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", braid.child.id())).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    eprintln!(
+        "braid's peak RSS under 20 concurrent 15 MiB bodies: {} MiB",
+        peak_kb / 1024
+    );
+    assert!(
+        peak_kb < 256 * 1024,
+        "peak RSS {peak_kb} kB is over the sidecar's 256Mi"
+    );
+}

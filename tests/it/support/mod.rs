@@ -505,6 +505,8 @@ pub struct BraidProcess {
     /// The proxy's data and admin addresses (`start`); unspecified for other commands.
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// Every line it has written so far (stdout and stderr).
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl BraidProcess {
@@ -545,13 +547,14 @@ impl BraidProcess {
             .spawn()
             .expect("spawn braid");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
         let streams: [Box<dyn std::io::Read + Send>; 2] = [
             Box::new(child.stdout.take().unwrap()),
             Box::new(child.stderr.take().unwrap()),
         ];
         for stream in streams {
-            let (tx, keys) = (tx.clone(), keys.clone());
+            let (tx, keys, log) = (tx.clone(), keys.clone(), log.clone());
             std::thread::spawn(move || {
                 let mut found = HashMap::new();
                 for line in std::io::BufReader::new(stream)
@@ -580,6 +583,7 @@ impl BraidProcess {
                     if std::env::var_os("BRAID_TEST_LOGS").is_some() {
                         eprintln!("[braid] {line}");
                     }
+                    log.lock().unwrap().push(line);
                 }
             });
         }
@@ -592,6 +596,7 @@ impl BraidProcess {
             announced,
             addr: unspecified,
             admin: unspecified,
+            log,
         }
     }
 
