@@ -94,7 +94,7 @@ pub struct Record {
 
 /// Header names whose values may carry credentials: never written.
 pub fn is_credential(name: &str) -> bool {
-    const WORDS: [&str; 8] = [
+    const WORDS: [&str; 14] = [
         "auth",
         "token",
         "secret",
@@ -103,6 +103,12 @@ pub fn is_credential(name: &str) -> bool {
         "session",
         "cookie",
         "key",
+        "jwt",
+        "assertion",
+        "cert",
+        "dpop",
+        "oidc",
+        "signature",
     ];
     let name = name.to_ascii_lowercase();
     WORDS.iter().any(|w| name.contains(w))
@@ -534,6 +540,10 @@ mod tests {
             "x-amz-security-token",
             "x-session-id",
             "x-client-secret",
+            "x-goog-iap-jwt-assertion",
+            "x-forwarded-client-cert",
+            "dpop",
+            "x-amzn-oidc-data",
         ] {
             assert!(is_credential(h), "{h}");
         }

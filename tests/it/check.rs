@@ -36,6 +36,14 @@ fn bad_documents_name_each_problem_by_field_path() {
     let local = "executor: http://127.0.0.1:8081\n";
     let cases: Vec<(String, Vec<&str>)> = vec![
         (
+            format!("{local}routes:\n  - model: m\n    variants: [{{name: a, backend: local}}]\n    log: {{fraction: 1, sink: /tmp/p.jsonl, headers: [content-type, x-goog-iap-jwt-assertion, authorization, \"bad name\"]}}\n"),
+            vec![
+                "routes[0].log.headers[1]: \"x-goog-iap-jwt-assertion\" may carry credentials and is never logged",
+                "routes[0].log.headers[2]: \"authorization\" may carry credentials and is never logged",
+                "routes[0].log.headers[3]: \"bad name\" is not a valid HTTP header name",
+            ],
+        ),
+        (
             format!("{local}routes:\n  - model: m\n    variants:\n      - {{name: a, weight: -1, backend: local}}\n      - {{name: b, weight: .nan, backend: local}}\n"),
             vec!["routes[0].variants[0].weight: must be >= 0", "routes[0].variants[1].weight: must be a number, not NaN"],
         ),
