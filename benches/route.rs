@@ -43,9 +43,13 @@ fn route_and_assign(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 let m = snap.routes.find(black_box(path)).expect("route");
-                let (vi, _) =
-                    braid::route::assign::assign(m.route, &m.route.chooser, black_box(headers))
-                        .expect("variant");
+                let (vi, _) = braid::route::assign::assign(
+                    m.route,
+                    &m.route.chooser,
+                    black_box(headers),
+                    None,
+                )
+                .expect("variant");
                 black_box(&m.route.variants[vi]);
             })
         });

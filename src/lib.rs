@@ -55,6 +55,7 @@ pub mod grpc;
 pub mod hash;
 pub mod inject;
 pub mod metrics;
+pub mod openai;
 pub mod payload;
 pub mod probe;
 pub mod proxy;

@@ -43,6 +43,7 @@ impl Proxy {
         let may_repeat = safe_method || route.retry.idempotent;
         let renamed = match r.wire {
             Wire::Rest => body_model_renamed(&r.m, variant, parts, &prepared.body),
+            Wire::OpenAi => super::openai::model_renamed(r, variant, &prepared.body),
             Wire::GrpcModel => {
                 super::grpc::model_renamed(&r.m, variant, &prepared.body).map(|b| (b, None))
             }

@@ -8,6 +8,7 @@ mod access;
 mod batched;
 mod forward;
 mod grpc;
+mod openai;
 mod shadow;
 mod spans;
 mod tee;
@@ -82,6 +83,9 @@ impl Drop for InFlight<'_> {
 enum Wire {
     /// HTTP: REST inference or any other request; errors as JSON.
     Rest,
+    /// An OpenAI-style call whose JSON body names its model (chat, completions,
+    /// responses, embeddings, rerank): routed by that model; errors in OpenAI's shape.
+    OpenAi,
     /// A unary call of the inference service that names its model (ModelInfer,
     /// ModelMetadata, ModelReady): read whole, routed by the model in its message.
     GrpcModel,
@@ -95,6 +99,9 @@ enum Wire {
 impl Wire {
     fn of(parts: &http::request::Parts) -> Wire {
         if !crate::grpc::is_grpc(&parts.headers) {
+            if crate::openai::names_model_in_body(&parts.method, parts.uri.path()) {
+                return Wire::OpenAi;
+            }
             return Wire::Rest;
         }
         match parts.uri.path().strip_prefix(crate::grpc::SERVICE_PREFIX) {
@@ -105,14 +112,16 @@ impl Wire {
     }
 
     fn grpc(self) -> bool {
-        self != Wire::Rest
+        !matches!(self, Wire::Rest | Wire::OpenAi)
     }
 
     fn error(self, e: ProxyError) -> Response<Body> {
-        if self.grpc() {
-            crate::grpc::error_response(&e)
-        } else {
-            e.into_response()
+        match self {
+            Wire::Rest => e.into_response(),
+            Wire::OpenAi => crate::openai::error_response(&e),
+            Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => {
+                crate::grpc::error_response(&e)
+            }
         }
     }
 }
@@ -171,6 +180,8 @@ struct Routed<'a> {
     weights: Option<Arc<Weights>>,
     /// braid's span in the request's trace, when tracing is on.
     trace: Option<RequestTrace>,
+    /// What an OpenAI-style call's body names (its model, where, and its user).
+    call: Option<crate::openai::Call>,
 }
 
 impl Proxy {
@@ -235,7 +246,25 @@ impl Proxy {
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
+        if wire == Wire::Rest
+            && parts.method == Method::GET
+            && parts.uri.path() == crate::openai::MODELS_PATH
+        {
+            let names = active.snapshot.routes.model_names();
+            // Without model routes the path is a backend's, proxied as any other.
+            if !names.is_empty() {
+                return crate::openai::models_response(names.into_iter());
+            }
+        }
+        let mut call = None;
         let found = match wire {
+            Wire::OpenAi => self
+                .find_openai_model(active, &parts, body, held)
+                .await
+                .map(|(m, body, c)| {
+                    call = Some(c);
+                    (m, body)
+                }),
             Wire::GrpcModel => self.find_grpc_model(active, &parts, body, held).await,
             Wire::GrpcModelStream => self.find_grpc_stream(active, &parts, body).await,
             Wire::Rest | Wire::GrpcStream => active
@@ -256,7 +285,11 @@ impl Proxy {
         // The weights in force (ramps, guardrails) for routes with an experiment.
         let weights = live.experiment.as_ref().map(|e| e.weights());
         let chooser = weights.as_deref().map_or(&route.chooser, |w| &w.chooser);
-        let (assigned, how) = match assign::assign(route, chooser, &parts.headers) {
+        let body_key = call
+            .as_ref()
+            .and_then(|c| c.user.as_deref())
+            .map(str::as_bytes);
+        let (assigned, how) = match assign::assign(route, chooser, &parts.headers, body_key) {
             Ok(a) => a,
             Err(assign::UnknownVariant(wanted)) => {
                 let e = ProxyError::UnknownVariant {
@@ -282,7 +315,7 @@ impl Proxy {
         let (mut vi, mut fallback_from) = if how == assign::Assignment::Override {
             (assigned, None)
         } else {
-            self.avoid_ejected(route, chooser, live, assigned, &parts.headers)
+            self.avoid_ejected(route, chooser, live, assigned, &parts.headers, body_key)
         };
         let r = Routed {
             m,
@@ -293,6 +326,7 @@ impl Proxy {
             rerouted: vi != assigned,
             weights,
             trace,
+            call,
         };
         if matches!(wire, Wire::GrpcStream | Wire::GrpcModelStream) {
             let result = match self.deadline(&parts, route, start) {
@@ -313,7 +347,7 @@ impl Proxy {
             }
         };
         let shadow = match wire {
-            Wire::Rest => self.start_shadow(&r, vi, &parts, &prepared.body, conn),
+            Wire::Rest | Wire::OpenAi => self.start_shadow(&r, vi, &parts, &prepared.body, conn),
             Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => None,
         };
         let mut served = self.serve(&r, vi, &parts, &prepared, conn).await;
@@ -467,6 +501,7 @@ impl Proxy {
         live: &RouteLive,
         vi: usize,
         headers: &HeaderMap,
+        body_key: Option<&[u8]>,
     ) -> (usize, Option<usize>) {
         if route.outlier.is_none() {
             return (vi, None);
@@ -485,8 +520,8 @@ impl Proxy {
             return (fb, Some(vi));
         }
         let keep = |i: usize| i != vi && !ejected(i);
-        let other = match route.sticky_header.as_ref().and_then(|h| headers.get(h)) {
-            Some(key) => chooser.sticky_among(key.as_bytes(), keep),
+        let other = match assign::sticky_key(route, headers, body_key) {
+            Some(key) => chooser.sticky_among(key, keep),
             None => chooser.random_among(keep),
         };
         (other.unwrap_or(vi), None)
@@ -608,7 +643,10 @@ impl Proxy {
                         None => Ok(None),
                     }
                 }
-                Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => Ok(None),
+                // OpenAI calls are forwarded one by one (not coalesced yet).
+                Wire::OpenAi | Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => {
+                    Ok(None)
+                }
             };
             match queueable {
                 Ok(Some((item, exec_path))) => {

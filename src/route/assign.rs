@@ -118,10 +118,13 @@ impl Chooser {
 
 /// Picks the variant for a request, with the weights in force (`chooser`: the route's
 /// own, or its experiment's when ramps or a guardrail move them).
+/// `body_key`: a sticky key from the request's body (an OpenAI call's `user`), used
+/// when the route's sticky header is absent.
 pub fn assign(
     route: &Route,
     chooser: &Chooser,
     headers: &HeaderMap,
+    body_key: Option<&[u8]>,
 ) -> Result<(usize, Assignment), UnknownVariant> {
     if let Some(v) = headers.get(&route.override_header) {
         let wanted = v.as_bytes();
@@ -135,10 +138,21 @@ pub fn assign(
     if route.variants.len() == 1 {
         return Ok((0, Assignment::Random));
     }
-    if let Some(key) = route.sticky_header.as_ref().and_then(|h| headers.get(h)) {
-        return Ok((chooser.sticky(key.as_bytes()), Assignment::Sticky));
+    if let Some(key) = sticky_key(route, headers, body_key) {
+        return Ok((chooser.sticky(key), Assignment::Sticky));
     }
     Ok((chooser.random(), Assignment::Random))
+}
+
+/// The request's sticky key: the route's sticky header, else the body's key (on a
+/// route that names a sticky header).
+pub fn sticky_key<'a>(
+    route: &Route,
+    headers: &'a HeaderMap,
+    body_key: Option<&'a [u8]>,
+) -> Option<&'a [u8]> {
+    let h = route.sticky_header.as_ref()?;
+    headers.get(h).map(|v| v.as_bytes()).or(body_key)
 }
 
 #[cfg(test)]

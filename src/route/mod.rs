@@ -148,9 +148,14 @@ impl RouteTable {
 
     /// The models routed by name, sorted, comma-separated (for a NOT_FOUND's message).
     pub fn models(&self) -> String {
+        self.model_names().join(", ")
+    }
+
+    /// The models routed by name, sorted.
+    pub fn model_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.by_model.keys().map(|m| &**m).collect();
         names.sort_unstable();
-        names.join(", ")
+        names
     }
 
     pub fn find(&self, path: &str) -> Option<Match<'_>> {

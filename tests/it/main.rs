@@ -24,6 +24,7 @@ mod layers;
 mod limits;
 mod metrics_text;
 mod minilm;
+mod openai;
 mod payload_log;
 mod reload;
 mod resilience;

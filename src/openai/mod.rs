@@ -1,0 +1,291 @@
+//! OpenAI-compatible calls on the wire, as much as a proxy needs: which paths name a
+//! model in their JSON body, reading that body's top-level `model` (and `user`) without
+//! parsing the rest, rewriting `model` while leaving every other byte as sent, the
+//! `GET /v1/models` list, and braid's errors in OpenAI's shape
+//! (`{"error": {"message", "type", "param", "code"}}`) so the `openai` SDK raises the
+//! exception that matches the status, with braid's text.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{Method, Response, StatusCode};
+use serde_json::json;
+
+use crate::error::{Body, ProxyError, json_response};
+
+/// The paths whose POST body names the model it is for (vLLM's, SGLang's, TGI's,
+/// llama.cpp's, TEI's and Infinity's servers all take these).
+pub const MODEL_PATHS: [&str; 6] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/v1/rerank",
+    "/rerank",
+];
+
+/// The path listing the models a server offers.
+pub const MODELS_PATH: &str = "/v1/models";
+
+/// Whether a request is an OpenAI-style call routed by its body's model.
+pub fn names_model_in_body(method: &Method, path: &str) -> bool {
+    method == Method::POST && MODEL_PATHS.contains(&path)
+}
+
+/// What braid reads of a call's body: its top-level `model` and `user` strings.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Call {
+    /// The model's name, and where its string's contents lie in the body.
+    pub model: Option<(String, Range<usize>)>,
+    /// The end user, when given (a sticky key for routes that name no header).
+    pub user: Option<String>,
+}
+
+/// Reads the top-level `model` and `user` of a JSON object body, skipping every other
+/// value without building it. `Err` when the body is not a JSON object.
+pub fn read_call(body: &[u8]) -> Result<Call, String> {
+    let mut s = Scanner { b: body, i: 0 };
+    s.ws();
+    if !s.eat(b'{') {
+        return Err("the body must be a JSON object".into());
+    }
+    let mut call = Call::default();
+    s.ws();
+    if s.eat(b'}') {
+        return Ok(call);
+    }
+    loop {
+        s.ws();
+        let (key, _) = s.string()?;
+        s.ws();
+        if !s.eat(b':') {
+            return Err(s.bad("':'"));
+        }
+        s.ws();
+        let at = s.i;
+        match key.as_str() {
+            "model" | "user" if s.peek() == Some(b'"') => {
+                let (value, span) = s.string()?;
+                if key == "model" {
+                    call.model = Some((value, span));
+                } else {
+                    call.user = Some(value);
+                }
+            }
+            _ => s.skip_value()?,
+        }
+        debug_assert!(s.i > at);
+        s.ws();
+        if s.eat(b',') {
+            continue;
+        }
+        if s.eat(b'}') {
+            return Ok(call);
+        }
+        return Err(s.bad("',' or '}'"));
+    }
+}
+
+/// The body with its `model` string (at `span`, inside the quotes) replaced by
+/// `target`; every other byte as it was.
+pub fn with_model(body: &Bytes, span: &Range<usize>, target: &str) -> Bytes {
+    let escaped = serde_json::to_string(target).expect("a string serialises");
+    let escaped = &escaped[1..escaped.len() - 1];
+    let mut out = BytesMut::with_capacity(body.len() + escaped.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(escaped.as_bytes());
+    out.extend_from_slice(&body[span.end..]);
+    out.freeze()
+}
+
+/// `GET /v1/models`: the models braid routes, in OpenAI's list shape.
+pub fn models_response<'a>(models: impl Iterator<Item = &'a str>) -> Response<Body> {
+    let data: Vec<serde_json::Value> = models
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "braid"}))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"object": "list", "data": data}).to_string(),
+    )
+}
+
+/// braid's own error in OpenAI's shape, with its status and `Retry-After`.
+pub fn error_response(e: &ProxyError) -> Response<Body> {
+    let status = e.status();
+    let kind = match status.as_u16() {
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    };
+    let param = matches!(e, ProxyError::UnknownModel { .. }).then_some("model");
+    let body = json!({"error": {
+        "message": e.to_string(),
+        "type": kind,
+        "param": param,
+        "code": e.label(),
+    }});
+    let mut resp = json_response(status, body.to_string());
+    if let Some(secs) = e.retry_after() {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
+
+/// A cursor over JSON text that reads strings and skips values.
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.i += 1;
+        }
+    }
+
+    fn bad(&self, wanted: &str) -> String {
+        format!(
+            "the body is not valid JSON: expected {wanted} at byte {}",
+            self.i
+        )
+    }
+
+    /// A string: its decoded value and the span of its contents (inside the quotes).
+    fn string(&mut self) -> Result<(String, Range<usize>), String> {
+        if !self.eat(b'"') {
+            return Err(self.bad("a string"));
+        }
+        let start = self.i;
+        let mut escaped = false;
+        loop {
+            let Some(c) = self.peek() else {
+                return Err(self.bad("the end of a string"));
+            };
+            self.i += 1;
+            match c {
+                b'\\' => {
+                    escaped = true;
+                    self.i += 1; // the escaped character (\uXXXX's digits are plain)
+                }
+                b'"' => break,
+                _ => {}
+            }
+        }
+        let span = start..self.i - 1;
+        let raw = self
+            .b
+            .get(span.clone())
+            .ok_or_else(|| self.bad("a string"))?;
+        let value = if escaped {
+            let quoted = &self.b[start - 1..self.i];
+            serde_json::from_slice::<String>(quoted).map_err(|e| format!("a bad string: {e}"))?
+        } else {
+            String::from_utf8(raw.to_vec()).map_err(|_| "a string is not UTF-8".to_string())?
+        };
+        Ok((value, span))
+    }
+
+    /// Skips one value of any kind, nested ones included (bounded: no recursion).
+    fn skip_value(&mut self) -> Result<(), String> {
+        let mut depth = 0usize;
+        loop {
+            self.ws();
+            match self.peek() {
+                Some(b'"') => {
+                    self.string()?;
+                }
+                Some(b'{' | b'[') => {
+                    depth += 1;
+                    self.i += 1;
+                    continue;
+                }
+                Some(b'}' | b']') if depth > 0 => {
+                    depth -= 1;
+                    self.i += 1;
+                }
+                Some(b',' | b':') if depth > 0 => {
+                    self.i += 1;
+                    continue;
+                }
+                Some(c) if c == b'-' || c.is_ascii_alphanumeric() => {
+                    while matches!(self.peek(), Some(c) if c == b'-' || c == b'+' || c == b'.' || c.is_ascii_alphanumeric())
+                    {
+                        self.i += 1;
+                    }
+                }
+                _ => return Err(self.bad("a value")),
+            }
+            if depth == 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_top_level_model_and_user_and_nothing_nested() {
+        let body = br#"{"messages":[{"role":"user","content":"hi \"model\": x","model":"no"}],"model":"llama-3","stream":true,"user":"alice","n":1.5e3,"x":null}"#;
+        let call = read_call(body).unwrap();
+        let (model, span) = call.model.unwrap();
+        assert_eq!(model, "llama-3");
+        assert_eq!(&body[span], b"llama-3");
+        assert_eq!(call.user.as_deref(), Some("alice"));
+        assert_eq!(read_call(b" { } ").unwrap(), Call::default());
+        for bad in [
+            &b"[1]"[..],
+            b"{\"model\"",
+            b"{\"a\":}",
+            b"{\"a\":1 \"b\":2}",
+            b"nope",
+        ] {
+            assert!(read_call(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn rewriting_the_model_keeps_every_other_byte() {
+        let body = Bytes::from_static(br#"{ "model" : "base",  "prompt":"a \u00e9" }"#);
+        let (_, span) = read_call(&body).unwrap().model.unwrap();
+        let out = with_model(&body, &span, "tuned \"v2\"");
+        assert_eq!(
+            &out[..],
+            br#"{ "model" : "tuned \"v2\"",  "prompt":"a \u00e9" }"#
+        );
+        let (model, _) = read_call(&out).unwrap().model.unwrap();
+        assert_eq!(model, "tuned \"v2\"");
+    }
+
+    #[test]
+    fn an_escaped_model_name_is_decoded() {
+        let (model, _) = read_call(br#"{"model":"a\/b"}"#).unwrap().model.unwrap();
+        assert_eq!(model, "a/b");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = read_call(&body);
+        }
+    }
+}

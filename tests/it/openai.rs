@@ -1,0 +1,257 @@
+//! OpenAI-style calls routed by their body's `model` (part 1 of the LLM issue): a
+//! weighted sticky split between two backends serving different model names, the
+//! body's model rewritten with every other byte as sent, the sticky key from the body's
+//! `user`, `GET /v1/models`, and braid's errors in OpenAI's shape.
+
+use crate::support::*;
+
+fn config(a: &str, b: &str) -> String {
+    format!(
+        r#"routes:
+  - model: assistant
+    variants:
+      - {{ name: base, weight: 50, backend: "{a}", target_model: llama-3-8b }}
+      - {{ name: tuned, weight: 50, backend: "{b}", target_model: llama-3-8b-ft }}
+    sticky_header: x-user-id
+    max_inflight: 1
+  - model: embedder
+    variants: [{{ name: only, backend: "{a}" }}]
+"#
+    )
+}
+
+const PATHS: [&str; 6] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/v1/rerank",
+    "/rerank",
+];
+
+#[tokio::test]
+async fn calls_are_routed_by_the_bodys_model_and_rewritten_per_variant() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = TestProxy::start(&config(&a.url(), &b.url())).await;
+    let c = client();
+    for path in PATHS {
+        // Pinned to each variant: the backend sees its own model name, the rest as sent.
+        for (variant, backend, target) in
+            [("base", "a", "llama-3-8b"), ("tuned", "b", "llama-3-8b-ft")]
+        {
+            let body = r#"{"model" : "assistant", "messages":[{"role":"user","content":"say \"model\": hi"}],"stream":false}"#;
+            let r = post(&c, &proxy.url(path), &[("x-braid-variant", variant)], body).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            assert_eq!(r.variant(), variant);
+            let seen = r.json();
+            assert_eq!(seen["backend"], backend);
+            assert_eq!(seen["path"], path);
+            let want = body.replace("\"assistant\"", &format!("\"{target}\""));
+            assert_eq!(seen["body"], want.as_str(), "{path}");
+            assert_eq!(seen["body_len"], want.len());
+        }
+    }
+    // A variant without target_model sends the body exactly as it came.
+    let body = r#"{"input":["a","b"],"model":"embedder"}"#;
+    let r = post(&c, &proxy.url("/v1/embeddings"), &[], body).await;
+    assert_eq!((r.status.as_u16(), r.variant()), (200, "only"));
+    assert_eq!(r.json()["body"], body);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_sticky_key_comes_from_the_header_or_else_the_bodys_user() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = TestProxy::start(&config(&a.url(), &b.url())).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..40 {
+        let user = format!("user-{i}");
+        let by_body = post(
+            &c,
+            &url,
+            &[],
+            &format!(r#"{{"model":"assistant","user":"{user}"}}"#),
+        )
+        .await;
+        let by_header = post(
+            &c,
+            &url,
+            &[("x-user-id", &user)],
+            r#"{"model":"assistant"}"#,
+        )
+        .await;
+        assert_eq!(by_body.status, 200);
+        // The same key either way: the same variant, every time.
+        assert_eq!(by_body.variant(), by_header.variant(), "{user}");
+        let again = post(
+            &c,
+            &url,
+            &[],
+            &format!(r#"{{"model":"assistant","user":"{user}"}}"#),
+        )
+        .await;
+        assert_eq!(again.variant(), by_body.variant());
+        seen.insert(by_body.variant().to_string());
+    }
+    assert_eq!(seen.len(), 2, "40 users all on one variant: {seen:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn models_are_listed_and_errors_take_openais_shape() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = TestProxy::start(&config(&a.url(), &b.url())).await;
+    let c = client();
+    let r = get(&c, &proxy.url("/v1/models"), &[]).await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["assistant", "embedder"]);
+    assert_eq!(v["data"][0]["object"], "model");
+
+    let error = |r: &Reply, status: u16, kind: &str| {
+        assert_eq!(r.status, status, "{}", r.text());
+        let v = r.json();
+        let e = &v["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert_eq!(e["type"], kind, "{v}");
+        assert!(e.get("param").is_some() && e["code"].is_string(), "{v}");
+        v
+    };
+    let url = proxy.url("/v1/chat/completions");
+    let v = error(
+        &post(&c, &url, &[], r#"{"model":"gpt-9"}"#).await,
+        404,
+        "not_found_error",
+    );
+    assert_eq!(v["error"]["param"], "model");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("assistant, embedder")
+    );
+    error(
+        &post(&c, &url, &[], r#"{"messages":[]}"#).await,
+        400,
+        "invalid_request_error",
+    );
+    error(
+        &post(&c, &url, &[], "not json").await,
+        400,
+        "invalid_request_error",
+    );
+    let v = error(
+        &post(
+            &c,
+            &url,
+            &[("x-braid-variant", "nope")],
+            r#"{"model":"assistant"}"#,
+        )
+        .await,
+        400,
+        "invalid_request_error",
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("base, tuned")
+    );
+    let big = format!(
+        r#"{{"model":"assistant","prompt":"{}"}}"#,
+        "x".repeat(17 * 1024 * 1024)
+    );
+    error(
+        &post(&c, &url, &[], &big).await,
+        413,
+        "invalid_request_error",
+    );
+    // The route's max_inflight of 1, taken by a slow call: 429 with Retry-After.
+    let slow = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move {
+            post(
+                &c,
+                &url,
+                &[("x-delay-ms", "600")],
+                r#"{"model":"assistant"}"#,
+            )
+            .await
+        })
+    };
+    let busy = loop {
+        let r = post(&c, &url, &[], r#"{"model":"assistant"}"#).await;
+        if r.status == 429 {
+            break r;
+        }
+        assert!(!slow.is_finished(), "never saw the route busy");
+    };
+    error(&busy, 429, "rate_limit_error");
+    assert_eq!(busy.headers["retry-after"], "1");
+    assert_eq!(slow.await.unwrap().status, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn without_model_routes_openai_paths_are_proxied_as_before() {
+    let a = Backend::start("a").await;
+    let proxy = TestProxy::start(&single_route(&a.url())).await;
+    let c = client();
+    let body = r#"{"model":"whatever","stream":true}"#;
+    let r = post(&c, &proxy.url("/v1/chat/completions"), &[], body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body"], body);
+    // /v1/models is the backend's own when braid routes no model by name.
+    let r = get(&c, &proxy.url("/v1/models"), &[]).await;
+    assert_eq!(r.json()["backend"], "a");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_is_routed_by_model_and_raises_braids_errors() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = TestProxy::start(&config(&a.url(), &b.url())).await;
+    let report = run_python_client("openai_clients.py", vec![proxy.url("/v1")]).await;
+    assert_eq!(
+        report["models"],
+        serde_json::json!(["assistant", "embedder"]),
+        "{report}"
+    );
+    for call in report["chat"].as_array().unwrap() {
+        let (variant, backend) = (
+            call["variant"].as_str().unwrap(),
+            call["backend"].as_str().unwrap(),
+        );
+        let target = match variant {
+            "base" => "llama-3-8b",
+            "tuned" => "llama-3-8b-ft",
+            other => panic!("variant {other}"),
+        };
+        assert_eq!(backend, if variant == "base" { "a" } else { "b" });
+        let body: serde_json::Value = serde_json::from_str(call["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["model"], target, "{call}");
+        assert_eq!(body["user"], call["user"]);
+    }
+    assert_eq!(report["embeddings"]["variant"], "only");
+    let e = &report["errors"]["unknown_model"];
+    assert_eq!(
+        (e["class"].as_str(), e["status"].as_u64()),
+        (Some("NotFoundError"), Some(404)),
+        "{e}"
+    );
+    assert!(e["message"].as_str().unwrap().contains("gpt-9"), "{e}");
+    assert_eq!(e["param"], "model");
+    let e = &report["errors"]["unknown_variant"];
+    assert_eq!(e["class"], "BadRequestError", "{e}");
+    assert_eq!(e["type"], "invalid_request_error");
+    proxy.stop().await;
+}
