@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("payload", 1),
     ("trace", 1),
     ("grpc", 1),
+    ("openai", 1),
     ("upstream", 1),
     ("batch", 1),
     ("executor", 1),
