@@ -255,3 +255,78 @@ async fn the_openai_sdk_is_routed_by_model_and_raises_braids_errors() {
     assert_eq!(e["type"], "invalid_request_error");
     proxy.stop().await;
 }
+
+/// A streamed answer (SSE) passes event by event, and a client that leaves mid-stream
+/// closes the backend's request: the generation stops instead of running on.
+#[tokio::test]
+async fn a_stream_passes_event_by_event_and_a_client_leaving_closes_the_backends_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = format!("http://{}", listener.local_addr().unwrap());
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<usize>();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        // One event every 20 ms, vLLM's chunk shape, until the write fails.
+        for i in 0..500 {
+            let event = format!(
+                "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
+            );
+            let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+            if s.write_all(chunk.as_bytes()).await.is_err() {
+                let _ = closed_tx.send(i);
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    let proxy = TestProxy::start(&format!(
+        "routes:\n  - model: assistant\n    variants: [{{ name: only, backend: \"{backend}\" }}]\n"
+    ))
+    .await;
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let body = r#"{"model":"assistant","stream":true}"#;
+    c.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: braid\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Events arrive one by one as the backend writes them, not buffered to the end.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"t3\"") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("events arrive while the stream runs")
+            .unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("text/event-stream"), "{text}");
+    assert!(text.contains("x-braid-variant: only"), "{text}");
+    drop(c);
+    let left_at = tokio::time::timeout(std::time::Duration::from_secs(5), closed_rx)
+        .await
+        .expect("the backend's request was not closed after the client left")
+        .unwrap();
+    // A few events may still be written into socket buffers before the close is seen.
+    assert!(
+        left_at < 30,
+        "the backend kept generating: {left_at} events"
+    );
+    server.await.unwrap();
+    proxy.stop().await;
+}
