@@ -48,6 +48,54 @@ pub struct UnroutedLabels {
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+    /// `input` or `output` (OpenTelemetry's `gen_ai.token.type`).
+    pub token_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+    /// A closed set: stop, length, tool_calls, content_filter, other.
+    pub reason: &'static str,
+}
+
+/// The OpenTelemetry GenAI semantic conventions' advised buckets, in seconds; time to
+/// first token extended to 60 s (long prompts on a busy server).
+const TTFT_BUCKETS: [f64; 19] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 30.0, 60.0,
+];
+const TPOT_BUCKETS: [f64; 13] = [
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+];
+const GEN_DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+const TOKEN_BUCKETS: [f64; 14] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+
+/// What one OpenAI-style answer was, as measured on its way through.
+#[derive(Debug, Default)]
+pub struct Generation {
+    /// From the request's arrival to its first content event (streams only).
+    pub ttft: Option<Duration>,
+    /// Mean time between output tokens after the first (streams with 2+ tokens).
+    pub tpot: Option<Duration>,
+    /// From the request's arrival to the answer's last byte.
+    pub duration: Duration,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub finish: Vec<&'static str>,
+    pub errors: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -126,6 +174,12 @@ pub struct Metrics {
     inflight: Gauge,
     buffered: Gauge,
     connections: Gauge,
+    gen_ttft: HistogramFamily<VariantLabels>,
+    gen_tpot: HistogramFamily<VariantLabels>,
+    gen_duration: HistogramFamily<VariantLabels>,
+    gen_tokens: HistogramFamily<TokenLabels>,
+    gen_finish: Family<FinishLabels, Counter>,
+    gen_errors: Family<VariantLabels, Counter>,
     batch_size: HistogramFamily<VariantLabels>,
     batch_queue: HistogramFamily<PriorityLabels>,
     batch_exec: HistogramFamily<VariantLabels>,
@@ -403,6 +457,42 @@ impl Metrics {
             "Connections open now on the data port (at most --max-connections)",
             Gauge::default(),
         );
+        let gen_ttft: HistogramFamily<VariantLabels> = register(
+            &mut registry,
+            "braid_gen_ai_server_time_to_first_token_seconds",
+            "OpenAI-style streams: from the request's arrival to its first content event",
+            Family::new_with_constructor(|| Histogram::new(TTFT_BUCKETS)),
+        );
+        let gen_tpot: HistogramFamily<VariantLabels> = register(
+            &mut registry,
+            "braid_gen_ai_server_time_per_output_token_seconds",
+            "OpenAI-style streams: mean time between output tokens after the first",
+            Family::new_with_constructor(|| Histogram::new(TPOT_BUCKETS)),
+        );
+        let gen_duration: HistogramFamily<VariantLabels> = register(
+            &mut registry,
+            "braid_gen_ai_server_request_duration_seconds",
+            "OpenAI-style calls: from the request's arrival to the answer's last byte",
+            Family::new_with_constructor(|| Histogram::new(GEN_DURATION_BUCKETS)),
+        );
+        let gen_tokens: HistogramFamily<TokenLabels> = register(
+            &mut registry,
+            "braid_gen_ai_client_token_usage",
+            "OpenAI-style calls: input and output tokens per request (from usage)",
+            Family::new_with_constructor(|| Histogram::new(TOKEN_BUCKETS)),
+        );
+        let gen_finish = register(
+            &mut registry,
+            "braid_gen_ai_finish_reasons",
+            "OpenAI-style calls: why each choice's generation stopped",
+            Family::<FinishLabels, Counter>::default(),
+        );
+        let gen_errors = register(
+            &mut registry,
+            "braid_gen_ai_stream_errors",
+            "OpenAI-style calls: error objects sent in-band (in a stream or as a 200's body)",
+            Family::<VariantLabels, Counter>::default(),
+        );
         let batch_size: HistogramFamily<VariantLabels> = register(
             &mut registry,
             "braid_batch_size",
@@ -542,6 +632,12 @@ impl Metrics {
             inflight,
             buffered,
             connections,
+            gen_ttft,
+            gen_tpot,
+            gen_duration,
+            gen_tokens,
+            gen_finish,
+            gen_errors,
             batch_size,
             batch_queue,
             batch_exec,
@@ -716,6 +812,48 @@ impl Metrics {
     /// The gauge the request byte budget keeps (`server::ByteBudget`).
     pub fn buffered(&self) -> Gauge {
         self.buffered.clone()
+    }
+
+    /// One OpenAI-style answer's measures, recorded once when it ends.
+    pub fn generation(&self, route: &Arc<str>, variant: &Arc<str>, g: &Generation) {
+        let labels = VariantLabels {
+            route: route.clone(),
+            variant: variant.clone(),
+        };
+        if let Some(t) = g.ttft {
+            self.gen_ttft
+                .get_or_create(&labels)
+                .observe(t.as_secs_f64());
+        }
+        if let Some(t) = g.tpot {
+            self.gen_tpot
+                .get_or_create(&labels)
+                .observe(t.as_secs_f64());
+        }
+        self.gen_duration
+            .get_or_create(&labels)
+            .observe(g.duration.as_secs_f64());
+        for (token_type, n) in [("input", g.input_tokens), ("output", g.output_tokens)] {
+            if let Some(n) = n {
+                let l = TokenLabels {
+                    route: route.clone(),
+                    variant: variant.clone(),
+                    token_type,
+                };
+                self.gen_tokens.get_or_create(&l).observe(n as f64);
+            }
+        }
+        for &reason in &g.finish {
+            let l = FinishLabels {
+                route: route.clone(),
+                variant: variant.clone(),
+                reason,
+            };
+            self.gen_finish.get_or_create(&l).inc();
+        }
+        if g.errors > 0 {
+            self.gen_errors.get_or_create(&labels).inc_by(g.errors);
+        }
     }
 
     /// The gauge the data listener keeps of its open connections.

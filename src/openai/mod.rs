@@ -5,6 +5,8 @@
 //! (`{"error": {"message", "type", "param", "code"}}`) so the `openai` SDK raises the
 //! exception that matches the status, with braid's text.
 
+pub mod sse;
+
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};

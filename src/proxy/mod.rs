@@ -397,6 +397,10 @@ impl Proxy {
                 (r.wire.error(e), status)
             }
         };
+        if r.wire == Wire::OpenAi && status.is_success() {
+            let names = (route.name.clone(), variant.name.clone());
+            resp = openai::measured(resp, start, self.metrics.clone(), names);
+        }
         let headers = resp.headers_mut();
         headers.insert(X_BRAID_VARIANT.clone(), variant.header_value.clone());
         if let Some(from) = fallback_from {

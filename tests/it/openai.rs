@@ -330,3 +330,164 @@ async fn a_stream_passes_event_by_event_and_a_client_leaving_closes_the_backends
     server.await.unwrap();
     proxy.stop().await;
 }
+
+/// A backend that answers every request with `events` (each after its delay), as an
+/// SSE stream over chunked HTTP/1.1, the way vLLM streams a chat completion.
+async fn sse_backend(events: Vec<(u64, String)>) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let events = events.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+                    .await;
+                for (delay, event) in events {
+                    tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+                    let e = format!("data: {event}\n\n");
+                    if s.write_all(format!("{:x}\r\n{e}\r\n", e.len()).as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    (url, task)
+}
+
+fn chunk(content: &str) -> String {
+    format!(
+        r#"{{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{{"index":0,"delta":{{"content":"{content}"}},"finish_reason":null}}]}}"#
+    )
+}
+
+#[tokio::test]
+async fn a_streams_time_to_first_token_tokens_and_finish_are_measured_per_variant() {
+    let mut events = vec![(
+        0,
+        r#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#.to_string(),
+    )];
+    events.push((150, chunk("Hel")));
+    for t in ["lo", ",", " wor", "ld"] {
+        events.push((30, chunk(t)));
+    }
+    events.push((
+        0,
+        r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#.into(),
+    ));
+    events.push((
+        0,
+        r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}"#
+            .into(),
+    ));
+    events.push((0, "[DONE]".into()));
+    let (backend, _task) = sse_backend(events).await;
+    let proxy = TestProxy::start(&format!(
+        "routes:\n  - model: assistant\n    variants: [{{ name: only, backend: \"{backend}\" }}]\n"
+    ))
+    .await;
+    let c = client();
+    let r = post(
+        &c,
+        &proxy.url("/v1/chat/completions"),
+        &[],
+        r#"{"model":"assistant","stream":true,"stream_options":{"include_usage":true}}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().ends_with("data: [DONE]\n\n"), "{}", r.text());
+    let labels = r#"{route="assistant",variant="only"}"#;
+    let m = |name: &str| format!("braid_gen_ai_{name}{labels}");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while metric(&proxy, &m("server_request_duration_seconds_count")).await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let ttft = metric(&proxy, &m("server_time_to_first_token_seconds_sum")).await;
+    assert!((0.15..1.0).contains(&ttft), "time to first token {ttft}");
+    // Four gaps of ~30 ms between five tokens.
+    let tpot = metric(&proxy, &m("server_time_per_output_token_seconds_sum")).await;
+    assert!((0.025..0.5).contains(&tpot), "time per output token {tpot}");
+    let duration = metric(&proxy, &m("server_request_duration_seconds_sum")).await;
+    assert!(
+        duration >= ttft + 0.1,
+        "last byte {duration}, first token {ttft}"
+    );
+    let tokens = |t: &str| {
+        format!(
+            r#"braid_gen_ai_client_token_usage_sum{{route="assistant",variant="only",token_type="{t}"}}"#
+        )
+    };
+    assert_eq!(metric(&proxy, &tokens("input")).await, 7.0);
+    assert_eq!(metric(&proxy, &tokens("output")).await, 5.0);
+    let stop =
+        r#"braid_gen_ai_finish_reasons_total{route="assistant",variant="only",reason="stop"}"#;
+    assert_eq!(metric(&proxy, stop).await, 1.0);
+    // The existing request histogram still stops at the response head.
+    let head = metric(
+        &proxy,
+        &format!("braid_request_duration_seconds_sum{labels}"),
+    )
+    .await;
+    assert!(head < ttft, "head {head} vs first token {ttft}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_short_counts_the_tokens_that_arrived_and_in_band_errors_are_counted() {
+    let mut events = vec![(0, chunk("a")), (0, chunk("b")), (0, chunk("c"))];
+    events.push((
+        0,
+        r#"{"error":{"message":"engine overloaded","type":"server_error"}}"#.into(),
+    ));
+    let (backend, _task) = sse_backend(events).await;
+    let proxy = TestProxy::start(&format!(
+        "routes:\n  - model: assistant\n    variants: [{{ name: only, backend: \"{backend}\" }}]\n"
+    ))
+    .await;
+    let r = post(
+        &client(),
+        &proxy.url("/v1/chat/completions"),
+        &[],
+        r#"{"model":"assistant","stream":true}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let labels = r#"{route="assistant",variant="only"}"#;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while metric(
+        &proxy,
+        &format!("braid_gen_ai_server_request_duration_seconds_count{labels}"),
+    )
+    .await
+        < 1.0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // No usage came: the three content events count as three tokens.
+    let out = r#"braid_gen_ai_client_token_usage_sum{route="assistant",variant="only",token_type="output"}"#;
+    assert_eq!(metric(&proxy, out).await, 3.0);
+    assert_eq!(
+        metric(&proxy, &format!("braid_gen_ai_stream_errors_total{labels}")).await,
+        1.0
+    );
+    proxy.stop().await;
+}
