@@ -57,5 +57,27 @@ fn route_and_assign(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, route_and_assign);
+/// An OpenAI chat call's body of about 4 KiB (a conversation, the model named last, as
+/// SDKs often serialise it): reading its `model` and `user`, and rewriting `model`.
+/// Target: under 2 µs per request (issue 26).
+fn openai_body_model(c: &mut Criterion) {
+    let turn = r#"{"role":"user","content":"Summarise the following passage in one sentence, keeping the names: \"The quick brown fox jumps over the lazy dog.\" Then list three facts."}"#;
+    let messages = vec![turn; 24].join(",");
+    let body = format!(
+        r#"{{"messages":[{messages}],"temperature":0.7,"stream":true,"user":"user-1234","model":"assistant"}}"#
+    );
+    assert!((3500..4600).contains(&body.len()), "{}", body.len());
+    let body = bytes::Bytes::from(body);
+    let mut g = c.benchmark_group("openai");
+    g.bench_function("read_call 4 KiB", |b| {
+        b.iter(|| braid::openai::read_call(black_box(&body)).expect("a call"))
+    });
+    let (_, span) = braid::openai::read_call(&body).unwrap().model.unwrap();
+    g.bench_function("with_model 4 KiB", |b| {
+        b.iter(|| braid::openai::with_model(black_box(&body), &span, "llama-3-8b-ft"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, route_and_assign, openai_body_model);
 criterion_main!(benches);

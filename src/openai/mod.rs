@@ -59,17 +59,16 @@ pub fn read_call(body: &[u8]) -> Result<Call, String> {
     }
     loop {
         s.ws();
-        let (key, _) = s.string()?;
+        let key = s.key()?;
         s.ws();
         if !s.eat(b':') {
             return Err(s.bad("':'"));
         }
         s.ws();
-        let at = s.i;
-        match key.as_str() {
-            "model" | "user" if s.peek() == Some(b'"') => {
+        match key {
+            b"model" | b"user" if s.peek() == Some(b'"') => {
                 let (value, span) = s.string()?;
-                if key == "model" {
+                if key == b"model" {
                     call.model = Some((value, span));
                 } else {
                     call.user = Some(value);
@@ -77,7 +76,6 @@ pub fn read_call(body: &[u8]) -> Result<Call, String> {
             }
             _ => s.skip_value()?,
         }
-        debug_assert!(s.i > at);
         s.ws();
         if s.eat(b',') {
             continue;
@@ -142,7 +140,7 @@ struct Scanner<'a> {
     i: usize,
 }
 
-impl Scanner<'_> {
+impl<'a> Scanner<'a> {
     fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
     }
@@ -169,49 +167,60 @@ impl Scanner<'_> {
         )
     }
 
-    /// A string: its decoded value and the span of its contents (inside the quotes).
-    fn string(&mut self) -> Result<(String, Range<usize>), String> {
+    /// Past a string's closing quote; returns the span of its contents and whether it
+    /// has escapes. memchr jumps over the text between quotes and backslashes.
+    fn skip_string(&mut self) -> Result<(Range<usize>, bool), String> {
         if !self.eat(b'"') {
             return Err(self.bad("a string"));
         }
         let start = self.i;
         let mut escaped = false;
         loop {
-            let Some(c) = self.peek() else {
+            let rest = self.b.get(self.i..).unwrap_or_default();
+            let Some(at) = memchr::memchr2(b'"', b'\\', rest) else {
                 return Err(self.bad("the end of a string"));
             };
-            self.i += 1;
-            match c {
-                b'\\' => {
-                    escaped = true;
-                    self.i += 1; // the escaped character (\uXXXX's digits are plain)
-                }
-                b'"' => break,
-                _ => {}
+            self.i += at;
+            if self.b[self.i] == b'"' {
+                self.i += 1;
+                return Ok((start..self.i - 1, escaped));
             }
+            escaped = true;
+            self.i += 2; // the backslash and the character it escapes
         }
-        let span = start..self.i - 1;
-        let raw = self
-            .b
-            .get(span.clone())
-            .ok_or_else(|| self.bad("a string"))?;
+    }
+
+    /// An object key's raw bytes (an escaped key never equals a plain name).
+    fn key(&mut self) -> Result<&'a [u8], String> {
+        let (span, escaped) = self.skip_string()?;
+        let body: &'a [u8] = self.b;
+        Ok(if escaped { b"" } else { &body[span] })
+    }
+
+    /// A string: its decoded value and the span of its contents (inside the quotes).
+    fn string(&mut self) -> Result<(String, Range<usize>), String> {
+        let open = self.i;
+        let (span, escaped) = self.skip_string()?;
         let value = if escaped {
-            let quoted = &self.b[start - 1..self.i];
-            serde_json::from_slice::<String>(quoted).map_err(|e| format!("a bad string: {e}"))?
+            serde_json::from_slice::<String>(&self.b[open..self.i])
+                .map_err(|e| format!("a bad string: {e}"))?
         } else {
-            String::from_utf8(raw.to_vec()).map_err(|_| "a string is not UTF-8".to_string())?
+            std::str::from_utf8(&self.b[span.clone()])
+                .map_err(|_| "a string is not UTF-8".to_string())?
+                .to_string()
         };
         Ok((value, span))
     }
 
     /// Skips one value of any kind, nested ones included (bounded: no recursion).
+    /// Only structure is checked; strings are jumped over without being decoded.
     fn skip_value(&mut self) -> Result<(), String> {
         let mut depth = 0usize;
         loop {
             self.ws();
             match self.peek() {
                 Some(b'"') => {
-                    self.string()?;
+                    self.skip_string()?;
                 }
                 Some(b'{' | b'[') => {
                     depth += 1;
