@@ -50,9 +50,19 @@ impl Proxy {
             }
         };
         let path = upstream_path(&r.m, variant, &parts.uri).ok()?;
-        let body = Full::new(body.clone());
+        // An OpenAI-style call names the shadow variant's own model, as it would if
+        // the shadow were serving it.
+        let renamed = match r.wire {
+            super::Wire::OpenAi => super::openai::model_renamed(r, variant, body).map(|(b, _)| b),
+            _ => None,
+        };
+        let body = Full::new(renamed.clone().unwrap_or_else(|| body.clone()));
         let protocol = variant.upstream.protocol;
         let mut req = upstream_request(parts, body, variant, protocol, path, conn).ok()?;
+        if let Some(b) = &renamed {
+            req.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+        }
         req.headers_mut()
             .insert(X_BRAID_SHADOW.clone(), HeaderValue::from_static("1"));
         let (tx, primary) = oneshot::channel();

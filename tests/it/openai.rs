@@ -491,3 +491,70 @@ async fn a_stream_cut_short_counts_the_tokens_that_arrived_and_in_band_errors_ar
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_shadow_copy_names_the_shadow_variants_own_model() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Backend::start("a").await;
+    // The shadow's backend: records what it is sent.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shadow = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let _server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            let _ = tx.send(body.to_string());
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                                .await;
+                            got.clear();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let proxy = TestProxy::start(&format!(
+        r#"routes:
+  - model: assistant
+    variants:
+      - {{ name: base, weight: 1, backend: "{}", target_model: llama-3-8b }}
+      - {{ name: tuned, weight: 0, backend: "{shadow}", target_model: llama-3-8b-ft }}
+    shadow: {{ variant: tuned, fraction: 1 }}
+"#,
+        a.url()
+    ))
+    .await;
+    let body = r#"{"model":"assistant","prompt":"hi"}"#;
+    let r = post(&client(), &proxy.url("/v1/completions"), &[], body).await;
+    assert_eq!((r.status.as_u16(), r.variant()), (200, "base"));
+    assert_eq!(
+        r.json()["body"],
+        body.replace("assistant", "llama-3-8b").as_str()
+    );
+    let copied = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the shadow copy arrives")
+        .unwrap();
+    assert_eq!(copied, body.replace("assistant", "llama-3-8b-ft"));
+    proxy.stop().await;
+}
