@@ -6,11 +6,16 @@
 //! Per event it notes whether content arrived (a delta with text, a completion's text,
 //! an embedding), the finish reasons, `usage` (prompt and completion tokens) and
 //! in-band errors. A line longer than `MAX_LINE` stops the reading, never the stream.
+//! A whole JSON answer is not kept: only its last `JSON_TAIL` bytes, where servers put
+//! `usage`, so what a reader holds is bounded whatever the answer's size.
 
 use serde::Deserialize;
 
 /// Longest SSE line (or whole JSON answer) read; past it nothing more is noted.
-pub const MAX_LINE: usize = 1 << 20;
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// The bytes of a JSON answer kept to find its `usage` and finish reasons in.
+pub const JSON_TAIL: usize = 8 * 1024;
 
 /// Why a generation stopped, from a closed set (metric labels come from config or
 /// closed sets, never from the backend's words).
@@ -116,11 +121,11 @@ impl Reader {
             return false;
         }
         if !self.event_stream {
-            if self.line.len() + bytes.len() > MAX_LINE {
-                self.gave_up = true;
-            } else {
-                self.line.extend_from_slice(bytes);
-            }
+            // A rolling tail: the answer's end, where `usage` is.
+            self.line
+                .extend_from_slice(&bytes[bytes.len().saturating_sub(JSON_TAIL)..]);
+            let over = self.line.len().saturating_sub(JSON_TAIL);
+            self.line.drain(..over);
             return false;
         }
         while let Some(nl) = memchr::memchr(b'\n', bytes) {
@@ -138,7 +143,7 @@ impl Reader {
             }
         }
         if self.line.len() + bytes.len() > MAX_LINE {
-            self.gave_up = true;
+            self.give_up();
         } else {
             self.line.extend_from_slice(bytes);
         }
@@ -147,9 +152,9 @@ impl Reader {
 
     /// The answer ended: a whole JSON answer is read now.
     pub fn finish(&mut self) {
-        if !self.event_stream && !self.gave_up {
-            let body = std::mem::take(&mut self.line);
-            self.event(&body);
+        if !self.event_stream {
+            let tail = std::mem::take(&mut self.line);
+            self.answer_tail(&tail);
         } else if self.event_stream && !self.data.is_empty() {
             let data = std::mem::take(&mut self.data);
             self.event(&data);
@@ -168,7 +173,7 @@ impl Reader {
         if let Some(value) = line.strip_prefix(b"data:") {
             let value = value.strip_prefix(b" ").unwrap_or(value);
             if self.data.len() + value.len() > MAX_LINE {
-                self.gave_up = true;
+                self.give_up();
                 return;
             }
             if !self.data.is_empty() {
@@ -177,6 +182,45 @@ impl Reader {
             self.data.extend_from_slice(value);
         }
         // `event:`, `id:`, `retry:` and comments say nothing about the generation.
+    }
+
+    /// Stops reading (an event too long to be a generation's), holding nothing.
+    fn give_up(&mut self) {
+        self.gave_up = true;
+        self.line = Vec::new();
+        self.data = Vec::new();
+    }
+
+    /// A whole JSON answer's last bytes: parsed whole when they are the whole answer,
+    /// else searched for its `usage` object and finish reasons.
+    fn answer_tail(&mut self, tail: &[u8]) {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(tail).is_ok() {
+            return self.event(tail);
+        }
+        self.seen.content_events += 1;
+        if let Some(at) = memchr::memmem::rfind(tail, b"\"usage\"") {
+            let rest = &tail[at + 7..];
+            if let Some(open) = memchr::memchr(b'{', rest) {
+                let mut objects =
+                    serde_json::Deserializer::from_slice(&rest[open..]).into_iter::<Usage>();
+                if let Some(Ok(u)) = objects.next() {
+                    self.seen.prompt_tokens = u.prompt_tokens.or(u.input_tokens);
+                    self.seen.completion_tokens = u.completion_tokens.or(u.output_tokens);
+                }
+            }
+        }
+        for at in memchr::memmem::find_iter(tail, b"\"finish_reason\"") {
+            let rest = &tail[at + 15..];
+            let Some(q) = memchr::memchr(b'"', rest) else {
+                continue;
+            };
+            let value = &rest[q + 1..];
+            if let Some(end) = memchr::memchr(b'"', value) {
+                self.seen.finish.push(finish_label(
+                    std::str::from_utf8(&value[..end]).unwrap_or(""),
+                ));
+            }
+        }
     }
 
     fn event(&mut self, data: &[u8]) {
@@ -285,6 +329,26 @@ mod tests {
         r.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choi");
         r.finish();
         assert_eq!((r.seen.content_events, r.seen.done), (1, false));
+        // A large answer: only its tail is kept, and its usage found there.
+        let mut r = Reader::new(false);
+        let filler = "x".repeat(100_000);
+        r.feed(
+            format!(
+                r#"{{"choices":[{{"message":{{"content":"{filler}"}},"finish_reason":"length"}}],"#
+            )
+            .as_bytes(),
+        );
+        r.feed(br#""usage":{"prompt_tokens":11,"completion_tokens":4096}}"#);
+        assert!(r.line.len() <= JSON_TAIL);
+        r.finish();
+        assert_eq!(
+            (
+                r.seen.prompt_tokens,
+                r.seen.completion_tokens,
+                r.seen.finish.clone()
+            ),
+            (Some(11), Some(4096), vec!["length"])
+        );
         // Embeddings: data is the content.
         let mut r = Reader::new(false);
         r.feed(br#"{"object":"list","data":[{"embedding":[0.1]}],"usage":{"prompt_tokens":2,"total_tokens":2}}"#);
