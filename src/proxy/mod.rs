@@ -181,7 +181,8 @@ struct Routed<'a> {
     /// braid's span in the request's trace, when tracing is on.
     trace: Option<RequestTrace>,
     /// What an OpenAI-style call's body names (its model, where, and its user).
-    call: Option<crate::openai::Call>,
+    /// (Boxed: most requests have none, and the request's future stays small.)
+    call: Option<Box<crate::openai::Call>>,
 }
 
 impl Proxy {
@@ -262,7 +263,7 @@ impl Proxy {
                 .find_openai_model(active, &parts, body, held)
                 .await
                 .map(|(m, body, c)| {
-                    call = Some(c);
+                    call = Some(Box::new(c));
                     (m, body)
                 }),
             Wire::GrpcModel => self.find_grpc_model(active, &parts, body, held).await,
