@@ -27,10 +27,6 @@ impl ByteBudget {
         ByteBudget::new(limit, Gauge::default())
     }
 
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Bytes reserved at this moment.
     pub fn in_use(&self) -> usize {
         self.held.get().max(0) as usize

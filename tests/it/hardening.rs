@@ -529,12 +529,7 @@ async fn twenty_concurrent_large_bodies_stay_within_the_sidecars_memory_limit() 
         assert!(a.0 == 200 || (a.0 == 503 && a.1), "answered {a:?}");
     }
     assert!(ok >= 4, "only {ok} of 20 served: {answers:?}");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", braid.child.id())).unwrap();
-    let peak_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
+    let peak_kb = braid.peak_rss_kb();
     eprintln!(
         "braid's peak RSS under 20 concurrent 15 MiB bodies: {} MiB",
         peak_kb / 1024

@@ -322,16 +322,18 @@ fn malformed_reviews_are_refused_with_a_reason() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_webhook_answers_over_tls() {
-    use http_body_util::{BodyExt, Full};
-    let dir = tempfile::tempdir().unwrap();
+type WebhookClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// A self-signed certificate for localhost in `dir` (the webhook's), and a client
+/// that trusts it.
+fn webhook_tls(dir: &Path) -> (PathBuf, PathBuf, WebhookClient) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = braid::inject::webhook::start(listener, webhook_opts(), &cert, &key).unwrap();
     let tls = braid::server::tls::client_config(&braid::server::tls::UpstreamTls {
         ca_file: cert.clone(),
         cert_file: None,
@@ -344,9 +346,18 @@ async fn the_webhook_answers_over_tls() {
         .https_only()
         .enable_all_versions()
         .build();
-    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(connector);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector);
+    (cert, key, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_answers_over_tls() {
+    use http_body_util::{BodyExt, Full};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, client) = webhook_tls(dir.path());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = braid::inject::webhook::start(listener, webhook_opts(), &cert, &key).unwrap();
     let url = format!("https://localhost:{}/mutate", running.addr.port());
     let send = |body: Vec<u8>| {
         let req = http::Request::post(&url)
@@ -388,10 +399,7 @@ async fn the_webhook_stays_within_its_memory_limit_under_maximal_reviews() {
     use braid::inject::webhook::MAX_REVIEW_BYTES;
     use http_body_util::{BodyExt, Full};
     let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (cert, key, client) = webhook_tls(dir.path());
     let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let p = BraidProcess::spawn(
         &[
@@ -408,21 +416,6 @@ async fn the_webhook_stays_within_its_memory_limit_under_maximal_reviews() {
         Duration::from_secs(30),
     );
     let addr: std::net::SocketAddr = p.announced["addr="].parse().unwrap();
-    let tls = braid::server::tls::client_config(&braid::server::tls::UpstreamTls {
-        ca_file: cert.clone(),
-        cert_file: None,
-        key_file: None,
-        server_name: None,
-    })
-    .unwrap();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .build();
-    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(connector);
     let url = format!("https://localhost:{}/mutate", addr.port());
     let send = |body: bytes::Bytes| {
         let req = http::Request::post(&url)
@@ -461,12 +454,7 @@ async fn the_webhook_stays_within_its_memory_limit_under_maximal_reviews() {
         }
     }
     assert!(admitted >= 4, "only {admitted} of 20 reviews answered");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
-    let peak_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
+    let peak_kb = p.peak_rss_kb();
     eprintln!(
         "webhook peak RSS under 20 maximal reviews: {} MiB",
         peak_kb / 1024

@@ -328,6 +328,17 @@ async fn a_stream_passes_event_by_event_and_a_client_leaving_closes_the_backends
         "the backend kept generating: {left_at} events"
     );
     server.await.unwrap();
+    // Nothing left held, and the stream cut short was still measured, once.
+    assert_eq!(metric(&proxy, "braid_requests_in_flight").await, 0.0);
+    assert_eq!(metric(&proxy, "braid_buffered_bytes").await, 0.0);
+    let labels = r#"{route="assistant",variant="only"}"#;
+    let recorded = format!("braid_gen_ai_server_request_duration_seconds_count{labels}");
+    assert_eq!(metric(&proxy, &recorded).await, 1.0);
+    let out = r#"braid_gen_ai_client_token_usage_sum{route="assistant",variant="only",token_type="output"}"#;
+    assert!(
+        metric(&proxy, out).await >= 4.0,
+        "the tokens that arrived are counted"
+    );
     proxy.stop().await;
 }
 

@@ -609,6 +609,16 @@ impl BraidProcess {
         assert!(ok, "kill -{sig} failed");
     }
 
+    /// Its peak resident memory so far, in kB (`VmHWM`).
+    pub fn peak_rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmHWM in /proc/PID/status")
+    }
+
     /// Waits for the process to exit (polling, bounded) and returns its exit status.
     pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         wait_exit(&mut self.child, within).await
