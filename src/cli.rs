@@ -447,6 +447,36 @@ pub fn render_experiments(report: &serde_json::Value) -> String {
                 guard,
             );
         }
+        // Routes serving generations (OpenAI-style answers): what their users feel.
+        let variants = r["variants"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        if variants.iter().any(|v| v["generation"].is_object()) {
+            let _ = writeln!(
+                out,
+                "  {:<16} {:>11} {:>9} {:>9} {:>11} {:>11} {:>10}",
+                "generation",
+                "generations",
+                "TTFT p50",
+                "TTFT p95",
+                "per-token",
+                "tokens/req",
+                "tokens/s"
+            );
+            for v in variants {
+                let g = &v["generation"];
+                let _ = writeln!(
+                    out,
+                    "  {:<16} {:>11} {:>9} {:>9} {:>11} {:>11} {:>10}",
+                    v["name"].as_str().unwrap_or("?"),
+                    g["requests"].as_u64().unwrap_or(0),
+                    num(&g["ttft_ms"]["p50"]),
+                    num(&g["ttft_ms"]["p95"]),
+                    num(&g["tpot_ms"]["p50"]),
+                    num(&g["output_tokens_per_request"]),
+                    num(&g["output_tokens_per_second"]),
+                );
+            }
+            let _ = writeln!(out, "  (times in ms)");
+        }
     }
     out
 }

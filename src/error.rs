@@ -52,6 +52,8 @@ pub enum ProxyError {
         "variant {variant}'s batch queue is full and a higher-priority request took this one's place"
     )]
     Preempted { variant: String },
+    #[error("backend {backend} sent no first token within {after:?} (ttft_timeout)")]
+    NoFirstToken { backend: String, after: Duration },
     #[error("the request's deadline passed before it could be answered")]
     DeadlinePassed,
     #[error("braid is at its limit of requests in flight; retry shortly")]
@@ -176,7 +178,9 @@ impl ProxyError {
             | ProxyError::Smuggling => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::Timeout { .. } | ProxyError::DeadlinePassed => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Timeout { .. }
+            | ProxyError::NoFirstToken { .. }
+            | ProxyError::DeadlinePassed => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::QueueFull { .. } | ProxyError::RouteBusy { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -210,6 +214,7 @@ impl ProxyError {
             ProxyError::Connect { .. } => "connect",
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::Timeout { .. } => "timeout",
+            ProxyError::NoFirstToken { .. } => "ttft_timeout",
             ProxyError::QueueFull { .. } => "queue_full",
             ProxyError::Preempted { .. } => "preempted",
             ProxyError::DeadlinePassed => "deadline",

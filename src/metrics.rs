@@ -81,7 +81,7 @@ const TOKEN_BUCKETS: [f64; 14] = [
 ];
 
 /// What one OpenAI-style answer was, as measured on its way through.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Generation {
     /// From the request's arrival to its first content event (streams only).
     pub ttft: Option<Duration>,

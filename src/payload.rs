@@ -90,6 +90,8 @@ pub struct Record {
     pub headers: Vec<(String, String)>,
     pub request: Payload,
     pub response: Payload,
+    /// An OpenAI-style answer's generation (time to first token, tokens), as an object.
+    pub generation: Option<Value>,
 }
 
 /// Header names whose values may carry credentials: never written.
@@ -184,6 +186,7 @@ impl Record {
             "path": self.path,
             "request": {"headers": headers, "payload": self.request.json()},
             "response": {"payload": self.response.json()},
+            "generation": self.generation,
         })
         .to_string()
     }
@@ -526,6 +529,7 @@ mod tests {
                 complete: true,
                 content_type: Some("application/json".into()),
             },
+            generation: None,
         }
     }
 

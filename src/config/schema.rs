@@ -37,8 +37,12 @@ pub struct RouteSpec {
     pub variants: Vec<VariantSpec>,
     pub sticky_header: Option<HeaderName>,
     pub override_header: HeaderName,
-    /// Whole-request deadline for the upstream answer (until response headers).
+    /// Whole-request deadline for the upstream answer (until response headers; for an
+    /// OpenAI-style stream, until its first token).
     pub timeout: Option<Duration>,
+    /// An OpenAI-style stream with no first token this long after it was sent is
+    /// failed (and retried or sent to the fallback, as the route allows).
+    pub ttft_timeout: Option<Duration>,
     pub batching: Option<Batching>,
     pub retry: Option<RetryPolicy>,
     pub shadow: Option<Shadow>,
@@ -152,6 +156,7 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
             .opt("override_header", header_name)
             .unwrap_or(HeaderName::from_static(DEFAULT_OVERRIDE_HEADER)),
         timeout: obj.opt("timeout", duration),
+        ttft_timeout: obj.opt("ttft_timeout", duration),
         batching: obj.opt("batching", batching),
         retry: obj.opt("retry", retry),
         shadow: obj.opt("shadow", shadow),
@@ -176,6 +181,7 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
         "sticky_header",
         "override_header",
         "timeout",
+        "ttft_timeout",
         "batching",
         "retry",
         "shadow",
@@ -290,6 +296,8 @@ fn guardrail(node: &Node, path: String, errs: &mut Errors) -> Option<GuardrailSp
     let control = obj.req("control", name);
     let errors = obj.opt("errors", boolean).unwrap_or(true);
     let slow = obj.opt("slow", duration);
+    let slow_ttft = obj.opt("slow_ttft", duration);
+    let slow_tpot = obj.opt("slow_tpot", duration);
     let alpha = obj.opt("alpha", alpha).unwrap_or(0.001);
     let min_bad_events = obj.opt("min_bad_events", positive_int).unwrap_or(10);
     let warmup = obj
@@ -300,15 +308,18 @@ fn guardrail(node: &Node, path: String, errs: &mut Errors) -> Option<GuardrailSp
         "control",
         "errors",
         "slow",
+        "slow_ttft",
+        "slow_tpot",
         "alpha",
         "min_bad_events",
         "warmup",
         "action",
     ]);
-    if !errors && slow.is_none() {
+    if !errors && slow.is_none() && slow_ttft.is_none() && slow_tpot.is_none() {
         return errs.push(
             path,
-            "watches nothing: set `errors: true` or a `slow` threshold".into(),
+            "watches nothing: set `errors: true` or a `slow`, `slow_ttft` or `slow_tpot` threshold"
+                .into(),
         );
     }
     Some(GuardrailSpec {
@@ -317,6 +328,8 @@ fn guardrail(node: &Node, path: String, errs: &mut Errors) -> Option<GuardrailSp
             control: 0,
             errors,
             slow,
+            slow_ttft,
+            slow_tpot,
             alpha,
             min_bad_events,
             warmup,

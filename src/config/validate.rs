@@ -331,6 +331,7 @@ fn compile_route(
         sticky_header: spec.sticky_header.clone(),
         override_header: spec.override_header.clone(),
         timeout: spec.timeout,
+        ttft_timeout: spec.ttft_timeout,
         batching: spec.batching.as_ref().map(|b| BatchLimits {
             max_batch_size: b.max_batch_size as usize,
             max_delay: b.max_delay,

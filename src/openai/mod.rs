@@ -35,13 +35,68 @@ pub fn names_model_in_body(method: &Method, path: &str) -> bool {
     method == Method::POST && MODEL_PATHS.contains(&path)
 }
 
-/// What braid reads of a call's body: its top-level `model` and `user` strings.
+/// What braid reads of a call's body: its top-level `model` and `user` strings, and
+/// whether it asks for a stream and for that stream's `usage`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Call {
     /// The model's name, and where its string's contents lie in the body.
     pub model: Option<(String, Range<usize>)>,
     /// The end user, when given (a sticky key for routes that name no header).
     pub user: Option<String>,
+    /// `"stream": true`: the answer is Server-Sent Events.
+    pub stream: bool,
+    /// What `stream_options` says about `include_usage`.
+    pub usage: UsageAsked,
+    /// braid asks for the usage chunk on the client's behalf (and takes it out of
+    /// what the client gets): set by the proxy from `ask_usage` and the path.
+    pub braid_asks_usage: bool,
+    /// Where the object's closing brace is.
+    end: usize,
+}
+
+/// Whether a streamed call asked for its usage chunk (`stream_options.include_usage`).
+#[derive(Debug, Default, PartialEq, Eq, Clone)]
+pub enum UsageAsked {
+    /// No `stream_options` at all.
+    #[default]
+    Absent,
+    /// `stream_options` is an object without `include_usage`; its contents start here.
+    Unsaid { open: usize, empty: bool },
+    /// `include_usage: false`, its literal at this span.
+    No(Range<usize>),
+    /// `include_usage: true` (or `stream_options` is not an object: left alone).
+    Yes,
+}
+
+/// The paths whose streams can carry a usage chunk when asked.
+pub fn streams_usage(path: &str) -> bool {
+    matches!(path, "/v1/chat/completions" | "/v1/completions")
+}
+
+impl Call {
+    /// The edit that makes a streamed call ask for its usage chunk, when it did not:
+    /// where, what to replace there, and the bytes to put in. `None`: nothing to do.
+    pub fn ask_usage(&self) -> Option<(Range<usize>, &'static [u8])> {
+        if !self.stream {
+            return None;
+        }
+        match &self.usage {
+            UsageAsked::Yes => None,
+            UsageAsked::Absent => Some((
+                self.end..self.end,
+                br#","stream_options":{"include_usage":true}"#,
+            )),
+            UsageAsked::Unsaid { open, empty } => Some((
+                *open..*open,
+                if *empty {
+                    br#""include_usage":true"#
+                } else {
+                    br#""include_usage":true,"#
+                },
+            )),
+            UsageAsked::No(span) => Some((span.clone(), b"true")),
+        }
+    }
 }
 
 /// Reads the top-level `model` and `user` of a JSON object body, skipping every other
@@ -54,7 +109,8 @@ pub fn read_call(body: &[u8]) -> Result<Call, String> {
     }
     let mut call = Call::default();
     s.ws();
-    if s.eat(b'}') {
+    if s.peek() == Some(b'}') {
+        call.end = s.i;
         return Ok(call);
     }
     loop {
@@ -74,13 +130,20 @@ pub fn read_call(body: &[u8]) -> Result<Call, String> {
                     call.user = Some(value);
                 }
             }
+            b"stream" if s.literal(b"true") => call.stream = true,
+            b"stream_options" if s.peek() == Some(b'{') => call.usage = s.stream_options()?,
+            b"stream_options" => {
+                s.skip_value()?;
+                call.usage = UsageAsked::Yes;
+            }
             _ => s.skip_value()?,
         }
         s.ws();
         if s.eat(b',') {
             continue;
         }
-        if s.eat(b'}') {
+        if s.peek() == Some(b'}') {
+            call.end = s.i;
             return Ok(call);
         }
         return Err(s.bad("',' or '}'"));
@@ -90,13 +153,79 @@ pub fn read_call(body: &[u8]) -> Result<Call, String> {
 /// The body with its `model` string (at `span`, inside the quotes) replaced by
 /// `target`; every other byte as it was.
 pub fn with_model(body: &Bytes, span: &Range<usize>, target: &str) -> Bytes {
-    let escaped = serde_json::to_string(target).expect("a string serialises");
-    let escaped = &escaped[1..escaped.len() - 1];
-    let mut out = BytesMut::with_capacity(body.len() + escaped.len());
-    out.extend_from_slice(&body[..span.start]);
-    out.extend_from_slice(escaped.as_bytes());
-    out.extend_from_slice(&body[span.end..]);
+    let escaped = escaped(target);
+    edited(body, &mut [(span.clone(), escaped.as_bytes())])
+}
+
+/// A string as it goes between a JSON string's quotes.
+pub fn escaped(s: &str) -> String {
+    let quoted = serde_json::to_string(s).expect("a string serialises");
+    quoted[1..quoted.len() - 1].to_string()
+}
+
+/// The body with each span replaced by its bytes (spans that do not overlap), every
+/// other byte as it was.
+pub fn edited(body: &[u8], edits: &mut [(Range<usize>, &[u8])]) -> Bytes {
+    edits.sort_by_key(|(span, _)| (span.start, span.end));
+    let grows: usize = edits.iter().map(|(_, b)| b.len()).sum();
+    let mut out = BytesMut::with_capacity(body.len() + grows);
+    let mut at = 0;
+    for (span, bytes) in edits.iter() {
+        out.extend_from_slice(&body[at..span.start]);
+        out.extend_from_slice(bytes);
+        at = span.end;
+    }
+    out.extend_from_slice(&body[at..]);
     out.freeze()
+}
+
+/// The span of a JSON object's top-level member `key` (its key to its value's end,
+/// with one comma beside it), so that cutting it out leaves valid JSON. `None` when the
+/// text is not an object or has no such member (or holds it more than once).
+pub fn member_span(object: &[u8], key: &[u8]) -> Option<Range<usize>> {
+    let mut s = Scanner { b: object, i: 0 };
+    s.ws();
+    if !s.eat(b'{') {
+        return None;
+    }
+    let mut found: Option<Range<usize>> = None;
+    let mut prev_comma: Option<usize> = None;
+    loop {
+        s.ws();
+        let start = s.i;
+        let k = s.key().ok()?;
+        s.ws();
+        if !s.eat(b':') {
+            return None;
+        }
+        s.skip_value().ok()?;
+        let end = s.i;
+        s.ws();
+        let comma = s.peek() == Some(b',');
+        if k == key {
+            if found.is_some() {
+                return None;
+            }
+            // Take the comma after it, or else the one before it.
+            found = Some(match (comma, prev_comma) {
+                (true, _) => {
+                    let mut after = s.i + 1;
+                    while matches!(object.get(after), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                        after += 1;
+                    }
+                    start..after
+                }
+                (false, Some(c)) => c..end,
+                (false, None) => start..end,
+            });
+        }
+        if comma {
+            prev_comma = Some(s.i);
+            s.i += 1;
+            continue;
+        }
+        return if s.eat(b'}') { found } else { None };
+    }
 }
 
 /// `GET /v1/models`: the models braid routes, in OpenAI's list shape.
@@ -134,6 +263,18 @@ pub fn error_response(e: &ProxyError) -> Response<Body> {
     resp
 }
 
+/// An error event in OpenAI's shape, ending a stream that broke after its first
+/// token (the `openai` SDK raises `APIError` with the message).
+pub fn error_event(message: &str, code: &'static str) -> Bytes {
+    let body = json!({"error": {
+        "message": message,
+        "type": "server_error",
+        "param": null,
+        "code": code,
+    }});
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
 /// A cursor over JSON text that reads strings and skips values.
 struct Scanner<'a> {
     b: &'a [u8],
@@ -157,6 +298,57 @@ impl<'a> Scanner<'a> {
     fn ws(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.i += 1;
+        }
+    }
+
+    /// Eats `word` (a literal such as `true`) when it is next.
+    fn literal(&mut self, word: &[u8]) -> bool {
+        let rest = self.b.get(self.i..).unwrap_or_default();
+        let next = rest.get(word.len()).copied();
+        if rest.starts_with(word) && !next.is_some_and(|c| c.is_ascii_alphanumeric()) {
+            self.i += word.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A `stream_options` object: what it says of `include_usage`.
+    fn stream_options(&mut self) -> Result<UsageAsked, String> {
+        self.eat(b'{');
+        let open = self.i;
+        self.ws();
+        if self.eat(b'}') {
+            return Ok(UsageAsked::Unsaid { open, empty: true });
+        }
+        let mut asked = UsageAsked::Unsaid { open, empty: false };
+        loop {
+            self.ws();
+            let key = self.key()?;
+            self.ws();
+            if !self.eat(b':') {
+                return Err(self.bad("':'"));
+            }
+            self.ws();
+            let at = self.i;
+            if key == b"include_usage" {
+                asked = if self.literal(b"false") {
+                    UsageAsked::No(at..self.i)
+                } else {
+                    self.skip_value()?;
+                    UsageAsked::Yes
+                };
+            } else {
+                self.skip_value()?;
+            }
+            self.ws();
+            if self.eat(b',') {
+                continue;
+            }
+            if self.eat(b'}') {
+                return Ok(asked);
+            }
+            return Err(self.bad("',' or '}'"));
         }
     }
 
@@ -262,7 +454,8 @@ mod tests {
         assert_eq!(model, "llama-3");
         assert_eq!(&body[span], b"llama-3");
         assert_eq!(call.user.as_deref(), Some("alice"));
-        assert_eq!(read_call(b" { } ").unwrap(), Call::default());
+        let empty = read_call(b" { } ").unwrap();
+        assert_eq!((empty.model, empty.user, empty.stream), (None, None, false));
         for bad in [
             &b"[1]"[..],
             b"{\"model\"",
@@ -285,6 +478,70 @@ mod tests {
         );
         let (model, _) = read_call(&out).unwrap().model.unwrap();
         assert_eq!(model, "tuned \"v2\"");
+    }
+
+    #[test]
+    fn a_stream_that_did_not_ask_for_usage_is_made_to() {
+        let asked = |body: &[u8]| {
+            let call = read_call(body).unwrap();
+            let out = match call.ask_usage() {
+                Some((span, bytes)) => edited(body, &mut [(span, bytes)]),
+                None => Bytes::copy_from_slice(body),
+            };
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        assert_eq!(
+            asked(br#"{"model":"m","stream":true}"#),
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        assert_eq!(
+            asked(br#"{"stream": true, "stream_options": {}}"#),
+            r#"{"stream": true, "stream_options": {"include_usage":true}}"#
+        );
+        assert_eq!(
+            asked(br#"{"stream":true,"stream_options":{"x":1}}"#),
+            r#"{"stream":true,"stream_options":{"include_usage":true,"x":1}}"#
+        );
+        assert_eq!(
+            asked(br#"{"stream":true,"stream_options":{"include_usage":false}}"#),
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        for unchanged in [
+            &br#"{"stream":true,"stream_options":{"include_usage":true}}"#[..],
+            br#"{"stream":false}"#,
+            br#"{"model":"m"}"#,
+            br#"{"stream":"true"}"#,
+            br#"{"stream":true,"stream_options":null}"#,
+        ] {
+            assert_eq!(asked(unchanged).as_bytes(), unchanged);
+        }
+        for body in [
+            &br#"{"stream":true,"stream_options":{"include_usage":true}}"#[..],
+            br#"{"model":"m", "stream": true }"#,
+        ] {
+            let out = asked(body);
+            serde_json::from_str::<serde_json::Value>(&out).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_member_is_cut_out_with_one_comma() {
+        let cut = |json: &str, key: &str| {
+            let span = member_span(json.as_bytes(), key.as_bytes())?;
+            let out = edited(json.as_bytes(), &mut [(span, b"")]);
+            Some(String::from_utf8(out.to_vec()).unwrap())
+        };
+        assert_eq!(
+            cut(r#"{"a":1,"usage":null,"b":2}"#, "usage").unwrap(),
+            r#"{"a":1,"b":2}"#
+        );
+        assert_eq!(
+            cut(r#"{"a":1, "usage": null}"#, "usage").unwrap(),
+            r#"{"a":1}"#
+        );
+        assert_eq!(cut(r#"{"usage":null}"#, "usage").unwrap(), r#"{}"#);
+        assert_eq!(cut(r#"{"a":{"usage":null}}"#, "usage"), None);
+        assert_eq!(cut(r#"{"usage":1,"usage":2}"#, "usage"), None);
     }
 
     #[test]

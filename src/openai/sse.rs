@@ -9,6 +9,7 @@
 //! A whole JSON answer is not kept: only its last `JSON_TAIL` bytes, where servers put
 //! `usage`, so what a reader holds is bounded whatever the answer's size.
 
+use bytes::Bytes;
 use serde::Deserialize;
 
 /// Longest SSE line (or whole JSON answer) read; past it nothing more is noted.
@@ -265,6 +266,149 @@ impl Reader {
     }
 }
 
+/// Holds a stream back to the end of its last whole event, so that events are passed
+/// on whole (and one can be left out, or an error event added at a clean boundary).
+/// What it holds is at most one event; one longer than `MAX_LINE` turns it into a plain
+/// pipe for the rest of the stream.
+#[derive(Debug, Default)]
+pub struct Framer {
+    pending: Vec<u8>,
+    raw: bool,
+}
+
+impl Framer {
+    /// The bytes up to the end of the last whole event now in hand; `None` when no
+    /// event ended yet (the bytes are held).
+    pub fn push(&mut self, bytes: Bytes) -> Option<Bytes> {
+        if self.raw {
+            return Some(bytes);
+        }
+        if self.pending.is_empty() {
+            // Most reads are whole events: passed on as they are, with no copy.
+            match last_boundary(&bytes) {
+                Some(end) if end == bytes.len() => return Some(bytes),
+                Some(end) => {
+                    self.pending.extend_from_slice(&bytes[end..]);
+                    return Some(bytes.slice(..end));
+                }
+                None => {}
+            }
+        } else {
+            let from = self.pending.len().saturating_sub(2);
+            self.pending.extend_from_slice(&bytes);
+            if let Some(end) = last_boundary(&self.pending[from..]).map(|e| e + from) {
+                let rest = self.pending.split_off(end);
+                return Some(Bytes::from(std::mem::replace(&mut self.pending, rest)));
+            }
+            if self.pending.len() > MAX_LINE {
+                self.raw = true;
+                return Some(Bytes::from(std::mem::take(&mut self.pending)));
+            }
+            return None;
+        }
+        self.pending.extend_from_slice(&bytes);
+        if self.pending.len() > MAX_LINE {
+            self.raw = true;
+            return Some(Bytes::from(std::mem::take(&mut self.pending)));
+        }
+        None
+    }
+
+    /// Whether what was passed on so far ends at an event's end.
+    pub fn at_boundary(&self) -> bool {
+        !self.raw && self.pending.is_empty()
+    }
+
+    /// What is held when the stream ends (a last event with no blank line after it).
+    pub fn rest(&mut self) -> Option<Bytes> {
+        (!self.pending.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.pending)))
+    }
+}
+
+/// Where the last whole event in `bytes` ends (just past its blank line).
+fn last_boundary(bytes: &[u8]) -> Option<usize> {
+    let mut end = bytes.len();
+    while let Some(nl) = memchr::memrchr(b'\n', &bytes[..end]) {
+        let before = &bytes[..nl];
+        if before.ends_with(b"\n") || before.ends_with(b"\n\r") {
+            return Some(nl + 1);
+        }
+        end = nl;
+    }
+    None
+}
+
+/// The events without what braid's own `include_usage` added: the usage chunk (empty
+/// `choices`, a `usage` object) left out, and `"usage": null` cut from the others.
+/// `None` when there is nothing to take out (the bytes pass as they are).
+pub fn without_usage(events: &[u8]) -> Option<Bytes> {
+    memchr::memmem::find(events, b"\"usage\"")?;
+    let mut out = Vec::with_capacity(events.len());
+    let mut changed = false;
+    let mut at = 0;
+    while at < events.len() {
+        let end = next_boundary(&events[at..]).map_or(events.len(), |e| at + e);
+        let event = &events[at..end];
+        at = end;
+        match usage_edit(event) {
+            None => out.extend_from_slice(event),
+            Some(edited) => {
+                changed = true;
+                out.extend_from_slice(&edited);
+            }
+        }
+    }
+    changed.then(|| Bytes::from(out))
+}
+
+/// Where the first event in `bytes` ends.
+fn next_boundary(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(nl) = memchr::memchr(b'\n', &bytes[from..]).map(|i| i + from) {
+        let after = &bytes[nl + 1..];
+        if after.starts_with(b"\n") {
+            return Some(nl + 2);
+        }
+        if after.starts_with(b"\r\n") {
+            return Some(nl + 3);
+        }
+        from = nl + 1;
+    }
+    None
+}
+
+/// One event as the client gets it: nothing (the usage chunk), or without its
+/// `"usage": null`; `None` to keep it as it is.
+fn usage_edit(event: &[u8]) -> Option<Vec<u8>> {
+    memchr::memmem::find(event, b"\"usage\"")?;
+    // An OpenAI chunk is one `data:` line.
+    let start = memchr::memmem::find(event, b"data:")?;
+    let line_end = memchr::memchr(b'\n', &event[start..]).map_or(event.len(), |i| start + i);
+    let mut data = start + 5..line_end;
+    if event.get(data.start) == Some(&b' ') {
+        data.start += 1;
+    }
+    if event[data.end - 1..data.end] == *b"\r" {
+        data.end -= 1;
+    }
+    let json = &event[data.clone()];
+    #[derive(Deserialize)]
+    struct UsageChunk {
+        choices: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    let chunk: UsageChunk = serde_json::from_slice(json).ok()?;
+    if chunk.usage.is_some() {
+        return chunk.choices.is_empty().then(Vec::new);
+    }
+    let member = super::member_span(json, b"usage")?;
+    let mut out = Vec::with_capacity(event.len());
+    out.extend_from_slice(&event[..data.start + member.start]);
+    out.extend_from_slice(&event[data.start + member.end..]);
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,7 +501,77 @@ mod tests {
         assert_eq!(finish_label("something new"), "other");
     }
 
+    #[test]
+    fn events_pass_whole_however_the_reads_split_them() {
+        let bytes = STREAM.as_bytes();
+        for cut in 0..bytes.len() {
+            for cut2 in cut..bytes.len() {
+                let mut f = Framer::default();
+                let mut out = Vec::new();
+                for part in [&bytes[..cut], &bytes[cut..cut2], &bytes[cut2..]] {
+                    if let Some(b) = f.push(Bytes::copy_from_slice(part)) {
+                        // Each piece ends an event.
+                        assert!(
+                            b.ends_with(b"\n\n") || b.ends_with(b"\n\r\n"),
+                            "{cut} {cut2}"
+                        );
+                        out.extend_from_slice(&b);
+                    }
+                }
+                assert!(f.at_boundary());
+                assert_eq!(f.rest(), None);
+                assert_eq!(out, bytes);
+            }
+        }
+        // A last event with no blank line is held until the end.
+        let mut f = Framer::default();
+        assert_eq!(
+            f.push(Bytes::from_static(b"data: 1\n\ndata: 2")).unwrap(),
+            &b"data: 1\n\n"[..]
+        );
+        assert!(!f.at_boundary());
+        assert_eq!(f.rest().unwrap(), &b"data: 2"[..]);
+        // An event longer than MAX_LINE turns the framer into a pipe.
+        let mut f = Framer::default();
+        let big = vec![b'x'; MAX_LINE + 1];
+        assert_eq!(f.push(Bytes::from(big)).unwrap().len(), MAX_LINE + 1);
+        assert_eq!(f.push(Bytes::from_static(b"y")).unwrap(), &b"y"[..]);
+    }
+
+    #[test]
+    fn the_usage_braid_asked_for_is_taken_out() {
+        let asked = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c\", \"usage\": null, \"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\r\n\r\n",
+            "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let plain = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"id\":\"c\", \"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\r\n\r\n",
+            "data: [DONE]\n\n",
+        );
+        assert_eq!(
+            String::from_utf8(without_usage(asked.as_bytes()).unwrap().to_vec()).unwrap(),
+            plain
+        );
+        // Nothing to take out: no copy.
+        assert_eq!(without_usage(plain.as_bytes()), None);
+        assert_eq!(without_usage(b"data: {\"content\":\"usage\"}\n\n"), None);
+    }
+
     proptest::proptest! {
+        #[test]
+        fn framing_and_stripping_arbitrary_bytes_never_panic(chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 0..8)) {
+            let mut f = Framer::default();
+            for c in &chunks {
+                if let Some(b) = f.push(Bytes::copy_from_slice(c)) {
+                    let _ = without_usage(&b);
+                }
+            }
+            let _ = f.rest();
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 0..8)) {
             let mut r = Reader::new(true);

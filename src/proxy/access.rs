@@ -14,6 +14,7 @@ use serde_json::json;
 use super::batched::Batched;
 use super::tee::Tee;
 use crate::error::Body;
+use crate::metrics::Generation;
 use crate::payload::{self, Payload, PayloadLog, Record};
 use crate::route::assign::Assignment;
 use crate::trace::RequestTrace;
@@ -43,7 +44,8 @@ pub(super) fn assignment(how: Assignment) -> &'static str {
     }
 }
 
-pub(super) fn line(e: Entry<'_>) -> String {
+/// The access line's JSON object (written with `to_string`).
+pub(super) fn line(e: Entry<'_>) -> serde_json::Value {
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -70,7 +72,26 @@ pub(super) fn line(e: Entry<'_>) -> String {
         "request_bytes": e.request_bytes,
         "response_bytes": response_bytes,
     })
-    .to_string()
+}
+
+/// What a generation adds to its access line: its duration to the last byte (in place
+/// of the head's), time to first token, time per output token, tokens, finish reasons.
+pub(super) fn with_generation(line: &mut serde_json::Value, g: &Generation) {
+    if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), generation(g)) {
+        line.extend(fields);
+    }
+}
+
+/// A generation as JSON fields (times in milliseconds).
+pub(super) fn generation(g: &Generation) -> serde_json::Value {
+    json!({
+        "duration_ms": millis(g.duration),
+        "ttft_ms": g.ttft.map(millis),
+        "tpot_ms": g.tpot.map(millis),
+        "input_tokens": g.input_tokens,
+        "output_tokens": g.output_tokens,
+        "finish_reasons": g.finish,
+    })
 }
 
 /// A request sampled for the payload log, with what the edge knows of it.
@@ -83,6 +104,8 @@ pub(super) struct Sampled<'a> {
     pub elapsed: Duration,
     pub body: &'a Bytes,
     pub trace: Option<&'a RequestTrace>,
+    /// Where an OpenAI-style answer's generation will be once it has ended.
+    pub generation: Option<Arc<std::sync::OnceLock<Generation>>>,
 }
 
 /// Logs a sampled request's payloads: the response streams to the client through a
@@ -124,16 +147,20 @@ pub(super) fn log_payload(
             complete: false,
             content_type: content_type(resp.headers()),
         },
+        generation: None,
     };
     record.id = record.trace_id.clone().unwrap_or_else(payload::new_id);
     let (parts, body) = resp.into_parts();
     let (tee, copy) = Tee::new(body, max_bytes);
+    let generated = s.generation;
     tokio::spawn(async move {
         if let Ok(c) = copy.await {
             record.response.bytes = c.bytes;
             record.response.total = c.total;
             record.response.complete = c.complete;
         }
+        // The answer has ended (or its client left): its generation is measured.
+        record.generation = generated.and_then(|g| g.get().map(generation));
         log.write(record);
     });
     Response::from_parts(parts, tee.boxed())

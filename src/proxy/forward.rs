@@ -37,9 +37,12 @@ impl Proxy {
         let route = r.m.route;
         let variant = &route.variants[vi];
         let live = &r.live.variants[vi];
-        // ModelMetadata and ModelReady only read, as GET does.
+        // ModelMetadata and ModelReady only read, as GET does; an OpenAI-style call
+        // changes nothing at the backend, and its client has seen nothing before its
+        // answer's head (a stream's, before its first token: `forward_stream`).
         let safe_method = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-            || (r.wire == Wire::GrpcModel && !parts.uri.path().ends_with("/ModelInfer"));
+            || (r.wire == Wire::GrpcModel && !parts.uri.path().ends_with("/ModelInfer"))
+            || r.wire == Wire::OpenAi;
         let may_repeat = safe_method || route.retry.idempotent;
         let renamed = match r.wire {
             Wire::Rest => body_model_renamed(&r.m, variant, parts, &prepared.body),
@@ -204,11 +207,13 @@ impl Proxy {
                         body.map_err(Into::into).boxed(),
                     )),
                     repeatable,
+                    before_first_token: false,
                 }
             }
             Err(e) => Served {
                 repeatable: may_repeat || e.never_reached(),
                 result: Err(ProxyError::from_send(&variant.upstream.authority, e)),
+                before_first_token: false,
             },
         }
     }

@@ -7,6 +7,7 @@
 mod access;
 mod batched;
 mod forward;
+mod generation;
 mod grpc;
 mod openai;
 mod shadow;
@@ -145,6 +146,8 @@ struct Served {
     result: Result<Response<Body>, ProxyError>,
     /// The request certainly was not processed, or the route says repeating is harmless.
     repeatable: bool,
+    /// A stream that failed before its first token (its head may say 200).
+    before_first_token: bool,
 }
 
 impl Served {
@@ -153,10 +156,14 @@ impl Served {
         Served {
             result: Err(e),
             repeatable: false,
+            before_first_token: false,
         }
     }
 
     fn failed(&self) -> bool {
+        if self.before_first_token {
+            return true;
+        }
         match &self.result {
             Ok(r) => r.status().is_server_error(),
             Err(e) => e.status().is_server_error(),
@@ -398,10 +405,6 @@ impl Proxy {
                 (r.wire.error(e), status)
             }
         };
-        if r.wire == Wire::OpenAi && status.is_success() {
-            let names = (route.name.clone(), variant.name.clone());
-            resp = openai::measured(resp, start, self.metrics.clone(), names);
-        }
         let headers = resp.headers_mut();
         headers.insert(X_BRAID_VARIANT.clone(), variant.header_value.clone());
         if let Some(from) = fallback_from {
@@ -410,42 +413,88 @@ impl Proxy {
             self.metrics.fallback(&route.name, &from.name);
         }
         let elapsed = start.elapsed();
-        r.live.variants[vi]
-            .requests
-            .record(status.as_u16(), elapsed);
-        if let (Some(exp), Some(weights)) = (&r.live.experiment, &r.weights) {
-            exp.observe(Outcome {
-                weights,
-                assigned: r.assigned,
-                randomized: r.how != assign::Assignment::Override,
-                rerouted: r.rerouted,
-                served: vi,
-                assigned_failed: fallback_from.is_some() && !r.rerouted,
-                status: status.as_u16(),
-                elapsed,
-            });
-        }
         // How the variant was chosen, as the logs and spans name it.
         let how = if fallback_from.is_some() {
             "fallback"
         } else {
             access::assignment(r.how)
         };
-        if let Some(log) = &self.access_log
-            && crate::hash::chance(route.access_log)
-        {
-            log.write(access::line(access::Entry {
-                route: &route.name,
-                variant: &variant.name,
-                assignment: how,
-                parts,
-                grpc: r.wire.grpc(),
-                status: status.as_u16(),
-                elapsed,
-                request_bytes: request_body.map(Bytes::len),
-                response: &resp,
-                trace: r.trace.as_ref(),
-            }));
+        let access_line = match &self.access_log {
+            Some(log) if crate::hash::chance(route.access_log) => Some((
+                log.clone(),
+                access::line(access::Entry {
+                    route: &route.name,
+                    variant: &variant.name,
+                    assignment: how,
+                    parts,
+                    grpc: r.wire.grpc(),
+                    status: status.as_u16(),
+                    elapsed,
+                    request_bytes: request_body.map(Bytes::len),
+                    response: &resp,
+                    trace: r.trace.as_ref(),
+                }),
+            )),
+            _ => None,
+        };
+        let span = match (&self.tracer, &r.trace) {
+            (Some(tracer), Some(t)) if t.context.sampled => {
+                let batch = resp
+                    .extensions()
+                    .get::<batched::Batched>()
+                    .map(|b| (b.waited, b.batch_rows));
+                let span =
+                    spans::server_span(r, t, parts, &variant.name, how, (status, elapsed, batch));
+                Some((tracer.clone(), span))
+            }
+            _ => None,
+        };
+        let who = Who {
+            assigned: r.assigned,
+            randomized: r.how != assign::Assignment::Override,
+            rerouted: r.rerouted,
+            served: vi,
+            assigned_failed: fallback_from.is_some() && !r.rerouted,
+            status: status.as_u16(),
+        };
+        let requests = &r.live.variants[vi].requests;
+        let mut generation = None;
+        if r.wire == Wire::OpenAi && status.is_success() {
+            // Its accounting needs the whole answer: done once it has ended.
+            let requests = requests.clone();
+            let experiment = r.live.experiment.clone().zip(r.weights.clone());
+            let models = spans::models(r, variant);
+            let then: generation::Then = Box::new(move |g| {
+                requests.record(who.status, g.duration);
+                if let Some((exp, weights)) = experiment {
+                    exp.observe(who.outcome(&weights, g.duration, Some(g)));
+                }
+                if let Some((log, mut line)) = access_line {
+                    access::with_generation(&mut line, g);
+                    log.write(line.to_string());
+                }
+                if let Some((tracer, mut span)) = span {
+                    spans::with_generation(&mut span, models, g);
+                    tracer.record(span);
+                }
+            });
+            let names = (route.name.clone(), variant.name.clone());
+            let strip = r.call.as_ref().is_some_and(|c| c.braid_asks_usage);
+            let measured =
+                generation::measured(resp, start, (self.metrics.clone(), names), strip, then);
+            resp = measured.0;
+            generation = Some(measured.1);
+        } else {
+            requests.record(status.as_u16(), elapsed);
+            if let (Some(exp), Some(weights)) = (&r.live.experiment, &r.weights) {
+                exp.observe(who.outcome(weights, elapsed, None));
+            }
+            if let Some((log, line)) = access_line {
+                log.write(line.to_string());
+            }
+            if let Some((tracer, span)) = span {
+                tracer.record(span);
+            }
         }
         if let (Some(settings), Some(log), Some(body)) =
             (&route.payload_log, &r.live.payload_log, request_body)
@@ -460,24 +509,9 @@ impl Proxy {
                 elapsed,
                 body,
                 trace: r.trace.as_ref(),
+                generation,
             };
             resp = access::log_payload(sampled, settings, log.clone(), resp);
-        }
-        if let (Some(tracer), Some(t)) = (&self.tracer, &r.trace)
-            && t.context.sampled
-        {
-            let batch = resp
-                .extensions()
-                .get::<batched::Batched>()
-                .map(|b| (b.waited, b.batch_rows));
-            tracer.record(spans::server_span(
-                r,
-                t,
-                parts,
-                &variant.name,
-                how,
-                (status, elapsed, batch),
-            ));
         }
         if r.wire.grpc() {
             resp = grpc::count_status(&self.metrics, &route.name, &variant.name, resp);
@@ -675,13 +709,52 @@ impl Proxy {
                     return Served {
                         result,
                         repeatable: route.retry.idempotent,
+                        before_first_token: false,
                     };
                 }
                 Ok(None) => {} // not mergeable: forwarded alone below
                 Err(msg) => return Served::error(ProxyError::BadRequest(msg)),
             }
         }
+        if r.call.as_ref().is_some_and(|c| c.stream) {
+            return self
+                .forward_stream(r, vi, parts, prepared, path, conn)
+                .await;
+        }
         self.forward(r, vi, parts, prepared, path, conn).await
+    }
+}
+
+/// Who a request was assigned to and who answered it: its experiment outcome, but
+/// for its duration (known at its head, or for a generation at its end).
+#[derive(Clone, Copy)]
+struct Who {
+    assigned: usize,
+    randomized: bool,
+    rerouted: bool,
+    served: usize,
+    assigned_failed: bool,
+    status: u16,
+}
+
+impl Who {
+    fn outcome<'w>(
+        self,
+        weights: &'w Weights,
+        elapsed: std::time::Duration,
+        generation: Option<&'w crate::metrics::Generation>,
+    ) -> Outcome<'w> {
+        Outcome {
+            weights,
+            assigned: self.assigned,
+            randomized: self.randomized,
+            rerouted: self.rerouted,
+            served: self.served,
+            assigned_failed: self.assigned_failed,
+            status: self.status,
+            elapsed,
+            generation,
+        }
     }
 }
 

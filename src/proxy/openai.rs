@@ -5,13 +5,16 @@
 //! path leads (a `path_prefix` route in front of an OpenAI server works as before).
 
 use bytes::Bytes;
+use tokio::time::Instant;
+use tower::retry::budget::Budget;
 
-use super::{Pending, Proxy, Routed};
+use super::generation::{self, Uncommitted};
+use super::{Pending, Prepared, Proxy, Routed, Served};
 use crate::config::Active;
 use crate::error::{BoxError, ProxyError};
 use crate::openai::{self, Call};
 use crate::route::{Match, Variant};
-use crate::server;
+use crate::server::{self, ConnInfo};
 
 impl Proxy {
     /// Reads the call and finds its route: by the body's model, else by path prefix,
@@ -60,140 +63,124 @@ impl Proxy {
         if m.route.model.is_none() {
             call.model = None;
         }
+        // On a model route, a stream that did not ask for its usage is asked for it
+        // (the usage is how its tokens are counted), and the usage chunk is taken out
+        // of what the client gets. A path route's body goes as it came.
+        call.braid_asks_usage = m.route.model.is_some()
+            && openai::streams_usage(parts.uri.path())
+            && call.ask_usage().is_some();
         Ok((m, Pending::Read(bytes), call))
     }
 }
 
 /// The call's body as `variant` gets it: its `model` rewritten to the variant's
-/// `target_model` (lengths follow from the new body), or `None` to send it as it came.
+/// `target_model`, and a stream asked for its usage chunk when braid takes it out
+/// again (lengths follow from the new body); `None` to send it as it came.
 pub(super) fn model_renamed(
     r: &Routed<'_>,
     variant: &Variant,
     body: &Bytes,
 ) -> Option<(Bytes, Option<usize>)> {
-    let target = variant.target_model.as_deref()?;
-    let (model, span) = r.call.as_ref()?.model.as_ref()?;
-    if model == target {
+    let call = r.call.as_ref()?;
+    let escaped;
+    let mut edits: Vec<(std::ops::Range<usize>, &[u8])> = Vec::with_capacity(2);
+    if let (Some(target), Some((model, span))) = (variant.target_model.as_deref(), &call.model)
+        && model != target
+    {
+        escaped = openai::escaped(target);
+        edits.push((span.clone(), escaped.as_bytes()));
+    }
+    if call.braid_asks_usage
+        && let Some(edit) = call.ask_usage()
+    {
+        edits.push(edit);
+    }
+    if edits.is_empty() {
         return None;
     }
-    Some((openai::with_model(body, span, target), None))
+    Some((openai::edited(body, &mut edits), None))
 }
 
-/// Wraps a successful answer's body so its generation is measured as it passes (time
-/// to first token, time per output token, tokens, finish reasons, in-band errors, the
-/// last byte) and recorded once when it ends, or when the client leaves mid-way.
-pub(super) fn measured(
-    resp: http::Response<crate::error::Body>,
-    start: tokio::time::Instant,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
-    names: (std::sync::Arc<str>, std::sync::Arc<str>),
-) -> http::Response<crate::error::Body> {
-    use http_body_util::BodyExt;
-    let content_type = resp
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let event_stream = content_type.starts_with("text/event-stream");
-    if !event_stream && !content_type.starts_with("application/json") {
-        return resp;
-    }
-    let (parts, inner) = resp.into_parts();
-    let body = Measured {
-        inner,
-        reader: openai::sse::Reader::new(event_stream),
-        start,
-        first: None,
-        last: None,
-        metrics,
-        names,
-        recorded: false,
-    };
-    http::Response::from_parts(parts, body.boxed())
-}
-
-struct Measured {
-    inner: crate::error::Body,
-    reader: openai::sse::Reader,
-    start: tokio::time::Instant,
-    /// When the first and the latest content events passed.
-    first: Option<tokio::time::Instant>,
-    last: Option<tokio::time::Instant>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
-    names: (std::sync::Arc<str>, std::sync::Arc<str>),
-    recorded: bool,
-}
-
-impl Measured {
-    fn record(&mut self) {
-        if std::mem::replace(&mut self.recorded, true) {
-            return;
-        }
-        self.reader.finish();
-        let seen = &self.reader.seen;
-        let stream = self.first.is_some() || seen.done;
-        // A stream cut short (or a server that sends no usage) counts the content
-        // events that did arrive: one token each, as vLLM and TGI stream them.
-        let output = seen
-            .completion_tokens
-            .or((stream && seen.content_events > 0).then_some(seen.content_events));
-        let tpot = match (self.first, self.last, output) {
-            (Some(first), Some(last), Some(n)) if n >= 2 => {
-                Some((last - first) / (n - 1).min(u32::MAX as u64) as u32)
-            }
-            _ => None,
-        };
-        let g = crate::metrics::Generation {
-            ttft: self.first.map(|f| f - self.start),
-            tpot,
-            duration: self.start.elapsed(),
-            input_tokens: seen.prompt_tokens,
-            output_tokens: output,
-            finish: seen.finish.clone(),
-            errors: seen.errors,
-        };
-        self.metrics.generation(&self.names.0, &self.names.1, &g);
-    }
-}
-
-impl hyper::body::Body for Measured {
-    type Data = Bytes;
-    type Error = crate::error::BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            std::task::Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref()
-                    && this.reader.feed(data)
-                {
-                    let now = tokio::time::Instant::now();
-                    this.first.get_or_insert(now);
-                    this.last = Some(now);
+impl Proxy {
+    /// An OpenAI-style stream, forwarded up to its commit point: its first token. A
+    /// stream that breaks, sends an error first or gives no token within the route's
+    /// `ttft_timeout` is tried again under the route's policy and budget; the last such
+    /// failure is the request's (repeatable: the fallback may serve it).
+    pub(super) async fn forward_stream(
+        &self,
+        r: &Routed<'_>,
+        vi: usize,
+        parts: &http::request::Parts,
+        prepared: &Prepared,
+        path: http::uri::PathAndQuery,
+        conn: &ConnInfo,
+    ) -> Served {
+        let route = r.m.route;
+        let variant = &route.variants[vi];
+        let live = &r.live.variants[vi];
+        let mut tries = 1;
+        loop {
+            let sent = Instant::now();
+            let served = self
+                .forward(r, vi, parts, prepared, path.clone(), conn)
+                .await;
+            let resp = match served.result {
+                Ok(resp) if resp.status().is_success() && is_event_stream(&resp) => resp,
+                result => return Served { result, ..served },
+            };
+            let ttft_until = route.ttft_timeout.and_then(|t| sent.checked_add(t));
+            let until = [ttft_until, prepared.deadline].into_iter().flatten().min();
+            let backend = variant.upstream.authority.as_str();
+            let on_timeout = || match (ttft_until, route.ttft_timeout) {
+                (Some(t), Some(after)) if Some(t) == until => ProxyError::NoFirstToken {
+                    backend: backend.to_string(),
+                    after,
+                },
+                _ if prepared.by_header => ProxyError::DeadlinePassed,
+                _ => ProxyError::Timeout {
+                    backend: backend.to_string(),
+                    after: route.timeout.unwrap_or_default(),
+                },
+            };
+            let failed = match generation::commit(resp, until, on_timeout, backend).await {
+                Ok(resp) => {
+                    return Served {
+                        result: Ok(resp),
+                        ..served
+                    };
                 }
+                Err(failed) => failed,
+            };
+            if let Some(h) = &live.health {
+                h.record(false, Instant::now());
             }
-            std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_))) => this.record(),
-            std::task::Poll::Pending => {}
+            let time_left = prepared.deadline.is_none_or(|d| d > Instant::now());
+            if tries < route.retry.attempts
+                && time_left
+                && let (Some(budget), Some(metrics)) = (&prepared.budget, &live.retry_metrics)
+            {
+                if budget.withdraw() {
+                    metrics.outcome("retried");
+                    tries += 1;
+                    continue;
+                }
+                metrics.outcome("budget_exhausted");
+            }
+            let result = match failed {
+                Uncommitted::Failed(e) => Err(e),
+                Uncommitted::ErrorEvent(resp) => Ok(resp),
+            };
+            return Served {
+                result,
+                repeatable: true,
+                before_first_token: true,
+            };
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
-impl Drop for Measured {
-    fn drop(&mut self) {
-        // The client left (or the stream broke) before the end: what arrived counts.
-        self.record();
-    }
+fn is_event_stream(resp: &http::Response<crate::error::Body>) -> bool {
+    resp.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }

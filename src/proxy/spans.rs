@@ -82,6 +82,58 @@ pub(super) fn server_span(
     }
 }
 
+/// The models an OpenAI-style call names: the one the client asked for and the one
+/// the variant's backend was asked for (`gen_ai.request.model`, `gen_ai.response.model`).
+pub(super) fn models(r: &Routed<'_>, variant: &crate::route::Variant) -> (String, Option<String>) {
+    let asked = r
+        .call
+        .as_ref()
+        .and_then(|c| c.model.as_ref())
+        .map(|(m, _)| m.clone())
+        .unwrap_or_default();
+    let served = variant.target_model.as_deref().map(str::to_string);
+    (asked, served)
+}
+
+/// A generation's SERVER span ends at the answer's last byte, with OpenTelemetry's
+/// GenAI attributes.
+pub(super) fn with_generation(
+    span: &mut SpanData,
+    (asked, served): (String, Option<String>),
+    g: &crate::metrics::Generation,
+) {
+    span.end = span.start + g.duration;
+    let a = &mut span.attributes;
+    if !asked.is_empty() {
+        a.push((
+            "gen_ai.response.model",
+            Value::Str(served.unwrap_or_else(|| asked.clone())),
+        ));
+        a.push(("gen_ai.request.model", Value::Str(asked)));
+    }
+    if let Some(n) = g.input_tokens {
+        a.push(("gen_ai.usage.input_tokens", Value::Int(n as i64)));
+    }
+    if let Some(n) = g.output_tokens {
+        a.push(("gen_ai.usage.output_tokens", Value::Int(n as i64)));
+    }
+    if !g.finish.is_empty() {
+        a.push((
+            "gen_ai.response.finish_reasons",
+            Value::Str(g.finish.join(",")),
+        ));
+    }
+    if let Some(t) = g.ttft {
+        a.push((
+            "gen_ai.server.time_to_first_token",
+            Value::Float(t.as_secs_f64()),
+        ));
+    }
+    if g.errors > 0 {
+        span.error = true;
+    }
+}
+
 /// CLIENT spans for the tries of one recorded request, children of its SERVER span.
 pub(super) struct ClientSpans {
     tracer: Arc<Tracer>,

@@ -29,6 +29,10 @@ pub struct Guardrail {
     pub errors: bool,
     /// A request slower than this counts as bad.
     pub slow: Option<Duration>,
+    /// A generation whose first token came later than this counts as bad.
+    pub slow_ttft: Option<Duration>,
+    /// A generation slower than this per output token (after the first) counts as bad.
+    pub slow_tpot: Option<Duration>,
     /// False-trip probability per replica and candidate.
     pub alpha: f64,
     /// A candidate needs this many bad events before it can trip.
@@ -84,7 +88,10 @@ pub struct Outcome<'a> {
     /// The assigned variant failed and the fallback answered instead.
     pub assigned_failed: bool,
     pub status: u16,
+    /// Until the answer's head; for a generation (OpenAI-style answer), its last byte.
     pub elapsed: Duration,
+    /// What an OpenAI-style answer generated, measured to its end.
+    pub generation: Option<&'a crate::metrics::Generation>,
 }
 
 struct Trip {
@@ -99,6 +106,13 @@ struct Served {
     requests: u64,
     errors: u64,
     latency: Latencies,
+    /// Generations (OpenAI-style answers): time to first token, time per output
+    /// token, and output tokens over the time spent generating them.
+    ttft: Latencies,
+    tpot: Latencies,
+    generations: u64,
+    output_tokens: u64,
+    generating: Duration,
 }
 
 struct State {
@@ -248,6 +262,19 @@ impl Experiment {
         served.requests += 1;
         served.errors += u64::from(o.status >= 500);
         served.latency.record(o.elapsed);
+        if let Some(g) = o.generation {
+            served.generations += 1;
+            if let Some(t) = g.ttft {
+                served.ttft.record(t);
+            }
+            if let Some(t) = g.tpot {
+                served.tpot.record(t);
+            }
+            if let Some(n) = g.output_tokens {
+                served.output_tokens += n;
+                served.generating += g.duration.saturating_sub(g.ttft.unwrap_or_default());
+            }
+        }
         if !o.randomized {
             return;
         }
@@ -265,8 +292,15 @@ impl Experiment {
             return;
         }
         let a = o.assigned;
+        let generation = o.generation;
+        let slower =
+            |limit: Option<Duration>, took: fn(&crate::metrics::Generation) -> Option<Duration>| {
+                limit.is_some_and(|l| generation.and_then(took).is_some_and(|t| t > l))
+            };
         let bad = (g.errors && (o.assigned_failed || o.status >= 500))
-            || g.slow.is_some_and(|s| o.elapsed > s);
+            || g.slow.is_some_and(|s| o.elapsed > s)
+            || slower(g.slow_ttft, |g| g.ttft)
+            || slower(g.slow_tpot, |g| g.tpot);
         st.watched[a].0 += 1;
         st.watched[a].1 += u64::from(bad);
         if !bad {
@@ -400,6 +434,17 @@ impl Experiment {
                         "p95": ms(served.latency.quantile(0.95)),
                         "p99": ms(served.latency.quantile(0.99)),
                     },
+                    "generation": (served.generations > 0).then(|| json!({
+                        "requests": served.generations,
+                        "ttft_ms": {
+                            "p50": ms(served.ttft.quantile(0.5)),
+                            "p95": ms(served.ttft.quantile(0.95)),
+                        },
+                        "tpot_ms": {"p50": ms(served.tpot.quantile(0.5))},
+                        "output_tokens_per_request": rate(served.output_tokens, served.generations),
+                        "output_tokens_per_second": (served.generating > Duration::ZERO)
+                            .then(|| served.output_tokens as f64 / served.generating.as_secs_f64()),
+                    })),
                     "watched": {"requests": watched, "bad": bad, "bad_rate": rate(bad, watched)},
                     "vs_control": vs_control,
                     "guardrail": guardrail,
@@ -419,6 +464,8 @@ impl Experiment {
                 "alpha": g.alpha,
                 "errors": g.errors,
                 "slow_ms": g.slow.map(|s| s.as_secs_f64() * 1e3),
+                "slow_ttft_ms": g.slow_ttft.map(|s| s.as_secs_f64() * 1e3),
+                "slow_tpot_ms": g.slow_tpot.map(|s| s.as_secs_f64() * 1e3),
                 "min_bad_events": g.min_bad_events,
                 "warmup_s": g.warmup.as_secs_f64(),
                 "action": g.action.name(),
@@ -463,6 +510,7 @@ mod tests {
             assigned_failed: false,
             status: 500,
             elapsed: Duration::from_millis(1),
+            generation: None,
         }
     }
 
@@ -476,6 +524,60 @@ mod tests {
     fn ramp_started(ago: Duration) -> String {
         let start = SystemTime::now() - ago;
         RAMP_FROM_AN_HOUR_AGO.replace("START", &format!("\"{}\"", rfc3339(start)))
+    }
+
+    /// A candidate whose first tokens come late trips a `slow_ttft` guardrail though
+    /// every answer is a 200; the control's on-time generations are not bad, and a
+    /// slow time per token alone does not count against `slow_ttft`.
+    #[test]
+    fn late_first_tokens_trip_a_slow_ttft_guardrail() {
+        let (e, _snap) = experiment(
+            "{control: stable, errors: false, slow_ttft: 500ms, warmup: 0s, min_bad_events: 5}",
+            &ramp_started(Duration::from_secs(60)),
+        );
+        let w = e.weights();
+        let generation = |ttft_ms: u64, tpot_ms: u64| crate::metrics::Generation {
+            ttft: Some(Duration::from_millis(ttft_ms)),
+            tpot: Some(Duration::from_millis(tpot_ms)),
+            duration: Duration::from_secs(2),
+            output_tokens: Some(40),
+            ..Default::default()
+        };
+        fn ok<'a>(
+            w: &'a Weights,
+            variant: usize,
+            g: &'a crate::metrics::Generation,
+        ) -> Outcome<'a> {
+            Outcome {
+                status: 200,
+                generation: Some(g),
+                ..failed(w, variant, variant, true)
+            }
+        }
+        let (fast, slow_tokens, late) = (
+            generation(80, 20),
+            generation(80, 900),
+            generation(1500, 20),
+        );
+        for _ in 0..100 {
+            e.observe(ok(&w, 0, &fast));
+            e.observe(ok(&w, 1, &slow_tokens));
+        }
+        assert!(lock(&e.state).trips[1].is_none());
+        assert_eq!(lock(&e.state).watched[1], (100, 0));
+        for _ in 0..100 {
+            e.observe(ok(&w, 0, &fast));
+            e.observe(ok(&w, 1, &late));
+        }
+        assert!(lock(&e.state).trips[1].is_some());
+        let report = e.report(&_snap.routes.routes[0]);
+        let g = &report["variants"][1]["generation"];
+        assert_eq!(g["requests"], 200);
+        assert_eq!(g["output_tokens_per_request"], 40.0);
+        // 40 tokens in the 2 s less the time to the first.
+        let tps = g["output_tokens_per_second"].as_f64().unwrap();
+        assert!((20.0..40.0).contains(&tps), "{tps}");
+        assert_eq!(report["guardrail"]["slow_ttft_ms"], 500.0);
     }
 
     /// The warmup is on tokio's clock: requests in it are not evidence; after it, the

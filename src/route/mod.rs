@@ -36,6 +36,8 @@ pub struct Route {
     pub sticky_header: Option<HeaderName>,
     pub override_header: HeaderName,
     pub timeout: Option<Duration>,
+    /// How long an OpenAI-style stream may take to its first token, per try.
+    pub ttft_timeout: Option<Duration>,
     /// Coalescing for local variants; `None`: each request is sent on its own.
     pub batching: Option<BatchLimits>,
     /// `batching.row_id`: the tensor the executor must echo so a batch reply's row

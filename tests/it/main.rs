@@ -16,6 +16,7 @@ mod docs;
 mod executor;
 mod experiments;
 mod fuzz;
+mod generation;
 mod grpc;
 mod hardening;
 mod inject;

@@ -1,0 +1,438 @@
+//! OpenAI-style streams past the routing (parts 2 to 4 of the LLM issue): braid asks
+//! for the usage chunk and takes it out again, so the client gets what it would get
+//! without braid; a stream that fails before its first token is tried again or sent
+//! to the fallback; one that breaks after it ends with an error event, never [DONE];
+//! and the generation reaches the access log and the experiment report.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+/// What the scripted backend does with one request.
+#[derive(Clone, Copy, Debug)]
+enum Act {
+    /// A whole stream: three tokens, a finish, the usage chunk if asked, [DONE]. With
+    /// `nulls`, every chunk carries `"usage":null` when usage was asked, as OpenAI's do.
+    Stream { nulls: bool },
+    /// 200, then an error as the first event.
+    ErrorFirst,
+    /// 200 and the role chunk, then the connection drops.
+    ResetBeforeToken,
+    /// 200, then nothing for this long before a whole stream.
+    Silent(u64),
+    /// Two tokens, then the connection drops.
+    CutAfterTwo,
+}
+
+/// A backend streaming like vLLM, acting out `script` one request at a time (then
+/// `Stream` forever); it keeps every request body it was sent.
+struct LlmBackend {
+    url: String,
+    bodies: Arc<Mutex<Vec<String>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl LlmBackend {
+    async fn start(script: Vec<Act>) -> LlmBackend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(VecDeque::from(script)));
+        let kept = bodies.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (bodies, script) = (kept.clone(), script.clone());
+                tokio::spawn(serve(s, bodies, script));
+            }
+        });
+        LlmBackend {
+            url,
+            bodies,
+            _task: task,
+        }
+    }
+
+    fn bodies(&self) -> Vec<String> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+async fn serve(
+    mut s: tokio::net::TcpStream,
+    bodies: Arc<Mutex<Vec<String>>>,
+    script: Arc<Mutex<VecDeque<Act>>>,
+) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let body = loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                break body.to_string();
+            }
+        }
+    };
+    bodies.lock().unwrap().push(body.clone());
+    let act = script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or(Act::Stream { nulls: false });
+    let asked: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let usage = asked["stream_options"]["include_usage"] == true;
+    let _ = s
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        .await;
+    async fn send(s: &mut tokio::net::TcpStream, event: String) -> bool {
+        let e = format!("data: {event}\n\n");
+        let chunk = format!("{:x}\r\n{e}\r\n", e.len());
+        s.write_all(chunk.as_bytes()).await.is_ok()
+    }
+    let chunk = |delta: &str, finish: &str, nulls: bool| {
+        let null = if nulls && usage {
+            r#","usage":null"#
+        } else {
+            ""
+        };
+        format!(
+            r#"{{"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]{null}}}"#
+        )
+    };
+    let role = chunk(r#"{"role":"assistant","content":""}"#, "null", false);
+    match act {
+        Act::ErrorFirst => {
+            send(
+                &mut s,
+                r#"{"error":{"message":"engine is overloaded","type":"server_error","code":503}}"#
+                    .into(),
+            )
+            .await;
+            let _ = s.write_all(b"0\r\n\r\n").await;
+            return;
+        }
+        Act::ResetBeforeToken => {
+            send(&mut s, role).await;
+            return; // dropped without the last chunk
+        }
+        Act::CutAfterTwo => {
+            send(&mut s, role).await;
+            for t in ["Hel", "lo"] {
+                send(
+                    &mut s,
+                    chunk(&format!(r#"{{"content":"{t}"}}"#), "null", false),
+                )
+                .await;
+            }
+            return;
+        }
+        Act::Silent(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+        Act::Stream { .. } => {}
+    }
+    let nulls = matches!(act, Act::Stream { nulls: true });
+    send(
+        &mut s,
+        chunk(r#"{"role":"assistant","content":""}"#, "null", nulls),
+    )
+    .await;
+    for t in ["Hel", "lo", "!"] {
+        if !send(
+            &mut s,
+            chunk(&format!(r#"{{"content":"{t}"}}"#), "null", nulls),
+        )
+        .await
+        {
+            return;
+        }
+    }
+    send(&mut s, chunk("{}", r#""stop""#, nulls)).await;
+    if usage {
+        send(
+            &mut s,
+            r#"{"id":"c1","object":"chat.completion.chunk","model":"m","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":3,"total_tokens":14}}"#.into(),
+        )
+        .await;
+    }
+    send(&mut s, "[DONE]".into()).await;
+    let _ = s.write_all(b"0\r\n\r\n").await;
+}
+
+const CHAT: &str = "/v1/chat/completions";
+
+async fn wait_for(proxy: &TestProxy, name: &str, at_least: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(proxy, name).await < at_least {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never reached {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The SSE text of a streamed answer, read to its end (or its break).
+async fn stream_text(c: &TestClient, url: &str, body: &str) -> (u16, String, bool) {
+    use http_body_util::BodyExt;
+    let req = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut text = Vec::new();
+    let mut broke = false;
+    loop {
+        match body.frame().await {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    text.extend_from_slice(d);
+                }
+            }
+            None => break,
+            Some(Err(_)) => {
+                broke = true;
+                break;
+            }
+        }
+    }
+    (status, String::from_utf8(text).unwrap(), broke)
+}
+
+#[tokio::test]
+async fn braid_asks_for_usage_and_the_client_gets_the_stream_it_would_without_braid() {
+    let backend = LlmBackend::start(vec![
+        Act::Stream { nulls: false },
+        Act::Stream { nulls: false },
+        Act::Stream { nulls: true },
+        Act::Stream { nulls: true },
+        Act::Stream { nulls: false },
+        Act::Stream { nulls: false },
+    ])
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "routes:\n  - model: m\n    variants: [{{ name: only, backend: \"{}\" }}]\n",
+        backend.url
+    ))
+    .await;
+    let c = client();
+    let plain = r#"{"model":"m","stream":true,"messages":[]}"#;
+    let asked =
+        r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    // Each body twice: direct, then through braid (plain, OpenAI-style nulls, asked).
+    for body in [plain, plain, asked] {
+        let direct = stream_text(&c, &format!("{}{CHAT}", backend.url), body).await;
+        let through = stream_text(&c, &proxy.url(CHAT), body).await;
+        assert_eq!(through, direct, "{body}");
+        assert!(through.1.ends_with("data: [DONE]\n\n"));
+        assert_eq!(through.1.contains("\"usage\""), body == asked);
+    }
+    // braid asked for usage where the client did not, and only then.
+    let bodies = backend.bodies();
+    assert_eq!(bodies.len(), 6);
+    assert_eq!(bodies[0], plain);
+    assert_eq!(
+        bodies[1],
+        r#"{"model":"m","stream":true,"messages":[],"stream_options":{"include_usage":true}}"#
+    );
+    assert_eq!(bodies[5], asked);
+    // And each stream's tokens are the usage's: 11 in and 3 out, three times.
+    let tokens = |t: &str| {
+        format!(
+            r#"braid_gen_ai_client_token_usage_sum{{route="m",variant="only",token_type="{t}"}}"#
+        )
+    };
+    wait_for(&proxy, &tokens("output"), 9.0).await;
+    assert_eq!(metric(&proxy, &tokens("input")).await, 33.0);
+    proxy.stop().await;
+}
+
+fn retrying(backend: &str, fallback: Option<&str>) -> String {
+    let mut variants = format!("      - {{ name: main, weight: 1, backend: \"{backend}\" }}\n");
+    if let Some(f) = fallback {
+        variants.push_str(&format!(
+            "      - {{ name: spare, weight: 0, backend: \"{f}\" }}\n    fallback: spare\n"
+        ));
+    }
+    format!(
+        "routes:\n  - model: m\n    ttft_timeout: 300ms\n    retry: {{ attempts: 2 }}\n    variants:\n{variants}"
+    )
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_before_its_first_token_is_tried_again() {
+    let backend = LlmBackend::start(vec![
+        Act::ErrorFirst,
+        Act::Stream { nulls: false },
+        Act::ResetBeforeToken,
+        Act::Stream { nulls: false },
+        Act::Silent(10_000),
+        Act::Stream { nulls: false },
+    ])
+    .await;
+    let proxy = TestProxy::start(&retrying(&backend.url, None)).await;
+    let c = client();
+    let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+    for case in [
+        "an error first",
+        "a reset",
+        "no first token in ttft_timeout",
+    ] {
+        let (status, text, broke) = stream_text(&c, &proxy.url(CHAT), body).await;
+        assert_eq!(status, 200, "{case}");
+        assert!(!broke, "{case}");
+        // The client sees the good stream only, whole.
+        assert!(!text.contains("error"), "{case}: {text}");
+        assert_eq!(text.matches("\"content\":\"").count(), 4, "{case}: {text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{case}");
+    }
+    assert_eq!(backend.bodies().len(), 6);
+    let retried = r#"braid_retries_total{route="m",variant="main",outcome="retried"}"#;
+    assert_eq!(metric(&proxy, retried).await, 3.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn with_no_tries_left_the_fallback_serves_and_else_the_error_is_the_clients() {
+    let failing = LlmBackend::start(vec![Act::ErrorFirst; 4]).await;
+    let spare = LlmBackend::start(vec![]).await;
+    let c = client();
+    let body = r#"{"model":"m","stream":true}"#;
+    // Both tries fail before a token, and the fallback serves.
+    let proxy = TestProxy::start(&retrying(&failing.url, Some(&spare.url))).await;
+    let r = post(&c, &proxy.url(CHAT), &[], body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.variant(), "spare");
+    assert_eq!(r.headers["x-braid-fallback-from"], "main");
+    let text = r.text();
+    assert!(
+        text.ends_with("data: [DONE]\n\n") && !text.contains("error"),
+        "{text}"
+    );
+    proxy.stop().await;
+    // With no fallback: the backend's own error event, as it sent it, after both tries.
+    let proxy = TestProxy::start(&retrying(&failing.url, None)).await;
+    let r = post(&c, &proxy.url(CHAT), &[], body).await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(text.contains("engine is overloaded"), "{text}");
+    assert!(!text.contains("[DONE]"));
+    assert_eq!(failing.bodies().len(), 4);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_after_its_first_token_ends_with_an_error_event() {
+    let backend = LlmBackend::start(vec![Act::CutAfterTwo]).await;
+    let proxy = TestProxy::start(&retrying(&backend.url, None)).await;
+    let (status, text, broke) = stream_text(
+        &client(),
+        &proxy.url(CHAT),
+        r#"{"model":"m","stream":true}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    // The stream ends cleanly, on an error event the SDK raises; never a [DONE].
+    assert!(!broke, "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let event: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(event["error"]["type"], "server_error");
+    assert_eq!(event["error"]["code"], "stream_broken");
+    assert_eq!(text.matches("\"content\":\"").count(), 3, "{text}");
+    // Tried once: past the first token nothing is repeated.
+    assert_eq!(backend.bodies().len(), 1);
+    let errors = r#"braid_gen_ai_stream_errors_total{route="m",variant="main"}"#;
+    wait_for(&proxy, errors, 1.0).await;
+    let out =
+        r#"braid_gen_ai_client_token_usage_sum{route="m",variant="main",token_type="output"}"#;
+    assert_eq!(metric(&proxy, out).await, 2.0);
+    assert_eq!(metric(&proxy, "braid_requests_in_flight").await, 0.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_generation_reaches_the_access_log_and_the_experiment_report() {
+    let (a, b) = (
+        LlmBackend::start(vec![]).await,
+        LlmBackend::start(vec![Act::Silent(200); 4]).await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("braid.yaml");
+    let log = dir.path().join("access.log");
+    std::fs::write(
+        &path,
+        format!(
+            "routes:\n  - model: m\n    variants:\n      - {{ name: base, weight: 1, backend: \"{}\" }}\n      - {{ name: slow, weight: 1, backend: \"{}\" }}\n    guardrail: {{ control: base, errors: false, slow_ttft: 100ms, warmup: 0s, min_bad_events: 1 }}\n",
+            a.url, b.url
+        ),
+    )
+    .unwrap();
+    let mut opts = options(&path);
+    opts.access_log = Some(braid::access::Destination::File(log.clone()));
+    let proxy = TestProxy::start_at(&path, opts).await;
+    let c = client();
+    for variant in ["base", "slow", "base", "slow"] {
+        let body = r#"{"model":"m","stream":true}"#;
+        let r = post(&c, &proxy.url(CHAT), &[("x-braid-variant", variant)], body).await;
+        assert_eq!(r.status, 200);
+        assert!(r.text().ends_with("data: [DONE]\n\n"));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() == 4 {
+            break lines;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    for line in &lines {
+        assert_eq!(line["output_tokens"], 3, "{line}");
+        assert_eq!(line["input_tokens"], 11, "{line}");
+        assert_eq!(line["finish_reasons"], serde_json::json!(["stop"]));
+        let ttft = line["ttft_ms"].as_f64().unwrap();
+        assert!(line["duration_ms"].as_f64().unwrap() >= ttft, "{line}");
+        if line["variant"] == "slow" {
+            assert!(ttft >= 200.0, "{line}");
+        }
+    }
+    let report = get(&c, &proxy.admin_url("/experiments"), &[]).await.json();
+    let variants = &report["routes"][0]["variants"];
+    let slow = &variants[1]["generation"];
+    assert_eq!(slow["requests"], 2, "{report}");
+    assert!(
+        slow["ttft_ms"]["p50"].as_f64().unwrap() >= 200.0,
+        "{report}"
+    );
+    assert_eq!(slow["output_tokens_per_request"], 3.0);
+    assert!(
+        variants[0]["generation"]["output_tokens_per_second"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    proxy.stop().await;
+}
