@@ -56,6 +56,13 @@ pub enum ProxyError {
     NoFirstToken { backend: String, after: Duration },
     #[error("the request's deadline passed before it could be answered")]
     DeadlinePassed,
+    #[error("variant {variant} is serving its max_concurrent requests and {why}; retry shortly")]
+    Saturated {
+        variant: String,
+        /// `shed`, `queue_full` or `queue_timeout`.
+        reason: &'static str,
+        why: &'static str,
+    },
     #[error("braid is at its limit of requests in flight; retry shortly")]
     Overloaded,
     #[error("route {route} is at its limit of requests in flight (max_inflight); retry shortly")]
@@ -184,6 +191,10 @@ impl ProxyError {
             ProxyError::QueueFull { .. } | ProxyError::RouteBusy { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
+            ProxyError::Saturated { reason, .. } => match *reason {
+                "queue_timeout" => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::TOO_MANY_REQUESTS,
+            },
         }
     }
 
@@ -198,6 +209,7 @@ impl ProxyError {
                 | ProxyError::Overloaded
                 | ProxyError::BufferFull { .. }
                 | ProxyError::RouteBusy { .. }
+                | ProxyError::Saturated { .. }
         )
         .then_some(1)
     }
@@ -220,6 +232,7 @@ impl ProxyError {
             ProxyError::DeadlinePassed => "deadline",
             ProxyError::Overloaded => "overloaded",
             ProxyError::RouteBusy { .. } => "route_busy",
+            ProxyError::Saturated { reason, .. } => reason,
             ProxyError::BodyStalled(_) => "body_stalled",
             ProxyError::BufferFull { .. } => "buffer_full",
             ProxyError::UnsupportedCoding(_) => "unsupported_coding",

@@ -56,6 +56,14 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+    /// A closed set: shed, queue_full, queue_timeout.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FinishLabels {
     pub route: Arc<str>,
     pub variant: Arc<str>,
@@ -180,6 +188,9 @@ pub struct Metrics {
     gen_tokens: HistogramFamily<TokenLabels>,
     gen_finish: Family<FinishLabels, Counter>,
     gen_errors: Family<VariantLabels, Counter>,
+    admission_running: Family<VariantLabels, Gauge>,
+    admission_waiting: Family<VariantLabels, Gauge>,
+    admission_refused: Family<AdmissionLabels, Counter>,
     batch_size: HistogramFamily<VariantLabels>,
     batch_queue: HistogramFamily<PriorityLabels>,
     batch_exec: HistogramFamily<VariantLabels>,
@@ -301,6 +312,16 @@ impl RetryMetrics {
             })
             .inc();
     }
+}
+
+/// A variant's admission (`max_concurrent`), resolved once.
+#[derive(Debug, Clone, Default)]
+pub struct AdmissionMetrics {
+    pub running: Gauge,
+    pub waiting: Gauge,
+    pub shed: Counter,
+    pub queue_full: Counter,
+    pub queue_timeout: Counter,
 }
 
 /// A (route, variant)'s ejection state, for failure accrual.
@@ -493,6 +514,24 @@ impl Metrics {
             "OpenAI-style calls: error objects sent in-band (in a stream or as a 200's body)",
             Family::<VariantLabels, Counter>::default(),
         );
+        let admission_running = register(
+            &mut registry,
+            "braid_admission_running",
+            "Requests a variant with max_concurrent is serving now (to their answer's last byte)",
+            Family::<VariantLabels, Gauge>::default(),
+        );
+        let admission_waiting = register(
+            &mut registry,
+            "braid_admission_waiting",
+            "Requests waiting for one of a variant's max_concurrent places",
+            Family::<VariantLabels, Gauge>::default(),
+        );
+        let admission_refused = register(
+            &mut registry,
+            "braid_admission_refused",
+            "Requests a saturated variant refused: shed (a sheddable class), queue_full, queue_timeout",
+            Family::<AdmissionLabels, Counter>::default(),
+        );
         let batch_size: HistogramFamily<VariantLabels> = register(
             &mut registry,
             "braid_batch_size",
@@ -638,12 +677,39 @@ impl Metrics {
             gen_tokens,
             gen_finish,
             gen_errors,
+            admission_running,
+            admission_waiting,
+            admission_refused,
             batch_size,
             batch_queue,
             batch_exec,
             batch_flushes,
             batch_dropped,
             queue_depth,
+        }
+    }
+
+    /// A variant's admission gauges, and its refusals by reason.
+    pub fn admission(&self, route: &Arc<str>, variant: &Arc<str>) -> AdmissionMetrics {
+        let labels = VariantLabels {
+            route: route.clone(),
+            variant: variant.clone(),
+        };
+        let refused = |reason| {
+            self.admission_refused
+                .get_or_create(&AdmissionLabels {
+                    route: route.clone(),
+                    variant: variant.clone(),
+                    reason,
+                })
+                .clone()
+        };
+        AdmissionMetrics {
+            running: self.admission_running.get_or_create(&labels).clone(),
+            waiting: self.admission_waiting.get_or_create(&labels).clone(),
+            shed: refused("shed"),
+            queue_full: refused("queue_full"),
+            queue_timeout: refused("queue_timeout"),
         }
     }
 

@@ -56,6 +56,8 @@ pub struct RouteSpec {
     pub guardrail: Option<GuardrailSpec>,
     /// `log`: the sampled payload log.
     pub payload_log: Option<crate::payload::Settings>,
+    /// How requests wait for a variant's `max_concurrent` places.
+    pub admission: Option<Admission>,
 }
 
 /// `routes[].guardrail`, as written: the control by name (`guardrail.control` is set
@@ -79,6 +81,9 @@ pub struct VariantSpec {
     /// How to reach an `https://` backend.
     pub tls: Option<crate::server::tls::UpstreamTls>,
     pub ramp: Option<Ramp>,
+    /// Requests this variant serves at once (to their answer's last byte); more wait
+    /// under the route's `admission`.
+    pub max_concurrent: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +105,16 @@ pub struct Batching {
     /// Priority classes, highest first; empty: one class.
     pub priorities: Vec<PriorityClass>,
     /// Index into `priorities` of the class a request that names none gets.
+    pub default_priority: usize,
+}
+
+/// `routes[].admission`: how requests wait for a variant's `max_concurrent` places.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub max_queue: u64,
+    pub queue_timeout: Option<Duration>,
+    /// Priority classes, highest first; empty: one class.
+    pub priorities: Vec<PriorityClass>,
     pub default_priority: usize,
 }
 
@@ -165,6 +180,7 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
         max_inflight: obj.opt("max_inflight", positive_int),
         access_log_fraction: obj.opt("access_log", access_log).flatten(),
         guardrail: obj.opt("guardrail", guardrail),
+        admission: obj.opt("admission", admission),
         // The default allowlist names the route's sticky header too.
         payload_log: obj.opt("log", payload_log).map(|(mut log, defaulted)| {
             if defaulted {
@@ -190,6 +206,7 @@ fn route(node: &Node, path: String, errs: &mut Errors) -> Option<RouteSpec> {
         "max_inflight",
         "access_log",
         "guardrail",
+        "admission",
         "log",
     ]);
     Some(spec)
@@ -488,7 +505,16 @@ fn variant(node: &Node, path: String, errs: &mut Errors) -> Option<VariantSpec> 
     let target_model = obj.opt("target_model", model_name);
     let tls = obj.opt("tls", upstream_tls);
     let ramp = obj.opt("ramp", ramp);
-    obj.finish(&["name", "weight", "backend", "target_model", "tls", "ramp"]);
+    let max_concurrent = obj.opt("max_concurrent", positive_int);
+    obj.finish(&[
+        "name",
+        "weight",
+        "backend",
+        "target_model",
+        "tls",
+        "ramp",
+        "max_concurrent",
+    ]);
     Some(VariantSpec {
         at: 0,
         name: name?,
@@ -497,6 +523,7 @@ fn variant(node: &Node, path: String, errs: &mut Errors) -> Option<VariantSpec> 
         target_model,
         tls,
         ramp,
+        max_concurrent,
     })
 }
 
@@ -549,27 +576,65 @@ fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
         "default_priority",
     ]);
     let mut b = b;
-    for (i, c) in b.priorities.iter().enumerate() {
-        if b.priorities[..i].iter().any(|o| o.name == c.name) {
+    b.default_priority = class_index(&b.priorities, default_priority, &path, errs);
+    Some(b)
+}
+
+/// Checks a `priorities` list (no name twice) and finds its `default_priority`.
+fn class_index(
+    priorities: &[PriorityClass],
+    default: Option<String>,
+    path: &str,
+    errs: &mut Errors,
+) -> usize {
+    for (i, c) in priorities.iter().enumerate() {
+        if priorities[..i].iter().any(|o| o.name == c.name) {
             errs.push::<()>(
                 format!("{path}.priorities[{i}].name"),
                 format!("priority class {:?} is defined twice", c.name),
             );
         }
     }
-    if let Some(d) = default_priority {
-        match b.priorities.iter().position(|c| c.name == d) {
-            Some(i) => b.default_priority = i,
-            None => {
-                let known: Vec<&str> = b.priorities.iter().map(|c| c.name.as_str()).collect();
-                errs.push::<()>(
-                    format!("{path}.default_priority"),
-                    format!("{d:?} is not one of this route's priority classes {known:?}"),
-                );
-            }
+    let Some(d) = default else { return 0 };
+    match priorities.iter().position(|c| c.name == d) {
+        Some(i) => i,
+        None => {
+            let known: Vec<&str> = priorities.iter().map(|c| c.name.as_str()).collect();
+            errs.push::<()>(
+                format!("{path}.default_priority"),
+                format!("{d:?} is not one of this route's priority classes {known:?}"),
+            );
+            0
         }
     }
-    Some(b)
+}
+
+/// `routes[].admission`: the queue of variants with `max_concurrent`.
+fn admission(node: &Node, path: String, errs: &mut Errors) -> Option<Admission> {
+    let mut obj = Obj::new(node, path.clone(), errs)?;
+    let priorities: Vec<PriorityClass> = obj
+        .opt("priorities", |n, p, e| seq(n, p, e, priority_class))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, c)| c)
+        .collect();
+    let default_priority = obj.opt("default_priority", name);
+    let mut a = Admission {
+        max_queue: obj.opt("max_queue", positive_int).unwrap_or(64),
+        queue_timeout: obj
+            .opt("queue_timeout", duration)
+            .or(Some(Duration::from_secs(30))),
+        priorities,
+        default_priority: 0,
+    };
+    obj.finish(&[
+        "max_queue",
+        "queue_timeout",
+        "priorities",
+        "default_priority",
+    ]);
+    a.default_priority = class_index(&a.priorities, default_priority, &path, errs);
+    Some(a)
 }
 
 fn priority_class(node: &Node, path: String, errs: &mut Errors) -> Option<PriorityClass> {

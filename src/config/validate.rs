@@ -12,6 +12,7 @@ use super::node::Node;
 use super::schema::{BackendSpec, Document, RouteSpec};
 use crate::addr::{Protocol, Upstream};
 use crate::batch::queue::{BatchLimits, ClassLimits};
+use crate::route::admission::AdmissionLimits;
 use crate::route::experiment::{Action, Guardrail};
 use crate::route::{Chooser, Route, RouteTable, ShadowRoute, Variant};
 use crate::upstream::TlsPool;
@@ -320,6 +321,7 @@ fn compile_route(
                 .map(Arc::from),
             tls: pools.get(&(spec.at, v.at)).cloned(),
             ramp: v.ramp.clone(),
+            max_concurrent: v.max_concurrent.map(|n| n as usize),
         })
         .collect();
     Route {
@@ -369,6 +371,31 @@ fn compile_route(
             })
         }),
         payload_log: spec.payload_log.clone(),
+        admission: match &spec.admission {
+            None => crate::route::admission::default_limits(),
+            Some(a) if a.priorities.is_empty() => AdmissionLimits {
+                classes: vec![ClassLimits {
+                    name: "default".into(),
+                    max_queue: a.max_queue as usize,
+                    queue_timeout: a.queue_timeout,
+                    sheddable: false,
+                }],
+                default_class: 0,
+            },
+            Some(a) => AdmissionLimits {
+                classes: a
+                    .priorities
+                    .iter()
+                    .map(|c| ClassLimits {
+                        name: c.name.as_str().into(),
+                        max_queue: c.max_queue.unwrap_or(a.max_queue) as usize,
+                        queue_timeout: c.queue_timeout.or(a.queue_timeout),
+                        sheddable: c.sheddable,
+                    })
+                    .collect(),
+                default_class: a.default_priority,
+            },
+        },
         fingerprint: {
             let mut s = spec.clone();
             s.at = 0;

@@ -5,6 +5,7 @@
 //! streamed body, its status counted), `shadow` (copies and their comparison).
 
 mod access;
+mod admit;
 mod batched;
 mod forward;
 mod generation;
@@ -358,6 +359,16 @@ impl Proxy {
             Wire::Rest | Wire::OpenAi => self.start_shadow(&r, vi, &parts, &prepared.body, conn),
             Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => None,
         };
+        // A variant with max_concurrent: a place first (held to the answer's end).
+        let deadline = prepared.deadline;
+        let mut place =
+            match admit::admit(route, vi, &live.variants[vi], &parts.headers, deadline).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let req = (start, &parts, Some(&prepared.body));
+                    return self.finish(&r, vi, fallback_from, Err(e), req, shadow);
+                }
+            };
         let mut served = self.serve(&r, vi, &parts, &prepared, conn).await;
         if let Some(fb) = route.fallback
             && fb != vi
@@ -366,13 +377,21 @@ impl Proxy {
             && served.repeatable
             && prepared.deadline.is_none_or(|d| d > Instant::now())
         {
-            tracing::debug!(route = %route.name, from = %route.variants[vi].name, "serving from the fallback");
-            fallback_from = Some(vi);
-            vi = fb;
-            served = self.serve(&r, vi, &parts, &prepared, conn).await;
+            place = None;
+            // A fallback with no place free keeps the assigned variant's answer.
+            if let Ok(fb_place) =
+                admit::admit(route, fb, &live.variants[fb], &parts.headers, deadline).await
+            {
+                tracing::debug!(route = %route.name, from = %route.variants[vi].name, "serving from the fallback");
+                fallback_from = Some(vi);
+                vi = fb;
+                place = fb_place;
+                served = self.serve(&r, vi, &parts, &prepared, conn).await;
+            }
         }
         let req = (start, &parts, Some(&prepared.body));
-        self.finish(&r, vi, fallback_from, served.result, req, shadow)
+        let resp = self.finish(&r, vi, fallback_from, served.result, req, shadow);
+        admit::holding(resp, place)
     }
 
     /// Headers, metrics and the shadow's copy of the answer, once, at the edge. An

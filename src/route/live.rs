@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tower::retry::budget::TpsBudget;
 
 use super::RouteTable;
+use super::admission::{AdmissionLimits, Gate};
 use super::experiment::Experiment;
 use crate::addr::Protocol;
 use crate::batch::batcher::{Batcher, Execute};
@@ -55,6 +56,8 @@ pub struct VariantLive {
     pub backend: Option<Arc<h1::Backend>>,
     /// Requests counted and timed at the edge, resolved once.
     pub requests: Arc<RequestMetrics>,
+    /// The variant's `max_concurrent` places; `None` without a limit.
+    pub admission: Option<Arc<Gate>>,
 }
 
 impl std::fmt::Debug for VariantLive {
@@ -97,6 +100,7 @@ struct State {
     /// Per route and purpose.
     limits: HashMap<(Arc<str>, &'static str), LimitEntry>,
     batchers: HashMap<VariantKey, Batcher>,
+    gates: HashMap<VariantKey, Arc<Gate>>,
     /// Per route, with the fingerprint of the settings it was started for.
     experiments: HashMap<Arc<str>, (u64, Arc<Experiment>)>,
     /// One writer per payload log sink, kept across reloads (a file keeps rotating).
@@ -155,6 +159,9 @@ impl Registry {
                         .entry(key.clone())
                         .or_insert_with(|| Arc::new(self.metrics.requests(&key.0, &key.1)))
                         .clone(),
+                    admission: v
+                        .max_concurrent
+                        .map(|max| st.gate(&self.metrics, &key, max, &route.admission)),
                 });
                 variants_seen.insert(key);
             }
@@ -200,6 +207,7 @@ impl Registry {
         st.health.retain(|k, _| variants_seen.contains(k));
         st.retry_metrics.retain(|k, _| variants_seen.contains(k));
         st.request_metrics.retain(|k, _| variants_seen.contains(k));
+        st.gates.retain(|k, _| variants_seen.contains(k));
         // A dropped batcher answers what it holds, then its task ends.
         st.batchers.retain(|k, _| batched_seen.contains(k));
         bound
@@ -263,6 +271,29 @@ impl State {
                 self.limits
                     .insert((route.clone(), purpose), (permits, s.clone()));
                 s
+            }
+        }
+    }
+
+    /// The variant's admission gate, kept while its settings are the same (requests
+    /// holding places of a replaced one finish under it).
+    fn gate(
+        &mut self,
+        metrics: &Metrics,
+        key: &VariantKey,
+        max: usize,
+        limits: &AdmissionLimits,
+    ) -> Arc<Gate> {
+        match self.gates.get(key) {
+            Some(g) if g.is_for(max, limits) => g.clone(),
+            _ => {
+                let g = Arc::new(Gate::new(
+                    max,
+                    limits.clone(),
+                    metrics.admission(&key.0, &key.1),
+                ));
+                self.gates.insert(key.clone(), g.clone());
+                g
             }
         }
     }

@@ -4,6 +4,7 @@
 //! `target_model`. Nothing here changes after compilation; the handles that do
 //! (budgets, health, batchers) are in `live`, bound beside the table by the store.
 
+pub mod admission;
 pub mod assign;
 pub mod evidence;
 pub mod experiment;
@@ -58,6 +59,8 @@ pub struct Route {
     pub guardrail: Option<experiment::Guardrail>,
     /// The sampled payload log (`log`).
     pub payload_log: Option<crate::payload::Settings>,
+    /// How requests wait for a variant's `max_concurrent` places.
+    pub admission: admission::AdmissionLimits,
     /// Digest of the route's settings: an experiment (its trips, evidence and counts)
     /// starts afresh when they change.
     pub fingerprint: u64,
@@ -86,6 +89,8 @@ pub struct Variant {
     pub tls: Option<crate::upstream::TlsPool>,
     /// The weight's schedule on the wall clock; `weight` applies before it starts.
     pub ramp: Option<ramp::Ramp>,
+    /// Requests served at once, to their answer's last byte (`max_concurrent`).
+    pub max_concurrent: Option<usize>,
 }
 
 impl Route {

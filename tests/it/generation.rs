@@ -436,3 +436,113 @@ async fn the_generation_reaches_the_access_log_and_the_experiment_report() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_streams_through_braid_and_raises_on_a_broken_stream() {
+    let backend = LlmBackend::start(vec![
+        Act::Stream { nulls: true },
+        Act::Stream { nulls: true },
+        Act::CutAfterTwo,
+    ])
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "routes:\n  - model: m\n    variants: [{{ name: only, backend: \"{}\" }}]\n",
+        backend.url
+    ))
+    .await;
+    let report = run_python_client("openai_streams.py", vec![proxy.url("/v1")]).await;
+    // Not asked: no chunk carries usage (braid's own usage chunk was taken out).
+    assert_eq!(report["plain"]["text"], "Hello!", "{report}");
+    assert!(
+        report["plain"]["usages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u.is_null()),
+        "{report}"
+    );
+    // Asked: the last chunk's usage, as the backend sent it.
+    let asked = report["asked"]["usages"].as_array().unwrap();
+    assert_eq!(asked.last().unwrap()["completion_tokens"], 3, "{report}");
+    assert_eq!(report["asked"]["text"], "Hello!");
+    // Broken after two tokens: the SDK raises, with braid's words, the text so far.
+    let broken = &report["broken"];
+    assert_eq!(broken["raised"], "APIError", "{report}");
+    assert!(
+        broken["message"].as_str().unwrap().contains("stream broke"),
+        "{report}"
+    );
+    assert_eq!(broken["text"], "Hello");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_variant_sheds_sheddable_classes_and_queues_the_rest() {
+    // The first generation holds the only place until its last byte.
+    let backend = LlmBackend::start(vec![Act::Silent(1500)]).await;
+    let proxy = TestProxy::start(&format!(
+        r#"routes:
+  - model: m
+    variants: [{{ name: only, backend: "{}", max_concurrent: 1 }}]
+    admission:
+      max_queue: 1
+      priorities: [{{ name: interactive }}, {{ name: batch, sheddable: true }}]
+"#,
+        backend.url
+    ))
+    .await;
+    let body = r#"{"model":"m","stream":true}"#;
+    let url = proxy.url(CHAT);
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { stream_text(&client(), &url, body).await }
+    });
+    let labels = r#"{route="m",variant="only"}"#;
+    wait_for(&proxy, &format!("braid_admission_running{labels}"), 1.0).await;
+    let c = client();
+    // A sheddable class is refused at once, in OpenAI's shape, with Retry-After.
+    let shed = post(&c, &url, &[("x-braid-priority", "batch")], body).await;
+    assert_eq!(shed.status, 429, "{}", shed.text());
+    assert_eq!(shed.headers["retry-after"], "1");
+    assert_eq!(shed.json()["error"]["type"], "rate_limit_error");
+    assert_eq!(shed.json()["error"]["code"], "shed");
+    // An interactive one waits for the place...
+    let waiting = tokio::spawn({
+        let url = url.clone();
+        async move { stream_text(&client(), &url, body).await }
+    });
+    wait_for(&proxy, &format!("braid_admission_waiting{labels}"), 1.0).await;
+    // ...and the queue holds one: the next is refused.
+    let full = post(&c, &url, &[("x-braid-priority", "interactive")], body).await;
+    assert_eq!(full.status, 429);
+    assert_eq!(full.json()["error"]["code"], "queue_full");
+    let unknown = post(&c, &url, &[("x-braid-priority", "vip")], body).await;
+    assert_eq!(unknown.status, 400);
+    // The first ends, and the waiting one is served whole.
+    for task in [first, waiting] {
+        let (status, text, broke) = task.await.unwrap();
+        assert_eq!((status, broke), (200, false));
+        assert!(text.ends_with("data: [DONE]\n\n"));
+    }
+    assert_eq!(backend.bodies().len(), 2);
+    wait_for(
+        &proxy,
+        &format!("braid_gen_ai_server_request_duration_seconds_count{labels}"),
+        2.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&proxy, &format!("braid_admission_running{labels}")).await,
+        0.0
+    );
+    assert_eq!(
+        metric(&proxy, &format!("braid_admission_waiting{labels}")).await,
+        0.0
+    );
+    let refused = |reason: &str| {
+        format!(r#"braid_admission_refused_total{{route="m",variant="only",reason="{reason}"}}"#)
+    };
+    assert_eq!(metric(&proxy, &refused("shed")).await, 1.0);
+    assert_eq!(metric(&proxy, &refused("queue_full")).await, 1.0);
+    proxy.stop().await;
+}
