@@ -360,15 +360,20 @@ impl Proxy {
             Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => None,
         };
         // A variant with max_concurrent: a place first (held to the answer's end).
+        // (Boxed, and only awaited where there is a gate: other requests' futures stay
+        // as small as before.)
         let deadline = prepared.deadline;
-        let mut place =
-            match admit::admit(route, vi, &live.variants[vi], &parts.headers, deadline).await {
-                Ok(p) => p,
+        let mut place = None;
+        if live.variants[vi].admission.is_some() {
+            let admitted = admit::admit(route, vi, &live.variants[vi], &parts.headers, deadline);
+            match Box::pin(admitted).await {
+                Ok(p) => place = p,
                 Err(e) => {
                     let req = (start, &parts, Some(&prepared.body));
                     return self.finish(&r, vi, fallback_from, Err(e), req, shadow);
                 }
-            };
+            }
+        }
         let mut served = self.serve(&r, vi, &parts, &prepared, conn).await;
         if let Some(fb) = route.fallback
             && fb != vi
@@ -379,9 +384,15 @@ impl Proxy {
         {
             place = None;
             // A fallback with no place free keeps the assigned variant's answer.
-            if let Ok(fb_place) =
-                admit::admit(route, fb, &live.variants[fb], &parts.headers, deadline).await
-            {
+            let admitted = match &live.variants[fb].admission {
+                None => Ok(None),
+                Some(_) => {
+                    let admitted =
+                        admit::admit(route, fb, &live.variants[fb], &parts.headers, deadline);
+                    Box::pin(admitted).await
+                }
+            };
+            if let Ok(fb_place) = admitted {
                 tracing::debug!(route = %route.name, from = %route.variants[vi].name, "serving from the fallback");
                 fallback_from = Some(vi);
                 vi = fb;
@@ -736,9 +747,9 @@ impl Proxy {
             }
         }
         if r.call.as_ref().is_some_and(|c| c.stream) {
-            return self
-                .forward_stream(r, vi, parts, prepared, path, conn)
-                .await;
+            // Boxed: its commit point's state stays out of every other request's future.
+            let streamed = self.forward_stream(r, vi, parts, prepared, path, conn);
+            return Box::pin(streamed).await;
         }
         self.forward(r, vi, parts, prepared, path, conn).await
     }
