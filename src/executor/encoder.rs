@@ -53,6 +53,8 @@ pub struct Embeddings {
     /// Tokens computed (rows x longest) and tokens that were real (not padding).
     pub tokens_computed: usize,
     pub tokens_real: usize,
+    /// Per row, its text's tokens (special tokens included, as the model saw them).
+    pub tokens: Vec<usize>,
     /// The timed steps of this batch (tokenize, then forward and pool per pass), for
     /// tracing.
     pub phases: Vec<Phase>,
@@ -158,6 +160,7 @@ impl SentenceEncoder {
             dim: self.dim,
             tokens_computed: 0,
             tokens_real: 0,
+            tokens: Vec::new(),
             phases: Vec::new(),
         };
         if rows == 0 {
@@ -175,6 +178,7 @@ impl SentenceEncoder {
             .iter()
             .map(|e| e.get_attention_mask().iter().filter(|&&m| m == 1).count())
             .collect();
+        out.tokens = lens.clone();
         let groups = match grouping {
             Grouping::Single => vec![(0..rows).collect()],
             Grouping::ByLength => plan_groups(&lens, PASS_OVERHEAD_TOKENS),

@@ -15,6 +15,7 @@ pub mod bert;
 pub mod encoder;
 pub mod model;
 pub mod oip;
+pub mod openai;
 pub mod server;
 pub mod source;
 #[doc(hidden)]

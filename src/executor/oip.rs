@@ -439,6 +439,7 @@ mod tests {
                 data: vec![0.5, 0.25],
                 tokens_computed: 2,
                 tokens_real: 2,
+                tokens: vec![1, 1],
                 phases: Vec::new(),
             },
             label: None,

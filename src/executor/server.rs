@@ -270,39 +270,114 @@ impl Executor {
         slot: &Slot,
         texts: Vec<String>,
     ) -> Result<super::model::Outputs, Response<Body>> {
+        self.execute(slot, texts)
+            .await
+            .map_err(|(status, msg)| match status {
+                StatusCode::SERVICE_UNAVAILABLE => unavailable(&msg),
+                _ => json_error(status, &msg),
+            })
+    }
+
+    /// Runs the texts on the model: its outputs, or why not (the status and message;
+    /// 503s are retryable, each protocol's edge writes them in its own shape).
+    async fn execute(
+        &self,
+        slot: &Slot,
+        texts: Vec<String>,
+    ) -> Result<super::model::Outputs, (StatusCode, String)> {
         let handle = match slot.state.get() {
             None => {
-                return Err(unavailable(&format!(
-                    "model {} is still loading",
-                    slot.spec.name
-                )));
+                let msg = format!("model {} is still loading", slot.spec.name);
+                return Err((StatusCode::SERVICE_UNAVAILABLE, msg));
             }
             Some(Err(e)) => {
-                return Err(json_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("model {} failed to load: {e}", slot.spec.name),
-                ));
+                let msg = format!("model {} failed to load: {e}", slot.spec.name);
+                return Err((StatusCode::SERVICE_UNAVAILABLE, msg));
             }
             Some(Ok(h)) => h,
         };
         if texts.len() > slot.spec.max_batch {
-            return Err(json_error(
-                StatusCode::BAD_REQUEST,
-                &format!(
-                    "batch of {} rows exceeds model {}'s max batch of {}",
-                    texts.len(),
-                    slot.spec.name,
-                    slot.spec.max_batch
-                ),
-            ));
+            let msg = format!(
+                "batch of {} rows exceeds model {}'s max batch of {}",
+                texts.len(),
+                slot.spec.name,
+                slot.spec.max_batch
+            );
+            return Err((StatusCode::BAD_REQUEST, msg));
         }
         handle.infer(texts).await.map_err(|e| match e {
-            ExecError::QueueFull(_) => unavailable(&e.to_string()),
-            ExecError::Stopped(_) => unavailable(&e.to_string()),
+            ExecError::QueueFull(_) | ExecError::Stopped(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             ExecError::Model(_) | ExecError::Panicked(_) => {
-                json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+                (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
         })
+    }
+
+    /// OpenAI's `POST /v1/embeddings` on an encoder: errors in OpenAI's shape.
+    async fn embeddings(&self, req: Request<Incoming>) -> Response<Body> {
+        use crate::openai::error;
+        let (parts, body) = req.into_parts();
+        let rules = server::BodyRules::limit(self.max_body_bytes);
+        let body = match server::read_body(&parts.headers, body, rules).await {
+            Ok(b) => b,
+            Err(e) => return error(e.status(), &e.to_string(), None, e.label()),
+        };
+        let call = match super::openai::parse(&body) {
+            Ok(c) => c,
+            Err((msg, field)) => {
+                return error(StatusCode::BAD_REQUEST, &msg, Some(field), "bad_request");
+            }
+        };
+        let Some(slot) = self.slot(&call.model) else {
+            self.metrics.request("", 404);
+            let msg = self.unknown_model_message(&call.model);
+            return error(
+                StatusCode::NOT_FOUND,
+                &msg,
+                Some("model"),
+                "model_not_found",
+            );
+        };
+        let dim = slot
+            .state
+            .get()
+            .and_then(|r| r.as_ref().ok())
+            .map(|h| h.model.dim());
+        if let (Some(want), Some(dim)) = (call.dimensions, dim)
+            && want != dim
+        {
+            let msg = format!(
+                "model {} gives {dim} dimensions; it cannot shorten its embeddings to {want}",
+                call.model
+            );
+            self.metrics.request(&slot.spec.name, 400);
+            return error(
+                StatusCode::BAD_REQUEST,
+                &msg,
+                Some("dimensions"),
+                "bad_request",
+            );
+        }
+        let texts = call.texts.clone();
+        let resp = match self.execute(slot, texts).await {
+            Ok(out) => json_response(
+                StatusCode::OK,
+                super::openai::reply(&call, &out).to_string(),
+            ),
+            Err((status, msg)) => {
+                let mut r = error(status, &msg, None, "model_error");
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                }
+                r
+            }
+        };
+        self.metrics
+            .request(&slot.spec.name, resp.status().as_u16());
+        resp
     }
 
     async fn infer_v2(&self, slot: &Slot, req: Request<Incoming>) -> Response<Body> {
@@ -450,6 +525,9 @@ enum Op<'a> {
     Infer(&'a str),
     Predict(&'a str),
     ModelV1(&'a str),
+    /// OpenAI's `POST /v1/embeddings` and `GET /v1/models`.
+    Embeddings,
+    Models,
 }
 
 fn parse_path(path: &str) -> Option<Op<'_>> {
@@ -458,6 +536,8 @@ fn parse_path(path: &str) -> Option<Op<'_>> {
         "/v2/health/ready" => return Some(Op::Ready),
         "/v2" | "/v2/" => return Some(Op::Server),
         "/metrics" => return Some(Op::Metrics),
+        "/v1/embeddings" => return Some(Op::Embeddings),
+        "/v1/models" => return Some(Op::Models),
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/v2/models/") {
@@ -494,7 +574,7 @@ impl Handler for Executor {
         let Some(op) = parse_path(&path) else {
             return json_error(StatusCode::NOT_FOUND, &format!("no endpoint {path}"));
         };
-        let post = matches!(op, Op::Infer(_) | Op::Predict(_));
+        let post = matches!(op, Op::Infer(_) | Op::Predict(_) | Op::Embeddings);
         let method_ok = if post {
             req.method() == Method::POST
         } else {
@@ -524,6 +604,11 @@ impl Handler for Executor {
                 r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
                 r
             }
+            Op::Models => json_response(
+                StatusCode::OK,
+                super::openai::models(self.slots.iter().map(|s| s.spec.name.as_str())).to_string(),
+            ),
+            Op::Embeddings => self.embeddings(req).await,
             Op::Model(name) => match self.slot(name) {
                 Some(slot) => json_response(StatusCode::OK, self.metadata(slot).to_string()),
                 None => self.unknown_model(name),

@@ -241,26 +241,31 @@ pub fn models_response<'a>(models: impl Iterator<Item = &'a str>) -> Response<Bo
 
 /// braid's own error in OpenAI's shape, with its status and `Retry-After`.
 pub fn error_response(e: &ProxyError) -> Response<Body> {
-    let status = e.status();
+    let param = matches!(e, ProxyError::UnknownModel { .. }).then_some("model");
+    let mut resp = error(e.status(), &e.to_string(), param, e.label());
+    if let Some(secs) = e.retry_after() {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
+
+/// An error in OpenAI's shape: its `type` follows from the status (so the SDK raises
+/// the matching exception), `param` names the field at fault, `code` is a short reason.
+pub fn error(status: StatusCode, message: &str, param: Option<&str>, code: &str) -> Response<Body> {
     let kind = match status.as_u16() {
         404 => "not_found_error",
         429 => "rate_limit_error",
         400..=499 => "invalid_request_error",
         _ => "server_error",
     };
-    let param = matches!(e, ProxyError::UnknownModel { .. }).then_some("model");
     let body = json!({"error": {
-        "message": e.to_string(),
+        "message": message,
         "type": kind,
         "param": param,
-        "code": e.label(),
+        "code": code,
     }});
-    let mut resp = json_response(status, body.to_string());
-    if let Some(secs) = e.retry_after() {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    resp
+    json_response(status, body.to_string())
 }
 
 /// An error event in OpenAI's shape, ending a stream that broke after its first

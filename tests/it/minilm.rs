@@ -224,3 +224,83 @@ async fn grpc_through_the_batcher_gives_the_rest_paths_embeddings() {
     }
     proxy.stop().await;
 }
+
+/// The executor's OpenAI embeddings endpoint with the real MiniLM, called by the
+/// `openai` SDK in its default mode (base64) and with floats, straight and through
+/// braid: the OIP path's vectors, each input's own index, usage from the tokenizer,
+/// and errors the SDK raises as their kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_gets_the_executors_embeddings_directly_and_through_braid() {
+    use crate::support::{TestExecutor, TestProxy, infer_body, post, run_python_client};
+    let dir = tokio::task::spawn_blocking(|| source::resolve(DEMO_MODEL).unwrap())
+        .await
+        .unwrap();
+    let ex = TestExecutor::start(|_| {
+        vec![braid::executor::server::ModelSpec {
+            name: "minilm".into(),
+            source: dir.display().to_string(),
+            labels: vec![],
+            threads: 1,
+            compute_threads: None,
+            queue: 16,
+            max_batch: 64,
+        }]
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "executor: http://{}\nroutes:\n  - model: embedder\n    variants: [{{ name: local, backend: local, target_model: minilm }}]\n",
+        ex.addr
+    ))
+    .await;
+    let texts = ["The weather is lovely today.", "He drove to the stadium."];
+    let oip = post(
+        &crate::support::client(),
+        &format!("http://{}/v2/models/minilm/infer", ex.addr),
+        &[],
+        &infer_body(&texts, ""),
+    )
+    .await
+    .json();
+    let oip = crate::support::grpc::json_fp32_output(&oip, "embedding");
+    let want: Vec<&[f32]> = oip.chunks(oip.len() / 2).collect();
+    // The tokenizer's counts ([CLS], the word pieces, [SEP]), as the model saw them.
+    let tokens: usize = minilm().embed(&texts).unwrap().tokens.iter().sum();
+    assert!(tokens > 2 * texts.len());
+    for (base, model) in [
+        (format!("http://{}/v1", ex.addr), "minilm"),
+        (proxy.url("/v1"), "embedder"),
+    ] {
+        let r = run_python_client("openai_embeddings.py", vec![base.clone(), model.into()]).await;
+        let got = r["default"]["vectors"].as_array().unwrap();
+        assert_eq!(got.len(), 2, "{base}: {r}");
+        for (g, w) in got.iter().zip(&want) {
+            let g: Vec<f32> = g
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            // The same model on the same inputs: only the wire's float text differs
+            // (base64 carries the f32 bits exactly; JSON floats round-trip).
+            assert_eq!(g.len(), w.len());
+            for (a, b) in g.iter().zip(w.iter()) {
+                assert!((a - b).abs() <= f32::EPSILON * 4.0, "{base}: {a} vs {b}");
+            }
+        }
+        assert_eq!(r["default"]["index"], serde_json::json!([0, 1]));
+        assert_eq!(r["models"], serde_json::json!([model]), "{r}");
+        assert_eq!(r["default"]["usage"]["prompt_tokens"], tokens, "{r}");
+        assert_eq!(r["default"]["usage"]["total_tokens"], tokens);
+        assert_eq!(
+            r["float"]["vectors"][0].as_array().unwrap().len(),
+            want[0].len()
+        );
+        assert_eq!(
+            r["errors"]["unknown_model"]["class"], "NotFoundError",
+            "{r}"
+        );
+        assert_eq!(r["errors"]["dimensions"]["class"], "BadRequestError", "{r}");
+        assert_eq!(r["errors"]["dimensions"]["param"], "dimensions");
+    }
+    proxy.stop().await;
+}
