@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::codec::{self, Item, Payload, Protocol, RowIds};
+use super::codec::{self, Item, Payload, RowIds};
 use super::queue::{BatchLimits, Entry, Next, Queue};
 use crate::addr::Upstream;
 pub use crate::error::BatchError;
@@ -288,7 +288,7 @@ fn execute<'a>(
         let row_ids = head
             .row_id
             .as_deref()
-            .filter(|_| head.item.protocol == Protocol::V2)
+            .filter(|_| head.item.takes_row_ids())
             .map(|name| RowIds {
                 name,
                 first: RowIds::fresh_first(items.iter().map(|i| i.rows).sum()),
