@@ -54,6 +54,26 @@ pub(super) fn queueable(
     }
 }
 
+/// Whether an OpenAI `/v1/embeddings` call can wait in a batch, for `target` (the
+/// model the executor serves it under), and the executor path its batch goes to.
+pub(super) fn queueable_embeddings(
+    headers: &HeaderMap,
+    body: &Bytes,
+    target: &str,
+) -> Result<Option<(Item, PathAndQuery)>, String> {
+    if headers.contains_key(header::CONTENT_ENCODING) {
+        return Ok(None);
+    }
+    match codec::parse_embeddings(body, target) {
+        Ok(item) => Ok(Some((item, PathAndQuery::from_static(EMBEDDINGS_PATH)))),
+        Err(Unqueued::Alone) => Ok(None),
+        Err(Unqueued::Bad(msg)) => Err(msg),
+    }
+}
+
+/// Where an executor takes OpenAI embeddings calls.
+pub(super) const EMBEDDINGS_PATH: &str = "/v1/embeddings";
+
 /// Whether a gRPC ModelInfer can wait in a batch, and the executor path (REST) its
 /// batch goes to: the request in its REST form (`grpc::oip::rest_request`), then as
 /// `queueable`. The model is the route's (its target's), as for REST.

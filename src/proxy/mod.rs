@@ -712,7 +712,13 @@ impl Proxy {
                         None => Ok(None),
                     }
                 }
-                // OpenAI calls are forwarded one by one (not coalesced yet).
+                // Embeddings calls are coalesced; generations are forwarded one by one.
+                Wire::OpenAi if parts.uri.path() == batched::EMBEDDINGS_PATH => {
+                    match variant.target_model.as_deref() {
+                        Some(t) => batched::queueable_embeddings(&parts.headers, &prepared.body, t),
+                        None => Ok(None),
+                    }
+                }
                 Wire::OpenAi | Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => {
                     Ok(None)
                 }

@@ -304,3 +304,95 @@ async fn the_openai_sdk_gets_the_executors_embeddings_directly_and_through_braid
     }
     proxy.stop().await;
 }
+
+/// Concurrent OpenAI embeddings calls on a route with batching, to the real MiniLM:
+/// merged into fewer executor calls, and each caller gets exactly its own embeddings
+/// (each as the model gives it alone, within the summation-order bound), its own
+/// `index` values from 0, and its own exact `usage`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_embeddings_calls_are_coalesced_and_each_gets_its_own() {
+    use crate::support::{TestExecutor, TestProxy, metric, post};
+    let dir = tokio::task::spawn_blocking(|| source::resolve(DEMO_MODEL).unwrap())
+        .await
+        .unwrap();
+    let ex = TestExecutor::start(|_| {
+        vec![braid::executor::server::ModelSpec {
+            name: "minilm".into(),
+            source: dir.display().to_string(),
+            labels: vec![],
+            threads: 1,
+            compute_threads: None,
+            queue: 64,
+            max_batch: 64,
+        }]
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "executor: http://{}\nroutes:\n  - model: embedder\n    variants: [{{ name: local, backend: local, target_model: minilm }}]\n    batching: {{ max_batch_size: 32, max_delay: 50ms }}\n",
+        ex.addr
+    ))
+    .await;
+    let calls: Vec<Vec<String>> = (0..12)
+        .map(|i| match i % 3 {
+            0 => vec![format!("Sentence number {i} is about the weather.")],
+            1 => vec![
+                format!("Call {i}: a dog runs."),
+                format!("Call {i}: a cat sleeps on the mat."),
+            ],
+            _ => vec![format!("Short {i}.")],
+        })
+        .collect();
+    let tasks: Vec<_> = calls
+        .iter()
+        .enumerate()
+        .map(|(i, texts)| {
+            let url = proxy.url("/v1/embeddings");
+            // One string, or a list: both forms merge.
+            let input = if texts.len() == 1 && i % 2 == 0 {
+                serde_json::json!(texts[0])
+            } else {
+                serde_json::json!(texts)
+            };
+            let body = serde_json::json!({"model": "embedder", "input": input, "encoding_format": "float"});
+            tokio::spawn(async move {
+                post(&crate::support::client(), &url, &[], &body.to_string()).await
+            })
+        })
+        .collect();
+    for (texts, task) in calls.iter().zip(tasks) {
+        let r = task.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let data = v["data"].as_array().unwrap();
+        assert_eq!(data.len(), texts.len(), "{v}");
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let alone = minilm().embed(&refs).unwrap();
+        for (k, d) in data.iter().enumerate() {
+            assert_eq!(d["index"], k);
+            let got: Vec<f32> = d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            let want = alone.row(k);
+            let bound = minilm_bound(&got, want);
+            assert!(
+                max_abs_diff(&got, want) <= bound,
+                "{}: {} > {bound}",
+                texts[k],
+                max_abs_diff(&got, want)
+            );
+        }
+        let tokens: usize = alone.tokens.iter().sum();
+        assert_eq!(v["usage"]["prompt_tokens"], tokens, "{v}");
+        assert_eq!(v["model"], "minilm");
+    }
+    // Fewer executor calls than callers: they were merged.
+    let labels = r#"{route="embedder",variant="local"}"#;
+    let batches = metric(&proxy, &format!("braid_batch_size_count{labels}")).await;
+    let rows = metric(&proxy, &format!("braid_batch_size_sum{labels}")).await;
+    assert_eq!(rows, 16.0);
+    assert!(batches < 12.0, "{batches} batches for 12 calls");
+    proxy.stop().await;
+}

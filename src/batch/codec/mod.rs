@@ -2,12 +2,14 @@
 //! reply, behind one interface the batcher uses without naming a protocol: an `Item`
 //! (its key, rows, id, priority), `merge` and `split_payload`. Each protocol's codec is
 //! a file of its own: `v2` (Open Inference Protocol v2, Triton's binary tensors
-//! included) and `v1` (KServe v1 `instances`/`predictions`).
+//! included), `v1` (KServe v1 `instances`/`predictions`) and `embeddings` (OpenAI's
+//! `/v1/embeddings`).
 //!
 //! The rule that matters, in every codec: a client never receives another client's
 //! rows. A reply that does not answer exactly the batch's rows (or is not JSON, or has
 //! data that does not fill its shape) is refused whole; no request gets any data.
 
+mod embeddings;
 mod v1;
 mod v2;
 
@@ -17,6 +19,7 @@ use bytes::Bytes;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+pub use embeddings::parse_embeddings;
 pub use v1::parse_v1;
 pub use v2::{PathModel, parse_v2, parse_v2_with};
 
@@ -47,6 +50,7 @@ pub struct Item {
 enum Form {
     V2(v2::Request),
     V1(v1::Request),
+    Embeddings(embeddings::Request),
 }
 
 impl Item {
@@ -54,7 +58,7 @@ impl Item {
     pub fn has_input(&self, name: &str) -> bool {
         match &self.form {
             Form::V2(r) => r.has_input(name),
-            Form::V1(_) => false,
+            Form::V1(_) | Form::Embeddings(_) => false,
         }
     }
 
@@ -71,6 +75,7 @@ pub fn merge(items: &[&Item], row_ids: Option<RowIds>) -> Payload {
     match &items[0].form {
         Form::V2(_) => v2::merge(items, row_ids),
         Form::V1(_) => v1::merge(items),
+        Form::Embeddings(_) => embeddings::merge(items),
     }
 }
 
@@ -83,6 +88,7 @@ pub fn split_payload(
     match &items[0].form {
         Form::V2(_) => v2::split_payload(items, reply, row_ids),
         Form::V1(_) => v1::split(items, reply),
+        Form::Embeddings(_) => embeddings::split(items, reply),
     }
 }
 
