@@ -227,8 +227,8 @@ async fn grpc_through_the_batcher_gives_the_rest_paths_embeddings() {
 
 /// The executor's OpenAI embeddings endpoint with the real MiniLM, called by the
 /// `openai` SDK in its default mode (base64) and with floats, straight and through
-/// braid: the OIP path's vectors, each input's own index, usage from the tokenizer,
-/// and errors the SDK raises as their kind.
+/// braid's coalescing: the OIP path's vectors, each input's own index, usage from the
+/// tokenizer, and errors the SDK raises as their kind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_gets_the_executors_embeddings_directly_and_through_braid() {
     use crate::support::{TestExecutor, TestProxy, infer_body, post, run_python_client};
@@ -248,7 +248,7 @@ async fn the_openai_sdk_gets_the_executors_embeddings_directly_and_through_braid
     })
     .await;
     let proxy = TestProxy::start(&format!(
-        "executor: http://{}\nroutes:\n  - model: embedder\n    variants: [{{ name: local, backend: local, target_model: minilm }}]\n",
+        "executor: http://{}\nroutes:\n  - model: embedder\n    variants: [{{ name: local, backend: local, target_model: minilm }}]\n    batching: {{ max_batch_size: 8, max_delay: 5ms }}\n",
         ex.addr
     ))
     .await;
