@@ -144,15 +144,17 @@ pub fn assign(
     Ok((chooser.random(), Assignment::Random))
 }
 
-/// The request's sticky key: the route's sticky header, else the body's key (on a
-/// route that names a sticky header).
+/// The request's sticky key: the route's sticky header, else the body's key (an
+/// OpenAI call's `user`, on any route: the same end user stays on one variant).
 pub fn sticky_key<'a>(
     route: &Route,
     headers: &'a HeaderMap,
     body_key: Option<&'a [u8]>,
 ) -> Option<&'a [u8]> {
-    let h = route.sticky_header.as_ref()?;
-    headers.get(h).map(|v| v.as_bytes()).or(body_key)
+    match &route.sticky_header {
+        Some(h) => headers.get(h).map(|v| v.as_bytes()).or(body_key),
+        None => body_key,
+    }
 }
 
 #[cfg(test)]

@@ -68,13 +68,14 @@ async fn serve(
 ) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    let body = loop {
+    let (path, body) = loop {
         match s.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
         let text = String::from_utf8_lossy(&got).into_owned();
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
             let len: usize = head
                 .lines()
                 .find_map(|l| {
@@ -84,7 +85,7 @@ async fn serve(
                 })
                 .unwrap_or(0);
             if body.len() >= len {
-                break body.to_string();
+                break (path, body.to_string());
             }
         }
     };
@@ -96,6 +97,21 @@ async fn serve(
         .unwrap_or(Act::Stream { nulls: false });
     let asked: serde_json::Value = serde_json::from_str(&body).unwrap();
     let usage = asked["stream_options"]["include_usage"] == true;
+    let completions = path == "/v1/completions";
+    if asked["stream"] != true {
+        // A whole answer, as vLLM gives one.
+        let answer = if completions {
+            r#"{"id":"c1","object":"text_completion","model":"m","choices":[{"index":0,"text":"Hello!","finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":3,"total_tokens":14}}"#
+        } else {
+            r#"{"id":"c1","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":3,"total_tokens":14}}"#
+        };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            answer.len()
+        );
+        let _ = s.write_all(format!("{head}{answer}").as_bytes()).await;
+        return;
+    }
     let _ = s
         .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
         .await;
@@ -110,6 +126,17 @@ async fn serve(
         } else {
             ""
         };
+        if completions {
+            // A completion's chunk carries its text, not a delta.
+            let text = serde_json::from_str::<serde_json::Value>(delta).unwrap()["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let text = serde_json::to_string(&text).unwrap();
+            return format!(
+                r#"{{"id":"c1","object":"text_completion","model":"m","choices":[{{"index":0,"text":{text},"finish_reason":{finish}}}]{null}}}"#
+            );
+        }
         format!(
             r#"{{"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]{null}}}"#
         )
@@ -439,32 +466,60 @@ async fn the_generation_reaches_the_access_log_and_the_experiment_report() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_streams_through_braid_and_raises_on_a_broken_stream() {
-    let backend = LlmBackend::start(vec![
-        Act::Stream { nulls: true },
-        Act::Stream { nulls: true },
+    let (a, b) = (
+        LlmBackend::start(vec![Act::Stream { nulls: true }; 2]).await,
+        LlmBackend::start(vec![Act::Stream { nulls: true }; 2]).await,
+    );
+    let flaky = LlmBackend::start(vec![
+        Act::ErrorFirst,
+        Act::Stream { nulls: false },
+        Act::Silent(5_000),
+        Act::Stream { nulls: false },
         Act::CutAfterTwo,
     ])
     .await;
     let proxy = TestProxy::start(&format!(
-        "routes:\n  - model: m\n    variants: [{{ name: only, backend: \"{}\" }}]\n",
-        backend.url
+        r#"routes:
+  - model: m
+    variants:
+      - {{ name: a, weight: 1, backend: "{}" }}
+      - {{ name: b, weight: 1, backend: "{}" }}
+  - model: flaky
+    ttft_timeout: 300ms
+    retry: {{ attempts: 2 }}
+    variants: [{{ name: only, backend: "{}" }}]
+"#,
+        a.url, b.url, flaky.url
     ))
     .await;
     let report = run_python_client("openai_streams.py", vec![proxy.url("/v1")]).await;
     // Not asked: no chunk carries usage (braid's own usage chunk was taken out).
     assert_eq!(report["plain"]["text"], "Hello!", "{report}");
-    assert!(
-        report["plain"]["usages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|u| u.is_null()),
-        "{report}"
-    );
+    let plain = report["plain"]["usages"].as_array().unwrap();
+    assert!(plain.iter().all(|u| u.is_null()), "{report}");
     // Asked: the last chunk's usage, as the backend sent it.
     let asked = report["asked"]["usages"].as_array().unwrap();
     assert_eq!(asked.last().unwrap()["completion_tokens"], 3, "{report}");
     assert_eq!(report["asked"]["text"], "Hello!");
+    // The split: each user stays on one variant; both variants serve someone.
+    let mut variants = std::collections::HashSet::new();
+    for (user, seen) in report["split"].as_object().unwrap() {
+        let seen = seen.as_array().unwrap();
+        assert_eq!(seen[0]["variant"], seen[1]["variant"], "{user}: {report}");
+        assert!(seen.iter().all(|s| s["text"] == "Hello!"), "{report}");
+        variants.insert(seen[0]["variant"].as_str().unwrap().to_string());
+    }
+    assert_eq!(variants.len(), 2, "{report}");
+    assert_eq!(report["whole_chat"]["text"], "Hello!");
+    assert_eq!(report["whole_chat"]["completion_tokens"], 3);
+    assert_eq!(report["completions"]["text"], "Hello!");
+    assert_eq!(report["completions"]["streamed"], "Hello!");
+    // An error first, then a silent first token: retried, the SDK never saw either.
+    assert_eq!(
+        report["flaky"],
+        serde_json::json!(["Hello!", "Hello!"]),
+        "{report}"
+    );
     // Broken after two tokens: the SDK raises, with braid's words, the text so far.
     let broken = &report["broken"];
     assert_eq!(broken["raised"], "APIError", "{report}");
@@ -473,6 +528,7 @@ async fn the_openai_sdk_streams_through_braid_and_raises_on_a_broken_stream() {
         "{report}"
     );
     assert_eq!(broken["text"], "Hello");
+    assert_eq!(flaky.bodies().len(), 5);
     proxy.stop().await;
 }
 
