@@ -408,8 +408,10 @@ async fn the_generation_reaches_the_access_log_and_the_experiment_report() {
     std::fs::write(
         &path,
         format!(
-            "routes:\n  - model: m\n    variants:\n      - {{ name: base, weight: 1, backend: \"{}\" }}\n      - {{ name: slow, weight: 1, backend: \"{}\" }}\n    guardrail: {{ control: base, errors: false, slow_ttft: 100ms, warmup: 0s, min_bad_events: 1 }}\n",
-            a.url, b.url
+            "routes:\n  - model: m\n    variants:\n      - {{ name: base, weight: 1, backend: \"{}\" }}\n      - {{ name: slow, weight: 1, backend: \"{}\" }}\n    guardrail: {{ control: base, errors: false, slow_ttft: 100ms, warmup: 0s, min_bad_events: 1 }}\n    log: {{ sink: {}, fraction: 1 }}\n",
+            a.url,
+            b.url,
+            dir.path().join("payloads.jsonl").display()
         ),
     )
     .unwrap();
@@ -445,6 +447,30 @@ async fn the_generation_reaches_the_access_log_and_the_experiment_report() {
         if line["variant"] == "slow" {
             assert!(ttft >= 200.0, "{line}");
         }
+    }
+    // The payload log's records carry the same generation.
+    let payloads = dir.path().join("payloads.jsonl");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let text = std::fs::read_to_string(&payloads).unwrap_or_default();
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if records.len() == 4 {
+            break records;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    for r in &records {
+        let g = &r["generation"];
+        assert_eq!(
+            (g["input_tokens"].clone(), g["output_tokens"].clone()),
+            (serde_json::json!(11), serde_json::json!(3)),
+            "{r}"
+        );
+        assert!(g["ttft_ms"].as_f64().unwrap() > 0.0, "{r}");
     }
     let report = get(&c, &proxy.admin_url("/experiments"), &[]).await.json();
     let variants = &report["routes"][0]["variants"];
