@@ -64,8 +64,15 @@ class Backend:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n")
                 eof = asyncio.ensure_future(reader.read(1))
-                await asyncio.sleep(self.first)
                 gone = False
+                try:
+                    # The first token's wait, watching for the caller leaving.
+                    await asyncio.wait_for(asyncio.shield(eof), self.first)
+                    self.closed[tag] = now()
+                    writer.close()
+                    return
+                except asyncio.TimeoutError:
+                    pass
                 for i in range(events):
                     chunk = json.dumps({"id": "c", "object": "chat.completion.chunk", "model": "m",
                                         "choices": [{"index": 0, "delta": {"content": f"t{i}"},
@@ -119,7 +126,7 @@ CONNECTIONS = {}
 SENT = {}
 
 
-async def call(addr, tag, events, leave_after=None):
+async def call(addr, tag, events, leave_after=None, leave_at_ms=None):
     """One streamed call: (ttft ns, [per-event delay ns], closed-at ns or None). Calls
     share one keep-alive connection per target, as the openai SDK's pool does; a call
     that leaves has one of its own."""
@@ -133,6 +140,12 @@ async def call(addr, tag, events, leave_after=None):
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
     await writer.drain()
+    if leave_at_ms is not None:
+        # Gone before the first token: braid is still waiting for it (its commit point).
+        await asyncio.sleep(leave_at_ms / 1e3)
+        closed = now()
+        writer.transport.abort()
+        return None, [], closed
     buf, delays, ttft, seen, done = b"", [], None, 0, False
     while True:
         data = await reader.read(65536)
@@ -255,17 +268,17 @@ async def run(args):
             if "nginx" in got:
                 nginx_pairs.append(got["nginx"] - got["direct"])
         leave = {k: [] for k in targets}
+        early = {k: [] for k in targets}
         for r in range(args.disconnects):
             for name, addr in targets.items():
-                tag = f"leave-{name}-{r}"
-                _, _, closed = await call(addr, tag, 1000, leave_after=3)
-                deadline = time.time() + 5
-                while tag not in backend.closed and time.time() < deadline:
-                    await asyncio.sleep(0.001)
-                if tag in backend.closed:
-                    leave[name].append(backend.closed[tag] - closed)
-                else:
-                    leave[name].append(None)
+                for kind, got, kw in (("mid", leave, {"leave_after": 3}),
+                                      ("early", early, {"leave_at_ms": args.first_ms / 2})):
+                    tag = f"leave-{kind}-{name}-{r}"
+                    _, _, closed = await call(addr, tag, 1000, **kw)
+                    deadline = time.time() + 5
+                    while tag not in backend.closed and time.time() < deadline:
+                        await asyncio.sleep(0.001)
+                    got[name].append(backend.closed[tag] - closed if tag in backend.closed else None)
     finally:
         for p in [braid, *peers]:
             p.terminate()
@@ -287,6 +300,10 @@ async def run(args):
             k: {"p50": ms(statistics.median([x for x in v if x is not None])),
                 "max": ms(max(x for x in v if x is not None)),
                 "missed": sum(x is None for x in v)} for k, v in leave.items()},
+        "disconnect_before_first_token_to_backend_ms": {
+            k: {"p50": ms(statistics.median([x for x in v if x is not None])),
+                "max": ms(max(x for x in v if x is not None)),
+                "missed": sum(x is None for x in v)} for k, v in early.items()},
     }
     report["event_added_p50_ms"] = round(report["event_delay_p50_ms"]["braid"]
                                          - report["event_delay_p50_ms"]["direct"], 3)
@@ -307,8 +324,11 @@ async def run(args):
     print(f"| request written → backend has it, p50 | {rq['direct']} ms | {rq['braid']} ms | "
           f"{round(rq['braid'] - rq['direct'], 3)} ms | |")
     dd = d["disconnect_to_backend_ms"]
-    print(f"| client leaves → backend's connection ends, p50 / max | {dd['direct']['p50']} / {dd['direct']['max']} ms "
+    print(f"| client leaves mid-stream → backend's connection ends, p50 / max | {dd['direct']['p50']} / {dd['direct']['max']} ms "
           f"| {dd['braid']['p50']} / {dd['braid']['max']} ms | | ≤ 100 ms |")
+    de = d["disconnect_before_first_token_to_backend_ms"]
+    print(f"| client leaves before the first token → backend's connection ends, p50 / max | {de['direct']['p50']} / {de['direct']['max']} ms "
+          f"| {de['braid']['p50']} / {de['braid']['max']} ms | | ≤ 100 ms |")
 
 
 def main():
