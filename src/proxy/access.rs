@@ -104,8 +104,9 @@ pub(super) struct Sampled<'a> {
     pub elapsed: Duration,
     pub body: &'a Bytes,
     pub trace: Option<&'a RequestTrace>,
-    /// Where an OpenAI-style answer's generation will be once it has ended.
-    pub generation: Option<Arc<std::sync::OnceLock<Generation>>>,
+    /// Where an OpenAI-style answer's generation comes once it has ended (or its
+    /// client left): the record waits for it, so it is never written without it.
+    pub generation: Option<tokio::sync::oneshot::Receiver<Generation>>,
 }
 
 /// Logs a sampled request's payloads: the response streams to the client through a
@@ -159,8 +160,11 @@ pub(super) fn log_payload(
             record.response.total = c.total;
             record.response.complete = c.complete;
         }
-        // The answer has ended (or its client left): its generation is measured.
-        record.generation = generated.and_then(|g| g.get().map(generation));
+        // The answer has ended (or its client left): its generation is measured, or
+        // about to be (the body that measures it may be dropped just after the copy).
+        if let Some(rx) = generated {
+            record.generation = rx.await.ok().map(|g| generation(&g));
+        }
         log.write(record);
     });
     Response::from_parts(parts, tee.boxed())

@@ -13,13 +13,14 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::Response;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::error::{Body, BoxError, ProxyError};
@@ -122,15 +123,16 @@ pub(super) type Then = Box<dyn FnOnce(&Generation) + Send + Sync>;
 
 /// Wraps a successful answer's body: measured as it passes, its usage chunk taken out
 /// when braid asked for it (`strip_usage`), and `then` run once with the generation when
-/// it ends or the client leaves. Returns the response and where the generation will be.
+/// it ends or the client leaves. Returns the response and where the generation will
+/// come once recorded.
 pub(super) fn measured(
     resp: Response<Body>,
     start: Instant,
     (metrics, names): (Arc<Metrics>, (Arc<str>, Arc<str>)),
     strip_usage: bool,
     then: Then,
-) -> (Response<Body>, Arc<OnceLock<Generation>>) {
-    let summary = Arc::new(OnceLock::new());
+) -> (Response<Body>, oneshot::Receiver<Generation>) {
+    let (summary, generated) = oneshot::channel();
     let (mut parts, inner) = resp.into_parts();
     let content_type = parts
         .headers
@@ -158,10 +160,10 @@ pub(super) fn measured(
         metrics,
         names,
         then: Some(then),
-        summary: summary.clone(),
+        summary: Some(summary),
         ended: false,
     };
-    (Response::from_parts(parts, body.boxed()), summary)
+    (Response::from_parts(parts, body.boxed()), generated)
 }
 
 struct Measured {
@@ -179,7 +181,9 @@ struct Measured {
     metrics: Arc<Metrics>,
     names: (Arc<str>, Arc<str>),
     then: Option<Then>,
-    summary: Arc<OnceLock<Generation>>,
+    /// The generation, for whoever waits on it (the payload log's record): sent when
+    /// it is recorded, at the end or in `Drop`, so the wait always ends.
+    summary: Option<oneshot::Sender<Generation>>,
     ended: bool,
 }
 
@@ -213,7 +217,9 @@ impl Measured {
             self.metrics.generation(&self.names.0, &self.names.1, &g);
         }
         then(&g);
-        let _ = self.summary.set(g);
+        if let Some(tx) = self.summary.take() {
+            let _ = tx.send(g);
+        }
     }
 
     /// Whole events, measured, as the client gets them (`None`: nothing to send yet).
