@@ -108,9 +108,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-delay", default="5ms")
     ap.add_argument("--max-inflight", type=int, default=1)
+    ap.add_argument("--executor-threads", type=int, default=1, help="the executor's model threads")
     args = ap.parse_args()
     executor, exec_addr, _ = spawn([args.braid, "executor", "--model", MODEL, "--name", "minilm",
-                                 "--listen", "127.0.0.1:0"], r"listen=(\S+)")
+                                    "--listen", "127.0.0.1:0", "--threads", str(args.executor_threads)],
+                                   r"listen=(\S+)")
     procs = [executor]
     try:
         wait_ready(f"http://{exec_addr}/v2/health/ready")
