@@ -26,6 +26,8 @@ enum Act {
     Silent(u64),
     /// Two tokens, then the connection drops.
     CutAfterTwo,
+    /// A whole stream with this long between its tokens.
+    Trickle(u64),
 }
 
 /// A backend streaming like vLLM, acting out `script` one request at a time (then
@@ -169,7 +171,7 @@ async fn serve(
             return;
         }
         Act::Silent(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
-        Act::Stream { .. } => {}
+        Act::Stream { .. } | Act::Trickle(_) => {}
     }
     let nulls = matches!(act, Act::Stream { nulls: true });
     send(
@@ -178,6 +180,9 @@ async fn serve(
     )
     .await;
     for t in ["Hel", "lo", "!"] {
+        if let Act::Trickle(ms) = act {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         if !send(
             &mut s,
             chunk(&format!(r#"{{"content":"{t}"}}"#), "null", nulls),
@@ -626,5 +631,52 @@ async fn a_saturated_variant_sheds_sheddable_classes_and_queues_the_rest() {
     };
     assert_eq!(metric(&proxy, &refused("shed")).await, 1.0);
     assert_eq!(metric(&proxy, &refused("queue_full")).await, 1.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_still_gets_its_payload_record_and_frees_everything() {
+    use http_body_util::BodyExt;
+    let backend = LlmBackend::start(vec![Act::Trickle(300)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let payloads = dir.path().join("payloads.jsonl");
+    let proxy = TestProxy::start(&format!(
+        "routes:\n  - model: m\n    variants: [{{ name: only, backend: \"{}\" }}]\n    log: {{ sink: {}, fraction: 1 }}\n",
+        backend.url,
+        payloads.display()
+    ))
+    .await;
+    let req = http::Request::post(proxy.url(CHAT))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"model":"m","stream":true}"#,
+        )))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let mut body = resp.into_body();
+    // The first token arrives (after the role chunk); then the client leaves.
+    loop {
+        let frame = body.frame().await.unwrap().unwrap();
+        if String::from_utf8_lossy(frame.data_ref().unwrap()).contains("Hel") {
+            break;
+        }
+    }
+    drop(body);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let text = std::fs::read_to_string(&payloads).unwrap_or_default();
+        if let Some(line) = text.lines().next() {
+            break serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no record");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Measured to where it was cut: one token, its time to first token.
+    assert_eq!(record["generation"]["output_tokens"], 1, "{record}");
+    assert!(
+        record["generation"]["ttft_ms"].as_f64().unwrap() >= 300.0,
+        "{record}"
+    );
+    assert_eq!(metric(&proxy, "braid_requests_in_flight").await, 0.0);
+    assert_eq!(metric(&proxy, "braid_buffered_bytes").await, 0.0);
     proxy.stop().await;
 }
