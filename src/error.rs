@@ -56,12 +56,14 @@ pub enum ProxyError {
     NoFirstToken { backend: String, after: Duration },
     #[error("the request's deadline passed before it could be answered")]
     DeadlinePassed,
-    #[error("variant {variant} is serving its max_concurrent requests and {why}; retry shortly")]
+    #[error(
+        "variant {variant} is serving its max_concurrent requests and {}; retry shortly",
+        saturated_why(reason)
+    )]
     Saturated {
         variant: String,
         /// `shed`, `queue_full` or `queue_timeout`.
         reason: &'static str,
-        why: &'static str,
     },
     #[error("braid is at its limit of requests in flight; retry shortly")]
     Overloaded,
@@ -75,6 +77,15 @@ pub enum ProxyError {
     BufferFull { limit: usize },
     #[error("transfer coding {0:?} is not supported: send the body as is or as chunked alone")]
     UnsupportedCoding(String),
+}
+
+/// What a saturated variant's refusal (its `reason`) means for the request.
+fn saturated_why(reason: &str) -> &'static str {
+    match reason {
+        "shed" => "this request's priority class is sheddable",
+        "queue_full" => "its queue for this priority class is full",
+        _ => "no place came free within the queue timeout",
+    }
 }
 
 /// Why one call to a backend produced no response, split by whether the request may

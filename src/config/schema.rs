@@ -11,6 +11,7 @@ pub use crate::addr::{Protocol, Upstream};
 
 use super::node::Node;
 use super::{ConfigError, Errors};
+use crate::batch::queue::ClassLimits;
 use crate::route::experiment::{Action, Guardrail};
 use crate::route::ramp::{Ramp, Step};
 use crate::upstream::health::Outlier;
@@ -116,6 +117,30 @@ pub struct Admission {
     /// Priority classes, highest first; empty: one class.
     pub priorities: Vec<PriorityClass>,
     pub default_priority: usize,
+}
+
+impl Default for Admission {
+    /// A route without an `admission` block: one class, 64 waiting, each at most 30 s.
+    fn default() -> Self {
+        Admission {
+            max_queue: 64,
+            queue_timeout: Some(Duration::from_secs(30)),
+            priorities: Vec::new(),
+            default_priority: 0,
+        }
+    }
+}
+
+impl PriorityClass {
+    /// The class compiled, its limits falling back to its block's.
+    pub fn limits(&self, max_queue: u64, queue_timeout: Option<Duration>) -> ClassLimits {
+        ClassLimits {
+            name: self.name.as_str().into(),
+            max_queue: self.max_queue.unwrap_or(max_queue) as usize,
+            queue_timeout: self.queue_timeout.or(queue_timeout),
+            sheddable: self.sheddable,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -548,13 +573,7 @@ fn upstream_tls(
 
 fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
     let mut obj = Obj::new(node, path.clone(), errs)?;
-    let priorities: Vec<PriorityClass> = obj
-        .opt("priorities", |n, p, e| seq(n, p, e, priority_class))
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(_, c)| c)
-        .collect();
-    let default_priority = obj.opt("default_priority", name);
+    let (priorities, default_priority) = priorities(&mut obj);
     let b = Batching {
         max_batch_size: obj.opt("max_batch_size", positive_int).unwrap_or(32),
         max_delay: obj.opt("max_delay", duration_or_zero),
@@ -578,6 +597,17 @@ fn batching(node: &Node, path: String, errs: &mut Errors) -> Option<Batching> {
     let mut b = b;
     b.default_priority = class_index(&b.priorities, default_priority, &path, errs);
     Some(b)
+}
+
+/// A block's `priorities` list and `default_priority` name, as written.
+fn priorities(obj: &mut Obj) -> (Vec<PriorityClass>, Option<String>) {
+    let classes = obj
+        .opt("priorities", |n, p, e| seq(n, p, e, priority_class))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, c)| c)
+        .collect();
+    (classes, obj.opt("default_priority", name))
 }
 
 /// Checks a `priorities` list (no name twice) and finds its `default_priority`.
@@ -612,18 +642,11 @@ fn class_index(
 /// `routes[].admission`: the queue of variants with `max_concurrent`.
 fn admission(node: &Node, path: String, errs: &mut Errors) -> Option<Admission> {
     let mut obj = Obj::new(node, path.clone(), errs)?;
-    let priorities: Vec<PriorityClass> = obj
-        .opt("priorities", |n, p, e| seq(n, p, e, priority_class))
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(_, c)| c)
-        .collect();
-    let default_priority = obj.opt("default_priority", name);
+    let (priorities, default_priority) = priorities(&mut obj);
+    let d = Admission::default();
     let mut a = Admission {
-        max_queue: obj.opt("max_queue", positive_int).unwrap_or(64),
-        queue_timeout: obj
-            .opt("queue_timeout", duration)
-            .or(Some(Duration::from_secs(30))),
+        max_queue: obj.opt("max_queue", positive_int).unwrap_or(d.max_queue),
+        queue_timeout: obj.opt("queue_timeout", duration).or(d.queue_timeout),
         priorities,
         default_priority: 0,
     };

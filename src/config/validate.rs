@@ -9,7 +9,7 @@ use http::HeaderValue;
 
 use super::ConfigError;
 use super::node::Node;
-use super::schema::{BackendSpec, Document, RouteSpec};
+use super::schema::{Admission, BackendSpec, Document, RouteSpec};
 use crate::addr::{Protocol, Upstream};
 use crate::batch::queue::{BatchLimits, ClassLimits};
 use crate::route::admission::AdmissionLimits;
@@ -343,12 +343,7 @@ fn compile_route(
             classes: b
                 .priorities
                 .iter()
-                .map(|c| ClassLimits {
-                    name: c.name.as_str().into(),
-                    max_queue: c.max_queue.unwrap_or(b.max_queue) as usize,
-                    queue_timeout: c.queue_timeout.or(b.queue_timeout),
-                    sheddable: c.sheddable,
-                })
+                .map(|c| c.limits(b.max_queue, b.queue_timeout))
                 .collect(),
             default_class: b.default_priority,
         }),
@@ -371,31 +366,7 @@ fn compile_route(
             })
         }),
         payload_log: spec.payload_log.clone(),
-        admission: match &spec.admission {
-            None => crate::route::admission::default_limits(),
-            Some(a) if a.priorities.is_empty() => AdmissionLimits {
-                classes: vec![ClassLimits {
-                    name: "default".into(),
-                    max_queue: a.max_queue as usize,
-                    queue_timeout: a.queue_timeout,
-                    sheddable: false,
-                }],
-                default_class: 0,
-            },
-            Some(a) => AdmissionLimits {
-                classes: a
-                    .priorities
-                    .iter()
-                    .map(|c| ClassLimits {
-                        name: c.name.as_str().into(),
-                        max_queue: c.max_queue.unwrap_or(a.max_queue) as usize,
-                        queue_timeout: c.queue_timeout.or(a.queue_timeout),
-                        sheddable: c.sheddable,
-                    })
-                    .collect(),
-                default_class: a.default_priority,
-            },
-        },
+        admission: admission_limits(&spec.admission.clone().unwrap_or_default()),
         fingerprint: {
             let mut s = spec.clone();
             s.at = 0;
@@ -406,6 +377,27 @@ fn compile_route(
             .as_ref()
             .and_then(|b| b.row_id.as_deref())
             .map(Arc::from),
+    }
+}
+
+/// A route's admission classes: those it names, else one of the block's limits.
+fn admission_limits(a: &Admission) -> AdmissionLimits {
+    let classes = match a.priorities.is_empty() {
+        true => vec![ClassLimits {
+            name: "default".into(),
+            max_queue: a.max_queue as usize,
+            queue_timeout: a.queue_timeout,
+            sheddable: false,
+        }],
+        false => a
+            .priorities
+            .iter()
+            .map(|c| c.limits(a.max_queue, a.queue_timeout))
+            .collect(),
+    };
+    AdmissionLimits {
+        classes,
+        default_class: a.default_priority,
     }
 }
 

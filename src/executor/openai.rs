@@ -1,5 +1,5 @@
-//! The executor's OpenAI-compatible edge, for its encoders: `POST /v1/embeddings` and
-//! `GET /v1/models`, in the shape TEI and vLLM answer them (what the `openai` SDK's
+//! The executor's OpenAI-compatible edge, for its encoders: `POST /v1/embeddings` (and
+//! `GET /v1/models`, answered with `openai::models_response`), in the shape TEI and vLLM answer them (what the `openai` SDK's
 //! `embeddings.create` reads), with errors in OpenAI's shape. Each input's token count
 //! is given beside its embedding (`tokens`, an extension the SDK ignores), so whoever
 //! splits a merged call can give each caller its own exact `usage`.
@@ -107,14 +107,6 @@ pub fn reply(call: &EmbeddingsCall, out: &Outputs) -> Value {
         "model": call.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     })
-}
-
-/// `GET /v1/models`: the models this executor serves.
-pub fn models<'a>(names: impl Iterator<Item = &'a str>) -> Value {
-    let data: Vec<Value> = names
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "braid"}))
-        .collect();
-    json!({"object": "list", "data": data})
 }
 
 #[cfg(test)]

@@ -604,10 +604,7 @@ impl Handler for Executor {
                 r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
                 r
             }
-            Op::Models => json_response(
-                StatusCode::OK,
-                super::openai::models(self.slots.iter().map(|s| s.spec.name.as_str())).to_string(),
-            ),
+            Op::Models => crate::openai::models_response(self.slots.iter().map(|s| s.spec.name.as_str())),
             Op::Embeddings => self.embeddings(req).await,
             Op::Model(name) => match self.slot(name) {
                 Some(slot) => json_response(StatusCode::OK, self.metadata(slot).to_string()),

@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use hyper::body::Frame;
 use tokio::time::Instant;
 
-use super::batched::X_BRAID_PRIORITY;
+use super::batched::named_class;
 use crate::error::{Body, BoxError, ProxyError};
 use crate::route::admission::{Permit, Refused};
 use crate::route::{Route, live::VariantLive};
@@ -30,37 +30,22 @@ pub(super) async fn admit(
         return Ok(None);
     };
     let limits = &route.admission;
-    let class = match headers.get(&X_BRAID_PRIORITY) {
+    let class = match named_class(&limits.classes, headers) {
         None => limits.default_class,
-        Some(v) => {
-            let name = v.to_str().unwrap_or_default().trim();
-            match limits.classes.iter().position(|c| &*c.name == name) {
-                Some(i) => i,
-                // One class of its own: a route without classes ignores the header.
-                None if limits.classes.len() == 1 => 0,
-                None => {
-                    let known: Vec<&str> = limits.classes.iter().map(|c| &*c.name).collect();
-                    return Err(ProxyError::BadRequest(format!(
-                        "unknown priority class {name:?} in x-braid-priority: this route's classes are {}",
-                        known.join(", ")
-                    )));
-                }
-            }
-        }
+        Some(Ok(i)) => i,
+        // One class of its own: a route without classes ignores the header.
+        Some(Err(_)) if limits.classes.len() == 1 => 0,
+        Some(Err(e)) => return Err(e),
     };
-    let (reason, why) = match gate.admit(class, deadline).await {
+    let reason = match gate.admit(class, deadline).await {
         Ok(p) => return Ok(Some(p)),
-        Err(Refused::Shed) => ("shed", "this request's priority class is sheddable"),
-        Err(Refused::QueueFull) => ("queue_full", "its queue for this priority class is full"),
-        Err(Refused::TimedOut) => (
-            "queue_timeout",
-            "no place came free within the queue timeout",
-        ),
+        Err(Refused::Shed) => "shed",
+        Err(Refused::QueueFull) => "queue_full",
+        Err(Refused::TimedOut) => "queue_timeout",
     };
     Err(ProxyError::Saturated {
         variant: route.variants[vi].name.to_string(),
         reason,
-        why,
     })
 }
 

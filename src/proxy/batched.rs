@@ -15,7 +15,7 @@ use super::spans::BatchSpan;
 use crate::addr::Upstream;
 use crate::batch::batcher::{BatchError, Batcher, Delivered, ExecFuture, Execute, Submission};
 use crate::batch::codec::{self, Item, PathModel, Payload, Unqueued};
-use crate::batch::queue::BatchLimits;
+use crate::batch::queue::{BatchLimits, ClassLimits};
 use crate::error::{Body, ProxyError, full};
 use crate::executor::oip;
 use crate::grpc::{self, pb};
@@ -123,6 +123,26 @@ pub(super) fn v2_infer_path(path: &str) -> Option<PathModel<'_>> {
 /// The header that names a request's priority class on a route with `priorities`.
 pub static X_BRAID_PRIORITY: http::HeaderName = http::HeaderName::from_static("x-braid-priority");
 
+/// The class `x-braid-priority` names among `classes`, when the request sends it; 400
+/// for a name that is not one of them.
+pub(super) fn named_class(
+    classes: &[ClassLimits],
+    headers: &HeaderMap,
+) -> Option<Result<usize, ProxyError>> {
+    let name = headers
+        .get(&X_BRAID_PRIORITY)?
+        .to_str()
+        .unwrap_or_default()
+        .trim();
+    Some(classes.iter().position(|c| &*c.name == name).ok_or_else(|| {
+        let known: Vec<&str> = classes.iter().map(|c| &*c.name).collect();
+        ProxyError::BadRequest(format!(
+            "unknown priority class {name:?} in x-braid-priority: this route's classes are {}",
+            known.join(", ")
+        ))
+    }))
+}
+
 /// The priority class a request asks for: the `x-braid-priority` header (a class name),
 /// else Triton's `parameters.priority` (1 = the first class; past the last, the last),
 /// else the route's default. Routes without classes ignore both.
@@ -134,19 +154,8 @@ fn priority_class(
     if limits.classes.is_empty() {
         return Ok(0);
     }
-    if let Some(v) = headers.get(&X_BRAID_PRIORITY) {
-        let name = v.to_str().unwrap_or_default().trim();
-        return limits
-            .classes
-            .iter()
-            .position(|c| &*c.name == name)
-            .ok_or_else(|| {
-                let known: Vec<&str> = limits.classes.iter().map(|c| &*c.name).collect();
-                ProxyError::BadRequest(format!(
-                    "unknown priority class {name:?} in x-braid-priority: this route's classes are {}",
-                    known.join(", ")
-                ))
-            });
+    if let Some(class) = named_class(&limits.classes, headers) {
+        return class;
     }
     Ok(match item.priority {
         Some(level) => (level as usize - 1).min(limits.classes.len() - 1),
@@ -295,7 +304,7 @@ impl Execute for HttpExecutor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::queue::ClassLimits;
+
     use http::HeaderValue;
     use std::sync::Arc;
 

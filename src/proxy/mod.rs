@@ -493,7 +493,8 @@ impl Proxy {
             // Its accounting needs the whole answer: done once it has ended.
             let requests = requests.clone();
             let experiment = r.live.experiment.clone().zip(r.weights.clone());
-            let models = spans::models(r, variant);
+            // The span's GenAI attributes, only for a recorded request.
+            let span = span.map(|s| (s, spans::models(r, variant)));
             let then: generation::Then = Box::new(move |g| {
                 requests.record(who.status, g.duration);
                 if let Some((exp, weights)) = experiment {
@@ -503,7 +504,7 @@ impl Proxy {
                     access::with_generation(&mut line, g);
                     log.write(line.to_string());
                 }
-                if let Some((tracer, mut span)) = span {
+                if let Some(((tracer, mut span), models)) = span {
                     spans::with_generation(&mut span, models, g);
                     tracer.record(span);
                 }

@@ -11,8 +11,6 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -185,22 +183,10 @@ impl Gate {
     }
 }
 
-/// The default queue of a route without an `admission` block: one class, 64 waiting,
-/// each at most 30 s.
-pub fn default_limits() -> AdmissionLimits {
-    AdmissionLimits {
-        classes: vec![ClassLimits {
-            name: "default".into(),
-            max_queue: 64,
-            queue_timeout: Some(Duration::from_secs(30)),
-            sheddable: false,
-        }],
-        default_class: 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn gate(max: usize) -> Arc<Gate> {
