@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::support::*;
 
@@ -68,29 +68,10 @@ async fn serve(
     bodies: Arc<Mutex<Vec<String>>>,
     script: Arc<Mutex<VecDeque<Act>>>,
 ) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let (path, body) = loop {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if body.len() >= len {
-                break (path, body.to_string());
-            }
-        }
+    let Some((head, body)) = read_request(&mut s, &mut Vec::new()).await else {
+        return;
     };
+    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
     bodies.lock().unwrap().push(body.clone());
     let act = script
         .lock()
@@ -678,5 +659,70 @@ async fn a_client_that_leaves_mid_stream_still_gets_its_payload_record_and_frees
     );
     assert_eq!(metric(&proxy, "braid_requests_in_flight").await, 0.0);
     assert_eq!(metric(&proxy, "braid_buffered_bytes").await, 0.0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_give_up_reset_or_trickle_on_an_llm_route_leave_nothing_held() {
+    use tokio::io::AsyncReadExt;
+    // The first two generations never send a token while their clients wait.
+    let backend = LlmBackend::start(vec![Act::Silent(10_000), Act::Silent(10_000)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("braid.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "routes:\n  - model: m\n    variants: [{{ name: only, backend: \"{}\", max_concurrent: 1 }}]\n",
+            backend.url
+        ),
+    )
+    .unwrap();
+    let mut opts = options(&path);
+    opts.limits.body_idle_timeout = Duration::from_millis(300);
+    let proxy = TestProxy::start_at(&path, opts).await;
+    let body = r#"{"model":"m","stream":true}"#;
+    let request = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let labels = r#"{route="m",variant="only"}"#;
+    let running = format!("braid_admission_running{labels}");
+    // Gives up (closes), then resets (RST), each while braid waits for the first token.
+    for reset in [false, true] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        wait_for(&proxy, &running, 1.0).await;
+        if reset {
+            s.set_linger(Some(Duration::ZERO)).unwrap();
+        }
+        drop(s);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while metric(&proxy, &running).await != 0.0
+            || metric(&proxy, "braid_requests_in_flight").await != 0.0
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a place is still held"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // The place is free: the next generation is served whole.
+    let (status, text, _) = stream_text(&client(), &proxy.url(CHAT), body).await;
+    assert_eq!(status, 200);
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    // A body that stalls: 408 in OpenAI's shape, and its bytes given back.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let cut = request.len() - 10;
+    s.write_all(&request.as_bytes()[..cut]).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(out.contains(r#""type":"invalid_request_error""#), "{out}");
+    assert!(out.contains(r#""code":"body_stalled""#), "{out}");
+    assert_eq!(metric(&proxy, "braid_buffered_bytes").await, 0.0);
+    assert_eq!(metric(&proxy, "braid_requests_in_flight").await, 0.0);
+    assert_eq!(metric(&proxy, &running).await, 0.0);
     proxy.stop().await;
 }

@@ -24,6 +24,25 @@ fn minilm() -> &'static SentenceEncoder {
     })
 }
 
+/// braid's executor serving the real MiniLM as `minilm`, with a queue of `queue`.
+async fn minilm_executor(queue: usize) -> crate::support::TestExecutor {
+    let dir = tokio::task::spawn_blocking(|| source::resolve(DEMO_MODEL).unwrap())
+        .await
+        .unwrap();
+    crate::support::TestExecutor::start(|_| {
+        vec![braid::executor::server::ModelSpec {
+            name: "minilm".into(),
+            source: dir.display().to_string(),
+            labels: vec![],
+            threads: 1,
+            compute_threads: None,
+            queue,
+            max_batch: 64,
+        }]
+    })
+    .await
+}
+
 #[test]
 fn quickstart_similarities_match_sentence_transformers() {
     let enc = minilm();
@@ -165,22 +184,8 @@ async fn grpc_through_the_batcher_gives_the_rest_paths_embeddings() {
     use crate::support::grpc::{
         INFER, decoded, fp32_output, json_fp32_output, texts_request, unary,
     };
-    use crate::support::{TestExecutor, TestProxy, infer_body, post};
-    let dir = tokio::task::spawn_blocking(|| source::resolve(DEMO_MODEL).unwrap())
-        .await
-        .unwrap();
-    let ex = TestExecutor::start(|_| {
-        vec![braid::executor::server::ModelSpec {
-            name: "minilm".into(),
-            source: dir.display().to_string(),
-            labels: vec![],
-            threads: 1,
-            compute_threads: None,
-            queue: 16,
-            max_batch: 64,
-        }]
-    })
-    .await;
+    use crate::support::{TestProxy, infer_body, post};
+    let ex = minilm_executor(16).await;
     let proxy = TestProxy::start(&format!(
         "executor: http://{}\nroutes:\n  - model: m\n    variants: [{{ name: local, backend: local, target_model: minilm }}]\n    batching: {{ max_batch_size: 8, max_delay: 50ms }}\n",
         ex.addr
@@ -231,22 +236,8 @@ async fn grpc_through_the_batcher_gives_the_rest_paths_embeddings() {
 /// tokenizer, and errors the SDK raises as their kind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_gets_the_executors_embeddings_directly_and_through_braid() {
-    use crate::support::{TestExecutor, TestProxy, infer_body, post, run_python_client};
-    let dir = tokio::task::spawn_blocking(|| source::resolve(DEMO_MODEL).unwrap())
-        .await
-        .unwrap();
-    let ex = TestExecutor::start(|_| {
-        vec![braid::executor::server::ModelSpec {
-            name: "minilm".into(),
-            source: dir.display().to_string(),
-            labels: vec![],
-            threads: 1,
-            compute_threads: None,
-            queue: 16,
-            max_batch: 64,
-        }]
-    })
-    .await;
+    use crate::support::{TestProxy, infer_body, post, run_python_client};
+    let ex = minilm_executor(16).await;
     let proxy = TestProxy::start(&format!(
         "executor: http://{}\nroutes:\n  - model: embedder\n    variants: [{{ name: local, backend: local, target_model: minilm }}]\n    batching: {{ max_batch_size: 8, max_delay: 5ms }}\n",
         ex.addr
@@ -311,22 +302,8 @@ async fn the_openai_sdk_gets_the_executors_embeddings_directly_and_through_braid
 /// `index` values from 0, and its own exact `usage`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_embeddings_calls_are_coalesced_and_each_gets_its_own() {
-    use crate::support::{TestExecutor, TestProxy, metric, post};
-    let dir = tokio::task::spawn_blocking(|| source::resolve(DEMO_MODEL).unwrap())
-        .await
-        .unwrap();
-    let ex = TestExecutor::start(|_| {
-        vec![braid::executor::server::ModelSpec {
-            name: "minilm".into(),
-            source: dir.display().to_string(),
-            labels: vec![],
-            threads: 1,
-            compute_threads: None,
-            queue: 64,
-            max_batch: 64,
-        }]
-    })
-    .await;
+    use crate::support::{TestProxy, metric, post};
+    let ex = minilm_executor(64).await;
     let proxy = TestProxy::start(&format!(
         "executor: http://{}\nroutes:\n  - model: embedder\n    variants: [{{ name: local, backend: local, target_model: minilm }}]\n    batching: {{ max_batch_size: 32, max_delay: 50ms }}\n",
         ex.addr

@@ -242,6 +242,19 @@ async fn the_openai_sdk_is_routed_by_model_and_raises_braids_errors() {
         assert_eq!(body["user"], call["user"]);
     }
     assert_eq!(report["embeddings"]["variant"], "only");
+    let r = &report["responses"];
+    assert_eq!(
+        (r["variant"].as_str(), r["path"].as_str()),
+        (Some("tuned"), Some("/v1/responses")),
+        "{r}"
+    );
+    assert!(
+        r["body"]
+            .as_str()
+            .unwrap()
+            .contains(r#""model":"llama-3-8b-ft""#),
+        "{r}"
+    );
     let e = &report["errors"]["unknown_model"];
     assert_eq!(
         (e["class"].as_str(), e["status"].as_u64()),
@@ -505,7 +518,7 @@ async fn a_stream_cut_short_counts_the_tokens_that_arrived_and_in_band_errors_ar
 
 #[tokio::test]
 async fn a_shadow_copy_names_the_shadow_variants_own_model() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let a = Backend::start("a").await;
     // The shadow's backend: records what it is sent.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -515,31 +528,12 @@ async fn a_shadow_copy_names_the_shadow_variants_own_model() {
         while let Ok((mut s, _)) = listener.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&got).into_owned();
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap())
-                            })
-                            .unwrap_or(0);
-                        if body.len() >= len {
-                            let _ = tx.send(body.to_string());
-                            let _ = s
-                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                                .await;
-                            got.clear();
-                        }
-                    }
+                let mut buf = Vec::new();
+                while let Some((_, body)) = read_request(&mut s, &mut buf).await {
+                    let _ = tx.send(body);
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                        .await;
                 }
             });
         }

@@ -1,5 +1,5 @@
 """The official openai SDK, in its default mode, through braid: the models list, chat
-and embeddings calls routed by their model (with the variant braid chose), and braid's
+and embeddings calls and the Responses API routed by their model (with the variant braid chose), and braid's
 own errors raised as the SDK's matching exceptions. Prints one JSON line.
 
     openai_clients.py http://PROXY/v1
@@ -26,6 +26,12 @@ def main():
     emb = client.embeddings.with_raw_response.create(model="embedder", input=["a", "b"])
     out["embeddings"] = {"variant": emb.headers.get("x-braid-variant"),
                          "body": emb.http_response.json().get("body")}
+    # The Responses API, routed by its body's model like chat.
+    resp = client.responses.with_raw_response.create(model="assistant", input="hi",
+                                                     extra_headers={"x-braid-variant": "tuned"})
+    seen = resp.http_response.json()
+    out["responses"] = {"variant": resp.headers.get("x-braid-variant"),
+                        "path": seen.get("path"), "body": seen.get("body")}
     errors = {}
     for name, call in {
         "unknown_model": lambda: client.chat.completions.create(

@@ -435,6 +435,40 @@ pub async fn post(client: &TestClient, url: &str, headers: &[(&str, &str)], body
     send(client, "POST", url, headers, body.as_bytes()).await
 }
 
+/// Reads one HTTP/1.1 request from `s` (its head, and a body of its Content-Length),
+/// keeping any bytes past it in `buf` for the next; `None` when the peer closes first.
+/// For test backends that answer by hand.
+pub async fn read_request(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(String, String)> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            let total = end + 4 + len;
+            if buf.len() >= total {
+                let body = String::from_utf8_lossy(&buf[end + 4..total]).into_owned();
+                buf.drain(..total);
+                return Some((head, body));
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// Sends raw bytes on a fresh connection and reads until the server closes it (or 5 s).
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
