@@ -58,7 +58,10 @@ impl Proxy {
         } else {
             variant.upstream.protocol
         };
-        let health = live.health.clone();
+        // A stream's try is judged at its first token (`forward_stream` records it), not
+        // at its head: a 200 that fails before a token is a failure, not a success.
+        let streamed = r.call.as_ref().is_some_and(|c| c.stream);
+        let health = live.health.clone().filter(|_| !streamed);
         // A route that neither retries, times tries out nor tracks health needs none of
         // the tower stack: one call, as cheap as it can be.
         let plain =
@@ -182,15 +185,7 @@ impl Proxy {
                     if let Some(h) = &health {
                         h.record(false, Instant::now());
                     }
-                    let e = if prepared.by_header {
-                        ProxyError::DeadlinePassed
-                    } else {
-                        ProxyError::Timeout {
-                            backend: variant.upstream.authority.to_string(),
-                            after: route.timeout.unwrap_or_default(),
-                        }
-                    };
-                    return Served::error(e);
+                    return Served::error(prepared.deadline_error(route, variant));
                 }
             },
             None => sent.await,

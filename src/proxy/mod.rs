@@ -795,6 +795,21 @@ impl Who {
     }
 }
 
+impl Prepared {
+    /// What a request gets when its deadline passes: the caller's (504 "deadline
+    /// passed") or the route's timeout at this variant's backend.
+    fn deadline_error(&self, route: &Route, variant: &crate::route::Variant) -> ProxyError {
+        if self.by_header {
+            ProxyError::DeadlinePassed
+        } else {
+            ProxyError::Timeout {
+                backend: variant.upstream.authority.to_string(),
+                after: route.timeout.unwrap_or_default(),
+            }
+        }
+    }
+}
+
 struct Prepared {
     body: Bytes,
     /// The earliest of the route timeout and the deadline header.

@@ -124,9 +124,19 @@ impl Proxy {
             let served = self
                 .forward(r, vi, parts, prepared, path.clone(), conn)
                 .await;
+            // The outcome for failure accrual, once per `forward` (which leaves a stream's
+            // to its commit point: a 200 that fails before a token is a failure).
+            let record = |ok: bool| {
+                if let Some(h) = &live.health {
+                    h.record(ok, Instant::now());
+                }
+            };
             let resp = match served.result {
                 Ok(resp) if resp.status().is_success() && is_event_stream(&resp) => resp,
-                result => return Served { result, ..served },
+                result => {
+                    record(result.as_ref().is_ok_and(|r| !r.status().is_server_error()));
+                    return Served { result, ..served };
+                }
             };
             let ttft_until = route.ttft_timeout.and_then(|t| sent.checked_add(t));
             let until = [ttft_until, prepared.deadline].into_iter().flatten().min();
@@ -136,13 +146,11 @@ impl Proxy {
                     backend: backend.to_string(),
                     after,
                 },
-                _ if prepared.by_header => ProxyError::DeadlinePassed,
-                _ => ProxyError::Timeout {
-                    backend: backend.to_string(),
-                    after: route.timeout.unwrap_or_default(),
-                },
+                _ => prepared.deadline_error(route, variant),
             };
-            let failed = match generation::commit(resp, until, on_timeout, backend).await {
+            let committed = generation::commit(resp, until, on_timeout, backend).await;
+            record(committed.is_ok());
+            let failed = match committed {
                 Ok(resp) => {
                     return Served {
                         result: Ok(resp),
@@ -151,9 +159,6 @@ impl Proxy {
                 }
                 Err(failed) => failed,
             };
-            if let Some(h) = &live.health {
-                h.record(false, Instant::now());
-            }
             let time_left = prepared.deadline.is_none_or(|d| d > Instant::now());
             if tries < route.retry.attempts
                 && time_left

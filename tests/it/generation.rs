@@ -728,3 +728,28 @@ async fn clients_that_give_up_reset_or_trickle_on_an_llm_route_leave_nothing_hel
     assert_eq!(metric(&proxy, &running).await, 0.0);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn streams_that_fail_before_their_first_token_count_as_failures_and_eject() {
+    // Every stream of `main` is a 200 whose first event is an error.
+    let failing = LlmBackend::start(vec![Act::ErrorFirst; 8]).await;
+    let spare = LlmBackend::start(vec![]).await;
+    let proxy = TestProxy::start(&format!(
+        "routes:\n  - model: m\n    variants:\n      - {{ name: main, weight: 1, backend: \"{}\" }}\n      - {{ name: spare, weight: 0, backend: \"{}\" }}\n    fallback: spare\n    outlier: {{ consecutive_failures: 2, base_ejection: 1h, max_ejection: 1h }}\n",
+        failing.url, spare.url
+    ))
+    .await;
+    let body = r#"{"model":"m","stream":true}"#;
+    for _ in 0..2 {
+        let r = post(&client(), &proxy.url(CHAT), &[], body).await;
+        assert_eq!((r.status.as_u16(), r.variant()), (200, "spare"));
+    }
+    // Two failures in a row (not a success and a failure each): `main` is ejected, and
+    // the next call goes to the spare without trying it.
+    let ejected = r#"braid_variant_ejected{route="m",variant="main"}"#;
+    assert_eq!(metric(&proxy, ejected).await, 1.0);
+    let r = post(&client(), &proxy.url(CHAT), &[], body).await;
+    assert_eq!(r.variant(), "spare");
+    assert_eq!(failing.bodies().len(), 2);
+    proxy.stop().await;
+}
