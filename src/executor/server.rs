@@ -218,6 +218,12 @@ impl Executor {
                     None => {
                         let dir =
                             super::source::resolve(&spec.source).map_err(|e| e.to_string())?;
+                        if dir.extension().is_some_and(|e| e == "gguf") {
+                            return Err(format!(
+                                "{}: a GGUF model (an LLM); this executor serves sentence encoders only so far",
+                                dir.display()
+                            ));
+                        }
                         let start = std::time::Instant::now();
                         let e = Arc::new(
                             SentenceEncoder::load(&dir, device).map_err(|e| e.to_string())?,

