@@ -302,6 +302,7 @@ fn main() {
                 device: "cpu".into(),
                 trace: None,
                 limits: braid::server::Limits::default(),
+                llm: Default::default(),
             };
             let mut exec = braid::executor::server::start(opts, l).await.unwrap();
             exec.wait_loaded().await.unwrap();

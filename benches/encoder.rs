@@ -151,6 +151,7 @@ fn http(corpus: &[&str], pass_ms: f64) {
             device: "cpu".into(),
             trace: None,
             limits: braid::server::Limits::default(),
+            llm: Default::default(),
         };
         let mut exec = braid::executor::server::start(opts, l).await.unwrap();
         exec.wait_loaded().await.unwrap();

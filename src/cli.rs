@@ -271,6 +271,20 @@ pub struct ExecutorArgs {
     /// down`). Then in-flight requests finish and it exits.
     #[arg(long, env = "BRAID_EXECUTOR_DRAIN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub drain_grace: Duration,
+    /// A language model's KV-cache budget in tokens: each running sequence reserves
+    /// its prompt plus `max_tokens` out of it; it also caps the context served.
+    #[arg(long, env = "BRAID_KV_CACHE_TOKENS", default_value_t = 32_768, value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_cache_tokens: u64,
+    /// Sequences a language model decodes at once (the continuous batch).
+    #[arg(long, env = "BRAID_MAX_NUM_SEQS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_num_seqs: u64,
+    /// Tokens per decoding step (one per running sequence, the rest prefill chunks):
+    /// smaller keeps streams smooth while long prompts arrive, larger prefills faster.
+    #[arg(long, env = "BRAID_MAX_BATCH_TOKENS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch_tokens: u64,
+    /// `max_tokens` for a chat call that names none (capped by the context left).
+    #[arg(long, env = "BRAID_DEFAULT_MAX_TOKENS", default_value_t = 1024)]
+    pub default_max_tokens: u64,
 }
 
 pub fn main() -> ExitCode {
@@ -725,6 +739,12 @@ fn executor(args: ExecutorArgs) -> ExitCode {
             .unwrap_or_else(|| "cpu".into()),
         trace,
         limits: Limits::default(),
+        llm: crate::executor::generate::LlmOptions {
+            kv_cache_tokens: args.kv_cache_tokens as usize,
+            max_num_seqs: args.max_num_seqs as usize,
+            step_tokens: args.max_batch_tokens as usize,
+            default_max_tokens: args.default_max_tokens as usize,
+        },
     };
     runtime(None).block_on(async move {
         let Some(listener) = bind(args.listen).await else {

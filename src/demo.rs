@@ -97,6 +97,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
             .ok()
             .flatten(),
         limits: Limits::default(),
+        llm: Default::default(),
     };
     let mut exec = match executor::start(opts, exec_l).await {
         Ok(e) => e,

@@ -1039,6 +1039,217 @@ pub struct ExecutorMetrics {
     tokens_computed: Family<ModelLabels, Counter>,
     tokens_real: Family<ModelLabels, Counter>,
     trace_spans: Family<ResultLabels, Counter>,
+    /// The LLM families, braid's names and vLLM's (`vllm:*`, labelled `model_name`).
+    pub llm: LlmMetrics,
+}
+
+/// vLLM's label for the model a sample is about.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VllmLabels {
+    pub model_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LlmFinishLabels {
+    pub model: String,
+    pub finished_reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VllmFinishLabels {
+    pub model_name: String,
+    pub finished_reason: &'static str,
+}
+
+/// One LLM family under braid's name and vLLM's.
+#[derive(Debug, Clone)]
+struct Twin<M> {
+    braid: Family<ModelLabels, M, fn() -> M>,
+    vllm: Family<VllmLabels, M, fn() -> M>,
+}
+
+impl<M: prometheus_client::registry::Metric + prometheus_client::metrics::TypedMetric + Clone>
+    Twin<M>
+{
+    fn new(r: &mut Registry, braid: &str, vllm: &str, help: &str, make: fn() -> M) -> Twin<M> {
+        Twin {
+            braid: register(r, braid, help, Family::new_with_constructor(make)),
+            vllm: register(r, vllm, help, Family::new_with_constructor(make)),
+        }
+    }
+
+    fn each(&self, model: &str, f: impl Fn(&M)) {
+        f(&self.braid.get_or_create(&ModelLabels {
+            model: model.to_string(),
+        }));
+        f(&self.vllm.get_or_create(&VllmLabels {
+            model_name: model.to_string(),
+        }));
+    }
+}
+
+/// Time-to-first-token and per-token buckets (vLLM's, to 80 s).
+pub const TOKEN_LATENCY_BUCKETS: [f64; 18] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 80.0,
+];
+
+fn token_histogram() -> Histogram {
+    Histogram::new(TOKEN_LATENCY_BUCKETS)
+}
+
+/// The executor's generation metrics, per model: what an LLM operator's dashboards,
+/// the Gateway API Inference Extension's endpoint picker, KEDA and HPA recipes read.
+#[derive(Debug, Clone)]
+pub struct LlmMetrics {
+    running: Twin<Gauge>,
+    waiting: Twin<Gauge>,
+    kv_usage: Twin<FloatGauge>,
+    prompt_tokens: Twin<Counter>,
+    generation_tokens: Twin<Counter>,
+    ttft: Twin<Histogram>,
+    tpot: Twin<Histogram>,
+    queue_time: Twin<Histogram>,
+    e2e: Twin<Histogram>,
+    finished: Family<LlmFinishLabels, Counter>,
+    vllm_finished: Family<VllmFinishLabels, Counter>,
+}
+
+impl LlmMetrics {
+    fn new(r: &mut Registry) -> LlmMetrics {
+        LlmMetrics {
+            running: Twin::new(
+                r,
+                "braid_executor_llm_running",
+                "vllm:num_requests_running",
+                "Sequences running (in the decoding batch), by model",
+                Gauge::default,
+            ),
+            waiting: Twin::new(
+                r,
+                "braid_executor_llm_waiting",
+                "vllm:num_requests_waiting",
+                "Sequences waiting to be admitted, by model",
+                Gauge::default,
+            ),
+            kv_usage: Twin::new(
+                r,
+                "braid_executor_llm_kv_cache_usage",
+                "vllm:kv_cache_usage_perc",
+                "Share of the KV-cache budget reserved by running sequences (0 to 1), by model",
+                FloatGauge::default,
+            ),
+            prompt_tokens: Twin::new(
+                r,
+                "braid_executor_llm_prompt_tokens",
+                "vllm:prompt_tokens",
+                "Prompt tokens prefilled, by model",
+                Counter::default,
+            ),
+            generation_tokens: Twin::new(
+                r,
+                "braid_executor_llm_generation_tokens",
+                "vllm:generation_tokens",
+                "Tokens generated, by model",
+                Counter::default,
+            ),
+            ttft: Twin::new(
+                r,
+                "braid_executor_llm_time_to_first_token_seconds",
+                "vllm:time_to_first_token_seconds",
+                "From arrival to the first generated token, by model",
+                token_histogram,
+            ),
+            tpot: Twin::new(
+                r,
+                "braid_executor_llm_time_per_output_token_seconds",
+                "vllm:time_per_output_token_seconds",
+                "Between one generated token and the next, by model",
+                token_histogram,
+            ),
+            queue_time: Twin::new(
+                r,
+                "braid_executor_llm_queue_seconds",
+                "vllm:request_queue_time_seconds",
+                "From arrival to admission into the running batch, by model",
+                token_histogram,
+            ),
+            e2e: Twin::new(
+                r,
+                "braid_executor_llm_request_seconds",
+                "vllm:e2e_request_latency_seconds",
+                "From arrival to the last token, by model",
+                token_histogram,
+            ),
+            finished: register(
+                r,
+                "braid_executor_llm_finished",
+                "Generations ended, by model and reason (stop, length, abort, error)",
+                Family::default(),
+            ),
+            vllm_finished: register(
+                r,
+                "vllm:request_success",
+                "Generations ended, by model and reason (stop, length, abort, error)",
+                Family::default(),
+            ),
+        }
+    }
+
+    pub fn occupancy(&self, model: &str, running: usize, waiting: usize, kv_share: f64) {
+        self.running.each(model, |g| {
+            g.set(running as i64);
+        });
+        self.waiting.each(model, |g| {
+            g.set(waiting as i64);
+        });
+        self.kv_usage.each(model, |g| {
+            g.set(kv_share);
+        });
+    }
+
+    pub fn prompt_tokens(&self, model: &str, n: usize) {
+        self.prompt_tokens.each(model, |c| {
+            c.inc_by(n as u64);
+        });
+    }
+
+    pub fn generated(&self, model: &str, since_last: Option<Duration>) {
+        self.generation_tokens.each(model, |c| {
+            c.inc();
+        });
+        if let Some(d) = since_last {
+            self.tpot.each(model, |h| h.observe(d.as_secs_f64()));
+        }
+    }
+
+    pub fn first_token(&self, model: &str, since_arrival: Duration) {
+        self.ttft
+            .each(model, |h| h.observe(since_arrival.as_secs_f64()));
+    }
+
+    pub fn admitted(&self, model: &str, queued: Duration) {
+        self.queue_time
+            .each(model, |h| h.observe(queued.as_secs_f64()));
+    }
+
+    pub fn finished(&self, model: &str, reason: &'static str, since_arrival: Duration) {
+        self.e2e
+            .each(model, |h| h.observe(since_arrival.as_secs_f64()));
+        let (model, finished_reason) = (model.to_string(), reason);
+        self.finished
+            .get_or_create(&LlmFinishLabels {
+                model: model.clone(),
+                finished_reason,
+            })
+            .inc();
+        self.vllm_finished
+            .get_or_create(&VllmFinishLabels {
+                model_name: model,
+                finished_reason,
+            })
+            .inc();
+    }
 }
 
 impl ExecutorMetrics {
@@ -1105,7 +1316,9 @@ impl ExecutorMetrics {
             "Token positions that were real text (computed minus these is padding waste)",
             Family::<ModelLabels, Counter>::default(),
         );
+        let llm = LlmMetrics::new(&mut registry);
         ExecutorMetrics {
+            llm,
             registry,
             requests,
             inference,

@@ -13,6 +13,8 @@
 
 pub mod bert;
 pub mod encoder;
+pub mod generate;
+pub mod llm;
 pub mod model;
 pub mod oip;
 pub mod openai;

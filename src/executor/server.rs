@@ -16,6 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::encoder::SentenceEncoder;
+use super::generate::LlmOptions;
+use super::llm::api::Kind;
+use super::llm::engine::Engine;
 use super::model::Model;
 use super::oip;
 use super::worker::{ExecError, ModelHandle};
@@ -54,12 +57,34 @@ pub struct ExecutorOptions {
     pub limits: Limits,
     /// Continue callers' traces with spans of each inference (from `OTEL_*`).
     pub trace: Option<crate::trace::TraceConfig>,
+    /// How GGUF language models are batched and limited.
+    pub llm: LlmOptions,
 }
 
 struct Slot {
     spec: ModelSpec,
     /// Empty while loading; then the running model or why it failed.
-    state: OnceLock<Result<ModelHandle, String>>,
+    state: OnceLock<Result<Served, String>>,
+}
+
+/// What a slot serves: a sentence encoder, or a language model's generation engine.
+enum Served {
+    Encoder(ModelHandle),
+    Llm(Arc<Engine>),
+}
+
+impl Slot {
+    /// The encoder, when the slot has loaded one.
+    fn encoder(&self) -> Option<&ModelHandle> {
+        match self.state.get() {
+            Some(Ok(Served::Encoder(h))) => Some(h),
+            _ => None,
+        }
+    }
+
+    fn loaded(&self) -> bool {
+        matches!(self.state.get(), Some(Ok(_)))
+    }
 }
 
 pub struct Executor {
@@ -68,6 +93,7 @@ pub struct Executor {
     metrics: Arc<ExecutorMetrics>,
     max_body_bytes: usize,
     tracer: Option<Arc<Tracer>>,
+    llm: LlmOptions,
     /// Set at SIGTERM: readiness answers 503 while requests are still served.
     draining: std::sync::atomic::AtomicBool,
 }
@@ -171,6 +197,7 @@ pub async fn start(
             .collect(),
         by_name,
         metrics,
+        llm: opts.llm.clone(),
         max_body_bytes: opts.limits.max_body_bytes,
         draining: std::sync::atomic::AtomicBool::new(false),
     });
@@ -206,7 +233,8 @@ pub async fn start(
 
 impl Executor {
     /// Loads each distinct source once (models that differ only in labels share one
-    /// encoder), then starts each model's threads.
+    /// encoder), then starts each model's threads; a GGUF source is a language model
+    /// with its own generation engine.
     fn load_all(&self, device: &Device) -> Result<(), String> {
         let mut encoders: HashMap<String, Arc<SentenceEncoder>> = HashMap::new();
         let mut first_error = None;
@@ -219,10 +247,7 @@ impl Executor {
                         let dir =
                             super::source::resolve(&spec.source).map_err(|e| e.to_string())?;
                         if dir.extension().is_some_and(|e| e == "gguf") {
-                            return Err(format!(
-                                "{}: a GGUF model (an LLM); this executor serves sentence encoders only so far",
-                                dir.display()
-                            ));
+                            return self.load_llm(spec, &dir, device).map(Served::Llm);
                         }
                         let start = std::time::Instant::now();
                         let e = Arc::new(
@@ -243,6 +268,7 @@ impl Executor {
                     spec.queue,
                     self.metrics.clone(),
                 )
+                .map(Served::Encoder)
                 .map_err(|e| format!("starting compute threads: {e}"))
             })();
             if let Err(e) = &result {
@@ -253,12 +279,44 @@ impl Executor {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// A GGUF language model: loaded, then its generation engine started.
+    fn load_llm(
+        &self,
+        spec: &ModelSpec,
+        path: &std::path::Path,
+        device: &Device,
+    ) -> Result<Arc<Engine>, String> {
+        if !spec.labels.is_empty() {
+            return Err("labels are for encoders; this is a language model".into());
+        }
+        let start = std::time::Instant::now();
+        let o = &self.llm;
+        let model = super::llm::LlmModel::load(&spec.name, path, o.kv_cache_tokens, device)?;
+        let c = &model.gemma.config;
+        tracing::info!(
+            model = %spec.name, arch = %c.arch, blocks = c.blocks, vocab = c.vocab,
+            max_len = model.max_len(), kv_cache_tokens = o.kv_cache_tokens,
+            kv_cache_bytes = o.kv_cache_tokens * c.kv_bytes_per_token(),
+            took = ?start.elapsed(), "language model loaded"
+        );
+        let pool = Arc::new(
+            super::threads::compute_pool(&spec.name, spec.compute_threads.unwrap_or(0))
+                .map_err(|e| format!("starting compute threads: {e}"))?,
+        );
+        let limits = super::llm::schedule::Limits {
+            max_seqs: o.max_num_seqs,
+            kv_tokens: o.kv_cache_tokens,
+            step_tokens: o.step_tokens,
+            max_waiting: spec.queue,
+        };
+        Engine::start(Arc::new(model), limits, pool, self.metrics.llm.clone())
+            .map(Arc::new)
+            .map_err(|e| format!("starting the generation thread: {e}"))
+    }
+
     fn ready(&self) -> bool {
         !self.draining.load(std::sync::atomic::Ordering::Relaxed)
-            && self
-                .slots
-                .iter()
-                .all(|s| matches!(s.state.get(), Some(Ok(_))))
+            && self.slots.iter().all(Slot::loaded)
     }
 
     fn slot(&self, name: &str) -> Option<&Slot> {
@@ -266,8 +324,17 @@ impl Executor {
     }
 
     fn metadata(&self, slot: &Slot) -> Value {
-        let handle = slot.state.get().and_then(|r| r.as_ref().ok());
-        let dim = handle.map_or(-1, |h| h.model.dim() as i64);
+        if let Some(Ok(Served::Llm(e))) = slot.state.get() {
+            return json!({
+                "name": slot.spec.name,
+                "versions": ["1"],
+                "platform": "braid_candle_gguf",
+                "inputs": [],
+                "outputs": [],
+                "parameters": {"architecture": e.model().gemma.config.arch, "max_model_len": e.model().max_len()},
+            });
+        }
+        let dim = slot.encoder().map_or(-1, |h| h.model.dim() as i64);
         let mut outputs =
             vec![json!({"name": "embedding", "datatype": "FP32", "shape": [-1, dim]})];
         if !slot.spec.labels.is_empty() {
@@ -317,7 +384,14 @@ impl Executor {
                 let msg = format!("model {} failed to load: {e}", slot.spec.name);
                 return Err((StatusCode::SERVICE_UNAVAILABLE, msg));
             }
-            Some(Ok(h)) => h,
+            Some(Ok(Served::Llm(_))) => {
+                let msg = format!(
+                    "model {} is a language model: use /v1/completions or /v1/chat/completions",
+                    slot.spec.name
+                );
+                return Err((StatusCode::BAD_REQUEST, msg));
+            }
+            Some(Ok(Served::Encoder(h))) => h,
         };
         if texts.len() > slot.spec.max_batch {
             let msg = format!(
@@ -363,11 +437,7 @@ impl Executor {
                 "model_not_found",
             );
         };
-        let dim = slot
-            .state
-            .get()
-            .and_then(|r| r.as_ref().ok())
-            .map(|h| h.model.dim());
+        let dim = slot.encoder().map(|h| h.model.dim());
         if let (Some(want), Some(dim)) = (call.dimensions, dim)
             && want != dim
         {
@@ -551,6 +621,8 @@ enum Op<'a> {
     /// OpenAI's `POST /v1/embeddings` and `GET /v1/models`.
     Embeddings,
     Models,
+    /// OpenAI's generation calls, on a language model.
+    Generate(Kind),
 }
 
 fn parse_path(path: &str) -> Option<Op<'_>> {
@@ -561,6 +633,8 @@ fn parse_path(path: &str) -> Option<Op<'_>> {
         "/metrics" => return Some(Op::Metrics),
         "/v1/embeddings" => return Some(Op::Embeddings),
         "/v1/models" => return Some(Op::Models),
+        "/v1/completions" => return Some(Op::Generate(Kind::Completion)),
+        "/v1/chat/completions" => return Some(Op::Generate(Kind::Chat)),
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/v2/models/") {
@@ -597,7 +671,10 @@ impl Handler for Executor {
         let Some(op) = parse_path(&path) else {
             return json_error(StatusCode::NOT_FOUND, &format!("no endpoint {path}"));
         };
-        let post = matches!(op, Op::Infer(_) | Op::Predict(_) | Op::Embeddings);
+        let post = matches!(
+            op,
+            Op::Infer(_) | Op::Predict(_) | Op::Embeddings | Op::Generate(_)
+        );
         let method_ok = if post {
             req.method() == Method::POST
         } else {
@@ -629,13 +706,14 @@ impl Handler for Executor {
             }
             Op::Models => crate::openai::models_response(self.slots.iter().map(|s| s.spec.name.as_str())),
             Op::Embeddings => self.embeddings(req).await,
+            Op::Generate(kind) => self.generate(req, kind).await,
             Op::Model(name) => match self.slot(name) {
                 Some(slot) => json_response(StatusCode::OK, self.metadata(slot).to_string()),
                 None => self.unknown_model(name),
             },
             Op::ModelReady(name) | Op::ModelV1(name) => match self.slot(name) {
                 Some(slot) => {
-                    let ready = matches!(slot.state.get(), Some(Ok(_)));
+                    let ready = slot.loaded();
                     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
                     json_response(status, json!({"name": name, "ready": ready}).to_string())
                 }
@@ -652,8 +730,8 @@ impl Handler for Executor {
                 let resp = if matches!(op, Op::Infer(_)) { self.infer_v2(slot, req).await } else { self.predict_v1(slot, req).await };
                 self.metrics.request(name, resp.status().as_u16());
                 if let (Some(tracer), Some(t)) = (&self.tracer, trace) {
-                    let v1 = matches!(op, Op::Predict(_));
-                    record_spans(tracer, &t, (name, v1), &resp, started.elapsed());
+                    let route = if matches!(op, Op::Predict(_)) { "/v1/models/{model}:predict" } else { "/v2/models/{model}/infer" };
+                    record_spans(tracer, &t, (name, route), &resp, started.elapsed());
                 }
                 resp
             }
@@ -667,18 +745,13 @@ impl Handler for Executor {
 fn record_spans(
     tracer: &Tracer,
     t: &RequestTrace,
-    (model, v1): (&str, bool),
+    (model, route): (&str, &'static str),
     resp: &Response<Body>,
     elapsed: std::time::Duration,
 ) {
     use crate::trace::otlp::span::SpanKind;
     use crate::trace::{SpanContext, SpanData, Value, new_span_id};
     let end = std::time::SystemTime::now();
-    let route = if v1 {
-        "/v1/models/{model}:predict"
-    } else {
-        "/v2/models/{model}/infer"
-    };
     let status = resp.status();
     tracer.record(SpanData {
         context: t.context,
@@ -720,6 +793,64 @@ fn record_spans(
 }
 
 impl Executor {
+    /// `POST /v1/completions` and `/v1/chat/completions`: errors in OpenAI's shape.
+    async fn generate(&self, req: Request<Incoming>, kind: Kind) -> Response<Body> {
+        use crate::openai::error;
+        let trace = self
+            .tracer
+            .as_ref()
+            .map(|t| t.begin(req.headers()))
+            .filter(|t| t.context.sampled);
+        let started = std::time::Instant::now();
+        let (call, headers) = match super::generate::read_call(req, kind, self.max_body_bytes).await
+        {
+            Ok(c) => c,
+            Err(resp) => return resp,
+        };
+        let Some(slot) = self.slot(&call.model) else {
+            self.metrics.request("", 404);
+            let msg = self.unknown_model_message(&call.model);
+            return error(
+                StatusCode::NOT_FOUND,
+                &msg,
+                Some("model"),
+                "model_not_found",
+            );
+        };
+        let name = slot.spec.name.clone();
+        let resp = match slot.state.get() {
+            None => {
+                let msg = format!("model {name} is still loading");
+                let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &msg, None, "loading");
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            Some(Err(e)) => {
+                let msg = format!("model {name} failed to load: {e}");
+                error(StatusCode::SERVICE_UNAVAILABLE, &msg, None, "load_failed")
+            }
+            Some(Ok(Served::Encoder(_))) => error(
+                StatusCode::BAD_REQUEST,
+                &format!("model {name} is an encoder: it serves /v1/embeddings, not generation"),
+                Some("model"),
+                "wrong_model_kind",
+            ),
+            Some(Ok(Served::Llm(engine))) => {
+                super::generate::generate(engine, &name, call, &headers, &self.llm).await
+            }
+        };
+        self.metrics.request(&name, resp.status().as_u16());
+        if let (Some(tracer), Some(t)) = (&self.tracer, trace) {
+            let route = match kind {
+                Kind::Chat => "/v1/chat/completions",
+                Kind::Completion => "/v1/completions",
+            };
+            record_spans(tracer, &t, (&name, route), &resp, started.elapsed());
+        }
+        resp
+    }
+
     fn unknown_model(&self, name: &str) -> Response<Body> {
         json_error(StatusCode::NOT_FOUND, &self.unknown_model_message(name))
     }
@@ -773,7 +904,7 @@ impl Executor {
                 }),
                 "ModelReady" => {
                     let req: pb::ModelReadyRequest = decode(msg)?;
-                    let ready = matches!(slot(&req.name)?.state.get(), Some(Ok(_)));
+                    let ready = slot(&req.name)?.loaded();
                     grpc::unary_ok(&pb::ModelReadyResponse { ready })
                 }
                 "ModelMetadata" => {

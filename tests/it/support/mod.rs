@@ -754,6 +754,7 @@ impl TestExecutor {
             device: "cpu".into(),
             trace,
             limits: Limits::default(),
+            llm: Default::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut running = braid::executor::server::start(opts, listener)
