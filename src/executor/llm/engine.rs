@@ -328,6 +328,7 @@ impl Loop {
             return;
         }
         let name = self.model.name.clone();
+        self.metrics.step(&name, work.len());
         // Inputs per sequence, in `work`'s order.
         let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(work.len());
         let mut wants = Vec::with_capacity(work.len());
@@ -456,6 +457,10 @@ impl Loop {
             }
             if to < s.pending.prompt.len() {
                 return None;
+            }
+            if params.max_new == 0 {
+                // Echo scoring a prompt: nothing to generate.
+                return Some(Finish::Length);
             }
         }
         let row = rows.last()?;

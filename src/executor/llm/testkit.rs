@@ -30,33 +30,12 @@ impl Default for Tiny {
 }
 
 const WORDS: &[&str] = &[
-    "▁the",
-    "▁cat",
-    "▁sat",
-    "▁on",
-    "▁mat",
-    "▁a",
-    "▁dog",
-    "▁ran",
-    "▁hello",
-    "▁world",
-    "he",
-    "ll",
-    "hell",
-    "hello",
-    "▁w",
-    "or",
-    "▁wor",
-    "▁world",
-    "in",
-    "▁in",
-    "ing",
-    "▁▁",
-    "▁▁▁▁",
+    "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "hello", "world", "in", "ing",
 ];
 
 /// The tiny vocabulary: `<pad> <eos> <bos> <unk> <start_of_turn> <end_of_turn>`, the 256
-/// byte tokens, `▁`, the letters and digits, then a few merged pieces.
+/// byte tokens, `▁`, the letters and digits, then a few words with and without a
+/// leading `▁`, each with every prefix it merges through, and runs of `▁`.
 pub fn vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
     let mut pieces: Vec<String> = [
         "<pad>",
@@ -80,9 +59,16 @@ pub fn vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
         pieces.push(c.to_string());
         types.push(1);
     }
+    let mut merged: Vec<String> = vec!["▁▁".into(), "▁▁▁▁".into()];
     for w in WORDS {
-        if !pieces.iter().any(|p| p == w) {
-            pieces.push(w.to_string());
+        for word in [w.to_string(), format!("▁{w}")] {
+            let chars: Vec<char> = word.chars().collect();
+            merged.extend((2..=chars.len()).map(|n| chars[..n].iter().collect()));
+        }
+    }
+    for p in merged {
+        if !pieces.contains(&p) {
+            pieces.push(p);
             types.push(1);
         }
     }
@@ -197,9 +183,11 @@ pub fn write_tiny(path: &Path, t: &Tiny) -> std::io::Result<()> {
     let mut tensors: Vec<(String, QTensor)> = vec![
         (
             "token_embd.weight".into(),
-            q(n_vocab, hidden, 0.5, GgmlDType::Q8_0)?,
+            q(n_vocab, hidden, 0.2, GgmlDType::Q8_0)?,
         ),
         ("output_norm.weight".into(), ones(hidden)?),
+        // Untied (as some GGUFs are): a tied head makes a random model repeat its input.
+        ("output.weight".into(), q(n_vocab, hidden, 0.2, GgmlDType::Q8_0)?),
     ];
     for b in 0..blocks {
         let n = |s: &str| format!("blk.{b}.{s}.weight");

@@ -240,10 +240,14 @@ pub async fn metric(proxy: &TestProxy, series: &str) -> f64 {
     let text = get(&client(), &proxy.admin_url("/metrics"), &[])
         .await
         .text();
+    metric_value(&text, series).unwrap_or(0.0)
+}
+
+/// The value of one series in a Prometheus text exposition.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 pub struct TestProxy {
