@@ -248,7 +248,7 @@ async fn batched_equals_alone() {
     let text = get(&client(), &llm.url("/metrics"), &[]).await.text();
     let series = |s: &str| crate::support::metric_value(&text, s).unwrap_or_else(|| panic!("no {s}"));
     let steps = series("braid_executor_llm_step_sequences_count{model=\"tiny\"}");
-    let ones = series("braid_executor_llm_step_sequences_bucket{model=\"tiny\",le=\"1.0\"}");
+    let ones = series("braid_executor_llm_step_sequences_bucket{le=\"1.0\",model=\"tiny\"}");
     assert!(steps > ones, "{steps} steps, {ones} of one sequence");
 }
 
