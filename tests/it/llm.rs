@@ -439,3 +439,44 @@ fn bad_model_files_are_refused_at_start_with_the_reason() {
     assert!(load(&text).contains("not a readable GGUF"), "{}", load(&text));
 }
 
+
+fn check_sdk_report(r: &Value, model_listed: &str) {
+    assert!(r["models"].as_array().unwrap().iter().any(|m| m == model_listed), "{r}");
+    assert_eq!(r["completion"]["finish"], "length", "{r}");
+    assert_eq!(r["completion"]["usage"]["completion_tokens"], 8);
+    assert_eq!(r["completion_stream"]["text"], r["completion"]["text"], "{r}");
+    assert_eq!(r["completion_stream"]["usage"], r["completion"]["usage"]);
+    assert_eq!(r["chat"]["role"], "assistant");
+    assert_eq!(r["chat_stream"], r["chat"]["content"], "{r}");
+    assert!(r["chat"]["logprobs"].as_array().unwrap().iter().all(|t| t[1] == 2), "{r}");
+    assert_eq!(r["seeded"][0], r["seeded"][1]);
+    assert_ne!(r["seeded"][0], r["seeded"][2]);
+    let e = &r["errors"];
+    assert_eq!((e["n"]["class"].as_str(), e["n"]["param"].as_str()), (Some("BadRequestError"), Some("n")), "{e}");
+    assert_eq!(e["context"]["code"], "context_length_exceeded", "{e}");
+    assert_eq!(e["unknown_model"]["class"], "NotFoundError", "{e}");
+}
+
+/// The `openai` SDK in its default mode, straight to the executor and through braid's
+/// proxy, which routes the model name the client uses to two variants of it.
+#[tokio::test]
+async fn the_openai_sdk_drives_the_executor_directly_and_through_the_proxy() {
+    let llm = TinyLlm::start(LlmOptions::default(), 16).await;
+    let direct = crate::support::run_python_client("openai_llm.py", vec![llm.url("/v1"), "tiny".into()]).await;
+    check_sdk_report(&direct, "tiny");
+    let exec = llm.url("");
+    let config = format!(
+        r#"routes:
+  - model: assistant
+    variants:
+      - {{ name: a, weight: 50, backend: "{exec}", target_model: tiny }}
+      - {{ name: b, weight: 50, backend: "{exec}", target_model: tiny }}
+"#
+    );
+    let proxy = crate::support::TestProxy::start(&config).await;
+    let via = crate::support::run_python_client("openai_llm.py", vec![proxy.url("/v1"), "assistant".into()]).await;
+    check_sdk_report(&via, "assistant");
+    // Both variants serve the same model greedily: the same text either way.
+    assert_eq!(via["completion"]["text"], direct["completion"]["text"]);
+    proxy.stop().await;
+}

@@ -120,7 +120,10 @@ impl Gemma {
     /// Loads the weights of an opened GGUF; `max_positions` caps the context served.
     pub fn load(g: &mut Gguf, max_positions: usize, device: &Device) -> Result<Gemma> {
         let c = g.config.clone();
-        let mut qt = |name: &str| g.content.tensor(&mut g.reader, name, device);
+        let mut qt = |name: &str| {
+            let t = g.content.tensor(&mut g.reader, name, device)?;
+            super::requant::widen(t, device)
+        };
         let norm = dense(qt("output_norm.weight")?, device)?;
         let mut layers = Vec::with_capacity(c.blocks);
         for i in 0..c.blocks {

@@ -4,6 +4,7 @@
 //! - `gguf`      the file opened and checked: architecture, shape, truncation
 //! - `spm`       the SentencePiece tokenizer from the GGUF's metadata
 //! - `gemma`     Gemma 3's decoder over a step of many sequences, per-sequence KV caches
+//! - `requant`   Q5_0 weights widened to Q8_0 at load (the same numbers, a SIMD kernel)
 //! - `schedule`  the continuous-batching scheduler, plain state
 //! - `sample`    greedy, temperature, top-k, top-p; log-probabilities
 //! - `engine`    the generation loop on its own thread
@@ -16,6 +17,7 @@ pub mod chat;
 pub mod engine;
 pub mod gemma;
 pub mod gguf;
+pub mod requant;
 pub mod sample;
 pub mod schedule;
 pub mod spm;
