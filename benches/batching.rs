@@ -298,6 +298,7 @@ fn main() {
                     compute_threads: None,
                     queue: 1024,
                     max_batch: 256,
+                    default_temperature: None,
                 }],
                 device: "cpu".into(),
                 trace: None,

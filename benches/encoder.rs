@@ -147,6 +147,7 @@ fn http(corpus: &[&str], pass_ms: f64) {
                 compute_threads: None,
                 queue: 64,
                 max_batch: 256,
+                default_temperature: None,
             }],
             device: "cpu".into(),
             trace: None,

@@ -45,11 +45,19 @@ fn main() -> candle_core::Result<()> {
         let p = prompt(round);
         let mut cache = KvCache::new(&m.gemma, 64 + 128)?;
         let start = Instant::now();
-        let mut next = step(&mut [Chunk { tokens: &p, cache: &mut cache, want: Want::Last }])[0];
+        let mut next = step(&mut [Chunk {
+            tokens: &p,
+            cache: &mut cache,
+            want: Want::Last,
+        }])[0];
         let ttft = start.elapsed();
         let start = Instant::now();
         for _ in 0..128 {
-            next = step(&mut [Chunk { tokens: &[next], cache: &mut cache, want: Want::Last }])[0];
+            next = step(&mut [Chunk {
+                tokens: &[next],
+                cache: &mut cache,
+                want: Want::Last,
+            }])[0];
         }
         let decode = start.elapsed();
         println!(
@@ -61,11 +69,17 @@ fn main() -> candle_core::Result<()> {
     }
     for batch in [8usize, 16] {
         let prompts: Vec<Vec<u32>> = (0..batch as u32).map(prompt).collect();
-        let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(&m.gemma, 64 + 40).unwrap()).collect();
+        let mut caches: Vec<KvCache> = (0..batch)
+            .map(|_| KvCache::new(&m.gemma, 64 + 40).unwrap())
+            .collect();
         let mut inputs: Vec<Vec<u32>> = prompts.clone();
         // Prefilled one by one, then 32 steps of the whole batch.
         for (c, p) in caches.iter_mut().zip(&prompts) {
-            let t = step(&mut [Chunk { tokens: p, cache: c, want: Want::Last }])[0];
+            let t = step(&mut [Chunk {
+                tokens: p,
+                cache: c,
+                want: Want::Last,
+            }])[0];
             let _ = t;
         }
         for i in inputs.iter_mut() {
@@ -76,7 +90,11 @@ fn main() -> candle_core::Result<()> {
             let mut chunks: Vec<Chunk<'_>> = caches
                 .iter_mut()
                 .zip(&inputs)
-                .map(|(cache, tokens)| Chunk { tokens, cache, want: Want::Last })
+                .map(|(cache, tokens)| Chunk {
+                    tokens,
+                    cache,
+                    want: Want::Last,
+                })
                 .collect();
             let out = step(&mut chunks);
             for (i, t) in out.into_iter().enumerate() {

@@ -719,6 +719,7 @@ fn executor(args: ExecutorArgs) -> ExitCode {
                 compute_threads: args.compute_threads.map(|n| n as usize),
                 queue: args.queue,
                 max_batch: args.max_batch,
+                default_temperature: None,
             };
             (None, vec![spec])
         }

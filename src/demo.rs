@@ -24,9 +24,13 @@ pub struct DemoArgs {
     /// Executor listen address.
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub executor_listen: SocketAddr,
-    /// The model both variants use.
-    #[arg(long, default_value = crate::executor::source::DEMO_MODEL)]
-    pub model: String,
+    /// The model both variants use (default: MiniLM, or Gemma 3 with `--llm`).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The LLM demo: Gemma 3 270M served over the OpenAI API, A/B-testing two
+    /// sampling presets (greedy and temperature 0.8) under two model names.
+    #[arg(long)]
+    pub llm: bool,
 }
 
 pub const SHORT_LABELS: &[&str] = &["positive", "negative"];
@@ -52,6 +56,37 @@ routes:
     )
 }
 
+/// The LLM demo's proxy config: one OpenAI model name split between two presets.
+pub fn llm_proxy_config(executor: &str) -> String {
+    format!(
+        r#"# braid demo --llm: edit and save this file to change the split live.
+executor: http://{executor}
+routes:
+  - model: assistant
+    variants:
+      - {{ name: greedy, weight: 50, backend: local, target_model: gemma-greedy }}
+      - {{ name: creative, weight: 50, backend: local, target_model: gemma-creative }}
+    sticky_header: x-user-id
+    timeout: 120s
+"#
+    )
+}
+
+/// The LLM demo's models: one GGUF (one engine, one continuous batch) under two names.
+pub fn llm_models(source: &str) -> Vec<ModelSpec> {
+    let spec = |name: &str, t: f32| ModelSpec {
+        name: name.into(),
+        source: source.into(),
+        labels: Vec::new(),
+        threads: 1,
+        compute_threads: None,
+        queue: 64,
+        max_batch: 1,
+        default_temperature: Some(t),
+    };
+    vec![spec("gemma-greedy", 0.0), spec("gemma-creative", 0.8)]
+}
+
 pub fn models(source: &str) -> Vec<ModelSpec> {
     let spec = |name: &str, labels: &[&str]| ModelSpec {
         name: name.into(),
@@ -61,6 +96,7 @@ pub fn models(source: &str) -> Vec<ModelSpec> {
         compute_threads: None,
         queue: 64,
         max_batch: 256,
+        default_temperature: None,
     };
     vec![
         spec("sentiment-short", SHORT_LABELS),
@@ -85,13 +121,24 @@ pub async fn run(args: DemoArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let source = args.model.clone().unwrap_or_else(|| {
+        let m = if args.llm {
+            crate::executor::source::GEMMA_MODEL
+        } else {
+            crate::executor::source::DEMO_MODEL
+        };
+        m.to_string()
+    });
     eprintln!(
-        "braid demo: loading {} (fetched once into {}, then cached) ...",
-        args.model,
+        "braid demo: loading {source} (fetched once into {}, then cached) ...",
         crate::executor::source::cache_root().display()
     );
     let opts = ExecutorOptions {
-        models: models(&args.model),
+        models: if args.llm {
+            llm_models(&source)
+        } else {
+            models(&source)
+        },
         device: "cpu".into(),
         trace: crate::trace::TraceConfig::from_env("braid-demo-executor")
             .ok()
@@ -114,9 +161,15 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     // Per process, so two demos never edit each other's config; removed at exit.
     let dir = std::env::temp_dir().join(format!("braid-demo-{}", std::process::id()));
     let path = dir.join("braid.yaml");
-    if let Err(e) = std::fs::create_dir_all(&dir)
-        .and_then(|_| std::fs::write(&path, proxy_config(&exec.addr.to_string())))
-    {
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| {
+        let executor = exec.addr.to_string();
+        let config = if args.llm {
+            llm_proxy_config(&executor)
+        } else {
+            proxy_config(&executor)
+        };
+        std::fs::write(&path, config)
+    }) {
         eprintln!("braid demo: cannot write {}: {e}", path.display());
         return ExitCode::FAILURE;
     }
@@ -150,8 +203,30 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         }
     };
     let (p, a, x) = (proxy.addr, proxy.admin_addr, exec.addr);
-    println!(
-        r#"
+    if args.llm {
+        println!(
+            r#"
+braid demo --llm is ready.
+  proxy     http://{p}   (model "assistant": 50/50 between greedy and creative (temperature 0.8), sticky on x-user-id or the body's user)
+  admin     http://{a}   (/metrics /readyz /config /experiments)
+  executor  http://{x}   (Gemma 3 270M as gemma-greedy and gemma-creative: one engine, continuous batching; /metrics with vllm:* names)
+  config    {config}  (edit and save: applied live)
+
+Try:
+  curl -s http://{p}/v1/completions -H 'x-user-id: alice' \
+    -d '{{"model":"assistant","prompt":"The capital of France is","max_tokens":24}}'
+  curl -sN http://{p}/v1/chat/completions -H 'x-user-id: bob' \
+    -d '{{"model":"assistant","messages":[{{"role":"user","content":"Write a haiku about rivers."}}],"max_tokens":48,"stream":true}}'
+  python3 -c 'import openai; c = openai.OpenAI(base_url="http://{p}/v1", api_key="-"); print(c.completions.create(model="assistant", prompt="Once upon a time", max_tokens=32, user="carol").choices[0].text)'
+  curl -s http://{x}/metrics | grep -E '^vllm:(num_requests|time_to_first_token_seconds_(sum|count))'
+  braid experiments --admin {a}      (per variant: requests, latency, time to first token, tokens)
+
+Ctrl-C to stop."#,
+            config = path.display()
+        );
+    } else {
+        println!(
+            r#"
 braid demo is ready.
   proxy     http://{p}   (model "sentiment": 50/50 between short-labels and sentence-labels, sticky on x-user-id)
   admin     http://{a}   (/metrics /readyz /config /experiments)
@@ -166,8 +241,9 @@ Try:
   braid experiments --admin {a}      (the A/B test so far: requests, latency, guardrail)
 
 Ctrl-C to stop."#,
-        config = path.display()
-    );
+            config = path.display()
+        );
+    }
     crate::run::shutdown_signal().await;
     proxy.shutdown();
     proxy.wait().await;

@@ -1217,7 +1217,9 @@ impl LlmMetrics {
 
     pub fn step(&self, model: &str, sequences: usize) {
         self.step_seqs
-            .get_or_create(&ModelLabels { model: model.to_string() })
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
             .observe(sequences as f64);
     }
 

@@ -86,5 +86,6 @@ fn model(node: &Node, path: String, errs: &mut Errors) -> Option<ModelSpec> {
         compute_threads: compute_threads.map(|n| n as usize),
         queue: queue as usize,
         max_batch: max_batch as usize,
+        default_temperature: None,
     })
 }

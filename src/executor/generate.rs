@@ -160,7 +160,7 @@ fn prompt_tokens(
 /// Everything between a parsed call and the engine's first event.
 pub async fn generate(
     engine: &Arc<Engine>,
-    name: &str,
+    (name, default_temperature): (&str, Option<f32>),
     call: Call,
     headers: &HeaderMap,
     opts: &LlmOptions,
@@ -213,7 +213,7 @@ pub async fn generate(
     }
     let params = Params {
         sampling: Sampling {
-            temperature: call.temperature,
+            temperature: call.temperature.or(default_temperature).unwrap_or(1.0),
             top_k: call.top_k,
             top_p: call.top_p,
             seed: call.seed.unwrap_or_else(fresh_seed),

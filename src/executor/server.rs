@@ -47,6 +47,9 @@ pub struct ModelSpec {
     pub queue: usize,
     /// Most rows in one request.
     pub max_batch: usize,
+    /// A language model's temperature under this name when a call names none (a
+    /// sampling preset: two names on one GGUF can be two variants of an A/B test).
+    pub default_temperature: Option<f32>,
 }
 
 #[derive(Debug, Clone)]
@@ -237,17 +240,24 @@ impl Executor {
     /// with its own generation engine.
     fn load_all(&self, device: &Device) -> Result<(), String> {
         let mut encoders: HashMap<String, Arc<SentenceEncoder>> = HashMap::new();
+        // Names on one GGUF share its engine: one continuous batch, one KV budget.
+        let mut engines: HashMap<String, Arc<Engine>> = HashMap::new();
         let mut first_error = None;
         for slot in &self.slots {
             let spec = &slot.spec;
             let result = (|| {
+                if let Some(e) = engines.get(&spec.source) {
+                    return Ok(Served::Llm(e.clone()));
+                }
                 let encoder = match encoders.get(&spec.source) {
                     Some(e) => e.clone(),
                     None => {
                         let dir =
                             super::source::resolve(&spec.source).map_err(|e| e.to_string())?;
                         if dir.extension().is_some_and(|e| e == "gguf") {
-                            return self.load_llm(spec, &dir, device).map(Served::Llm);
+                            let e = self.load_llm(spec, &dir, device)?;
+                            engines.insert(spec.source.clone(), e.clone());
+                            return Ok(Served::Llm(e));
                         }
                         let start = std::time::Instant::now();
                         let e = Arc::new(
@@ -837,7 +847,8 @@ impl Executor {
                 "wrong_model_kind",
             ),
             Some(Ok(Served::Llm(engine))) => {
-                super::generate::generate(engine, &name, call, &headers, &self.llm).await
+                let named = (name.as_str(), slot.spec.default_temperature);
+                super::generate::generate(engine, named, call, &headers, &self.llm).await
             }
         };
         self.metrics.request(&name, resp.status().as_u16());

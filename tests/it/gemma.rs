@@ -18,16 +18,25 @@ fn gguf_path() -> std::path::PathBuf {
 
 fn gemma() -> &'static LlmModel {
     static M: OnceLock<LlmModel> = OnceLock::new();
-    M.get_or_init(|| LlmModel::load("gemma", &gguf_path(), 1024, &Device::Cpu).expect("Gemma loads"))
+    M.get_or_init(|| {
+        LlmModel::load("gemma", &gguf_path(), 1024, &Device::Cpu).expect("Gemma loads")
+    })
 }
 
 fn fixture(name: &str) -> Value {
-    let p = format!("{}/tests/fixtures/gemma3/{name}", env!("CARGO_MANIFEST_DIR"));
+    let p = format!(
+        "{}/tests/fixtures/gemma3/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -46,15 +55,30 @@ fn tokenizer_matches_llama_cpp_on_the_corpus() {
             wrong.push(format!("{text:?}: braid {got:?}, llama.cpp {want:?}"));
         }
     }
-    assert!(wrong.is_empty(), "{} of {} differ:\n{}", wrong.len(), cases.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of {} differ:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
 }
 
 /// Every position's logits for `tokens` in one prefill.
 fn all_logits(m: &LlmModel, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = KvCache::new(&m.gemma, tokens.len()).unwrap();
-    let mut chunks = [Chunk { tokens, cache: &mut cache, want: Want::All }];
+    let mut chunks = [Chunk {
+        tokens,
+        cache: &mut cache,
+        want: Want::All,
+    }];
     let out = m.gemma.step(&mut chunks).unwrap();
-    out.into_iter().next().unwrap().unwrap().to_vec2::<f32>().unwrap()
+    out.into_iter()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -82,11 +106,18 @@ fn forced_greedy_text_agrees_with_llama_cpp_position_by_position() {
                 here += 1;
             }
         }
-        report.push(format!("{:?}: {here}/{}", c["prompt"].as_str().unwrap(), greedy.len()));
+        report.push(format!(
+            "{:?}: {here}/{}",
+            c["prompt"].as_str().unwrap(),
+            greedy.len()
+        ));
     }
     let share = agree as f64 / total as f64;
     let mean = sum_diff / total as f32;
-    eprintln!("argmax agreement {agree}/{total} ({share:.3}); |Δ logprob| mean {mean:.4}, max {worst:.4}\n{}", report.join("\n"));
+    eprintln!(
+        "argmax agreement {agree}/{total} ({share:.3}); |Δ logprob| mean {mean:.4}, max {worst:.4}\n{}",
+        report.join("\n")
+    );
     assert!(share >= 0.95, "argmax agreement {share:.3}");
     // Tolerance: both quantize activations to 8 bits per block before each quantized
     // dot product, but in other blocks and another accumulation order (llama.cpp's
@@ -115,7 +146,11 @@ fn free_running_greedy_text_starts_as_llama_cpps() {
         let mut chunks: Vec<Chunk<'_>> = caches
             .iter_mut()
             .zip(&inputs)
-            .map(|(cache, tokens)| Chunk { tokens, cache, want: Want::Last })
+            .map(|(cache, tokens)| Chunk {
+                tokens,
+                cache,
+                want: Want::Last,
+            })
             .collect();
         let out = m.gemma.step(&mut chunks).unwrap();
         for (i, row) in out.into_iter().enumerate() {

@@ -38,7 +38,9 @@ impl TinyLlm {
             llm: opts,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut running = braid::executor::server::start(opts, listener).await.unwrap();
+        let mut running = braid::executor::server::start(opts, listener)
+            .await
+            .unwrap();
         running.wait_loaded().await.unwrap();
         TinyLlm {
             addr: running.addr,
@@ -70,6 +72,7 @@ fn spec(path: &Path, queue: usize) -> braid::executor::server::ModelSpec {
         compute_threads: Some(1),
         queue,
         max_batch: 64,
+        default_temperature: None,
     }
 }
 
@@ -77,14 +80,26 @@ fn spec(path: &Path, queue: usize) -> braid::executor::server::ModelSpec {
 fn events(body: &str) -> Vec<Value> {
     body.split("\n\n")
         .filter_map(|e| e.strip_prefix("data: "))
-        .map(|d| if d == "[DONE]" { json!("[DONE]") } else { serde_json::from_str(d).unwrap() })
+        .map(|d| {
+            if d == "[DONE]" {
+                json!("[DONE]")
+            } else {
+                serde_json::from_str(d).unwrap()
+            }
+        })
         .collect()
 }
 
 fn streamed_text(evs: &[Value], chat: bool) -> String {
     evs.iter()
         .filter_map(|e| e["choices"].get(0))
-        .filter_map(|c| if chat { c["delta"]["content"].as_str() } else { c["text"].as_str() })
+        .filter_map(|c| {
+            if chat {
+                c["delta"]["content"].as_str()
+            } else {
+                c["text"].as_str()
+            }
+        })
         .collect()
 }
 
@@ -111,7 +126,11 @@ async fn completions_and_chat_whole_and_streamed_agree() {
     assert_eq!(r.headers["content-type"], "text/event-stream");
     let evs = events(&r.text());
     assert_eq!(evs.last().unwrap(), "[DONE]");
-    assert_eq!(streamed_text(&evs, false), text, "the stream says what the whole answer says");
+    assert_eq!(
+        streamed_text(&evs, false),
+        text,
+        "the stream says what the whole answer says"
+    );
     let usage = &evs[evs.len() - 2];
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], 12);
@@ -128,7 +147,10 @@ async fn completions_and_chat_whole_and_streamed_agree() {
     let c = c.json();
     assert_eq!(c["object"], "chat.completion");
     assert_eq!(c["choices"][0]["message"]["role"], "assistant");
-    let said = c["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let said = c["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut cs = chat.clone();
     cs["stream"] = json!(true);
     let evs = events(&llm.call("/v1/chat/completions", cs).await.text());
@@ -137,7 +159,10 @@ async fn completions_and_chat_whole_and_streamed_agree() {
     assert_eq!(streamed_text(&evs, true), said);
     // The chat's prompt is the documented transcript (the tiny model has no template).
     let p = llm
-        .call("/v1/completions", json!({"model": "tiny", "prompt": "User: hello\nAssistant:", "max_tokens": 1}))
+        .call(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "User: hello\nAssistant:", "max_tokens": 1}),
+        )
         .await
         .json();
     assert_eq!(c["usage"]["prompt_tokens"], p["usage"]["prompt_tokens"]);
@@ -159,9 +184,15 @@ async fn logprobs_echo_stop_and_seeds() {
         let top = top.as_object().unwrap();
         assert!(!top.is_empty() && top.len() <= 3);
         // Greedy: the chosen token is the most likely one.
-        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
         let chosen = lp["token_logprobs"][i].as_f64().unwrap();
-        assert!(chosen <= 0.0 && (chosen - best).abs() < 1e-6, "{chosen} vs {best}");
+        assert!(
+            chosen <= 0.0 && (chosen - best).abs() < 1e-6,
+            "{chosen} vs {best}"
+        );
     }
     // Echo with max_tokens 0 scores the prompt (as evaluation harnesses do): the text
     // is the prompt, the first token has no log-probability, the rest do.
@@ -175,12 +206,19 @@ async fn logprobs_echo_stop_and_seeds() {
     let n = e["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n);
     assert!(lp["token_logprobs"][0].is_null());
-    assert!(lp["token_logprobs"].as_array().unwrap()[1..].iter().all(|x| x.as_f64().unwrap() < 0.0));
+    assert!(
+        lp["token_logprobs"].as_array().unwrap()[1..]
+            .iter()
+            .all(|x| x.as_f64().unwrap() < 0.0)
+    );
     assert_eq!(e["usage"]["completion_tokens"], 0);
 
     // A stop string ends the text before it, finish_reason stop, whole and streamed.
     let free = llm
-        .call("/v1/completions", json!({"model": "tiny", "prompt": "the", "max_tokens": 30, "temperature": 0}))
+        .call(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "the", "max_tokens": 30, "temperature": 0}),
+        )
         .await
         .json();
     let text = free["choices"][0]["text"].as_str().unwrap();
@@ -218,10 +256,24 @@ async fn logprobs_echo_stop_and_seeds() {
 /// produce alone.
 #[tokio::test]
 async fn batched_equals_alone() {
-    let llm = TinyLlm::start(LlmOptions { step_tokens: 16, ..LlmOptions::default() }, 64).await;
-    let words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "hello", "world"];
+    let llm = TinyLlm::start(
+        LlmOptions {
+            step_tokens: 16,
+            ..LlmOptions::default()
+        },
+        64,
+    )
+    .await;
+    let words = [
+        "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "hello", "world",
+    ];
     let prompts: Vec<String> = (0..16)
-        .map(|i| (0..1 + i * 3).map(|j| words[(i + j) % words.len()]).collect::<Vec<_>>().join(" "))
+        .map(|i| {
+            (0..1 + i * 3)
+                .map(|j| words[(i + j) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect();
     let body = |p: &str| json!({"model": "tiny", "prompt": p, "max_tokens": 20, "temperature": 0, "logprobs": 0});
     let mut alone = Vec::new();
@@ -242,11 +294,15 @@ async fn batched_equals_alone() {
     for (i, t) in tasks.into_iter().enumerate() {
         let batched = t.await.unwrap();
         assert_eq!(batched["text"], alone[i]["text"], "prompt {i}");
-        assert_eq!(batched["logprobs"]["tokens"], alone[i]["logprobs"]["tokens"], "prompt {i}");
+        assert_eq!(
+            batched["logprobs"]["tokens"], alone[i]["logprobs"]["tokens"],
+            "prompt {i}"
+        );
     }
     // And they were batched: some steps ran several sequences at once.
     let text = get(&client(), &llm.url("/metrics"), &[]).await.text();
-    let series = |s: &str| crate::support::metric_value(&text, s).unwrap_or_else(|| panic!("no {s}"));
+    let series =
+        |s: &str| crate::support::metric_value(&text, s).unwrap_or_else(|| panic!("no {s}"));
     let steps = series("braid_executor_llm_step_sequences_count{model=\"tiny\"}");
     let ones = series("braid_executor_llm_step_sequences_bucket{le=\"1.0\",model=\"tiny\"}");
     assert!(steps > ones, "{steps} steps, {ones} of one sequence");
@@ -257,17 +313,41 @@ async fn refusals_are_400s_in_openais_shape() {
     let llm = TinyLlm::start(LlmOptions::default(), 16).await;
     let cases = [
         (json!({"model": "tiny", "prompt": "a", "n": 2}), "n"),
-        (json!({"model": "tiny", "prompt": "a", "best_of": 3}), "best_of"),
-        (json!({"model": "tiny", "prompt": "a", "frobnicate": true}), "frobnicate"),
-        (json!({"model": "tiny", "prompt": "a", "presence_penalty": 0.5}), "presence_penalty"),
-        (json!({"model": "tiny", "prompt": "a", "logit_bias": {"5": 10}}), "logit_bias"),
-        (json!({"model": "tiny", "prompt": "a", "logprobs": 6}), "logprobs"),
-        (json!({"model": "tiny", "prompt": "a", "temperature": 3}), "temperature"),
+        (
+            json!({"model": "tiny", "prompt": "a", "best_of": 3}),
+            "best_of",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "a", "frobnicate": true}),
+            "frobnicate",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "a", "presence_penalty": 0.5}),
+            "presence_penalty",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "a", "logit_bias": {"5": 10}}),
+            "logit_bias",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "a", "logprobs": 6}),
+            "logprobs",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "a", "temperature": 3}),
+            "temperature",
+        ),
         (json!({"model": "tiny", "prompt": ["a", "b"]}), "prompt"),
         (json!({"model": "tiny", "prompt": [999999]}), "prompt"),
         (json!({"model": "tiny"}), "prompt"),
-        (json!({"model": "tiny", "prompt": "a", "stop": ["1", "2", "3", "4", "5"]}), "stop"),
-        (json!({"model": "tiny", "prompt": "a", "max_tokens": 10000}), "prompt"),
+        (
+            json!({"model": "tiny", "prompt": "a", "stop": ["1", "2", "3", "4", "5"]}),
+            "stop",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "a", "max_tokens": 10000}),
+            "prompt",
+        ),
     ];
     for (body, param) in cases {
         let r = llm.call("/v1/completions", body.clone()).await;
@@ -278,29 +358,57 @@ async fn refusals_are_400s_in_openais_shape() {
         assert!(!e["message"].as_str().unwrap().is_empty());
     }
     let long = "the ".repeat(600);
-    let r = llm.call("/v1/completions", json!({"model": "tiny", "prompt": long})).await;
+    let r = llm
+        .call("/v1/completions", json!({"model": "tiny", "prompt": long}))
+        .await;
     assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
     let chat = [
         (json!({"model": "tiny", "messages": []}), "messages"),
-        (json!({"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}), "top_logprobs"),
-        (json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "messages[0].content[0]"),
-        (json!({"model": "tiny", "messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}), "tools"),
-        (json!({"model": "tiny", "messages": [{"role": "wizard", "content": "a"}]}), "messages"),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}),
+            "top_logprobs",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            "messages[0].content[0]",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}),
+            "tools",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "wizard", "content": "a"}]}),
+            "messages",
+        ),
     ];
     for (body, param) in chat {
         let r = llm.call("/v1/chat/completions", body.clone()).await;
         assert_eq!(r.status, 400, "{body}: {}", r.text());
         assert_eq!(r.json()["error"]["param"], param, "{body}");
     }
-    let r = llm.call("/v1/completions", json!({"model": "nope", "prompt": "a"})).await;
+    let r = llm
+        .call("/v1/completions", json!({"model": "nope", "prompt": "a"}))
+        .await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["error"]["code"], "model_not_found");
-    let r = post(&client(), &llm.url("/v1/completions"), &[("x-braid-priority", "urgent")], &json!({"model": "tiny", "prompt": "a"}).to_string()).await;
+    let r = post(
+        &client(),
+        &llm.url("/v1/completions"),
+        &[("x-braid-priority", "urgent")],
+        &json!({"model": "tiny", "prompt": "a"}).to_string(),
+    )
+    .await;
     assert_eq!(r.json()["error"]["param"], "x-braid-priority");
     let r = post(&client(), &llm.url("/v1/completions"), &[], "{not json").await;
     assert_eq!(r.status, 400);
     // The encoder protocols on a language model say what to use instead.
-    let r = post(&client(), &llm.url("/v2/models/tiny/infer"), &[], &crate::support::infer_body(&["a"], "")).await;
+    let r = post(
+        &client(),
+        &llm.url("/v2/models/tiny/infer"),
+        &[],
+        &crate::support::infer_body(&["a"], ""),
+    )
+    .await;
     crate::support::assert_json_error(&r, 400, "/v1/completions");
 }
 
@@ -309,40 +417,79 @@ async fn refusals_are_400s_in_openais_shape() {
 /// frees its sequence for the next at once.
 #[tokio::test]
 async fn overflow_deadlines_and_clients_that_leave() {
-    let opts = LlmOptions { max_num_seqs: 1, ..LlmOptions::default() };
+    let opts = LlmOptions {
+        max_num_seqs: 1,
+        ..LlmOptions::default()
+    };
     let llm = TinyLlm::start(opts, 1).await;
     // A: a long stream, read only until its first token, then the socket is dropped.
     let mut a = TcpStream::connect(llm.addr).await.unwrap();
-    let body = json!({"model": "tiny", "prompt": "the", "max_tokens": 400, "stream": true}).to_string();
-    let head = format!("POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let body =
+        json!({"model": "tiny", "prompt": "the", "max_tokens": 400, "stream": true}).to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
     a.write_all(head.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = a.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    assert_eq!(llm.metric("vllm:num_requests_running{model_name=\"tiny\"}").await, 1.0);
+    assert_eq!(
+        llm.metric("vllm:num_requests_running{model_name=\"tiny\"}")
+            .await,
+        1.0
+    );
 
     // B waits (the one running slot is A's); C finds the queue of 1 full.
     let b_url = llm.url("/v1/completions");
     let b = tokio::spawn(async move {
-        post(&client(), &b_url, &[], &json!({"model": "tiny", "prompt": "a", "max_tokens": 3}).to_string()).await
+        post(
+            &client(),
+            &b_url,
+            &[],
+            &json!({"model": "tiny", "prompt": "a", "max_tokens": 3}).to_string(),
+        )
+        .await
     });
-    while llm.metric("vllm:num_requests_waiting{model_name=\"tiny\"}").await < 1.0 {
+    while llm
+        .metric("vllm:num_requests_waiting{model_name=\"tiny\"}")
+        .await
+        < 1.0
+    {
         tokio::task::yield_now().await;
     }
-    let c = llm.call("/v1/completions", json!({"model": "tiny", "prompt": "a", "max_tokens": 3})).await;
+    let c = llm
+        .call(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "a", "max_tokens": 3}),
+        )
+        .await;
     assert_eq!(c.status, 429, "{}", c.text());
     assert_eq!(c.headers["retry-after"], "1");
     assert_eq!(c.json()["error"]["type"], "rate_limit_error");
 
     // A leaves: B is admitted at the next step and answered.
     drop(a);
-    let b = tokio::time::timeout(Duration::from_secs(30), b).await.unwrap().unwrap();
+    let b = tokio::time::timeout(Duration::from_secs(30), b)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(b.status, 200, "{}", b.text());
-    assert_eq!(llm.metric("braid_executor_llm_finished_total{model=\"tiny\",finished_reason=\"abort\"}").await, 1.0);
+    assert_eq!(
+        llm.metric("braid_executor_llm_finished_total{model=\"tiny\",finished_reason=\"abort\"}")
+            .await,
+        1.0
+    );
     let mut idle = false;
     for _ in 0..200 {
-        if llm.metric("vllm:num_requests_running{model_name=\"tiny\"}").await == 0.0
-            && llm.metric("vllm:kv_cache_usage_perc{model_name=\"tiny\"}").await == 0.0
+        if llm
+            .metric("vllm:num_requests_running{model_name=\"tiny\"}")
+            .await
+            == 0.0
+            && llm
+                .metric("vllm:kv_cache_usage_perc{model_name=\"tiny\"}")
+                .await
+                == 0.0
         {
             idle = true;
             break;
@@ -354,12 +501,28 @@ async fn overflow_deadlines_and_clients_that_leave() {
     // A waiter whose deadline passes while another runs is answered 504.
     let long = llm.url("/v1/completions");
     let runner = tokio::spawn(async move {
-        post(&client(), &long, &[], &json!({"model": "tiny", "prompt": "the", "max_tokens": 200}).to_string()).await
+        post(
+            &client(),
+            &long,
+            &[],
+            &json!({"model": "tiny", "prompt": "the", "max_tokens": 200}).to_string(),
+        )
+        .await
     });
-    while llm.metric("vllm:num_requests_running{model_name=\"tiny\"}").await < 1.0 {
+    while llm
+        .metric("vllm:num_requests_running{model_name=\"tiny\"}")
+        .await
+        < 1.0
+    {
         tokio::task::yield_now().await;
     }
-    let late = post(&client(), &llm.url("/v1/completions"), &[("x-braid-timeout", "1ms")], &json!({"model": "tiny", "prompt": "a"}).to_string()).await;
+    let late = post(
+        &client(),
+        &llm.url("/v1/completions"),
+        &[("x-braid-timeout", "1ms")],
+        &json!({"model": "tiny", "prompt": "a"}).to_string(),
+    )
+    .await;
     assert_eq!(late.status, 504, "{}", late.text());
     assert_eq!(late.json()["error"]["code"], "timeout");
     assert_eq!(runner.await.unwrap().status, 200);
@@ -369,7 +532,10 @@ async fn overflow_deadlines_and_clients_that_leave() {
 async fn metrics_carry_vllms_names() {
     let llm = TinyLlm::start(LlmOptions::default(), 16).await;
     let r = llm
-        .call("/v1/completions", json!({"model": "tiny", "prompt": "the cat", "max_tokens": 4, "temperature": 0}))
+        .call(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "the cat", "max_tokens": 4, "temperature": 0}),
+        )
         .await;
     assert_eq!(r.status, 200);
     let text = get(&client(), &llm.url("/metrics"), &[]).await.text();
@@ -393,14 +559,20 @@ async fn metrics_carry_vllms_names() {
     }
     // promtool's lint flags `:` in names (the recording-rule convention); they are
     // vLLM's own names, served only as aliases of braid's: checked without them.
-    let braid_only: String = text.lines().filter(|l| !l.contains("vllm:")).map(|l| format!("{l}\n")).collect();
+    let braid_only: String = text
+        .lines()
+        .filter(|l| !l.contains("vllm:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     crate::support::promtool_check(&braid_only);
 }
 
 #[tokio::test]
 async fn a_gguf_chat_template_is_rendered() {
     let t = Tiny {
-        chat_template: Some("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+        chat_template: Some(
+            "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+        ),
         ..Tiny::default()
     };
     let llm = TinyLlm::with(t, LlmOptions::default(), 16).await;
@@ -413,7 +585,10 @@ async fn a_gguf_chat_template_is_rendered() {
         .call("/v1/completions", json!({"model": "tiny", "prompt": "<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n", "max_tokens": 1, "echo": true, "logprobs": 0}))
         .await
         .json();
-    assert_eq!(c.json()["usage"]["prompt_tokens"], p["usage"]["prompt_tokens"]);
+    assert_eq!(
+        c.json()["usage"]["prompt_tokens"],
+        p["usage"]["prompt_tokens"]
+    );
     // Control tokens in text are tokens: BOS, <start_of_turn>, "user", ...
     assert_eq!(p["choices"][0]["logprobs"]["tokens"][1], "<start_of_turn>");
 }
@@ -421,7 +596,11 @@ async fn a_gguf_chat_template_is_rendered() {
 #[test]
 fn bad_model_files_are_refused_at_start_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let load = |p: &Path| braid::executor::llm::LlmModel::load("m", p, 64, &candle_core::Device::Cpu).err().unwrap();
+    let load = |p: &Path| {
+        braid::executor::llm::LlmModel::load("m", p, 64, &candle_core::Device::Cpu)
+            .err()
+            .unwrap()
+    };
     let good = dir.path().join("good.gguf");
     write_tiny(&good, &Tiny::default()).unwrap();
     let bytes = std::fs::read(&good).unwrap();
@@ -430,29 +609,68 @@ fn bad_model_files_are_refused_at_start_with_the_reason() {
     assert!(load(&cut).contains("truncated"), "{}", load(&cut));
     let head = dir.path().join("head.gguf");
     std::fs::write(&head, &bytes[..100]).unwrap();
-    assert!(load(&head).contains("not a readable GGUF"), "{}", load(&head));
+    assert!(
+        load(&head).contains("not a readable GGUF"),
+        "{}",
+        load(&head)
+    );
     let other = dir.path().join("mamba.gguf");
-    write_tiny(&other, &Tiny { arch: "mamba", ..Tiny::default() }).unwrap();
-    assert!(load(&other).contains("architecture \"mamba\" is not one braid runs"), "{}", load(&other));
+    write_tiny(
+        &other,
+        &Tiny {
+            arch: "mamba",
+            ..Tiny::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        load(&other).contains("architecture \"mamba\" is not one braid runs"),
+        "{}",
+        load(&other)
+    );
     let text = dir.path().join("text.gguf");
     std::fs::write(&text, "hello").unwrap();
-    assert!(load(&text).contains("not a readable GGUF"), "{}", load(&text));
+    assert!(
+        load(&text).contains("not a readable GGUF"),
+        "{}",
+        load(&text)
+    );
 }
 
-
 fn check_sdk_report(r: &Value, model_listed: &str) {
-    assert!(r["models"].as_array().unwrap().iter().any(|m| m == model_listed), "{r}");
+    assert!(
+        r["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == model_listed),
+        "{r}"
+    );
     assert_eq!(r["completion"]["finish"], "length", "{r}");
     assert_eq!(r["completion"]["usage"]["completion_tokens"], 8);
-    assert_eq!(r["completion_stream"]["text"], r["completion"]["text"], "{r}");
+    assert_eq!(
+        r["completion_stream"]["text"], r["completion"]["text"],
+        "{r}"
+    );
     assert_eq!(r["completion_stream"]["usage"], r["completion"]["usage"]);
     assert_eq!(r["chat"]["role"], "assistant");
     assert_eq!(r["chat_stream"], r["chat"]["content"], "{r}");
-    assert!(r["chat"]["logprobs"].as_array().unwrap().iter().all(|t| t[1] == 2), "{r}");
+    assert!(
+        r["chat"]["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t[1] == 2),
+        "{r}"
+    );
     assert_eq!(r["seeded"][0], r["seeded"][1]);
     assert_ne!(r["seeded"][0], r["seeded"][2]);
     let e = &r["errors"];
-    assert_eq!((e["n"]["class"].as_str(), e["n"]["param"].as_str()), (Some("BadRequestError"), Some("n")), "{e}");
+    assert_eq!(
+        (e["n"]["class"].as_str(), e["n"]["param"].as_str()),
+        (Some("BadRequestError"), Some("n")),
+        "{e}"
+    );
     assert_eq!(e["context"]["code"], "context_length_exceeded", "{e}");
     assert_eq!(e["unknown_model"]["class"], "NotFoundError", "{e}");
 }
@@ -462,7 +680,9 @@ fn check_sdk_report(r: &Value, model_listed: &str) {
 #[tokio::test]
 async fn the_openai_sdk_drives_the_executor_directly_and_through_the_proxy() {
     let llm = TinyLlm::start(LlmOptions::default(), 16).await;
-    let direct = crate::support::run_python_client("openai_llm.py", vec![llm.url("/v1"), "tiny".into()]).await;
+    let direct =
+        crate::support::run_python_client("openai_llm.py", vec![llm.url("/v1"), "tiny".into()])
+            .await;
     check_sdk_report(&direct, "tiny");
     let exec = llm.url("");
     let config = format!(
@@ -474,7 +694,11 @@ async fn the_openai_sdk_drives_the_executor_directly_and_through_the_proxy() {
 "#
     );
     let proxy = crate::support::TestProxy::start(&config).await;
-    let via = crate::support::run_python_client("openai_llm.py", vec![proxy.url("/v1"), "assistant".into()]).await;
+    let via = crate::support::run_python_client(
+        "openai_llm.py",
+        vec![proxy.url("/v1"), "assistant".into()],
+    )
+    .await;
     check_sdk_report(&via, "assistant");
     // Both variants serve the same model greedily: the same text either way.
     assert_eq!(via["completion"]["text"], direct["completion"]["text"]);

@@ -38,6 +38,7 @@ async fn minilm_executor(queue: usize) -> crate::support::TestExecutor {
             compute_threads: None,
             queue,
             max_batch: 64,
+            default_temperature: None,
         }]
     })
     .await

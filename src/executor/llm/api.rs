@@ -37,7 +37,8 @@ pub struct Call {
     pub stream: bool,
     pub include_usage: bool,
     pub max_tokens: Option<usize>,
-    pub temperature: f32,
+    /// `None`: the served name's default (1 unless configured).
+    pub temperature: Option<f32>,
     pub top_p: f32,
     pub top_k: usize,
     pub seed: Option<u64>,
@@ -96,7 +97,7 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Call, ApiError> {
         stream: false,
         include_usage: false,
         max_tokens: None,
-        temperature: 1.0,
+        temperature: None,
         top_p: 1.0,
         top_k: 0,
         seed: None,
@@ -155,7 +156,7 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Call, ApiError> {
                 if !(0.0..=2.0).contains(&t) {
                     return Err(bad(k, format!("temperature {t} is outside 0 to 2")));
                 }
-                call.temperature = t as f32;
+                call.temperature = Some(t as f32);
             }
             ("top_p", _) => {
                 let p = number(k, val)?;

@@ -52,7 +52,9 @@ mod tests {
     #[test]
     fn q5_0_widened_to_q8_0_stands_for_the_same_numbers() {
         let dev = Device::Cpu;
-        let v: Vec<f32> = (0..64 * 3).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let v: Vec<f32> = (0..64 * 3)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
         let t = Tensor::from_vec(v, (3, 64), &dev).unwrap();
         let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
         let want = q5.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();

@@ -187,7 +187,10 @@ pub fn write_tiny(path: &Path, t: &Tiny) -> std::io::Result<()> {
         ),
         ("output_norm.weight".into(), ones(hidden)?),
         // Untied (as some GGUFs are): a tied head makes a random model repeat its input.
-        ("output.weight".into(), q(n_vocab, hidden, 0.2, GgmlDType::Q8_0)?),
+        (
+            "output.weight".into(),
+            q(n_vocab, hidden, 0.2, GgmlDType::Q8_0)?,
+        ),
     ];
     for b in 0..blocks {
         let n = |s: &str| format!("blk.{b}.{s}.weight");

@@ -736,6 +736,7 @@ pub fn tiny_spec(dir: &Path, name: &str, labels: &[&str]) -> braid::executor::se
         compute_threads: None,
         queue: 16,
         max_batch: 64,
+        default_temperature: None,
     }
 }
 
