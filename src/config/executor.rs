@@ -3,7 +3,7 @@
 //! as the proxy's config.
 
 use super::node::Node;
-use super::schema::{Obj, model_name, positive_int, seq, string};
+use super::schema::{Obj, model_name, positive_int, seq, string, temperature};
 use super::{ConfigError, Errors};
 use crate::executor::server::ModelSpec;
 
@@ -69,7 +69,10 @@ fn model(node: &Node, path: String, errs: &mut Errors) -> Option<ModelSpec> {
     let max_batch = obj
         .opt("max_batch", positive_int)
         .unwrap_or(DEFAULT_MAX_BATCH);
+    // A language model's default temperature under this name (a sampling preset).
+    let default_temperature = obj.opt("temperature", temperature);
     obj.finish(&[
+        "temperature",
         "name",
         "source",
         "labels",
@@ -86,6 +89,6 @@ fn model(node: &Node, path: String, errs: &mut Errors) -> Option<ModelSpec> {
         compute_threads: compute_threads.map(|n| n as usize),
         queue: queue as usize,
         max_batch: max_batch as usize,
-        default_temperature: None,
+        default_temperature: default_temperature.map(|t| t as f32),
     })
 }

@@ -842,6 +842,15 @@ fn weight(node: &Node, path: String, errs: &mut Errors) -> Option<f64> {
     Some(w)
 }
 
+/// A sampling temperature: 0 (greedy) to 2, as OpenAI's API allows.
+pub(crate) fn temperature(node: &Node, path: String, errs: &mut Errors) -> Option<f64> {
+    let t = number(node, path.clone(), errs)?;
+    if !(0.0..=2.0).contains(&t) {
+        return errs.push(path, "must be between 0 and 2".into());
+    }
+    Some(t)
+}
+
 fn fraction(node: &Node, path: String, errs: &mut Errors) -> Option<f64> {
     let f = number(node, path.clone(), errs)?;
     if !(0.0..=1.0).contains(&f) {

@@ -200,6 +200,18 @@ pub fn resolve(spec: &str) -> Result<PathBuf, SourceError> {
     resolve_from(spec, None)
 }
 
+/// The wheels a `pip:` source is made of (`NAME==VERSION` each): its own, or its
+/// parts' for a split package; what a model image must carry for `--wheels`.
+pub fn wheel_requirements(spec: &str) -> Result<Vec<String>, SourceError> {
+    if let Some(split) = SPLIT
+        .iter()
+        .find(|s| Some(s.requirement) == spec.strip_prefix("pip:"))
+    {
+        return Ok(split.parts.iter().map(|(r, _)| r.to_string()).collect());
+    }
+    Ok(vec![PipSource::parse(spec)?.requirement])
+}
+
 /// As [`resolve`]; with `wheels`, a `pip:` source's wheels are taken from that
 /// directory (verified the same way) instead of being downloaded.
 pub fn resolve_from(spec: &str, wheels: Option<&Path>) -> Result<PathBuf, SourceError> {

@@ -135,37 +135,99 @@ async fn demo_serves_the_ab_test_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llm_demo_ab_tests_two_presets_over_the_openai_api() {
     let mut demo = BraidProcess::spawn(
-        &["demo", "--llm", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--executor-listen", "127.0.0.1:0"],
+        &[
+            "demo",
+            "--llm",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--executor-listen",
+            "127.0.0.1:0",
+        ],
         &[],
         &["proxy", "admin", "executor"],
         Duration::from_secs(600),
     );
-    let (proxy, admin) = (demo.announced["proxy"].clone(), demo.announced["admin"].clone());
+    let (proxy, admin) = (
+        demo.announced["proxy"].clone(),
+        demo.announced["admin"].clone(),
+    );
     let c = client();
     let body = r#"{"model":"assistant","prompt":"The capital of France is","max_tokens":8}"#;
-    let greedy = post(&c, &format!("{proxy}/v1/completions"), &[("x-braid-variant", "greedy")], body).await;
+    let greedy = post(
+        &c,
+        &format!("{proxy}/v1/completions"),
+        &[("x-braid-variant", "greedy")],
+        body,
+    )
+    .await;
     assert_eq!(greedy.status, 200, "{}", greedy.text());
     assert_eq!(greedy.variant(), "greedy");
     let j = greedy.json();
     // The greedy preset is deterministic: llama.cpp's text for this prompt starts so.
-    assert!(j["choices"][0]["text"].as_str().unwrap().starts_with(" the capital of"), "{j}");
+    assert!(
+        j["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(" the capital of"),
+        "{j}"
+    );
     assert_eq!(j["model"], "gemma-greedy", "{j}");
     let chat = r#"{"model":"assistant","messages":[{"role":"user","content":"Hi"}],"max_tokens":6,"stream":true}"#;
-    let s = post(&c, &format!("{proxy}/v1/chat/completions"), &[("x-braid-variant", "creative")], chat).await;
+    let s = post(
+        &c,
+        &format!("{proxy}/v1/chat/completions"),
+        &[("x-braid-variant", "creative")],
+        chat,
+    )
+    .await;
     assert_eq!(s.status, 200);
     assert!(s.text().ends_with("data: [DONE]\n\n"), "{}", s.text());
     // Users stick to a variant.
     for user in ["alice", "bob", "carol"] {
-        let a = post(&c, &format!("{proxy}/v1/completions"), &[("x-user-id", user)], body).await;
-        let b = post(&c, &format!("{proxy}/v1/completions"), &[("x-user-id", user)], body).await;
+        let a = post(
+            &c,
+            &format!("{proxy}/v1/completions"),
+            &[("x-user-id", user)],
+            body,
+        )
+        .await;
+        let b = post(
+            &c,
+            &format!("{proxy}/v1/completions"),
+            &[("x-user-id", user)],
+            body,
+        )
+        .await;
         assert_eq!(a.variant(), b.variant());
     }
-    let out = braid(&["experiments", "--admin", admin.trim_start_matches("http://"), "--json"], b"");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = braid(
+        &[
+            "experiments",
+            "--admin",
+            admin.trim_start_matches("http://"),
+            "--json",
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let v = &e["routes"][0]["variants"];
-    let creative = v.as_array().unwrap().iter().find(|v| v["name"] == "creative").unwrap();
-    assert!(creative["generation"]["ttft_ms"]["p50"].as_f64().unwrap() > 0.0, "{e}");
+    let creative = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "creative")
+        .unwrap();
+    assert!(
+        creative["generation"]["ttft_ms"]["p50"].as_f64().unwrap() > 0.0,
+        "{e}"
+    );
     demo.signal("INT");
     let status = demo.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");

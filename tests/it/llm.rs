@@ -704,3 +704,37 @@ async fn the_openai_sdk_drives_the_executor_directly_and_through_the_proxy() {
     assert_eq!(via["completion"]["text"], direct["completion"]["text"]);
     proxy.stop().await;
 }
+
+/// deploy/example/llm's ConfigMap: the sidecar's routes pass `braid check`, and the
+/// executor's models (one GGUF under two names, two temperatures) load as written.
+#[test]
+fn the_llm_example_configs_are_valid() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/example/llm/configmap.yaml"
+    );
+    let cm: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let braid_yaml = dir.path().join("braid.yaml");
+    std::fs::write(&braid_yaml, cm["data"]["braid.yaml"].as_str().unwrap()).unwrap();
+    let out = crate::support::braid(&["check", braid_yaml.to_str().unwrap()], b"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let doc = braid::config::executor::load(cm["data"]["executor.yaml"].as_str().unwrap()).unwrap();
+    let t: Vec<_> = doc
+        .models
+        .iter()
+        .map(|m| (m.name.as_str(), m.default_temperature))
+        .collect();
+    assert_eq!(
+        t,
+        [("gemma-greedy", Some(0.0)), ("gemma-creative", Some(0.8))]
+    );
+    let bad = "models:\n  - { name: m, source: x.gguf, temperature: 3 }\n";
+    let errs = braid::config::executor::load(bad).unwrap_err();
+    assert_eq!(errs[0].path, "models[0].temperature");
+}
