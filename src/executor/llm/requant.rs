@@ -7,7 +7,7 @@
 //! llama.cpp's Q5_0 kernel's are.
 
 use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
-use candle_core::{Device, Result};
+use candle_core::{Device, Result, Tensor};
 
 /// ggml's `block_q5_0`: f16 scale, 32 high bits, 16 bytes of low nibbles.
 const Q5_0_BYTES: usize = 22;
@@ -61,5 +61,131 @@ mod tests {
         let q8 = widen(q5, &dev).unwrap();
         assert_eq!(q8.dtype(), GgmlDType::Q8_0);
         assert_eq!(q8.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap(), want);
+    }
+}
+
+/// The width candle's tiled x86 kernels need of a matmul's inputs.
+const TILE_K: usize = 256;
+
+/// Whether candle's x86 Q8_0 tiles (int8 dot-product instructions) run here.
+fn tiled_q8_0() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
+            || is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A quantized linear layer. A Q8_0 weight whose input width is not a multiple of 256
+/// (Gemma 3 270M's are 640) misses candle's tiled x86 kernel and takes its one-row dot
+/// product; padded with zero blocks to the next multiple (and its inputs with zeros) it
+/// takes the tiles, which read each weight once for many rows. The zeros add nothing
+/// to any dot product. Only where those kernels run (a CPU with VNNI).
+pub struct Linear {
+    w: candle_core::quantized::QMatMul,
+    pad: usize,
+}
+
+impl Linear {
+    pub fn new(t: QTensor, device: &Device) -> Result<Linear> {
+        Self::shared(std::sync::Arc::new(t), device)
+    }
+
+    /// As `new`, sharing `t`'s blocks unless it is padded (a tied output head).
+    pub fn shared(t: std::sync::Arc<QTensor>, device: &Device) -> Result<Linear> {
+        let (n, k) = t.shape().dims2()?;
+        let pad = k.next_multiple_of(TILE_K) - k;
+        if t.dtype() != GgmlDType::Q8_0 || pad == 0 || !device.is_cpu() || !tiled_q8_0() {
+            return Ok(Linear {
+                w: candle_core::quantized::QMatMul::from_arc(t)?,
+                pad: 0,
+            });
+        }
+        Ok(Linear {
+            w: candle_core::quantized::QMatMul::from_qtensor(pad_q8_0(&t, n, k, pad, device)?)?,
+            pad,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use candle_core::Module;
+        if self.pad == 0 {
+            return self.w.forward(x);
+        }
+        self.w
+            .forward(&x.pad_with_zeros(candle_core::D::Minus1, 0, self.pad)?)
+    }
+}
+
+/// `t` (Q8_0, `[n, k]`) with `pad` zero columns appended to every row.
+fn pad_q8_0(t: &QTensor, n: usize, k: usize, pad: usize, device: &Device) -> Result<QTensor> {
+    let data = t.data()?;
+    let row = k / 32 * Q8_0_BYTES;
+    let extra = pad / 32 * Q8_0_BYTES;
+    if data.len() != n * row {
+        candle_core::bail!("Q8_0 data of {} bytes is not {n} rows of {k}", data.len());
+    }
+    let mut out = Vec::with_capacity(n * (row + extra));
+    for r in data.chunks_exact(row) {
+        out.extend_from_slice(r);
+        out.resize(out.len() + extra, 0);
+    }
+    qtensor_from_ggml(GgmlDType::Q8_0, &out, vec![n, k + pad], device)
+}
+
+#[cfg(test)]
+mod pad_tests {
+    use super::*;
+
+    #[test]
+    fn a_padded_q8_0_layer_gives_the_same_products() {
+        let dev = Device::Cpu;
+        let w: Vec<f32> = (0..256 * 640)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0)
+            .collect();
+        let t = QTensor::quantize(
+            &Tensor::from_vec(w, (256, 640), &dev).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let (n, k) = (256, 640);
+        let padded = pad_q8_0(&t, n, k, 128, &dev).unwrap();
+        let d = padded.dequantize(&dev).unwrap();
+        assert_eq!(d.dims(), [256, 768]);
+        let left = d.narrow(1, 0, 640).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(left, t.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap());
+        let right = d
+            .narrow(1, 640, 128)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(right.iter().all(|&x| x == 0.0));
+        // Through the layer: products of the padded and the plain weight agree to the
+        // kernels' rounding (the zeros add nothing; the activations' 8-bit blocks differ).
+        let x: Vec<f32> = (0..3 * 640)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0)
+            .collect();
+        let x = Tensor::from_vec(x, (3, 640), &dev).unwrap();
+        let plain = candle_core::quantized::QMatMul::from_qtensor(t).unwrap();
+        let a = candle_core::Module::forward(&plain, &x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let lin = Linear {
+            w: candle_core::quantized::QMatMul::from_qtensor(padded).unwrap(),
+            pad: 128,
+        };
+        let b = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        for (ra, rb) in a.iter().zip(&b) {
+            for (p, q) in ra.iter().zip(rb) {
+                assert!((p - q).abs() <= 0.05 * p.abs().max(1.0), "{p} vs {q}");
+            }
+        }
     }
 }
