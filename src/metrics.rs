@@ -1078,13 +1078,16 @@ impl<M: prometheus_client::registry::Metric + prometheus_client::metrics::TypedM
         }
     }
 
-    fn each(&self, model: &str, f: impl Fn(&M)) {
-        f(&self.braid.get_or_create(&ModelLabels {
+    /// Both series for `model`, resolved once (a model's handles are kept, not looked
+    /// up per token).
+    fn pair(&self, model: &str) -> Pair<M> {
+        let braid = self.braid.get_or_create(&ModelLabels {
             model: model.to_string(),
-        }));
-        f(&self.vllm.get_or_create(&VllmLabels {
+        });
+        let vllm = self.vllm.get_or_create(&VllmLabels {
             model_name: model.to_string(),
-        }));
+        });
+        Pair([braid.clone(), vllm.clone()])
     }
 }
 
@@ -1203,64 +1206,112 @@ impl LlmMetrics {
         }
     }
 
-    pub fn occupancy(&self, model: &str, running: usize, waiting: usize, kv_share: f64) {
-        self.running.each(model, |g| {
+    /// One model's handles, for its generation loop.
+    pub fn model(&self, model: &str) -> ModelLlmMetrics {
+        ModelLlmMetrics {
+            running: self.running.pair(model),
+            waiting: self.waiting.pair(model),
+            kv_usage: self.kv_usage.pair(model),
+            prompt_tokens: self.prompt_tokens.pair(model),
+            generation_tokens: self.generation_tokens.pair(model),
+            ttft: self.ttft.pair(model),
+            tpot: self.tpot.pair(model),
+            queue_time: self.queue_time.pair(model),
+            e2e: self.e2e.pair(model),
+            step_seqs: self
+                .step_seqs
+                .get_or_create(&ModelLabels {
+                    model: model.to_string(),
+                })
+                .clone(),
+            all: self.clone(),
+            model: model.to_string(),
+        }
+    }
+}
+
+/// A metric under braid's name and vLLM's.
+#[derive(Debug, Clone)]
+struct Pair<M>([M; 2]);
+
+impl<M> Pair<M> {
+    fn each(&self, f: impl Fn(&M)) {
+        self.0.iter().for_each(f);
+    }
+}
+
+/// One language model's generation metrics, resolved at its engine's start.
+#[derive(Debug, Clone)]
+pub struct ModelLlmMetrics {
+    running: Pair<Gauge>,
+    waiting: Pair<Gauge>,
+    kv_usage: Pair<FloatGauge>,
+    prompt_tokens: Pair<Counter>,
+    generation_tokens: Pair<Counter>,
+    ttft: Pair<Histogram>,
+    tpot: Pair<Histogram>,
+    queue_time: Pair<Histogram>,
+    e2e: Pair<Histogram>,
+    step_seqs: Histogram,
+    all: LlmMetrics,
+    model: String,
+}
+
+impl ModelLlmMetrics {
+    pub fn occupancy(&self, running: usize, waiting: usize, kv_share: f64) {
+        self.running.each(|g| {
             g.set(running as i64);
         });
-        self.waiting.each(model, |g| {
+        self.waiting.each(|g| {
             g.set(waiting as i64);
         });
-        self.kv_usage.each(model, |g| {
+        self.kv_usage.each(|g| {
             g.set(kv_share);
         });
     }
 
-    pub fn step(&self, model: &str, sequences: usize) {
-        self.step_seqs
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
-            .observe(sequences as f64);
+    pub fn step(&self, sequences: usize) {
+        self.step_seqs.observe(sequences as f64);
     }
 
-    pub fn prompt_tokens(&self, model: &str, n: usize) {
-        self.prompt_tokens.each(model, |c| {
+    pub fn prompt_tokens(&self, n: usize) {
+        self.prompt_tokens.each(|c| {
             c.inc_by(n as u64);
         });
     }
 
-    pub fn generated(&self, model: &str, since_last: Option<Duration>) {
-        self.generation_tokens.each(model, |c| {
+    pub fn generated(&self, since_last: Option<Duration>) {
+        self.generation_tokens.each(|c| {
             c.inc();
         });
         if let Some(d) = since_last {
-            self.tpot.each(model, |h| h.observe(d.as_secs_f64()));
+            self.tpot.each(|h| h.observe(d.as_secs_f64()));
         }
     }
 
-    pub fn first_token(&self, model: &str, since_arrival: Duration) {
-        self.ttft
-            .each(model, |h| h.observe(since_arrival.as_secs_f64()));
+    pub fn first_token(&self, since_arrival: Duration) {
+        self.ttft.each(|h| h.observe(since_arrival.as_secs_f64()));
     }
 
-    pub fn admitted(&self, model: &str, queued: Duration) {
-        self.queue_time
-            .each(model, |h| h.observe(queued.as_secs_f64()));
+    pub fn admitted(&self, queued: Duration) {
+        self.queue_time.each(|h| h.observe(queued.as_secs_f64()));
     }
 
-    pub fn finished(&self, model: &str, reason: &'static str, since_arrival: Duration) {
-        self.e2e
-            .each(model, |h| h.observe(since_arrival.as_secs_f64()));
-        let (model, finished_reason) = (model.to_string(), reason);
-        self.finished
+    /// Once per generation: the reason's series are looked up here.
+    pub fn finished(&self, reason: &'static str, since_arrival: Duration) {
+        self.e2e.each(|h| h.observe(since_arrival.as_secs_f64()));
+        let finished_reason = reason;
+        self.all
+            .finished
             .get_or_create(&LlmFinishLabels {
-                model: model.clone(),
+                model: self.model.clone(),
                 finished_reason,
             })
             .inc();
-        self.vllm_finished
+        self.all
+            .vllm_finished
             .get_or_create(&VllmFinishLabels {
-                model_name: model,
+                model_name: self.model.clone(),
                 finished_reason,
             })
             .inc();

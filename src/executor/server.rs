@@ -437,15 +437,9 @@ impl Executor {
                 return error(StatusCode::BAD_REQUEST, &msg, Some(field), "bad_request");
             }
         };
-        let Some(slot) = self.slot(&call.model) else {
-            self.metrics.request("", 404);
-            let msg = self.unknown_model_message(&call.model);
-            return error(
-                StatusCode::NOT_FOUND,
-                &msg,
-                Some("model"),
-                "model_not_found",
-            );
+        let slot = match self.openai_slot(&call.model) {
+            Ok(s) => s,
+            Err(resp) => return *resp,
         };
         let dim = slot.encoder().map(|h| h.model.dim());
         if let (Some(want), Some(dim)) = (call.dimensions, dim)
@@ -817,15 +811,9 @@ impl Executor {
             Ok(c) => c,
             Err(resp) => return resp,
         };
-        let Some(slot) = self.slot(&call.model) else {
-            self.metrics.request("", 404);
-            let msg = self.unknown_model_message(&call.model);
-            return error(
-                StatusCode::NOT_FOUND,
-                &msg,
-                Some("model"),
-                "model_not_found",
-            );
+        let slot = match self.openai_slot(&call.model) {
+            Ok(s) => s,
+            Err(resp) => return *resp,
         };
         let name = slot.spec.name.clone();
         let resp = match slot.state.get() {
@@ -860,6 +848,21 @@ impl Executor {
             record_spans(tracer, &t, (&name, route), &resp, started.elapsed());
         }
         resp
+    }
+
+    /// The slot an OpenAI call's `model` names, or its 404 in OpenAI's shape (counted
+    /// without the name: label values never come from requests).
+    fn openai_slot(&self, model: &str) -> Result<&Slot, Box<Response<Body>>> {
+        self.slot(model).ok_or_else(|| {
+            self.metrics.request("", 404);
+            let msg = self.unknown_model_message(model);
+            Box::new(crate::openai::error(
+                StatusCode::NOT_FOUND,
+                &msg,
+                Some("model"),
+                "model_not_found",
+            ))
+        })
     }
 
     fn unknown_model(&self, name: &str) -> Response<Body> {

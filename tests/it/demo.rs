@@ -5,23 +5,30 @@ use std::time::Duration;
 
 use crate::support::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_serves_the_ab_test_end_to_end() {
-    // Fetching the model on a cold cache can take a while; after that it is seconds.
-    let mut demo = BraidProcess::spawn(
-        &[
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--executor-listen",
-            "127.0.0.1:0",
-        ],
+/// `braid demo` with `extra` flags, every port picked by the system. Fetching a model
+/// on a cold cache can take a while; after that it is seconds.
+fn spawn_demo(extra: &[&str]) -> BraidProcess {
+    let mut args = vec!["demo"];
+    args.extend_from_slice(extra);
+    args.extend([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--executor-listen",
+        "127.0.0.1:0",
+    ]);
+    BraidProcess::spawn(
+        &args,
         &[],
         &["proxy", "admin", "executor"],
         Duration::from_secs(600),
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_the_ab_test_end_to_end() {
+    let mut demo = spawn_demo(&[]);
     let (proxy, admin) = (&demo.announced["proxy"], &demo.announced["admin"]);
     let c = client();
     let body = infer_body(
@@ -134,21 +141,7 @@ async fn demo_serves_the_ab_test_end_to_end() {
 /// under one OpenAI model name, and `braid experiments` showing time to first token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llm_demo_ab_tests_two_presets_over_the_openai_api() {
-    let mut demo = BraidProcess::spawn(
-        &[
-            "demo",
-            "--llm",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--executor-listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-        &["proxy", "admin", "executor"],
-        Duration::from_secs(600),
-    );
+    let mut demo = spawn_demo(&["--llm"]);
     let (proxy, admin) = (
         demo.announced["proxy"].clone(),
         demo.announced["admin"].clone(),

@@ -422,10 +422,12 @@ async fn overflow_deadlines_and_clients_that_leave() {
         ..LlmOptions::default()
     };
     let llm = TinyLlm::start(opts, 1).await;
-    // A: a long stream, read only until its first token, then the socket is dropped.
+    // A: a long stream, read only until its first token, then the socket is dropped
+    // (greedy: a sampled one could end early on an end-of-sequence token).
     let mut a = TcpStream::connect(llm.addr).await.unwrap();
     let body =
-        json!({"model": "tiny", "prompt": "the", "max_tokens": 400, "stream": true}).to_string();
+        json!({"model": "tiny", "prompt": "the", "max_tokens": 400, "stream": true, "temperature": 0})
+            .to_string();
     let head = format!(
         "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
@@ -505,7 +507,8 @@ async fn overflow_deadlines_and_clients_that_leave() {
             &client(),
             &long,
             &[],
-            &json!({"model": "tiny", "prompt": "the", "max_tokens": 200}).to_string(),
+            &json!({"model": "tiny", "prompt": "the", "max_tokens": 200, "temperature": 0})
+                .to_string(),
         )
         .await
     });
@@ -526,6 +529,49 @@ async fn overflow_deadlines_and_clients_that_leave() {
     assert_eq!(late.status, 504, "{}", late.text());
     assert_eq!(late.json()["error"]["code"], "timeout");
     assert_eq!(runner.await.unwrap().status, 200);
+
+    // A client that gives up on a whole (not streamed) answer while it is generated:
+    // its sequence is freed too, and nothing stays counted.
+    let mut g = TcpStream::connect(llm.addr).await.unwrap();
+    let body =
+        json!({"model": "tiny", "prompt": "the", "max_tokens": 400, "temperature": 0}).to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    g.write_all(head.as_bytes()).await.unwrap();
+    while llm
+        .metric("vllm:num_requests_running{model_name=\"tiny\"}")
+        .await
+        < 1.0
+    {
+        tokio::task::yield_now().await;
+    }
+    drop(g);
+    let mut freed = false;
+    for _ in 0..2000 {
+        if llm
+            .metric("braid_executor_llm_finished_total{model=\"tiny\",finished_reason=\"abort\"}")
+            .await
+            == 2.0
+            && llm
+                .metric("vllm:num_requests_running{model_name=\"tiny\"}")
+                .await
+                == 0.0
+            && llm
+                .metric("vllm:kv_cache_usage_perc{model_name=\"tiny\"}")
+                .await
+                == 0.0
+        {
+            freed = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        freed,
+        "a whole answer's client that left still holds its sequence"
+    );
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use super::LlmModel;
 use super::gemma::{Chunk, KvCache, Want};
 use super::sample::{self, Rng, Sampling};
 use super::schedule::{Ask, Class, Limits, Refused, Scheduler, Work};
-use crate::metrics::LlmMetrics;
+use crate::metrics::{LlmMetrics, ModelLlmMetrics};
 
 /// What a generation asks for, past its prompt.
 #[derive(Debug, Clone)]
@@ -127,7 +127,10 @@ impl Engine {
         let (m, s) = (model.clone(), shared.clone());
         std::thread::Builder::new()
             .name(format!("braid-llm-{}", model.name))
-            .spawn(move || Loop::new(m, s, pool, metrics).run())?;
+            .spawn({
+                let metrics = metrics.model(&model.name);
+                move || Loop::new(m, s, pool, metrics).run()
+            })?;
         Ok(Engine {
             model,
             shared,
@@ -188,7 +191,7 @@ struct Loop {
     model: Arc<LlmModel>,
     shared: Arc<(Mutex<State>, Condvar)>,
     pool: Arc<rayon::ThreadPool>,
-    metrics: LlmMetrics,
+    metrics: ModelLlmMetrics,
     seqs: HashMap<u64, Seq>,
 }
 
@@ -197,7 +200,7 @@ impl Loop {
         model: Arc<LlmModel>,
         shared: Arc<(Mutex<State>, Condvar)>,
         pool: Arc<rayon::ThreadPool>,
-        metrics: LlmMetrics,
+        metrics: ModelLlmMetrics,
     ) -> Loop {
         Loop {
             model,
@@ -211,11 +214,11 @@ impl Loop {
     fn run(mut self) {
         let name = self.model.name.clone();
         loop {
-            let (plan, admitted, gone_waiting, kv_budget) = {
+            let (plan, admitted, gone_waiting) = {
                 let (lock, cv) = &*self.shared;
                 let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
                 while st.sched.is_idle() && !st.stopping {
-                    self.metrics.occupancy(&name, 0, 0, 0.0);
+                    self.metrics.occupancy(0, 0, 0.0);
                     st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
                 if st.stopping {
@@ -243,8 +246,7 @@ impl Loop {
                 for &id in &gone {
                     st.sched.remove(id);
                     if let Some(s) = self.seqs.remove(&id) {
-                        self.metrics
-                            .finished(&name, "abort", s.pending.arrived.elapsed());
+                        self.metrics.finished("abort", s.pending.arrived.elapsed());
                     }
                 }
                 let gone_waiting: Vec<Pending> =
@@ -265,14 +267,13 @@ impl Loop {
                     .iter()
                     .filter_map(|id| st.inbox.remove(id).map(|p| (*id, p)))
                     .collect();
-                let kv_budget = st.sched.limits.kv_tokens.max(1);
-                (plan, admitted, gone_waiting, kv_budget)
+                (plan, admitted, gone_waiting)
             };
             for p in gone_waiting {
-                self.metrics.finished(&name, "abort", p.arrived.elapsed());
+                self.metrics.finished("abort", p.arrived.elapsed());
             }
             for (id, p) in admitted {
-                self.metrics.admitted(&name, p.arrived.elapsed());
+                self.metrics.admitted(p.arrived.elapsed());
                 let cap = p.prompt.len() + p.params.max_new;
                 match KvCache::new(&self.model.gemma, cap) {
                     Ok(cache) => {
@@ -291,8 +292,8 @@ impl Loop {
                     }
                     Err(e) => {
                         tracing::error!(model = %name, "allocating a KV cache failed: {e}");
-                        let _ = p.tx.send(Event::Failed(GenError::Model));
                         self.forget(id);
+                        let _ = p.tx.send(Event::Failed(GenError::Model));
                     }
                 }
             }
@@ -306,29 +307,32 @@ impl Loop {
             for &(id, w) in &work {
                 st.sched.done(id, w);
             }
-            let kv = st.sched.kv_used() as f64 / kv_budget as f64;
-            self.metrics
-                .occupancy(&name, st.sched.running(), st.sched.waiting(), kv);
+            self.publish(&st.sched);
         }
     }
 
     /// Takes a sequence out of the scheduler.
-    fn forget(&mut self, id: u64) {
-        self.seqs.remove(&id);
-        self.shared
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .sched
-            .remove(id);
+    /// Takes a sequence out of the scheduler and the gauges, before its caller hears
+    /// it is over: whoever reads the metrics after its answer sees it gone.
+    fn forget(&mut self, id: u64) -> Option<Seq> {
+        let seq = self.seqs.remove(&id);
+        let mut st = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        st.sched.remove(id);
+        self.publish(&st.sched);
+        seq
+    }
+
+    /// The occupancy gauges from the scheduler's state.
+    fn publish(&self, sched: &Scheduler) {
+        let kv = sched.kv_used() as f64 / sched.limits.kv_tokens.max(1) as f64;
+        self.metrics.occupancy(sched.running(), sched.waiting(), kv);
     }
 
     fn step(&mut self, work: &[(u64, Work)]) {
         if work.is_empty() {
             return;
         }
-        let name = self.model.name.clone();
-        self.metrics.step(&name, work.len());
+        self.metrics.step(work.len());
         // Inputs per sequence, in `work`'s order.
         let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(work.len());
         let mut wants = Vec::with_capacity(work.len());
@@ -381,28 +385,27 @@ impl Loop {
         let logits = match result {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => {
-                tracing::error!(model = %name, "a decoding step failed: {e}");
+                tracing::error!(model = %self.model.name, "a decoding step failed: {e}");
                 return self.fail(work);
             }
             Err(_) => {
-                tracing::error!(model = %name, "model code panicked in a decoding step; answered 500");
+                tracing::error!(model = %self.model.name, "model code panicked in a decoding step; answered 500");
                 return self.fail(work);
             }
         };
         let now = Instant::now();
         for (((id, w), logits), input) in work.iter().zip(logits).zip(&inputs) {
             let finished = self.emit(*id, *w, logits, input, now);
-            if let Some(reason) = finished {
-                let s = self.seqs.get(id).expect("present");
-                let _ = s.pending.tx.send(Event::Done(reason));
+            if let Some(reason) = finished
+                && let Some(s) = self.forget(*id)
+            {
                 let label = if reason == Finish::Stop {
                     "stop"
                 } else {
                     "length"
                 };
-                self.metrics
-                    .finished(&name, label, s.pending.arrived.elapsed());
-                self.forget(*id);
+                self.metrics.finished(label, s.pending.arrived.elapsed());
+                let _ = s.pending.tx.send(Event::Done(reason));
             }
         }
     }
@@ -416,23 +419,24 @@ impl Loop {
         input: &[u32],
         now: Instant,
     ) -> Option<Finish> {
-        let name = self.model.name.clone();
         let vocab = self.model.gemma.config.vocab;
         let s = self.seqs.get_mut(&id)?;
         let rows: Vec<Vec<f32>> = match logits.map(|t| t.to_vec2::<f32>()) {
             None => Vec::new(),
             Some(Ok(r)) => r,
             Some(Err(e)) => {
-                tracing::error!(model = %name, "reading logits failed: {e}");
-                let _ = s.pending.tx.send(Event::Failed(GenError::Model));
-                self.forget(id);
+                tracing::error!(model = %self.model.name, "reading logits failed: {e}");
+                if let Some(s) = self.forget(id) {
+                    self.metrics.finished("error", s.pending.arrived.elapsed());
+                    let _ = s.pending.tx.send(Event::Failed(GenError::Model));
+                }
                 return None;
             }
         };
         let params = &s.pending.params;
         let top = params.logprobs.unwrap_or(0);
         if let Work::Prefill { from, to } = w {
-            self.metrics.prompt_tokens(&name, to - from);
+            self.metrics.prompt_tokens(to - from);
             if params.prompt_logprobs {
                 // Row i predicts prompt token from + i + 1.
                 let mut out = Vec::with_capacity(to - from);
@@ -482,10 +486,9 @@ impl Loop {
             },
         };
         if s.last_token_at.is_none() {
-            self.metrics.first_token(&name, now - s.pending.arrived);
+            self.metrics.first_token(now - s.pending.arrived);
         }
-        self.metrics
-            .generated(&name, s.last_token_at.map(|t| now - t));
+        self.metrics.generated(s.last_token_at.map(|t| now - t));
         s.last_token_at = Some(now);
         s.generated += 1;
         if self.model.vocab.stops.contains(&token) {
@@ -501,13 +504,10 @@ impl Loop {
 
     fn fail(&mut self, work: &[(u64, Work)]) {
         for (id, _) in work {
-            if let Some(s) = self.seqs.get(id) {
+            if let Some(s) = self.forget(*id) {
+                self.metrics.finished("error", s.pending.arrived.elapsed());
                 let _ = s.pending.tx.send(Event::Failed(GenError::Model));
-                let name = self.model.name.clone();
-                self.metrics
-                    .finished(&name, "error", s.pending.arrived.elapsed());
             }
-            self.forget(*id);
         }
     }
 }
