@@ -1,6 +1,8 @@
 //! BERT, the encoder half only, as sentence embedding needs it: the same weights, names
 //! and arithmetic as `candle_transformers::models::bert::BertModel` (a test holds the
-//! outputs equal), with one change where the time goes on a CPU.
+//! outputs equal), with changes where the time goes on a CPU: query, key and value are
+//! one stacked linear layer, attention is one operation on the CPU ([`Attention`]),
+//! and linear layers pick their multiplication order by the number of rows.
 //!
 //! A linear layer computes `x * W^T` with `W` stored `[out, in]`. candle hands gemm the
 //! transposed view of `W`, which gemm repacks on every call: at batch 1 that repacking
@@ -10,7 +12,9 @@
 //! docs/benchmarks.md) and is used. Hidden states stay `[rows, hidden]` between
 //! layers; only attention sees the `[batch, heads, len, head]` shape.
 
-use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Module, Result, Shape, Tensor,
+};
 use candle_nn::{Embedding, LayerNorm, VarBuilder, embedding, layer_norm};
 use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
@@ -32,6 +36,17 @@ impl Dense {
         Ok(Dense {
             weight: vb.get((out, inp), "weight")?,
             bias: vb.get(out, "bias")?,
+            small_rows: SMALL_ROWS,
+        })
+    }
+
+    /// Several layers over the same input as one: their outputs side by side, in order.
+    fn stacked(parts: &[Dense]) -> Result<Dense> {
+        let weights: Vec<&Tensor> = parts.iter().map(|d| &d.weight).collect();
+        let biases: Vec<&Tensor> = parts.iter().map(|d| &d.bias).collect();
+        Ok(Dense {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: Tensor::cat(&biases, 0)?,
             small_rows: SMALL_ROWS,
         })
     }
@@ -86,9 +101,8 @@ impl Embeddings {
 }
 
 struct Layer {
-    query: Dense,
-    key: Dense,
-    value: Dense,
+    /// Query, key and value in one: `[rows, hidden]` -> `[rows, 3 * hidden]`.
+    qkv: Dense,
     attention_out: Dense,
     attention_norm: LayerNorm,
     intermediate: Dense,
@@ -103,10 +117,13 @@ impl Layer {
     fn load(vb: VarBuilder, c: &Config) -> Result<Layer> {
         let h = c.hidden_size;
         let attn = vb.pp("attention");
+        let own = attn.pp("self");
         Ok(Layer {
-            query: Dense::load(h, h, attn.pp("self").pp("query"))?,
-            key: Dense::load(h, h, attn.pp("self").pp("key"))?,
-            value: Dense::load(h, h, attn.pp("self").pp("value"))?,
+            qkv: Dense::stacked(&[
+                Dense::load(h, h, own.pp("query"))?,
+                Dense::load(h, h, own.pp("key"))?,
+                Dense::load(h, h, own.pp("value"))?,
+            ])?,
             attention_out: Dense::load(h, h, attn.pp("output").pp("dense"))?,
             attention_norm: layer_norm(h, c.layer_norm_eps, attn.pp("output").pp("LayerNorm"))?,
             intermediate: Dense::load(h, c.intermediate_size, vb.pp("intermediate").pp("dense"))?,
@@ -118,23 +135,20 @@ impl Layer {
         })
     }
 
-    /// `x`: `[batch * len, hidden]`; `mask`: `[batch, 1, 1, len]`, additive.
+    /// `x`: `[batch * len, hidden]`; `mask`: `[batch, len]`, 1 for real tokens.
     fn forward(&self, x: &Tensor, mask: &Tensor, batch: usize, len: usize) -> Result<Tensor> {
-        let heads = |t: Tensor| {
-            t.reshape((batch, len, self.heads, self.head_size))?
-                .transpose(1, 2)?
-                .contiguous()
+        let qkv = self.qkv.forward(x)?;
+        let context = if qkv.device().is_cpu() {
+            qkv.apply_op2_no_bwd(
+                mask,
+                &Attention {
+                    heads: self.heads,
+                    head_size: self.head_size,
+                },
+            )?
+        } else {
+            self.attention(&qkv, mask, batch, len)?
         };
-        let q = heads(self.query.forward(x)?)?;
-        let k = heads(self.key.forward(x)?)?;
-        let v = heads(self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?;
-        let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((batch * len, self.heads * self.head_size))?;
         let attended = self
             .attention_norm
             .forward(&(self.attention_out.forward(&context)? + x)?)?;
@@ -148,6 +162,163 @@ impl Layer {
         self.output_norm
             .forward(&(self.output.forward(&inner)? + attended)?)
     }
+}
+
+impl Layer {
+    /// Attention with tensor operations, for devices other than the CPU.
+    fn attention(&self, qkv: &Tensor, mask: &Tensor, batch: usize, len: usize) -> Result<Tensor> {
+        let h = self.heads * self.head_size;
+        let heads = |i: usize| {
+            qkv.narrow(1, i * h, h)?
+                .reshape((batch, len, self.heads, self.head_size))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        // Padding gets f32::MIN added to its attention scores: softmax gives it 0.
+        let additive = ((1.0 - mask.to_dtype(DType::F32)?.reshape((batch, 1, 1, len))?)?
+            * f64::from(f32::MIN))?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?;
+        let probs = candle_nn::ops::softmax(&scores.broadcast_add(&additive)?, D::Minus1)?;
+        probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((batch * len, h))
+    }
+}
+
+/// Scaled dot-product attention on the CPU, straight from the stacked query/key/value
+/// rows to the context rows, one token's row (all its heads) a task. candle's form
+/// (split heads, two batched matmuls with a gemm call per text and head, the additive
+/// mask, softmax, join heads) is ten operations and as many buffers per layer, most of
+/// a short text's pass outside the dense layers. Padded keys are skipped, which is what
+/// the additive mask's `f32::MIN` does (their softmax weight is exactly 0); a text with
+/// no real token averages all its positions' values, as the mask makes it (every score
+/// swamped by `f32::MIN`, so the softmax is uniform).
+///
+/// Inputs: `[batch * len, 3 * hidden]` (query, key, value side by side) and the mask
+/// `[batch, len]` (u32, 1 for real tokens). Output: `[batch * len, hidden]`.
+struct Attention {
+    heads: usize,
+    head_size: usize,
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "braid-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv: &CpuStorage,
+        qkv_layout: &Layout,
+        mask: &CpuStorage,
+        mask_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (
+            CpuStorage::F32(qkv),
+            CpuStorage::U32(mask),
+            Some((qs, qe)),
+            Some((ms, me)),
+            &[rows, width],
+            &[batch, len],
+        ) = (
+            qkv,
+            mask,
+            qkv_layout.contiguous_offsets(),
+            mask_layout.contiguous_offsets(),
+            qkv_layout.dims(),
+            mask_layout.dims(),
+        )
+        else {
+            candle_core::bail!("attention: contiguous f32 [rows, 3h] and u32 [batch, len] only")
+        };
+        let (heads, hs) = (self.heads, self.head_size);
+        let h = heads * hs;
+        if width != 3 * h || rows != batch * len || len == 0 {
+            candle_core::bail!("attention: [{rows}, {width}] for {batch}x{len} and {heads} heads");
+        }
+        let (qkv, mask) = (&qkv[qs..qe], &mask[ms..me]);
+        let scale = 1.0 / (hs as f32).sqrt();
+        let mut out = vec![0f32; rows * h];
+        out.par_chunks_mut(h)
+            .enumerate()
+            .with_min_len(ATTENTION_ROWS_PER_TASK)
+            .for_each_init(
+                || vec![0f32; len],
+                |weights, (row, out)| {
+                    let text = row / len;
+                    let first = text * len;
+                    let real = &mask[first..first + len];
+                    let none = real.iter().all(|&m| m == 0);
+                    let query = &qkv[row * width..row * width + h];
+                    for head in 0..heads {
+                        let at = head * hs;
+                        let q = &query[at..at + hs];
+                        let mut sum = 0f32;
+                        if none {
+                            weights.fill(1.0);
+                            sum = len as f32;
+                        } else {
+                            let mut max = f32::NEG_INFINITY;
+                            for (j, w) in weights.iter_mut().enumerate() {
+                                if real[j] == 0 {
+                                    continue;
+                                }
+                                let key = &qkv[(first + j) * width + h + at..][..hs];
+                                let s = dot(q, key) * scale;
+                                *w = s;
+                                max = max.max(s);
+                            }
+                            for (j, w) in weights.iter_mut().enumerate() {
+                                if real[j] == 0 {
+                                    *w = 0.0;
+                                    continue;
+                                }
+                                *w = (*w - max).exp();
+                                sum += *w;
+                            }
+                        }
+                        let o = &mut out[at..at + hs];
+                        for (j, &w) in weights.iter().enumerate() {
+                            if w == 0.0 {
+                                continue;
+                            }
+                            let value = &qkv[(first + j) * width + 2 * h + at..][..hs];
+                            let w = w / sum;
+                            for (o, v) in o.iter_mut().zip(value) {
+                                *o += w * v;
+                            }
+                        }
+                    }
+                },
+            );
+        Ok((CpuStorage::F32(out), Shape::from((rows, h))))
+    }
+}
+
+/// Token rows one attention task takes (a row is about `heads * len * head_size * 4`
+/// multiply-adds: a few thousand for a short text).
+const ATTENTION_ROWS_PER_TASK: usize = 8;
+
+/// A dot product in eight lanes, which the compiler keeps in vector registers.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `gelu(x) = x/2 (1 + erf(x/sqrt 2))`, what BERT's `"gelu"` means, on the CPU. candle
@@ -251,9 +422,7 @@ impl Bert {
         let (batch, len) = ids.dims2()?;
         let x = self.embeddings.forward(ids, types)?;
         let mut x = x.reshape((batch * len, self.hidden))?;
-        // Padding gets f32::MIN added to its attention scores: softmax gives it 0.
-        let mask = mask.to_dtype(DType::F32)?.reshape((batch, 1, 1, len))?;
-        let mask = ((1.0 - mask)? * f64::from(f32::MIN))?;
+        let mask = mask.to_dtype(DType::U32)?.contiguous()?;
         for layer in &self.layers {
             x = layer.forward(&x, &mask, batch, len)?;
         }
@@ -368,6 +537,60 @@ mod tests {
         // Not contiguous: refused rather than read wrongly.
         let m = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
         assert!(m.t().unwrap().apply_op1_no_bwd(&GeluErf).is_err());
+    }
+
+    /// The CPU's attention against the tensor form on the same rows: texts of several
+    /// lengths padded to one, and a text with no real token (a uniform average).
+    #[test]
+    fn attention_equals_the_tensor_form() {
+        let vb = builder(random_weights());
+        let layer = Layer::load(vb.pp("encoder.layer.0"), &config()).unwrap();
+        let (batch, len) = (4, 7);
+        let qkv = Tensor::randn(0f32, 2.0, (batch * len, 3 * 32), &Device::Cpu).unwrap();
+        let lens = [7u32, 3, 1, 0];
+        let mask: Vec<u32> = (0..batch * len)
+            .map(|i| u32::from((i % len) < lens[i / len] as usize))
+            .collect();
+        let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
+        let ours = qkv
+            .apply_op2_no_bwd(
+                &mask,
+                &Attention {
+                    heads: 4,
+                    head_size: 8,
+                },
+            )
+            .unwrap();
+        let theirs = layer.attention(&qkv, &mask, batch, len).unwrap();
+        assert_eq!(ours.dims(), &[batch * len, 32]);
+        // Each output is a convex combination of values weighted by a softmax of 8-term
+        // dot products. A score reordered moves by at most `ds` (below); the weights
+        // then move by at most 2·ds relative, plus exp's and the division's roundings;
+        // the weighted sum over `len` values, reordered, by γ_len of its magnitude.
+        let big = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let v = big(qkv.narrow(1, 64, 32).unwrap());
+        let qk = big(qkv.narrow(1, 0, 64).unwrap());
+        let ds = crate::executor::model::reorder_bound(8, 1, qk * qk * 8.0 / 8f32.sqrt());
+        let bound = v
+            * (2.0 * ds + 4.0 * f32::EPSILON + crate::executor::model::reorder_bound(len, 2, 1.0));
+        let d = max_diff(&ours, &theirs);
+        assert!(d <= bound, "max difference {d} (> {bound})");
+        // The wrong shapes are refused, not read out of bounds.
+        let short = qkv.narrow(1, 0, 90).unwrap().contiguous().unwrap();
+        let op = Attention {
+            heads: 4,
+            head_size: 8,
+        };
+        assert!(short.apply_op2_no_bwd(&mask, &op).is_err());
+        let wrong = Tensor::zeros((batch, len + 1), DType::U32, &Device::Cpu).unwrap();
+        assert!(qkv.apply_op2_no_bwd(&wrong, &op).is_err());
     }
 
     #[test]
