@@ -32,6 +32,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV = os.path.join(ROOT, "target", "llm-ref")
 PIN = "llama-cpp-python[server]==0.3.36"
+# pip builds llama.cpp for the CPU it runs on, AMX kernels included where the CPU
+# reports AMX; in a VM that does not grant AMX state those fault (a general protection
+# fault in libggml-cpu on the first completion, seen here with 0.3.36). So: AVX-512 and
+# VNNI, no AMX, unless CMAKE_ARGS says otherwise.
+CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+              "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON "
+              "-DGGML_AVX_VNNI=ON")
 WORDS = ["Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel", "India", "Juliet",
          "Kilo", "Lima", "Mike", "November", "Oscar", "Papa", "Quebec", "Romeo", "Sierra", "Tango",
          "Uniform", "Victor", "Whiskey", "Xray", "Yankee", "Zulu"]
@@ -102,12 +109,14 @@ def stream_one(port, model, prompt, max_tokens, out, key):
         if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
             continue
         d = json.loads(line[6:])
-        if d.get("choices") and d["choices"][0].get("finish_reason") is None and d["choices"][0].get("text"):
+        if d.get("choices") and d["choices"][0].get("text"):
             now = time.perf_counter()
             n += 1
             if first is None:
                 first = now
             last = now
+    if first is None:
+        raise SystemExit(f"{port}: a stream with no text")
     out[key] = {"ttft": first - t0, "tokens": n, "first": first, "last": last, "start": t0}
 
 
@@ -121,6 +130,8 @@ def run(port, model, ps, conc, max_tokens):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    if len(out) != conc:
+        raise SystemExit(f"{port}: {conc - len(out)} of {conc} streams failed")
     rs = [out[i] for i in range(conc)]
     total = sum(r["tokens"] for r in rs)
     ttfts = sorted(r["ttft"] for r in rs)
@@ -148,7 +159,8 @@ def main():
     py = os.path.join(VENV, "bin", "python")
     if not os.path.exists(py):
         subprocess.check_call([sys.executable, "-m", "venv", VENV])
-        subprocess.check_call([py, "-m", "pip", "install", "-q", PIN])
+        subprocess.check_call([py, "-m", "pip", "install", "-q", "--no-cache-dir", PIN],
+                              env=dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", CMAKE_ARGS)))
     bp, lp = free_port(), free_port()
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     braid = subprocess.Popen([a.braid, "executor", "--model", gguf, "--name", "gemma",
@@ -157,13 +169,16 @@ def main():
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     llama = subprocess.Popen([py, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "gemma",
                               "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads),
-                              "--n_ctx", "4096", "--host", "127.0.0.1", "--port", str(lp)],
+                              "--n_ctx", "4096",
+                              # By default a new request interrupts the running stream;
+                              # a server's users expect every stream answered in full.
+                              "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(lp)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(bp, "/v2/health/ready", braid)
         wait_ready(lp, "/v1/models", llama)
         concs = [int(c) for c in a.concurrency.split(",")]
-        ps = prompts(max(concs) * a.rounds * 2 + 2, lp)
+        ps = prompts(sum(concs) * a.rounds * 2 + 2, lp)
         # Warm-up: one short call each.
         run(bp, "gemma", ps[-1:], 1, 4)
         run(lp, "gemma", ps[-2:], 1, 4)
