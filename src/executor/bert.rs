@@ -10,7 +10,7 @@
 //! rows this layer computes `(W * x^T)^T` instead, where `W` is read in place and the
 //! small `x` is what gets packed; above that the usual order is faster (measured, see
 //! docs/benchmarks.md) and is used. Hidden states stay `[rows, hidden]` between
-//! layers; only attention sees the `[batch, heads, len, head]` shape.
+//! layers; only attention off the CPU sees the `[batch, heads, len, head]` shape.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Module, Result, Shape, Tensor,
@@ -108,8 +108,7 @@ struct Layer {
     intermediate: Dense,
     output: Dense,
     output_norm: LayerNorm,
-    heads: usize,
-    head_size: usize,
+    attention: Attention,
     act: HiddenAct,
 }
 
@@ -129,8 +128,10 @@ impl Layer {
             intermediate: Dense::load(h, c.intermediate_size, vb.pp("intermediate").pp("dense"))?,
             output: Dense::load(c.intermediate_size, h, vb.pp("output").pp("dense"))?,
             output_norm: layer_norm(h, c.layer_norm_eps, vb.pp("output").pp("LayerNorm"))?,
-            heads: c.num_attention_heads,
-            head_size: h / c.num_attention_heads,
+            attention: Attention {
+                heads: c.num_attention_heads,
+                head_size: h / c.num_attention_heads,
+            },
             act: c.hidden_act,
         })
     }
@@ -139,15 +140,9 @@ impl Layer {
     fn forward(&self, x: &Tensor, mask: &Tensor, batch: usize, len: usize) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?;
         let context = if qkv.device().is_cpu() {
-            qkv.apply_op2_no_bwd(
-                mask,
-                &Attention {
-                    heads: self.heads,
-                    head_size: self.head_size,
-                },
-            )?
+            qkv.apply_op2_no_bwd(mask, &self.attention)?
         } else {
-            self.attention(&qkv, mask, batch, len)?
+            self.attention_tensors(&qkv, mask, batch, len)?
         };
         let attended = self
             .attention_norm
@@ -166,19 +161,26 @@ impl Layer {
 
 impl Layer {
     /// Attention with tensor operations, for devices other than the CPU.
-    fn attention(&self, qkv: &Tensor, mask: &Tensor, batch: usize, len: usize) -> Result<Tensor> {
-        let h = self.heads * self.head_size;
-        let heads = |i: usize| {
+    fn attention_tensors(
+        &self,
+        qkv: &Tensor,
+        mask: &Tensor,
+        batch: usize,
+        len: usize,
+    ) -> Result<Tensor> {
+        let Attention { heads, head_size } = self.attention;
+        let h = heads * head_size;
+        let split = |i: usize| {
             qkv.narrow(1, i * h, h)?
-                .reshape((batch, len, self.heads, self.head_size))?
+                .reshape((batch, len, heads, head_size))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         // Padding gets f32::MIN added to its attention scores: softmax gives it 0.
         let additive = ((1.0 - mask.to_dtype(DType::F32)?.reshape((batch, 1, 1, len))?)?
             * f64::from(f32::MIN))?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?;
+        let scores = (q.matmul(&k.t()?)? / (head_size as f64).sqrt())?;
         let probs = candle_nn::ops::softmax(&scores.broadcast_add(&additive)?, D::Minus1)?;
         probs
             .matmul(&v)?
@@ -199,6 +201,7 @@ impl Layer {
 ///
 /// Inputs: `[batch * len, 3 * hidden]` (query, key, value side by side) and the mask
 /// `[batch, len]` (u32, 1 for real tokens). Output: `[batch * len, hidden]`.
+#[derive(Clone, Copy)]
 struct Attention {
     heads: usize,
     head_size: usize,
@@ -552,16 +555,10 @@ mod tests {
             .map(|i| u32::from((i % len) < lens[i / len] as usize))
             .collect();
         let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
-        let ours = qkv
-            .apply_op2_no_bwd(
-                &mask,
-                &Attention {
-                    heads: 4,
-                    head_size: 8,
-                },
-            )
-            .unwrap();
-        let theirs = layer.attention(&qkv, &mask, batch, len).unwrap();
+        let op = layer.attention;
+        assert_eq!((op.heads, op.head_size), (4, 8));
+        let ours = qkv.apply_op2_no_bwd(&mask, &op).unwrap();
+        let theirs = layer.attention_tensors(&qkv, &mask, batch, len).unwrap();
         assert_eq!(ours.dims(), &[batch * len, 32]);
         // Each output is a convex combination of values weighted by a softmax of 8-term
         // dot products. A score reordered moves by at most `ds` (below); the weights
@@ -584,10 +581,6 @@ mod tests {
         assert!(d <= bound, "max difference {d} (> {bound})");
         // The wrong shapes are refused, not read out of bounds.
         let short = qkv.narrow(1, 0, 90).unwrap().contiguous().unwrap();
-        let op = Attention {
-            heads: 4,
-            head_size: 8,
-        };
         assert!(short.apply_op2_no_bwd(&mask, &op).is_err());
         let wrong = Tensor::zeros((batch, len + 1), DType::U32, &Device::Cpu).unwrap();
         assert!(qkv.apply_op2_no_bwd(&wrong, &op).is_err());
