@@ -329,10 +329,9 @@ fn sse_body(head: Bytes, rx: mpsc::UnboundedReceiver<Event>, answer: Answer) -> 
 pub async fn read_call(
     req: Request<Incoming>,
     kind: Kind,
-    max_body_bytes: usize,
+    rules: crate::server::BodyRules<'static>,
 ) -> Result<(Call, HeaderMap), Response<Body>> {
     let (parts, body) = req.into_parts();
-    let rules = crate::server::BodyRules::limit(max_body_bytes);
     let body = crate::server::read_body(&parts.headers, body, rules)
         .await
         .map_err(|e| error(e.status(), &e.to_string(), None, e.label()))?;

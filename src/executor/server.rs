@@ -94,7 +94,9 @@ pub struct Executor {
     slots: Vec<Slot>,
     by_name: HashMap<String, usize>,
     metrics: Arc<ExecutorMetrics>,
+    /// A request body's size limit and stall time, from the executor's limits.
     max_body_bytes: usize,
+    body_idle: std::time::Duration,
     tracer: Option<Arc<Tracer>>,
     llm: LlmOptions,
     /// Set at SIGTERM: readiness answers 503 while requests are still served.
@@ -202,6 +204,7 @@ pub async fn start(
         metrics,
         llm: opts.llm.clone(),
         max_body_bytes: opts.limits.max_body_bytes,
+        body_idle: opts.limits.body_idle_timeout,
         draining: std::sync::atomic::AtomicBool::new(false),
     });
     let (loaded_tx, loaded) = watch::channel(None);
@@ -235,6 +238,14 @@ pub async fn start(
 }
 
 impl Executor {
+    /// How a request body is read: the configured size limit and stall time.
+    fn body_rules(&self) -> server::BodyRules<'static> {
+        server::BodyRules {
+            idle: self.body_idle,
+            ..server::BodyRules::limit(self.max_body_bytes)
+        }
+    }
+
     /// Loads each distinct source once (models that differ only in labels share one
     /// encoder), then starts each model's threads; a GGUF source is a language model
     /// with its own generation engine.
@@ -426,7 +437,7 @@ impl Executor {
     async fn embeddings(&self, req: Request<Incoming>) -> Response<Body> {
         use crate::openai::error;
         let (parts, body) = req.into_parts();
-        let rules = server::BodyRules::limit(self.max_body_bytes);
+        let rules = self.body_rules();
         let body = match server::read_body(&parts.headers, body, rules).await {
             Ok(b) => b,
             Err(e) => return error(e.status(), &e.to_string(), None, e.label()),
@@ -483,13 +494,7 @@ impl Executor {
             Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.0),
         };
         let (parts, body) = req.into_parts();
-        let body = match server::read_body(
-            &parts.headers,
-            body,
-            server::BodyRules::limit(self.max_body_bytes),
-        )
-        .await
-        {
+        let body = match server::read_body(&parts.headers, body, self.body_rules()).await {
             Ok(b) => b,
             Err(e) => return e.into_response(),
         };
@@ -527,13 +532,7 @@ impl Executor {
     /// `{"predictions": [{"embedding": [...], "label": ..., "scores": {...}}]}`.
     async fn predict_v1(&self, slot: &Slot, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
-        let body = match server::read_body(
-            &parts.headers,
-            body,
-            server::BodyRules::limit(self.max_body_bytes),
-        )
-        .await
-        {
+        let body = match server::read_body(&parts.headers, body, self.body_rules()).await {
             Ok(b) => b,
             Err(e) => return e.into_response(),
         };
@@ -806,8 +805,7 @@ impl Executor {
             .map(|t| t.begin(req.headers()))
             .filter(|t| t.context.sampled);
         let started = std::time::Instant::now();
-        let (call, headers) = match super::generate::read_call(req, kind, self.max_body_bytes).await
-        {
+        let (call, headers) = match super::generate::read_call(req, kind, self.body_rules()).await {
             Ok(c) => c,
             Err(resp) => return resp,
         };
@@ -884,13 +882,7 @@ impl Executor {
         };
         let method = method.to_string();
         let (parts, body) = req.into_parts();
-        let body = match server::read_body(
-            &parts.headers,
-            body,
-            server::BodyRules::limit(self.max_body_bytes),
-        )
-        .await
-        {
+        let body = match server::read_body(&parts.headers, body, self.body_rules()).await {
             Ok(b) => b,
             Err(e) => return grpc::error_response(&e),
         };

@@ -27,6 +27,10 @@ impl TinyLlm {
     }
 
     pub async fn with(t: Tiny, opts: LlmOptions, queue: usize) -> TinyLlm {
+        Self::with_limits(t, opts, queue, Limits::default()).await
+    }
+
+    pub async fn with_limits(t: Tiny, opts: LlmOptions, queue: usize, limits: Limits) -> TinyLlm {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
         write_tiny(&path, &t).unwrap();
@@ -34,7 +38,7 @@ impl TinyLlm {
             models: vec![spec(&path, queue)],
             device: "cpu".into(),
             trace: None,
-            limits: Limits::default(),
+            limits,
             llm: opts,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -783,4 +787,55 @@ fn the_llm_example_configs_are_valid() {
     let bad = "models:\n  - { name: m, source: x.gguf, temperature: 3 }\n";
     let errs = braid::config::executor::load(bad).unwrap_err();
     assert_eq!(errs[0].path, "models[0].temperature");
+}
+
+/// Clients that trickle, stall or abandon a prompt's body: 408 for the stalled one, the
+/// connection of the abandoned one dropped, and neither holds a sequence, a queue place
+/// or KV cache; the next caller is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_and_abandoned_prompt_bodies_hold_nothing() {
+    let limits = Limits {
+        body_idle_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let llm = TinyLlm::with_limits(Tiny::default(), LlmOptions::default(), 4, limits).await;
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: e\r\ncontent-type: application/json\r\n";
+    // Ten bytes of two hundred, then silence.
+    let mut stalled = TcpStream::connect(llm.addr).await.unwrap();
+    stalled
+        .write_all(format!("{head}Content-Length: 200\r\n\r\n{{\"model\":").as_bytes())
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut resp))
+        .await
+        .expect("a stalled body's connection stays open")
+        .ok();
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    let body: Value = serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap();
+    assert!(
+        body["error"]["message"].is_string(),
+        "not OpenAI's error object: {resp}"
+    );
+    // Half a body, then the client goes.
+    let mut gone = TcpStream::connect(llm.addr).await.unwrap();
+    gone.write_all(format!("{head}Content-Length: 200\r\n\r\n{{\"model\":\"tiny\",").as_bytes())
+        .await
+        .unwrap();
+    drop(gone);
+    let r = llm
+        .call(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "a b c", "max_tokens": 3}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for series in [
+        "vllm:num_requests_running{model_name=\"tiny\"}",
+        "vllm:num_requests_waiting{model_name=\"tiny\"}",
+        "vllm:kv_cache_usage_perc{model_name=\"tiny\"}",
+    ] {
+        assert_eq!(llm.metric(series).await, 0.0, "{series}");
+    }
 }
