@@ -289,6 +289,9 @@ pub struct ExecutorArgs {
     /// `max_tokens` for a chat call that names none (capped by the context left).
     #[arg(long, env = "BRAID_DEFAULT_MAX_TOKENS", default_value_t = 1024)]
     pub default_max_tokens: u64,
+    /// A request body that sends nothing for this long is answered 408.
+    #[arg(long, env = "BRAID_BODY_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_idle_timeout: Duration,
 }
 
 pub fn main() -> ExitCode {
@@ -759,7 +762,10 @@ fn executor(args: ExecutorArgs) -> ExitCode {
             .or(device)
             .unwrap_or_else(|| "cpu".into()),
         trace,
-        limits: Limits::default(),
+        limits: Limits {
+            body_idle_timeout: args.body_idle_timeout,
+            ..Limits::default()
+        },
         llm: crate::executor::generate::LlmOptions {
             kv_cache_tokens: args.kv_cache_tokens as usize,
             max_num_seqs: args.max_num_seqs as usize,
