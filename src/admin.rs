@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::server::RequestBody;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -29,7 +29,7 @@ pub struct Admin {
 }
 
 impl Handler for Admin {
-    async fn call(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+    async fn call(&self, req: Request<RequestBody>, conn: &ConnInfo) -> Response<Body> {
         let path = req.uri().path();
         // Read-only for everyone (Prometheus scrapes from other pods); state changes
         // only from inside the pod, as Linkerd's admin does.
@@ -71,7 +71,7 @@ impl Handler for Admin {
 }
 
 impl Admin {
-    fn metrics(&self, req: &Request<Incoming>) -> Response<Body> {
+    fn metrics(&self, req: &Request<RequestBody>) -> Response<Body> {
         let accept = req
             .headers()
             .get(header::ACCEPT)

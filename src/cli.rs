@@ -13,7 +13,7 @@ use crate::config::file::FileSource;
 use crate::config::kube::ConfigMapSource;
 use crate::config::schema::parse_duration;
 use crate::run::{self, ProxyOptions};
-use crate::server::Limits;
+use crate::server::{Http1, Limits};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -212,6 +212,10 @@ pub struct ProxyArgs {
     /// Largest request head in bytes (431 above).
     #[arg(long, env = "BRAID_MAX_HEADER_BYTES", default_value_t = Limits::default().max_header_bytes)]
     pub max_header_bytes: usize,
+    /// Who serves plain HTTP/1.1 on the data port: braid's own connection loop, or
+    /// hyper's (kept for comparison and as a way back). HTTP/2 and TLS are hyper's.
+    #[arg(long, env = "BRAID_HTTP1", value_enum, default_value_t = Http1::Braid)]
+    pub http1: Http1,
     /// Concurrent HTTP/2 streams per connection.
     #[arg(long, env = "BRAID_H2_MAX_CONCURRENT_STREAMS", default_value_t = Limits::default().h2_max_concurrent_streams)]
     pub h2_max_concurrent_streams: u32,
@@ -860,6 +864,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
                 idle_timeout: args.idle_timeout,
                 max_connections: args.max_connections,
                 max_buffered_bytes: args.max_buffered_bytes,
+                http1: args.http1,
                 ..Limits::default()
             },
             drain_grace: args.drain_grace,

@@ -75,6 +75,10 @@ pub enum ProxyError {
         "braid holds its limit of {limit} buffered bytes (--max-buffered-bytes); retry shortly"
     )]
     BufferFull { limit: usize },
+    #[error("the request head is too large: {0}")]
+    HeadTooLarge(String),
+    #[error("the request head did not arrive within {0:?} (--header-read-timeout)")]
+    HeadStalled(Duration),
     #[error("transfer coding {0:?} is not supported: send the body as is or as chunked alone")]
     UnsupportedCoding(String),
 }
@@ -188,7 +192,8 @@ impl ProxyError {
             | ProxyError::Overloaded
             | ProxyError::BufferFull { .. }
             | ProxyError::Preempted { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BodyStalled(_) | ProxyError::HeadStalled(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnsupportedCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute { .. } | ProxyError::UnknownModel { .. } => StatusCode::NOT_FOUND,
             ProxyError::UnknownVariant { .. }
@@ -247,6 +252,8 @@ impl ProxyError {
             ProxyError::BodyStalled(_) => "body_stalled",
             ProxyError::BufferFull { .. } => "buffer_full",
             ProxyError::UnsupportedCoding(_) => "unsupported_coding",
+            ProxyError::HeadTooLarge(_) => "head_too_large",
+            ProxyError::HeadStalled(_) => "head_stalled",
         }
     }
 
@@ -259,7 +266,11 @@ impl ProxyError {
         // The connection's framing is lost (or its client too slow to keep): close it.
         if matches!(
             self,
-            ProxyError::Smuggling | ProxyError::BodyStalled(_) | ProxyError::UnsupportedCoding(_)
+            ProxyError::Smuggling
+                | ProxyError::BodyStalled(_)
+                | ProxyError::UnsupportedCoding(_)
+                | ProxyError::HeadTooLarge(_)
+                | ProxyError::HeadStalled(_)
         ) {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

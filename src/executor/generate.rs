@@ -12,10 +12,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::server::RequestBody;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use tokio::sync::mpsc;
 
 use super::llm::api::{self, Answer, ApiError, Call, Kind, Prompt};
@@ -327,7 +328,7 @@ fn sse_body(head: Bytes, rx: mpsc::UnboundedReceiver<Event>, answer: Answer) -> 
 
 /// Reads and parses the call; its model is looked up by the caller.
 pub async fn read_call(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     kind: Kind,
     rules: crate::server::BodyRules<'static>,
 ) -> Result<(Call, HeaderMap), Response<Body>> {

@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
+use crate::server::RequestBody;
 use candle_core::Device;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -434,7 +434,7 @@ impl Executor {
     }
 
     /// OpenAI's `POST /v1/embeddings` on an encoder: errors in OpenAI's shape.
-    async fn embeddings(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn embeddings(&self, req: Request<RequestBody>) -> Response<Body> {
         use crate::openai::error;
         let (parts, body) = req.into_parts();
         let rules = self.body_rules();
@@ -488,7 +488,7 @@ impl Executor {
         resp
     }
 
-    async fn infer_v2(&self, slot: &Slot, req: Request<Incoming>) -> Response<Body> {
+    async fn infer_v2(&self, slot: &Slot, req: Request<RequestBody>) -> Response<Body> {
         let header_len = match oip::header_len(req.headers()) {
             Ok(n) => n,
             Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.0),
@@ -530,7 +530,7 @@ impl Executor {
 
     /// KServe v1: `{"instances": ["text", ...]}` (or `[{"text": ...}]`) ->
     /// `{"predictions": [{"embedding": [...], "label": ..., "scores": {...}}]}`.
-    async fn predict_v1(&self, slot: &Slot, req: Request<Incoming>) -> Response<Body> {
+    async fn predict_v1(&self, slot: &Slot, req: Request<RequestBody>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let body = match server::read_body(&parts.headers, body, self.body_rules()).await {
             Ok(b) => b,
@@ -666,7 +666,7 @@ fn parse_path(path: &str) -> Option<Op<'_>> {
 }
 
 impl Handler for Executor {
-    async fn call(&self, req: Request<Incoming>, _conn: &ConnInfo) -> Response<Body> {
+    async fn call(&self, req: Request<RequestBody>, _conn: &ConnInfo) -> Response<Body> {
         if grpc::is_grpc(req.headers()) {
             return self.grpc(req).await;
         }
@@ -797,7 +797,7 @@ fn record_spans(
 
 impl Executor {
     /// `POST /v1/completions` and `/v1/chat/completions`: errors in OpenAI's shape.
-    async fn generate(&self, req: Request<Incoming>, kind: Kind) -> Response<Body> {
+    async fn generate(&self, req: Request<RequestBody>, kind: Kind) -> Response<Body> {
         use crate::openai::error;
         let trace = self
             .tracer
@@ -874,7 +874,7 @@ impl Executor {
 
     /// One call of `inference.GRPCInferenceService`: read whole (every method braid
     /// serves is unary), answered by the REST code, the answer in gRPC's form.
-    async fn grpc(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn grpc(&self, req: Request<RequestBody>) -> Response<Body> {
         use grpc::Code;
         let Some(method) = req.uri().path().strip_prefix(grpc::SERVICE_PREFIX) else {
             let msg = format!("no service at {}", req.uri().path());

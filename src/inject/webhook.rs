@@ -6,10 +6,10 @@
 //! unchanged (the last with a warning). Only a body that is not an AdmissionReview at
 //! all gets a 400.
 
+use crate::server::RequestBody;
 use base64::Engine;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::{Options, Outcome, inject_template, json_patch};
@@ -53,7 +53,7 @@ impl Webhook {
 }
 
 impl Handler for Webhook {
-    async fn call(&self, req: Request<Incoming>, _conn: &ConnInfo) -> Response<Body> {
+    async fn call(&self, req: Request<RequestBody>, _conn: &ConnInfo) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, "{\"ok\":true}"),
             (&Method::POST, "/mutate") => {

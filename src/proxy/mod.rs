@@ -21,11 +21,11 @@ pub use batched::HttpExecutor;
 
 use std::sync::Arc;
 
+use crate::server::RequestBody;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName};
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
@@ -137,7 +137,7 @@ enum Pending<B> {
 }
 
 impl Handler for Proxy {
-    async fn call(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+    async fn call(&self, req: Request<RequestBody>, conn: &ConnInfo) -> Response<Body> {
         self.handle(req, conn).await
     }
 }

@@ -8,10 +8,14 @@
 //! ever having a request reset. `Closing`: the listener stops accepting, every
 //! connection finishes its in-flight requests and closes, and `serve` returns.
 
+mod body;
 pub mod budget;
+pub mod h1;
+mod rewind;
 pub mod sniff;
 pub mod tls;
 
+pub use body::{BodyRules, RequestBody, read_body};
 pub use budget::{ByteBudget, Reservation};
 
 use std::convert::Infallible;
@@ -21,17 +25,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, Version, header};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Body as _;
+use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::error::{Body, BoxError, ProxyError};
+use crate::error::{Body, ProxyError};
 use sniff::{ConnFlags, Sniffer};
 
 /// Limits for one listener. Each one exists because hyper's default is either
@@ -68,6 +69,18 @@ pub struct Limits {
     pub max_buffered_bytes: usize,
     /// Kept at the number of open connections (`braid_connections` on the data port).
     pub open_connections: prometheus_client::metrics::gauge::Gauge,
+    /// Who serves plain HTTP/1.1: braid's own loop (`h1`), or hyper (`--http1 hyper`).
+    pub http1: Http1,
+}
+
+/// The server of plain HTTP/1.1 connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Http1 {
+    /// braid's own connection loop (`server::h1`).
+    #[default]
+    Braid,
+    /// hyper's, as before braid had its own: kept for comparison and as a way back.
+    Hyper,
 }
 
 impl Default for Limits {
@@ -87,6 +100,7 @@ impl Default for Limits {
             max_connections: 4096,
             max_buffered_bytes: 64 * 1024 * 1024,
             open_connections: Default::default(),
+            http1: Http1::default(),
         }
     }
 }
@@ -124,7 +138,7 @@ impl ConnInfo {
 pub trait Handler: Send + Sync + 'static {
     fn call(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: &ConnInfo,
     ) -> impl Future<Output = Response<Body>> + Send;
 }
@@ -176,6 +190,13 @@ pub async fn serve_tls<H: Handler>(
         first_request: limits.header_read_timeout,
         h2_idle: limits.idle_timeout,
     };
+    let h1_limits = h1::H1Limits {
+        head: h1::head::HeadLimits {
+            max_headers: limits.max_headers,
+            max_bytes: limits.max_header_bytes,
+        },
+        header_read_timeout: limits.header_read_timeout,
+    };
     loop {
         // Beyond the cap, connections wait in the kernel's backlog: no task, no buffer.
         let permit = tokio::select! {
@@ -201,6 +222,17 @@ pub async fn serve_tls<H: Handler>(
         let conn_info = Arc::new(ConnInfo::new(peer, flags.clone()));
         let (builder, handler, phase) = (builder.clone(), handler.clone(), phase.clone());
         match tls.clone() {
+            None if limits.http1 == Http1::Braid => {
+                tokio::spawn(async move {
+                    let ended = h1::serve(stream, &*handler, &conn_info, phase.clone(), h1_limits);
+                    if let h1::Ended::Http2(stream, read) = ended.await {
+                        let io =
+                            TokioIo::new(Sniffer::new(rewind::Rewind::new(read, stream), flags));
+                        connection(builder, io, handler, conn_info, phase, timers).await;
+                    }
+                    drop(slot);
+                });
+            }
             None => {
                 let io = TokioIo::new(Sniffer::new(stream, flags));
                 tokio::spawn(async move {
@@ -372,6 +404,7 @@ async fn connection<H, S>(
     let svc_info = info.clone();
     let svc_activity = activity.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let req = req.map(RequestBody::hyper);
         let handler = handler.clone();
         let info = svc_info.clone();
         let phase = svc_phase.clone();
@@ -453,111 +486,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// How one request body may be read.
-pub struct BodyRules<'a> {
-    /// Larger is 413.
-    pub limit: usize,
-    /// No bytes for this long is 408.
-    pub idle: Duration,
-    /// The request's deadline: a body still arriving then is 408 too.
-    pub deadline: Option<tokio::time::Instant>,
-    /// The shared budget the body's bytes are reserved from, into the request's
-    /// reservation (given back when the request ends, however it ends).
-    pub reserve: Option<(&'a ByteBudget, &'a mut Reservation)>,
-}
-
-impl BodyRules<'_> {
-    /// A body bounded by size and stall time alone.
-    pub fn limit(limit: usize) -> BodyRules<'static> {
-        BodyRules {
-            limit,
-            idle: Limits::default().body_idle_timeout,
-            deadline: None,
-            reserve: None,
-        }
-    }
-
-    fn reserve(&mut self, total: usize) -> Result<(), ProxyError> {
-        match &mut self.reserve {
-            Some((budget, held)) => held.grow_to(budget, total),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Reads the whole body under the rules: a declared length over the limit (or the
-/// budget) is refused before a byte is read, a body that grows past either is cut off,
-/// and one that stalls is 408. The bytes are copied at most once.
-pub async fn read_body<B>(
-    headers: &HeaderMap,
-    body: B,
-    mut rules: BodyRules<'_>,
-) -> Result<Bytes, ProxyError>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<crate::error::BoxError>,
-{
-    let limit = rules.limit;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    let declared = declared.map(|n| n as usize);
-    if let Some(n) = declared {
-        rules.reserve(n)?;
-    }
-    let too_large = |e: &BoxError| e.is::<http_body_util::LengthLimitError>();
-    let refused = |e: BoxError| {
-        if too_large(&e) {
-            ProxyError::BodyTooLarge { limit }
-        } else {
-            ProxyError::BadRequest(format!("reading request body: {e}"))
-        }
-    };
-    let mut body = std::pin::pin!(Limited::new(body, limit));
-    let (idle, deadline) = (rules.idle, rules.deadline);
-    let next_frame = async |body: &mut std::pin::Pin<&mut Limited<B>>| {
-        // Most frames are there already (a small body arrives with its head): no timer
-        // is armed for those, only for a frame the client has yet to send.
-        if let Some(ready) = futures_util::FutureExt::now_or_never(body.frame()) {
-            return Ok(ready);
-        }
-        let stall = tokio::time::Instant::now() + idle;
-        let until = deadline.map_or(stall, |d| d.min(stall));
-        match tokio::time::timeout_at(until, body.frame()).await {
-            Ok(frame) => Ok(frame),
-            Err(_) if until < stall => Err(ProxyError::BodyStalled(
-                "the request's timeout passed while its body was still arriving".into(),
-            )),
-            Err(_) => Err(ProxyError::BodyStalled(format!(
-                "no bytes for {idle:?} (--body-idle-timeout)"
-            ))),
-        }
-    };
-    // Most bodies arrive in one frame: taken as it is, with no copy.
-    let first = match next_frame(&mut body).await? {
-        None => return Ok(Bytes::new()),
-        Some(frame) => frame.map_err(refused)?.into_data().unwrap_or_default(),
-    };
-    rules.reserve(first.len())?;
-    if body.is_end_stream() {
-        return Ok(first);
-    }
-    let mut all = bytes::BytesMut::with_capacity(declared.unwrap_or(2 * first.len()).min(limit));
-    all.extend_from_slice(&first);
-    drop(first);
-    while let Some(frame) = next_frame(&mut body).await? {
-        if let Ok(data) = frame.map_err(refused)?.into_data() {
-            rules.reserve(all.len() + data.len())?;
-            all.extend_from_slice(&data);
-        }
-    }
-    Ok(all.freeze())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -566,7 +494,7 @@ mod tests {
     struct PanicsOnSomePaths;
 
     impl Handler for PanicsOnSomePaths {
-        async fn call(&self, req: Request<Incoming>, _: &ConnInfo) -> Response<Body> {
+        async fn call(&self, req: Request<RequestBody>, _: &ConnInfo) -> Response<Body> {
             assert!(req.uri().path() != "/panic", "a bug in a handler");
             crate::error::json_response(http::StatusCode::OK, "{}")
         }

@@ -1,0 +1,452 @@
+//! The request head parser: its refusals one by one, every cut of a valid request,
+//! and a difference test against hyper's own server: whatever braid reads as a request,
+//! hyper reads as the same request.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use http::Response;
+use proptest::prelude::*;
+
+use super::*;
+use crate::server::h1::chunked::{Chunked, Decoded};
+
+const LIMITS: HeadLimits = HeadLimits {
+    max_headers: 100,
+    max_bytes: 64 * 1024,
+};
+
+fn parse(bytes: &[u8]) -> Result<Option<RequestHead>, ProxyError> {
+    let mut buf = BytesMut::from(bytes);
+    parse_request(&mut buf, &LIMITS, &mut Scratch::new())
+}
+
+fn refused(bytes: &str) -> (u16, String) {
+    match parse(bytes.as_bytes()) {
+        Err(e) => (e.status().as_u16(), e.to_string()),
+        Ok(h) => panic!("accepted {bytes:?}: {h:?}"),
+    }
+}
+
+#[test]
+fn a_plain_head_is_read_with_its_framing_and_the_rest_left() {
+    let mut buf = BytesMut::from(
+        &b"\r\nPOST /v2/models/m/infer?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nX-A: 1\r\nx-a: 2\r\n\r\nabcGET"[..],
+    );
+    let head = parse_request(&mut buf, &LIMITS, &mut Scratch::new())
+        .unwrap()
+        .unwrap();
+    assert_eq!(head.parts.method, Method::POST);
+    assert_eq!(head.parts.uri, "/v2/models/m/infer?x=1");
+    assert_eq!(head.parts.version, Version::HTTP_11);
+    assert_eq!(head.framing, Framing::Length(3));
+    assert!(head.keep_alive && !head.expect_continue);
+    let xa: Vec<_> = head.parts.headers.get_all("x-a").iter().collect();
+    assert_eq!(xa, ["1", "2"]);
+    assert_eq!(&buf[..], b"abcGET");
+}
+
+#[test]
+fn keep_alive_follows_the_version_and_connection() {
+    let ka = |req: &str| parse(req.as_bytes()).unwrap().unwrap().keep_alive;
+    assert!(ka("GET / HTTP/1.1\r\n\r\n"));
+    assert!(!ka("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+    assert!(!ka("GET / HTTP/1.1\r\nConnection: upgrade, Close\r\n\r\n"));
+    assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
+    assert!(ka("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+    let h = parse(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+    assert!(h.unwrap().unwrap().expect_continue);
+    let h = parse(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+    assert!(
+        !h.unwrap().unwrap().expect_continue,
+        "1.0 clients get no 100"
+    );
+}
+
+#[test]
+fn ambiguous_or_unsupported_framing_is_refused() {
+    let head = |h: &str| format!("POST / HTTP/1.1\r\nHost: a\r\n{h}\r\n\r\n");
+    for smuggling in [
+        "Content-Length: 4\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked\r\nContent-Length: 4",
+        "Content-Length: 4\r\nContent-Length: 4",
+        "Content-Length: 4\r\ncontent-length: 5",
+    ] {
+        let (status, why) = refused(&head(smuggling));
+        assert_eq!(status, 400, "{smuggling}");
+        assert!(why.contains("ambiguous"), "{why}");
+    }
+    for coding in [
+        "Transfer-Encoding: gzip, chunked",
+        "Transfer-Encoding: identity",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked, chunked",
+    ] {
+        assert_eq!(refused(&head(coding)).0, 501, "{coding}");
+    }
+    for length in [
+        "-1",
+        "+4",
+        "4 4",
+        "4,4",
+        "0x4",
+        "",
+        "99999999999999999999999",
+    ] {
+        let (status, why) = refused(&head(&format!("Content-Length: {length}")));
+        assert_eq!(status, 400, "{length}");
+        assert!(why.contains("Content-Length"), "{why}");
+    }
+    let te10 = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert_eq!(refused(te10).0, 400);
+    let ok = parse(head("Transfer-Encoding:  Chunked ").as_bytes());
+    assert_eq!(ok.unwrap().unwrap().framing, Framing::Chunked);
+}
+
+#[test]
+fn malformed_lines_are_400_and_oversized_heads_431() {
+    for bad in [
+        // Obsolete line folding.
+        "GET / HTTP/1.1\r\nX-A: 1\r\n  folded\r\n\r\n",
+        // A bare CR inside a line, and ending one.
+        "GET / HTTP/1.1\r\nX-A: 1\r2\r\n\r\n",
+        "GET / HTTP/1.1\rX-A: 1\r\n\r\n",
+        // No colon, a space before it, a control byte in a value.
+        "GET / HTTP/1.1\r\nX-A\r\n\r\n",
+        "GET / HTTP/1.1\r\nX-A : 1\r\n\r\n",
+        "GET / HTTP/1.1\r\nX-A: \x01\r\n\r\n",
+        "GET / HTTP/2.0\r\n\r\n",
+        "GET example.com HTTP/1.1\r\n\r\n",
+        "GET * HTTP/1.1\r\n\r\n",
+        "CONNECT example.com:443 HTTP/1.1\r\n\r\n",
+    ] {
+        assert_eq!(refused(bad).0, 400, "{bad:?}");
+    }
+    // Bare LF line ends are read as hyper reads them.
+    assert!(parse(b"GET / HTTP/1.1\nHost: a\n\n").unwrap().is_some());
+    assert!(parse(b"OPTIONS * HTTP/1.1\r\n\r\n").unwrap().is_some());
+    assert!(parse(b"GET http://a/b HTTP/1.1\r\n\r\n").unwrap().is_some());
+    let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+    let (status, why) = refused(&format!("GET / HTTP/1.1\r\n{many}\r\n"));
+    assert_eq!(status, 431);
+    assert!(why.contains("--max-headers"), "{why}");
+    let big = format!("GET / HTTP/1.1\r\nX-Big: {}", "x".repeat(LIMITS.max_bytes));
+    assert_eq!(refused(&big).0, 431, "a partial head over the limit");
+    let big = format!("{big}\r\n\r\n");
+    assert_eq!(refused(&big).0, 431, "a whole head over the limit");
+}
+
+#[test]
+fn responses_are_framed_as_rfc_9112_says() {
+    let h = HeaderMap::new();
+    let mut declared = HeaderMap::new();
+    declared.insert(header::CONTENT_LENGTH, HeaderValue::from(7));
+    let ok = StatusCode::OK;
+    assert_eq!(
+        response_framing(ok, false, &h, Some(3), false),
+        Out::Length(3)
+    );
+    assert_eq!(response_framing(ok, false, &h, None, false), Out::Chunked);
+    assert_eq!(response_framing(ok, false, &h, None, true), Out::Close);
+    assert_eq!(
+        response_framing(ok, false, &declared, None, false),
+        Out::Length(7)
+    );
+    assert_eq!(response_framing(ok, true, &h, Some(3), false), Out::None);
+    for bodiless in [StatusCode::NO_CONTENT, StatusCode::NOT_MODIFIED] {
+        assert_eq!(
+            response_framing(bodiless, false, &h, Some(3), false),
+            Out::None
+        );
+    }
+    let written = |status: StatusCode, headers: &HeaderMap, framing, keep, http10| {
+        let (mut parts, ()) = Response::new(()).into_parts();
+        parts.status = status;
+        parts.headers = headers.clone();
+        let mut out = Vec::new();
+        let date = b"Tue, 01 Dec 2026 00:00:00 GMT";
+        encode_response_head(&parts, framing, keep, http10, date, &mut out);
+        String::from_utf8(out).unwrap()
+    };
+    let head = written(ok, &declared, Out::Length(3), true, false);
+    assert_eq!(
+        head,
+        "HTTP/1.1 200 OK\r\ndate: Tue, 01 Dec 2026 00:00:00 GMT\r\ncontent-length: 3\r\n\r\n"
+    );
+    // A HEAD answer keeps the resource's length; a 204 never carries one.
+    let head = written(ok, &declared, Out::None, false, false);
+    assert!(head.contains("content-length: 7\r\n") && head.contains("connection: close\r\n"));
+    let head = written(StatusCode::NO_CONTENT, &declared, Out::None, true, true);
+    assert!(!head.contains("content-length"), "{head}");
+    assert!(head.contains("connection: keep-alive\r\n"), "{head}");
+}
+
+// === every cut of a valid request ===
+
+/// A request as a client writes it, and what it says.
+#[derive(Debug, Clone)]
+struct Sent {
+    wire: Vec<u8>,
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+fn token() -> impl Strategy<Value = String> {
+    "[a-zA-Z][a-zA-Z0-9!#$%&'*+.^_`|~-]{0,15}"
+}
+
+fn valid_request() -> impl Strategy<Value = Sent> {
+    (
+        prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
+        "/[a-zA-Z0-9/._~%!$&'()*+,;=:@-]{0,40}(\\?[a-zA-Z0-9=&]{0,20})?",
+        prop::collection::vec((token(), "[ -~]{0,30}"), 0..8),
+        prop::collection::vec(any::<u8>(), 0..300),
+        prop::option::of(prop::collection::vec(1usize..64, 1..6)),
+        any::<bool>(),
+    )
+        .prop_map(|(method, target, headers, body, chunks, lf_only)| {
+            let nl = if lf_only { "\n" } else { "\r\n" };
+            let headers: Vec<(String, String)> = headers
+                .into_iter()
+                .filter(|(n, _)| {
+                    ![
+                        "content-length",
+                        "transfer-encoding",
+                        "connection",
+                        "expect",
+                    ]
+                    .contains(&n.to_ascii_lowercase().as_str())
+                })
+                .map(|(n, v)| (n, v.trim().to_string()))
+                .collect();
+            let mut wire = format!("{method} {target} HTTP/1.1{nl}");
+            for (n, v) in &headers {
+                wire.push_str(&format!("{n}: {v}{nl}"));
+            }
+            let mut wire = match &chunks {
+                None => format!("{wire}Content-Length: {}{nl}{nl}", body.len()).into_bytes(),
+                Some(_) => format!("{wire}Transfer-Encoding: chunked{nl}{nl}").into_bytes(),
+            };
+            match chunks {
+                None => wire.extend_from_slice(&body),
+                Some(sizes) => {
+                    let mut rest = &body[..];
+                    for n in sizes.iter().cycle() {
+                        if rest.is_empty() {
+                            break;
+                        }
+                        let (c, r) = rest.split_at((*n).min(rest.len()));
+                        wire.extend_from_slice(format!("{:x};ext=1\r\n", c.len()).as_bytes());
+                        wire.extend_from_slice(c);
+                        wire.extend_from_slice(b"\r\n");
+                        rest = r;
+                    }
+                    wire.extend_from_slice(b"0\r\nx-trailer: t\r\n\r\n");
+                }
+            }
+            Sent {
+                wire,
+                method: method.to_string(),
+                target,
+                headers,
+                body,
+            }
+        })
+}
+
+/// Reads a request as the connection does, its bytes arriving in two pieces.
+fn read_back(wire: &[u8], cut: usize) -> (RequestHead, Vec<u8>) {
+    let (first, second) = wire.split_at(cut);
+    let mut pieces = [first, second].into_iter();
+    let mut buf = BytesMut::new();
+    let mut scratch = Scratch::new();
+    let head = loop {
+        if let Some(h) = parse_request(&mut buf, &LIMITS, &mut scratch).unwrap() {
+            break h;
+        }
+        buf.extend_from_slice(pieces.next().expect("ended inside the head"));
+    };
+    let mut body = Vec::new();
+    match head.framing {
+        Framing::Length(n) => {
+            while (buf.len() as u64) < n {
+                buf.extend_from_slice(pieces.next().expect("ended inside the body"));
+            }
+            body.extend_from_slice(&buf.split_to(n as usize));
+        }
+        Framing::Chunked => {
+            let mut dec = Chunked::default();
+            loop {
+                match dec.decode(&mut buf).unwrap() {
+                    Decoded::Data(d) => body.extend_from_slice(&d),
+                    Decoded::Trailers(_) | Decoded::End => break,
+                    Decoded::NeedMore => {
+                        buf.extend_from_slice(pieces.next().expect("ended inside the chunks"))
+                    }
+                }
+            }
+        }
+    }
+    for p in pieces {
+        buf.extend_from_slice(p);
+    }
+    assert!(buf.is_empty(), "bytes left after the request: {buf:?}");
+    (head, body)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn a_valid_request_cut_anywhere_reads_back_whole(sent in valid_request()) {
+        for cut in 0..=sent.wire.len() {
+            let (head, body) = read_back(&sent.wire, cut);
+            prop_assert_eq!(head.parts.method.as_str(), sent.method.as_str());
+            prop_assert_eq!(head.parts.uri.to_string(), sent.target.clone());
+            let got: Vec<(String, String)> = head
+                .parts
+                .headers
+                .iter()
+                .filter(|(n, _)| *n != header::CONTENT_LENGTH && *n != header::TRANSFER_ENCODING)
+                .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect();
+            let mut want: Vec<(String, String)> = sent
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+                .collect();
+            let mut got = got;
+            got.sort();
+            want.sort();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(&body, &sent.body, "cut at {}", cut);
+        }
+    }
+}
+
+// === whatever braid accepts, hyper accepts the same ===
+
+/// A request as read: method, target, version and headers in order.
+type ReadAs = (String, String, Version, Vec<(String, Vec<u8>)>);
+
+/// What hyper's HTTP/1 server made of the bytes: the first request it was called with.
+fn hyper_reads(bytes: &[u8]) -> Option<ReadAs> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let seen = Arc::new(Mutex::new(None));
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let record = seen.clone();
+        let service =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let mut slot = record.lock().unwrap();
+                if slot.is_none() {
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                        .collect();
+                    *slot = Some((
+                        req.method().to_string(),
+                        req.uri().to_string(),
+                        req.version(),
+                        headers,
+                    ));
+                }
+                async { Ok::<_, std::convert::Infallible>(http::Response::new(String::new())) }
+            });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .max_headers(LIMITS.max_headers)
+            .max_buf_size(LIMITS.max_bytes)
+            .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let mut client = client;
+        let write = async {
+            use tokio::io::AsyncWriteExt;
+            let _ = client.write_all(bytes).await;
+            let _ = client.shutdown().await;
+            // Keep reading so hyper's writes never block.
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut sink).await;
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            tokio::join!(conn, write)
+        })
+        .await;
+        seen.lock().unwrap().take()
+    })
+}
+
+/// Bytes a fuzzer would try at the edges of the grammar.
+fn edits() -> impl Strategy<Value = Vec<(usize, u8, u8)>> {
+    let byte = prop::sample::select(vec![
+        b' ', b'\t', b'\r', b'\n', b':', b',', b'/', b'?', b'#', b'*', 0, 0x7f, 0x80, 0xff, b'a',
+        b'Z', b'0', b'9', b'"', b'(', b'{', b'%', b'@', b'\\',
+    ]);
+    // (where, what, how): 0 replace, 1 insert, 2 delete.
+    prop::collection::vec((any::<usize>(), byte, 0u8..3), 1..4)
+}
+
+fn mutate(mut wire: Vec<u8>, edits: &[(usize, u8, u8)]) -> Vec<u8> {
+    for &(at, b, how) in edits {
+        if wire.is_empty() {
+            break;
+        }
+        let at = at % wire.len();
+        match how {
+            0 => wire[at] = b,
+            1 => wire.insert(at, b),
+            _ => {
+                wire.remove(at);
+            }
+        }
+    }
+    wire
+}
+
+fn braid_agrees_with_hyper(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let ours = parse(bytes);
+    let Ok(Some(head)) = ours else {
+        return Ok(());
+    };
+    let theirs = hyper_reads(bytes);
+    let Some((method, uri, version, headers)) = theirs else {
+        return Err(TestCaseError::fail(format!(
+            "braid read a request hyper refuses: {:?}",
+            String::from_utf8_lossy(bytes)
+        )));
+    };
+    prop_assert_eq!(head.parts.method.as_str(), method.as_str());
+    prop_assert_eq!(head.parts.uri.to_string(), uri);
+    prop_assert_eq!(head.parts.version, version);
+    let ours: Vec<(String, Vec<u8>)> = head
+        .parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+        .collect();
+    prop_assert_eq!(ours, headers);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_never_read_what_hyper_refuses(
+        bytes in prop::collection::vec(any::<u8>(), 0..200),
+    ) {
+        braid_agrees_with_hyper(&bytes)?;
+    }
+
+    #[test]
+    fn edited_requests_are_read_as_hyper_reads_them_or_refused(
+        sent in valid_request(),
+        edits in edits(),
+    ) {
+        braid_agrees_with_hyper(&mutate(sent.wire, &edits))?;
+    }
+}
