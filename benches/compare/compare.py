@@ -48,7 +48,9 @@ REPLY = (
 REQUEST = '{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["a fine day"]}]}'
 PATH = "/v2/models/demo/infer"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PROXIES = ["braid", "nginx", "haproxy", "envoy"]
+# braid-hyper: the same binary with `--http1 hyper` (hyper's HTTP/1.1 server instead of
+# braid's own), so the before and after of issue 29 are paired in one run.
+PROXIES = ["braid", "braid-hyper", "nginx", "haproxy", "envoy"]
 TODAY = datetime.date.today().isoformat()
 
 
@@ -229,13 +231,15 @@ def braid_config(a, b):
 """
 
 
-def start_braid(work, binary, a, b, cpu, wrapper=(), ready_timeout=30):
-    """braid with one worker thread; `wrapper` goes before it (valgrind, say)."""
+def start_braid(work, binary, a, b, cpu, wrapper=(), ready_timeout=30, http1="braid"):
+    """braid with one worker thread; `wrapper` goes before it (valgrind, say); `http1`
+    picks who serves plain HTTP/1.1 (`--http1`)."""
     port, admin = free_port(), free_port()
-    p = launch(work, "braid", "braid.yaml", braid_config(a, b),
+    name = "braid" if http1 == "braid" else f"braid-{http1}"
+    p = launch(work, name, f"{name}.yaml", braid_config(a, b),
                lambda c: [*wrapper, binary, "proxy", "--listen", f"127.0.0.1:{port}",
                           "--admin", f"127.0.0.1:{admin}", "--worker-threads", "1",
-                          "--config", c],
+                          "--http1", http1, "--config", c],
                cpu, port)
     wait_ready(p, f"http://127.0.0.1:{admin}/readyz", timeout=ready_timeout)
     return p
@@ -458,6 +462,8 @@ def run_proxies(args, work, layout):
         procs += [a, b]
         starters = {
             "braid": lambda: start_braid(work, args.braid, a, b, cpus["proxy"]),
+            "braid-hyper": lambda: start_braid(work, args.braid, a, b, cpus["proxy"],
+                                               http1="hyper"),
             "nginx": lambda: start_nginx(work, a, b, cpus["proxy"]),
             "haproxy": lambda: start_haproxy(work, a, b, cpus["proxy"]),
             "envoy": lambda: start_envoy(work, a, b, cpus["proxy"]),
@@ -607,6 +613,8 @@ def run_callgrind(args, work):
     try:
         starters = {
             "braid": lambda w: start_braid(work, args.braid, a, b, None, w, ready_timeout=180),
+            "braid-hyper": lambda w: start_braid(work, args.braid, a, b, None, w,
+                                                 ready_timeout=180, http1="hyper"),
             "nginx": lambda w: start_nginx(work, a, b, None, w),
             "haproxy": lambda w: start_haproxy(work, a, b, None, w),
         }
@@ -928,10 +936,10 @@ def main():
         if lay not in LAYOUTS:
             raise SystemExit(f"unknown layout {lay!r}: one of {', '.join(LAYOUTS)}")
     ARGS = args
-    for tool in ["wrk", "nginx"] + (["oha"] if args.rates else []) + [p for p in args.proxies if p != "braid"]:
+    for tool in ["wrk", "nginx"] + (["oha"] if args.rates else []) + [p for p in args.proxies if not p.startswith("braid")]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed: run benches/compare/run, which installs it")
-    if "braid" in args.proxies and not os.access(args.braid, os.X_OK):
+    if any(p.startswith("braid") for p in args.proxies) and not os.access(args.braid, os.X_OK):
         raise SystemExit(f"no braid binary at {args.braid}")
     res = {}
     with tempfile.TemporaryDirectory(prefix="braid-compare-") as work:

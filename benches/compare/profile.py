@@ -7,7 +7,7 @@ braid runs under callgrind (one worker thread) in front of the same nginx upstre
 and 90/10 split as compare.py. Counters are zeroed after warm-up, `--requests`
 requests are sent over keep-alive connections, then the counters are dumped:
 
-    python3 benches/compare/profile.py [--proxy braid|nginx|haproxy] [--requests 5000]
+    python3 benches/compare/profile.py [--proxy braid|braid-hyper|nginx|haproxy] [--requests 5000]
 
 prints Ir per request and the top functions (inclusive), and leaves the full profile
 in the output file for callgrind_annotate / kcachegrind. Extra callgrind flags
@@ -27,7 +27,7 @@ import compare  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--braid", default=os.path.join(compare.ROOT, "target", "release", "braid"))
-    ap.add_argument("--proxy", default="braid", choices=["braid", "nginx", "haproxy"])
+    ap.add_argument("--proxy", default="braid", choices=["braid", "braid-hyper", "nginx", "haproxy"])
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--out", default=None, help="default: callgrind.PROXY.out")
@@ -40,6 +40,9 @@ def main():
             start = {
                 "braid": lambda w: compare.start_braid(work, os.path.abspath(args.braid), a, b,
                                                        None, w, ready_timeout=180),
+                "braid-hyper": lambda w: compare.start_braid(work, os.path.abspath(args.braid),
+                                                             a, b, None, w, ready_timeout=180,
+                                                             http1="hyper"),
                 "nginx": lambda w: compare.start_nginx(work, a, b, None, w),
                 "haproxy": lambda w: compare.start_haproxy(work, a, b, None, w),
             }[args.proxy]

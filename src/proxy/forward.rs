@@ -149,10 +149,16 @@ impl Proxy {
             if plain {
                 let mut out = out;
                 let end = spans.as_ref().map(|s| s.begin(0, out.headers_mut()));
-                let sent = self
-                    .upstreams
-                    .send_to(live.backend.as_ref(), protocol, variant.tls.as_ref(), out)
-                    .await;
+                // Boxed, as the retried call below: hyper's clients and tower's stack
+                // are large futures, and every request's future would carry their size
+                // (and copy it when made) though most go the direct way above.
+                let sent = Box::pin(self.upstreams.send_to(
+                    live.backend.as_ref(),
+                    protocol,
+                    variant.tls.as_ref(),
+                    out,
+                ))
+                .await;
                 if let Some(end) = end {
                     end.sent(&sent);
                 }
@@ -176,7 +182,7 @@ impl Proxy {
                 tls: variant.tls.clone(),
                 hook,
             };
-            retry::send(call, attempts, out).await
+            Box::pin(retry::send(call, attempts, out)).await
         };
         let result = match prepared.deadline {
             Some(d) => match tokio::time::timeout_at(d, sent).await {

@@ -341,7 +341,8 @@ impl Proxy {
             let result = match self.deadline(&parts, route, start) {
                 Ok((deadline, _)) => {
                     let body = self.streamed(body, &route.variants[vi], route);
-                    self.stream(&r, vi, &parts, body, deadline, conn).await
+                    // Boxed: a streamed call's state stays out of other requests' futures.
+                    Box::pin(self.stream(&r, vi, &parts, body, deadline, conn)).await
                 }
                 Err(e) => Err(e),
             };
@@ -732,7 +733,9 @@ impl Proxy {
                         .as_ref()
                         .filter(|t| t.context.sampled)
                         .map(|t| t.context);
-                    let result = batched::submit(
+                    // Boxed: a queued request waits on its batch anyway, and its state
+                    // stays out of forwarded requests' futures.
+                    let result = Box::pin(batched::submit(
                         batcher,
                         route,
                         variant,
@@ -741,7 +744,7 @@ impl Proxy {
                         &parts.headers,
                         prepared,
                         (r.wire.grpc(), recorded),
-                    )
+                    ))
                     .await;
                     return Served {
                         result,

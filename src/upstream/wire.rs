@@ -7,6 +7,7 @@
 use std::mem::MaybeUninit;
 
 pub use crate::server::h1::chunked::{ChunkError, Chunked, Decoded};
+use crate::server::h1::head::only_persistence;
 
 use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -102,22 +103,46 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireErr
     };
     // Where each name and value lies in the head, to slice them out of it once frozen.
     let base = buf.as_ptr() as usize;
-    let mut spans = Vec::with_capacity(resp.headers.len());
+    let mut spans = SPANS.take();
+    spans.clear();
     let mut seen = Seen::default();
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| WireError::Head(format!("header name {:?}", h.name)))?;
         seen.note(&name, h.value)?;
+        // `Connection: keep-alive` (or `close`) is this hop's and read already: kept
+        // out of the map, so nothing has to take it out again.
+        if name == header::CONNECTION && only_persistence(h.value) {
+            continue;
+        }
         let at = h.value.as_ptr() as usize - base;
         spans.push((name, at..at + h.value.len()));
     }
     let head = buf.split_to(used).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name, span) in spans {
+    for (name, span) in spans.drain(..) {
         let value = HeaderValue::from_maybe_shared(head.slice(span))
             .map_err(|_| WireError::Head(format!("value of {name}")))?;
         headers.append(name, value);
     }
+    SPANS.set(spans);
+    Ok(finish_head(status, version, method, headers, seen))
+}
+
+thread_local! {
+    /// Where each header lies in the head being parsed: reused, so a response head
+    /// costs no allocation of its own beyond its map.
+    static SPANS: std::cell::RefCell<Vec<(HeaderName, std::ops::Range<usize>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn finish_head(
+    status: StatusCode,
+    version: Version,
+    method: &Method,
+    headers: HeaderMap,
+    seen: Seen,
+) -> Parsed {
     let (framing, mut keep_alive) = seen.framing(status, method);
     keep_alive &= match version {
         Version::HTTP_10 => seen.keep_alive,
@@ -130,7 +155,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireErr
         framing,
         keep_alive,
     };
-    Ok(Parsed::Head(head))
+    Parsed::Head(head)
 }
 
 /// What the framing headers said, noted as the head is read (no lookups after).

@@ -16,7 +16,7 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version, request, response};
 
@@ -53,9 +53,22 @@ pub struct RequestHead {
     pub expect_continue: bool,
 }
 
-/// Reusable room for where each header lies in the head, so parsing allocates nothing
-/// of its own once a connection has served its first request.
-pub type Scratch = Vec<(HeaderName, Range<usize>)>;
+/// What one connection's parses share: room for where each header lies in the head
+/// (so parsing allocates nothing of its own after the first request), and the last
+/// request target read (a keep-alive client mostly asks for the same path again: its
+/// `Uri` is then cloned, not parsed).
+#[derive(Default)]
+pub struct Scratch {
+    spans: Vec<(HeaderName, Range<usize>)>,
+    /// The target's bytes (a copy of its own, so no old head stays pinned) and its URI.
+    last_target: Option<(Bytes, Uri)>,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch::default()
+    }
+}
 
 /// Parses the request head at the front of `buf` and takes it off; `Ok(None)` when more
 /// bytes are needed. Leading empty lines are skipped, as RFC 9112 §2.2 allows.
@@ -64,6 +77,9 @@ pub fn parse_request(
     limits: &HeadLimits,
     scratch: &mut Scratch,
 ) -> Result<Option<RequestHead>, ProxyError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
     let max = limits.max_headers.max(1);
     let scanned = if max <= STACK_HEADERS {
         // Left uninitialised: zeroing the slots would cost more than parsing a short head.
@@ -217,12 +233,17 @@ fn scan<'h>(
     };
     let target = span(target.as_bytes());
     let mut seen = Seen::default();
-    scratch.clear();
+    scratch.spans.clear();
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| ProxyError::BadRequest(format!("invalid header name {:?}", h.name)))?;
         seen.note(&name, h.value);
-        scratch.push((name, span(h.value)));
+        // `Connection: keep-alive` (or `close`) is this hop's and read already: kept
+        // out of the map, so the request path has nothing to take out again.
+        if name == header::CONNECTION && only_persistence(h.value) {
+            continue;
+        }
+        scratch.spans.push((name, span(h.value)));
     }
     let framing = seen.framing(version)?;
     let keep_alive = match version {
@@ -247,16 +268,19 @@ fn finish(
     scratch: &mut Scratch,
 ) -> Result<RequestHead, ProxyError> {
     let head = buf.split_to(s.used).freeze();
-    // Origin form (`/path?q`), `*` (OPTIONS) or absolute form (`http://host/path`).
-    let target = head.slice(s.target);
-    let origin = target.first() == Some(&b'/');
     let method = s.method;
-    let uri = Uri::from_maybe_shared(target)
-        .ok()
-        .filter(|u| origin || u.scheme().is_some() || (u == "*" && method == Method::OPTIONS))
-        .ok_or_else(|| ProxyError::BadRequest("invalid request target".into()))?;
-    let mut headers = HeaderMap::with_capacity(scratch.len());
-    for (name, span) in scratch.drain(..) {
+    let target = &head[s.target];
+    let uri = match &scratch.last_target {
+        Some((last, uri)) if last[..] == *target => uri.clone(),
+        _ => {
+            let owned = Bytes::copy_from_slice(target);
+            let uri = parse_target(owned.clone(), &method)?;
+            scratch.last_target = Some((owned, uri.clone()));
+            uri
+        }
+    };
+    let mut headers = HeaderMap::with_capacity(scratch.spans.len());
+    for (name, span) in scratch.spans.drain(..) {
         let value = HeaderValue::from_maybe_shared(head.slice(span))
             .map_err(|_| ProxyError::BadRequest(format!("invalid value of {name}")))?;
         headers.append(name, value);
@@ -272,6 +296,15 @@ fn finish(
         keep_alive: s.keep_alive,
         expect_continue: s.expect_continue,
     })
+}
+
+/// Origin form (`/path?q`), `*` (OPTIONS) or absolute form (`http://host/path`).
+fn parse_target(target: Bytes, method: &Method) -> Result<Uri, ProxyError> {
+    let origin = target.first() == Some(&b'/');
+    Uri::from_maybe_shared(target)
+        .ok()
+        .filter(|u| origin || u.scheme().is_some() || (u == "*" && method == Method::OPTIONS))
+        .ok_or_else(|| ProxyError::BadRequest("invalid request target".into()))
 }
 
 /// How a response's body is delimited on the wire.
@@ -316,12 +349,30 @@ pub fn response_framing(
     }
 }
 
+/// A `Connection` value that says only whether the connection persists.
+pub fn only_persistence(value: &[u8]) -> bool {
+    value.eq_ignore_ascii_case(b"keep-alive")
+        || value.eq_ignore_ascii_case(b"close")
+        || tokens(value)
+            .all(|t| t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close"))
+}
+
 /// Whether the handler asked for the connection to close after this response.
 pub fn asks_close(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .any(|v| tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")))
+}
+
+/// One header line, room made once.
+#[inline(always)]
+fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes the status line and headers: the handler's, a `date` unless it set one, the
@@ -335,23 +386,16 @@ pub fn encode_response_head(
     date: &[u8],
     out: &mut Vec<u8>,
 ) {
-    let line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
+    if parts.status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(parts.status.as_str().as_bytes());
+        out.push(b' ');
+        let reason = parts.status.canonical_reason().unwrap_or("Unknown");
+        out.extend_from_slice(reason.as_bytes());
         out.extend_from_slice(b"\r\n");
-    };
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("Unknown")
-            .as_bytes(),
-    );
-    out.extend_from_slice(b"\r\n");
+    }
     // A length stays only on a bodiless answer to a HEAD or a 304 (it describes the
     // resource); a transfer coding is only ever braid's own.
     let drop_length = !matches!(framing, Out::None)
