@@ -9,7 +9,7 @@
 //! | layer | modules | what |
 //! |---|---|---|
 //! | 0 | `error` `metrics` `hash` `addr` | request errors (and what a failed send or batch maps to), every metric family, stable hashing and randomness, backend addresses |
-//! | 1 | `server` `upstream` `batch` `executor` `access` `payload` `trace` `grpc` | listeners (HTTP/1.1 + h2c, TLS with ALPN, limits, smuggling guard, drain); pooled clients (braid's own for HTTP/1.1), retry policy and budget, failure accrual; coalescing (codec, pure queue, batcher task behind the `Execute` trait); the candle model server; the access log's writer; the sampled payload log's sinks (rotated files, CloudEvents); W3C trace context, samplers and the OTLP/HTTP span exporter; gRPC's wire format (framing, statuses, `grpc-timeout`, one protobuf field read or rewritten, the generated messages and their REST form) |
+//! | 1 | `server` `upstream` `batch` `executor` `access` `payload` `trace` `grpc` | listeners (plain HTTP/1.1 by braid's own loop, h2c and TLS with ALPN by hyper, limits, smuggling guard, drain); pooled clients (braid's own for HTTP/1.1), retry policy and budget, failure accrual; coalescing (codec, pure queue, batcher task behind the `Execute` trait); the candle model server; the access log's writer; the sampled payload log's sinks (rotated files, CloudEvents); W3C trace context, samplers and the OTLP/HTTP span exporter; gRPC's wire format (framing, statuses, `grpc-timeout`, one protobuf field read or rewritten, the generated messages and their REST form) |
 //! | 2 | `route` | routes as compiled data, matching, assignment (override, sticky, weighted); `route::live`: the handles bound to a table (budgets, health, limits, batchers, experiments), kept across reloads by name; `route::experiment`: the weights in force (ramps on the wall clock, guardrail trips), split health and the report, over `route::evidence`'s pure statistics |
 //! | 3 | `config` | YAML -> `Document` (schema) -> `Snapshot` (validate, pure data) -> `Active` (snapshot + live state, bound in the store, the one place that binds) -> `ArcSwap`; the file and ConfigMap sources |
 //! | 4 | `proxy` `admin` `probe` `inject` | the request path (forwarding, batched submission, shadow); the admin port; the executor readiness probe; sidecar injection for `inject` and `webhook` |
@@ -18,7 +18,7 @@
 //! The request path (this is the one copy of the picture; the README and docs link here):
 //!
 //! ```text
-//! client --h1/h2c/TLS--> server::serve (limits, smuggling guard) --> Proxy::handle
+//! client --h1/h2c/TLS--> server::serve (limits; h1: server::h1, framing judged) --> Proxy::handle
 //!     active = store.load()              one Arc<Active> for the whole request
 //!     route match                        /v2/models/{m}, /v1/models/{m}, path prefix;
 //!                                        gRPC model calls: field 1 of the message

@@ -231,15 +231,16 @@ def braid_config(a, b):
 """
 
 
-def start_braid(work, binary, a, b, cpu, wrapper=(), ready_timeout=30, http1="braid"):
+def start_braid(work, binary, a, b, cpu, wrapper=(), ready_timeout=30, http1="braid",
+                extra=(), name=None):
     """braid with one worker thread; `wrapper` goes before it (valgrind, say); `http1`
-    picks who serves plain HTTP/1.1 (`--http1`)."""
+    picks who serves plain HTTP/1.1 (`--http1`); `extra` are more flags (TLS files)."""
     port, admin = free_port(), free_port()
-    name = "braid" if http1 == "braid" else f"braid-{http1}"
+    name = name or ("braid" if http1 == "braid" else f"braid-{http1}")
     p = launch(work, name, f"{name}.yaml", braid_config(a, b),
                lambda c: [*wrapper, binary, "proxy", "--listen", f"127.0.0.1:{port}",
                           "--admin", f"127.0.0.1:{admin}", "--worker-threads", "1",
-                          "--http1", http1, "--config", c],
+                          "--http1", http1, *extra, "--config", c],
                cpu, port)
     wait_ready(p, f"http://127.0.0.1:{admin}/readyz", timeout=ready_timeout)
     return p
