@@ -566,23 +566,28 @@ def callgrind_load(port, requests, connections):
         raise SystemExit(f"callgrind load: {len(failures)} failed requests ({failures[:5]})")
 
 
-def callgrind_ir(work, name, start, a, b, requests, connections=4, out=None):
+def callgrind_ir(work, name, start, a, b, requests, connections=4, out=None, load=None):
     """User-space instructions per proxied request: counters zeroed after a warm-up,
-    `requests` sent, counters dumped. Returns (Ir per request, dump file)."""
+    `requests` sent, counters dumped. Returns (Ir per request, dump file). `load(port,
+    n)` sends the requests (default: `callgrind_load` over keep-alive HTTP/1.1, after
+    waiting for the data port to answer)."""
     import glob
     prefix = os.path.join(work, f"cg-{name}")
     wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p",
                *os.environ.get("CALLGRIND_FLAGS", "").split()]
     p = start(wrapper)
     try:
-        wait_ready(p, f"http://127.0.0.1:{p.port}{PATH}", "POST", REQUEST.encode(), timeout=180)
-        callgrind_load(p.port, 500, connections)
+        if load is None:
+            wait_ready(p, f"http://127.0.0.1:{p.port}{PATH}", "POST", REQUEST.encode(),
+                       timeout=180)
+            load = lambda port, n: callgrind_load(port, n, connections)  # noqa: E731
+        load(p.port, 500)
         # Unpinned, so the process started is valgrind running the proxy; nginx and
         # HAProxy run as one process here.
         pid = str(p.popen.pid)
         subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
         counts = Upstreams([a, b])
-        callgrind_load(p.port, requests, connections)
+        load(p.port, requests)
         _, split = counts.delta()
         for f in glob.glob(f"{prefix}.*"):
             os.remove(f)

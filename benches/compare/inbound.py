@@ -12,12 +12,10 @@ upstreams and 90/10 split as compare.py; oha sends the load (its `--http2`, and
 """
 
 import argparse
-import glob
 import os
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,37 +38,21 @@ def oha(url, n, h2, tls):
 
 
 def measure(work, binary, a, b, http1, tls, h2, requests):
-    name = f"cg-{http1}-{'tls' if tls else 'plain'}-{'h2' if h2 else 'h1'}"
-    prefix = os.path.join(work, name)
-    wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p"]
+    name = f"{http1}-{'tls' if tls else 'plain'}-{'h2' if h2 else 'h1'}"
     extra = []
     if tls:
         extra = ["--tls-cert", os.path.join(work, "cert.pem"),
                  "--tls-key", os.path.join(work, "key.pem")]
-    p = compare.start_braid(work, binary, a, b, None, wrapper, ready_timeout=180,
-                            http1=http1, extra=extra, name=name)
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{p.port}{compare.PATH}"
-    try:
-        oha(url, 500, h2, tls)
-        pid = str(p.popen.pid)
-        subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
-        counts = compare.Upstreams([a, b])
-        oha(url, requests, h2, tls)
-        _, split = counts.delta()
-        for f in glob.glob(f"{prefix}.*"):
-            os.remove(f)
-        subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True)
-        deadline = time.time() + 60
-        while not glob.glob(f"{prefix}.*") and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(1)
-        dump = sorted(glob.glob(f"{prefix}.*"))[-1]
-    finally:
-        p.stop()
-    with open(dump) as f:
-        total = next(int(line.split()[1]) for line in f
-                     if line.startswith(("summary:", "totals:")))
-    return total / max(sum(split), 1)
+
+    def start(wrapper):
+        return compare.start_braid(work, binary, a, b, None, wrapper, ready_timeout=180,
+                                   http1=http1, extra=extra, name=f"braid-{name}")
+
+    def load(port, n):
+        oha(f"{'https' if tls else 'http'}://127.0.0.1:{port}{compare.PATH}", n, h2, tls)
+
+    ir, _ = compare.callgrind_ir(work, name, start, a, b, requests, load=load)
+    return ir
 
 
 def main():

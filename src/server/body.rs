@@ -1,68 +1,21 @@
 //! Request bodies: the one type every handler receives (hyper's, or braid's own
-//! HTTP/1.1 reader's), and the one way a handler reads a body whole, under a size
+//! HTTP/1.1 reader's, as `Either`), and the one way a handler reads a body whole, under a size
 //! limit, a stall time, the request's deadline and the shared byte budget.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Incoming};
 
 use super::h1;
 use super::{ByteBudget, Limits, Reservation};
 use crate::error::{BoxError, ProxyError};
 
-/// A request's body as the listener hands it to a handler.
-pub struct RequestBody(Inner);
-
-enum Inner {
-    /// HTTP/2 and TLS connections, served by hyper.
-    Hyper(Incoming),
-    /// Plain HTTP/1.1, read by braid's own connection loop.
-    Own(h1::body::Body),
-}
-
-impl RequestBody {
-    pub fn hyper(body: Incoming) -> RequestBody {
-        RequestBody(Inner::Hyper(body))
-    }
-
-    pub fn own(body: h1::body::Body) -> RequestBody {
-        RequestBody(Inner::Own(body))
-    }
-}
-
-impl hyper::body::Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().0 {
-            Inner::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Inner::Own(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.0 {
-            Inner::Hyper(b) => b.is_end_stream(),
-            Inner::Own(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.0 {
-            Inner::Hyper(b) => b.size_hint(),
-            Inner::Own(b) => b.size_hint(),
-        }
-    }
-}
+/// A request's body as the listener hands it to a handler: hyper's (HTTP/2 and TLS
+/// connections), or braid's own HTTP/1.1 reader's (`Right`).
+pub type RequestBody = http_body_util::Either<Incoming, h1::body::Body>;
 
 /// How one request body may be read.
 pub struct BodyRules<'a> {

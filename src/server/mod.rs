@@ -11,7 +11,6 @@
 mod body;
 pub mod budget;
 pub mod h1;
-mod rewind;
 pub mod sniff;
 pub mod tls;
 
@@ -226,8 +225,7 @@ pub async fn serve_tls<H: Handler>(
                 tokio::spawn(async move {
                     let ended = h1::serve(stream, &*handler, &conn_info, phase.clone(), h1_limits);
                     if let h1::Ended::Http2(stream, read) = ended.await {
-                        let io =
-                            TokioIo::new(Sniffer::new(rewind::Rewind::new(read, stream), flags));
+                        let io = TokioIo::new(Sniffer::replaying(read, stream, flags));
                         connection(builder, io, handler, conn_info, phase, timers).await;
                     }
                     drop(slot);
@@ -404,7 +402,7 @@ async fn connection<H, S>(
     let svc_info = info.clone();
     let svc_activity = activity.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let req = req.map(RequestBody::hyper);
+        let req = req.map(RequestBody::Left);
         let handler = handler.clone();
         let info = svc_info.clone();
         let phase = svc_phase.clone();

@@ -9,7 +9,8 @@
 //! known length is skipped, and a chunked body is followed by its chunk sizes (its
 //! data skipped, its trailers passed over), so body bytes that look like headers never
 //! raise a false alarm. HTTP/2 connections (the prior-knowledge preface) are not
-//! scanned at all.
+//! scanned at all. It also replays what braid's HTTP/1.1 loop read of a connection
+//! before it found the HTTP/2 preface, so hyper sees the preface itself.
 
 use std::io;
 use std::pin::Pin;
@@ -62,14 +63,23 @@ struct Scan {
 
 pub struct Sniffer<S> {
     inner: S,
+    /// Bytes read from `inner` already (by braid's HTTP/1.1 loop, which found the
+    /// HTTP/2 preface in them), read again first.
+    replay: bytes::Bytes,
     scan: Scan,
     flags: Arc<ConnFlags>,
 }
 
 impl<S> Sniffer<S> {
     pub fn new(inner: S, flags: Arc<ConnFlags>) -> Self {
+        Self::replaying(bytes::Bytes::new(), inner, flags)
+    }
+
+    /// A stream whose first bytes, `replay`, were read from it already.
+    pub fn replaying(replay: bytes::Bytes, inner: S, flags: Arc<ConnFlags>) -> Self {
         Sniffer {
             inner,
+            replay,
             scan: Scan {
                 line: [0; LINE_KEEP],
                 line_len: 0,
@@ -211,7 +221,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Sniffer<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let res = if this.replay.is_empty() {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            Poll::Ready(Ok(()))
+        };
         if res.is_ready() && !this.scan.done {
             this.scan.feed(&buf.filled()[before..], &this.flags);
         }

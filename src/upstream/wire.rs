@@ -7,7 +7,7 @@
 use std::mem::MaybeUninit;
 
 pub use crate::server::h1::chunked::{ChunkError, Chunked, Decoded};
-use crate::server::h1::head::only_persistence;
+use crate::server::h1::head::{only_persistence, tokens};
 
 use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -166,13 +166,6 @@ struct Seen {
     length: Option<u64>,
     close: bool,
     keep_alive: bool,
-}
-
-fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
 }
 
 impl Seen {

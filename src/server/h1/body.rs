@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
 use tokio::net::TcpStream;
 
@@ -132,26 +132,58 @@ impl ReadSide {
         }
     }
 
+    /// The next frame of the body that the buffer already holds: `Ready(None)` once
+    /// the body is over (or failed), `Pending` when more bytes are needed.
+    fn take(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = match &mut self.body {
+            BodyState::Done | BodyState::Failed => return Poll::Ready(None),
+            BodyState::Length(_) if self.buf.is_empty() => return Poll::Pending,
+            BodyState::Length(left) => {
+                let take = (*left).min(self.buf.len() as u64) as usize;
+                *left -= take as u64;
+                let data = self.buf.split_to(take).freeze();
+                if *left == 0 {
+                    self.end(BodyState::Done);
+                }
+                Some(Ok(Frame::data(data)))
+            }
+            BodyState::Chunked(dec) => match dec.decode(&mut self.buf) {
+                Ok(Decoded::Data(d)) => Some(Ok(Frame::data(d))),
+                Ok(Decoded::NeedMore) => return Poll::Pending,
+                Ok(Decoded::Trailers(t)) => {
+                    self.end(BodyState::Done);
+                    Some(Ok(Frame::trailers(t)))
+                }
+                Ok(Decoded::End) => {
+                    self.end(BodyState::Done);
+                    None
+                }
+                Err(e) => {
+                    // Its framing is lost: the connection closes after the answer.
+                    self.end(BodyState::Failed);
+                    Some(Err(e.into()))
+                }
+            },
+        };
+        Poll::Ready(frame)
+    }
+
+    /// The client or its socket failed inside the body: nothing more will come.
+    fn lost(&mut self, e: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.gone = true;
+        self.end(BodyState::Failed);
+        Poll::Ready(Some(Err(e)))
+    }
+
     /// Takes the rest of an unread body off the buffer if all of it is there, so the
     /// connection can carry the next request; false when it is not (the connection
     /// must close: the rest may never come, or come only after a 100 never sent).
     pub fn discard_body(&mut self) -> bool {
         loop {
-            match &mut self.body {
-                BodyState::Done => return true,
-                BodyState::Failed => return false,
-                BodyState::Length(left) => {
-                    if (self.buf.len() as u64) < *left {
-                        return false;
-                    }
-                    self.buf.advance(*left as usize);
-                    self.body = BodyState::Done;
-                }
-                BodyState::Chunked(dec) => match dec.decode(&mut self.buf) {
-                    Ok(Decoded::Data(_)) | Ok(Decoded::Trailers(_)) => {}
-                    Ok(Decoded::End) => self.body = BodyState::Done,
-                    Ok(Decoded::NeedMore) | Err(_) => return false,
-                },
+            match self.take() {
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(None) => return matches!(self.body, BodyState::Done),
+                Poll::Ready(Some(Err(_))) | Poll::Pending => return false,
             }
         }
     }
@@ -180,56 +212,20 @@ impl hyper::body::Body for Body {
         let mut guard = shared.lock();
         let side = &mut *guard;
         loop {
-            match &mut side.body {
-                BodyState::Done | BodyState::Failed => return Poll::Ready(None),
-                BodyState::Length(left) if !side.buf.is_empty() => {
-                    let take = (*left).min(side.buf.len() as u64) as usize;
-                    let data = side.buf.split_to(take).freeze();
-                    *left -= take as u64;
-                    if *left == 0 {
-                        side.end(BodyState::Done);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                BodyState::Length(_) => {}
-                BodyState::Chunked(dec) => match dec.decode(&mut side.buf) {
-                    Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
-                    Ok(Decoded::Trailers(t)) => {
-                        side.end(BodyState::Done);
-                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
-                    }
-                    Ok(Decoded::End) => {
-                        side.end(BodyState::Done);
-                        return Poll::Ready(None);
-                    }
-                    Ok(Decoded::NeedMore) => {}
-                    Err(e) => {
-                        // Its framing is lost: the connection closes after the answer.
-                        side.end(BodyState::Failed);
-                        return Poll::Ready(Some(Err(e.into())));
-                    }
-                },
+            if let Poll::Ready(frame) = side.take() {
+                return Poll::Ready(frame);
             }
             // More bytes are needed; a client waiting for 100 gets it first.
             if let Err(e) = ready!(shared.poll_continue(side, cx)) {
-                side.gone = true;
-                side.end(BodyState::Failed);
-                return Poll::Ready(Some(Err(e.into())));
+                return side.lost(e.into());
             }
             match ready!(shared.poll_fill(side, cx)) {
                 Ok(0) => {
-                    side.gone = true;
-                    side.end(BodyState::Failed);
-                    return Poll::Ready(Some(Err(
-                        "the client closed the connection inside the request body".into(),
-                    )));
+                    return side
+                        .lost("the client closed the connection inside the request body".into());
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    side.gone = true;
-                    side.end(BodyState::Failed);
-                    return Poll::Ready(Some(Err(e.into())));
-                }
+                Err(e) => return side.lost(e.into()),
             }
         }
     }

@@ -112,7 +112,8 @@ struct Seen {
     expect_continue: bool,
 }
 
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+/// The comma-separated tokens of a header value (`Connection`, `Transfer-Encoding`).
+pub fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)

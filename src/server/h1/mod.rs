@@ -118,7 +118,7 @@ pub async fn serve<H: Handler>(
             let waits = expect_continue && !matches!(side.body, BodyState::Done);
             side.owed_continue = waits.then_some(0);
         }
-        let req = Request::from_parts(parts, RequestBody::own(body::Body::new(shared.clone())));
+        let req = Request::from_parts(parts, RequestBody::Right(body::Body::new(shared.clone())));
         let resp = tokio::select! {
             biased;
             resp = super::answer_even_if_it_panics(handler.call(req, info)) => resp,
