@@ -38,18 +38,30 @@ impl FileSource {
         store.apply(&text, &self.source(), KIND)
     }
 
-    /// Watches for changes until the task is dropped.
-    pub async fn watch(self, store: Arc<Store>) {
-        let (tx, mut rx) = mpsc::channel::<()>(1);
-        // The watcher lives as long as this task; dropping it stops the OS watch.
-        let _watcher = match self.start_watcher(tx) {
+    /// Watches for changes until the returned future is dropped. The OS watch is
+    /// registered here, before the future first runs, so a change made once braid has
+    /// announced itself is never left to the slow poll.
+    pub fn watch(self, store: Arc<Store>) -> impl std::future::Future<Output = ()> + Send {
+        let (tx, rx) = mpsc::channel::<()>(1);
+        let watcher = match self.start_watcher(tx) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), "cannot watch config directory ({e}); polling every {:?}", self.poll);
                 None
             }
         };
-        let mut seen = store.load().map(|a| a.snapshot.digest);
+        let seen = store.load().map(|a| a.snapshot.digest);
+        self.follow(store, rx, watcher, seen)
+    }
+
+    async fn follow(
+        self,
+        store: Arc<Store>,
+        mut rx: mpsc::Receiver<()>,
+        // Lives as long as the future; dropping it stops the OS watch.
+        _watcher: Option<notify::RecommendedWatcher>,
+        mut seen: Option<u64>,
+    ) {
         let mut last_error: Option<String> = None;
         loop {
             tokio::select! {

@@ -446,7 +446,8 @@ async fn wait_log(p: &BraidProcess, needle: &str) -> Vec<String> {
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "never logged {needle:?}"
+            "never logged {needle:?}; the log's last lines: {:#?}",
+            &log[log.len().saturating_sub(20)..]
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -465,7 +466,9 @@ async fn a_peers_http2_protocol_noise_does_not_fill_the_log() {
     let a = Backend::start("a").await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_single_route(dir.path(), &a.url());
-    let braid = BraidProcess::start(&path, &[]);
+    // A short poll: the marker below must not wait on inotify, which a busy machine can
+    // run out of (braid then polls, and says so).
+    let braid = BraidProcess::start(&path, &["--config-poll", "200ms"]);
     // Unsolicited PING acks, which h2 warns about once each, then a PING of our own:
     // its ack means every frame before it was processed.
     let mut s = TcpStream::connect(braid.addr).await.unwrap();
