@@ -53,6 +53,7 @@ pub mod error;
 pub mod executor;
 pub mod grpc;
 pub mod hash;
+pub mod headers;
 pub mod inject;
 pub mod metrics;
 pub mod openai;

@@ -457,7 +457,7 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `x-forwarded-for` as the backend gets it: the client's address appended to any
 /// the request carried.
 fn forwarded_for(headers: &HeaderMap, conn: &ConnInfo) -> Option<HeaderValue> {
-    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+    match crate::headers::get(headers, &X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => HeaderValue::try_from(format!("{prev}, {}", conn.peer.ip())).ok(),
         None => Some(conn.peer_ip.clone()),
     }

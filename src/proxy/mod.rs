@@ -648,7 +648,7 @@ impl Proxy {
         start: Instant,
     ) -> Result<(Option<Instant>, bool), ProxyError> {
         let mut header_deadline = None;
-        if let Some(v) = parts.headers.get(&DEADLINE_HEADER) {
+        if let Some(v) = crate::headers::get(&parts.headers, &DEADLINE_HEADER) {
             let d = v
                 .to_str()
                 .ok()
@@ -661,7 +661,7 @@ impl Proxy {
                 })?;
             header_deadline = Some(d);
         }
-        if let Some(v) = parts.headers.get(&crate::grpc::GRPC_TIMEOUT) {
+        if let Some(v) = crate::headers::get(&parts.headers, &crate::grpc::GRPC_TIMEOUT) {
             let d = v
                 .to_str()
                 .ok()

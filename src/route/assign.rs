@@ -126,7 +126,7 @@ pub fn assign(
     headers: &HeaderMap,
     body_key: Option<&[u8]>,
 ) -> Result<(usize, Assignment), UnknownVariant> {
-    if let Some(v) = headers.get(&route.override_header) {
+    if let Some(v) = crate::headers::get(headers, &route.override_header) {
         let wanted = v.as_bytes();
         return route
             .variants
@@ -152,7 +152,9 @@ pub fn sticky_key<'a>(
     body_key: Option<&'a [u8]>,
 ) -> Option<&'a [u8]> {
     match &route.sticky_header {
-        Some(h) => headers.get(h).map(|v| v.as_bytes()).or(body_key),
+        Some(h) => crate::headers::get(headers, h)
+            .map(|v| v.as_bytes())
+            .or(body_key),
         None => body_key,
     }
 }

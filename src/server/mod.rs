@@ -270,23 +270,20 @@ pub async fn serve_tls<H: Handler>(
 /// A panic while answering one request is that request's 500 with a JSON body, not a
 /// connection reset with no answer: logged, and the server keeps serving. (Allocation
 /// failures abort and cannot be caught: decoders size nothing from a request's claims.)
-async fn answer_even_if_it_panics(call: impl Future<Output = Response<Body>>) -> Response<Body> {
-    use futures_util::FutureExt;
-    match std::panic::AssertUnwindSafe(call).catch_unwind().await {
-        Ok(resp) => resp,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            tracing::error!(panic = %what, "a request handler panicked; answered 500");
-            crate::error::json_error(
-                http::StatusCode::INTERNAL_SERVER_ERROR,
-                "internal error while answering this request (logged); the server is still up",
-            )
-        }
-    }
+/// The call is wrapped where it is awaited, `AssertUnwindSafe(call).catch_unwind()`,
+/// rather than in an async fn of its own, so the handler's future is not moved into
+/// another.
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> Response<Body> {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = %what, "a request handler panicked; answered 500");
+    crate::error::json_error(
+        http::StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error while answering this request (logged); the server is still up",
+    )
 }
 
 /// One accepted connection's place under `max_connections`, given back by `Drop`
@@ -422,7 +419,12 @@ async fn connection<H, S>(
             };
             let mut resp = match refused {
                 Some(resp) => resp,
-                None => answer_even_if_it_panics(handler.call(req, &info)).await,
+                None => {
+                    let call = std::panic::AssertUnwindSafe(handler.call(req, &info));
+                    futures_util::FutureExt::catch_unwind(call)
+                        .await
+                        .unwrap_or_else(panicked)
+                }
             };
             // Judged after the handler: a drain may have begun while it ran.
             if h1 && *phase.borrow() != Phase::Serving {

@@ -8,6 +8,7 @@ use std::mem::MaybeUninit;
 
 pub use crate::server::h1::chunked::{ChunkError, Chunked, Decoded};
 use crate::server::h1::head::{only_persistence, tokens};
+use crate::server::h1::names::Names;
 
 use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -105,9 +106,11 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireErr
     let base = buf.as_ptr() as usize;
     let mut spans = SPANS.take();
     spans.clear();
+    let mut names = NAMES.take();
     let mut seen = Seen::default();
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
+    for (place, h) in resp.headers.iter().enumerate() {
+        let name = names
+            .name(place, h.name.as_bytes())
             .map_err(|_| WireError::Head(format!("header name {:?}", h.name)))?;
         seen.note(&name, h.value)?;
         // `Connection: keep-alive` (or `close`) is this hop's and read already: kept
@@ -118,6 +121,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, WireErr
         let at = h.value.as_ptr() as usize - base;
         spans.push((name, at..at + h.value.len()));
     }
+    NAMES.set(names);
     let head = buf.split_to(used).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
     for (name, span) in spans.drain(..) {
@@ -134,6 +138,8 @@ thread_local! {
     /// costs no allocation of its own beyond its map.
     static SPANS: std::cell::RefCell<Vec<(HeaderName, std::ops::Range<usize>)>> =
         const { std::cell::RefCell::new(Vec::new()) };
+    /// The header names backends answered with before (the same few, in the same order).
+    static NAMES: std::cell::RefCell<Names> = std::cell::RefCell::new(Names::default());
 }
 
 fn finish_head(

@@ -11,6 +11,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("error", 0),
     ("metrics", 0),
     ("hash", 0),
+    ("headers", 0),
     ("addr", 0),
     ("server", 1),
     ("access", 1),

@@ -54,14 +54,16 @@ pub struct RequestHead {
 }
 
 /// What one connection's parses share: room for where each header lies in the head
-/// (so parsing allocates nothing of its own after the first request), and the last
-/// request target read (a keep-alive client mostly asks for the same path again: its
-/// `Uri` is then cloned, not parsed).
+/// (so parsing allocates nothing of its own after the first request), the header names
+/// read before, and the last request target read (a keep-alive client mostly asks for
+/// the same path again: its `Uri` is then cloned, not parsed).
 #[derive(Default)]
 pub struct Scratch {
     spans: Vec<(HeaderName, Range<usize>)>,
     /// The target's bytes (a copy of its own, so no old head stays pinned) and its URI.
     last_target: Option<(Bytes, Uri)>,
+    /// The header names the connection's client sent before.
+    names: super::names::Names,
 }
 
 impl Scratch {
@@ -235,8 +237,10 @@ fn scan<'h>(
     let target = span(target.as_bytes());
     let mut seen = Seen::default();
     scratch.spans.clear();
-    for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
+    for (place, h) in req.headers.iter().enumerate() {
+        let name = scratch
+            .names
+            .name(place, h.name.as_bytes())
             .map_err(|_| ProxyError::BadRequest(format!("invalid header name {:?}", h.name)))?;
         seen.note(&name, h.value);
         // `Connection: keep-alive` (or `close`) is this hop's and read already: kept

@@ -13,6 +13,7 @@
 pub mod body;
 pub mod chunked;
 pub mod head;
+pub mod names;
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -121,7 +122,9 @@ pub async fn serve<H: Handler>(
         let req = Request::from_parts(parts, RequestBody::Right(body::Body::new(shared.clone())));
         let resp = tokio::select! {
             biased;
-            resp = super::answer_even_if_it_panics(handler.call(req, info)) => resp,
+            resp = std::panic::AssertUnwindSafe(handler.call(req, info)).catch_unwind() => {
+                resp.unwrap_or_else(super::panicked)
+            }
             // The client left: its request's future is dropped (slots, permits, the
             // upstream call all given back), as hyper does on the same event.
             () = poll_fn(|cx| shared.poll_gone(cx)) => return Ended::Closed,
