@@ -330,6 +330,8 @@ struct FileSink {
     out: Option<(std::io::BufWriter<std::fs::File>, u64)>,
     /// The last error, logged once until a write succeeds again.
     failing: bool,
+    /// Set when `append` flushed the writer's earlier lines (to rotate).
+    flushed: bool,
 }
 
 impl FileSink {
@@ -340,22 +342,39 @@ impl FileSink {
             keep,
             out: None,
             failing: false,
+            flushed: false,
         }
     }
 
-    /// Writes a batch; per record, whether it reached the file (flushed).
+    /// Writes a batch; per record, whether it reached the file. A line counts once the
+    /// writer it went into was flushed without error (by a rotation or at the batch's
+    /// end): a failure drops the writer and every line still in its buffer, and those
+    /// records count as failed, whichever line's write found the error.
     fn write(&mut self, batch: &[Queued]) -> Vec<bool> {
-        let mut written = Vec::with_capacity(batch.len());
-        for q in batch {
+        let mut written = vec![false; batch.len()];
+        // Records whose lines are in the current writer's buffer, not yet flushed.
+        let mut buffered = Vec::with_capacity(batch.len());
+        for (i, q) in batch.iter().enumerate() {
             let line = q.record.line();
-            written.push(self.append(line.as_bytes()));
+            let appended = self.append(line.as_bytes());
+            if std::mem::take(&mut self.flushed) {
+                // A rotation flushed the lines before this one.
+                buffered.drain(..).for_each(|j: usize| written[j] = true);
+            }
+            match appended {
+                Ok(()) => buffered.push(i),
+                Err(e) => {
+                    self.fail(&e);
+                    buffered.clear();
+                }
+            }
         }
-        // Lines count only once flushed: a full disk shows here.
-        if let Some((out, _)) = self.out.as_mut()
-            && let Err(e) = out.flush()
-        {
-            self.fail(&e);
-            written.iter_mut().for_each(|w| *w = false);
+        // A full disk shows here.
+        if let Some((out, _)) = self.out.as_mut() {
+            match out.flush() {
+                Ok(()) => buffered.drain(..).for_each(|j| written[j] = true),
+                Err(e) => self.fail(&e),
+            }
         }
         if written.iter().all(|w| *w) && self.failing {
             tracing::info!(path = %self.path.display(), "payload log writes again");
@@ -364,32 +383,28 @@ impl FileSink {
         written
     }
 
-    fn append(&mut self, line: &[u8]) -> bool {
-        let result = (|| -> std::io::Result<()> {
-            if self.out.is_none() {
-                self.open()?;
-            }
-            let need = line.len() as u64 + 1;
-            if let Some((_, size)) = &self.out
-                && *size > 0
-                && *size + need > self.rotate_bytes
-            {
-                self.rotate()?;
-                self.open()?;
-            }
-            let (out, size) = self.out.as_mut().expect("opened above");
-            out.write_all(line)?;
-            out.write_all(b"\n")?;
-            *size += need;
-            Ok(())
-        })();
-        match result {
-            Ok(()) => true,
-            Err(e) => {
-                self.fail(&e);
-                false
-            }
+    /// Puts a line in the writer's buffer, opening the file first if need be, and
+    /// rotating it first when the line would take it past `rotate_bytes` (the
+    /// rotation's flush sets `flushed`, even when a later step of it fails).
+    fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if self.out.is_none() {
+            self.open()?;
         }
+        let need = line.len() as u64 + 1;
+        if let Some((out, size)) = &mut self.out
+            && *size > 0
+            && *size + need > self.rotate_bytes
+        {
+            out.flush()?;
+            self.flushed = true;
+            self.rotate()?;
+            self.open()?;
+        }
+        let (out, size) = self.out.as_mut().expect("opened above");
+        out.write_all(line)?;
+        out.write_all(b"\n")?;
+        *size += need;
+        Ok(())
     }
 
     fn open(&mut self) -> std::io::Result<()> {
@@ -612,5 +627,42 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", p.display());
         }
+    }
+
+    #[test]
+    fn a_full_disk_counts_every_record_failed_wherever_the_buffer_fills() {
+        // /dev/full takes nothing: whichever line's write meets the error (the one that
+        // fills the buffer, the last one, the final flush), no record counts as written.
+        let line_len = record(b"x", 1).line().len() + 1;
+        let most = 2 * 8192 / line_len + 3;
+        let mut sink = FileSink::new("/dev/full".into(), u64::MAX, 0);
+        for n in 1..=most {
+            let batch: Vec<Queued> = (0..n)
+                .map(|_| Queued::take(record(b"x", 1)).unwrap())
+                .collect();
+            assert_eq!(sink.write(&batch), vec![false; n], "a batch of {n}");
+        }
+    }
+
+    #[test]
+    fn a_batch_across_rotations_counts_every_record_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        let line_len = record(b"x", 1).line().len() as u64 + 1;
+        let mut sink = FileSink::new(path.clone(), line_len * 3, 5);
+        let batch: Vec<Queued> = (0..10)
+            .map(|_| Queued::take(record(b"x", 1)).unwrap())
+            .collect();
+        assert_eq!(sink.write(&batch), [true; 10]);
+        let lines: usize = ["p.jsonl", "p.jsonl.1", "p.jsonl.2", "p.jsonl.3"]
+            .iter()
+            .map(|n| {
+                std::fs::read_to_string(dir.path().join(n))
+                    .unwrap()
+                    .lines()
+                    .count()
+            })
+            .sum();
+        assert_eq!(lines, 10);
     }
 }

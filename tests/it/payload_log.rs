@@ -37,10 +37,16 @@ async fn wait_metric(proxy: &TestProxy, series: &str, at_least: f64) -> f64 {
         if v >= at_least {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} stuck at {v}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            let text = get(&client(), &proxy.admin_url("/metrics"), &[])
+                .await
+                .text();
+            let counted: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("braid_payload_log"))
+                .collect();
+            panic!("{series} stuck at {v}; every payload log series: {counted:#?}");
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
