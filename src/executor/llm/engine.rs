@@ -267,6 +267,9 @@ impl Loop {
                     .iter()
                     .filter_map(|id| st.inbox.remove(id).map(|p| (*id, p)))
                     .collect();
+                // Counted running from admission: the step below sends the first token
+                // (and so the answer's head) before it ends and publishes again.
+                self.publish(&st.sched);
                 (plan, admitted, gone_waiting)
             };
             for p in gone_waiting {
