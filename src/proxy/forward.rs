@@ -303,12 +303,75 @@ pub(super) fn upstream_path(
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")));
     };
+    rewrite(uri, span, target)
+}
+
+/// `rewritten`, remembered (see `Rewrite`).
+fn rewrite(
+    uri: &Uri,
+    span: &std::ops::Range<usize>,
+    target: &Arc<str>,
+) -> Result<PathAndQuery, ProxyError> {
+    let Some(from) = uri.path_and_query() else {
+        return rewritten(uri, span, target);
+    };
+    let hit = REWRITES.with_borrow(|(_, known)| {
+        known
+            .iter()
+            .find(|r| r.span == *span && *r.target == **target && *r.from == *from.as_str())
+            .map(|r| r.to.clone())
+    });
+    if let Some(to) = hit {
+        return Ok(to);
+    }
+    let to = rewritten(uri, span, target)?;
+    REWRITES.with_borrow_mut(|(next, known)| {
+        let r = Rewrite {
+            from: from.as_str().into(),
+            span: span.clone(),
+            target: target.clone(),
+            to: to.clone(),
+        };
+        match known.get_mut(*next) {
+            Some(slot) => *slot = r,
+            None => known.push(r),
+        }
+        *next = (*next + 1) % REMEMBERED;
+    });
+    Ok(to)
+}
+
+fn rewritten(
+    uri: &Uri,
+    span: &std::ops::Range<usize>,
+    target: &str,
+) -> Result<PathAndQuery, ProxyError> {
     let path = route::rewrite_model(uri.path(), span, target);
     let path = match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
     PathAndQuery::try_from(path).map_err(|e| ProxyError::BadRequest(format!("path: {e}")))
+}
+
+/// A rewrite done before: the client's path and query, the model's span in it and the
+/// target name always give the same path, and a sidecar's clients ask for the same few
+/// (one per variant, mostly). Comparing the three costs less than building and
+/// validating the path again (about 600 instructions a request). The client's path is
+/// copied, so no request's buffer is held.
+struct Rewrite {
+    from: Box<str>,
+    span: std::ops::Range<usize>,
+    target: Arc<str>,
+    to: PathAndQuery,
+}
+
+/// Rewrites remembered per thread, the oldest replaced first.
+const REMEMBERED: usize = 4;
+
+thread_local! {
+    static REWRITES: std::cell::RefCell<(usize, Vec<Rewrite>)> =
+        const { std::cell::RefCell::new((0, Vec::new())) };
 }
 
 /// A v2 inference body that repeats the path's model in `model_name` (KServe's client
@@ -515,5 +578,61 @@ mod tests {
         let mut h = headers(&[("x-kept", "yes")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(names(&h), ["x-kept"]);
+    }
+
+    #[test]
+    fn rewrites_are_remembered_by_path_span_and_target() {
+        let cases: Vec<(Uri, std::ops::Range<usize>, Arc<str>, &str)> = vec![
+            (
+                "/v2/models/demo/infer".parse().unwrap(),
+                11..15,
+                "demo-a".into(),
+                "/v2/models/demo-a/infer",
+            ),
+            (
+                "/v2/models/demo/infer".parse().unwrap(),
+                11..15,
+                "demo-b".into(),
+                "/v2/models/demo-b/infer",
+            ),
+            (
+                "/v2/models/demo/infer?x=1".parse().unwrap(),
+                11..15,
+                "demo-a".into(),
+                "/v2/models/demo-a/infer?x=1",
+            ),
+            (
+                "/v2/models/demo/ready".parse().unwrap(),
+                11..15,
+                "demo-a".into(),
+                "/v2/models/demo-a/ready",
+            ),
+            (
+                "/v1/models/demo:predict".parse().unwrap(),
+                11..15,
+                "m".into(),
+                "/v1/models/m:predict",
+            ),
+            (
+                "/v2/models/dem/infer".parse().unwrap(),
+                11..14,
+                "demo-a".into(),
+                "/v2/models/demo-a/infer",
+            ),
+        ];
+        // More distinct rewrites than are remembered, in turn and again: each is right
+        // whether it is new, remembered, or was replaced.
+        for _ in 0..3 {
+            for (uri, span, target, want) in &cases {
+                let got = rewrite(uri, span, target).unwrap();
+                assert_eq!(got.as_str(), *want, "{uri} {span:?} {target}");
+            }
+        }
+        let uri: Uri = "/v2/models/demo/infer".parse().unwrap();
+        let target: Arc<str> = "demo-a".into();
+        assert_eq!(
+            rewrite(&uri, &(10..15), &target).unwrap().as_str(),
+            "/v2/modelsdemo-a/infer"
+        );
     }
 }
