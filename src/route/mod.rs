@@ -197,8 +197,10 @@ pub fn model_span(path: &str) -> Option<Range<usize>> {
         return None;
     };
     let v1 = path.as_bytes()[2] == b'1';
+    // Both ends are ASCII, so the bytes are searched (no characters decoded).
     let len = rest
-        .find(|c| c == '/' || (v1 && c == ':'))
+        .bytes()
+        .position(|b| b == b'/' || (v1 && b == b':'))
         .unwrap_or(rest.len());
     (len > 0).then_some(start..start + len)
 }

@@ -7,7 +7,7 @@
 use std::mem::MaybeUninit;
 
 pub use crate::server::h1::chunked::{ChunkError, Chunked, Decoded};
-use crate::server::h1::head::{only_persistence, tokens};
+use crate::server::h1::head::{content_length, only_persistence, tokens};
 use crate::server::h1::names::Names;
 
 use bytes::{Buf, BytesMut};
@@ -182,10 +182,7 @@ impl Seen {
             }
         } else if name == header::CONTENT_LENGTH {
             for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                let n = std::str::from_utf8(part)
-                    .ok()
-                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|s| s.parse::<u64>().ok())
+                let n = content_length(part)
                     .ok_or_else(|| WireError::Head("invalid content-length".into()))?;
                 if self.length.is_some_and(|l| l != n) {
                     return Err(WireError::Head("conflicting content-length values".into()));

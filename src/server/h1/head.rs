@@ -114,6 +114,19 @@ struct Seen {
     expect_continue: bool,
 }
 
+/// A `Content-Length` value: one or more ASCII digits, read without a string made of
+/// them; `None` for anything else, or a number past `u64`.
+pub fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        let digit = b.wrapping_sub(b'0');
+        (digit < 10).then_some(())?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
 /// The comma-separated tokens of a header value (`Connection`, `Transfer-Encoding`).
 pub fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     value
@@ -126,11 +139,7 @@ impl Seen {
     fn note(&mut self, name: &HeaderName, value: &[u8]) {
         if *name == header::CONTENT_LENGTH {
             self.cl_lines += 1;
-            let digits = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
-            self.length = std::str::from_utf8(value)
-                .ok()
-                .filter(|_| digits)
-                .and_then(|v| v.parse().ok());
+            self.length = content_length(value);
             self.bad_length |= self.length.is_none();
         } else if *name == header::TRANSFER_ENCODING {
             self.te_lines += 1;
@@ -388,7 +397,7 @@ pub fn encode_response_head(
     framing: Out,
     keep_alive: bool,
     http10: bool,
-    date: &[u8],
+    date: impl FnOnce() -> [u8; 29],
     out: &mut Vec<u8>,
 ) {
     if parts.status == StatusCode::OK {
@@ -417,8 +426,10 @@ pub fn encode_response_head(
         has_date |= *name == header::DATE;
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    // The backend's own date is passed on (most send one): the clock is read only
+    // for an answer without.
     if !has_date {
-        line(out, b"date", date);
+        line(out, b"date", &date());
     }
     match framing {
         Out::Length(n) => line(

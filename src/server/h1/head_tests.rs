@@ -164,7 +164,7 @@ fn responses_are_framed_as_rfc_9112_says() {
         parts.status = status;
         parts.headers = headers.clone();
         let mut out = Vec::new();
-        let date = b"Tue, 01 Dec 2026 00:00:00 GMT";
+        let date = || *b"Tue, 01 Dec 2026 00:00:00 GMT";
         encode_response_head(&parts, framing, keep, http10, date, &mut out);
         String::from_utf8(out).unwrap()
     };
@@ -296,8 +296,44 @@ fn read_back(wire: &[u8], cut: usize) -> (RequestHead, Vec<u8>) {
     (head, body)
 }
 
+#[test]
+fn content_lengths_are_digits_within_u64() {
+    let cases: [(&[u8], Option<u64>); 10] = [
+        (b"0", Some(0)),
+        (b"101", Some(101)),
+        (b"007", Some(7)),
+        (b"18446744073709551615", Some(u64::MAX)),
+        (b"18446744073709551616", None),
+        (b"", None),
+        (b"+1", None),
+        (b"1 ", None),
+        (b"0x10", None),
+        ("\u{661}".as_bytes(), None),
+    ];
+    for (value, want) in cases {
+        assert_eq!(
+            content_length(value),
+            want,
+            "{:?}",
+            String::from_utf8_lossy(value)
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn a_content_length_reads_as_the_standard_library_reads_its_digits(
+        value in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..24),
+            "[0-9]{0,22}".prop_map(String::into_bytes),
+        ]
+    ) {
+        let digits = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+        let std = std::str::from_utf8(&value).ok().filter(|_| digits).and_then(|v| v.parse::<u64>().ok());
+        prop_assert_eq!(content_length(&value), std);
+    }
 
     #[test]
     fn a_valid_request_cut_anywhere_reads_back_whole(sent in valid_request()) {

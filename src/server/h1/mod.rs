@@ -250,7 +250,7 @@ async fn write_response(
     let framing = head::response_framing(parts.status, head_request, &parts.headers, exact, http10);
     let keep_alive = keep_alive && framing != Out::Close;
     out.clear();
-    with_date(|date| head::encode_response_head(&parts, framing, keep_alive, http10, date, out));
+    head::encode_response_head(&parts, framing, keep_alive, http10, date, out);
     drop(parts);
     if framing == Out::None {
         return write_all(&shared.stream, out).await;
@@ -344,8 +344,8 @@ async fn linger(shared: &Shared) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-/// The `date` header's value, formatted once a second per thread.
-fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+/// The `date` header's value now, formatted once a second per thread.
+fn date() -> [u8; 29] {
     thread_local! {
         static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
     }
@@ -361,6 +361,6 @@ fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
                 *at = secs;
             }
         }
-        f(text)
+        *text
     })
 }
