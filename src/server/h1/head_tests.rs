@@ -179,6 +179,21 @@ fn responses_are_framed_as_rfc_9112_says() {
     let head = written(StatusCode::NO_CONTENT, &declared, Out::None, true, true);
     assert!(!head.contains("content-length"), "{head}");
     assert!(head.contains("connection: keep-alive\r\n"), "{head}");
+    // The backend's date is passed on, alone, and the clock is not read for it.
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.headers.insert(
+        header::DATE,
+        "Mon, 30 Nov 2026 23:59:59 GMT".parse().unwrap(),
+    );
+    let mut out = Vec::new();
+    let unread = || -> [u8; 29] { panic!("the clock was read for an answer with a date") };
+    encode_response_head(&parts, Out::Length(0), true, false, unread, &mut out);
+    let head = String::from_utf8(out).unwrap();
+    assert_eq!(head.matches("date: ").count(), 1, "{head}");
+    assert!(
+        head.contains("date: Mon, 30 Nov 2026 23:59:59 GMT\r\n"),
+        "{head}"
+    );
 }
 
 // === every cut of a valid request ===
