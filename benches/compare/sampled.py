@@ -15,6 +15,7 @@ below, and the top user-space symbols.
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
+    if not shutil.which("perf"):
+        raise SystemExit("perf is not installed (Debian: apt-get install linux-perf)")
     with tempfile.TemporaryDirectory(prefix="braid-sampled-") as work:
         data = os.path.join(work, "perf.data")
         wrapper = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(HZ), "-o", data]
