@@ -330,8 +330,6 @@ struct FileSink {
     out: Option<(std::io::BufWriter<std::fs::File>, u64)>,
     /// The last error, logged once until a write succeeds again.
     failing: bool,
-    /// Set when `append` flushed the writer's earlier lines (to rotate).
-    flushed: bool,
 }
 
 impl FileSink {
@@ -342,26 +340,20 @@ impl FileSink {
             keep,
             out: None,
             failing: false,
-            flushed: false,
         }
     }
 
     /// Writes a batch; per record, whether it reached the file. A line counts once the
-    /// writer it went into was flushed without error (by a rotation or at the batch's
-    /// end): a failure drops the writer and every line still in its buffer, and those
-    /// records count as failed, whichever line's write found the error.
+    /// writer it went into was flushed without error (before a rotation or at the
+    /// batch's end): a failure drops the writer and every line still in its buffer, and
+    /// those records count as failed, whichever line's write found the error.
     fn write(&mut self, batch: &[Queued]) -> Vec<bool> {
         let mut written = vec![false; batch.len()];
         // Records whose lines are in the current writer's buffer, not yet flushed.
         let mut buffered = Vec::with_capacity(batch.len());
         for (i, q) in batch.iter().enumerate() {
             let line = q.record.line();
-            let appended = self.append(line.as_bytes());
-            if std::mem::take(&mut self.flushed) {
-                // A rotation flushed the lines before this one.
-                buffered.drain(..).for_each(|j: usize| written[j] = true);
-            }
-            match appended {
+            match self.append(line.as_bytes(), &mut buffered, &mut written) {
                 Ok(()) => buffered.push(i),
                 Err(e) => {
                     self.fail(&e);
@@ -370,11 +362,8 @@ impl FileSink {
             }
         }
         // A full disk shows here.
-        if let Some((out, _)) = self.out.as_mut() {
-            match out.flush() {
-                Ok(()) => buffered.drain(..).for_each(|j| written[j] = true),
-                Err(e) => self.fail(&e),
-            }
+        if let Err(e) = self.flush(&mut buffered, &mut written) {
+            self.fail(&e);
         }
         if written.iter().all(|w| *w) && self.failing {
             tracing::info!(path = %self.path.display(), "payload log writes again");
@@ -384,19 +373,22 @@ impl FileSink {
     }
 
     /// Puts a line in the writer's buffer, opening the file first if need be, and
-    /// rotating it first when the line would take it past `rotate_bytes` (the
-    /// rotation's flush sets `flushed`, even when a later step of it fails).
-    fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
+    /// rotating it first when the line would take it past `rotate_bytes`.
+    fn append(
+        &mut self,
+        line: &[u8],
+        buffered: &mut Vec<usize>,
+        written: &mut [bool],
+    ) -> std::io::Result<()> {
         if self.out.is_none() {
             self.open()?;
         }
         let need = line.len() as u64 + 1;
-        if let Some((out, size)) = &mut self.out
+        if let Some((_, size)) = &self.out
             && *size > 0
             && *size + need > self.rotate_bytes
         {
-            out.flush()?;
-            self.flushed = true;
+            self.flush(buffered, written)?;
             self.rotate()?;
             self.open()?;
         }
@@ -404,6 +396,15 @@ impl FileSink {
         out.write_all(line)?;
         out.write_all(b"\n")?;
         *size += need;
+        Ok(())
+    }
+
+    /// Flushes the writer: the `buffered` records have then reached the file.
+    fn flush(&mut self, buffered: &mut Vec<usize>, written: &mut [bool]) -> std::io::Result<()> {
+        if let Some((out, _)) = self.out.as_mut() {
+            out.flush()?;
+        }
+        buffered.drain(..).for_each(|i| written[i] = true);
         Ok(())
     }
 
@@ -608,8 +609,7 @@ mod tests {
         let line_len = record(b"x", 1).line().len() as u64 + 1;
         let mut sink = FileSink::new(path.clone(), line_len * 3, 2);
         for _ in 0..20 {
-            let q = Queued::take(record(b"x", 1)).unwrap();
-            assert_eq!(sink.write(&[q]), [true]);
+            assert_eq!(sink.write(&batch(1)), [true]);
         }
         let lines = |p: &Path| {
             std::fs::read_to_string(p)
@@ -629,6 +629,13 @@ mod tests {
         }
     }
 
+    /// `n` queued records of one byte each way.
+    fn batch(n: usize) -> Vec<Queued> {
+        (0..n)
+            .map(|_| Queued::take(record(b"x", 1)).unwrap())
+            .collect()
+    }
+
     #[test]
     fn a_full_disk_counts_every_record_failed_wherever_the_buffer_fills() {
         // /dev/full takes nothing: whichever line's write meets the error (the one that
@@ -637,10 +644,7 @@ mod tests {
         let most = 2 * 8192 / line_len + 3;
         let mut sink = FileSink::new("/dev/full".into(), u64::MAX, 0);
         for n in 1..=most {
-            let batch: Vec<Queued> = (0..n)
-                .map(|_| Queued::take(record(b"x", 1)).unwrap())
-                .collect();
-            assert_eq!(sink.write(&batch), vec![false; n], "a batch of {n}");
+            assert_eq!(sink.write(&batch(n)), vec![false; n], "a batch of {n}");
         }
     }
 
@@ -650,10 +654,7 @@ mod tests {
         let path = dir.path().join("p.jsonl");
         let line_len = record(b"x", 1).line().len() as u64 + 1;
         let mut sink = FileSink::new(path.clone(), line_len * 3, 5);
-        let batch: Vec<Queued> = (0..10)
-            .map(|_| Queued::take(record(b"x", 1)).unwrap())
-            .collect();
-        assert_eq!(sink.write(&batch), [true; 10]);
+        assert_eq!(sink.write(&batch(10)), [true; 10]);
         let lines: usize = ["p.jsonl", "p.jsonl.1", "p.jsonl.2", "p.jsonl.3"]
             .iter()
             .map(|n| {
