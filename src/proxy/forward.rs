@@ -315,7 +315,7 @@ fn rewrite(
     let Some(from) = uri.path_and_query() else {
         return rewritten(uri, span, target);
     };
-    let hit = REWRITES.with_borrow(|(_, known)| {
+    let hit = REWRITES.with_borrow(|known| {
         known
             .iter()
             .find(|r| r.span == *span && *r.target == **target && *r.from == *from.as_str())
@@ -325,18 +325,14 @@ fn rewrite(
         return Ok(to);
     }
     let to = rewritten(uri, span, target)?;
-    REWRITES.with_borrow_mut(|(next, known)| {
-        let r = Rewrite {
+    REWRITES.with_borrow_mut(|known| {
+        known.truncate(REMEMBERED - 1);
+        known.push_front(Rewrite {
             from: from.as_str().into(),
             span: span.clone(),
             target: target.clone(),
             to: to.clone(),
-        };
-        match known.get_mut(*next) {
-            Some(slot) => *slot = r,
-            None => known.push(r),
-        }
-        *next = (*next + 1) % REMEMBERED;
+        });
     });
     Ok(to)
 }
@@ -366,12 +362,12 @@ struct Rewrite {
     to: PathAndQuery,
 }
 
-/// Rewrites remembered per thread, the oldest replaced first.
+/// Rewrites remembered per thread, newest first; the oldest goes to make room.
 const REMEMBERED: usize = 4;
 
 thread_local! {
-    static REWRITES: std::cell::RefCell<(usize, Vec<Rewrite>)> =
-        const { std::cell::RefCell::new((0, Vec::new())) };
+    static REWRITES: std::cell::RefCell<std::collections::VecDeque<Rewrite>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
 }
 
 /// A v2 inference body that repeats the path's model in `model_name` (KServe's client
@@ -582,44 +578,48 @@ mod tests {
 
     #[test]
     fn rewrites_are_remembered_by_path_span_and_target() {
-        let cases: Vec<(Uri, std::ops::Range<usize>, Arc<str>, &str)> = vec![
+        let table = [
             (
-                "/v2/models/demo/infer".parse().unwrap(),
+                "/v2/models/demo/infer",
                 11..15,
-                "demo-a".into(),
+                "demo-a",
                 "/v2/models/demo-a/infer",
             ),
             (
-                "/v2/models/demo/infer".parse().unwrap(),
+                "/v2/models/demo/infer",
                 11..15,
-                "demo-b".into(),
+                "demo-b",
                 "/v2/models/demo-b/infer",
             ),
             (
-                "/v2/models/demo/infer?x=1".parse().unwrap(),
+                "/v2/models/demo/infer?x=1",
                 11..15,
-                "demo-a".into(),
+                "demo-a",
                 "/v2/models/demo-a/infer?x=1",
             ),
             (
-                "/v2/models/demo/ready".parse().unwrap(),
+                "/v2/models/demo/ready",
                 11..15,
-                "demo-a".into(),
+                "demo-a",
                 "/v2/models/demo-a/ready",
             ),
             (
-                "/v1/models/demo:predict".parse().unwrap(),
+                "/v1/models/demo:predict",
                 11..15,
-                "m".into(),
+                "m",
                 "/v1/models/m:predict",
             ),
             (
-                "/v2/models/dem/infer".parse().unwrap(),
+                "/v2/models/dem/infer",
                 11..14,
-                "demo-a".into(),
+                "demo-a",
                 "/v2/models/demo-a/infer",
             ),
         ];
+        let cases: Vec<(Uri, std::ops::Range<usize>, Arc<str>, &str)> = table
+            .into_iter()
+            .map(|(uri, span, target, want)| (uri.parse().unwrap(), span, target.into(), want))
+            .collect();
         // More distinct rewrites than are remembered, in turn and again: each is right
         // whether it is new, remembered, or was replaced.
         for _ in 0..3 {
