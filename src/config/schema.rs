@@ -903,29 +903,7 @@ fn duration_or_zero(node: &Node, path: String, errs: &mut Errors) -> Option<Dura
     }
 }
 
-/// `250ms`, `2s`, `1.5s`, `100us`, `1m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!(
-            "{s:?} is not a duration: use a number with a unit (us, ms, s, m, h), e.g. \"250ms\""
-        )
-    };
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(bad)?;
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().map_err(|_| bad())?;
-    let scale = match unit {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(bad()),
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|_| bad())
-}
+pub use crate::headers::parse_duration;
 
 fn backend(node: &Node, path: String, errs: &mut Errors) -> Option<BackendSpec> {
     if matches!(node, Node::Str(s) if s == "local") {

@@ -10,7 +10,7 @@
 //! channel, which frees the sequence at the engine's next step.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use crate::server::RequestBody;
 use bytes::Bytes;
@@ -100,15 +100,12 @@ fn class(headers: &HeaderMap, call: &Call) -> Result<Class, ApiError> {
     })
 }
 
-/// `x-braid-timeout` (what braid's proxy sends: `250ms`, `3s`), as a deadline.
-fn deadline(headers: &HeaderMap, now: Instant) -> Option<Instant> {
-    let v = headers.get("x-braid-timeout")?.to_str().ok()?.trim();
-    let d = if let Some(ms) = v.strip_suffix("ms") {
-        Duration::from_millis(ms.parse().ok()?)
-    } else {
-        Duration::from_secs_f64(v.strip_suffix('s').unwrap_or(v).parse().ok()?)
-    };
-    Some(now + d)
+/// `x-braid-timeout` (what braid's proxy sends: `250ms`, `3s`), as a deadline, read
+/// by the proxy's own checked parser: a bad value is the caller's 400, never a panic.
+fn deadline(headers: &HeaderMap, now: Instant) -> Result<Option<Instant>, ApiError> {
+    let left = crate::headers::timeout(headers, crate::headers::LONGEST_CALLER_TIMEOUT)
+        .map_err(|e| api::bad(crate::headers::TIMEOUT.as_str(), e))?;
+    Ok(left.and_then(|d| now.checked_add(d)))
 }
 
 /// A seed for a call that names none: different per call, from the clock and a count.
@@ -208,6 +205,10 @@ pub async fn generate(
         Ok(c) => c,
         Err(e) => return api_error(&e),
     };
+    let deadline = match deadline(headers, Instant::now()) {
+        Ok(d) => d,
+        Err(e) => return api_error(&e),
+    };
     let mut call = call;
     if let Some(s) = template_stop {
         call.stop.push(s.to_string());
@@ -223,7 +224,7 @@ pub async fn generate(
         logprobs: call.logprobs,
         prompt_logprobs: call.echo && call.logprobs.is_some(),
         class,
-        deadline: deadline(headers, Instant::now()),
+        deadline,
     };
     let mut rx = match engine.submit(prompt.clone(), params) {
         Ok(rx) => rx,

@@ -111,8 +111,11 @@ pub fn read_call(body: &[u8]) -> Result<Call, String> {
     s.ws();
     if s.peek() == Some(b'}') {
         call.end = s.i;
-        return Ok(call);
+        return s.only_space_after(call);
     }
+    // The members braid acts on, each allowed once: a backend whose parser keeps the
+    // last of two would read another value than the one braid routed by.
+    let mut seen = [false; 4];
     loop {
         s.ws();
         let key = s.key()?;
@@ -121,10 +124,18 @@ pub fn read_call(body: &[u8]) -> Result<Call, String> {
             return Err(s.bad("':'"));
         }
         s.ws();
-        match key {
+        if let Some(i) = ACTED_ON.iter().position(|k| *k == &key[..]) {
+            if std::mem::replace(&mut seen[i], true) {
+                return Err(format!(
+                    "the body names \"{}\" twice",
+                    String::from_utf8_lossy(ACTED_ON[i])
+                ));
+            }
+        }
+        match &key[..] {
             b"model" | b"user" if s.peek() == Some(b'"') => {
                 let (value, span) = s.string()?;
-                if key == b"model" {
+                if &key[..] == b"model" {
                     call.model = Some((value, span));
                 } else {
                     call.user = Some(value);
@@ -144,11 +155,14 @@ pub fn read_call(body: &[u8]) -> Result<Call, String> {
         }
         if s.peek() == Some(b'}') {
             call.end = s.i;
-            return Ok(call);
+            return s.only_space_after(call);
         }
         return Err(s.bad("',' or '}'"));
     }
 }
+
+/// The top-level members braid reads and acts on; a body may name each once.
+const ACTED_ON: [&[u8]; 4] = [b"model", b"user", b"stream", b"stream_options"];
 
 /// The body with its `model` string (at `span`, inside the quotes) replaced by
 /// `target`; every other byte as it was.
@@ -202,7 +216,7 @@ pub fn member_span(object: &[u8], key: &[u8]) -> Option<Range<usize>> {
         let end = s.i;
         s.ws();
         let comma = s.peek() == Some(b',');
-        if k == key {
+        if &k[..] == key {
             if found.is_some() {
                 return None;
             }
@@ -336,7 +350,10 @@ impl<'a> Scanner<'a> {
             }
             self.ws();
             let at = self.i;
-            if key == b"include_usage" {
+            if &key[..] == b"include_usage" {
+                if asked != (UsageAsked::Unsaid { open, empty: false }) {
+                    return Err("the body names \"include_usage\" twice".into());
+                }
                 asked = if self.literal(b"false") {
                     UsageAsked::No(at..self.i)
                 } else {
@@ -354,6 +371,17 @@ impl<'a> Scanner<'a> {
                 return Ok(asked);
             }
             return Err(self.bad("',' or '}'"));
+        }
+    }
+
+    /// The object closes at `i`: nothing but whitespace may follow it (a second value
+    /// would be read by some parsers and not by others).
+    fn only_space_after<T>(&mut self, ok: T) -> Result<T, String> {
+        self.i += 1;
+        self.ws();
+        match self.peek() {
+            None => Ok(ok),
+            Some(_) => Err(self.bad("the end of the body")),
         }
     }
 
@@ -387,11 +415,18 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// An object key's raw bytes (an escaped key never equals a plain name).
-    fn key(&mut self) -> Result<&'a [u8], String> {
+    /// An object key, unescaped as every JSON parser reads it (`"\u006dodel"` is
+    /// `model`); borrowed from the body when it has no escapes.
+    fn key(&mut self) -> Result<std::borrow::Cow<'a, [u8]>, String> {
+        let open = self.i;
         let (span, escaped) = self.skip_string()?;
         let body: &'a [u8] = self.b;
-        Ok(if escaped { b"" } else { &body[span] })
+        if !escaped {
+            return Ok(std::borrow::Cow::Borrowed(&body[span]));
+        }
+        let key = serde_json::from_slice::<String>(&body[open..self.i])
+            .map_err(|e| format!("a bad key: {e}"))?;
+        Ok(std::borrow::Cow::Owned(key.into_bytes()))
     }
 
     /// A string: its decoded value and the span of its contents (inside the quotes).
@@ -547,6 +582,48 @@ mod tests {
         assert_eq!(cut(r#"{"usage":null}"#, "usage").unwrap(), r#"{}"#);
         assert_eq!(cut(r#"{"a":{"usage":null}}"#, "usage"), None);
         assert_eq!(cut(r#"{"usage":1,"usage":2}"#, "usage"), None);
+    }
+
+    #[test]
+    fn keys_are_read_unescaped_and_the_members_braid_acts_on_appear_once() {
+        let (model, _) = read_call(br#"{"\u006dodel":"assistant"}"#)
+            .unwrap()
+            .model
+            .unwrap();
+        assert_eq!(model, "assistant");
+        let call =
+            read_call(br#"{"m\u006fdel":"a","\u0075ser":"bob","str\u0065am":true}"#).unwrap();
+        assert_eq!(call.user.as_deref(), Some("bob"));
+        assert!(call.stream);
+        for twice in [
+            &br#"{"model":"assistant","\u006dodel":"internal"}"#[..],
+            br#"{"model":"a","model":"a"}"#,
+            br#"{"user":"a","model":"m","user":"b"}"#,
+            br#"{"stream":false,"stream":true}"#,
+            br#"{"stream_options":{},"stream_options":{"include_usage":true}}"#,
+            br#"{"stream":true,"stream_options":{"include_usage":false,"include_usage":true}}"#,
+            br#"{"model":1,"model":"a"}"#,
+        ] {
+            let err = read_call(twice).unwrap_err();
+            assert!(
+                err.contains("twice"),
+                "{err}: {}",
+                String::from_utf8_lossy(twice)
+            );
+        }
+        // Other members may repeat (braid does not act on them), and nested ones are not
+        // top-level members.
+        read_call(br#"{"model":"a","n":1,"n":2,"x":{"model":"b","model":"c"}}"#).unwrap();
+        // A second value after the object, another encoding or a bad escape is refused.
+        for bad in [
+            &br#"{"model":"a"} {"model":"b"}"#[..],
+            b"\xef\xbb\xbf{\"model\":\"a\"}",
+            b"{\0\"\0m\0",
+            br#"{"\uZZZZ":1}"#,
+        ] {
+            assert!(read_call(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        read_call(b"{\"model\":\"a\"} \r\n").unwrap();
     }
 
     #[test]

@@ -30,7 +30,6 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::config::schema::parse_duration;
 use crate::config::{Active, Store};
 use crate::error::{Body, BoxError, ProxyError};
 use crate::metrics::Metrics;
@@ -41,7 +40,6 @@ use crate::server::{self, ConnInfo, Handler};
 use crate::trace::RequestTrace;
 use crate::upstream::Upstreams;
 use crate::upstream::health::Admit;
-use crate::upstream::retry::DEADLINE_HEADER;
 use shadow::PrimaryAnswer;
 
 pub static X_BRAID_VARIANT: HeaderName = HeaderName::from_static("x-braid-variant");
@@ -67,7 +65,7 @@ pub struct Proxy {
 
 /// A caller's deadline (`x-braid-timeout`, `grpc-timeout`) on a route without a
 /// timeout of its own is at most this far away; on a route with one, at most that.
-pub const LONGEST_CALLER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+pub use crate::headers::LONGEST_CALLER_TIMEOUT;
 
 /// One request counted in `braid_requests_in_flight`, until it is dropped: answered,
 /// or its future dropped by hyper when the client left or reset the stream.
@@ -647,20 +645,8 @@ impl Proxy {
         route: &Route,
         start: Instant,
     ) -> Result<(Option<Instant>, bool), ProxyError> {
-        let mut header_deadline = None;
-        if let Some(v) = crate::headers::get(&parts.headers, &DEADLINE_HEADER) {
-            let d = v
-                .to_str()
-                .ok()
-                .and_then(|s| parse_duration(s).ok())
-                .ok_or_else(|| {
-                    ProxyError::BadRequest(format!(
-                        "{} must be a duration such as \"250ms\"",
-                        DEADLINE_HEADER.as_str()
-                    ))
-                })?;
-            header_deadline = Some(d);
-        }
+        let mut header_deadline = crate::headers::timeout(&parts.headers, LONGEST_CALLER_TIMEOUT)
+            .map_err(ProxyError::BadRequest)?;
         if let Some(v) = crate::headers::get(&parts.headers, &crate::grpc::GRPC_TIMEOUT) {
             let d = v
                 .to_str()

@@ -34,24 +34,25 @@ impl Proxy {
         let rules = self.body_rules(None, held);
         let bytes = server::read_body(&parts.headers, body, rules).await?;
         let routes = &active.snapshot.routes;
-        let read = openai::read_call(&bytes);
+        // A body braid cannot read is refused even where a path route would take it:
+        // forwarded as it came, a backend reading it another way (a key written twice,
+        // another encoding) could reach a model no route lets through.
+        let read = openai::read_call(&bytes).map_err(ProxyError::BadRequest)?;
         let by_model = read
+            .model
             .as_ref()
-            .ok()
-            .and_then(|c| c.model.as_ref())
             .and_then(|(model, _)| routes.find_model(model));
         let m = match by_model.or_else(|| routes.find(parts.uri.path())) {
             Some(m) => m,
             None => {
                 return Err(match &read {
-                    Err(why) => ProxyError::BadRequest(why.clone()),
-                    Ok(Call { model: None, .. }) => {
+                    Call { model: None, .. } => {
                         ProxyError::BadRequest("the body names no \"model\"".into())
                     }
-                    Ok(Call {
+                    Call {
                         model: Some((model, _)),
                         ..
-                    }) => ProxyError::UnknownModel {
+                    } => ProxyError::UnknownModel {
                         model: model.clone(),
                         models: routes.models(),
                     },
@@ -59,7 +60,7 @@ impl Proxy {
             }
         };
         // A call routed by path keeps its model as sent: the span is only for model routes.
-        let mut call = read.unwrap_or_default();
+        let mut call = read;
         if m.route.model.is_none() {
             call.model = None;
         }

@@ -30,7 +30,7 @@ use crate::addr::Protocol;
 use crate::metrics::RetryMetrics;
 
 /// Header carrying a request's remaining time budget, e.g. `x-braid-timeout: 250ms`.
-pub static DEADLINE_HEADER: http::HeaderName = http::HeaderName::from_static("x-braid-timeout");
+pub use crate::headers::TIMEOUT as DEADLINE_HEADER;
 
 /// A route's retry settings, compiled from its `retry` block (defaults: one attempt).
 #[derive(Debug, Clone, PartialEq)]

@@ -839,3 +839,35 @@ async fn stalled_and_abandoned_prompt_bodies_hold_nothing() {
         assert_eq!(llm.metric(series).await, 0.0, "{series}");
     }
 }
+
+#[tokio::test]
+async fn a_bad_timeout_header_is_a_400_never_a_panic() {
+    let llm = TinyLlm::start(LlmOptions::default(), 16).await;
+    let body = json!({"model": "tiny", "prompt": "a", "max_tokens": 2}).to_string();
+    let url = llm.url("/v1/completions");
+    for bad in [
+        "-1",
+        "inf",
+        "NaN",
+        "-1s",
+        "infs",
+        "NaNms",
+        "1e400s",
+        "1e9999",
+        "",
+        "soon",
+        // Past what a duration holds.
+        "99999999999999999999h",
+    ] {
+        let r = post(&client(), &url, &[("x-braid-timeout", bad)], &body).await;
+        assert_eq!(r.status, 400, "{bad:?}: {}", r.text());
+        let e = &r.json()["error"];
+        assert_eq!(e["param"], "x-braid-timeout", "{bad:?}");
+        assert_eq!(e["type"], "invalid_request_error");
+    }
+    // Huge but valid: capped, not overflowed; the call is served.
+    for huge in ["9999999999s", "5000000000h", "2s"] {
+        let r = post(&client(), &url, &[("x-braid-timeout", huge)], &body).await;
+        assert_eq!(r.status, 200, "{huge:?}: {}", r.text());
+    }
+}

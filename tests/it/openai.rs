@@ -563,3 +563,50 @@ async fn a_shadow_copy_names_the_shadow_variants_own_model() {
     assert_eq!(copied, body.replace("assistant", "llama-3-8b-ft"));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn escaped_keys_are_routed_as_their_names_and_a_repeated_member_is_refused() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    // A path route behind the model route: what braid cannot read must not reach it.
+    let config = format!(
+        r#"routes:
+  - model: assistant
+    variants: [{{ name: base, backend: "{}", target_model: llama-3-8b }}]
+  - path_prefix: /
+    variants: [{{ name: open, backend: "{}" }}]
+"#,
+        a.url(),
+        b.url()
+    );
+    let proxy = TestProxy::start(&config).await;
+    let c = client();
+    let url = proxy.url("/v1/chat/completions");
+    // `\u006dodel` is `model` to every JSON parser: routed and rewritten as one.
+    let r = post(&c, &url, &[], r#"{"\u006dodel":"assistant","messages":[]}"#).await;
+    assert_eq!(
+        (r.status.as_u16(), r.variant()),
+        (200, "base"),
+        "{}",
+        r.text()
+    );
+    let seen: serde_json::Value = serde_json::from_str(r.json()["body"].as_str().unwrap()).unwrap();
+    assert_eq!(seen["model"], "llama-3-8b");
+    let hits = (a.hits(), b.hits());
+    for body in [
+        r#"{"model":"assistant","\u006dodel":"internal-unreleased-model"}"#,
+        r#"{"model":"assistant","model":"internal-unreleased-model"}"#,
+        r#"{"model":"assistant","user":"a","\u0075ser":"b"}"#,
+        r#"{"model":"assistant","stream":false,"stream":true}"#,
+        r#"{"model":"assistant"} {"model":"internal-unreleased-model"}"#,
+        "\u{feff}{\"model\":\"internal-unreleased-model\"}",
+    ] {
+        let r = post(&c, &url, &[], body).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        let e = &r.json()["error"];
+        assert_eq!(e["type"], "invalid_request_error", "{body}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // Nothing refused reached either backend.
+    assert_eq!((a.hits(), b.hits()), hits);
+    proxy.stop().await;
+}
