@@ -144,6 +144,8 @@ impl<'de> Visitor<'de> for NodeVisitor {
 
 // === impl Serialize ===
 
+/// A document is serialised only to be shown (`/config`, open to the pod network), so
+/// URLs are written with their userinfo and query redacted (`addr::redacted`).
 impl Serialize for Node {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
@@ -151,7 +153,7 @@ impl Serialize for Node {
             Node::Bool(b) => s.serialize_bool(*b),
             Node::Int(i) => s.serialize_i64(*i),
             Node::Float(f) => s.serialize_f64(*f),
-            Node::Str(v) => s.serialize_str(v),
+            Node::Str(v) => s.serialize_str(&crate::addr::redacted(v)),
             Node::Seq(items) => {
                 let mut seq = s.serialize_seq(Some(items.len()))?;
                 for item in items {

@@ -289,9 +289,10 @@ fn payload_log(
     if keep.is_some_and(|k| k > 100) {
         errs.push::<()>(format!("{path}.keep"), "must be at most 100".into());
     }
-    let sink = sink?;
+    let raw = sink?;
+    let sink = crate::addr::redacted(&raw);
     let sink = if sink.starts_with("http://") {
-        let uri: http::Uri = match sink.parse() {
+        let uri: http::Uri = match raw.parse() {
             Ok(u) => u,
             Err(e) => {
                 return errs.push(
@@ -300,6 +301,7 @@ fn payload_log(
                 );
             }
         };
+        no_userinfo(&uri, &format!("{path}.sink"), errs)?;
         if uri.host().is_none() {
             return errs.push(format!("{path}.sink"), format!("{sink:?} has no host"));
         }
@@ -314,7 +316,7 @@ fn payload_log(
         Sink::Http(uri)
     } else if sink.starts_with('/') {
         Sink::File {
-            path: sink.into(),
+            path: raw.into(),
             rotate_bytes: rotate_bytes.unwrap_or(100 * 1024 * 1024),
             keep: keep.unwrap_or(3) as u32,
         }
@@ -920,12 +922,29 @@ fn backend(node: &Node, path: String, errs: &mut Errors) -> Option<BackendSpec> 
     upstream(node, path, errs).map(BackendSpec::Remote)
 }
 
+/// A credential in a URL is refused, never echoed: braid would send it in `Host`
+/// (RFC 9110 §4.2.4 forbids a sender to) and show it on `/config`.
+fn no_userinfo(uri: &Uri, path: &str, errs: &mut Errors) -> Option<()> {
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return errs.push(
+            path.to_string(),
+            "must not carry credentials (user:password@): braid sends none to a backend \
+             and shows its config on the admin port; authenticate with mTLS or a \
+             network policy instead"
+                .into(),
+        );
+    }
+    Some(())
+}
+
 fn upstream(node: &Node, path: String, errs: &mut Errors) -> Option<Upstream> {
-    let s = string(node, path.clone(), errs)?;
-    let uri: Uri = match s.parse() {
+    let raw = string(node, path.clone(), errs)?;
+    let s = crate::addr::redacted(&raw);
+    let uri: Uri = match raw.parse() {
         Ok(u) => u,
         Err(e) => return errs.push(path, format!("{s:?} is not a URL: {e}")),
     };
+    no_userinfo(&uri, &path, errs)?;
     let protocol = match uri.scheme_str() {
         Some("http") => Protocol::Http1,
         Some("h2c") => Protocol::H2c,

@@ -116,3 +116,80 @@ async fn readiness_waits_for_the_local_executor() {
     wait_for_status(&c, &proxy.admin_url("/readyz"), 200).await;
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn credentials_in_urls_are_refused_at_load_and_never_shown() {
+    let a = Backend::start("a").await;
+    // A payload sink whose query carries a key: allowed, and redacted on /config.
+    let good = format!(
+        "routes:\n  - path_prefix: /\n    variants: [{{ name: only, backend: \"{}\" }}]\n    log: {{ fraction: 0, sink: \"http://127.0.0.1:9/ingest?api_key=s3cret\" }}\n",
+        a.url()
+    );
+    let proxy = TestProxy::start(&good).await;
+    let c = client();
+    let cfg = get(&c, &proxy.admin_url("/config"), &[]).await;
+    assert!(!cfg.text().contains("s3cret"), "{}", cfg.text());
+    assert_eq!(
+        cfg.json()["config"]["routes"][0]["log"]["sink"],
+        "http://127.0.0.1:9/ingest?<redacted>"
+    );
+    // Userinfo in a backend, the executor or a sink: the document is refused whole,
+    // with the field path, and the credential is not echoed.
+    let port = a.url().rsplit(':').next().unwrap().to_string();
+    for (bad, path) in [
+        (
+            format!(
+                "routes:\n  - path_prefix: /\n    variants: [{{ name: only, backend: \"http://user:hunter2@127.0.0.1:{port}\" }}]\n"
+            ),
+            "routes[0].variants[0].backend",
+        ),
+        (
+            format!(
+                "executor: \"http://user:hunter2@127.0.0.1:{port}\"\nroutes:\n  - path_prefix: /\n    variants: [{{ name: only, backend: local }}]\n"
+            ),
+            "executor",
+        ),
+        (
+            format!(
+                "routes:\n  - path_prefix: /\n    variants: [{{ name: only, backend: \"{}\" }}]\n    log: {{ fraction: 1, sink: \"http://u:hunter2@127.0.0.1:9/x\" }}\n",
+                a.url()
+            ),
+            "routes[0].log.sink",
+        ),
+    ] {
+        let (code, out) = {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("c.yaml");
+            std::fs::write(&file, &bad).unwrap();
+            let out = braid(&["check", file.to_str().unwrap()], b"");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        };
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains(path) && out.contains("credentials"), "{out}");
+        assert!(!out.contains("hunter2"), "{out}");
+        write_atomically(&proxy.config_path, &bad);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let cfg = loop {
+            let j = get(&c, &proxy.admin_url("/config"), &[]).await;
+            let shown = j.text();
+            let v = j.json();
+            if v["last_rejected"]["errors"][0]["path"] == path {
+                break shown;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path} never rejected: {shown}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert!(!cfg.contains("hunter2"), "{cfg}");
+        assert_eq!(proxy.generation(), 1);
+        // The last good document keeps serving.
+        let r = get(&c, &proxy.url("/anything"), &[]).await;
+        assert_eq!((r.status.as_u16(), r.variant()), (200, "only"));
+    }
+    proxy.stop().await;
+}

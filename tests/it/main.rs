@@ -20,6 +20,7 @@ mod gemma;
 mod generation;
 mod grpc;
 mod hardening;
+mod image;
 mod inbound_h1;
 mod inject;
 mod kube_fake;
