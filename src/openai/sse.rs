@@ -45,10 +45,108 @@ pub struct Seen {
     pub done: bool,
 }
 
+/// Where SSE lines end: at CR LF, LF or CR alone, as the standard allows (a CR at the
+/// end of one read may have its LF at the start of the next: one line end, not two).
+#[derive(Debug, Default, Clone, Copy)]
+struct LineEnds {
+    /// The last line ended with a CR that was the last byte seen.
+    after_cr: bool,
+}
+
+impl LineEnds {
+    /// `bytes` less an LF that completes the CR ending the last line.
+    fn skip_lf<'b>(&mut self, bytes: &'b [u8]) -> &'b [u8] {
+        if bytes.is_empty() {
+            return bytes;
+        }
+        match std::mem::take(&mut self.after_cr) {
+            true if bytes[0] == b'\n' => &bytes[1..],
+            _ => bytes,
+        }
+    }
+
+    /// The first line end in `bytes` (which `skip_lf` has seen): where the line's text
+    /// ends and where the next line starts.
+    fn next_end(&mut self, bytes: &[u8]) -> Option<(usize, usize)> {
+        let at = memchr::memchr2(b'\r', b'\n', bytes)?;
+        let mut next = at + 1;
+        if bytes[at] == b'\r' {
+            match bytes.get(next) {
+                Some(b'\n') => next += 1,
+                Some(_) => {}
+                None => self.after_cr = true,
+            }
+        }
+        Some((at, next))
+    }
+}
+
+/// Where events end: past the line end of an empty line. Fed every byte once, in
+/// order, across reads (the state is where the last read left off).
+#[derive(Debug, Clone, Copy)]
+struct EventEnds {
+    lines: LineEnds,
+    /// No byte of the current line has been seen yet.
+    at_line_start: bool,
+    /// The last event ended at a CR that was the last byte seen: an LF next is its own
+    /// (so it is passed on with that event, not held as the start of the next one).
+    ended_at_cr: bool,
+}
+
+impl Default for EventEnds {
+    fn default() -> EventEnds {
+        EventEnds {
+            lines: LineEnds::default(),
+            at_line_start: true,
+            ended_at_cr: false,
+        }
+    }
+}
+
+impl EventEnds {
+    /// The end of the first event that ends in `bytes`, the state moved to it; or
+    /// `None`, the state moved past all of `bytes`.
+    fn first(&mut self, bytes: &[u8]) -> Option<usize> {
+        if bytes.is_empty() {
+            return None;
+        }
+        let ended_at_cr = std::mem::take(&mut self.ended_at_cr);
+        let mut from = bytes.len() - self.lines.skip_lf(bytes).len();
+        if from == 1 && ended_at_cr {
+            return Some(1);
+        }
+        while let Some((at, next)) = self.lines.next_end(&bytes[from..]) {
+            let empty = self.at_line_start && at == 0;
+            self.at_line_start = true;
+            from += next;
+            if empty {
+                self.ended_at_cr = self.lines.after_cr;
+                return Some(from);
+            }
+        }
+        if from < bytes.len() {
+            self.at_line_start = false;
+        }
+        None
+    }
+
+    /// The end of the last event that ends in `bytes`; the state moved past all of it.
+    fn last(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut last = None;
+        let mut from = 0;
+        while let Some(end) = self.first(&bytes[from..]) {
+            from += end;
+            last = Some(from);
+        }
+        last
+    }
+}
+
 /// The reader: SSE (`event_stream`) or one JSON answer.
 #[derive(Debug)]
 pub struct Reader {
     event_stream: bool,
+    lines: LineEnds,
     line: Vec<u8>,
     /// The current event's `data:` lines, joined.
     data: Vec<u8>,
@@ -107,6 +205,7 @@ impl Reader {
     pub fn new(event_stream: bool) -> Reader {
         Reader {
             event_stream,
+            lines: LineEnds::default(),
             line: Vec::new(),
             data: Vec::new(),
             gave_up: false,
@@ -129,9 +228,13 @@ impl Reader {
             self.line.drain(..over);
             return false;
         }
-        while let Some(nl) = memchr::memchr(b'\n', bytes) {
-            let part = &bytes[..nl];
-            bytes = &bytes[nl + 1..];
+        loop {
+            bytes = self.lines.skip_lf(bytes);
+            let Some((at, next)) = self.lines.next_end(bytes) else {
+                break;
+            };
+            let part = &bytes[..at];
+            bytes = &bytes[next..];
             if self.line.is_empty() {
                 self.line_done(part);
             } else {
@@ -163,7 +266,6 @@ impl Reader {
     }
 
     fn line_done(&mut self, line: &[u8]) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             let data = std::mem::take(&mut self.data);
             if !data.is_empty() {
@@ -268,11 +370,14 @@ impl Reader {
 
 /// Holds a stream back to the end of its last whole event, so that events are passed
 /// on whole (and one can be left out, or an error event added at a clean boundary).
-/// What it holds is at most one event; one longer than `MAX_LINE` turns it into a plain
-/// pipe for the rest of the stream.
+/// Lines may end in CR LF, LF or CR alone. What it holds is at most one event; one
+/// longer than `MAX_LINE` turns it into a plain pipe for the rest of the stream.
 #[derive(Debug, Default)]
 pub struct Framer {
+    /// Bytes after the last event's end, not yet passed on.
     pending: Vec<u8>,
+    /// Where events end, over every byte pushed.
+    ends: EventEnds,
     raw: bool,
 }
 
@@ -283,9 +388,11 @@ impl Framer {
         if self.raw {
             return Some(bytes);
         }
+        // Only the new bytes are scanned: the state carries where the held ones ended.
+        let end = self.ends.last(&bytes);
         if self.pending.is_empty() {
             // Most reads are whole events: passed on as they are, with no copy.
-            match last_boundary(&bytes) {
+            match end {
                 Some(end) if end == bytes.len() => return Some(bytes),
                 Some(end) => {
                     self.pending.extend_from_slice(&bytes[end..]);
@@ -293,18 +400,13 @@ impl Framer {
                 }
                 None => {}
             }
-        } else {
-            let from = self.pending.len().saturating_sub(2);
-            self.pending.extend_from_slice(&bytes);
-            if let Some(end) = last_boundary(&self.pending[from..]).map(|e| e + from) {
-                let rest = self.pending.split_off(end);
-                return Some(Bytes::from(std::mem::replace(&mut self.pending, rest)));
-            }
-            if self.pending.len() > MAX_LINE {
-                self.raw = true;
-                return Some(Bytes::from(std::mem::take(&mut self.pending)));
-            }
-            return None;
+        } else if let Some(end) = end {
+            let held = std::mem::take(&mut self.pending);
+            let mut out = Vec::with_capacity(held.len() + end);
+            out.extend_from_slice(&held);
+            out.extend_from_slice(&bytes[..end]);
+            self.pending.extend_from_slice(&bytes[end..]);
+            return Some(Bytes::from(out));
         }
         self.pending.extend_from_slice(&bytes);
         if self.pending.len() > MAX_LINE {
@@ -314,7 +416,15 @@ impl Framer {
         None
     }
 
-    /// Whether what was passed on so far ends at an event's end.
+    /// The stream broke: the part of an event held back (never sent) is dropped.
+    /// Whether what was passed on ends at an event's end, so that an error event can
+    /// follow it (false once the framer became a pipe).
+    pub fn broken(&mut self) -> bool {
+        self.pending = Vec::new();
+        !self.raw
+    }
+
+    /// Whether what was passed on so far ends at an event's end and nothing is held.
     pub fn at_boundary(&self) -> bool {
         !self.raw && self.pending.is_empty()
     }
@@ -325,19 +435,6 @@ impl Framer {
     }
 }
 
-/// Where the last whole event in `bytes` ends (just past its blank line).
-fn last_boundary(bytes: &[u8]) -> Option<usize> {
-    let mut end = bytes.len();
-    while let Some(nl) = memchr::memrchr(b'\n', &bytes[..end]) {
-        let before = &bytes[..nl];
-        if before.ends_with(b"\n") || before.ends_with(b"\n\r") {
-            return Some(nl + 1);
-        }
-        end = nl;
-    }
-    None
-}
-
 /// The events without what braid's own `include_usage` added: the usage chunk (empty
 /// `choices`, a `usage` object) left out, and `"usage": null` cut from the others.
 /// `None` when there is nothing to take out (the bytes pass as they are).
@@ -346,8 +443,9 @@ pub fn without_usage(events: &[u8]) -> Option<Bytes> {
     let mut out = Vec::with_capacity(events.len());
     let mut changed = false;
     let mut at = 0;
+    let mut ends = EventEnds::default();
     while at < events.len() {
-        let end = next_boundary(&events[at..]).map_or(events.len(), |e| at + e);
+        let end = ends.first(&events[at..]).map_or(events.len(), |e| at + e);
         let event = &events[at..end];
         at = end;
         match usage_edit(event) {
@@ -361,35 +459,17 @@ pub fn without_usage(events: &[u8]) -> Option<Bytes> {
     changed.then(|| Bytes::from(out))
 }
 
-/// Where the first event in `bytes` ends.
-fn next_boundary(bytes: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(nl) = memchr::memchr(b'\n', &bytes[from..]).map(|i| i + from) {
-        let after = &bytes[nl + 1..];
-        if after.starts_with(b"\n") {
-            return Some(nl + 2);
-        }
-        if after.starts_with(b"\r\n") {
-            return Some(nl + 3);
-        }
-        from = nl + 1;
-    }
-    None
-}
-
 /// One event as the client gets it: nothing (the usage chunk), or without its
 /// `"usage": null`; `None` to keep it as it is.
 fn usage_edit(event: &[u8]) -> Option<Vec<u8>> {
     memchr::memmem::find(event, b"\"usage\"")?;
     // An OpenAI chunk is one `data:` line.
     let start = memchr::memmem::find(event, b"data:")?;
-    let line_end = memchr::memchr(b'\n', &event[start..]).map_or(event.len(), |i| start + i);
+    let line_end =
+        memchr::memchr2(b'\r', b'\n', &event[start..]).map_or(event.len(), |i| start + i);
     let mut data = start + 5..line_end;
     if event.get(data.start) == Some(&b' ') {
         data.start += 1;
-    }
-    if event[data.end - 1..data.end] == *b"\r" {
-        data.end -= 1;
     }
     let json = &event[data.clone()];
     #[derive(Deserialize)]
@@ -444,8 +524,8 @@ mod tests {
             assert_eq!(r.seen, want(), "cut at {cut}");
             // The first content is noticed in the read that completes its event.
             let hel = STREAM.find("\"Hel\"").unwrap();
-            // The blank line's newline, which completes the event.
-            let event_end = hel + STREAM[hel..].find("\r\n\r\n").unwrap() + 3;
+            // The blank line's CR completes the event (a CR alone ends a line).
+            let event_end = hel + STREAM[hel..].find("\r\n\r\n").unwrap() + 2;
             assert_eq!(first, cut > event_end, "cut at {cut}");
             assert!(first || second);
         }
@@ -510,9 +590,12 @@ mod tests {
                 let mut out = Vec::new();
                 for part in [&bytes[..cut], &bytes[cut..cut2], &bytes[cut2..]] {
                     if let Some(b) = f.push(Bytes::copy_from_slice(part)) {
-                        // Each piece ends an event.
+                        // Each piece ends an event (the LF of a CR LF may follow).
                         assert!(
-                            b.ends_with(b"\n\n") || b.ends_with(b"\n\r\n"),
+                            b.ends_with(b"\n\n")
+                                || b.ends_with(b"\n\r\n")
+                                || b.ends_with(b"\r\n\r")
+                                || b[..] == *b"\n",
                             "{cut} {cut2}"
                         );
                         out.extend_from_slice(&b);
@@ -538,6 +621,84 @@ mod tests {
         assert_eq!(f.push(Bytes::from_static(b"y")).unwrap(), &b"y"[..]);
     }
 
+    /// STREAM with every line end written as `end`.
+    fn with_line_ends(end: &str) -> String {
+        STREAM.replace("\r\n", "\n").replace('\n', end)
+    }
+
+    #[test]
+    fn cr_lf_and_crlf_line_ends_read_and_frame_alike_at_every_cut() {
+        for end in ["\r", "\n", "\r\n"] {
+            let text = with_line_ends(end);
+            let bytes = text.as_bytes();
+            let events = |b: &[u8]| {
+                let mut ends = EventEnds::default();
+                let mut out = Vec::new();
+                let mut at = 0;
+                while let Some(e) = ends.first(&b[at..]) {
+                    out.push(at + e);
+                    at += e;
+                }
+                out
+            };
+            let whole = events(bytes);
+            assert_eq!(whole.len(), 5, "{end:?}");
+            for cut in 0..bytes.len() {
+                let mut r = Reader::new(true);
+                r.feed(&bytes[..cut]);
+                r.feed(&bytes[cut..]);
+                r.finish();
+                assert_eq!(r.seen, want(), "{end:?} cut at {cut}");
+                let mut f = Framer::default();
+                let mut out = Vec::new();
+                let mut pieces = 0;
+                for part in [&bytes[..cut], &bytes[cut..]] {
+                    if let Some(b) = f.push(Bytes::copy_from_slice(part)) {
+                        out.extend_from_slice(&b);
+                        pieces += 1;
+                        // Every piece passed on ends where an event ends (or at the
+                        // CR of its CR LF, which ends it as well).
+                        let n = out.len();
+                        assert!(
+                            whole.contains(&n)
+                                || (out.ends_with(b"\r") && whole.contains(&(n + 1))),
+                            "{end:?} cut at {cut}"
+                        );
+                    }
+                }
+                assert!(pieces >= 1 && f.at_boundary(), "{end:?} cut at {cut}");
+                assert_eq!(out, bytes, "{end:?} cut at {cut}");
+            }
+        }
+        // A CR LF split across reads is one line end, not an empty line.
+        let mut ends = EventEnds::default();
+        assert_eq!(ends.first(b"data: 1\r"), None);
+        assert_eq!(ends.first(b"\ndata: 2\r\n"), None);
+        assert_eq!(ends.first(b"\r\n"), Some(2));
+    }
+
+    #[test]
+    fn a_stream_broken_mid_event_drops_the_held_part() {
+        let text = with_line_ends("\n");
+        let bytes = text.as_bytes();
+        for cut in 0..bytes.len() {
+            let mut f = Framer::default();
+            let sent = f.push(Bytes::copy_from_slice(&bytes[..cut]));
+            let sent = sent.map_or(0, |b| b.len());
+            // What was sent ends an event (or is nothing); the rest was held, and goes.
+            assert!(f.broken(), "cut at {cut}");
+            assert!(
+                sent == 0 || bytes[..sent].ends_with(b"\n\n"),
+                "cut at {cut}"
+            );
+            assert_eq!(f.rest(), None);
+        }
+        // A pipe (an event past MAX_LINE) cannot take an error event at a boundary.
+        let mut f = Framer::default();
+        f.push(Bytes::from(vec![b'x'; MAX_LINE + 1]));
+        assert!(!f.broken());
+    }
+
     #[test]
     fn the_usage_braid_asked_for_is_taken_out() {
         let asked = concat!(
@@ -554,6 +715,12 @@ mod tests {
         assert_eq!(
             String::from_utf8(without_usage(asked.as_bytes()).unwrap().to_vec()).unwrap(),
             plain
+        );
+        // The same with CR-only line ends.
+        let cr = |t: &str| t.replace("\r\n", "\n").replace('\n', "\r");
+        assert_eq!(
+            String::from_utf8(without_usage(cr(asked).as_bytes()).unwrap().to_vec()).unwrap(),
+            cr(plain)
         );
         // Nothing to take out: no copy.
         assert_eq!(without_usage(plain.as_bytes()), None);

@@ -1,6 +1,7 @@
 //! Admission: a variant with `max_concurrent` gives a request one of its places before
 //! it is served, and the answer holds it to its last byte (a generation keeps its
-//! backend busy that long). The request's class is `x-braid-priority` (one of the
+//! backend busy that long), with its count in `--max-inflight` and its route's
+//! `max_inflight` permit (`Held`). The request's class is `x-braid-priority` (one of the
 //! route's `admission.priorities`), else the route's default.
 
 use std::pin::Pin;
@@ -49,20 +50,52 @@ pub(super) async fn admit(
     })
 }
 
-/// The answer, holding its place until its body ends or is dropped.
-pub(super) fn holding(resp: Response<Body>, permit: Option<Permit>) -> Response<Body> {
-    let Some(permit) = permit else { return resp };
-    let (parts, inner) = resp.into_parts();
-    let body = Holding {
-        inner,
-        permit: Some(permit),
-    };
-    Response::from_parts(parts, body.boxed())
+/// What a request holds until its answer's last byte, not merely its head: a long
+/// generation keeps its backend busy that long, so every limit that bounds requests at
+/// once counts it to the end. Each is given back by `Drop`, however the request ends
+/// (answered, its body dropped by a client that left, or its future dropped early).
+#[derive(Default)]
+pub(super) struct Held {
+    /// Its count in `braid_requests_in_flight` (`--max-inflight`); held for its `Drop`.
+    pub _inflight: Option<InFlight>,
+    /// One of its route's `max_inflight` permits.
+    pub route: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// A place on its variant (`max_concurrent`).
+    pub place: Option<Permit>,
+}
+
+/// One request counted in `braid_requests_in_flight`, until it is dropped.
+pub(super) struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlight {
+    /// Counts one more; returns it and the count with it.
+    pub fn count(gauge: &prometheus_client::metrics::gauge::Gauge) -> (InFlight, i64) {
+        let now = gauge.inc() + 1;
+        (InFlight(gauge.clone()), now)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Held {
+    /// The answer, holding all of this until its body ends or is dropped.
+    pub fn around(self, resp: Response<Body>) -> Response<Body> {
+        let (parts, inner) = resp.into_parts();
+        let body = Holding {
+            inner,
+            held: Some(self),
+        };
+        Response::from_parts(parts, body.boxed())
+    }
 }
 
 struct Holding {
     inner: Body,
-    permit: Option<Permit>,
+    held: Option<Held>,
 }
 
 impl hyper::body::Body for Holding {
@@ -75,9 +108,10 @@ impl hyper::body::Body for Holding {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = polled {
-            // The answer's last byte: the place is free now, not when hyper drops it.
-            this.permit = None;
+        // The answer's last byte (its last frame, or a body that says it has ended,
+        // which a server does not poll again): all is free now, not when it is dropped.
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.inner.is_end_stream() {
+            this.held = None;
         }
         polled
     }

@@ -232,6 +232,11 @@ impl Measured {
         }
         let events = self.framer.push(data)?;
         self.content(&events);
+        self.stripped(events)
+    }
+
+    /// Events as the client gets them: without the usage chunk braid asked for.
+    fn stripped(&self, events: Bytes) -> Option<Bytes> {
         let out = match self.strip_usage {
             true => sse::without_usage(&events).unwrap_or(events),
             false => events,
@@ -273,16 +278,18 @@ impl hyper::body::Body for Measured {
                 None => {
                     this.ended = true;
                     // A last event with no blank line after it.
-                    let rest = this.framer.rest();
-                    if let Some(rest) = &rest {
-                        this.content(rest);
-                    }
+                    let rest = this.framer.rest().and_then(|rest| {
+                        this.content(&rest);
+                        this.stripped(rest)
+                    });
                     this.record();
                     return Poll::Ready(rest.map(|r| Ok(Frame::data(r))));
                 }
                 Some(Err(e)) => {
                     this.ended = true;
-                    if this.event_stream && this.framer.at_boundary() {
+                    // The part of an event held back is dropped: it was never sent,
+                    // and half an event is no event to a client.
+                    if this.event_stream && this.framer.broken() {
                         // Past the commit point: the client's stream ends with an error
                         // event it can read (the SDK raises it), never a fake [DONE].
                         this.reader.seen.errors += 1;

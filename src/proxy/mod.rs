@@ -67,16 +67,6 @@ pub struct Proxy {
 /// timeout of its own is at most this far away; on a route with one, at most that.
 pub use crate::headers::LONGEST_CALLER_TIMEOUT;
 
-/// One request counted in `braid_requests_in_flight`, until it is dropped: answered,
-/// or its future dropped by hyper when the client left or reset the stream.
-struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// How the caller speaks, which decides how the route is found, how the body is read
 /// and how errors are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,25 +192,29 @@ impl Proxy {
         let start = Instant::now();
         let (parts, body) = req.into_parts();
         let wire = Wire::of(&parts);
-        let inflight = self.metrics.inflight();
-        let counted = inflight.inc() + 1;
-        // Given back by Drop: a client that leaves mid-request drops this future.
-        let _inflight = InFlight(inflight);
+        // Counted to the answer's last byte (given back by Drop: a client that leaves
+        // mid-request drops this future, one that leaves mid-answer drops its body).
+        let (inflight, counted) = admit::InFlight::count(self.metrics.inflight());
         if counted > self.max_inflight as i64 {
             return self.unrouted(ProxyError::Overloaded, wire);
         }
+        let mut to_the_end = admit::Held {
+            _inflight: Some(inflight),
+            ..admit::Held::default()
+        };
         // The bytes this request buffers, given back when it ends, however it ends.
         let mut held = server::Reservation::default();
         let trace = self.tracer.as_ref().map(|t| t.begin(&parts.headers));
-        match self.store.load() {
+        let resp = match self.store.load() {
             // One snapshot for the whole request: a reload cannot change it midway.
             Some(active) => {
                 let at = (start, trace);
-                self.route(&active, parts, body, wire, conn, at, &mut held)
-                    .await
+                let held = (&mut held, &mut to_the_end);
+                self.route(&active, parts, body, wire, conn, at, held).await
             }
             None => self.unrouted(ProxyError::NoConfig, wire),
-        }
+        };
+        to_the_end.around(resp)
     }
 
     /// How this request's body is read: braid's limits, its deadline if known, its
@@ -247,7 +241,7 @@ impl Proxy {
         wire: Wire,
         conn: &ConnInfo,
         (start, trace): (Instant, Option<RequestTrace>),
-        held: &mut server::Reservation,
+        (held, to_the_end): (&mut server::Reservation, &mut admit::Held),
     ) -> Response<Body>
     where
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
@@ -307,9 +301,9 @@ impl Proxy {
                 return self.unrouted(e, wire);
             }
         };
-        let _permit = match &live.limit {
+        to_the_end.route = match &live.limit {
             None => None,
-            Some(limit) => match limit.try_acquire() {
+            Some(limit) => match limit.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
                     let e = ProxyError::RouteBusy {
@@ -400,8 +394,8 @@ impl Proxy {
             }
         }
         let req = (start, &parts, Some(&prepared.body));
-        let resp = self.finish(&r, vi, fallback_from, served.result, req, shadow);
-        admit::holding(resp, place)
+        to_the_end.place = place;
+        self.finish(&r, vi, fallback_from, served.result, req, shadow)
     }
 
     /// Headers, metrics and the shadow's copy of the answer, once, at the edge. An

@@ -753,3 +753,258 @@ async fn streams_that_fail_before_their_first_token_count_as_failures_and_eject(
     assert_eq!(failing.bodies().len(), 2);
     proxy.stop().await;
 }
+
+/// A backend whose every connection is answered by `act` after its request is read:
+/// streams of bytes written by hand, cut wherever the test says.
+fn hand_written<F, Fut>(act: F) -> (String, tokio::task::JoinHandle<()>)
+where
+    F: Fn(tokio::net::TcpStream, String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", std_listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let act = act.clone();
+            tokio::spawn(async move {
+                if let Some((_, body)) = read_request(&mut s, &mut Vec::new()).await {
+                    act(s, body).await;
+                }
+            });
+        }
+    });
+    (url, task)
+}
+
+const SSE_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+
+/// `bytes` as one chunk of a chunked body.
+fn chunk(bytes: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", bytes.len()).into_bytes();
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn token(t: &str) -> String {
+    format!(
+        "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":null}}]}}\n\n"
+    )
+}
+
+#[tokio::test]
+async fn a_backend_that_dies_inside_an_event_after_the_first_token_ends_with_an_error_event() {
+    // The event the backend dies inside, at every byte offset of it.
+    let third = token("world");
+    let cut = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (url, _task) = {
+        let (cut, third) = (cut.clone(), third.clone());
+        hand_written(move |mut s, _| {
+            let at = cut.load(std::sync::atomic::Ordering::SeqCst);
+            let third = third.clone();
+            async move {
+                let mut out = SSE_HEAD.to_vec();
+                out.extend(chunk(token("Hel").as_bytes()));
+                out.extend(chunk(token("lo").as_bytes()));
+                // The cut part of the third event, in a chunk of its own length: the
+                // chunk is whole, the event is not; then the connection drops.
+                if at > 0 {
+                    out.extend(chunk(&third.as_bytes()[..at]));
+                }
+                let _ = s.write_all(&out).await;
+                let _ = s.flush().await;
+            }
+        })
+    };
+    let proxy = TestProxy::start(&retrying(&url, None)).await;
+    let c = client();
+    let errors = r#"braid_gen_ai_stream_errors_total{route="m",variant="main"}"#;
+    for at in 0..third.len() {
+        cut.store(at, std::sync::atomic::Ordering::SeqCst);
+        let (status, text, broke) =
+            stream_text(&c, &proxy.url(CHAT), r#"{"model":"m","stream":true}"#).await;
+        assert_eq!(status, 200, "cut at {at}");
+        assert!(!broke, "cut at {at}: the client's stream was cut: {text:?}");
+        // The two whole events, then braid's error event; nothing of the third.
+        let want_prefix = format!("{}{}", token("Hel"), token("lo"));
+        assert!(text.starts_with(&want_prefix), "cut at {at}: {text:?}");
+        let last = &text[want_prefix.len()..];
+        let event: serde_json::Value = serde_json::from_str(
+            last.strip_prefix("data: ")
+                .and_then(|l| l.strip_suffix("\n\n"))
+                .unwrap_or_else(|| panic!("cut at {at}: {last:?}")),
+        )
+        .unwrap();
+        assert_eq!(event["error"]["code"], "stream_broken", "cut at {at}");
+        assert!(
+            !text.contains("world") && !text.contains("[DONE]"),
+            "cut at {at}"
+        );
+        // Counted as a broken stream, every time.
+        wait_for(&proxy, errors, (at + 1) as f64).await;
+    }
+    assert_eq!(metric(&proxy, "braid_requests_in_flight").await, 0.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn server_sent_events_with_cr_only_line_ends_are_framed_as_they_come() {
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (url, _task) = {
+        let go = go.clone();
+        hand_written(move |mut s, body| {
+            let go = go.clone();
+            async move {
+                let asked: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let usage = asked["stream_options"]["include_usage"] == true;
+                let cr = |e: String| e.replace('\n', "\r");
+                let mut out = SSE_HEAD.to_vec();
+                out.extend(chunk(cr(token("Hel")).as_bytes()));
+                let _ = s.write_all(&out).await;
+                // Nothing more until the client has its first token: braid must not
+                // hold the stream to its end.
+                go.notified().await;
+                let mut out = chunk(cr(token("lo")).as_bytes());
+                if usage {
+                    out.extend(chunk(cr("data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n".into()).as_bytes()));
+                }
+                out.extend(chunk(b"data: [DONE]\r\r"));
+                out.extend(b"0\r\n\r\n");
+                let _ = s.write_all(&out).await;
+            }
+        })
+    };
+    let proxy = TestProxy::start(&retrying(&url, None)).await;
+    use http_body_util::BodyExt;
+    let req = http::Request::post(proxy.url(CHAT))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"model":"m","stream":true}"#,
+        )))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), client().request(req))
+        .await
+        .expect("the head waited for the stream's end")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first event waited for the stream's end")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.data_ref().unwrap(),
+        token("Hel").replace('\n', "\r").as_bytes()
+    );
+    go.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    let rest = String::from_utf8(rest.to_vec()).unwrap();
+    // The usage chunk braid asked for is taken out: the client did not ask for it.
+    assert!(!rest.contains("usage"), "{rest:?}");
+    assert!(rest.contains("[DONE]"), "{rest:?}");
+    // And it was read: the tokens counted from braid's own usage chunk.
+    let out =
+        r#"braid_gen_ai_client_token_usage_sum{route="m",variant="main",token_type="output"}"#;
+    wait_for(&proxy, out, 2.0).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn max_inflight_counts_a_stream_to_its_last_byte() {
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (url, _task) = {
+        let go = go.clone();
+        hand_written(move |mut s, _| {
+            let go = go.clone();
+            async move {
+                let mut out = SSE_HEAD.to_vec();
+                out.extend(chunk(token("Hel").as_bytes()));
+                let _ = s.write_all(&out).await;
+                // On until told, or until braid closes the call (its client left).
+                let mut byte = [0u8; 1];
+                tokio::select! {
+                    _ = go.notified() => {}
+                    _ = tokio::io::AsyncReadExt::read(&mut s, &mut byte) => return,
+                }
+                let mut out = chunk(b"data: [DONE]\n\n");
+                out.extend(b"0\r\n\r\n");
+                let _ = s.write_all(&out).await;
+            }
+        })
+    };
+    // The route's max_inflight, then the process's --max-inflight.
+    let route = format!(
+        "routes:\n  - model: m\n    max_inflight: 1\n    variants: [{{ name: main, backend: \"{url}\" }}]\n"
+    );
+    let open =
+        format!("routes:\n  - model: m\n    variants: [{{ name: main, backend: \"{url}\" }}]\n");
+    for (config, max) in [(route, None), (open, Some(1))] {
+        let proxy = match max {
+            None => TestProxy::start(&config).await,
+            Some(n) => {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("braid.yaml");
+                std::fs::write(&path, &config).unwrap();
+                let mut opts = options(&path);
+                opts.limits.max_inflight = n;
+                let p = TestProxy::start_at(&path, opts).await;
+                std::mem::forget(dir);
+                p
+            }
+        };
+        let c = client();
+        use http_body_util::BodyExt;
+        let req = http::Request::post(proxy.url(CHAT))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"model":"m","stream":true}"#,
+            )))
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        let mut body = resp.into_body();
+        // Its first token is here: the head was sent long ago, the generation goes on.
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(metric(&proxy, "braid_requests_in_flight").await, 1.0);
+        let busy = post(&c, &proxy.url(CHAT), &[], r#"{"model":"m"}"#).await;
+        assert_eq!(
+            busy.status,
+            if max.is_some() { 503 } else { 429 },
+            "{}",
+            busy.text()
+        );
+        assert!(busy.headers.contains_key("retry-after"));
+        // The stream ends: its count is given back, and the next call is served.
+        go.notify_one();
+        body.collect().await.unwrap();
+        wait_for_in_flight_zero(&proxy).await;
+        go.notify_one();
+        let (status, _, _) =
+            stream_text(&c, &proxy.url(CHAT), r#"{"model":"m","stream":true}"#).await;
+        assert_eq!(status, 200);
+        // A client that leaves mid-stream gives its count back too.
+        let req = http::Request::post(proxy.url(CHAT))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"model":"m","stream":true}"#,
+            )))
+            .unwrap();
+        let mut body = c.request(req).await.unwrap().into_body();
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        wait_for_in_flight_zero(&proxy).await;
+        proxy.stop().await;
+    }
+}
+
+async fn wait_for_in_flight_zero(proxy: &TestProxy) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(proxy, "braid_requests_in_flight").await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a request stayed in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
