@@ -124,13 +124,13 @@ pub fn read_call(body: &[u8]) -> Result<Call, String> {
             return Err(s.bad("':'"));
         }
         s.ws();
-        if let Some(i) = ACTED_ON.iter().position(|k| *k == &key[..]) {
-            if std::mem::replace(&mut seen[i], true) {
-                return Err(format!(
-                    "the body names \"{}\" twice",
-                    String::from_utf8_lossy(ACTED_ON[i])
-                ));
-            }
+        if let Some(i) = ACTED_ON.iter().position(|k| *k == &key[..])
+            && std::mem::replace(&mut seen[i], true)
+        {
+            return Err(format!(
+                "the body names \"{}\" twice",
+                String::from_utf8_lossy(ACTED_ON[i])
+            ));
         }
         match &key[..] {
             b"model" | b"user" if s.peek() == Some(b'"') => {

@@ -195,6 +195,7 @@ pub async fn serve_tls<H: Handler>(
             max_bytes: limits.max_header_bytes,
         },
         header_read_timeout: limits.header_read_timeout,
+        max_body_bytes: limits.max_body_bytes as u64,
     };
     loop {
         // Beyond the cap, connections wait in the kernel's backlog: no task, no buffer.

@@ -263,25 +263,43 @@ async fn chunked_bodies_with_trailers_arrive_whole_and_broken_ones_are_400() {
         .await;
     let r = c.answer(false).await;
     assert_eq!(r.json()["body"], "abcdefg");
-    for broken in [
-        // A size past u64, data without its CRLF, a size that is not hex.
-        "fffffffffffffffff\r\n",
-        "3\r\nabcX\r\n0\r\n\r\n",
-        "zz\r\nab\r\n0\r\n\r\n",
+    // Leading zeros, however many, are a size (as hyper reads them).
+    let mut c = Conn::open(&proxy).await;
+    c.send(b"POST /t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n00000000000000000000003\r\nabc\r\n0\r\n\r\n")
+        .await;
+    assert_eq!(c.answer(false).await.json()["body"], "abc");
+    for (broken, status, why) in [
+        // Data without its CRLF, a size that is not hex.
+        ("3\r\nabcX\r\n0\r\n\r\n", 400, "chunk"),
+        ("zz\r\nab\r\n0\r\n\r\n", 400, "chunk"),
+        // A bare LF in an extension (RFC 9112 §7.1.1), or ending the size line.
+        ("3;foo\nbar\r\nabc\r\n0\r\n\r\n", 400, "chunk"),
+        ("3\nabc\r\n0\r\n\r\n", 400, "chunk"),
+        // A bare LF ending the trailers: not the body's end and another request.
+        (
+            "3\r\nabc\r\n0\r\n\nGET /NEXT HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+            "trailer",
+        ),
+        // Sizes past the body limit, 2^64-1 and past u64: refused as they are read.
+        ("ffffffffffffffff\r\n", 413, "limit"),
+        ("fffffffffffffffff\r\n", 413, "limit"),
+        ("4000000\r\n", 413, "limit"),
     ] {
         let mut c = Conn::open(&proxy).await;
         let req =
             format!("POST /t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{broken}");
         c.send(req.as_bytes()).await;
         let r = c.answer(false).await;
-        assert_eq!(r.status, 400, "{broken:?}: {r:?}");
+        assert_eq!(r.status, status, "{broken:?}: {r:?}");
         assert!(
-            r.json()["error"].as_str().unwrap().contains("chunk"),
-            "{r:?}"
+            r.json()["error"].as_str().unwrap().contains(why),
+            "{broken:?}: {r:?}"
         );
         assert!(c.closed().await, "{broken:?} left the connection open");
     }
-    assert_eq!(a.hits(), 1);
+    // Only the two good bodies reached the backend: nothing was read as a second request.
+    assert_eq!(a.hits(), 2);
     proxy.stop().await;
 }
 
@@ -295,6 +313,11 @@ async fn malformed_heads_are_refused_in_json_and_closed() {
         (b"GET / HTTP/1.1\r\nX-A : 1\r\n\r\n", 400),
         (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        // RFC 9112 §3.2: no Host, two, or one that is not host[:port].
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: user:pass@a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a:port\r\n\r\n", 400),
     ] {
         let mut c = Conn::open(&proxy).await;
         c.send(bad).await;
@@ -305,6 +328,13 @@ async fn malformed_heads_are_refused_in_json_and_closed() {
         assert!(c.closed().await);
     }
     assert_eq!(a.hits(), 0);
+    // `*` after an OPTIONS * on the same connection is still only for OPTIONS.
+    let mut c = Conn::open(&proxy).await;
+    c.send(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\nGET * HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await;
+    assert_ne!(c.answer(false).await.status, 400);
+    let r = c.answer(false).await;
+    assert_eq!(r.status, 400, "{r:?}");
     proxy.stop().await;
 }
 

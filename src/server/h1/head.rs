@@ -112,6 +112,8 @@ struct Seen {
     close: bool,
     keep_alive: bool,
     expect_continue: bool,
+    host_lines: u32,
+    bad_host: bool,
 }
 
 /// A `Content-Length` value: one or more ASCII digits, read without a string made of
@@ -152,7 +154,23 @@ impl Seen {
             }
         } else if *name == header::EXPECT {
             self.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
+        } else if *name == header::HOST {
+            self.host_lines += 1;
+            self.bad_host |= !valid_host(value);
         }
+    }
+
+    /// RFC 9112 §3.2: 400 for an HTTP/1.1 request without `Host`, and for any with
+    /// two, or one that is not `host[:port]`.
+    fn host(&self, version: Version) -> Result<(), ProxyError> {
+        let why = match (self.host_lines, version) {
+            (0, Version::HTTP_11) => "an HTTP/1.1 request must have a Host header",
+            (0, _) => return Ok(()),
+            (1, _) if self.bad_host => "the Host header is not a valid host[:port]",
+            (1, _) => return Ok(()),
+            _ => "the Host header appears more than once",
+        };
+        Err(ProxyError::BadRequest(why.into()))
     }
 
     fn framing(&self, version: Version) -> Result<Framing, ProxyError> {
@@ -260,6 +278,7 @@ fn scan<'h>(
         scratch.spans.push((name, span(h.value)));
     }
     let framing = seen.framing(version)?;
+    seen.host(version)?;
     let keep_alive = match version {
         Version::HTTP_10 => seen.keep_alive && !seen.close,
         _ => !seen.close,
@@ -275,6 +294,25 @@ fn scan<'h>(
     }))
 }
 
+/// A `Host` value: empty (a target with no authority), or `uri-host [":" port]` with
+/// no userinfo, as `http::uri::Authority` reads it.
+fn valid_host(value: &[u8]) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    if value.contains(&b'@') {
+        return false;
+    }
+    let Ok(a) = http::uri::Authority::try_from(value) else {
+        return false;
+    };
+    // After the host, nothing, or a port of digits that fits (`host:` is allowed).
+    match &a.as_str()[a.host().len()..] {
+        "" | ":" => true,
+        rest => rest[1..].bytes().all(|b| b.is_ascii_digit()) && a.port_u16().is_some(),
+    }
+}
+
 /// Takes the scanned head off the buffer; its target and values share its bytes.
 fn finish(
     buf: &mut BytesMut,
@@ -284,8 +322,10 @@ fn finish(
     let head = buf.split_to(s.used).freeze();
     let method = s.method;
     let target = &head[s.target];
+    // `*` is never remembered: it is valid only with OPTIONS, which the next request
+    // may not be.
     let uri = match &scratch.last_target {
-        Some((last, uri)) if last[..] == *target => uri.clone(),
+        Some((last, uri)) if last[..] == *target && target != b"*" => uri.clone(),
         _ => {
             let owned = Bytes::copy_from_slice(target);
             let uri = parse_target(owned.clone(), &method)?;

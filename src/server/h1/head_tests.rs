@@ -49,12 +49,17 @@ fn a_plain_head_is_read_with_its_framing_and_the_rest_left() {
 #[test]
 fn keep_alive_follows_the_version_and_connection() {
     let ka = |req: &str| parse(req.as_bytes()).unwrap().unwrap().keep_alive;
-    assert!(ka("GET / HTTP/1.1\r\n\r\n"));
-    assert!(!ka("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
-    assert!(!ka("GET / HTTP/1.1\r\nConnection: upgrade, Close\r\n\r\n"));
+    assert!(ka("GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+    assert!(!ka(
+        "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    ));
+    assert!(!ka(
+        "GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade, Close\r\n\r\n"
+    ));
     assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
     assert!(ka("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
-    let h = parse(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+    let h =
+        parse(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
     assert!(h.unwrap().unwrap().expect_continue);
     let h = parse(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
     assert!(
@@ -124,8 +129,16 @@ fn malformed_lines_are_400_and_oversized_heads_431() {
     }
     // Bare LF line ends are read as hyper reads them.
     assert!(parse(b"GET / HTTP/1.1\nHost: a\n\n").unwrap().is_some());
-    assert!(parse(b"OPTIONS * HTTP/1.1\r\n\r\n").unwrap().is_some());
-    assert!(parse(b"GET http://a/b HTTP/1.1\r\n\r\n").unwrap().is_some());
+    assert!(
+        parse(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        parse(b"GET http://a/b HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap()
+            .is_some()
+    );
     let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
     let (status, why) = refused(&format!("GET / HTTP/1.1\r\n{many}\r\n"));
     assert_eq!(status, 431);
@@ -231,11 +244,14 @@ fn valid_request() -> impl Strategy<Value = Sent> {
                         "transfer-encoding",
                         "connection",
                         "expect",
+                        "host",
                     ]
                     .contains(&n.to_ascii_lowercase().as_str())
                 })
                 .map(|(n, v)| (n, v.trim().to_string()))
                 .collect();
+            let mut headers = headers;
+            headers.insert(0, ("Host".to_string(), "braid.test:8080".to_string()));
             let mut wire = format!("{method} {target} HTTP/1.1{nl}");
             for (n, v) in &headers {
                 wire.push_str(&format!("{n}: {v}{nl}"));
@@ -384,6 +400,14 @@ type ReadAs = (String, String, Version, Vec<(String, Vec<u8>)>);
 
 /// What hyper's HTTP/1 server made of the bytes: the first request it was called with.
 fn hyper_reads(bytes: &[u8]) -> Option<ReadAs> {
+    hyper_reads_whole(bytes).map(|(head, _)| head)
+}
+
+/// A body as read: its bytes and trailers, or `None` when reading it failed.
+type BodyAs = Option<(Vec<u8>, Vec<(String, Vec<u8>)>)>;
+
+/// What hyper's server made of the first request in the bytes, head and body.
+fn hyper_reads_whole(bytes: &[u8]) -> Option<(ReadAs, BodyAs)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -394,23 +418,45 @@ fn hyper_reads(bytes: &[u8]) -> Option<ReadAs> {
         let record = seen.clone();
         let service =
             hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let mut slot = record.lock().unwrap();
-                if slot.is_none() {
+                let record = record.clone();
+                async move {
+                    use http_body_util::BodyExt;
+                    let first = record.lock().unwrap().is_none();
                     let headers = req
                         .headers()
                         .iter()
                         .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
                         .collect();
-                    *slot = Some((
+                    let head = (
                         req.method().to_string(),
                         req.uri().to_string(),
                         req.version(),
                         headers,
-                    ));
+                    );
+                    if first {
+                        *record.lock().unwrap() = Some((head, None));
+                        let body = req.into_body().collect().await.ok().map(|c| {
+                            let trailers = c
+                                .trailers()
+                                .map(|t| {
+                                    t.iter()
+                                        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            (c.to_bytes().to_vec(), trailers)
+                        });
+                        if let Some(slot) = record.lock().unwrap().as_mut() {
+                            slot.1 = body;
+                        }
+                    }
+                    Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
                 }
-                async { Ok::<_, std::convert::Infallible>(http::Response::new(String::new())) }
             });
+        // Half-close: the client's EOF after its bytes must not cancel the request
+        // before its body is read.
         let conn = hyper::server::conn::http1::Builder::new()
+            .half_close(true)
             .max_headers(LIMITS.max_headers)
             .max_buf_size(LIMITS.max_bytes)
             .serve_connection(hyper_util::rt::TokioIo::new(server), service);
@@ -499,5 +545,219 @@ proptest! {
         edits in edits(),
     ) {
         braid_agrees_with_hyper(&mutate(sent.wire, &edits))?;
+    }
+}
+
+#[test]
+fn host_is_required_once_and_valid() {
+    for bad in [
+        "GET / HTTP/1.1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+        "GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a:port\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a:80:90\r\n\r\n",
+        "GET http://a/b HTTP/1.1\r\n\r\n",
+    ] {
+        let (status, why) = refused(bad);
+        assert_eq!(status, 400, "{bad:?}");
+        assert!(why.contains("Host"), "{bad:?}: {why}");
+    }
+    for ok in [
+        "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a:80\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a:\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost:\r\n\r\n",
+        "GET / HTTP/1.0\r\n\r\n",
+    ] {
+        assert!(parse(ok.as_bytes()).unwrap().is_some(), "{ok:?}");
+    }
+}
+
+#[test]
+fn a_remembered_star_target_lets_no_other_method_through() {
+    let mut scratch = Scratch::new();
+    let mut buf = BytesMut::from(
+        &b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\nGET * HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+    );
+    let first = parse_request(&mut buf, &LIMITS, &mut scratch)
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.parts.uri, "*");
+    let second = parse_request(&mut buf, &LIMITS, &mut scratch).unwrap_err();
+    assert_eq!(second.status().as_u16(), 400, "{second}");
+    // A remembered origin-form target is still reused for any method.
+    let mut buf = BytesMut::from(
+        &b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nPOST /a HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+    );
+    parse_request(&mut buf, &LIMITS, &mut scratch)
+        .unwrap()
+        .unwrap();
+    let post = parse_request(&mut buf, &LIMITS, &mut scratch)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (post.parts.method, post.parts.uri.to_string()),
+        (Method::POST, "/a".to_string())
+    );
+}
+
+// === chunked bodies: braid and hyper read the same, or braid is stricter on purpose ===
+
+/// One chunk of a generated body, and whether it is a case docs/protocols.md lists
+/// where braid refuses what hyper reads.
+#[derive(Debug, Clone)]
+struct Piece {
+    wire: Vec<u8>,
+    stricter: bool,
+}
+
+fn chunk_piece() -> impl Strategy<Value = Piece> {
+    (
+        prop::collection::vec(any::<u8>(), 1..24),
+        0usize..24,
+        prop::sample::select(vec![
+            ("", false),
+            (";a=b", false),
+            (" ;a=\"q s\"", false),
+            ("\t", false),
+            (";a\nb", false),
+            (";a\rb", false),
+            (";\x01", true),
+            (";a=\x7f", true),
+        ]),
+        prop::sample::select(vec!["\r\n", "\n", "\r"]),
+        prop::sample::select(vec!["\r\n", "\n", ""]),
+    )
+        .prop_map(|(data, zeros, (ext, stricter), size_end, data_end)| {
+            let mut wire =
+                format!("{}{:x}{ext}{size_end}", "0".repeat(zeros), data.len()).into_bytes();
+            wire.extend_from_slice(&data);
+            wire.extend_from_slice(data_end.as_bytes());
+            Piece { wire, stricter }
+        })
+}
+
+/// The body's end: the last chunk and its trailer section, as clients send it or not.
+fn last_piece() -> impl Strategy<Value = Piece> {
+    prop::sample::select(vec![
+        (&b"0\r\n\r\n"[..], false),
+        (b"0;x=1\r\n\r\n", false),
+        (b"0\r\nx-t: 1\r\n\r\n", false),
+        (b"0000\r\nx-t: 1\r\nx-u: 2\r\n\r\n", false),
+        // A bare LF for the body's end: hyper takes what follows as trailers.
+        (b"0\r\n\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n", true),
+        (b"0\r\n\n", false),
+        (b"0\r\nx-t: 1\n\r\n", false),
+        (b"0\r\nx-t: 1\r\n folded\r\n\r\n", false),
+        (b"0\n\r\n", false),
+        // Sizes past the body's limit (1 MiB here) or past 64 bits.
+        (b"fffffffffffffffe\r\n", false),
+        (b"1ffffffffffffffff\r\n", false),
+    ])
+    .prop_map(|(wire, stricter)| Piece {
+        wire: wire.to_vec(),
+        stricter,
+    })
+}
+
+/// Hosts: one valid, or the forms RFC 9112 §3.2 says a server answers with 400.
+fn host_line() -> impl Strategy<Value = Piece> {
+    prop::sample::select(vec![
+        ("Host: a\r\n", false),
+        ("Host: braid.test:8080\r\n", false),
+        ("", true),
+        ("Host: a\r\nHost: b\r\n", true),
+        ("Host: u@a\r\n", true),
+        ("Host: a:port\r\n", true),
+    ])
+    .prop_map(|(line, stricter)| Piece {
+        wire: line.as_bytes().to_vec(),
+        stricter,
+    })
+}
+
+/// What braid's listener reads of the bytes: the head and the body as the proxy gets
+/// them, or `None` for the body when reading it fails; `None` when the head is refused.
+fn braid_reads_whole(bytes: &[u8]) -> Option<(RequestHead, BodyAs)> {
+    let mut buf = BytesMut::from(bytes);
+    let head = parse_request(&mut buf, &LIMITS, &mut Scratch::new()).ok()??;
+    let body = match head.framing {
+        Framing::Length(n) if (buf.len() as u64) < n => None,
+        Framing::Length(n) => Some((buf.split_to(n as usize).to_vec(), vec![])),
+        Framing::Chunked => {
+            let mut dec = Chunked::with_limit(1 << 20);
+            let mut body = Vec::new();
+            loop {
+                match dec.decode(&mut buf) {
+                    Ok(Decoded::Data(d)) => body.extend_from_slice(&d),
+                    Ok(Decoded::End) => break Some((body, vec![])),
+                    Ok(Decoded::Trailers(t)) => {
+                        let t = t
+                            .iter()
+                            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                            .collect();
+                        break Some((body, t));
+                    }
+                    Ok(Decoded::NeedMore) | Err(_) => break None,
+                }
+            }
+        }
+    };
+    Some((head, body))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The same generated heads and chunked bodies to both parsers: both refuse, or both
+    /// forward the same request (head, body bytes, trailers); braid refuses what hyper
+    /// reads only in the cases the docs list.
+    #[test]
+    fn chunked_requests_are_read_as_hyper_reads_them_or_refused_on_purpose(
+        host in host_line(),
+        lf_head in any::<bool>(),
+        chunks in prop::collection::vec(chunk_piece(), 0..4),
+        last in last_piece(),
+    ) {
+        let nl: &[u8] = if lf_head { b"\n" } else { b"\r\n" };
+        let mut wire = b"POST /p HTTP/1.1".to_vec();
+        wire.extend_from_slice(nl);
+        let host_wire: Vec<u8> = host.wire.iter().copied().filter(|&b| b != b'\r' || !lf_head).collect();
+        wire.extend_from_slice(&host_wire);
+        wire.extend_from_slice(b"Transfer-Encoding: chunked");
+        wire.extend_from_slice(nl);
+        wire.extend_from_slice(nl);
+        for c in &chunks {
+            wire.extend_from_slice(&c.wire);
+        }
+        wire.extend_from_slice(&last.wire);
+        let stricter = host.stricter || last.stricter || chunks.iter().any(|c| c.stricter);
+        let ours = braid_reads_whole(&wire);
+        let theirs = hyper_reads_whole(&wire);
+        let shown = String::from_utf8_lossy(&wire).into_owned();
+        let ours_ok = ours.as_ref().and_then(|(h, b)| b.as_ref().map(|b| (h, b)));
+        let theirs_ok = theirs.as_ref().and_then(|(h, b)| b.as_ref().map(|b| (h, b)));
+        match (ours_ok, theirs_ok) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(TestCaseError::fail(format!("braid read a request hyper refuses: {shown:?}")));
+            }
+            (None, Some(_)) => prop_assert!(stricter, "braid refused what hyper reads: {:?}", shown),
+            (Some((head, body)), Some((hhead, hbody))) => {
+                prop_assert_eq!(head.parts.method.as_str(), hhead.0.as_str());
+                prop_assert_eq!(head.parts.uri.to_string(), hhead.1.clone());
+                let headers: Vec<(String, Vec<u8>)> = head.parts.headers.iter()
+                    .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect();
+                prop_assert_eq!(&headers, &hhead.3);
+                prop_assert_eq!(body, hbody, "{:?}", shown);
+            }
+        }
     }
 }

@@ -51,6 +51,8 @@ pub struct H1Limits {
     pub head: HeadLimits,
     /// From a response's end (or the connection's start) to the next complete head.
     pub header_read_timeout: Duration,
+    /// A chunked body's chunk sizes are refused past this as they are read (413).
+    pub max_body_bytes: u64,
 }
 
 /// How a plain connection ended here.
@@ -114,7 +116,7 @@ pub async fn serve<H: Handler>(
             side.body = match framing {
                 Framing::Length(0) => BodyState::Done,
                 Framing::Length(n) => BodyState::Length(n),
-                Framing::Chunked => BodyState::Chunked(Chunked::default()),
+                Framing::Chunked => BodyState::Chunked(Chunked::with_limit(limits.max_body_bytes)),
             };
             let waits = expect_continue && !matches!(side.body, BodyState::Done);
             side.owed_continue = waits.then_some(0);
