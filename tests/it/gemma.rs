@@ -174,3 +174,106 @@ fn free_running_greedy_text_starts_as_llama_cpps() {
         shared.len()
     );
 }
+
+/// The real Gemma behind the executor's HTTP port, with `step_tokens` per step.
+async fn gemma_server(step_tokens: usize) -> braid::executor::server::RunningExecutor {
+    let opts = braid::executor::server::ExecutorOptions {
+        models: vec![braid::executor::server::ModelSpec {
+            name: "gemma".into(),
+            source: gguf_path().display().to_string(),
+            labels: vec![],
+            threads: 1,
+            compute_threads: None,
+            queue: 64,
+            max_batch: 64,
+            default_temperature: None,
+        }],
+        device: "cpu".into(),
+        trace: None,
+        limits: braid::server::Limits::default(),
+        llm: braid::executor::generate::LlmOptions {
+            step_tokens,
+            kv_cache_tokens: 8192,
+            ..Default::default()
+        },
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut running = braid::executor::server::start(opts, listener)
+        .await
+        .unwrap();
+    running.wait_loaded().await.unwrap();
+    running
+}
+
+/// Invariant 10: with `temperature: 0` a prompt's tokens do not depend on what else is
+/// in the batch. Eight greedy completions sent at once (staggered, so prompts are
+/// prefilled beside others' decodes, in chunks of a budget they share) equal each
+/// sent alone, token for token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_answers_are_the_same_alone_and_in_a_batch_of_eight() {
+    let running = gemma_server(16).await;
+    let url = format!("http://{}/v1/completions", running.addr);
+    let prompts = [
+        "Write a short list of three animals:",
+        "The capital of France is",
+        "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+        "def fibonacci(n):",
+        "Translate to French: The cat is sleeping on the warm windowsill this afternoon.",
+        "1, 2, 3, 4,",
+        "A haiku about autumn leaves falling slowly in the quiet park at dusk:",
+        "Q: What is the boiling point of water at sea level?\nA:",
+    ];
+    let body = |p: &str| {
+        serde_json::json!({"model": "gemma", "prompt": p, "max_tokens": 24, "temperature": 0, "logprobs": 0})
+            .to_string()
+    };
+    let c = crate::support::client();
+    let mut alone = Vec::new();
+    for p in prompts {
+        let r = crate::support::post(&c, &url, &[], &body(p)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        alone.push(r.json()["choices"][0]["logprobs"]["tokens"].clone());
+    }
+    let mut tasks = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let (url, b) = (url.clone(), body(p));
+        tasks.push(tokio::spawn(async move {
+            // Later ones arrive while earlier ones prefill and decode.
+            tokio::time::sleep(std::time::Duration::from_millis(40 * i as u64)).await;
+            let r = crate::support::post(&crate::support::client(), &url, &[], &b).await;
+            r.json()["choices"][0]["logprobs"]["tokens"].clone()
+        }));
+    }
+    let mut differ = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let batched = t.await.unwrap();
+        assert!(batched.is_array(), "prompt {i}: {batched}");
+        if batched != alone[i] {
+            differ.push(format!(
+                "prompt {i}: alone {} batched {}",
+                alone[i], batched
+            ));
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "{} of 8 differ:\n{}",
+        differ.len(),
+        differ.join("\n")
+    );
+    // And they were batched: steps ran several sequences at once.
+    let text = crate::support::get(&c, &format!("http://{}/metrics", running.addr), &[])
+        .await
+        .text();
+    let steps = crate::support::metric_value(
+        &text,
+        "braid_executor_llm_step_sequences_count{model=\"gemma\"}",
+    )
+    .unwrap();
+    let ones = crate::support::metric_value(
+        &text,
+        "braid_executor_llm_step_sequences_bucket{le=\"1.0\",model=\"gemma\"}",
+    )
+    .unwrap();
+    assert!(steps > ones, "{steps} steps, {ones} of one sequence");
+}

@@ -85,9 +85,54 @@ fn tiled_q8_0() -> bool {
 /// product; padded with zero blocks to the next multiple (and its inputs with zeros) it
 /// takes the tiles, which read each weight once for many rows. The zeros add nothing
 /// to any dot product. Only where those kernels run (a CPU with VNNI).
+///
+/// Every row's product is the same whatever else the call holds (greedy answers must
+/// not change with the batch): candle picks its kernel by the number of rows for some
+/// weights, so those calls are shaped to keep one kernel for every row count
+/// (`Rows`).
 pub struct Linear {
     w: candle_core::quantized::QMatMul,
     pad: usize,
+    rows: Rows,
+}
+
+/// How a call's rows reach candle so that its kernel does not depend on their count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// Any count takes the same kernel.
+    Any,
+    /// Q6_K on x86: one row takes the compact dot product, more take the repacked
+    /// tiles (different sums). A lone row is sent with a copy of itself, so every
+    /// row takes the tiles, whose rows are computed independently.
+    AtLeastTwo,
+    /// Q4_K on x86: from 32 rows up, a CPU with AMX takes another kernel. Calls are cut
+    /// to 16 rows (the tiles read the weights per 4 rows anyway, so little is lost).
+    AtMost(usize),
+}
+
+impl Rows {
+    fn of(dtype: GgmlDType, n: usize, k: usize, device: &Device) -> Rows {
+        let x86 = cfg!(target_arch = "x86_64") && device.is_cpu();
+        // Where candle's x86 tiles apply at all (their shape rule).
+        let tiles = x86 && n % 16 == 0 && k % 256 == 0 && avx2();
+        match dtype {
+            GgmlDType::Q6K if tiles => Rows::AtLeastTwo,
+            GgmlDType::Q4K if tiles => Rows::AtMost(16),
+            _ => Rows::Any,
+        }
+    }
+}
+
+/// Whether the CPU has the AVX2 and FMA that candle's x86 tiles need.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 impl Linear {
@@ -98,26 +143,46 @@ impl Linear {
     /// As `new`, sharing `t`'s blocks unless it is padded (a tied output head).
     pub fn shared(t: std::sync::Arc<QTensor>, device: &Device) -> Result<Linear> {
         let (n, k) = t.shape().dims2()?;
+        let rows = Rows::of(t.dtype(), n, k, device);
         let pad = k.next_multiple_of(TILE_K) - k;
         if t.dtype() != GgmlDType::Q8_0 || pad == 0 || !device.is_cpu() || !tiled_q8_0() {
             return Ok(Linear {
                 w: candle_core::quantized::QMatMul::from_arc(t)?,
                 pad: 0,
+                rows,
             });
         }
         Ok(Linear {
             w: candle_core::quantized::QMatMul::from_qtensor(pad_q8_0(&t, n, k, pad, device)?)?,
             pad,
+            rows,
         })
     }
 
+    /// `x` `[rows, k]` times the weight: `[rows, n]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        use candle_core::Module;
-        if self.pad == 0 {
-            return self.w.forward(x);
+        let x = match self.pad {
+            0 => x.clone(),
+            pad => x.pad_with_zeros(candle_core::D::Minus1, 0, pad)?,
+        };
+        let rows = x.dim(0)?;
+        match self.rows {
+            Rows::AtLeastTwo if rows == 1 => {
+                self.product(&Tensor::cat(&[&x, &x], 0)?)?.narrow(0, 0, 1)
+            }
+            Rows::AtMost(most) if rows > most => {
+                let parts = (0..rows)
+                    .step_by(most)
+                    .map(|r0| self.product(&x.narrow(0, r0, most.min(rows - r0))?))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)
+            }
+            _ => self.product(&x),
         }
-        self.w
-            .forward(&x.pad_with_zeros(candle_core::D::Minus1, 0, self.pad)?)
+    }
+
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        candle_core::Module::forward(&self.w, x)
     }
 }
 
@@ -180,11 +245,64 @@ mod pad_tests {
         let lin = Linear {
             w: candle_core::quantized::QMatMul::from_qtensor(padded).unwrap(),
             pad: 128,
+            rows: Rows::Any,
         };
         let b = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
         for (ra, rb) in a.iter().zip(&b) {
             for (p, q) in ra.iter().zip(rb) {
                 assert!((p - q).abs() <= 0.05 * p.abs().max(1.0), "{p} vs {q}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod row_tests {
+    use super::*;
+
+    /// A weight of `dtype`, `[n, k]`, with values that round differently per block.
+    fn weight(dtype: GgmlDType, n: usize, k: usize) -> QTensor {
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| (((i * 7919) % 1009) as f32 - 504.0) / 337.0)
+            .collect();
+        QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype).unwrap()
+    }
+
+    #[test]
+    fn a_rows_product_is_bitwise_the_same_whatever_else_the_call_holds() {
+        let dev = Device::Cpu;
+        // Gemma 3 270M's shapes and types: Q6_K and Q4_K ffn_down, Q4_K attn_output,
+        // Q8_0 (padded) attn_v and head, and one of each at a tile-free width.
+        for (dtype, n, k) in [
+            (GgmlDType::Q6K, 640, 2048),
+            (GgmlDType::Q4K, 640, 2048),
+            (GgmlDType::Q4K, 640, 1024),
+            (GgmlDType::Q8_0, 256, 640),
+            (GgmlDType::Q8_0, 64, 256),
+            (GgmlDType::Q6K, 40, 256),
+        ] {
+            let lin = Linear::new(weight(dtype, n, k), &dev).unwrap();
+            let x: Vec<f32> = (0..40 * k)
+                .map(|i| (((i * 104729) % 997) as f32 - 498.0) / 211.0)
+                .collect();
+            let x = Tensor::from_vec(x, (40, k), &dev).unwrap();
+            let all = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            for rows in [1, 2, 3, 5, 8, 16, 17, 33, 40] {
+                for r0 in [0, 40 - rows] {
+                    let part = lin.forward(&x.narrow(0, r0, rows).unwrap()).unwrap();
+                    let part = part.to_vec2::<f32>().unwrap();
+                    for (i, row) in part.iter().enumerate() {
+                        let same = row
+                            .iter()
+                            .zip(&all[r0 + i])
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{dtype:?} [{n}, {k}]: row {} differs in a call of {rows}",
+                            r0 + i
+                        );
+                    }
+                }
             }
         }
     }

@@ -17,7 +17,12 @@
 //!   behind it is admitted ahead of it (a large request is not starved by small ones);
 //! - each step has a token budget (`step_tokens`): every decoding sequence gets its one
 //!   token first, and prompts are prefilled in chunks from what is left, oldest first,
-//!   so a long prompt is spread over several steps instead of stalling every stream.
+//!   so a long prompt is spread over several steps instead of stalling every stream;
+//! - a prompt's chunks fall on a fixed grid of `step_tokens` (`0..C`, `C..2C`, ...),
+//!   whatever else the step holds: a chunk is taken whole or waits, and the oldest
+//!   prompt always takes its next one (a step may then pass the budget by its decodes).
+//!   Its attention is computed over the same rows whatever the load, so with the
+//!   model's row-invariant kernels a greedy answer does not depend on the batch.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -227,16 +232,18 @@ impl Scheduler {
                 budget = budget.saturating_sub(1);
             }
         }
+        let grid = self.limits.step_tokens.max(1);
         let mut first = true;
         for r in &self.running {
             if r.prefilled < r.prompt {
-                // The oldest prompt always makes progress, however many decode.
-                let room = if first { budget.max(1) } else { budget };
-                first = false;
-                if room == 0 {
+                // The next chunk on the grid, whole: the oldest prompt always takes
+                // it, however many decode; the others only where it fits.
+                let to = r.prompt.min((r.prefilled / grid + 1) * grid);
+                let len = to - r.prefilled;
+                if !first && len > budget {
                     break;
                 }
-                let to = r.prompt.min(r.prefilled + room);
+                first = false;
                 plan.work.push((
                     r.id,
                     Work::Prefill {
@@ -244,7 +251,7 @@ impl Scheduler {
                         to,
                     },
                 ));
-                budget -= (to - r.prefilled).min(budget);
+                budget = budget.saturating_sub(len);
             }
         }
         plan
@@ -291,25 +298,77 @@ mod tests {
         assert_eq!(p.admitted, [1]);
         assert_eq!(p.work, [(1, Work::Prefill { from: 0, to: 3 })]);
         run(&mut s, &p);
-        // Sequence 1 decodes; 2 arrives and is prefilled in the same step, in chunks
-        // of what the budget leaves (8 - 1 decode = 7).
+        // Sequence 1 decodes; 2 arrives and is prefilled in the same step, in whole
+        // chunks of the grid (8), however many decode beside it.
         s.submit(ask(2, 20, 5)).unwrap();
         let p = s.plan(t);
         assert_eq!(p.admitted, [2]);
         assert_eq!(
             p.work,
-            [(1, Work::Decode), (2, Work::Prefill { from: 0, to: 7 })]
+            [(1, Work::Decode), (2, Work::Prefill { from: 0, to: 8 })]
         );
         run(&mut s, &p);
         let p = s.plan(t);
         assert_eq!(
             p.work,
-            [(1, Work::Decode), (2, Work::Prefill { from: 7, to: 14 })]
+            [(1, Work::Decode), (2, Work::Prefill { from: 8, to: 16 })]
         );
         run(&mut s, &p);
         let p = s.plan(t);
+        assert_eq!(
+            p.work,
+            [(1, Work::Decode), (2, Work::Prefill { from: 16, to: 20 })]
+        );
         run(&mut s, &p);
         assert_eq!(s.plan(t).work, [(1, Work::Decode), (2, Work::Decode)]);
+    }
+
+    /// The chunks a prompt is prefilled in, with `others` decoding beside it and a
+    /// second prompt arriving with it.
+    fn chunks_of(prompt: usize, others: u64) -> Vec<(usize, usize)> {
+        let mut s = Scheduler::new(Limits {
+            max_seqs: 32,
+            kv_tokens: 10_000,
+            step_tokens: 8,
+            max_waiting: 64,
+        });
+        let t = Instant::now();
+        for id in 0..others {
+            s.submit(ask(100 + id, 1, 50)).unwrap();
+        }
+        let p = s.plan(t);
+        run(&mut s, &p);
+        s.submit(ask(1, 11, 50)).unwrap();
+        s.submit(ask(2, prompt, 5)).unwrap();
+        let mut chunks = Vec::new();
+        for _ in 0..64 {
+            let p = s.plan(t);
+            for &(id, w) in &p.work {
+                if let (2, Work::Prefill { from, to }) = (id, w) {
+                    chunks.push((from, to));
+                }
+            }
+            run(&mut s, &p);
+        }
+        chunks
+    }
+
+    #[test]
+    fn a_prompts_chunks_are_the_same_whatever_else_the_steps_hold() {
+        for prompt in [1, 7, 8, 9, 23, 40] {
+            let alone = chunks_of(prompt, 0);
+            let grid: Vec<(usize, usize)> = (0..prompt.div_ceil(8))
+                .map(|i| (i * 8, (i * 8 + 8).min(prompt)))
+                .collect();
+            assert_eq!(alone, grid, "prompt {prompt}");
+            for others in [1, 3, 7, 12] {
+                assert_eq!(
+                    chunks_of(prompt, others),
+                    grid,
+                    "prompt {prompt}, {others} decoding"
+                );
+            }
+        }
     }
 
     #[test]
@@ -415,10 +474,15 @@ mod tests {
         // Budget 2: two single-token prompts, the third waits for the next step.
         assert_eq!(p.work.len(), 2);
         run(&mut s, &p);
-        // The oldest prompt moves by at least one token, however many decode.
+        // The oldest prompt moves by a whole chunk, however many decode; the next
+        // waits for room.
         s.submit(ask(9, 5, 1)).unwrap();
         let p = s.plan(t);
         assert_eq!(p.work[..2], [(0, Work::Decode), (1, Work::Decode)]);
         assert_eq!(p.work[2..], [(2, Work::Prefill { from: 0, to: 1 })]);
+        run(&mut s, &p);
+        let p = s.plan(t);
+        assert_eq!(p.work.len(), 4, "{p:?}");
+        assert_eq!(p.work[3], (9, Work::Prefill { from: 0, to: 2 }));
     }
 }
