@@ -951,8 +951,8 @@ async fn max_inflight_counts_a_stream_to_its_last_byte() {
                 std::fs::write(&path, &config).unwrap();
                 let mut opts = options(&path);
                 opts.limits.max_inflight = n;
-                let p = TestProxy::start_at(&path, opts).await;
-                std::mem::forget(dir);
+                let mut p = TestProxy::start_at(&path, opts).await;
+                p._dir = Some(dir);
                 p
             }
         };

@@ -676,6 +676,9 @@ fn host_line() -> impl Strategy<Value = Piece> {
         ("Host: a\r\nHost: b\r\n", true),
         ("Host: u@a\r\n", true),
         ("Host: a:port\r\n", true),
+        // Obsolete line folding and a bare CR in the head: both refuse.
+        ("Host: a\r\nX-A: 1\r\n folded\r\n", false),
+        ("Host: a\r\nX-A: 1\r2\r\n", false),
     ])
     .prop_map(|(line, stricter)| Piece {
         wire: line.as_bytes().to_vec(),
