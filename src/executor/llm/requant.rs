@@ -114,7 +114,7 @@ impl Rows {
     fn of(dtype: GgmlDType, n: usize, k: usize, device: &Device) -> Rows {
         let x86 = cfg!(target_arch = "x86_64") && device.is_cpu();
         // Where candle's x86 tiles apply at all (their shape rule).
-        let tiles = x86 && n % 16 == 0 && k % 256 == 0 && avx2();
+        let tiles = x86 && n.is_multiple_of(16) && k.is_multiple_of(256) && avx2();
         match dtype {
             GgmlDType::Q6K if tiles => Rows::AtLeastTwo,
             GgmlDType::Q4K if tiles => Rows::AtMost(16),
