@@ -295,22 +295,57 @@ fn scan<'h>(
 }
 
 /// A `Host` value: empty (a target with no authority), or `uri-host [":" port]` with
-/// no userinfo, as `http::uri::Authority` reads it.
+/// no userinfo (RFC 9110 §7.2): an IP literal in brackets, or a name or IPv4 address of
+/// unreserved and sub-delim characters (`http::uri::Authority` refuses `%` escapes, and
+/// so does braid), then a port of digits that fits in 16 bits (`host:` is allowed).
+/// Read by bytes: it runs on every request.
 fn valid_host(value: &[u8]) -> bool {
-    if value.is_empty() {
-        return true;
-    }
-    if value.contains(&b'@') {
-        return false;
-    }
-    let Ok(a) = http::uri::Authority::try_from(value) else {
-        return false;
+    let (host, rest) = match value.first() {
+        None => return true,
+        Some(b'[') => match memchr::memchr(b']', value) {
+            Some(end) => value.split_at(end + 1),
+            None => return false,
+        },
+        Some(_) => {
+            let end = memchr::memchr(b':', value).unwrap_or(value.len());
+            value.split_at(end)
+        }
     };
-    // After the host, nothing, or a port of digits that fits (`host:` is allowed).
-    match &a.as_str()[a.host().len()..] {
-        "" | ":" => true,
-        rest => rest[1..].bytes().all(|b| b.is_ascii_digit()) && a.port_u16().is_some(),
-    }
+    let host_ok = match host {
+        [b'[', inner @ .., b']'] => {
+            !inner.is_empty()
+                && inner
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        }
+        // A reg-name may be empty (RFC 3986), as `Authority` reads it.
+        _ => host.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        }),
+    };
+    let port_ok = match rest {
+        [] | [b':'] => true,
+        [b':', digits @ ..] => content_length(digits).is_some_and(|p| p <= u64::from(u16::MAX)),
+        _ => false,
+    };
+    host_ok && port_ok
 }
 
 /// Takes the scanned head off the buffer; its target and values share its bytes.

@@ -764,3 +764,34 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The byte reader of `Host` accepts nothing `http::uri::Authority` refuses (less
+    /// userinfo, with a port that fits), and reads as it does everything but an empty
+    /// IP literal (`[]`, which braid refuses).
+    #[test]
+    fn a_host_is_valid_exactly_when_authority_reads_it(
+        value in prop_oneof![
+            "[a-z0-9.-]{0,12}(:[0-9]{0,6})?",
+            "\\[[0-9a-f:]{0,10}\\](:[0-9]{0,6})?",
+            proptest::collection::vec(prop::sample::select(b"az09.-_~!$&'()*+,;=:@[]%/? \t".to_vec()), 0..12)
+                .prop_map(|b| String::from_utf8(b).unwrap()),
+        ]
+    ) {
+        let by_http = value.is_empty()
+            || (!value.contains('@')
+                && http::uri::Authority::try_from(value.as_bytes()).is_ok_and(|a| {
+                    match &a.as_str()[a.host().len()..] {
+                        "" | ":" => true,
+                        rest => rest[1..].bytes().all(|b| b.is_ascii_digit()) && a.port_u16().is_some(),
+                    }
+                }));
+        let ours = valid_host(value.as_bytes());
+        prop_assert!(!ours || by_http, "braid reads {:?} as a host", value);
+        if !value.contains("[]") {
+            prop_assert_eq!(ours, by_http, "{:?}", value);
+        }
+    }
+}
