@@ -61,6 +61,7 @@ impl Handler for Admin {
         }
         match path {
             "/experiments" => self.experiments(),
+            "/experiments/page" => crate::fleet::page::response(),
             "/metrics" => self.metrics(&req),
             "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"}).to_string()),
             "/readyz" => self.readyz(),

@@ -72,6 +72,9 @@ pub enum Command {
     Inject(InjectArgs),
     /// The mutating admission webhook that injects the sidecar into new pods (TLS).
     Webhook(WebhookArgs),
+    /// Judges each experiment across every replica of its fleet and writes the
+    /// verdict into the ConfigMap all of them watch (one leader by a Lease).
+    Controller(ControllerArgs),
     /// How each A/B experiment is going, from a running braid's admin port: requests,
     /// error rates, latency, the difference to control, split health, ramps and
     /// guardrails.
@@ -79,6 +82,10 @@ pub enum Command {
         /// braid's admin address (host:port).
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: String,
+        /// Read `braid controller` at this address instead (host:port): the fleet's
+        /// report, with each pod's share.
+        #[arg(long, value_name = "CONTROLLER", num_args = 0..=1, default_missing_value = "127.0.0.1:9902", conflicts_with_all = ["admin", "reset"])]
+        fleet: Option<String>,
         /// Print the admin port's JSON as it is.
         #[arg(long)]
         json: bool,
@@ -147,6 +154,39 @@ pub struct WebhookArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct ControllerArgs {
+    /// A braid ConfigMap and the pods that read it: NAMESPACE/CONFIGMAP=pods:SELECTOR
+    /// (a label selector) or NAMESPACE/CONFIGMAP=service:NAME (its EndpointSlices).
+    /// Repeat for several.
+    #[arg(long = "fleet", env = "BRAID_FLEET", value_delimiter = ';', required = true, value_parser = crate::fleet::FleetSpec::parse)]
+    pub fleets: Vec<crate::fleet::FleetSpec>,
+    /// Where the controller serves its report, page, metrics and probes.
+    #[arg(long, env = "BRAID_CONTROLLER_LISTEN", default_value = "0.0.0.0:9902")]
+    pub listen: SocketAddr,
+    /// The ConfigMap key the verdicts are written to (the proxies' `--verdicts-key`).
+    #[arg(long, env = "BRAID_VERDICTS_KEY", default_value = crate::config::verdict::DEFAULT_KEY)]
+    pub verdicts_key: String,
+    /// A pod's admin port when it has no container port named `braid-admin`.
+    #[arg(long, default_value_t = 9901)]
+    pub admin_port: u16,
+    /// How often every pod is read and the fleet judged.
+    #[arg(long, env = "BRAID_CONTROLLER_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// The coordination Lease that picks one acting replica.
+    #[arg(long, default_value = "braid-controller")]
+    pub lease: String,
+    /// The Lease's namespace (default: the first fleet's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long a silent leader keeps the Lease before another replica takes over.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// This replica's name in the Lease (default: the pod's name, else host and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "config_map"])))]
 pub struct ProxyArgs {
     /// Config document to load and watch (a ConfigMap mounted as a volume works).
@@ -158,6 +198,9 @@ pub struct ProxyArgs {
     /// The key of the ConfigMap holding the document.
     #[arg(long, env = "BRAID_CONFIG_KEY", default_value = "braid.yaml")]
     pub config_key: String,
+    /// The key of the ConfigMap holding the fleet's verdicts (`braid controller`).
+    #[arg(long, env = "BRAID_VERDICTS_KEY", default_value = crate::config::verdict::DEFAULT_KEY)]
+    pub verdicts_key: String,
     /// Data-plane listen address (HTTP/1.1 and h2c on one port).
     #[arg(long, env = "BRAID_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -348,7 +391,16 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => runtime(None).block_on(crate::demo::run(args)),
         Command::Inject(args) => inject(&args),
         Command::Webhook(args) => webhook(args),
-        Command::Experiments { admin, json, reset } => experiments(&admin, json, reset),
+        Command::Controller(args) => controller(args),
+        Command::Experiments {
+            admin,
+            fleet,
+            json,
+            reset,
+        } => match fleet {
+            Some(controller) => experiments(&controller, json, None),
+            None => experiments(&admin, json, reset),
+        },
     }
 }
 
@@ -531,6 +583,35 @@ pub fn render_experiments(report: &serde_json::Value) -> String {
             }
             let _ = writeln!(out, "  (times in ms)");
         }
+        // The fleet's report (`--fleet`): how the traffic spread over the pods.
+        if let Some(pods) = r["pods"].as_array() {
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>8}  requests per variant ({})",
+                "pod",
+                "share",
+                variants
+                    .iter()
+                    .map(|v| v["name"].as_str().unwrap_or("?"))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            );
+            for p in pods {
+                let per: Vec<String> = p["requests"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.to_string())
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "  {:<40} {:>8}  {}",
+                    p["pod"].as_str().unwrap_or("?"),
+                    pct(&p["share"]),
+                    per.join(" / ")
+                );
+            }
+        }
     }
     out
 }
@@ -602,6 +683,55 @@ fn webhook(args: WebhookArgs) -> ExitCode {
         tracing::info!(addr = %running.addr, "webhook listening");
         crate::run::shutdown_signal().await;
         running.stop().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn controller(args: ControllerArgs) -> ExitCode {
+    runtime(None).block_on(async move {
+        let Some(listener) = bind(args.listen).await else {
+            return ExitCode::FAILURE;
+        };
+        let client = match crate::config::kube::client(None).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("braid controller: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let opts = crate::fleet::Options {
+            lease_namespace: args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| args.fleets[0].namespace.clone()),
+            fleets: args.fleets,
+            verdicts_key: args.verdicts_key,
+            admin_port: args.admin_port,
+            interval: args.interval,
+            lease_name: args.lease,
+            lease_duration: args.lease_duration,
+            identity,
+        };
+        let controller = crate::fleet::Controller::new(opts, client);
+        let (phase_tx, phase_rx) = tokio::sync::watch::channel(crate::server::Phase::Serving);
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "controller listening");
+        let server = tokio::spawn(crate::server::serve(
+            listener,
+            crate::server::Limits::default(),
+            controller.clone(),
+            phase_rx,
+        ));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let rounds = tokio::spawn(controller.run(stop_rx));
+        crate::run::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+        let _ = rounds.await;
+        let _ = phase_tx.send(crate::server::Phase::Closing);
+        server.abort();
         ExitCode::SUCCESS
     })
 }
@@ -828,7 +958,10 @@ fn proxy(args: ProxyArgs) -> ExitCode {
                 poll: args.config_poll,
             }),
             (None, Some(spec)) => match ConfigMapSource::parse(spec, &args.config_key) {
-                Ok(cm) => crate::config::ConfigSource::ConfigMap(cm),
+                Ok(cm) => crate::config::ConfigSource::ConfigMap(ConfigMapSource {
+                    verdicts_key: args.verdicts_key.clone(),
+                    ..cm
+                }),
                 Err(e) => {
                     tracing::error!("{e}");
                     return ExitCode::FAILURE;

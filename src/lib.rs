@@ -51,6 +51,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod executor;
+pub mod fleet;
 pub mod grpc;
 pub mod hash;
 pub mod headers;

@@ -206,6 +206,7 @@ pub struct Metrics {
     weight: Family<VariantLabels, FloatGauge>,
     tripped: Family<VariantLabels, Gauge>,
     evidence: Family<VariantLabels, FloatGauge>,
+    log_lr: Family<ThetaLabels, FloatGauge>,
     trips: Family<VariantLabels, Counter>,
     split_mismatch: Family<RouteLabels, Gauge>,
     payload_log: Family<RouteResultLabels, Counter>,
@@ -243,6 +244,15 @@ pub struct RouteLabels {
     pub route: Arc<str>,
 }
 
+/// A guardrail's per-theta series: `theta` is one of the relative risks its evidence
+/// is mixed over (a closed set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThetaLabels {
+    pub route: Arc<str>,
+    pub variant: Arc<str>,
+    pub theta: &'static str,
+}
+
 /// One experiment's handles (a route with two variants or more), per variant where
 /// the series is per variant; resolved when the experiment starts.
 #[derive(Debug)]
@@ -251,6 +261,9 @@ pub struct ExperimentMetrics {
     pub tripped: Vec<Gauge>,
     pub evidence: Vec<FloatGauge>,
     pub trips: Vec<Counter>,
+    /// Per variant, per theta: ln of the product of likelihood ratios since the
+    /// experiment started here (what a fleet adds up across pods).
+    pub log_lr: Vec<Vec<FloatGauge>>,
     pub split_mismatch: Gauge,
 }
 
@@ -622,6 +635,12 @@ impl Metrics {
             "log10 of the guardrail's e-value that a candidate is worse than the control (trips at log10(1/alpha))",
             Family::<VariantLabels, FloatGauge>::default(),
         );
+        let log_lr = register(
+            &mut registry,
+            "braid_guardrail_log_lr",
+            "Per relative risk theta: ln of the product of the guardrail's likelihood ratios on this replica since its experiment started; a fleet's evidence is the sum over pods (docs/guardrails.md)",
+            Family::<ThetaLabels, FloatGauge>::default(),
+        );
         let trips = register(
             &mut registry,
             "braid_guardrail_trips",
@@ -652,6 +671,7 @@ impl Metrics {
             weight,
             tripped,
             evidence,
+            log_lr,
             trips,
             split_mismatch,
             registry,
@@ -802,19 +822,43 @@ impl Metrics {
     }
 
     /// An experiment's series, one per variant of `variants`, each set to its start.
-    pub fn experiment(&self, route: &Arc<str>, variants: &[Arc<str>]) -> ExperimentMetrics {
+    /// `thetas` names the relative risks the guardrail's evidence is mixed over.
+    pub fn experiment(
+        &self,
+        route: &Arc<str>,
+        variants: &[Arc<str>],
+        thetas: &[&'static str],
+    ) -> ExperimentMetrics {
         let m = ExperimentMetrics {
             weight: per_variant(&self.weight, route, variants),
             tripped: per_variant(&self.tripped, route, variants),
             evidence: per_variant(&self.evidence, route, variants),
             trips: per_variant(&self.trips, route, variants),
+            log_lr: variants
+                .iter()
+                .map(|v| {
+                    thetas
+                        .iter()
+                        .map(|&theta| {
+                            self.log_lr.get_or_create_owned(&ThetaLabels {
+                                route: route.clone(),
+                                variant: v.clone(),
+                                theta,
+                            })
+                        })
+                        .collect()
+                })
+                .collect(),
             split_mismatch: self.split_mismatch.get_or_create_owned(&RouteLabels {
                 route: route.clone(),
             }),
         };
-        for (t, e) in m.tripped.iter().zip(&m.evidence) {
+        for ((t, e), l) in m.tripped.iter().zip(&m.evidence).zip(&m.log_lr) {
             t.set(0);
             e.set(0.0);
+            l.iter().for_each(|g| {
+                g.set(0.0);
+            });
         }
         m.split_mismatch.set(0);
         m

@@ -9,7 +9,8 @@
 //! A deleted ConfigMap or a missing key keeps the last good config and is reported the
 //! same way. Watch timeouts, 410 Gone (relist), API restarts and 5xx/403 are retried by
 //! the watcher with exponential backoff, never in a hot loop. Until the first good
-//! document arrives, `/readyz` stays 503.
+//! document arrives, `/readyz` stays 503. A second key, the fleet's verdicts
+//! (`verdict.rs`), is read with the document and validated with it.
 
 use std::sync::Arc;
 
@@ -31,6 +32,8 @@ pub struct ConfigMapSource {
     pub name: String,
     /// The key in `data` holding the document.
     pub key: String,
+    /// The key in `data` holding the fleet's verdicts (`braid controller` writes it).
+    pub verdicts_key: String,
     /// A kubeconfig to use instead of in-cluster credentials or `KUBECONFIG`.
     pub kubeconfig: Option<std::path::PathBuf>,
 }
@@ -44,6 +47,7 @@ impl ConfigMapSource {
                     namespace: ns.to_string(),
                     name: name.to_string(),
                     key: key.to_string(),
+                    verdicts_key: super::verdict::DEFAULT_KEY.to_string(),
                     kubeconfig: None,
                 })
             }
@@ -131,12 +135,18 @@ impl ConfigMapSource {
                 last_digest = None;
                 continue;
             };
-            let digest = super::digest(text.as_bytes());
+            let verdicts = published
+                .data
+                .as_ref()
+                .and_then(|d| d.get(&self.verdicts_key))
+                .map(|v| (self.verdicts_key.as_str(), v.as_str()));
+            let digest = super::digest(text.as_bytes())
+                ^ verdicts.map_or(0, |(_, v)| super::digest(v.as_bytes()).rotate_left(1));
             if last_digest == Some(digest) {
                 continue; // metadata-only update, or a relist of the same content
             }
             last_digest = Some(digest);
-            match store.apply(text, &self.describe(), KIND) {
+            match store.apply_with(text, verdicts, &self.describe(), KIND) {
                 Ok(generation) => {
                     self.event(
                         &recorder,

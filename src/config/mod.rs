@@ -10,6 +10,7 @@ pub mod node;
 pub mod schema;
 pub mod store;
 pub mod validate;
+pub mod verdict;
 
 use std::fmt;
 
@@ -86,6 +87,20 @@ pub fn load(text: &str, source: &str) -> Result<Snapshot, Vec<ConfigError>> {
             Err(errs.0)
         }
     }
+}
+
+/// `load`, then the fleet's verdicts (`verdicts`: the ConfigMap key's name and text)
+/// bound to the routes they are for. Either document's errors reject both.
+pub fn load_with(
+    text: &str,
+    verdicts: Option<(&str, &str)>,
+    source: &str,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    let mut snap = load(text, source)?;
+    if let Some((key, v)) = verdicts {
+        verdict::bind(v, key, &mut snap.routes, &mut snap.warnings)?;
+    }
+    Ok(snap)
 }
 
 /// A stable 64-bit digest (FNV-1a): the file source uses it to skip unchanged content.

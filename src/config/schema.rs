@@ -348,7 +348,9 @@ fn guardrail(node: &Node, path: String, errs: &mut Errors) -> Option<GuardrailSp
         .opt("warmup", duration_or_zero)
         .unwrap_or(Duration::from_secs(30));
     let action = obj.opt("action", action).unwrap_or(Action::Rollback);
+    let fleet_max_pods = obj.opt("fleet", fleet);
     obj.finish(&[
+        "fleet",
         "control",
         "errors",
         "slow",
@@ -378,8 +380,18 @@ fn guardrail(node: &Node, path: String, errs: &mut Errors) -> Option<GuardrailSp
             min_bad_events,
             warmup,
             action,
+            fleet_max_pods,
         },
     })
+}
+
+/// `guardrail.fleet: {max_pods: N}`: judged across the fleet by `braid controller`.
+fn fleet(node: &Node, path: String, errs: &mut Errors) -> Option<u32> {
+    let mut obj = Obj::new(node, path, errs)?;
+    let max_pods = obj.req("max_pods", positive_int);
+    obj.finish(&["max_pods"]);
+    let n = max_pods?;
+    Some(n.min(u64::from(u32::MAX)) as u32)
 }
 
 /// A false-trip probability: strictly between 0 and 0.5.

@@ -74,7 +74,18 @@ impl Store {
         source: &str,
         kind: &'static str,
     ) -> Result<u64, Vec<ConfigError>> {
-        match super::load(text, source) {
+        self.apply_with(text, None, source, kind)
+    }
+
+    /// `apply`, with the fleet's verdicts (the key's name and its text) read alongside.
+    pub fn apply_with(
+        &self,
+        text: &str,
+        verdicts: Option<(&str, &str)>,
+        source: &str,
+        kind: &'static str,
+    ) -> Result<u64, Vec<ConfigError>> {
+        match super::load_with(text, verdicts, source) {
             Ok(mut snapshot) => {
                 // Reloads are serialised by their single source task; fetch_add keeps
                 // generations unique even if two sources ever race.

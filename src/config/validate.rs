@@ -367,6 +367,7 @@ fn compile_route(
         }),
         payload_log: spec.payload_log.clone(),
         admission: admission_limits(&spec.admission.clone().unwrap_or_default()),
+        verdicts: Vec::new(),
         fingerprint: {
             let mut s = spec.clone();
             s.at = 0;

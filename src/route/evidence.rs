@@ -34,6 +34,9 @@
 /// Relative risks the guardrail's evidence is mixed over.
 pub const THETAS: [f64; 5] = [1.25, 1.5, 2.0, 3.0, 5.0];
 
+/// `THETAS` as the `theta` label of `braid_guardrail_log_lr`.
+pub const THETA_NAMES: [&str; THETAS.len()] = ["1.25", "1.5", "2", "3", "5"];
+
 /// `ln(exp(a) + exp(b))` without overflow.
 fn log_add(a: f64, b: f64) -> f64 {
     if a == f64::NEG_INFINITY {
@@ -46,25 +49,81 @@ fn log_add(a: f64, b: f64) -> f64 {
     m + ((a - m).exp() + (b - m).exp()).ln()
 }
 
-/// The guardrail's e-process for one candidate against the control.
+/// A mixture over `THETAS` and over start points of products of likelihood ratios:
+/// the arithmetic both the pod's evidence and the fleet's share. A start point is
+/// opened before the observations it covers, with prior weight `1/((k+1)(k+2))` for
+/// the `k`th, so the weights sum to one and the mixture stays a test martingale.
 #[derive(Debug, Clone)]
-pub struct Evidence {
-    /// Per theta: ln of the product since the first event.
+struct Mixture {
+    /// Per theta: ln of the product since the first observation.
     from_start: [f64; THETAS.len()],
     /// Per theta: ln of the start-point mixture `sum_s q_s prod_{s..t}`.
     changepoint: [f64; THETAS.len()],
-    /// Bad events from the pair seen so far (the next start point's index).
-    events: u64,
+    /// Start points opened so far.
+    starts: u64,
 }
 
-impl Default for Evidence {
+impl Default for Mixture {
     fn default() -> Self {
-        Evidence {
+        Mixture {
             from_start: [0.0; THETAS.len()],
             changepoint: [f64::NEG_INFINITY; THETAS.len()],
-            events: 0,
+            starts: 0,
         }
     }
+}
+
+impl Mixture {
+    /// Opens the next start point: from here on its product grows with the others.
+    fn open(&mut self) {
+        let s = self.starts as f64;
+        let log_q = -((s + 1.0) * (s + 2.0)).ln();
+        for c in &mut self.changepoint {
+            *c = log_add(*c, log_q);
+        }
+        self.starts += 1;
+    }
+
+    /// Multiplies every product by its theta's likelihood ratio (given as logarithms).
+    fn add(&mut self, log_lr: &[f64; THETAS.len()]) {
+        for (k, lr) in log_lr.iter().enumerate() {
+            self.from_start[k] += lr;
+            self.changepoint[k] += lr;
+        }
+    }
+
+    /// ln of the e-value: half the start mixture, half the changepoint mixture, each
+    /// averaged over `THETAS`. Start points not opened yet count at their prior weight
+    /// (`1/(n+1)` after `n`): their products are still one.
+    fn log_e(&self) -> f64 {
+        let avg = |xs: &mut dyn Iterator<Item = f64>| {
+            xs.fold(f64::NEG_INFINITY, log_add) - (THETAS.len() as f64).ln()
+        };
+        let unstarted = -(self.starts as f64 + 1.0).ln();
+        let start = avg(&mut self.from_start.iter().copied());
+        let changepoint = avg(&mut self.changepoint.iter().map(|&c| log_add(c, unstarted)));
+        log_add(start, changepoint) - std::f64::consts::LN_2
+    }
+}
+
+/// Per theta, ln of one bad event's likelihood ratio: `candidate` says which arm it
+/// came from, `pi` is the candidate's share of the pair's traffic.
+fn event_log_lr(candidate: bool, pi: f64) -> [f64; THETAS.len()] {
+    THETAS.map(|theta| {
+        let denom = theta * pi + 1.0 - pi;
+        if candidate {
+            (theta / denom).ln()
+        } else {
+            -denom.ln()
+        }
+    })
+}
+
+/// The guardrail's e-process for one candidate against the control.
+#[derive(Debug, Clone, Default)]
+pub struct Evidence {
+    /// One start point per bad event from the pair.
+    mix: Mixture,
 }
 
 impl Evidence {
@@ -75,32 +134,13 @@ impl Evidence {
             // Only one arm could have had it: no information, factor one.
             return;
         }
-        let s = self.events as f64;
-        let log_q = -((s + 1.0) * (s + 2.0)).ln();
-        for (k, &theta) in THETAS.iter().enumerate() {
-            let denom = theta * pi + 1.0 - pi;
-            let log_lr = if candidate {
-                (theta / denom).ln()
-            } else {
-                -denom.ln()
-            };
-            self.from_start[k] += log_lr;
-            self.changepoint[k] = log_add(self.changepoint[k], log_q) + log_lr;
-        }
-        self.events += 1;
+        self.mix.open();
+        self.mix.add(&event_log_lr(candidate, pi));
     }
 
-    /// ln of the e-value: half the start mixture, half the changepoint mixture, each
-    /// averaged over `THETAS`. Start points not reached yet count at their prior weight
-    /// (`1/(n+1)` after `n` events): their products are still one.
+    /// ln of the e-value.
     pub fn log_e(&self) -> f64 {
-        let avg = |xs: &mut dyn Iterator<Item = f64>| {
-            xs.fold(f64::NEG_INFINITY, log_add) - (THETAS.len() as f64).ln()
-        };
-        let unstarted = -(self.events as f64 + 1.0).ln();
-        let start = avg(&mut self.from_start.iter().copied());
-        let changepoint = avg(&mut self.changepoint.iter().map(|&c| log_add(c, unstarted)));
-        log_add(start, changepoint) - std::f64::consts::LN_2
+        self.mix.log_e()
     }
 
     /// log10 of the e-value, as the report and `braid_guardrail_evidence` show it.
@@ -112,10 +152,112 @@ impl Evidence {
     pub fn exceeds(&self, alpha: f64) -> bool {
         self.log_e() >= -alpha.ln()
     }
+
+    /// Per theta, ln of the product of every event's likelihood ratio so far: what a
+    /// fleet adds up across pods (products of disjoint traffic multiply).
+    pub fn log_lr(&self) -> [f64; THETAS.len()] {
+        self.mix.from_start
+    }
+
+    /// Bad events from the pair that carried information.
+    pub fn events(&self) -> u64 {
+        self.mix.starts
+    }
+}
+
+/// The fleet's e-process for one candidate, from the pods' per-theta products.
+///
+/// For each theta the product over pods of each pod's product is the product over
+/// every bad event in the fleet: one pod that saw all the traffic would hold the same
+/// number. Each event moves exactly one pod's factor and, under the null, has
+/// conditional expectation one given everything before it in any pod, so the product
+/// is a test martingale on the fleet's joint history, and so is the mixture over
+/// thetas. A pod's factor that stops (the pod restarted, or left) is a stopped
+/// martingale: it keeps its last value, and the new pod's process is a new factor that
+/// starts at one. Start points for the changepoint half are opened per round, only
+/// after a round that saw a bad event, which is decided before the round's data, so
+/// the mixture's weights are predictable and it stays a test martingale.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct FleetEvidence {
+    #[serde(with = "mixture_serde")]
+    mix: Mixture,
+    /// The last round saw a bad event: the next opens a start point.
+    open_next: bool,
+    /// Bad events counted across the fleet.
+    pub events: u64,
+}
+
+impl FleetEvidence {
+    pub fn new() -> FleetEvidence {
+        FleetEvidence {
+            open_next: true,
+            ..Default::default()
+        }
+    }
+
+    /// One round: `log_lr` per theta is how much the pods' products grew since the last
+    /// round (their logarithms summed), `events` how many bad events that took.
+    pub fn round(&mut self, log_lr: &[f64; THETAS.len()], events: u64) {
+        if self.open_next {
+            self.mix.open();
+        }
+        self.mix.add(log_lr);
+        self.events += events;
+        self.open_next = events > 0;
+    }
+
+    pub fn log10_e(&self) -> f64 {
+        self.mix.log_e() / std::f64::consts::LN_10
+    }
+
+    pub fn exceeds(&self, alpha: f64) -> bool {
+        self.mix.log_e() >= -alpha.ln()
+    }
+
+    /// Whether both hold the same per-theta products (for tests of what a fleet adds).
+    #[cfg(test)]
+    pub fn mix_from_start_equals(&self, other: &FleetEvidence) -> bool {
+        self.mix
+            .from_start
+            .iter()
+            .zip(&other.mix.from_start)
+            .all(|(a, b)| (a - b).abs() < 1e-12)
+    }
+}
+
+/// `Mixture` as three plain fields (the changepoint's -inf as null, JSON has none).
+mod mixture_serde {
+    use super::{Mixture, THETAS};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Plain {
+        from_start: [f64; THETAS.len()],
+        changepoint: [Option<f64>; THETAS.len()],
+        starts: u64,
+    }
+
+    pub fn serialize<S: Serializer>(m: &Mixture, s: S) -> Result<S::Ok, S::Error> {
+        Plain {
+            from_start: m.from_start,
+            changepoint: m.changepoint.map(|c| c.is_finite().then_some(c)),
+            starts: m.starts,
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Mixture, D::Error> {
+        let p = Plain::deserialize(d)?;
+        Ok(Mixture {
+            from_start: p.from_start,
+            changepoint: p.changepoint.map(|c| c.unwrap_or(f64::NEG_INFINITY)),
+            starts: p.starts,
+        })
+    }
 }
 
 /// The sample-ratio-mismatch e-process over assignments.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SplitTest {
     /// Per variant: assignments seen.
     observed: Vec<f64>,
@@ -176,6 +318,38 @@ impl SplitTest {
         self.observed[chosen] += 1.0;
         for (e, s) in self.expected.iter_mut().zip(shares) {
             *e += s;
+        }
+    }
+
+    /// A round of assignments across a fleet: `observed[k]` went to variant `k`, whose
+    /// shares over the same assignments summed to `expected[k]`. With the shares
+    /// constant within the round the counts are multinomial under the null, and the
+    /// plug-in alternative's ratio (fixed before the round) has expectation one.
+    pub fn observe_counts(&mut self, observed: &[f64], expected: &[f64]) {
+        let total: f64 = expected.iter().sum();
+        if total <= 0.0 || observed.len() != self.observed.len() {
+            return;
+        }
+        let ratio = |k: usize| (self.observed[k] + 1.0) / (self.expected[k] + 1.0);
+        let norm: f64 = expected
+            .iter()
+            .enumerate()
+            .map(|(k, e)| e / total * ratio(k))
+            .sum();
+        if norm > 0.0 {
+            let log_lr: f64 = observed
+                .iter()
+                .enumerate()
+                .filter(|&(k, n)| *n > 0.0 && expected[k] > 0.0)
+                .map(|(k, n)| n * (ratio(k) / norm).ln())
+                .sum();
+            self.fold();
+            self.log_e += log_lr;
+            self.fold();
+        }
+        for k in 0..self.observed.len() {
+            self.observed[k] += observed[k];
+            self.expected[k] += expected[k];
         }
     }
 
@@ -279,6 +453,41 @@ impl Latencies {
         self.count
     }
 
+    /// The buckets that hold something, as (index, count): what a pod reports so a
+    /// fleet can add its latencies up.
+    pub fn sparse(&self) -> Vec<(usize, u64)> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (i, *n))
+            .collect()
+    }
+
+    /// Adds buckets given as `sparse` gives them (an index out of range is ignored).
+    pub fn add_sparse(&mut self, buckets: &[(usize, u64)]) {
+        for &(i, n) in buckets {
+            if let Some(b) = self.buckets.get_mut(i) {
+                *b += n;
+                self.count += n;
+            }
+        }
+    }
+
+    /// What was recorded since `earlier` (a copy of these latencies taken before).
+    pub fn since(&self, earlier: &Latencies) -> Latencies {
+        let buckets: Vec<u64> = self
+            .buckets
+            .iter()
+            .zip(&earlier.buckets)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect();
+        Latencies {
+            count: buckets.iter().sum(),
+            buckets,
+        }
+    }
+
     /// The `q` quantile in seconds (the upper edge of its bucket); `None` when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         if self.count == 0 {
@@ -352,6 +561,69 @@ pub(crate) mod sim {
                 candidate_bad += u64::from(on_candidate);
                 if candidate_bad >= min_bad && ev.exceeds(alpha) {
                     return Some(i + 1);
+                }
+            }
+        }
+        None
+    }
+
+    /// One simulated fleet, as `braid controller` judges it: requests spread round-robin
+    /// over `pods`, each pod with its own evidence and a local breaker at
+    /// `alpha / (2 max_pods)`, the controller adding the pods' products every `round`
+    /// fleet requests and tripping at `alpha / 2`. Each request restarts its pod with
+    /// probability `restart` (a new factor; the old one keeps its last value), at most
+    /// until `max_pods` lifetimes. Returns the fleet request at which either decision
+    /// trips, and whether the fleet's test (not a pod's breaker) did.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fleet(
+        rng: &mut Rng,
+        pods: usize,
+        requests: u64,
+        round: u64,
+        restart: f64,
+        alpha: f64,
+        (max_pods, min_bad): (usize, u64),
+        (share, control_rate, candidate_rate): (f64, f64, f64),
+    ) -> Option<(u64, bool)> {
+        let local_alpha = alpha / (2.0 * max_pods as f64);
+        let mut lives = pods;
+        // Per pod: its evidence, candidate bad events, and the products already added.
+        let mut pod: Vec<(Evidence, u64, [f64; THETAS.len()], u64)> = (0..pods)
+            .map(|_| (Evidence::default(), 0, [0.0; THETAS.len()], 0))
+            .collect();
+        let mut fleet = FleetEvidence::new();
+        let mut candidate_bad = 0;
+        for i in 0..requests {
+            let p = &mut pod[(i % pods as u64) as usize];
+            if lives < max_pods && rng.f64() < restart {
+                // The old factor is frozen where the controller last read it.
+                *p = (Evidence::default(), 0, [0.0; THETAS.len()], 0);
+                lives += 1;
+            }
+            let on_candidate = rng.f64() < share;
+            let rate = if on_candidate { candidate_rate } else { control_rate };
+            if rng.f64() < rate {
+                p.0.observe(on_candidate, share);
+                p.1 += u64::from(on_candidate);
+                candidate_bad += u64::from(on_candidate);
+                if p.1 >= min_bad && p.0.exceeds(local_alpha) {
+                    return Some((i + 1, false));
+                }
+            }
+            if (i + 1) % round == 0 {
+                let mut delta = [0.0; THETAS.len()];
+                let mut events = 0;
+                for p in &mut pod {
+                    let now = p.0.log_lr();
+                    for k in 0..THETAS.len() {
+                        delta[k] += now[k] - p.2[k];
+                    }
+                    events += p.0.events() - p.3;
+                    (p.2, p.3) = (now, p.0.events());
+                }
+                fleet.round(&delta, events);
+                if candidate_bad >= min_bad && fleet.exceeds(alpha / 2.0) {
+                    return Some((i + 1, true));
                 }
             }
         }
@@ -593,6 +865,124 @@ mod tests {
     }
 
     /// The table in docs/guardrails.md: `cargo test --release --lib guardrail_table --
+    /// 10,000 seeded A/A fleets of 8 pods, whose pods restart now and then, trip (by the
+    /// fleet's test or any pod's breaker) no more often than alpha, with a binomial
+    /// margin of three standard deviations.
+    #[test]
+    fn a_a_fleets_with_restarts_trip_at_most_alpha() {
+        let (alpha, runs) = (0.05, 10_000u64);
+        let mut rng = Rng(37);
+        let mut trips = 0;
+        for _ in 0..runs {
+            let t = fleet(&mut rng, 8, 4_000, 20, 1e-3, alpha, (16, 1), (0.5, 0.03, 0.03));
+            trips += u64::from(t.is_some());
+        }
+        let margin = 3.0 * (runs as f64 * alpha * (1.0 - alpha)).sqrt();
+        assert!(
+            trips as f64 <= alpha * runs as f64 + margin,
+            "{trips} false trips in {runs} A/A fleets at alpha {alpha}"
+        );
+    }
+
+    /// The fleet finds a candidate that fails 20% of its requests (the control none)
+    /// after about as many fleet requests as one pod that saw all the traffic, and
+    /// far sooner than the first of 8 pods judging alone.
+    #[test]
+    fn a_fleet_finds_a_failing_candidate_as_soon_as_one_pod_with_all_the_traffic() {
+        let median = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        let (mut one, mut eight, mut alone) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rng = Rng(2026);
+        for _ in 0..200 {
+            let g = (10, (0.5, 0.0, 0.2));
+            one.push(fleet(&mut rng, 1, 100_000, 1, 0.0, 0.001, (1, g.0), g.1).unwrap().0);
+            let (at, by_fleet) =
+                fleet(&mut rng, 8, 100_000, 10, 0.0, 0.001, (16, g.0), g.1).unwrap();
+            assert!(by_fleet, "a pod's breaker tripped before the fleet, at {at}");
+            eight.push(at);
+            // Each of 8 pods alone at alpha: the first trips when its 1/8 has enough.
+            alone.push(8 * run(&mut rng, 100_000, 0.001, 10, |_| 0.5, 0.0, |_| 0.2).unwrap());
+        }
+        let (one, eight, alone) = (median(one), median(eight), median(alone));
+        assert!(eight as f64 <= 1.5 * one as f64, "fleet {eight}, one pod {one}");
+        assert!(alone > 3 * eight, "pods alone {alone}, fleet {eight}");
+    }
+
+    /// The figures docs/guardrails.md prints for fleet mode: `cargo test --release --lib
+    /// fleet_table -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "prints the docs' fleet table"]
+    fn fleet_table() {
+        for alpha in [0.05, 0.01] {
+            let mut rng = Rng(37);
+            let (mut trips, mut by_pod) = (0, 0);
+            for _ in 0..10_000 {
+                if let Some((_, by_fleet)) =
+                    fleet(&mut rng, 8, 4_000, 20, 1e-3, alpha, (16, 1), (0.5, 0.03, 0.03))
+                {
+                    trips += 1;
+                    by_pod += u64::from(!by_fleet);
+                }
+            }
+            println!("A/A alpha {alpha}: {trips} of 10,000 fleets tripped ({by_pod} by a pod's breaker)");
+        }
+        let q = |mut v: Vec<u64>, p: f64| {
+            v.sort_unstable();
+            v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+        };
+        let mut rng = Rng(2026);
+        let g = (10, (0.5, 0.0, 0.2));
+        let (mut one, mut eight, mut first, mut last) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..1_000 {
+            one.push(fleet(&mut rng, 1, 100_000, 1, 0.0, 0.001, (1, g.0), g.1).unwrap().0);
+            eight.push(fleet(&mut rng, 8, 100_000, 10, 0.0, 0.001, (16, g.0), g.1).unwrap().0);
+            let alone: Vec<u64> = (0..8)
+                .map(|_| 8 * run(&mut rng, 100_000, 0.001, 10, |_| 0.5, 0.0, |_| 0.2).unwrap())
+                .collect();
+            first.push(*alone.iter().min().unwrap());
+            last.push(*alone.iter().max().unwrap());
+        }
+        for (name, v) in [("one pod, all traffic", one), ("fleet of 8", eight), ("first of 8 alone", first), ("last of 8 alone", last)] {
+            println!("| {name} | {} | {} |", q(v.clone(), 0.5), q(v, 0.95));
+        }
+    }
+
+    /// The fleet's split check flags a skew in the summed counts and stays quiet on a
+    /// fair split over many rounds.
+    #[test]
+    fn fleet_split_counts_flag_a_skew_only() {
+        let mut rng = Rng(11);
+        let mut fair = SplitTest::new(2);
+        let mut skewed = SplitTest::new(2);
+        for _ in 0..200 {
+            let n = 50.0;
+            let a = (0..50).filter(|_| rng.f64() < 0.5).count() as f64;
+            fair.observe_counts(&[a, n - a], &[25.0, 25.0]);
+            let b = (0..50).filter(|_| rng.f64() < 0.56).count() as f64;
+            skewed.observe_counts(&[b, n - b], &[25.0, 25.0]);
+        }
+        assert!(!fair.mismatch(), "{}", fair.log10_e());
+        assert!(skewed.mismatch(), "{}", skewed.log10_e());
+    }
+
+    /// The fleet's evidence survives a trip through JSON (the controller keeps it in its
+    /// Lease for the next leader), changepoint's minus infinity included.
+    #[test]
+    fn fleet_evidence_round_trips_through_json() {
+        let mut f = FleetEvidence::new();
+        let before = serde_json::to_string(&f).unwrap();
+        assert_eq!(
+            serde_json::from_str::<FleetEvidence>(&before).unwrap().log10_e(),
+            f.log10_e()
+        );
+        f.round(&event_log_lr(true, 0.3), 1);
+        let back: FleetEvidence = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+        assert_eq!(back.log10_e(), f.log10_e());
+        assert_eq!(back.events, 1);
+    }
+
     /// --ignored --nocapture`.
     #[test]
     #[ignore = "prints the docs' detection table; takes a minute in release"]

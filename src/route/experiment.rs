@@ -33,8 +33,14 @@ pub struct Guardrail {
     pub slow_ttft: Option<Duration>,
     /// A generation slower than this per output token (after the first) counts as bad.
     pub slow_tpot: Option<Duration>,
-    /// False-trip probability per replica and candidate.
+    /// False-trip probability per candidate: per replica alone, for the whole fleet in
+    /// fleet mode.
     pub alpha: f64,
+    /// Fleet mode (`guardrail.fleet.max_pods`): `braid controller` judges the fleet at
+    /// `alpha / 2`, and this replica's own guardrail is a fast local breaker at
+    /// `alpha / (2 max_pods)`, so that across up to `max_pods` pod lifetimes the
+    /// chance of any false trip stays at `alpha` (a union bound).
+    pub fleet_max_pods: Option<u32>,
     /// A candidate needs this many bad events before it can trip.
     pub min_bad_events: u64,
     /// Requests are not watched for this long after the experiment starts.
@@ -58,6 +64,51 @@ impl Action {
         }
     }
 }
+
+impl Guardrail {
+    /// The level this replica's own guardrail trips at.
+    pub fn local_alpha(&self) -> f64 {
+        match self.fleet_max_pods {
+            Some(n) => self.alpha / (2.0 * f64::from(n.max(1))),
+            None => self.alpha,
+        }
+    }
+}
+
+/// The fleet's decision about a candidate, written into the ConfigMap by `braid
+/// controller` and applied by every replica from the config generation that carries it:
+/// the candidate's weight becomes 0 (`rollback`) or stays at `weight` (`hold`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub action: Action,
+    /// The weight `hold` keeps.
+    pub weight: f64,
+    pub reason: String,
+    pub evidence_log10: Option<f64>,
+    /// When the controller decided (RFC 3339), as it wrote it.
+    pub at: String,
+}
+
+/// This process's identity in reports: a restarted pod is a new instance, so a fleet
+/// never adds its counts to the old ones.
+pub fn instance() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let seed = format!("{now}-{}", std::process::id());
+        format!(
+            "{:016x}",
+            crate::hash::fnv1a(crate::hash::FNV_OFFSET, seed.as_bytes())
+        )
+    })
+}
+
+/// Numbers each experiment state this process starts (at start, reload or reset), so
+/// `(instance, epoch)` names one run of counts and evidence.
+static EPOCHS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The weights in force for a route at one moment.
 #[derive(Debug)]
@@ -118,6 +169,8 @@ struct Served {
 struct State {
     /// When watching began (start, reload, reset), for the warmup.
     started: Instant,
+    /// This run of counts and evidence, unique in the process.
+    epoch: u64,
     trips: Vec<Option<Trip>>,
     /// Per variant: evidence against it (candidates only).
     evidence: Vec<Evidence>,
@@ -131,6 +184,7 @@ impl State {
     fn new(variants: usize) -> State {
         State {
             started: Instant::now(),
+            epoch: EPOCHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             trips: (0..variants).map(|_| None).collect(),
             evidence: vec![Evidence::default(); variants],
             watched: vec![(0, 0); variants],
@@ -146,6 +200,11 @@ pub struct Experiment {
     /// Per variant: configured weight and ramp.
     base: Vec<(f64, Option<Ramp>)>,
     guardrail: Option<Guardrail>,
+    /// The route's settings digest: a fleet judges one experiment across pods only where
+    /// their digests agree, and a verdict names the experiment it is for.
+    fingerprint: u64,
+    /// Per variant: the fleet's verdict in force, from the config generation in force.
+    verdicts: Mutex<Vec<Option<Verdict>>>,
     current: ArcSwap<Weights>,
     state: Mutex<State>,
     metrics: ExperimentMetrics,
@@ -173,9 +232,11 @@ impl Experiment {
             .collect();
         let state = State::new(names.len());
         let e = Experiment {
-            metrics: metrics.experiment(&route.name, &names),
+            metrics: metrics.experiment(&route.name, &names, &super::evidence::THETA_NAMES),
             route: route.name.clone(),
             guardrail: route.guardrail.clone(),
+            fingerprint: route.fingerprint,
+            verdicts: Mutex::new(route.verdicts.clone()),
             // Replaced before anyone can read it: the weights need the rest of `e`.
             current: ArcSwap::from_pointee(Weights {
                 chooser: route.chooser.clone(),
@@ -201,6 +262,29 @@ impl Experiment {
         }
     }
 
+    /// Installs the fleet's verdicts of a newly loaded config (the experiment itself is
+    /// kept: its settings did not change).
+    pub fn set_verdicts(&self, verdicts: &[Option<Verdict>]) {
+        let st = lock(&self.state);
+        let mut v = lock(&self.verdicts);
+        if v.as_slice() == verdicts {
+            return;
+        }
+        for (i, new) in verdicts.iter().enumerate() {
+            if new.is_some() && v.get(i).is_none_or(Option::is_none) {
+                tracing::warn!(
+                    route = %self.route,
+                    variant = %self.names[i],
+                    "fleet verdict applied: {}",
+                    new.as_ref().map_or("", |n| n.reason.as_str())
+                );
+            }
+        }
+        *v = verdicts.to_vec();
+        drop(v);
+        self.refresh(&st);
+    }
+
     fn refresh(&self, st: &State) -> Arc<Weights> {
         let w = Arc::new(self.compute(st, SystemTime::now()));
         self.current.store(w.clone());
@@ -210,15 +294,19 @@ impl Experiment {
     fn compute(&self, st: &State, now: SystemTime) -> Weights {
         let mut next_change: Option<SystemTime> = None;
         let mut positions = Vec::with_capacity(self.base.len());
+        let verdicts = lock(&self.verdicts);
         let mut weights: Vec<f64> = self
             .base
             .iter()
             .zip(&st.trips)
-            .map(|((w, ramp), trip)| {
+            .enumerate()
+            .map(|(i, ((w, ramp), trip))| {
+                let verdict = verdicts.get(i).and_then(Option::as_ref);
                 let (w, pos) = match ramp {
                     Some(r) => {
                         let (w, pos) = r.at(*w, now);
                         if trip.is_none()
+                            && verdict.is_none()
                             && let Some(at) = r.next_change(now)
                         {
                             next_change = Some(next_change.map_or(at, |n| n.min(at)));
@@ -228,6 +316,12 @@ impl Experiment {
                     None => (*w, None),
                 };
                 positions.push(pos);
+                if let Some(v) = verdict {
+                    return match v.action {
+                        Action::Rollback => 0.0,
+                        Action::Hold => v.weight,
+                    };
+                }
                 match (trip, &self.guardrail) {
                     (Some(_), Some(g)) if g.action == Action::Rollback => 0.0,
                     (Some(t), _) => t.weight,
@@ -307,26 +401,32 @@ impl Experiment {
             return;
         }
         let w = &o.weights.weights;
+        // Candidates the fleet decided are no longer watched, as tripped ones are not.
+        let decided: Vec<bool> = {
+            let v = lock(&self.verdicts);
+            (0..self.names.len())
+                .map(|c| st.trips[c].is_some() || v.get(c).is_some_and(Option::is_some))
+                .collect()
+        };
         let pi = |c: usize| {
             let pair = w[c] + w[g.control];
             if pair > 0.0 { w[c] / pair } else { 0.0 }
         };
         if a == g.control {
             for c in 0..self.names.len() {
-                if c != g.control && st.trips[c].is_none() {
+                if c != g.control && !decided[c] {
                     st.evidence[c].observe(false, pi(c));
-                    self.metrics.evidence[c].set(st.evidence[c].log10_e());
+                    self.publish(&st, c);
                 }
             }
             return;
         }
-        if st.trips[a].is_some() {
+        if decided[a] {
             return;
         }
         st.evidence[a].observe(true, pi(a));
-        let e = st.evidence[a].log10_e();
-        self.metrics.evidence[a].set(e);
-        if st.watched[a].1 >= g.min_bad_events && st.evidence[a].exceeds(g.alpha) {
+        let e = self.publish(&st, a);
+        if st.watched[a].1 >= g.min_bad_events && st.evidence[a].exceeds(g.local_alpha()) {
             st.trips[a] = Some(Trip {
                 at: SystemTime::now(),
                 weight: w[a],
@@ -346,13 +446,32 @@ impl Experiment {
         }
     }
 
+    /// Sets a candidate's evidence gauges; returns its log10 e-value.
+    fn publish(&self, st: &State, c: usize) -> f64 {
+        let e = st.evidence[c].log10_e();
+        self.metrics.evidence[c].set(e);
+        for (g, l) in self.metrics.log_lr[c].iter().zip(st.evidence[c].log_lr()) {
+            g.set(l);
+        }
+        e
+    }
+
     /// Forgets every trip, count and piece of evidence, as a config change does.
     pub fn reset(&self) {
         let mut st = lock(&self.state);
         *st = State::new(self.names.len());
-        for (t, e) in self.metrics.tripped.iter().zip(&self.metrics.evidence) {
+        for ((t, e), l) in self
+            .metrics
+            .tripped
+            .iter()
+            .zip(&self.metrics.evidence)
+            .zip(&self.metrics.log_lr)
+        {
             t.set(0);
             e.set(0.0);
+            l.iter().for_each(|g| {
+                g.set(0.0);
+            });
         }
         self.metrics.split_mismatch.set(0);
         self.refresh(&st);
@@ -368,6 +487,7 @@ impl Experiment {
         let now = SystemTime::now();
         let w = self.weights();
         let st = lock(&self.state);
+        let verdicts = lock(&self.verdicts).clone();
         let g = self.guardrail.as_ref();
         let warming = g.is_some_and(|g| st.started.elapsed() < g.warmup);
         let control = g.map(|g| g.control);
@@ -405,15 +525,27 @@ impl Experiment {
                     if i == g.control {
                         return json!({"state": "control"});
                     }
-                    let state = match &st.trips[i] {
-                        Some(_) => "tripped",
-                        None if warming => "warmup",
-                        None => "watching",
+                    let verdict = verdicts.get(i).and_then(Option::as_ref);
+                    let (state, by) = match (&st.trips[i], verdict) {
+                        (_, Some(_)) => ("tripped", Some("fleet")),
+                        (Some(_), None) => ("tripped", Some("replica")),
+                        (None, None) if warming => ("warmup", None),
+                        (None, None) => ("watching", None),
                     };
                     json!({
                         "state": state,
+                        "tripped_by": by,
+                        "verdict": verdict.map(|v| json!({
+                            "action": v.action.name(),
+                            "weight": v.weight,
+                            "reason": v.reason,
+                            "evidence_log10": v.evidence_log10,
+                            "at": v.at,
+                        })),
                         "evidence_log10": st.evidence[i].log10_e(),
-                        "trips_at_log10": -g.alpha.log10(),
+                        "trips_at_log10": -g.local_alpha().log10(),
+                        "log_lr": st.evidence[i].log_lr(),
+                        "evidence_events": st.evidence[i].events(),
                         "bad_events": bad,
                         "tripped_at": st.trips[i].as_ref().map(|t| rfc3339(t.at)),
                         "evidence_at_trip_log10": st.trips[i].as_ref().map(|t| t.evidence),
@@ -446,6 +578,14 @@ impl Experiment {
                             .then(|| served.output_tokens as f64 / served.generating.as_secs_f64()),
                     })),
                     "watched": {"requests": watched, "bad": bad, "bad_rate": rate(bad, watched)},
+                    // What a fleet adds up: the buckets behind the quantiles above.
+                    "histograms": {
+                        "latency": served.latency.sparse(),
+                        "ttft": served.ttft.sparse(),
+                        "tpot": served.tpot.sparse(),
+                        "output_tokens": served.output_tokens,
+                        "generating_s": served.generating.as_secs_f64(),
+                    },
                     "vs_control": vs_control,
                     "guardrail": guardrail,
                 })
@@ -455,13 +595,22 @@ impl Experiment {
             .split
             .counts()
             .zip(&self.names)
-            .map(|((o, e), n)| json!({"name": &**n, "assigned": o, "expected": (e * 10.0).round() / 10.0}))
+            .map(|((o, e), n)| json!({"name": &**n, "assigned": o, "expected": (e * 10.0).round() / 10.0, "expected_sum": e}))
             .collect();
         json!({
             "route": &*self.route,
+            // Names this run of counts: a fleet adds each (instance, epoch) once, and only
+            // across pods whose `fingerprint` (the route's settings) agrees.
+            "run": {
+                "instance": instance(),
+                "epoch": st.epoch,
+                "fingerprint": format!("{:016x}", self.fingerprint),
+            },
             "control": control.map(|c| &*self.names[c]),
             "guardrail": g.map(|g| json!({
                 "alpha": g.alpha,
+                "local_alpha": g.local_alpha(),
+                "fleet_max_pods": g.fleet_max_pods,
                 "errors": g.errors,
                 "slow_ms": g.slow.map(|s| s.as_secs_f64() * 1e3),
                 "slow_ttft_ms": g.slow_ttft.map(|s| s.as_secs_f64() * 1e3),

@@ -189,7 +189,10 @@ impl Registry {
                 }),
                 experiment: (route.variants.len() > 1).then(|| {
                     match st.experiments.get(&route.name) {
-                        Some((f, e)) if *f == route.fingerprint => e.clone(),
+                        Some((f, e)) if *f == route.fingerprint => {
+                            e.set_verdicts(&route.verdicts);
+                            e.clone()
+                        }
                         _ => {
                             let e = Arc::new(Experiment::new(route, &self.metrics));
                             st.experiments

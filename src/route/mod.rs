@@ -64,6 +64,10 @@ pub struct Route {
     /// Digest of the route's settings: an experiment (its trips, evidence and counts)
     /// starts afresh when they change.
     pub fingerprint: u64,
+    /// Per variant: the fleet's verdict on it, from the ConfigMap's verdicts key (empty
+    /// when there are none). Not part of `fingerprint`: a verdict changes the weights,
+    /// not the experiment.
+    pub verdicts: Vec<Option<experiment::Verdict>>,
 }
 
 /// A route's shadow traffic: a copy of `fraction` of requests goes to `variant`.

@@ -28,6 +28,7 @@ async fn proxy_on(api: &FakeApi) -> TestProxy {
         namespace: NS.into(),
         name: NAME.into(),
         key: "braid.yaml".into(),
+        verdicts_key: braid::config::verdict::DEFAULT_KEY.into(),
         kubeconfig: Some(api.kubeconfig.clone()),
     });
     TestProxy::start_at(&path, opts).await

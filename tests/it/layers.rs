@@ -28,6 +28,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("admin", 4),
     ("probe", 4),
     ("inject", 4),
+    ("fleet", 4),
     ("run", 5),
     ("demo", 5),
     ("cli", 5),

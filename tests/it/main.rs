@@ -15,6 +15,7 @@ mod docs;
 
 mod executor;
 mod experiments;
+mod fleet;
 mod fuzz;
 mod gemma;
 mod generation;

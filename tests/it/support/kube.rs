@@ -1,7 +1,9 @@
 //! A fake Kubernetes API server speaking the real wire format for what braid and
 //! kubectl use: discovery (`/version`, `/api`, `/apis`, `/api/v1`, `/apis/events.k8s.io/v1`),
 //! ConfigMaps (get, list, watch with resourceVersion and field selectors, bookmarks,
-//! create, merge patch, replace, delete), and Events (create). Faults can be injected:
+//! create, merge patch, replace with optimistic concurrency, delete), Events (create),
+//! and, for `braid controller`, Pods and EndpointSlices (list by label selector) and
+//! coordination Leases (get, create, replace with optimistic concurrency). Faults can be injected:
 //! the next requests answer a given status, history is compacted so old
 //! resourceVersions get 410 Gone, and the server can be stopped and restarted on the
 //! same port. Its fidelity is checked by driving it with the real `kubectl`.
@@ -42,6 +44,13 @@ struct State {
     /// Oldest resourceVersion a watch may start from.
     compacted_to: u64,
     events: Vec<Value>,
+    /// Pods, EndpointSlices and Leases by (resource, namespace, name).
+    objects: BTreeMap<(String, String, String), Value>,
+    /// A change committed to a ConfigMap just before the next replace of it is
+    /// handled, as a person's edit racing the writer: (namespace, name, key, value).
+    race: Option<(String, String, String, String)>,
+    /// Replaces answered 409 Conflict for a stale resourceVersion.
+    conflicts: usize,
     /// Statuses for the next requests (outside discovery), in order.
     faults: Vec<u16>,
     requests: Vec<String>,
@@ -221,6 +230,53 @@ impl FakeApi {
     /// How many watch requests have been subscribed to changes so far.
     pub fn watches(&self) -> usize {
         self.state.lock().unwrap().watching
+    }
+
+    /// Creates or replaces a Pod that `braid controller` finds by its labels: running,
+    /// at `ip`, with braid's admin port named as `braid inject` names it.
+    pub fn put_pod(&self, ns: &str, name: &str, labels: &[(&str, &str)], ip: &str, admin_port: u16) {
+        let labels: serde_json::Map<String, Value> =
+            labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        let obj = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels, "uid": format!("uid-{name}")},
+            "spec": {"containers": [{"name": "braid", "ports": [{"name": "braid-admin", "containerPort": admin_port}]}]},
+            "status": {"phase": "Running", "podIP": ip}});
+        self.put_object("pods", ns, name, obj);
+    }
+
+    pub fn delete_pod(&self, ns: &str, name: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.objects.remove(&("pods".into(), ns.into(), name.into()));
+    }
+
+    /// Creates or replaces any object of `resource` (pods, endpointslices, leases).
+    pub fn put_object(&self, resource: &str, ns: &str, name: &str, mut obj: Value) {
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        s.objects.insert((resource.into(), ns.into(), name.into()), obj);
+    }
+
+    pub fn object(&self, resource: &str, ns: &str, name: &str) -> Option<Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .get(&(resource.into(), ns.into(), name.into()))
+            .cloned()
+    }
+
+    /// Just before the next replace of this ConfigMap is handled, sets `key` to
+    /// `value` in it (a person's edit landing first): the replace then carries a
+    /// stale resourceVersion and is answered 409.
+    pub fn race_next_replace(&self, ns: &str, name: &str, key: &str, value: &str) {
+        self.state.lock().unwrap().race =
+            Some((ns.into(), name.into(), key.into(), value.into()));
+    }
+
+    /// Replaces answered 409 Conflict so far.
+    pub fn conflicts(&self) -> usize {
+        self.state.lock().unwrap().conflicts
     }
 
     /// How many watches were answered 410 Gone.
@@ -507,6 +563,31 @@ async fn handle(
                 Method::PUT => {
                     let body = read_json(req).await;
                     let mut s = state.lock().unwrap();
+                    if let Some((rns, rname, key, value)) = s.race.clone()
+                        && rns == ns
+                        && rname == name
+                        && let Some(mut cm) = s.configmaps.get(&(ns.clone(), name.clone())).cloned()
+                    {
+                        s.race = None;
+                        cm["data"][key] = json!(value);
+                        commit(&mut s, &changes, &ns, &name, Some(cm), "MODIFIED");
+                    }
+                    let current = s
+                        .configmaps
+                        .get(&(ns.clone(), name.clone()))
+                        .map(|o| o["metadata"]["resourceVersion"].clone());
+                    let sent = &body["metadata"]["resourceVersion"];
+                    if let Some(current) = current
+                        && sent.is_string()
+                        && *sent != current
+                    {
+                        s.conflicts += 1;
+                        return status(
+                            409,
+                            "Conflict",
+                            &format!("Operation cannot be fulfilled on configmaps \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+                        );
+                    }
                     let obj = commit(&mut s, &changes, &ns, &name, Some(body), "MODIFIED").unwrap();
                     json_response(200, &obj)
                 }
@@ -541,6 +622,77 @@ async fn handle(
                 _ => status(405, "MethodNotAllowed", "method not allowed"),
             }
         }
+        ["api", "v1", "namespaces", ns, "pods"]
+        | ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices"]
+        | ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"] => {
+            let resource = parts[parts.len() - 1].to_string();
+            let ns = ns.to_string();
+            let kind = match resource.as_str() {
+                "pods" => "Pod",
+                "endpointslices" => "EndpointSlice",
+                _ => "Lease",
+            };
+            let api_version = match resource.as_str() {
+                "pods" => "v1",
+                "endpointslices" => "discovery.k8s.io/v1",
+                _ => "coordination.k8s.io/v1",
+            };
+            if method == Method::POST {
+                let mut body = read_json(req).await;
+                let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let mut s = state.lock().unwrap();
+                let key = (resource.clone(), ns.clone(), name.clone());
+                if s.objects.contains_key(&key) {
+                    return status(409, "AlreadyExists", &format!("{resource} \"{name}\" already exists"));
+                }
+                s.rv += 1;
+                body["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+                body["metadata"]["namespace"] = json!(ns);
+                body["apiVersion"] = json!(api_version);
+                body["kind"] = json!(kind);
+                s.objects.insert(key, body.clone());
+                return json_response(201, &body);
+            }
+            let s = state.lock().unwrap();
+            let items: Vec<Value> = s
+                .objects
+                .iter()
+                .filter(|((r, n, _), o)| *r == resource && *n == ns && labels_match(q.get("labelSelector"), o))
+                .map(|(_, o)| o.clone())
+                .collect();
+            json_response(
+                200,
+                &json!({"kind": format!("{kind}List"), "apiVersion": api_version,
+                    "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+            )
+        }
+        ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name] => {
+            let key = ("leases".to_string(), ns.to_string(), name.to_string());
+            match method {
+                Method::GET => match state.lock().unwrap().objects.get(&key) {
+                    Some(o) => json_response(200, o),
+                    None => status(404, "NotFound", &format!("leases.coordination.k8s.io \"{name}\" not found")),
+                },
+                Method::PUT => {
+                    let mut body = read_json(req).await;
+                    let mut s = state.lock().unwrap();
+                    let Some(current) = s.objects.get(&key).map(|o| o["metadata"]["resourceVersion"].clone()) else {
+                        return status(404, "NotFound", &format!("leases.coordination.k8s.io \"{name}\" not found"));
+                    };
+                    if body["metadata"]["resourceVersion"] != current {
+                        s.conflicts += 1;
+                        return status(409, "Conflict", &format!("Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified"));
+                    }
+                    s.rv += 1;
+                    body["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+                    body["apiVersion"] = json!("coordination.k8s.io/v1");
+                    body["kind"] = json!("Lease");
+                    s.objects.insert(key, body.clone());
+                    json_response(200, &body)
+                }
+                _ => status(405, "MethodNotAllowed", "method not allowed"),
+            }
+        }
         ["api", "v1", "namespaces", _, "events"]
         | ["apis", "events.k8s.io", "v1", "namespaces", _, "events"]
             if method == Method::POST =>
@@ -563,6 +715,18 @@ async fn handle(
             "the server could not find the requested resource",
         ),
     }
+}
+
+/// Equality label selectors (`app=x,tier=y`), the form `braid controller` is given in
+/// the tests.
+fn labels_match(selector: Option<&String>, obj: &Value) -> bool {
+    let Some(sel) = selector else {
+        return true;
+    };
+    sel.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let (k, v) = term.split_once('=').unwrap_or((term, ""));
+        obj["metadata"]["labels"][k.trim()] == v.trim_start_matches('=').trim()
+    })
 }
 
 async fn read_json(req: Request<Incoming>) -> Value {
