@@ -498,6 +498,7 @@ impl Experiment {
                         "tripped_by": verdict.is_some().then_some("fleet"),
                         "verdict": verdict,
                         "evidence_log10": self.evidence[i].log10_e(),
+                        "evidence_from_start_log10": self.evidence[i].from_start_log10(),
                         "trips_at_log10": -(alpha / 2.0).log10(),
                         "bad_events": self.bad[i],
                         "replicas_tripped": self.view.tripped_by_replica.get(i),

@@ -210,6 +210,18 @@ impl FleetEvidence {
         self.mix.log_e() / std::f64::consts::LN_10
     }
 
+    /// log10 of the "from the start" half alone (a lower bound of the e-value): what a
+    /// PromQL sum over the pods' `braid_guardrail_log_lr` computes.
+    pub fn from_start_log10(&self) -> f64 {
+        let sum = self
+            .mix
+            .from_start
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, log_add);
+        (sum - (2.0 * THETAS.len() as f64).ln()) / std::f64::consts::LN_10
+    }
+
     pub fn exceeds(&self, alpha: f64) -> bool {
         self.mix.log_e() >= -alpha.ln()
     }

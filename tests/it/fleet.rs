@@ -14,13 +14,13 @@ use serde_json::Value;
 use crate::support::kube::FakeApi;
 use crate::support::*;
 
-const NS: &str = "ml";
-const CM: &str = "braid";
+pub(crate) const NS: &str = "ml";
+pub(crate) const CM: &str = "braid";
 const USERS: u64 = 500;
 
 /// Control always answers; the candidate fails every 5th request (20%). 50/50 by a
 /// sticky user key; the guardrail at alpha 0.001, in fleet mode or not.
-fn config(control: &Backend, candidate: &Backend, fleet: bool) -> String {
+pub(crate) fn config(control: &Backend, candidate: &Backend, fleet: bool) -> String {
     format!(
         "routes:\n  - path_prefix: /\n    sticky_header: x-user-id\n    variants:\n      - {{name: control, weight: 50, backend: \"{}\"}}\n      - {{name: candidate, weight: 50, backend: \"{}\"}}\n    guardrail: {{control: control, warmup: 0s, min_bad_events: 10, alpha: 0.001{}}}\n",
         control.url(),
@@ -29,14 +29,14 @@ fn config(control: &Backend, candidate: &Backend, fleet: bool) -> String {
     )
 }
 
-async fn backends() -> (Backend, Backend) {
+pub(crate) async fn backends() -> (Backend, Backend) {
     let (control, candidate) = (Backend::start("control").await, Backend::start("candidate").await);
     candidate.set(|f| f.fail_every = 5);
     (control, candidate)
 }
 
 /// `n` proxies on the ConfigMap, each a Pod the controller finds by `app=m`.
-async fn fleet_of(n: usize, api: &FakeApi) -> Vec<TestProxy> {
+pub(crate) async fn fleet_of(n: usize, api: &FakeApi) -> Vec<TestProxy> {
     let mut proxies = Vec::new();
     for i in 0..n {
         let dir = tempfile::tempdir().unwrap();
@@ -58,17 +58,17 @@ async fn fleet_of(n: usize, api: &FakeApi) -> Vec<TestProxy> {
 }
 
 /// A controller replica, run in this process: its rounds and its HTTP port.
-struct Replica {
+pub(crate) struct Replica {
     controller: Arc<Controller>,
     rounds: tokio::task::JoinHandle<()>,
     server: tokio::task::JoinHandle<()>,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
     _stop: tokio::sync::watch::Sender<bool>,
     _phase: tokio::sync::watch::Sender<braid::server::Phase>,
 }
 
 impl Replica {
-    async fn start(api: &FakeApi, identity: &str, lease: Duration) -> Replica {
+    pub(crate) async fn start(api: &FakeApi, identity: &str, lease: Duration) -> Replica {
         let client = braid::config::kube::client(Some(&api.kubeconfig)).await.unwrap();
         let opts = Options {
             fleets: vec![FleetSpec::parse(&format!("{NS}/{CM}=pods:app=m")).unwrap()],
@@ -102,7 +102,7 @@ impl Replica {
         }
     }
 
-    async fn report(&self) -> Value {
+    pub(crate) async fn report(&self) -> Value {
         get(&client(), &format!("http://{}/experiments", self.addr), &[])
             .await
             .json()
@@ -122,7 +122,7 @@ fn user(i: u64) -> String {
     format!("user-{}", (h >> 33) % USERS)
 }
 
-async fn send(proxies: &[TestProxy], i: u64) -> (String, String) {
+pub(crate) async fn send(proxies: &[TestProxy], i: u64) -> (String, String) {
     let u = user(i);
     let p = &proxies[(i % proxies.len() as u64) as usize];
     let r = get(&client(), &p.url("/x"), &[("x-user-id", &u)]).await;

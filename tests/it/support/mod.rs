@@ -1037,6 +1037,14 @@ pub fn python_clients() -> PathBuf {
         .clone()
 }
 
+/// A headless Chromium (Debian's package, installed by tests/tools/install-chromium).
+pub fn chromium() -> PathBuf {
+    static CHROMIUM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CHROMIUM
+        .get_or_init(|| installed("tests/tools/install-chromium", "chromium"))
+        .clone()
+}
+
 /// Prometheus's `promtool`, put under target/promtool once by tests/tools/install-promtool.
 pub fn promtool() -> PathBuf {
     static PROMTOOL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
