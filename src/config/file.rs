@@ -6,6 +6,11 @@
 //! every change (the OS resolves the links afresh), wait until events have been quiet
 //! for the debounce interval, and skip content whose digest we have already seen. A
 //! slow poll backs up inotify, which some volume types do not deliver.
+//!
+//! The fleet's verdicts (`verdict.rs`) are read from the file beside it,
+//! `braid-verdicts.json`, when there is one: a mounted ConfigMap's second key. The
+//! kubelet updates a volume at its own pace (a minute or more), so fleet mode wants
+//! the ConfigMap source for verdicts within seconds.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,8 +39,8 @@ impl FileSource {
 
     /// Loads the first config; the proxy refuses to start without one.
     pub fn load_initial(&self, store: &Store) -> Result<u64, Vec<ConfigError>> {
-        let text = read(&self.path)?;
-        store.apply(&text, &self.source(), KIND)
+        let (text, verdicts) = read(&self.path)?;
+        apply(store, &self.source(), &text, verdicts.as_deref())
     }
 
     /// Watches for changes until the returned future is dropped. The OS watch is
@@ -75,14 +80,14 @@ impl FileSource {
                 .await
                 .unwrap_or_else(|e| Err(vec![io_error(format!("reader task failed: {e}"))]));
             match read {
-                Ok(text) => {
+                Ok((text, verdicts)) => {
                     last_error = None;
-                    let digest = super::digest(text.as_bytes());
+                    let digest = digest(&text, verdicts.as_deref());
                     if seen == Some(digest) {
                         continue;
                     }
                     seen = Some(digest);
-                    let _ = store.apply(&text, &self.source(), KIND);
+                    let _ = apply(&store, &self.source(), &text, verdicts.as_deref());
                 }
                 Err(errors) => {
                     // Report an unreadable file once, not on every poll.
@@ -116,9 +121,26 @@ impl FileSource {
     }
 }
 
-fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
-    std::fs::read_to_string(path)
-        .map_err(|e| vec![io_error(format!("cannot read {}: {e}", path.display()))])
+/// The document, and the verdicts file beside it if there is one.
+fn read(path: &Path) -> Result<(String, Option<String>), Vec<ConfigError>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![io_error(format!("cannot read {}: {e}", path.display()))])?;
+    let beside = path.with_file_name(super::verdict::DEFAULT_KEY);
+    Ok((text, std::fs::read_to_string(beside).ok()))
+}
+
+fn digest(text: &str, verdicts: Option<&str>) -> u64 {
+    super::digest_with(text, verdicts)
+}
+
+fn apply(
+    store: &Store,
+    source: &str,
+    text: &str,
+    verdicts: Option<&str>,
+) -> Result<u64, Vec<ConfigError>> {
+    let verdicts = verdicts.map(|v| (super::verdict::DEFAULT_KEY, v));
+    store.apply_with(text, verdicts, source, KIND)
 }
 
 fn io_error(message: String) -> ConfigError {

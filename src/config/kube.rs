@@ -140,8 +140,7 @@ impl ConfigMapSource {
                 .as_ref()
                 .and_then(|d| d.get(&self.verdicts_key))
                 .map(|v| (self.verdicts_key.as_str(), v.as_str()));
-            let digest = super::digest(text.as_bytes())
-                ^ verdicts.map_or(0, |(_, v)| super::digest(v.as_bytes()).rotate_left(1));
+            let digest = super::digest_with(text, verdicts.map(|(_, v)| v));
             if last_digest == Some(digest) {
                 continue; // metadata-only update, or a relist of the same content
             }

@@ -100,7 +100,13 @@ pub fn load_with(
     if let Some((key, v)) = verdicts {
         verdict::bind(v, key, &mut snap.routes, &mut snap.warnings)?;
     }
+    snap.digest = digest_with(text, verdicts.map(|(_, v)| v));
     Ok(snap)
+}
+
+/// The digest of a document and its verdicts, as sources compare them.
+pub fn digest_with(text: &str, verdicts: Option<&str>) -> u64 {
+    digest(text.as_bytes()) ^ verdicts.map_or(0, |v| digest(v.as_bytes()).rotate_left(1))
 }
 
 /// A stable 64-bit digest (FNV-1a): the file source uses it to skip unchanged content.

@@ -85,9 +85,7 @@ fn read(root: &Node, at: &str, errs: &mut Errors) -> Option<Routes> {
         entries(n, &path, errs, |n, path, errs| {
             let mut obj = Obj::new(n, path.clone(), errs)?;
             let experiment = obj.req("experiment", string);
-            let variants = obj.req("variants", |n, path, errs| {
-                entries(n, &path, errs, verdict)
-            });
+            let variants = obj.req("variants", |n, path, errs| entries(n, &path, errs, verdict));
             obj.finish(&["experiment", "variants"]);
             Some((experiment?, variants?))
         })
@@ -185,7 +183,10 @@ mod tests {
         bind(&doc, DEFAULT_KEY, &mut snap.routes, &mut warnings).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         let v = snap.routes.routes[0].verdicts[1].as_ref().unwrap();
-        assert_eq!((v.action, v.weight, v.reason.as_str()), (Action::Rollback, 0.0, "r"));
+        assert_eq!(
+            (v.action, v.weight, v.reason.as_str()),
+            (Action::Rollback, 0.0, "r")
+        );
         assert!(snap.routes.routes[0].verdicts[0].is_none());
 
         let mut snap = table();
@@ -201,8 +202,14 @@ mod tests {
         let doc = r#"{"routes": {"m": {"experiment": "x", "variants": {"canary": {"action": "pause", "weight": -1}}}}, "extra": 1}"#;
         let errs = bind(doc, DEFAULT_KEY, &mut snap.routes, &mut Vec::new()).unwrap_err();
         let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
-        assert!(paths.contains(&"braid-verdicts.json.routes.m.variants.canary.action"), "{errs:?}");
-        assert!(paths.contains(&"braid-verdicts.json.routes.m.variants.canary.weight"), "{errs:?}");
+        assert!(
+            paths.contains(&"braid-verdicts.json.routes.m.variants.canary.action"),
+            "{errs:?}"
+        );
+        assert!(
+            paths.contains(&"braid-verdicts.json.routes.m.variants.canary.weight"),
+            "{errs:?}"
+        );
         assert!(paths.contains(&"braid-verdicts.json.extra"), "{errs:?}");
     }
 }

@@ -141,7 +141,11 @@ impl Elector {
                 .get_or_insert_with(Default::default)
                 .insert(STATE_ANNOTATION.to_string(), s.to_string());
         }
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => {
                 self.observed = None;
                 Ok(Role::Leader { took_over })
@@ -157,7 +161,10 @@ impl Elector {
             return;
         }
         if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await
-            && lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+            && lease
+                .spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref())
                 == Some(self.identity.as_str())
         {
             if let Some(spec) = lease.spec.as_mut() {

@@ -219,10 +219,8 @@ impl Controller {
         Arc::new(Controller {
             opts,
             client,
-            http: hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .build(connector),
+            http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector),
             tallies: Mutex::default(),
             shown: Mutex::default(),
             metrics: Metrics::new(),
@@ -247,7 +245,8 @@ impl Controller {
             }
             let state = {
                 let t = lock(&self.tallies);
-                let m: BTreeMap<&String, String> = t.iter().map(|(k, v)| (k, v.to_json())).collect();
+                let m: BTreeMap<&String, String> =
+                    t.iter().map(|(k, v)| (k, v.to_json())).collect();
                 serde_json::to_string(&m).unwrap_or_default()
             };
             let role = elector.tick(Some(&state)).await;
@@ -330,9 +329,10 @@ impl Controller {
         let mut running: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (_, r) in &reports {
             for route in r["routes"].as_array().into_iter().flatten() {
-                if let (Some(rt), Some(fp)) =
-                    (route["route"].as_str(), route["run"]["fingerprint"].as_str())
-                {
+                if let (Some(rt), Some(fp)) = (
+                    route["route"].as_str(),
+                    route["run"]["fingerprint"].as_str(),
+                ) {
                     running.entry(rt.into()).or_default().insert(fp.into());
                 }
             }
@@ -412,8 +412,7 @@ impl Controller {
                     .collect())
             }
             Members::Service(service) => {
-                let api: Api<EndpointSlice> =
-                    Api::namespaced(self.client.clone(), &spec.namespace);
+                let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &spec.namespace);
                 let list = api
                     .list(
                         &ListParams::default()
@@ -457,7 +456,10 @@ impl Controller {
                 .to_bytes();
             serde_json::from_slice(&body).ok()
         };
-        tokio::time::timeout(FETCH_TIMEOUT, get).await.ok().flatten()
+        tokio::time::timeout(FETCH_TIMEOUT, get)
+            .await
+            .ok()
+            .flatten()
     }
 
     fn report(&self) -> Response<Body> {
@@ -526,7 +528,8 @@ impl Handler for Controller {
                     .headers()
                     .get(header::ACCEPT)
                     .and_then(|v| v.to_str().ok());
-                let (body, content_type) = crate::metrics::exposition(self.metrics.encode(), accept);
+                let (body, content_type) =
+                    crate::metrics::exposition(self.metrics.encode(), accept);
                 let mut resp = Response::new(full(body));
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -562,10 +565,17 @@ mod tests {
             }
         );
         assert_eq!(
-            FleetSpec::parse("ml/braid=service:sentiment").unwrap().members,
+            FleetSpec::parse("ml/braid=service:sentiment")
+                .unwrap()
+                .members,
             Members::Service("sentiment".into())
         );
-        for bad in ["ml/braid", "braid=pods:a=b", "ml/braid=pods:", "ml/braid=nodes:x"] {
+        for bad in [
+            "ml/braid",
+            "braid=pods:a=b",
+            "ml/braid=pods:",
+            "ml/braid=nodes:x",
+        ] {
             assert!(FleetSpec::parse(bad).is_err(), "{bad}");
         }
     }

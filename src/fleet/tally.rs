@@ -258,12 +258,10 @@ impl Tally {
                     let bad = v["watched"]["bad"].as_u64().unwrap_or(0);
                     // A run's values only grow; if one shrank, the run was not what its
                     // name said, and only growth is added.
-                    for k in 0..THETAS.len() {
-                        if events >= seen.events[i] {
-                            d.log_lr[i][k] += now[k] - seen.log_lr[i][k];
-                        }
-                    }
                     if events >= seen.events[i] {
+                        for (k, x) in now.iter().enumerate() {
+                            d.log_lr[i][k] += x - seen.log_lr[i][k];
+                        }
                         d.events[i] += events - seen.events[i];
                         seen.log_lr[i] = now;
                         seen.events[i] = events;
@@ -461,7 +459,9 @@ impl Experiment {
                 })
             })
             .collect();
-        self.view.history.push_back(json!({"t": t, "variants": variants}));
+        self.view
+            .history
+            .push_back(json!({"t": t, "variants": variants}));
         while self.view.history.len() > HISTORY {
             self.view.history.pop_front();
         }
@@ -593,7 +593,10 @@ mod tests {
     fn fleet_bad(t: &Tally) -> (u64, u64) {
         let r = t.report();
         let v = &r["routes"][0]["variants"][1];
-        (v["guardrail"]["bad_events"].as_u64().unwrap(), v["requests"].as_u64().unwrap())
+        (
+            v["guardrail"]["bad_events"].as_u64().unwrap(),
+            v["requests"].as_u64().unwrap(),
+        )
     }
 
     /// A pod read twice adds only what grew; a restarted pod (new instance) is a new
@@ -603,14 +606,23 @@ mod tests {
     fn restarts_and_missed_rounds_count_everything_once() {
         let mut t = Tally::default();
         let pod = |n: &str, v: Value| (n.to_string(), v);
-        t.round(&[pod("a", report("i1", 1, 10, 2, 0.5)), pod("b", report("i2", 1, 10, 1, 0.2))]);
+        t.round(&[
+            pod("a", report("i1", 1, 10, 2, 0.5)),
+            pod("b", report("i2", 1, 10, 1, 0.2)),
+        ]);
         assert_eq!(fleet_bad(&t), (3, 20));
-        t.round(&[pod("a", report("i1", 1, 20, 4, 1.0)), pod("b", report("i2", 1, 10, 1, 0.2))]);
+        t.round(&[
+            pod("a", report("i1", 1, 20, 4, 1.0)),
+            pod("b", report("i2", 1, 10, 1, 0.2)),
+        ]);
         assert_eq!(fleet_bad(&t), (5, 30));
         // b restarts (a new instance, its counts from zero); a is missed this round.
         t.round(&[pod("b", report("i3", 1, 5, 1, 0.3))]);
         assert_eq!(fleet_bad(&t).0, 6);
-        t.round(&[pod("a", report("i1", 1, 30, 6, 1.5)), pod("b", report("i3", 1, 5, 1, 0.3))]);
+        t.round(&[
+            pod("a", report("i1", 1, 30, 6, 1.5)),
+            pod("b", report("i3", 1, 5, 1, 0.3)),
+        ]);
         assert_eq!(fleet_bad(&t), (8, 30 + 10 + 5));
         // The fleet's product: a's 1.5 + b's old 0.2 + b's new 0.3, per theta.
         let e = &t.experiments["m/fp"].evidence[1];
@@ -632,7 +644,10 @@ mod tests {
         assert!(d.is_empty());
         let d = t.round(&[("a".into(), report("i1", 1, 200, 40, 12.0))]);
         assert_eq!(d.len(), 1, "{d:?}");
-        assert_eq!((d[0].variant.as_str(), d[0].action.as_str()), ("canary", "rollback"));
+        assert_eq!(
+            (d[0].variant.as_str(), d[0].action.as_str()),
+            ("canary", "rollback")
+        );
         assert!(d[0].reason.contains("fleet evidence"), "{}", d[0].reason);
         let mut applied = report("i1", 1, 200, 40, 12.0);
         applied["routes"][0]["variants"][1]["guardrail"]["verdict"] = json!({"action": "rollback"});

@@ -51,9 +51,10 @@ pub async fn write(
         if added == 0 && pruned == 0 {
             return Ok(written);
         }
-        cm.data
-            .get_or_insert_with(Default::default)
-            .insert(key.to_string(), serde_json::to_string_pretty(&doc).unwrap_or_default());
+        cm.data.get_or_insert_with(Default::default).insert(
+            key.to_string(),
+            serde_json::to_string_pretty(&doc).unwrap_or_default(),
+        );
         match api.replace(name, &PostParams::default(), &cm).await {
             Ok(_) => {
                 written.added = added;

@@ -613,7 +613,11 @@ pub(crate) mod sim {
                 lives += 1;
             }
             let on_candidate = rng.f64() < share;
-            let rate = if on_candidate { candidate_rate } else { control_rate };
+            let rate = if on_candidate {
+                candidate_rate
+            } else {
+                control_rate
+            };
             if rng.f64() < rate {
                 p.0.observe(on_candidate, share);
                 p.1 += u64::from(on_candidate);
@@ -886,7 +890,16 @@ mod tests {
         let mut rng = Rng(37);
         let mut trips = 0;
         for _ in 0..runs {
-            let t = fleet(&mut rng, 8, 4_000, 20, 1e-3, alpha, (16, 1), (0.5, 0.03, 0.03));
+            let t = fleet(
+                &mut rng,
+                8,
+                4_000,
+                20,
+                1e-3,
+                alpha,
+                (16, 1),
+                (0.5, 0.03, 0.03),
+            );
             trips += u64::from(t.is_some());
         }
         let margin = 3.0 * (runs as f64 * alpha * (1.0 - alpha)).sqrt();
@@ -909,16 +922,26 @@ mod tests {
         let mut rng = Rng(2026);
         for _ in 0..200 {
             let g = (10, (0.5, 0.0, 0.2));
-            one.push(fleet(&mut rng, 1, 100_000, 1, 0.0, 0.001, (1, g.0), g.1).unwrap().0);
+            one.push(
+                fleet(&mut rng, 1, 100_000, 1, 0.0, 0.001, (1, g.0), g.1)
+                    .unwrap()
+                    .0,
+            );
             let (at, by_fleet) =
                 fleet(&mut rng, 8, 100_000, 10, 0.0, 0.001, (16, g.0), g.1).unwrap();
-            assert!(by_fleet, "a pod's breaker tripped before the fleet, at {at}");
+            assert!(
+                by_fleet,
+                "a pod's breaker tripped before the fleet, at {at}"
+            );
             eight.push(at);
             // Each of 8 pods alone at alpha: the first trips when its 1/8 has enough.
             alone.push(8 * run(&mut rng, 100_000, 0.001, 10, |_| 0.5, 0.0, |_| 0.2).unwrap());
         }
         let (one, eight, alone) = (median(one), median(eight), median(alone));
-        assert!(eight as f64 <= 1.5 * one as f64, "fleet {eight}, one pod {one}");
+        assert!(
+            eight as f64 <= 1.5 * one as f64,
+            "fleet {eight}, one pod {one}"
+        );
         assert!(alone > 3 * eight, "pods alone {alone}, fleet {eight}");
     }
 
@@ -931,14 +954,23 @@ mod tests {
             let mut rng = Rng(37);
             let (mut trips, mut by_pod) = (0, 0);
             for _ in 0..10_000 {
-                if let Some((_, by_fleet)) =
-                    fleet(&mut rng, 8, 4_000, 20, 1e-3, alpha, (16, 1), (0.5, 0.03, 0.03))
-                {
+                if let Some((_, by_fleet)) = fleet(
+                    &mut rng,
+                    8,
+                    4_000,
+                    20,
+                    1e-3,
+                    alpha,
+                    (16, 1),
+                    (0.5, 0.03, 0.03),
+                ) {
                     trips += 1;
                     by_pod += u64::from(!by_fleet);
                 }
             }
-            println!("A/A alpha {alpha}: {trips} of 10,000 fleets tripped ({by_pod} by a pod's breaker)");
+            println!(
+                "A/A alpha {alpha}: {trips} of 10,000 fleets tripped ({by_pod} by a pod's breaker)"
+            );
         }
         let q = |mut v: Vec<u64>, p: f64| {
             v.sort_unstable();
@@ -948,15 +980,28 @@ mod tests {
         let g = (10, (0.5, 0.0, 0.2));
         let (mut one, mut eight, mut first, mut last) = (vec![], vec![], vec![], vec![]);
         for _ in 0..1_000 {
-            one.push(fleet(&mut rng, 1, 100_000, 1, 0.0, 0.001, (1, g.0), g.1).unwrap().0);
-            eight.push(fleet(&mut rng, 8, 100_000, 10, 0.0, 0.001, (16, g.0), g.1).unwrap().0);
+            one.push(
+                fleet(&mut rng, 1, 100_000, 1, 0.0, 0.001, (1, g.0), g.1)
+                    .unwrap()
+                    .0,
+            );
+            eight.push(
+                fleet(&mut rng, 8, 100_000, 10, 0.0, 0.001, (16, g.0), g.1)
+                    .unwrap()
+                    .0,
+            );
             let alone: Vec<u64> = (0..8)
                 .map(|_| 8 * run(&mut rng, 100_000, 0.001, 10, |_| 0.5, 0.0, |_| 0.2).unwrap())
                 .collect();
             first.push(*alone.iter().min().unwrap());
             last.push(*alone.iter().max().unwrap());
         }
-        for (name, v) in [("one pod, all traffic", one), ("fleet of 8", eight), ("first of 8 alone", first), ("last of 8 alone", last)] {
+        for (name, v) in [
+            ("one pod, all traffic", one),
+            ("fleet of 8", eight),
+            ("first of 8 alone", first),
+            ("last of 8 alone", last),
+        ] {
             println!("| {name} | {} | {} |", q(v.clone(), 0.5), q(v, 0.95));
         }
     }
@@ -986,11 +1031,14 @@ mod tests {
         let mut f = FleetEvidence::new();
         let before = serde_json::to_string(&f).unwrap();
         assert_eq!(
-            serde_json::from_str::<FleetEvidence>(&before).unwrap().log10_e(),
+            serde_json::from_str::<FleetEvidence>(&before)
+                .unwrap()
+                .log10_e(),
             f.log10_e()
         );
         f.round(&event_log_lr(true, 0.3), 1);
-        let back: FleetEvidence = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+        let back: FleetEvidence =
+            serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
         assert_eq!(back.log10_e(), f.log10_e());
         assert_eq!(back.events, 1);
     }

@@ -413,8 +413,8 @@ impl Experiment {
             if pair > 0.0 { w[c] / pair } else { 0.0 }
         };
         if a == g.control {
-            for c in 0..self.names.len() {
-                if c != g.control && !decided[c] {
+            for (c, decided) in decided.iter().enumerate() {
+                if c != g.control && !decided {
                     st.evidence[c].observe(false, pi(c));
                     self.publish(&st, c);
                 }
@@ -782,6 +782,51 @@ mod tests {
         let report = e.report(&_snap.routes.routes[0]);
         assert_eq!(report["variants"][1]["ramp"]["state"], "held");
         assert_eq!(report["variants"][1]["guardrail"]["state"], "tripped");
+    }
+
+    /// A fleet verdict changes the weights and keeps the counts: `rollback` takes the
+    /// candidate to 0, `hold` to the verdict's weight whatever its ramp says later;
+    /// the candidate is no longer watched, and the report names who tripped it.
+    #[tokio::test(start_paused = true)]
+    async fn a_fleet_verdict_sets_the_weights_and_keeps_the_counts() {
+        let later = SystemTime::now() + Duration::from_secs(2 * 3600);
+        let (e, snap) = experiment(
+            "{control: stable, warmup: 0s, min_bad_events: 3, fleet: {max_pods: 8}}",
+            &ramp_started(Duration::from_secs(60)),
+        );
+        assert_eq!(e.guardrail.as_ref().unwrap().local_alpha(), 0.001 / 16.0);
+        let w = e.weights();
+        e.observe(failed(&w, 1, 1, true));
+        let verdict = |action| Verdict {
+            action,
+            weight: 7.0,
+            reason: "fleet".into(),
+            evidence_log10: Some(3.5),
+            at: "now".into(),
+        };
+        e.set_verdicts(&[None, Some(verdict(Action::Hold))]);
+        assert_eq!(e.weights().weights, [10.0, 7.0]);
+        assert_eq!(e.compute(&lock(&e.state), later).weights, [10.0, 7.0]);
+        e.set_verdicts(&[None, Some(verdict(Action::Rollback))]);
+        assert_eq!(e.weights().weights, [10.0, 0.0]);
+        let w = e.weights();
+        for _ in 0..50 {
+            bad(&e, &w, 1);
+        }
+        let st = lock(&e.state);
+        assert_eq!(st.served[1].requests, 51, "the counts were kept");
+        assert_eq!(
+            st.evidence[1].events(),
+            1,
+            "a decided candidate gathers no evidence"
+        );
+        drop(st);
+        let report = e.report(&snap.routes.routes[0]);
+        let g = &report["variants"][1]["guardrail"];
+        assert_eq!(g["tripped_by"], "fleet");
+        assert_eq!(g["verdict"]["action"], "rollback");
+        e.set_verdicts(&[None, None]);
+        assert_eq!(e.weights().weights, [10.0, 10.0]);
     }
 
     /// Override-pinned and rerouted requests are neither evidence nor split counts.

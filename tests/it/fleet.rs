@@ -30,7 +30,10 @@ pub(crate) fn config(control: &Backend, candidate: &Backend, fleet: bool) -> Str
 }
 
 pub(crate) async fn backends() -> (Backend, Backend) {
-    let (control, candidate) = (Backend::start("control").await, Backend::start("candidate").await);
+    let (control, candidate) = (
+        Backend::start("control").await,
+        Backend::start("candidate").await,
+    );
     candidate.set(|f| f.fail_every = 5);
     (control, candidate)
 }
@@ -51,7 +54,13 @@ pub(crate) async fn fleet_of(n: usize, api: &FakeApi) -> Vec<TestProxy> {
         });
         let p = TestProxy::start_at(&path, opts).await;
         wait_for_status(&client(), &p.admin_url("/readyz"), 200).await;
-        api.put_pod(NS, &format!("model-{i}"), &[("app", "m")], "127.0.0.1", p.admin.port());
+        api.put_pod(
+            NS,
+            &format!("model-{i}"),
+            &[("app", "m")],
+            "127.0.0.1",
+            p.admin.port(),
+        );
         proxies.push(p);
     }
     proxies
@@ -69,7 +78,9 @@ pub(crate) struct Replica {
 
 impl Replica {
     pub(crate) async fn start(api: &FakeApi, identity: &str, lease: Duration) -> Replica {
-        let client = braid::config::kube::client(Some(&api.kubeconfig)).await.unwrap();
+        let client = braid::config::kube::client(Some(&api.kubeconfig))
+            .await
+            .unwrap();
         let opts = Options {
             fleets: vec![FleetSpec::parse(&format!("{NS}/{CM}=pods:app=m")).unwrap()],
             verdicts_key: braid::config::verdict::DEFAULT_KEY.into(),
@@ -138,7 +149,9 @@ fn verdict(api: &FakeApi) -> Option<Value> {
 }
 
 async fn applied(p: &TestProxy) -> bool {
-    let r = get(&client(), &p.admin_url("/experiments"), &[]).await.json();
+    let r = get(&client(), &p.admin_url("/experiments"), &[])
+        .await
+        .json();
     r["routes"][0]["variants"][1]["guardrail"]["tripped_by"] == "fleet"
 }
 
@@ -161,7 +174,9 @@ async fn eight_pods_trip_as_one_and_every_user_changes_variant_at_most_once() {
     let mut alone = None;
     for i in 0..5_000u64 {
         send(std::slice::from_ref(&one), i).await;
-        let r = get(&client(), &one.admin_url("/experiments"), &[]).await.json();
+        let r = get(&client(), &one.admin_url("/experiments"), &[])
+            .await
+            .json();
         if r["routes"][0]["variants"][1]["guardrail"]["state"] == "tripped" {
             alone = Some(i + 1);
             break;
@@ -172,7 +187,11 @@ async fn eight_pods_trip_as_one_and_every_user_changes_variant_at_most_once() {
 
     let (control, candidate) = backends().await;
     let api = FakeApi::start().await;
-    api.put_configmap(NS, CM, &[("braid.yaml", &config(&control, &candidate, true))]);
+    api.put_configmap(
+        NS,
+        CM,
+        &[("braid.yaml", &config(&control, &candidate, true))],
+    );
     let proxies = fleet_of(8, &api).await;
     let replica = Replica::start(&api, "controller-a", Duration::from_secs(2)).await;
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
@@ -187,7 +206,7 @@ async fn eight_pods_trip_as_one_and_every_user_changes_variant_at_most_once() {
             written = Some((i, Instant::now()));
         }
         if let Some((_, at)) = written
-            && i % 10 == 0
+            && i.is_multiple_of(10)
         {
             let mut all = true;
             for p in &proxies {
@@ -212,7 +231,10 @@ async fn eight_pods_trip_as_one_and_every_user_changes_variant_at_most_once() {
     assert!(took <= Duration::from_secs(2), "applied after {took:?}");
     let v = verdict(&api).unwrap();
     assert_eq!(v["action"], "rollback");
-    assert!(v["reason"].as_str().unwrap().contains("fleet evidence"), "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("fleet evidence"),
+        "{v}"
+    );
     // From now on no user reaches the candidate.
     for j in i..i + 300 {
         let (u, v) = send(&proxies, j).await;
@@ -224,13 +246,13 @@ async fn eight_pods_trip_as_one_and_every_user_changes_variant_at_most_once() {
     assert!(changed > 0, "nobody was moved off the candidate");
     assert_eq!(flips.iter().max(), Some(&1), "a user changed variant twice");
     // `braid experiments --fleet` reads the controller: the fleet's report, per pod.
-    let out = braid(
-        &["experiments", "--fleet", &replica.addr.to_string()],
-        b"",
-    );
+    let out = braid(&["experiments", "--fleet", &replica.addr.to_string()], b"");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("tripped") && text.contains("model-7"), "{text}");
+    assert!(
+        text.contains("tripped") && text.contains("model-7"),
+        "{text}"
+    );
     let report = replica.report().await;
     let route = &report["routes"][0];
     assert_eq!(route["pods"].as_array().unwrap().len(), 8);
@@ -299,15 +321,26 @@ async fn a_new_leader_goes_on_from_the_lease_and_a_racing_edit_is_kept() {
     assert_eq!(holder(&api).as_deref(), Some("controller-b"));
     let took_over = killed.elapsed();
     eprintln!("b wrote the verdict {took_over:?} after a was killed");
-    assert!(api.conflicts() >= 1, "the person's edit did not race the write");
+    assert!(
+        api.conflicts() >= 1,
+        "the person's edit did not race the write"
+    );
     let cm = api.configmap(NS, CM).unwrap();
-    assert_eq!(cm["data"]["braid.yaml"], edited.as_str(), "the person's edit was lost");
+    assert_eq!(
+        cm["data"]["braid.yaml"],
+        edited.as_str(),
+        "the person's edit was lost"
+    );
     let puts = api
         .requests()
         .iter()
         .filter(|r| r.starts_with(&format!("PUT /api/v1/namespaces/{NS}/configmaps/{CM}")))
         .count();
-    assert_eq!(puts, 1 + api.conflicts(), "the verdict was written more than once");
+    assert_eq!(
+        puts,
+        1 + api.conflicts(),
+        "the verdict was written more than once"
+    );
     // Every pod applies it; then the fleet's count equals the pods' own.
     let start = Instant::now();
     for p in &proxies {
@@ -318,14 +351,155 @@ async fn a_new_leader_goes_on_from_the_lease_and_a_racing_edit_is_kept() {
     }
     let mut pods_bad = 0;
     for p in &proxies {
-        let r = get(&client(), &p.admin_url("/experiments"), &[]).await.json();
-        pods_bad += r["routes"][0]["variants"][1]["watched"]["bad"].as_u64().unwrap();
+        let r = get(&client(), &p.admin_url("/experiments"), &[])
+            .await
+            .json();
+        pods_bad += r["routes"][0]["variants"][1]["watched"]["bad"]
+            .as_u64()
+            .unwrap();
     }
+    // A pod leaves the fleet: it is no longer read, and what it gathered stays counted.
+    api.delete_pod(NS, "model-3");
     tokio::time::sleep(Duration::from_millis(300)).await; // two rounds of b's
-    let fleet_bad = b.report().await["routes"][0]["variants"][1]["guardrail"]["bad_events"]
+    let report = b.report().await;
+    assert_eq!(
+        report["fleets"][format!("{NS}/{CM}")]["pods_read"],
+        3,
+        "{report}"
+    );
+    let fleet_bad = report["routes"][0]["variants"][1]["guardrail"]["bad_events"]
         .as_u64()
         .unwrap();
-    assert_eq!(fleet_bad, pods_bad, "the fleet counted {fleet_bad}, the pods {pods_bad}");
+    assert_eq!(
+        fleet_bad, pods_bad,
+        "the fleet counted {fleet_bad}, the pods {pods_bad}"
+    );
     let lease = api.object("leases", NS, "braid-controller").unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], 1, "{lease}");
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// The controller's cost, following 8, 50 and 200 stand-in pods that each serve a real
+/// proxy's report (two variants, with their histograms) under its own run: CPU per
+/// second and resident memory, over 20 rounds at a 1 s interval. Prints the table in
+/// docs/benchmarks.md; run it on a release build:
+/// `cargo test --release --test it controller_cost -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (about 90 s): prints docs/benchmarks.md's controller table"]
+async fn controller_cost_following_many_pods() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let (control, candidate) = backends().await;
+    let one = TestProxy::start(&config(&control, &candidate, true)).await;
+    for i in 0..400 {
+        send(std::slice::from_ref(&one), i).await;
+    }
+    let template = get(&client(), &one.admin_url("/experiments"), &[])
+        .await
+        .text();
+    let instance =
+        serde_json::from_str::<Value>(&template).unwrap()["routes"][0]["run"]["instance"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    println!(
+        "| pods | report bytes | controller CPU (% of one core) | resident memory | state in the Lease |"
+    );
+    println!("|---|---|---|---|---|");
+    for n in [8usize, 50, 200] {
+        let api = FakeApi::start().await;
+        api.put_configmap(
+            NS,
+            CM,
+            &[("braid.yaml", &config(&control, &candidate, true))],
+        );
+        let mut standins = Vec::new();
+        for k in 0..n {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let body = Bytes::from(template.replace(&instance, &format!("{k:016x}")));
+            standins.push(serve_on(listener, false, move |_req| {
+                let body = body.clone();
+                async move {
+                    let mut r = http::Response::new(Full::new(body));
+                    r.headers_mut()
+                        .insert("content-type", "application/json".parse().unwrap());
+                    Ok(r)
+                }
+            }));
+            api.put_pod(NS, &format!("pod-{k}"), &[("app", "m")], "127.0.0.1", port);
+        }
+        let p = BraidProcess::spawn(
+            &[
+                "controller",
+                "--fleet",
+                "ml/braid=pods:app=m",
+                "--listen",
+                "127.0.0.1:0",
+                "--interval",
+                "1s",
+                "--lease-duration",
+                "2s",
+            ],
+            &[("KUBECONFIG", api.kubeconfig.as_path())],
+            &["addr="],
+            Duration::from_secs(30),
+        );
+        let url = format!("http://{}/experiments", p.announced["addr="]);
+        let start = Instant::now();
+        loop {
+            let r = get(&client(), &url, &[]).await;
+            if r.status == 200 && r.json()["routes"][0]["pods"].as_array().map(Vec::len) == Some(n)
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "never followed {n} pods"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let pid = p.child.id();
+        let (t0, c0) = (Instant::now(), cpu_seconds(pid));
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let cpu = (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64();
+        let state = api
+            .object("leases", NS, "braid-controller")
+            .and_then(|l| {
+                l["metadata"]["annotations"]["braid.dev/fleet-state"]
+                    .as_str()
+                    .map(str::len)
+            })
+            .unwrap_or(0);
+        println!(
+            "| {n} | {} | {:.1}% | {} MiB | {} KiB |",
+            template.len(),
+            cpu * 100.0,
+            rss_kb(pid) / 1024,
+            state / 1024
+        );
+        drop(p);
+        standins.iter().for_each(|t| t.abort());
+    }
 }

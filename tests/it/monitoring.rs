@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::fleet::{NS, CM, Replica, backends, fleet_of, send};
+use crate::fleet::{CM, NS, Replica, backends, fleet_of, send};
 use crate::support::kube::FakeApi;
 use crate::support::*;
 
@@ -141,7 +141,9 @@ impl Prometheus {
         let static_configs: String = targets
             .iter()
             .map(|(pod, addr)| {
-                format!("      - targets: ['{addr}']\n        labels: {{namespace: ml, pod: {pod}}}\n")
+                format!(
+                    "      - targets: ['{addr}']\n        labels: {{namespace: ml, pod: {pod}}}\n"
+                )
             })
             .collect();
         std::fs::write(
@@ -156,8 +158,14 @@ impl Prometheus {
             l.local_addr().unwrap().port()
         };
         let child = std::process::Command::new(promtool().with_file_name("prometheus"))
-            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -181,7 +189,12 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let r = get(&client(), &format!("{}/api/v1/query?query={q}", self.url), &[]).await;
+        let r = get(
+            &client(),
+            &format!("{}/api/v1/query?query={q}", self.url),
+            &[],
+        )
+        .await;
         let v = r.json();
         v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
     }
@@ -214,7 +227,10 @@ async fn a_real_prometheus_sums_the_same_fleet_evidence_as_the_controller() {
     };
     let start = Instant::now();
     let (ours, theirs) = loop {
-        assert!(start.elapsed() < Duration::from_secs(30), "prometheus never agreed");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "prometheus never agreed"
+        );
         let ours = controller_figure().await;
         let theirs = prom
             .value("braid:fleet_guardrail_evidence:log10{route=\"/\",variant=\"candidate\"}")

@@ -33,16 +33,28 @@ async fn render(url: &str, screenshot: &std::path::Path) -> String {
     })
     .await
     .unwrap();
-    assert!(dom.status.success(), "{}", String::from_utf8_lossy(&dom.stderr));
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
     let shot = tokio::task::spawn_blocking({
         let mut cmd = run(vec![format!("--screenshot={}", screenshot.display())]);
         move || cmd.output().expect("chromium runs")
     })
     .await
     .unwrap();
-    assert!(shot.status.success(), "{}", String::from_utf8_lossy(&shot.stderr));
+    assert!(
+        shot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
     let png = std::fs::read(screenshot).expect("a screenshot");
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
     String::from_utf8_lossy(&dom.stdout).into_owned()
 }
 
@@ -99,12 +111,23 @@ async fn the_page_shows_what_the_reports_hold_in_a_real_browser() {
         &artifacts().join("fleet-page.png"),
     )
     .await;
-    assert!(dom.contains("data-loaded=\"true\""), "the script did not run:\n{dom}");
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "the script did not run:\n{dom}"
+    );
     assert!(dom.contains("the whole fleet"), "{dom}");
     for (i, name) in ["control", "candidate"].iter().enumerate() {
         let v = &route["variants"][i];
-        assert_eq!(cell(&dom, name, "requests"), v["requests"].to_string(), "{name}");
-        assert_eq!(cell(&dom, name, "error_rate"), pct(&v["error_rate"]), "{name}");
+        assert_eq!(
+            cell(&dom, name, "requests"),
+            v["requests"].to_string(),
+            "{name}"
+        );
+        assert_eq!(
+            cell(&dom, name, "error_rate"),
+            pct(&v["error_rate"]),
+            "{name}"
+        );
     }
     let requests: u64 = ["control", "candidate"]
         .iter()
@@ -122,11 +145,17 @@ async fn the_page_shows_what_the_reports_hold_in_a_real_browser() {
         )
     );
     for chart in ["latency", "errors", "evidence", "pods"] {
-        assert!(dom.contains(&format!("data-chart=\"{chart}\"")), "no {chart} chart");
+        assert!(
+            dom.contains(&format!("data-chart=\"{chart}\"")),
+            "no {chart} chart"
+        );
     }
     assert!(dom.contains("<path d=\"M"), "no line drawn");
     for i in 0..3 {
-        assert!(dom.contains(&format!("data-pod=\"model-{i}\"")), "pod {i} missing");
+        assert!(
+            dom.contains(&format!("data-pod=\"model-{i}\"")),
+            "pod {i} missing"
+        );
     }
     // A pod's page: its own traffic, 80 of the 240.
     let dom = render(

@@ -234,9 +234,18 @@ impl FakeApi {
 
     /// Creates or replaces a Pod that `braid controller` finds by its labels: running,
     /// at `ip`, with braid's admin port named as `braid inject` names it.
-    pub fn put_pod(&self, ns: &str, name: &str, labels: &[(&str, &str)], ip: &str, admin_port: u16) {
-        let labels: serde_json::Map<String, Value> =
-            labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    pub fn put_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ip: &str,
+        admin_port: u16,
+    ) {
+        let labels: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
         let obj = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": ns, "labels": labels, "uid": format!("uid-{name}")},
             "spec": {"containers": [{"name": "braid", "ports": [{"name": "braid-admin", "containerPort": admin_port}]}]},
@@ -254,7 +263,8 @@ impl FakeApi {
         let mut s = self.state.lock().unwrap();
         s.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-        s.objects.insert((resource.into(), ns.into(), name.into()), obj);
+        s.objects
+            .insert((resource.into(), ns.into(), name.into()), obj);
     }
 
     pub fn object(&self, resource: &str, ns: &str, name: &str) -> Option<Value> {
@@ -270,8 +280,7 @@ impl FakeApi {
     /// `value` in it (a person's edit landing first): the replace then carries a
     /// stale resourceVersion and is answered 409.
     pub fn race_next_replace(&self, ns: &str, name: &str, key: &str, value: &str) {
-        self.state.lock().unwrap().race =
-            Some((ns.into(), name.into(), key.into(), value.into()));
+        self.state.lock().unwrap().race = Some((ns.into(), name.into(), key.into(), value.into()));
     }
 
     /// Replaces answered 409 Conflict so far.
@@ -585,7 +594,9 @@ async fn handle(
                         return status(
                             409,
                             "Conflict",
-                            &format!("Operation cannot be fulfilled on configmaps \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+                            &format!(
+                                "Operation cannot be fulfilled on configmaps \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                            ),
                         );
                     }
                     let obj = commit(&mut s, &changes, &ns, &name, Some(body), "MODIFIED").unwrap();
@@ -623,8 +634,22 @@ async fn handle(
             }
         }
         ["api", "v1", "namespaces", ns, "pods"]
-        | ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices"]
-        | ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"] => {
+        | [
+            "apis",
+            "discovery.k8s.io",
+            "v1",
+            "namespaces",
+            ns,
+            "endpointslices",
+        ]
+        | [
+            "apis",
+            "coordination.k8s.io",
+            "v1",
+            "namespaces",
+            ns,
+            "leases",
+        ] => {
             let resource = parts[parts.len() - 1].to_string();
             let ns = ns.to_string();
             let kind = match resource.as_str() {
@@ -639,11 +664,18 @@ async fn handle(
             };
             if method == Method::POST {
                 let mut body = read_json(req).await;
-                let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let name = body["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 let mut s = state.lock().unwrap();
                 let key = (resource.clone(), ns.clone(), name.clone());
                 if s.objects.contains_key(&key) {
-                    return status(409, "AlreadyExists", &format!("{resource} \"{name}\" already exists"));
+                    return status(
+                        409,
+                        "AlreadyExists",
+                        &format!("{resource} \"{name}\" already exists"),
+                    );
                 }
                 s.rv += 1;
                 body["metadata"]["resourceVersion"] = json!(s.rv.to_string());
@@ -657,7 +689,9 @@ async fn handle(
             let items: Vec<Value> = s
                 .objects
                 .iter()
-                .filter(|((r, n, _), o)| *r == resource && *n == ns && labels_match(q.get("labelSelector"), o))
+                .filter(|((r, n, _), o)| {
+                    *r == resource && *n == ns && labels_match(q.get("labelSelector"), o)
+                })
                 .map(|(_, o)| o.clone())
                 .collect();
             json_response(
@@ -666,22 +700,48 @@ async fn handle(
                     "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
             )
         }
-        ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name] => {
+        [
+            "apis",
+            "coordination.k8s.io",
+            "v1",
+            "namespaces",
+            ns,
+            "leases",
+            name,
+        ] => {
             let key = ("leases".to_string(), ns.to_string(), name.to_string());
             match method {
                 Method::GET => match state.lock().unwrap().objects.get(&key) {
                     Some(o) => json_response(200, o),
-                    None => status(404, "NotFound", &format!("leases.coordination.k8s.io \"{name}\" not found")),
+                    None => status(
+                        404,
+                        "NotFound",
+                        &format!("leases.coordination.k8s.io \"{name}\" not found"),
+                    ),
                 },
                 Method::PUT => {
                     let mut body = read_json(req).await;
                     let mut s = state.lock().unwrap();
-                    let Some(current) = s.objects.get(&key).map(|o| o["metadata"]["resourceVersion"].clone()) else {
-                        return status(404, "NotFound", &format!("leases.coordination.k8s.io \"{name}\" not found"));
+                    let Some(current) = s
+                        .objects
+                        .get(&key)
+                        .map(|o| o["metadata"]["resourceVersion"].clone())
+                    else {
+                        return status(
+                            404,
+                            "NotFound",
+                            &format!("leases.coordination.k8s.io \"{name}\" not found"),
+                        );
                     };
                     if body["metadata"]["resourceVersion"] != current {
                         s.conflicts += 1;
-                        return status(409, "Conflict", &format!("Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified"));
+                        return status(
+                            409,
+                            "Conflict",
+                            &format!(
+                                "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified"
+                            ),
+                        );
                     }
                     s.rv += 1;
                     body["metadata"]["resourceVersion"] = json!(s.rv.to_string());
