@@ -328,11 +328,9 @@ async fn a_new_leader_goes_on_from_the_lease_and_a_racing_edit_is_kept() {
         "b took the Lease {took_over:?} and wrote the verdict {:?} after a was killed",
         killed.elapsed()
     );
-    // A lease period, plus a round of b's to notice and one to write.
-    assert!(
-        took_over <= lease + Duration::from_millis(400),
-        "{took_over:?}"
-    );
+    // A lease period after a's last renewal, plus b's rounds (with room for a
+    // loaded machine).
+    assert!(took_over <= lease + Duration::from_secs(1), "{took_over:?}");
     assert!(
         api.conflicts() >= 1,
         "the person's edit did not race the write"
