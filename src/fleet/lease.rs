@@ -17,6 +17,11 @@ use tokio::time::Instant;
 /// The annotation holding the leader's decision state.
 pub const STATE_ANNOTATION: &str = "braid.dev/fleet-state";
 
+/// The largest state carried (the API server refuses annotations past 256 KiB in all).
+/// A larger one is left out, and the Lease still renewed: a new leader then starts
+/// its tally afresh, so leadership never fails for want of room.
+pub const MAX_STATE_BYTES: usize = 200 * 1024;
+
 /// What one round of election found.
 #[derive(Debug, PartialEq)]
 pub enum Role {
@@ -135,11 +140,19 @@ impl Elector {
         // A leader that just took over writes the state it found back unchanged: its
         // own starts from it.
         if let (Some(s), false) = (state, took_over.is_some()) {
-            lease
+            let annotations = lease
                 .metadata
                 .annotations
-                .get_or_insert_with(Default::default)
-                .insert(STATE_ANNOTATION.to_string(), s.to_string());
+                .get_or_insert_with(Default::default);
+            if s.len() <= MAX_STATE_BYTES {
+                annotations.insert(STATE_ANNOTATION.to_string(), s.to_string());
+            } else {
+                annotations.remove(STATE_ANNOTATION);
+                tracing::warn!(
+                    bytes = s.len(),
+                    "the fleet's state is too large for the Lease; a new leader would start its tally afresh (follow fewer pods per controller, or aggregate with Prometheus)"
+                );
+            }
         }
         match self
             .api

@@ -31,6 +31,11 @@ struct Experiment {
     control: Option<usize>,
     /// The fleet's test level (`guardrail.alpha`), `None` without a guardrail.
     alpha: Option<f64>,
+    /// The route's guardrail is in fleet mode (`guardrail.fleet`): only then does the
+    /// controller decide for it. Without it each pod's breaker runs at the full alpha,
+    /// and a verdict on top would spend more than the route's alpha.
+    #[serde(default)]
+    fleet_mode: bool,
     min_bad_events: u64,
     action: String,
     /// Per variant.
@@ -207,6 +212,7 @@ impl Tally {
                             .as_str()
                             .and_then(|c| variants.iter().position(|v| v == c)),
                         alpha: r["guardrail"]["alpha"].as_f64(),
+                        fleet_mode: r["guardrail"]["fleet_max_pods"].is_u64(),
                         min_bad_events: r["guardrail"]["min_bad_events"].as_u64().unwrap_or(1),
                         action: r["guardrail"]["action"]
                             .as_str()
@@ -338,7 +344,7 @@ impl Tally {
                 }
             }
             e.sample();
-            let (Some(alpha), Some(control)) = (e.alpha, e.control) else {
+            let (Some(alpha), Some(control), true) = (e.alpha, e.control, e.fleet_mode) else {
                 continue;
             };
             let (route, fingerprint) = key.rsplit_once('/').unwrap_or((key, ""));
@@ -539,6 +545,7 @@ impl Experiment {
             "guardrail": self.alpha.map(|a| json!({
                 "alpha": a,
                 "fleet_alpha": a / 2.0,
+                "fleet_mode": self.fleet_mode,
                 "min_bad_events": self.min_bad_events,
                 "action": self.action,
             })),
@@ -574,7 +581,7 @@ mod tests {
             "route": "m",
             "run": {"instance": instance, "epoch": epoch, "fingerprint": "fp"},
             "control": "stable",
-            "guardrail": {"alpha": 0.001, "min_bad_events": 1, "action": "rollback"},
+            "guardrail": {"alpha": 0.001, "min_bad_events": 1, "action": "rollback", "fleet_max_pods": 16},
             "split": {"variants": [
                 {"name": "stable", "assigned": requests, "expected_sum": requests as f64},
                 {"name": "canary", "assigned": requests, "expected_sum": requests as f64}]},
@@ -652,6 +659,13 @@ mod tests {
         let mut applied = report("i1", 1, 200, 40, 12.0);
         applied["routes"][0]["variants"][1]["guardrail"]["verdict"] = json!({"action": "rollback"});
         assert!(t.round(&[("a".into(), applied)]).is_empty());
+
+        // A route not in fleet mode is reported, never decided for.
+        let mut t = Tally::default();
+        let mut alone = report("i1", 1, 200, 40, 12.0);
+        alone["routes"][0]["guardrail"]["fleet_max_pods"] = Value::Null;
+        assert!(t.round(&[("a".into(), alone.clone())]).is_empty());
+        assert!(t.round(&[("a".into(), alone)]).is_empty());
 
         let mut t = Tally::default();
         let mut tripped = report("i1", 1, 10, 3, 0.1);
