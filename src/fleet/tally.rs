@@ -532,12 +532,7 @@ impl Experiment {
                 })
             })
             .collect();
-        let split: Vec<Value> = self
-            .split
-            .counts()
-            .zip(&self.variants)
-            .map(|((o, e), n)| json!({"name": n, "assigned": o, "expected": (e * 10.0).round() / 10.0}))
-            .collect();
+        let split = self.split.report(self.variants.iter().map(String::as_str));
         json!({
             "route": route,
             "experiment": fingerprint,

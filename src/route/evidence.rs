@@ -381,6 +381,17 @@ impl SplitTest {
             .zip(self.expected.iter().copied())
     }
 
+    /// Per variant, as reports show it: its name, assignments, expected assignments
+    /// (rounded for people, and whole for a fleet to add up).
+    pub fn report<'a>(&self, names: impl Iterator<Item = &'a str>) -> Vec<serde_json::Value> {
+        self.counts()
+            .zip(names)
+            .map(|((o, e), n)| {
+                serde_json::json!({"name": n, "assigned": o, "expected": (e * 10.0).round() / 10.0, "expected_sum": e})
+            })
+            .collect()
+    }
+
     /// Pearson's chi-square statistic of the counts, for readers who know that one.
     pub fn chi_square(&self) -> f64 {
         self.counts()
@@ -881,6 +892,12 @@ mod tests {
     }
 
     /// The table in docs/guardrails.md: `cargo test --release --lib guardrail_table --
+    /// An A/A fleet of 8 pods (3% bad on both arms, 4,000 requests, a round every 20,
+    /// restarts at 0.001 per request up to 16 lifetimes).
+    fn a_a_fleet(rng: &mut Rng, alpha: f64) -> Option<(u64, bool)> {
+        fleet(rng, 8, 4_000, 20, 1e-3, alpha, (16, 1), (0.5, 0.03, 0.03))
+    }
+
     /// 10,000 seeded A/A fleets of 8 pods, whose pods restart now and then, trip (by the
     /// fleet's test or any pod's breaker) no more often than alpha, with a binomial
     /// margin of three standard deviations.
@@ -890,17 +907,7 @@ mod tests {
         let mut rng = Rng(37);
         let mut trips = 0;
         for _ in 0..runs {
-            let t = fleet(
-                &mut rng,
-                8,
-                4_000,
-                20,
-                1e-3,
-                alpha,
-                (16, 1),
-                (0.5, 0.03, 0.03),
-            );
-            trips += u64::from(t.is_some());
+            trips += u64::from(a_a_fleet(&mut rng, alpha).is_some());
         }
         let margin = 3.0 * (runs as f64 * alpha * (1.0 - alpha)).sqrt();
         assert!(
@@ -954,16 +961,7 @@ mod tests {
             let mut rng = Rng(37);
             let (mut trips, mut by_pod) = (0, 0);
             for _ in 0..10_000 {
-                if let Some((_, by_fleet)) = fleet(
-                    &mut rng,
-                    8,
-                    4_000,
-                    20,
-                    1e-3,
-                    alpha,
-                    (16, 1),
-                    (0.5, 0.03, 0.03),
-                ) {
+                if let Some((_, by_fleet)) = a_a_fleet(&mut rng, alpha) {
                     trips += 1;
                     by_pod += u64::from(!by_fleet);
                 }

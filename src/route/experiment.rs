@@ -591,12 +591,7 @@ impl Experiment {
                 })
             })
             .collect();
-        let split: Vec<Value> = st
-            .split
-            .counts()
-            .zip(&self.names)
-            .map(|((o, e), n)| json!({"name": &**n, "assigned": o, "expected": (e * 10.0).round() / 10.0, "expected_sum": e}))
-            .collect();
+        let split = st.split.report(self.names.iter().map(|n| &**n));
         json!({
             "route": &*self.route,
             // Names this run of counts: a fleet adds each (instance, epoch) once, and only

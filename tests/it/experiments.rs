@@ -519,20 +519,6 @@ tests:
 "#,
     )
     .unwrap();
-    for args in [
-        &["check", "rules", "rules.yaml"][..],
-        &["test", "rules", "test.yaml"],
-    ] {
-        let out = std::process::Command::new(promtool())
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .expect("promtool runs");
-        assert!(
-            out.status.success(),
-            "promtool {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    promtool_in(dir.path(), &["check", "rules", "rules.yaml"]);
+    promtool_in(dir.path(), &["test", "rules", "test.yaml"]);
 }

@@ -66,6 +66,32 @@ pub(crate) async fn fleet_of(n: usize, api: &FakeApi) -> Vec<TestProxy> {
     proxies
 }
 
+/// A fleet whose evidence grows and never trips (`min_bad_events` out of reach): `n`
+/// proxies on the ConfigMap and one controller replica, for the tests that read what
+/// the fleet shows (the page, Prometheus).
+pub(crate) struct Watched {
+    pub(crate) proxies: Vec<TestProxy>,
+    pub(crate) replica: Replica,
+    _api: FakeApi,
+    _backends: (Backend, Backend),
+}
+
+pub(crate) async fn watched_fleet(n: usize) -> Watched {
+    let (control, candidate) = backends().await;
+    let api = FakeApi::start().await;
+    let doc =
+        config(&control, &candidate, true).replace("min_bad_events: 10", "min_bad_events: 100000");
+    api.put_configmap(NS, CM, &[("braid.yaml", &doc)]);
+    let proxies = fleet_of(n, &api).await;
+    let replica = Replica::start(&api, "controller", Duration::from_secs(2)).await;
+    Watched {
+        proxies,
+        replica,
+        _api: api,
+        _backends: (control, candidate),
+    }
+}
+
 /// A controller replica, run in this process: its rounds and its HTTP port.
 pub(crate) struct Replica {
     controller: Arc<Controller>,

@@ -4,8 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::fleet::{CM, NS, Replica, backends, fleet_of, send};
-use crate::support::kube::FakeApi;
+use crate::fleet::{send, watched_fleet};
 use crate::support::*;
 
 /// The rule groups of deploy/monitoring/prometheusrule.yaml, as a plain rule file
@@ -28,20 +27,6 @@ fn rule_file(interval: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn promtool_in(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new(promtool())
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("promtool runs");
-    assert!(
-        out.status.success(),
-        "promtool {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The fleet evidence sums every pod's per-theta products: two pods that alone stay
@@ -204,16 +189,10 @@ impl Prometheus {
 /// fleet evidence is the controller's "from the start" figure, to float precision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_sums_the_same_fleet_evidence_as_the_controller() {
-    let (control, candidate) = backends().await;
-    let api = FakeApi::start().await;
-    // min_bad_events out of reach: evidence grows, nothing trips.
-    let doc = crate::fleet::config(&control, &candidate, true)
-        .replace("min_bad_events: 10", "min_bad_events: 100000");
-    api.put_configmap(NS, CM, &[("braid.yaml", &doc)]);
-    let proxies = fleet_of(3, &api).await;
-    let replica = Replica::start(&api, "controller", Duration::from_secs(2)).await;
+    let fleet = watched_fleet(3).await;
+    let (proxies, replica) = (&fleet.proxies, &fleet.replica);
     for i in 0..300 {
-        send(&proxies, i).await;
+        send(proxies, i).await;
     }
     let targets: Vec<(String, std::net::SocketAddr)> = proxies
         .iter()

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::fleet::{CM, NS, Replica, backends, fleet_of, send};
-use crate::support::kube::FakeApi;
+use crate::fleet::{send, watched_fleet};
 use crate::support::*;
 
 /// Chromium's DOM of `url` once the page's script has run, and a screenshot of it.
@@ -89,15 +88,10 @@ fn pct(v: &Value) -> String {
 /// figure, and every pod's share. A pod's own page shows its own traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_what_the_reports_hold_in_a_real_browser() {
-    let (control, candidate) = backends().await;
-    let api = FakeApi::start().await;
-    let doc = crate::fleet::config(&control, &candidate, true)
-        .replace("min_bad_events: 10", "min_bad_events: 100000");
-    api.put_configmap(NS, CM, &[("braid.yaml", &doc)]);
-    let proxies = fleet_of(3, &api).await;
-    let replica = Replica::start(&api, "controller", Duration::from_secs(2)).await;
+    let fleet = watched_fleet(3).await;
+    let (proxies, replica) = (&fleet.proxies, &fleet.replica);
     for i in 0..240 {
-        send(&proxies, i).await;
+        send(proxies, i).await;
         if i % 40 == 0 {
             tokio::time::sleep(Duration::from_millis(150)).await; // rounds in between
         }

@@ -1053,6 +1053,21 @@ pub fn promtool() -> PathBuf {
         .clone()
 }
 
+/// `promtool ARGS` run in `dir`; panics with what it printed unless it succeeds.
+pub fn promtool_in(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new(promtool())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `promtool check metrics` over a scrape: panics with what it reports unless the text
 /// is valid Prometheus text format with no lint problems.
 pub fn promtool_check(text: &str) {
