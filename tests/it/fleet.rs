@@ -104,13 +104,23 @@ pub(crate) struct Replica {
 
 impl Replica {
     pub(crate) async fn start(api: &FakeApi, identity: &str, lease: Duration) -> Replica {
+        Self::start_with(api, identity, lease, "pods:app=m", 9901).await
+    }
+
+    async fn start_with(
+        api: &FakeApi,
+        identity: &str,
+        lease: Duration,
+        members: &str,
+        admin_port: u16,
+    ) -> Replica {
         let client = braid::config::kube::client(Some(&api.kubeconfig))
             .await
             .unwrap();
         let opts = Options {
-            fleets: vec![FleetSpec::parse(&format!("{NS}/{CM}=pods:app=m")).unwrap()],
+            fleets: vec![FleetSpec::parse(&format!("{NS}/{CM}={members}")).unwrap()],
             verdicts_key: braid::config::verdict::DEFAULT_KEY.into(),
-            admin_port: 9901,
+            admin_port,
             interval: Duration::from_millis(100),
             lease_name: "braid-controller".into(),
             lease_namespace: NS.into(),
@@ -538,4 +548,86 @@ async fn controller_cost_following_many_pods() {
         drop(p);
         standins.iter().for_each(|t| t.abort());
     }
+}
+
+/// A fleet found through a Service's EndpointSlices: ready endpoints are read at
+/// `--admin-port`, named by their pod; one that is not ready is left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_s_endpoint_slices_name_the_fleet() {
+    let (control, candidate) = backends().await;
+    let api = FakeApi::start().await;
+    api.put_configmap(
+        NS,
+        CM,
+        &[("braid.yaml", &config(&control, &candidate, true))],
+    );
+    let proxies = fleet_of(1, &api).await;
+    api.delete_pod(NS, "model-0");
+    api.put_object(
+        "endpointslices",
+        NS,
+        "model-abc12",
+        serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "model-abc12", "namespace": NS,
+                "labels": {"kubernetes.io/service-name": "model"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["127.0.0.1"], "conditions": {"ready": true},
+                 "targetRef": {"kind": "Pod", "name": "model-0", "namespace": NS}},
+                {"addresses": ["127.0.0.2"], "conditions": {"ready": false},
+                 "targetRef": {"kind": "Pod", "name": "model-9", "namespace": NS}}],
+            "ports": [{"name": "http", "port": 8180, "protocol": "TCP"}]}),
+    );
+    for i in 0..40 {
+        send(&proxies, i).await;
+    }
+    let replica = Replica::start_with(
+        &api,
+        "controller",
+        Duration::from_secs(2),
+        "service:model",
+        proxies[0].admin.port(),
+    )
+    .await;
+    let start = Instant::now();
+    loop {
+        let r = get(
+            &client(),
+            &format!("http://{}/experiments", replica.addr),
+            &[],
+        )
+        .await;
+        if r.status == 200 {
+            let pods = r.json()["routes"][0]["pods"].clone();
+            if pods.as_array().is_some_and(|p| !p.is_empty()) {
+                assert_eq!(pods.as_array().unwrap().len(), 1, "{pods}");
+                assert_eq!(pods[0]["pod"], "model-0");
+                let n: u64 = pods[0]["requests"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_u64().unwrap())
+                    .sum();
+                assert_eq!(n, 40);
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the slice's pod was never read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `braid controller` refuses a fleet it cannot read, saying what it expects.
+#[test]
+fn the_controller_refuses_a_malformed_fleet() {
+    let out = braid(&["controller", "--fleet", "ml/braid"], b"");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("expected NAMESPACE/CONFIGMAP=pods:SELECTOR"),
+        "{err}"
+    );
 }
