@@ -99,7 +99,7 @@ impl Store {
                     .store(Some(Arc::new(Active { snapshot, live })));
                 // The previous snapshot's pools, unless requests still hold it.
                 self.registry.release_unbound();
-                *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *crate::sync::lock(&self.rejected) = None;
                 self.metrics.config_reloaded(kind, true, generation);
                 tracing::info!(source, generation, "config accepted");
                 Ok(generation)
@@ -132,7 +132,7 @@ impl Store {
         }
         self.metrics
             .config_reloaded(kind, false, self.generation.load(Ordering::SeqCst));
-        *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = Some(Rejection {
+        *crate::sync::lock(&self.rejected) = Some(Rejection {
             source: source.to_string(),
             at: SystemTime::now(),
             errors,
@@ -146,9 +146,6 @@ impl Store {
     }
 
     pub fn last_rejection(&self) -> Option<Rejection> {
-        self.rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::sync::lock(&self.rejected).clone()
     }
 }

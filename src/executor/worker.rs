@@ -119,7 +119,7 @@ fn run(
 ) {
     loop {
         // Hold the lock only to take one job, so sibling threads can take the next.
-        let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+        let job = match crate::sync::lock(&rx).recv() {
             Ok(j) => j,
             Err(_) => return,
         };

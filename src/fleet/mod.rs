@@ -21,6 +21,7 @@ pub mod page;
 pub mod tally;
 pub mod verdicts;
 
+use crate::sync::lock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -206,10 +207,6 @@ pub struct Controller {
     tallies: Mutex<BTreeMap<String, tally::Tally>>,
     shown: Mutex<Shown>,
     metrics: Metrics,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Controller {

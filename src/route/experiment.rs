@@ -8,6 +8,7 @@
 //! how it went (`observe`) with the same weights, so the share used for its evidence
 //! is the one it was assigned under.
 
+use crate::sync::lock;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -216,10 +217,6 @@ impl std::fmt::Debug for Experiment {
             .field("route", &self.route)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Experiment {

@@ -9,6 +9,7 @@
 //! no name to find its handles. What a new table no longer names is dropped from the
 //! registry; a dropped batcher answers what it holds, then its task ends.
 
+use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -105,10 +106,6 @@ struct State {
     experiments: HashMap<Arc<str>, (u64, Arc<Experiment>)>,
     /// One writer per payload log sink, kept across reloads (a file keeps rotating).
     payload_logs: HashMap<Sink, Arc<PayloadLog>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Registry {

@@ -91,7 +91,7 @@ impl ReloadingCert {
                 self.key.display()
             ));
         };
-        let mut last = self.digest.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = crate::sync::lock(&self.digest);
         if *last == digest {
             return Ok(false);
         }

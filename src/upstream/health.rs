@@ -68,16 +68,12 @@ impl VariantHealth {
 
     /// Applies settings from a reload; the variant's state is kept.
     pub fn configure(&self, settings: Outlier) {
-        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
+        *crate::sync::lock(&self.settings) = settings;
     }
 
     pub fn admit(&self, now: Instant) -> Admit {
-        let lease = self
-            .settings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .base_ejection;
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let lease = crate::sync::lock(&self.settings).base_ejection;
+        let mut s = crate::sync::lock(&self.state);
         match s.ejected_until {
             None => Admit::Yes,
             Some(until) if now < until || s.probing.is_some_and(|p| now < p) => Admit::Ejected,
@@ -90,15 +86,15 @@ impl VariantHealth {
 
     /// Whether requests are kept away from the variant right now.
     pub fn is_ejected(&self, now: Instant) -> bool {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = crate::sync::lock(&self.state);
         s.ejected_until
             .is_some_and(|u| now < u || s.probing.is_some_and(|p| now < p))
     }
 
     /// Records one attempt's outcome.
     pub fn record(&self, ok: bool, now: Instant) {
-        let cfg = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let cfg = *crate::sync::lock(&self.settings);
+        let mut s = crate::sync::lock(&self.state);
         if ok {
             let lifts = s.probing.is_some() || s.ejected_until.is_none_or(|u| u <= now);
             if lifts {

@@ -9,6 +9,7 @@ pub mod health;
 pub mod retry;
 pub mod wire;
 
+use crate::sync::lock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -300,8 +301,4 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

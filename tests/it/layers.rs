@@ -13,6 +13,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hash", 0),
     ("headers", 0),
     ("addr", 0),
+    ("sync", 0),
     ("server", 1),
     ("access", 1),
     ("payload", 1),
@@ -282,4 +283,37 @@ fn the_checker_sees_grouped_and_relative_imports() {
     ]
     .into();
     assert_eq!(cycles(&g).len(), 1, "a circle of two is found");
+}
+
+/// The layer table in the crate doc of `src/lib.rs` ("the one copy" of the map) names
+/// every top-level module at the layer this test gives it, and nothing else: the map
+/// cannot drift from what is checked.
+#[test]
+fn the_crate_doc_s_layer_table_is_this_test_s() {
+    let lib = std::fs::read_to_string(src().join("lib.rs")).unwrap();
+    let mut documented: BTreeMap<String, u8> = BTreeMap::new();
+    for line in lib.lines() {
+        let Some(row) = line.strip_prefix("//! | ") else {
+            continue;
+        };
+        let mut cells = row.split(" | ");
+        let Some(layer) = cells.next().and_then(|c| c.trim().parse::<u8>().ok()) else {
+            continue;
+        };
+        for m in cells.next().unwrap_or("").split('`').skip(1).step_by(2) {
+            documented.insert(m.to_string(), layer);
+        }
+    }
+    let tested: BTreeMap<String, u8> = LAYERS.iter().map(|(m, l)| (m.to_string(), *l)).collect();
+    assert_eq!(
+        documented, tested,
+        "src/lib.rs's layer table and LAYERS differ"
+    );
+    let declared: BTreeSet<String> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("pub mod "))
+        .map(|m| m.trim_end_matches(';').to_string())
+        .collect();
+    let tested: BTreeSet<String> = LAYERS.iter().map(|(m, _)| m.to_string()).collect();
+    assert_eq!(declared, tested, "a module of src/lib.rs has no layer");
 }

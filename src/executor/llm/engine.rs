@@ -104,7 +104,7 @@ pub struct Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         let (lock, cv) = &*self.shared;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).stopping = true;
+        crate::sync::lock(lock).stopping = true;
         cv.notify_all();
     }
 }
@@ -147,7 +147,7 @@ impl Engine {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.0.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.shared.0)
     }
 
     /// Queues a generation; its events arrive on the receiver.
@@ -216,7 +216,7 @@ impl Loop {
         loop {
             let (plan, admitted, gone_waiting) = {
                 let (lock, cv) = &*self.shared;
-                let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = crate::sync::lock(lock);
                 while st.sched.is_idle() && !st.stopping {
                     self.metrics.occupancy(0, 0, 0.0);
                     st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -306,7 +306,7 @@ impl Loop {
                 .filter(|(id, _)| self.seqs.contains_key(id))
                 .collect();
             self.step(&work);
-            let st = &mut *self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+            let st = &mut *crate::sync::lock(&self.shared.0);
             for &(id, w) in &work {
                 st.sched.done(id, w);
             }
@@ -319,7 +319,7 @@ impl Loop {
     /// it is over: whoever reads the metrics after its answer sees it gone.
     fn forget(&mut self, id: u64) -> Option<Seq> {
         let seq = self.seqs.remove(&id);
-        let mut st = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = crate::sync::lock(&self.shared.0);
         st.sched.remove(id);
         self.publish(&st.sched);
         seq

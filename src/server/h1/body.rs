@@ -65,7 +65,7 @@ impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, ReadSide> {
         // A panic while holding it cannot leave the buffer half-updated in a way that
         // matters more than the connection it belongs to.
-        self.read.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.read)
     }
 
     /// Reads what the socket has into the buffer; `Ok(0)` is the client's end.
