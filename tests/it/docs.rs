@@ -50,7 +50,8 @@ fn every_config_field_is_in_the_configuration_reference() {
 #[test]
 fn every_metric_family_is_in_the_metrics_reference() {
     let doc = read("docs/metrics.md");
-    let source = read("src/metrics.rs") + &read("src/fleet/mod.rs");
+    let source =
+        read("src/metrics/mod.rs") + &read("src/metrics/executor.rs") + &read("src/fleet/mod.rs");
     let families: Vec<&str> = source
         .split('"')
         .skip(1)
