@@ -80,7 +80,7 @@ pub struct VariantSpec {
     /// Model name at the backend; defaults to the route's model.
     pub target_model: Option<String>,
     /// How to reach an `https://` backend.
-    pub tls: Option<crate::server::tls::UpstreamTls>,
+    pub tls: Option<crate::upstream::tls::UpstreamTls>,
     pub ramp: Option<Ramp>,
     /// Requests this variant serves at once (to their answer's last byte); more wait
     /// under the route's `admission`.
@@ -570,14 +570,14 @@ fn upstream_tls(
     node: &Node,
     path: String,
     errs: &mut Errors,
-) -> Option<crate::server::tls::UpstreamTls> {
+) -> Option<crate::upstream::tls::UpstreamTls> {
     let mut obj = Obj::new(node, path, errs)?;
     let ca_file = obj.req("ca_file", string);
     let cert_file = obj.opt("cert_file", string);
     let key_file = obj.opt("key_file", string);
     let server_name = obj.opt("server_name", string);
     obj.finish(&["ca_file", "cert_file", "key_file", "server_name"]);
-    Some(crate::server::tls::UpstreamTls {
+    Some(crate::upstream::tls::UpstreamTls {
         ca_file: ca_file?.into(),
         cert_file: cert_file.map(Into::into),
         key_file: key_file.map(Into::into),

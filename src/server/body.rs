@@ -76,7 +76,7 @@ where
     // Past the limit as bytes arrive, or as a chunk's size is read (braid's listener).
     let too_large = |e: &BoxError| {
         e.is::<http_body_util::LengthLimitError>()
-            || e.downcast_ref::<super::h1::chunked::ChunkError>()
+            || e.downcast_ref::<crate::http1::chunked::ChunkError>()
                 .is_some_and(|c| c.too_large())
     };
     let refused = |e: BoxError| {

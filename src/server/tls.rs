@@ -1,39 +1,19 @@
-//! TLS with rustls (ring provider only): the inbound listener's certificate, reloaded
-//! when its files change, and client configs for `https://` backends (CA bundle,
-//! optional client certificate, SNI).
+//! TLS for the listeners, with rustls (ring provider only): the certificate, reloaded
+//! when its files change, and the server config with ALPN. The client side is
+//! `upstream::tls`; what both read (PEM files, the provider) is `crate::tls`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
+use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate found", path.display()));
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
-}
+pub use crate::tls::provider;
+use crate::tls::{read_certs, read_key};
 
 /// A certificate chain and its key, checked to belong together.
 pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
@@ -131,41 +111,5 @@ pub fn server_config(cert: Arc<ReloadingCert>) -> Result<ServerConfig, String> {
         .with_no_client_auth()
         .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(cfg)
-}
-
-/// How braid connects to one `https://` backend.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UpstreamTls {
-    pub ca_file: PathBuf,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    /// SNI and the name checked in the backend's certificate; default: the URL's host.
-    pub server_name: Option<String>,
-}
-
-/// A client config trusting only `ca_file`, presenting the client certificate if any.
-pub fn client_config(t: &UpstreamTls) -> Result<ClientConfig, String> {
-    let mut roots = RootCertStore::empty();
-    for c in read_certs(&t.ca_file)? {
-        roots
-            .add(c)
-            .map_err(|e| format!("{}: {e}", t.ca_file.display()))?;
-    }
-    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| e.to_string())?;
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_webpki_verifier(verifier);
-    let cfg = match (&t.cert_file, &t.key_file) {
-        (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
-            .map_err(|e| format!("{}: {e}", cert.display()))?,
-        (None, None) => builder.with_no_client_auth(),
-        _ => return Err("cert_file and key_file go together".into()),
-    };
-    // ALPN (h2, http/1.1) is set by the connector.
     Ok(cfg)
 }

@@ -7,6 +7,7 @@
 pub mod h1;
 pub mod health;
 pub mod retry;
+pub mod tls;
 pub mod wire;
 
 use crate::sync::lock;
@@ -30,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::addr::Protocol;
 pub use crate::error::SendError;
-use crate::server::tls::{self, UpstreamTls};
+use tls::UpstreamTls;
 
 /// Default connect timeout for backends (a route timeout, when set, bounds it too).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

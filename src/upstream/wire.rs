@@ -6,9 +6,9 @@
 
 use std::mem::MaybeUninit;
 
-pub use crate::server::h1::chunked::{ChunkError, Chunked, Decoded};
-use crate::server::h1::head::{content_length, only_persistence, tokens};
-use crate::server::h1::names::Names;
+pub use crate::http1::chunked::{ChunkError, Chunked, Decoded};
+use crate::http1::fields::{content_length, only_persistence, tokens};
+use crate::http1::names::Names;
 
 use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};

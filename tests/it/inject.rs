@@ -334,7 +334,7 @@ fn webhook_tls(dir: &Path) -> (PathBuf, PathBuf, WebhookClient) {
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let tls = braid::server::tls::client_config(&braid::server::tls::UpstreamTls {
+    let tls = braid::upstream::tls::client_config(&braid::upstream::tls::UpstreamTls {
         ca_file: cert.clone(),
         cert_file: None,
         key_file: None,

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 use braid::run::TlsFiles;
-use braid::server::tls::{UpstreamTls, client_config};
+use braid::upstream::tls::{UpstreamTls, client_config};
 
 /// A private CA that signs leaf certificates into PEM files.
 struct Pki {

@@ -12,8 +12,8 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use super::chunked::{Chunked, Decoded};
 use crate::error::BoxError;
+use crate::http1::chunked::{Chunked, Decoded};
 
 /// Bytes asked of the socket at a time.
 const READ_CHUNK: usize = 8 * 1024;

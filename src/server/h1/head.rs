@@ -21,6 +21,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version, request, response};
 
 use crate::error::ProxyError;
+pub use crate::http1::fields::{content_length, only_persistence, tokens};
 
 /// Header lines parsed into a stack array up to this many (a larger `--max-headers`
 /// uses the heap).
@@ -63,7 +64,7 @@ pub struct Scratch {
     /// The target's bytes (a copy of its own, so no old head stays pinned) and its URI.
     last_target: Option<(Bytes, Uri)>,
     /// The header names the connection's client sent before.
-    names: super::names::Names,
+    names: crate::http1::names::Names,
 }
 
 impl Scratch {
@@ -114,27 +115,6 @@ struct Seen {
     expect_continue: bool,
     host_lines: u32,
     bad_host: bool,
-}
-
-/// A `Content-Length` value: one or more ASCII digits, read without a string made of
-/// them; `None` for anything else, or a number past `u64`.
-pub fn content_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, &b| {
-        let digit = b.wrapping_sub(b'0');
-        (digit < 10).then_some(())?;
-        n.checked_mul(10)?.checked_add(u64::from(digit))
-    })
-}
-
-/// The comma-separated tokens of a header value (`Connection`, `Transfer-Encoding`).
-pub fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
 }
 
 impl Seen {
@@ -436,14 +416,6 @@ pub fn response_framing(
         None if http10 => Out::Close,
         None => Out::Chunked,
     }
-}
-
-/// A `Connection` value that says only whether the connection persists.
-pub fn only_persistence(value: &[u8]) -> bool {
-    value.eq_ignore_ascii_case(b"keep-alive")
-        || value.eq_ignore_ascii_case(b"close")
-        || tokens(value)
-            .all(|t| t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close"))
 }
 
 /// Whether the handler asked for the connection to close after this response.

@@ -9,7 +9,7 @@ use http::Response;
 use proptest::prelude::*;
 
 use super::*;
-use crate::server::h1::chunked::{Chunked, Decoded};
+use crate::http1::chunked::{Chunked, Decoded};
 
 const LIMITS: HeadLimits = HeadLimits {
     max_headers: 100,

@@ -11,9 +11,7 @@
 //! read ahead and answered in order.
 
 pub mod body;
-pub mod chunked;
 pub mod head;
-pub mod names;
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -32,8 +30,8 @@ use tokio::time::Instant;
 
 use super::{ConnInfo, Handler, Phase, RequestBody};
 use crate::error::{Body, ProxyError};
+use crate::http1::chunked::Chunked;
 use body::{BodyState, Shared};
-use chunked::Chunked;
 use head::{Framing, HeadLimits, Out, RequestHead, Scratch};
 
 /// The start of every HTTP/2 prior-knowledge connection.
