@@ -38,6 +38,16 @@ pub(crate) async fn backends() -> (Backend, Backend) {
     (control, candidate)
 }
 
+/// The two backends and a fake API holding the ConfigMap with the fleet-mode config,
+/// as `edit` leaves it.
+async fn on_configmap(edit: impl FnOnce(String) -> String) -> ((Backend, Backend), FakeApi) {
+    let (control, candidate) = backends().await;
+    let api = FakeApi::start().await;
+    let doc = edit(config(&control, &candidate, true));
+    api.put_configmap(NS, CM, &[("braid.yaml", &doc)]);
+    ((control, candidate), api)
+}
+
 /// `n` proxies on the ConfigMap, each a Pod the controller finds by `app=m`.
 pub(crate) async fn fleet_of(n: usize, api: &FakeApi) -> Vec<TestProxy> {
     let mut proxies = Vec::new();
@@ -77,18 +87,15 @@ pub(crate) struct Watched {
 }
 
 pub(crate) async fn watched_fleet(n: usize) -> Watched {
-    let (control, candidate) = backends().await;
-    let api = FakeApi::start().await;
-    let doc =
-        config(&control, &candidate, true).replace("min_bad_events: 10", "min_bad_events: 100000");
-    api.put_configmap(NS, CM, &[("braid.yaml", &doc)]);
+    let (backends, api) =
+        on_configmap(|doc| doc.replace("min_bad_events: 10", "min_bad_events: 100000")).await;
     let proxies = fleet_of(n, &api).await;
     let replica = Replica::start(&api, "controller", Duration::from_secs(2)).await;
     Watched {
         proxies,
         replica,
         _api: api,
-        _backends: (control, candidate),
+        _backends: backends,
     }
 }
 
@@ -221,13 +228,7 @@ async fn eight_pods_trip_as_one_and_every_user_changes_variant_at_most_once() {
     let alone = alone.expect("one pod never tripped");
     one.stop().await;
 
-    let (control, candidate) = backends().await;
-    let api = FakeApi::start().await;
-    api.put_configmap(
-        NS,
-        CM,
-        &[("braid.yaml", &config(&control, &candidate, true))],
-    );
+    let ((_control, _candidate), api) = on_configmap(|doc| doc).await;
     let proxies = fleet_of(8, &api).await;
     let replica = Replica::start(&api, "controller-a", Duration::from_secs(2)).await;
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
@@ -309,10 +310,11 @@ async fn eight_pods_trip_as_one_and_every_user_changes_variant_at_most_once() {
 /// the fleet's count of bad events is exactly the pods' (none lost, none twice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_goes_on_from_the_lease_and_a_racing_edit_is_kept() {
-    let (control, candidate) = backends().await;
-    let api = FakeApi::start().await;
-    let doc = config(&control, &candidate, true);
-    api.put_configmap(NS, CM, &[("braid.yaml", &doc)]);
+    let ((_control, _candidate), api) = on_configmap(|doc| doc).await;
+    let doc = api.configmap(NS, CM).unwrap()["data"]["braid.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let proxies = fleet_of(4, &api).await;
     let lease = Duration::from_secs(1);
     let a = Replica::start(&api, "controller-a", lease).await;
@@ -555,13 +557,7 @@ async fn controller_cost_following_many_pods() {
 /// `--admin-port`, named by their pod; one that is not ready is left out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_s_endpoint_slices_name_the_fleet() {
-    let (control, candidate) = backends().await;
-    let api = FakeApi::start().await;
-    api.put_configmap(
-        NS,
-        CM,
-        &[("braid.yaml", &config(&control, &candidate, true))],
-    );
+    let ((_control, _candidate), api) = on_configmap(|doc| doc).await;
     let proxies = fleet_of(1, &api).await;
     api.delete_pod(NS, "model-0");
     api.put_object(
