@@ -1,7 +1,10 @@
 //! The executor's HTTP side: Open Inference Protocol v2 (and KServe v1 predict) for its
 //! models, health and readiness, and its own `/metrics`; on the same port, the
 //! protocol's gRPC service (`inference.GRPCInferenceService`, told apart by
-//! `content-type: application/grpc`), whose calls are answered by the same code. Models load on a background
+//! `content-type: application/grpc`), whose calls are answered by the same code.
+//! Each protocol's endpoints are a file: `rest` (OIP v2 and KServe v1), `openai`
+//! (embeddings and generations), `grpc_service`; here are the models, their loading, one
+//! `execute` they share, and the dispatch. Models load on a background
 //! thread after the port is open, so liveness answers at once and readiness turns 200
 //! only when every model has loaded.
 
@@ -28,6 +31,10 @@ use crate::metrics::ExecutorMetrics;
 use crate::server::{self, ConnInfo, Handler, Limits, Phase};
 use crate::trace::RequestTrace;
 use crate::trace::export::Tracer;
+
+mod grpc_service;
+mod openai;
+mod rest;
 
 /// One model to serve.
 #[derive(Debug, Clone)]
@@ -374,21 +381,6 @@ impl Executor {
             "parameters": {"labels": slot.spec.labels, "max_batch_size": slot.spec.max_batch},
         })
     }
-
-    /// Runs one request's texts through the model's queue, mapping failures to statuses.
-    async fn run(
-        &self,
-        slot: &Slot,
-        texts: Vec<String>,
-    ) -> Result<super::model::Outputs, Response<Body>> {
-        self.execute(slot, texts)
-            .await
-            .map_err(|(status, msg)| match status {
-                StatusCode::SERVICE_UNAVAILABLE => unavailable(&msg),
-                _ => json_error(status, &msg),
-            })
-    }
-
     /// Runs the texts on the model: its outputs, or why not (the status and message;
     /// 503s are retryable, each protocol's edge writes them in its own shape).
     async fn execute(
@@ -431,175 +423,6 @@ impl Executor {
                 (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
         })
-    }
-
-    /// OpenAI's `POST /v1/embeddings` on an encoder: errors in OpenAI's shape.
-    async fn embeddings(&self, req: Request<RequestBody>) -> Response<Body> {
-        use crate::openai::error;
-        let (parts, body) = req.into_parts();
-        let rules = self.body_rules();
-        let body = match server::read_body(&parts.headers, body, rules).await {
-            Ok(b) => b,
-            Err(e) => return error(e.status(), &e.to_string(), None, e.label()),
-        };
-        let call = match super::openai::parse(&body) {
-            Ok(c) => c,
-            Err((msg, field)) => {
-                return error(StatusCode::BAD_REQUEST, &msg, Some(field), "bad_request");
-            }
-        };
-        let slot = match self.openai_slot(&call.model) {
-            Ok(s) => s,
-            Err(resp) => return *resp,
-        };
-        let dim = slot.encoder().map(|h| h.model.dim());
-        if let (Some(want), Some(dim)) = (call.dimensions, dim)
-            && want != dim
-        {
-            let msg = format!(
-                "model {} gives {dim} dimensions; it cannot shorten its embeddings to {want}",
-                call.model
-            );
-            self.metrics.request(&slot.spec.name, 400);
-            return error(
-                StatusCode::BAD_REQUEST,
-                &msg,
-                Some("dimensions"),
-                "bad_request",
-            );
-        }
-        let texts = call.texts.clone();
-        let resp = match self.execute(slot, texts).await {
-            Ok(out) => json_response(
-                StatusCode::OK,
-                super::openai::reply(&call, &out).to_string(),
-            ),
-            Err((status, msg)) => {
-                let mut r = error(status, &msg, None, "model_error");
-                if status == StatusCode::SERVICE_UNAVAILABLE {
-                    r.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                }
-                r
-            }
-        };
-        self.metrics
-            .request(&slot.spec.name, resp.status().as_u16());
-        resp
-    }
-
-    async fn infer_v2(&self, slot: &Slot, req: Request<RequestBody>) -> Response<Body> {
-        let header_len = match oip::header_len(req.headers()) {
-            Ok(n) => n,
-            Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.0),
-        };
-        let (parts, body) = req.into_parts();
-        let body = match server::read_body(&parts.headers, body, self.body_rules()).await {
-            Ok(b) => b,
-            Err(e) => return e.into_response(),
-        };
-        self.infer_v2_body(slot, &body, header_len).await
-    }
-
-    /// A v2 inference body (JSON, or a JSON header and binary data) -> the REST answer.
-    async fn infer_v2_body(
-        &self,
-        slot: &Slot,
-        body: &[u8],
-        header_len: Option<usize>,
-    ) -> Response<Body> {
-        let mut decoded = match oip::decode(body, header_len) {
-            Ok(d) => d,
-            Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.0),
-        };
-        let texts = std::mem::take(&mut decoded.texts);
-        let out = match self.run(slot, texts).await {
-            Ok(o) => o,
-            Err(resp) => return resp,
-        };
-        match oip::encode(&slot.spec.name, &decoded, &out) {
-            Err(e) => json_error(StatusCode::BAD_REQUEST, &e.0),
-            Ok(enc) => {
-                let mut resp = Response::new(full(enc.body));
-                oip::set_body_type(resp.headers_mut(), enc.header_len);
-                resp.extensions_mut().insert(Phases(out.embedding.phases));
-                resp
-            }
-        }
-    }
-
-    /// KServe v1: `{"instances": ["text", ...]}` (or `[{"text": ...}]`) ->
-    /// `{"predictions": [{"embedding": [...], "label": ..., "scores": {...}}]}`.
-    async fn predict_v1(&self, slot: &Slot, req: Request<RequestBody>) -> Response<Body> {
-        let (parts, body) = req.into_parts();
-        let body = match server::read_body(&parts.headers, body, self.body_rules()).await {
-            Ok(b) => b,
-            Err(e) => return e.into_response(),
-        };
-        let v: Value = match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(e) => {
-                return json_error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("request is not valid JSON: {e}"),
-                );
-            }
-        };
-        let Some(instances) = v.get("instances").and_then(Value::as_array) else {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "request needs an \"instances\" list",
-            );
-        };
-        if instances.is_empty() {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "empty batch: \"instances\" is empty",
-            );
-        }
-        let mut texts = Vec::with_capacity(instances.len());
-        for (i, inst) in instances.iter().enumerate() {
-            match inst
-                .as_str()
-                .or_else(|| inst.get("text").and_then(Value::as_str))
-            {
-                Some(t) => texts.push(t.to_string()),
-                None => {
-                    return json_error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("instances[{i}] must be a string or {{\"text\": string}}"),
-                    );
-                }
-            }
-        }
-        let out = match self.run(slot, texts).await {
-            Ok(o) => o,
-            Err(resp) => return resp,
-        };
-        let predictions: Vec<Value> = (0..out.embedding.rows)
-            .map(|r| {
-                let mut p = json!({"embedding": oip::f32s_json(out.embedding.row(r))});
-                if let (Some(labels), Some(scores)) = (&out.label, &out.scores) {
-                    let names = &slot.spec.labels;
-                    let row = &scores[r * names.len()..(r + 1) * names.len()];
-                    p["label"] = json!(labels[r]);
-                    p["scores"] = Value::Object(
-                        names
-                            .iter()
-                            .cloned()
-                            .zip(row.iter().map(|s| oip::f32_json(*s)))
-                            .collect(),
-                    );
-                }
-                p
-            })
-            .collect();
-        let mut resp = json_response(
-            StatusCode::OK,
-            json!({"predictions": predictions}).to_string(),
-        );
-        resp.extensions_mut().insert(Phases(out.embedding.phases));
-        resp
     }
 }
 
@@ -792,193 +615,5 @@ fn record_spans(
             links: Vec::new(),
             error: false,
         });
-    }
-}
-
-impl Executor {
-    /// `POST /v1/completions` and `/v1/chat/completions`: errors in OpenAI's shape.
-    async fn generate(&self, req: Request<RequestBody>, kind: Kind) -> Response<Body> {
-        use crate::openai::error;
-        let trace = self
-            .tracer
-            .as_ref()
-            .map(|t| t.begin(req.headers()))
-            .filter(|t| t.context.sampled);
-        let started = std::time::Instant::now();
-        let (call, headers) = match super::generate::read_call(req, kind, self.body_rules()).await {
-            Ok(c) => c,
-            Err(resp) => return resp,
-        };
-        let slot = match self.openai_slot(&call.model) {
-            Ok(s) => s,
-            Err(resp) => return *resp,
-        };
-        let name = slot.spec.name.clone();
-        let resp = match slot.state.get() {
-            None => {
-                let msg = format!("model {name} is still loading");
-                let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &msg, None, "loading");
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                r
-            }
-            Some(Err(e)) => {
-                let msg = format!("model {name} failed to load: {e}");
-                error(StatusCode::SERVICE_UNAVAILABLE, &msg, None, "load_failed")
-            }
-            Some(Ok(Served::Encoder(_))) => error(
-                StatusCode::BAD_REQUEST,
-                &format!("model {name} is an encoder: it serves /v1/embeddings, not generation"),
-                Some("model"),
-                "wrong_model_kind",
-            ),
-            Some(Ok(Served::Llm(engine))) => {
-                let named = (name.as_str(), slot.spec.default_temperature);
-                super::generate::generate(engine, named, call, &headers, &self.llm).await
-            }
-        };
-        self.metrics.request(&name, resp.status().as_u16());
-        if let (Some(tracer), Some(t)) = (&self.tracer, trace) {
-            let route = match kind {
-                Kind::Chat => "/v1/chat/completions",
-                Kind::Completion => "/v1/completions",
-            };
-            record_spans(tracer, &t, (&name, route), &resp, started.elapsed());
-        }
-        resp
-    }
-
-    /// The slot an OpenAI call's `model` names, or its 404 in OpenAI's shape (counted
-    /// without the name: label values never come from requests).
-    fn openai_slot(&self, model: &str) -> Result<&Slot, Box<Response<Body>>> {
-        self.slot(model).ok_or_else(|| {
-            self.metrics.request("", 404);
-            let msg = self.unknown_model_message(model);
-            Box::new(crate::openai::error(
-                StatusCode::NOT_FOUND,
-                &msg,
-                Some("model"),
-                "model_not_found",
-            ))
-        })
-    }
-
-    fn unknown_model(&self, name: &str) -> Response<Body> {
-        json_error(StatusCode::NOT_FOUND, &self.unknown_model_message(name))
-    }
-
-    fn unknown_model_message(&self, name: &str) -> String {
-        let names: Vec<&str> = self.slots.iter().map(|s| s.spec.name.as_str()).collect();
-        format!("unknown model {name:?}; serving: {}", names.join(", "))
-    }
-
-    /// One call of `inference.GRPCInferenceService`: read whole (every method braid
-    /// serves is unary), answered by the REST code, the answer in gRPC's form.
-    async fn grpc(&self, req: Request<RequestBody>) -> Response<Body> {
-        use grpc::Code;
-        let Some(method) = req.uri().path().strip_prefix(grpc::SERVICE_PREFIX) else {
-            let msg = format!("no service at {}", req.uri().path());
-            return grpc::status_response(Code::Unimplemented, &msg);
-        };
-        let method = method.to_string();
-        let (parts, body) = req.into_parts();
-        let body = match server::read_body(&parts.headers, body, self.body_rules()).await {
-            Ok(b) => b,
-            Err(e) => return grpc::error_response(&e),
-        };
-        let msg = match grpc::unary_message(&body) {
-            Ok(m) => m,
-            Err(e) => return grpc::status_response(Code::InvalidArgument, &e),
-        };
-        fn decode<M: prost::Message + Default>(msg: &[u8]) -> Result<M, (Code, String)> {
-            M::decode(msg).map_err(|e| (Code::InvalidArgument, format!("malformed message: {e}")))
-        }
-        let slot = |name: &str| {
-            self.slot(name)
-                .ok_or_else(|| (Code::NotFound, self.unknown_model_message(name)))
-        };
-        let answer = async {
-            Ok(match method.as_str() {
-                "ServerLive" => grpc::unary_ok(&pb::ServerLiveResponse { live: true }),
-                "ServerReady" => grpc::unary_ok(&pb::ServerReadyResponse {
-                    ready: self.ready(),
-                }),
-                "ServerMetadata" => grpc::unary_ok(&pb::ServerMetadataResponse {
-                    name: "braid".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    extensions: vec!["binary_tensor_data".into()],
-                }),
-                "ModelReady" => {
-                    let req: pb::ModelReadyRequest = decode(msg)?;
-                    let ready = slot(&req.name)?.loaded();
-                    grpc::unary_ok(&pb::ModelReadyResponse { ready })
-                }
-                "ModelMetadata" => {
-                    let req: pb::ModelMetadataRequest = decode(msg)?;
-                    let meta = self.metadata(slot(&req.name)?);
-                    grpc::unary_ok(&grpc::oip::model_metadata(&meta))
-                }
-                "ModelInfer" => {
-                    let req: pb::ModelInferRequest = decode(msg)?;
-                    let slot = slot(&req.model_name).inspect_err(|_| {
-                        // Counted without the name: label values never come from requests.
-                        self.metrics.request("", 404);
-                    })?;
-                    let (resp, status) = self.infer_grpc(slot, &req).await;
-                    self.metrics.request(&req.model_name, status.as_u16());
-                    resp
-                }
-                other => {
-                    let e = format!("braid's executor does not serve {other}");
-                    return Err((Code::Unimplemented, e));
-                }
-            })
-        };
-        answer
-            .await
-            .unwrap_or_else(|(code, message)| grpc::status_response(code, &message))
-    }
-
-    /// ModelInfer: the request in its REST form through `infer_v2_body`, the REST
-    /// answer back as a ModelInferResponse or a status; with the HTTP status it stands
-    /// for (for the metrics).
-    async fn infer_grpc(
-        &self,
-        slot: &Slot,
-        req: &pb::ModelInferRequest,
-    ) -> (Response<Body>, StatusCode) {
-        use http_body_util::BodyExt;
-        let internal = |e: &str| {
-            let r = grpc::status_response(grpc::Code::Internal, e);
-            (r, StatusCode::INTERNAL_SERVER_ERROR)
-        };
-        let (body, header_len) = match grpc::oip::rest_request(req) {
-            Ok(b) => b,
-            Err(e) => {
-                let r = grpc::status_response(grpc::Code::InvalidArgument, &e);
-                return (r, StatusCode::BAD_REQUEST);
-            }
-        };
-        let resp = self.infer_v2_body(slot, &body, Some(header_len)).await;
-        let status = resp.status();
-        let reply_len = match oip::header_len(resp.headers()) {
-            Ok(n) => n,
-            Err(e) => return internal(&e.0),
-        };
-        let bytes = match resp.into_body().collect().await {
-            Ok(c) => c.to_bytes(),
-            Err(e) => return internal(&e.to_string()),
-        };
-        if !status.is_success() {
-            let (code, message) = grpc::oip::rest_error(status.as_u16(), &bytes);
-            return (grpc::status_response(code, &message), status);
-        }
-        match grpc::oip::grpc_response(&bytes, reply_len) {
-            Ok(mut r) => {
-                r.id.clone_from(&req.id);
-                (grpc::unary_ok(&r), status)
-            }
-            Err(e) => internal(&e),
-        }
     }
 }
