@@ -18,9 +18,11 @@ use prometheus_client::registry::Registry;
 
 mod executor;
 mod exposition;
+mod families;
 
 pub use executor::*;
 pub use exposition::*;
+use families::{Admission, Batching, Experiments, GenAi, Resilience, Serving, Sinks};
 
 /// Latency buckets, in seconds: fine enough to see 100 µs, wide enough to see 30 s.
 pub const LATENCY_BUCKETS: [f64; 20] = [
@@ -184,48 +186,17 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
+/// Every family of the proxy, registered once, grouped by what records into them.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    grpc: Family<GrpcLabels, Counter>,
-    access_log: Family<ResultLabels, Counter>,
-    duration: HistogramFamily<VariantLabels>,
-    unrouted: Family<UnroutedLabels, Counter>,
-    reloads: Family<ReloadLabels, Counter>,
-    generation: Gauge,
-    inflight: Gauge,
-    buffered: Gauge,
-    connections: Gauge,
-    gen_ttft: HistogramFamily<VariantLabels>,
-    gen_tpot: HistogramFamily<VariantLabels>,
-    gen_duration: HistogramFamily<VariantLabels>,
-    gen_tokens: HistogramFamily<TokenLabels>,
-    gen_finish: Family<FinishLabels, Counter>,
-    gen_errors: Family<VariantLabels, Counter>,
-    admission_running: Family<VariantLabels, Gauge>,
-    admission_waiting: Family<VariantLabels, Gauge>,
-    admission_refused: Family<AdmissionLabels, Counter>,
-    batch_size: HistogramFamily<VariantLabels>,
-    batch_queue: HistogramFamily<PriorityLabels>,
-    batch_exec: HistogramFamily<VariantLabels>,
-    batch_flushes: Family<FlushLabels, Counter>,
-    batch_dropped: Family<DropLabels, Counter>,
-    queue_depth: Family<PriorityLabels, Gauge>,
-    retries: Family<OutcomeLabels, Counter>,
-    ejections: Family<VariantLabels, Counter>,
-    ejected: Family<VariantLabels, Gauge>,
-    fallbacks: Family<VariantLabels, Counter>,
-    shadow: Family<OutcomeLabels, Counter>,
-    divergence: HistogramFamily<VariantLabels>,
-    weight: Family<VariantLabels, FloatGauge>,
-    tripped: Family<VariantLabels, Gauge>,
-    evidence: Family<VariantLabels, FloatGauge>,
-    log_lr: Family<ThetaLabels, FloatGauge>,
-    trips: Family<VariantLabels, Counter>,
-    split_mismatch: Family<RouteLabels, Gauge>,
-    payload_log: Family<RouteResultLabels, Counter>,
-    trace_spans: Family<ResultLabels, Counter>,
+    serving: Serving,
+    gen_ai: GenAi,
+    admit: Admission,
+    batching: Batching,
+    resilience: Resilience,
+    experiments: Experiments,
+    sinks: Sinks,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -446,281 +417,22 @@ impl BatchMetrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = register(
-            &mut registry,
-            "braid_requests",
-            "Routed requests answered, by route, variant and HTTP status",
-            Family::<RequestLabels, Counter>::default(),
-        );
-        let grpc = register(
-            &mut registry,
-            "braid_grpc_requests",
-            "Routed gRPC calls ended, by route, variant and gRPC status (from the answer's trailers, or braid's own)",
-            Family::<GrpcLabels, Counter>::default(),
-        );
-        let access_log = register(
-            &mut registry,
-            "braid_access_log_lines",
-            "Access log lines, by result (written, failed: the write failed, dropped: the writer's queue was full)",
-            Family::<ResultLabels, Counter>::default(),
-        );
-        let duration: HistogramFamily<VariantLabels> = register(
-            &mut registry,
-            "braid_request_duration_seconds",
-            "Time from request received to response headers sent, by route and variant",
-            Family::new_with_constructor(latency_histogram),
-        );
-        let unrouted = register(
-            &mut registry,
-            "braid_unrouted_requests",
-            "Requests answered before a variant was chosen (no route, bad override, no config)",
-            Family::<UnroutedLabels, Counter>::default(),
-        );
-        let reloads = register(
-            &mut registry,
-            "braid_config_reloads",
-            "Config documents seen, by source and whether they were accepted or rejected",
-            Family::<ReloadLabels, Counter>::default(),
-        );
-        let generation = register(
-            &mut registry,
-            "braid_config_generation",
-            "Generation of the config in force (1 = first accepted document)",
-            Gauge::default(),
-        );
-        let inflight = register(
-            &mut registry,
-            "braid_requests_in_flight",
-            "Requests received and not yet answered",
-            Gauge::default(),
-        );
-        let buffered = register(
-            &mut registry,
-            "braid_buffered_bytes",
-            "Request bytes held now, out of the --max-buffered-bytes budget",
-            Gauge::default(),
-        );
-        let connections = register(
-            &mut registry,
-            "braid_connections",
-            "Connections open now on the data port (at most --max-connections)",
-            Gauge::default(),
-        );
-        let gen_ttft: HistogramFamily<VariantLabels> = register(
-            &mut registry,
-            "braid_gen_ai_server_time_to_first_token_seconds",
-            "OpenAI-style streams: from the request's arrival to its first content event",
-            Family::new_with_constructor(|| Histogram::new(TTFT_BUCKETS)),
-        );
-        let gen_tpot: HistogramFamily<VariantLabels> = register(
-            &mut registry,
-            "braid_gen_ai_server_time_per_output_token_seconds",
-            "OpenAI-style streams: mean time between output tokens after the first",
-            Family::new_with_constructor(|| Histogram::new(TPOT_BUCKETS)),
-        );
-        let gen_duration: HistogramFamily<VariantLabels> = register(
-            &mut registry,
-            "braid_gen_ai_server_request_duration_seconds",
-            "OpenAI-style calls: from the request's arrival to the answer's last byte",
-            Family::new_with_constructor(|| Histogram::new(GEN_DURATION_BUCKETS)),
-        );
-        let gen_tokens: HistogramFamily<TokenLabels> = register(
-            &mut registry,
-            "braid_gen_ai_client_token_usage",
-            "OpenAI-style calls: input and output tokens per request (from usage)",
-            Family::new_with_constructor(|| Histogram::new(TOKEN_BUCKETS)),
-        );
-        let gen_finish = register(
-            &mut registry,
-            "braid_gen_ai_finish_reasons",
-            "OpenAI-style calls: why each choice's generation stopped",
-            Family::<FinishLabels, Counter>::default(),
-        );
-        let gen_errors = register(
-            &mut registry,
-            "braid_gen_ai_stream_errors",
-            "OpenAI-style calls: error objects sent in-band (in a stream or as a 200's body)",
-            Family::<VariantLabels, Counter>::default(),
-        );
-        let admission_running = register(
-            &mut registry,
-            "braid_admission_running",
-            "Requests a variant with max_concurrent is serving now (to their answer's last byte)",
-            Family::<VariantLabels, Gauge>::default(),
-        );
-        let admission_waiting = register(
-            &mut registry,
-            "braid_admission_waiting",
-            "Requests waiting for one of a variant's max_concurrent places",
-            Family::<VariantLabels, Gauge>::default(),
-        );
-        let admission_refused = register(
-            &mut registry,
-            "braid_admission_refused",
-            "Requests a saturated variant refused: shed (a sheddable class), queue_full, queue_timeout",
-            Family::<AdmissionLabels, Counter>::default(),
-        );
-        let batch_size: HistogramFamily<VariantLabels> = register(
-            &mut registry,
-            "braid_batch_size",
-            "Rows per batch sent to the executor",
-            Family::new_with_constructor(batch_histogram),
-        );
-        let batch_queue: HistogramFamily<PriorityLabels> = register(
-            &mut registry,
-            "braid_batch_queue_seconds",
-            "Time a request waited in the batch queue (apart from execution)",
-            Family::new_with_constructor(latency_histogram),
-        );
-        let batch_exec: HistogramFamily<VariantLabels> = register(
-            &mut registry,
-            "braid_batch_exec_seconds",
-            "Time from sending a batch to answering all its requests",
-            Family::new_with_constructor(latency_histogram),
-        );
-        let batch_flushes = register(
-            &mut registry,
-            "braid_batch_flushes",
-            "Batches sent, by why they left the queue (full, idle, delay, deadline)",
-            Family::<FlushLabels, Counter>::default(),
-        );
-        let batch_dropped = register(
-            &mut registry,
-            "braid_batch_dropped",
-            "Requests that left the batch queue unsent (queue_full, deadline, cancelled)",
-            Family::<DropLabels, Counter>::default(),
-        );
-        let queue_depth = register(
-            &mut registry,
-            "braid_queue_depth",
-            "Requests waiting in the batch queue",
-            Family::<PriorityLabels, Gauge>::default(),
-        );
-        let retries = register(
-            &mut registry,
-            "braid_retries",
-            "Retry decisions: retried, or why not (budget_exhausted, not_idempotent, body_too_large, deadline, retry_after_too_long)",
-            Family::<OutcomeLabels, Counter>::default(),
-        );
-        let ejections = register(
-            &mut registry,
-            "braid_ejections",
-            "Times a variant was ejected after consecutive failures",
-            Family::<VariantLabels, Counter>::default(),
-        );
-        let ejected = register(
-            &mut registry,
-            "braid_variant_ejected",
-            "1 while a variant is ejected (its traffic goes to the fallback or the others)",
-            Family::<VariantLabels, Gauge>::default(),
-        );
-        let fallbacks = register(
-            &mut registry,
-            "braid_fallbacks",
-            "Requests assigned to this variant and served by the route's fallback",
-            Family::<VariantLabels, Counter>::default(),
-        );
-        let shadow = register(
-            &mut registry,
-            "braid_shadow_requests",
-            "Shadow copies, by outcome (status_match, status_mismatch, failed, skipped_saturated)",
-            Family::<OutcomeLabels, Counter>::default(),
-        );
-        let divergence: HistogramFamily<VariantLabels> = register(
-            &mut registry,
-            "braid_shadow_divergence",
-            "Largest absolute difference between primary and shadow output tensors (OIP), per pair",
-            Family::new_with_constructor(divergence_histogram),
-        );
-        let weight = register(
-            &mut registry,
-            "braid_variant_weight",
-            "The weight a variant gets now: its configured weight, its ramp's step, or 0 once its guardrail rolled it back",
-            Family::<VariantLabels, FloatGauge>::default(),
-        );
-        let tripped = register(
-            &mut registry,
-            "braid_guardrail_tripped",
-            "1 while a candidate's guardrail has tripped on this replica (latched until its route's config changes or a reset)",
-            Family::<VariantLabels, Gauge>::default(),
-        );
-        let evidence = register(
-            &mut registry,
-            "braid_guardrail_evidence",
-            "log10 of the guardrail's e-value that a candidate is worse than the control (trips at log10(1/alpha))",
-            Family::<VariantLabels, FloatGauge>::default(),
-        );
-        let log_lr = register(
-            &mut registry,
-            "braid_guardrail_log_lr",
-            "Per relative risk theta: ln of the product of the guardrail's likelihood ratios on this replica since its experiment started; a fleet's evidence is the sum over pods (docs/guardrails.md)",
-            Family::<ThetaLabels, FloatGauge>::default(),
-        );
-        let trips = register(
-            &mut registry,
-            "braid_guardrail_trips",
-            "Times a candidate's guardrail tripped on this replica",
-            Family::<VariantLabels, Counter>::default(),
-        );
-        let split_mismatch = register(
-            &mut registry,
-            "braid_split_mismatch",
-            "1 once a route's observed assignments differ from its configured shares (sample ratio mismatch, e-value >= 1000)",
-            Family::<RouteLabels, Gauge>::default(),
-        );
-        let payload_log = register(
-            &mut registry,
-            "braid_payload_log_records",
-            "Sampled payload log records, by route and result (written; failed: the file or endpoint refused it; dropped: the queue was full)",
-            Family::<RouteResultLabels, Counter>::default(),
-        );
-        let trace_spans = register(
-            &mut registry,
-            "braid_trace_spans",
-            "Spans, by result (exported; failed: the OTLP endpoint refused them or did not answer; dropped: the export queue was full)",
-            Family::<ResultLabels, Counter>::default(),
-        );
+        let serving = Serving::register(&mut registry);
+        let gen_ai = GenAi::register(&mut registry);
+        let admit = Admission::register(&mut registry);
+        let batching = Batching::register(&mut registry);
+        let resilience = Resilience::register(&mut registry);
+        let experiments = Experiments::register(&mut registry);
+        let sinks = Sinks::register(&mut registry);
         Metrics {
-            trace_spans,
-            payload_log,
-            weight,
-            tripped,
-            evidence,
-            log_lr,
-            trips,
-            split_mismatch,
             registry,
-            retries,
-            ejections,
-            ejected,
-            fallbacks,
-            shadow,
-            divergence,
-            requests,
-            grpc,
-            access_log,
-            duration,
-            unrouted,
-            reloads,
-            generation,
-            inflight,
-            buffered,
-            connections,
-            gen_ttft,
-            gen_tpot,
-            gen_duration,
-            gen_tokens,
-            gen_finish,
-            gen_errors,
-            admission_running,
-            admission_waiting,
-            admission_refused,
-            batch_size,
-            batch_queue,
-            batch_exec,
-            batch_flushes,
-            batch_dropped,
-            queue_depth,
+            serving,
+            gen_ai,
+            admit,
+            batching,
+            resilience,
+            experiments,
+            sinks,
         }
     }
 
@@ -731,7 +443,8 @@ impl Metrics {
             variant: variant.clone(),
         };
         let refused = |reason| {
-            self.admission_refused
+            self.admit
+                .admission_refused
                 .get_or_create(&AdmissionLabels {
                     route: route.clone(),
                     variant: variant.clone(),
@@ -740,8 +453,8 @@ impl Metrics {
                 .clone()
         };
         AdmissionMetrics {
-            running: self.admission_running.get_or_create(&labels).clone(),
-            waiting: self.admission_waiting.get_or_create(&labels).clone(),
+            running: self.admit.admission_running.get_or_create(&labels).clone(),
+            waiting: self.admit.admission_waiting.get_or_create(&labels).clone(),
             shed: refused("shed"),
             queue_full: refused("queue_full"),
             queue_timeout: refused("queue_timeout"),
@@ -754,12 +467,12 @@ impl Metrics {
             variant: variant.clone(),
         };
         BatchMetrics {
-            size: self.batch_size.get_or_create_owned(&labels),
-            queue: self.batch_queue.clone(),
-            exec: self.batch_exec.get_or_create_owned(&labels),
-            depth: self.queue_depth.clone(),
-            flushes: self.batch_flushes.clone(),
-            dropped: self.batch_dropped.clone(),
+            size: self.batching.batch_size.get_or_create_owned(&labels),
+            queue: self.batching.batch_queue.clone(),
+            exec: self.batching.batch_exec.get_or_create_owned(&labels),
+            depth: self.batching.queue_depth.clone(),
+            flushes: self.batching.batch_flushes.clone(),
+            dropped: self.batching.batch_dropped.clone(),
             default_priority: Arc::from("default"),
             labels,
         }
@@ -767,7 +480,7 @@ impl Metrics {
 
     pub fn retry(&self, route: &Arc<str>, variant: &Arc<str>) -> RetryMetrics {
         RetryMetrics {
-            family: self.retries.clone(),
+            family: self.resilience.retries.clone(),
             labels: VariantLabels {
                 route: route.clone(),
                 variant: variant.clone(),
@@ -781,14 +494,15 @@ impl Metrics {
             variant: variant.clone(),
         };
         HealthMetrics {
-            ejections: self.ejections.get_or_create_owned(&labels),
-            ejected: self.ejected.get_or_create_owned(&labels),
+            ejections: self.resilience.ejections.get_or_create_owned(&labels),
+            ejected: self.resilience.ejected.get_or_create_owned(&labels),
         }
     }
 
     /// A request for `from` was served by the route's fallback.
     pub fn fallback(&self, route: &Arc<str>, from: &Arc<str>) {
-        self.fallbacks
+        self.resilience
+            .fallbacks
             .get_or_create(&VariantLabels {
                 route: route.clone(),
                 variant: from.clone(),
@@ -804,7 +518,8 @@ impl Metrics {
         outcome: &'static str,
         divergence: Option<f64>,
     ) {
-        self.shadow
+        self.resilience
+            .shadow
             .get_or_create(&OutcomeLabels {
                 route: route.clone(),
                 variant: variant.clone(),
@@ -812,7 +527,8 @@ impl Metrics {
             })
             .inc();
         if let Some(d) = divergence {
-            self.divergence
+            self.resilience
+                .divergence
                 .get_or_create(&VariantLabels {
                     route: route.clone(),
                     variant: variant.clone(),
@@ -825,8 +541,8 @@ impl Metrics {
     /// snapshot is bound) so a request takes no lock and hashes no label.
     pub fn requests(&self, route: &Arc<str>, variant: &Arc<str>) -> RequestMetrics {
         RequestMetrics {
-            family: self.requests.clone(),
-            durations: self.duration.clone(),
+            family: self.serving.requests.clone(),
+            durations: self.serving.duration.clone(),
             labels: VariantLabels {
                 route: route.clone(),
                 variant: variant.clone(),
@@ -845,17 +561,17 @@ impl Metrics {
         thetas: &[&'static str],
     ) -> ExperimentMetrics {
         let m = ExperimentMetrics {
-            weight: per_variant(&self.weight, route, variants),
-            tripped: per_variant(&self.tripped, route, variants),
-            evidence: per_variant(&self.evidence, route, variants),
-            trips: per_variant(&self.trips, route, variants),
+            weight: per_variant(&self.experiments.weight, route, variants),
+            tripped: per_variant(&self.experiments.tripped, route, variants),
+            evidence: per_variant(&self.experiments.evidence, route, variants),
+            trips: per_variant(&self.experiments.trips, route, variants),
             log_lr: variants
                 .iter()
                 .map(|v| {
                     thetas
                         .iter()
                         .map(|&theta| {
-                            self.log_lr.get_or_create_owned(&ThetaLabels {
+                            self.experiments.log_lr.get_or_create_owned(&ThetaLabels {
                                 route: route.clone(),
                                 variant: v.clone(),
                                 theta,
@@ -864,9 +580,12 @@ impl Metrics {
                         .collect()
                 })
                 .collect(),
-            split_mismatch: self.split_mismatch.get_or_create_owned(&RouteLabels {
-                route: route.clone(),
-            }),
+            split_mismatch: self
+                .experiments
+                .split_mismatch
+                .get_or_create_owned(&RouteLabels {
+                    route: route.clone(),
+                }),
         };
         for ((t, e), l) in m.tripped.iter().zip(&m.evidence).zip(&m.log_lr) {
             t.set(0);
@@ -881,7 +600,8 @@ impl Metrics {
 
     /// Records how a routed gRPC call ended (its `grpc-status`, by name).
     pub fn grpc_request(&self, route: &Arc<str>, variant: &Arc<str>, grpc_status: &'static str) {
-        self.grpc
+        self.serving
+            .grpc
             .get_or_create(&GrpcLabels {
                 route: route.clone(),
                 variant: variant.clone(),
@@ -892,14 +612,16 @@ impl Metrics {
 
     /// Counts `n` spans by what became of them.
     pub fn trace_spans(&self, result: &'static str, n: u64) {
-        self.trace_spans
+        self.sinks
+            .trace_spans
             .get_or_create(&ResultLabels { result })
             .inc_by(n);
     }
 
     /// Counts one payload log record by what became of it.
     pub fn payload_log(&self, route: &Arc<str>, result: &'static str) {
-        self.payload_log
+        self.sinks
+            .payload_log
             .get_or_create(&RouteResultLabels {
                 route: route.clone(),
                 result,
@@ -910,33 +632,36 @@ impl Metrics {
     /// Counts access log lines by what became of them.
     pub fn access_log_lines(&self, result: &'static str, n: u64) {
         if n > 0 {
-            self.access_log
+            self.serving
+                .access_log
                 .get_or_create(&ResultLabels { result })
                 .inc_by(n);
         }
     }
 
     pub fn unrouted(&self, reason: &'static str) {
-        self.unrouted
+        self.serving
+            .unrouted
             .get_or_create(&UnroutedLabels { reason })
             .inc();
     }
 
     pub fn config_reloaded(&self, source: &'static str, accepted: bool, generation: u64) {
         let result = if accepted { "accepted" } else { "rejected" };
-        self.reloads
+        self.serving
+            .reloads
             .get_or_create(&ReloadLabels { source, result })
             .inc();
-        self.generation.set(generation as i64);
+        self.serving.generation.set(generation as i64);
     }
 
     pub fn inflight(&self) -> &Gauge {
-        &self.inflight
+        &self.serving.inflight
     }
 
     /// The gauge the request byte budget keeps (`server::ByteBudget`).
     pub fn buffered(&self) -> Gauge {
-        self.buffered.clone()
+        self.serving.buffered.clone()
     }
 
     /// One OpenAI-style answer's measures, recorded once when it ends.
@@ -946,16 +671,19 @@ impl Metrics {
             variant: variant.clone(),
         };
         if let Some(t) = g.ttft {
-            self.gen_ttft
+            self.gen_ai
+                .gen_ttft
                 .get_or_create(&labels)
                 .observe(t.as_secs_f64());
         }
         if let Some(t) = g.tpot {
-            self.gen_tpot
+            self.gen_ai
+                .gen_tpot
                 .get_or_create(&labels)
                 .observe(t.as_secs_f64());
         }
-        self.gen_duration
+        self.gen_ai
+            .gen_duration
             .get_or_create(&labels)
             .observe(g.duration.as_secs_f64());
         for (token_type, n) in [("input", g.input_tokens), ("output", g.output_tokens)] {
@@ -965,7 +693,7 @@ impl Metrics {
                     variant: variant.clone(),
                     token_type,
                 };
-                self.gen_tokens.get_or_create(&l).observe(n as f64);
+                self.gen_ai.gen_tokens.get_or_create(&l).observe(n as f64);
             }
         }
         for &reason in &g.finish {
@@ -974,16 +702,19 @@ impl Metrics {
                 variant: variant.clone(),
                 reason,
             };
-            self.gen_finish.get_or_create(&l).inc();
+            self.gen_ai.gen_finish.get_or_create(&l).inc();
         }
         if g.errors > 0 {
-            self.gen_errors.get_or_create(&labels).inc_by(g.errors);
+            self.gen_ai
+                .gen_errors
+                .get_or_create(&labels)
+                .inc_by(g.errors);
         }
     }
 
     /// The gauge the data listener keeps of its open connections.
     pub fn connections(&self) -> Gauge {
-        self.connections.clone()
+        self.serving.connections.clone()
     }
 
     /// The OpenMetrics text exposition; see `exposition` for what a scrape gets.
