@@ -63,6 +63,19 @@ struct Seen {
     expected: Vec<f64>,
 }
 
+impl Seen {
+    fn new(pod: &str, n: usize) -> Seen {
+        Seen {
+            pod: pod.to_string(),
+            log_lr: vec![[0.0; THETAS.len()]; n],
+            events: vec![0; n],
+            bad: vec![0; n],
+            assigned: vec![0.0; n],
+            expected: vec![0.0; n],
+        }
+    }
+}
+
 /// What the report shows, rebuilt each round from the runs read (not kept by a new
 /// leader: it is for people, not for the decision).
 #[derive(Debug, Default)]
@@ -80,6 +93,24 @@ struct View {
     tripped_by_replica: Vec<Vec<String>>,
     /// Per variant: the verdict the pods report applying, if any.
     verdict: Vec<Option<Value>>,
+}
+
+impl View {
+    /// What a pod says of variant `i` beyond its counts: its weight, its own breaker's
+    /// trip, the verdict it applies.
+    fn note(&mut self, i: usize, pod: &str, v: &Value) {
+        let g = &v["guardrail"];
+        if g["tripped_by"] == "replica" {
+            self.tripped_by_replica[i].push(pod.to_string());
+        }
+        if g["verdict"].is_object() {
+            self.verdict[i] = Some(g["verdict"].clone());
+        }
+        self.weights[i] = match (self.weights[i], v["weight"].as_f64()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -101,6 +132,20 @@ struct Figures {
 }
 
 impl Figures {
+    /// A variant's figures as a pod reports them.
+    fn from_report(v: &Value) -> Figures {
+        let h = &v["histograms"];
+        Figures {
+            requests: v["requests"].as_u64().unwrap_or(0),
+            errors: v["errors"].as_u64().unwrap_or(0),
+            latency: sparse(&h["latency"]),
+            ttft: sparse(&h["ttft"]),
+            tpot: sparse(&h["tpot"]),
+            output_tokens: h["output_tokens"].as_u64().unwrap_or(0),
+            generating_s: h["generating_s"].as_f64().unwrap_or(0.0),
+        }
+    }
+
     fn add(&mut self, o: &Figures) {
         self.requests += o.requests;
         self.errors += o.errors;
@@ -120,6 +165,26 @@ impl Figures {
             tpot: self.tpot.since(&earlier.tpot),
             output_tokens: self.output_tokens.saturating_sub(earlier.output_tokens),
             generating_s: (self.generating_s - earlier.generating_s).max(0.0),
+        }
+    }
+}
+
+/// What one round adds to an experiment: per variant, the growth of the runs' per-theta
+/// products and of their event counts, and the split's counts.
+struct Delta {
+    log_lr: Vec<[f64; THETAS.len()]>,
+    events: Vec<u64>,
+    assigned: Vec<f64>,
+    expected: Vec<f64>,
+}
+
+impl Delta {
+    fn new(n: usize) -> Delta {
+        Delta {
+            log_lr: vec![[0.0; THETAS.len()]; n],
+            events: vec![0; n],
+            assigned: vec![0.0; n],
+            expected: vec![0.0; n],
         }
     }
 }
@@ -172,213 +237,59 @@ impl Tally {
     pub fn round(&mut self, reports: &[(String, Value)]) -> Vec<Decision> {
         self.rounds += 1;
         self.pods_read = reports.len();
-        // Per experiment: per variant deltas of log_lr and events, split counts.
-        struct Delta {
-            log_lr: Vec<[f64; THETAS.len()]>,
-            events: Vec<u64>,
-            assigned: Vec<f64>,
-            expected: Vec<f64>,
-        }
-        let mut deltas: BTreeMap<String, Delta> = BTreeMap::new();
         for e in self.experiments.values_mut() {
             e.view.tripped_by_replica.iter_mut().for_each(Vec::clear);
         }
+        // What grew since the last round, per experiment, summed over its runs.
+        let mut deltas: BTreeMap<String, Delta> = BTreeMap::new();
         for (pod, report) in reports {
             for r in report["routes"].as_array().into_iter().flatten() {
-                let Some(route) = r["route"].as_str() else {
-                    continue;
-                };
-                let run = &r["run"];
-                let (Some(instance), Some(epoch), Some(fp)) = (
-                    run["instance"].as_str(),
-                    run["epoch"].as_u64(),
-                    run["fingerprint"].as_str(),
-                ) else {
-                    continue; // a braid too old to report its run
-                };
-                let variants: Vec<String> = r["variants"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|v| v["name"].as_str().map(str::to_string))
-                    .collect();
-                let n = variants.len();
-                let key = format!("{route}/{fp}");
-                let e = self
-                    .experiments
-                    .entry(key.clone())
-                    .or_insert_with(|| Experiment {
-                        control: r["control"]
-                            .as_str()
-                            .and_then(|c| variants.iter().position(|v| v == c)),
-                        alpha: r["guardrail"]["alpha"].as_f64(),
-                        fleet_mode: r["guardrail"]["fleet_max_pods"].is_u64(),
-                        min_bad_events: r["guardrail"]["min_bad_events"].as_u64().unwrap_or(1),
-                        action: r["guardrail"]["action"]
-                            .as_str()
-                            .unwrap_or("rollback")
-                            .to_string(),
-                        evidence: (0..n).map(|_| FleetEvidence::new()).collect(),
-                        bad: vec![0; n],
-                        split: SplitTest::new(n),
-                        runs: BTreeMap::new(),
-                        last_read: BTreeMap::new(),
-                        view: View::default(),
-                        variants: variants.clone(),
-                    });
-                if e.variants != variants {
-                    continue; // the same settings digest names the same variants
-                }
-                e.view.weights.resize(n, None);
-                e.view.tripped_by_replica.resize(n, Vec::new());
-                e.view.verdict.resize(n, None);
-                let d = deltas.entry(key).or_insert_with(|| Delta {
-                    log_lr: vec![[0.0; THETAS.len()]; n],
-                    events: vec![0; n],
-                    assigned: vec![0.0; n],
-                    expected: vec![0.0; n],
-                });
-                let run_key = format!("{pod}/{instance}/{epoch}");
-                let seen = e.runs.entry(run_key.clone()).or_insert_with(|| Seen {
-                    pod: pod.clone(),
-                    log_lr: vec![[0.0; THETAS.len()]; n],
-                    events: vec![0; n],
-                    bad: vec![0; n],
-                    assigned: vec![0.0; n],
-                    expected: vec![0.0; n],
-                });
-                e.last_read.insert(run_key.clone(), self.rounds);
-                let split: Vec<&Value> = r["split"]["variants"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                let mut figures = Vec::with_capacity(n);
-                for (i, v) in r["variants"].as_array().into_iter().flatten().enumerate() {
-                    let g = &v["guardrail"];
-                    let mut now = [0.0; THETAS.len()];
-                    for (k, x) in f64s(&g["log_lr"]).take(THETAS.len()).enumerate() {
-                        now[k] = x;
-                    }
-                    let events = g["evidence_events"].as_u64().unwrap_or(0);
-                    let bad = v["watched"]["bad"].as_u64().unwrap_or(0);
-                    // A run's values only grow; if one shrank, the run was not what its
-                    // name said, and only growth is added.
-                    if events >= seen.events[i] {
-                        for (k, x) in now.iter().enumerate() {
-                            d.log_lr[i][k] += x - seen.log_lr[i][k];
-                        }
-                        d.events[i] += events - seen.events[i];
-                        seen.log_lr[i] = now;
-                        seen.events[i] = events;
-                    }
-                    e.bad[i] += bad.saturating_sub(seen.bad[i]);
-                    seen.bad[i] = seen.bad[i].max(bad);
-                    if let Some(s) = split.get(i) {
-                        let assigned = s["assigned"].as_f64().unwrap_or(0.0);
-                        let expected = s["expected_sum"].as_f64().unwrap_or(0.0);
-                        d.assigned[i] += (assigned - seen.assigned[i]).max(0.0);
-                        d.expected[i] += (expected - seen.expected[i]).max(0.0);
-                        seen.assigned[i] = seen.assigned[i].max(assigned);
-                        seen.expected[i] = seen.expected[i].max(expected);
-                    }
-                    if g["tripped_by"] == "replica" {
-                        e.view.tripped_by_replica[i].push(pod.clone());
-                    }
-                    if g["verdict"].is_object() {
-                        e.view.verdict[i] = Some(g["verdict"].clone());
-                    }
-                    let w = v["weight"].as_f64();
-                    e.view.weights[i] = match (e.view.weights[i], w) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                    let h = &v["histograms"];
-                    figures.push(Figures {
-                        requests: v["requests"].as_u64().unwrap_or(0),
-                        errors: v["errors"].as_u64().unwrap_or(0),
-                        latency: sparse(&h["latency"]),
-                        ttft: sparse(&h["ttft"]),
-                        tpot: sparse(&h["tpot"]),
-                        output_tokens: h["output_tokens"].as_u64().unwrap_or(0),
-                        generating_s: h["generating_s"].as_f64().unwrap_or(0.0),
-                    });
-                }
-                e.view.runs.insert(
-                    run_key,
-                    RunView {
-                        pod: pod.clone(),
-                        figures,
-                    },
-                );
+                self.read_route(pod, r, &mut deltas);
             }
         }
         let mut decisions = Vec::new();
-        let rounds = self.rounds;
         for (key, e) in &mut self.experiments {
-            let n = e.variants.len();
             if let Some(d) = deltas.get(key) {
-                for i in 0..n {
-                    if Some(i) != e.control {
-                        e.evidence[i].round(&d.log_lr[i], d.events[i]);
-                    }
-                }
-                e.split.observe_counts(&d.assigned, &d.expected);
+                e.add(d);
             }
-            // Runs not read for a while (their pod is gone): their counts stay in the
-            // sums, their display figures move to `ended`.
-            let stale: Vec<String> = e
-                .last_read
-                .iter()
-                .filter(|(_, r)| rounds - **r > FORGET_AFTER_ROUNDS)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in stale {
-                e.last_read.remove(&k);
-                e.runs.remove(&k);
-                if let Some(run) = e.view.runs.remove(&k) {
-                    e.view.ended.resize(n, Figures::default());
-                    for (t, f) in e.view.ended.iter_mut().zip(&run.figures) {
-                        t.add(f);
-                    }
-                }
-            }
+            e.forget_stale(self.rounds);
             e.sample();
-            let (Some(alpha), Some(control), true) = (e.alpha, e.control, e.fleet_mode) else {
-                continue;
-            };
             let (route, fingerprint) = key.rsplit_once('/').unwrap_or((key, ""));
-            for i in 0..n {
-                if i == control || e.view.verdict.get(i).is_some_and(Option::is_some) {
-                    continue;
-                }
-                let ev = e.evidence[i].log10_e();
-                let by_fleet = e.bad[i] >= e.min_bad_events && e.evidence[i].exceeds(alpha / 2.0);
-                let by_replica = e.view.tripped_by_replica.get(i).and_then(|p| p.first());
-                let reason = match (by_fleet, by_replica) {
-                    (true, _) => format!(
-                        "fleet evidence 10^{ev:.2} reached 10^{:.2} (alpha {alpha} / 2) over {} bad events from {} runs",
-                        -(alpha / 2.0).log10(),
-                        e.evidence[i].events,
-                        e.runs.len()
-                    ),
-                    (false, Some(pod)) => {
-                        format!("the guardrail of replica {pod} tripped (its local breaker)")
-                    }
-                    (false, None) => continue,
-                };
-                decisions.push(Decision {
-                    route: route.to_string(),
-                    fingerprint: fingerprint.to_string(),
-                    variant: e.variants[i].clone(),
-                    action: e.action.clone(),
-                    weight: e.view.weights.get(i).copied().flatten().unwrap_or(0.0),
-                    reason,
-                    evidence_log10: ev,
-                });
-            }
+            decisions.extend(e.decide(route, fingerprint));
         }
         decisions
+    }
+
+    /// One route of one pod's report: its run's growth goes into `deltas`.
+    fn read_route(&mut self, pod: &str, r: &Value, deltas: &mut BTreeMap<String, Delta>) {
+        let Some(route) = r["route"].as_str() else {
+            return;
+        };
+        let run = &r["run"];
+        let (Some(instance), Some(epoch), Some(fp)) = (
+            run["instance"].as_str(),
+            run["epoch"].as_u64(),
+            run["fingerprint"].as_str(),
+        ) else {
+            return; // a braid too old to report its run
+        };
+        let variants: Vec<String> = r["variants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect();
+        let key = format!("{route}/{fp}");
+        let e = self
+            .experiments
+            .entry(key.clone())
+            .or_insert_with(|| Experiment::from_report(r, &variants));
+        if e.variants != variants {
+            return; // the same settings digest names the same variants
+        }
+        let n = variants.len();
+        let d = deltas.entry(key).or_insert_with(|| Delta::new(n));
+        e.read_run(pod, &format!("{pod}/{instance}/{epoch}"), r, d, self.rounds);
     }
 
     /// The fleet's report, in the shape of a pod's `/experiments` (so `braid
@@ -424,6 +335,160 @@ fn ms(s: Option<f64>) -> Option<f64> {
 }
 
 impl Experiment {
+    /// A new experiment, as the first pod that runs it reports it.
+    fn from_report(r: &Value, variants: &[String]) -> Experiment {
+        let n = variants.len();
+        let g = &r["guardrail"];
+        Experiment {
+            control: r["control"]
+                .as_str()
+                .and_then(|c| variants.iter().position(|v| v == c)),
+            alpha: g["alpha"].as_f64(),
+            fleet_mode: g["fleet_max_pods"].is_u64(),
+            min_bad_events: g["min_bad_events"].as_u64().unwrap_or(1),
+            action: g["action"].as_str().unwrap_or("rollback").to_string(),
+            evidence: (0..n).map(|_| FleetEvidence::new()).collect(),
+            bad: vec![0; n],
+            split: SplitTest::new(n),
+            runs: BTreeMap::new(),
+            last_read: BTreeMap::new(),
+            view: View::default(),
+            variants: variants.to_vec(),
+        }
+    }
+
+    /// One run's report of this experiment: what grew since it was last read goes into
+    /// `d`, its display figures replace the last ones.
+    fn read_run(&mut self, pod: &str, run_key: &str, r: &Value, d: &mut Delta, round: u64) {
+        let n = self.variants.len();
+        // A view taken over from a Lease starts empty (it is not carried).
+        self.view.weights.resize(n, None);
+        self.view.tripped_by_replica.resize(n, Vec::new());
+        self.view.verdict.resize(n, None);
+        let seen = self
+            .runs
+            .entry(run_key.to_string())
+            .or_insert_with(|| Seen::new(pod, n));
+        self.last_read.insert(run_key.to_string(), round);
+        let split: Vec<&Value> = r["split"]["variants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut figures = Vec::with_capacity(n);
+        for (i, v) in r["variants"].as_array().into_iter().flatten().enumerate() {
+            let g = &v["guardrail"];
+            let mut now = [0.0; THETAS.len()];
+            for (k, x) in f64s(&g["log_lr"]).take(THETAS.len()).enumerate() {
+                now[k] = x;
+            }
+            let events = g["evidence_events"].as_u64().unwrap_or(0);
+            let bad = v["watched"]["bad"].as_u64().unwrap_or(0);
+            // A run's values only grow; if one shrank, the run was not what its name
+            // said, and only growth is added.
+            if events >= seen.events[i] {
+                for (k, x) in now.iter().enumerate() {
+                    d.log_lr[i][k] += x - seen.log_lr[i][k];
+                }
+                d.events[i] += events - seen.events[i];
+                seen.log_lr[i] = now;
+                seen.events[i] = events;
+            }
+            self.bad[i] += bad.saturating_sub(seen.bad[i]);
+            seen.bad[i] = seen.bad[i].max(bad);
+            if let Some(s) = split.get(i) {
+                let assigned = s["assigned"].as_f64().unwrap_or(0.0);
+                let expected = s["expected_sum"].as_f64().unwrap_or(0.0);
+                d.assigned[i] += (assigned - seen.assigned[i]).max(0.0);
+                d.expected[i] += (expected - seen.expected[i]).max(0.0);
+                seen.assigned[i] = seen.assigned[i].max(assigned);
+                seen.expected[i] = seen.expected[i].max(expected);
+            }
+            self.view.note(i, pod, v);
+            figures.push(Figures::from_report(v));
+        }
+        self.view.runs.insert(
+            run_key.to_string(),
+            RunView {
+                pod: pod.to_string(),
+                figures,
+            },
+        );
+    }
+
+    /// Adds a round's growth to the fleet's evidence and split check.
+    fn add(&mut self, d: &Delta) {
+        for i in 0..self.variants.len() {
+            if Some(i) != self.control {
+                self.evidence[i].round(&d.log_lr[i], d.events[i]);
+            }
+        }
+        self.split.observe_counts(&d.assigned, &d.expected);
+    }
+
+    /// Runs not read for a while (their pod is gone): their counts stay in the sums,
+    /// their display figures move to `ended`.
+    fn forget_stale(&mut self, round: u64) {
+        let stale: Vec<String> = self
+            .last_read
+            .iter()
+            .filter(|(_, r)| round - **r > FORGET_AFTER_ROUNDS)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            self.last_read.remove(&k);
+            self.runs.remove(&k);
+            if let Some(run) = self.view.runs.remove(&k) {
+                self.view
+                    .ended
+                    .resize(self.variants.len(), Figures::default());
+                for (t, f) in self.view.ended.iter_mut().zip(&run.figures) {
+                    t.add(f);
+                }
+            }
+        }
+    }
+
+    /// What the fleet decides now: a candidate the pods are not yet told about, with
+    /// enough evidence, or whose own breaker tripped on some replica. Only in fleet mode.
+    fn decide(&self, route: &str, fingerprint: &str) -> Vec<Decision> {
+        let (Some(alpha), Some(control), true) = (self.alpha, self.control, self.fleet_mode) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for i in 0..self.variants.len() {
+            if i == control || self.view.verdict.get(i).is_some_and(Option::is_some) {
+                continue;
+            }
+            let ev = self.evidence[i].log10_e();
+            let by_fleet =
+                self.bad[i] >= self.min_bad_events && self.evidence[i].exceeds(alpha / 2.0);
+            let by_replica = self.view.tripped_by_replica.get(i).and_then(|p| p.first());
+            let reason = match (by_fleet, by_replica) {
+                (true, _) => format!(
+                    "fleet evidence 10^{ev:.2} reached 10^{:.2} (alpha {alpha} / 2) over {} bad events from {} runs",
+                    -(alpha / 2.0).log10(),
+                    self.evidence[i].events,
+                    self.runs.len()
+                ),
+                (false, Some(pod)) => {
+                    format!("the guardrail of replica {pod} tripped (its local breaker)")
+                }
+                (false, None) => continue,
+            };
+            out.push(Decision {
+                route: route.to_string(),
+                fingerprint: fingerprint.to_string(),
+                variant: self.variants[i].clone(),
+                action: self.action.clone(),
+                weight: self.view.weights.get(i).copied().flatten().unwrap_or(0.0),
+                reason,
+                evidence_log10: ev,
+            });
+        }
+        out
+    }
+
     /// Per variant: the fleet's totals (runs read plus runs let go).
     fn totals(&self) -> Vec<Figures> {
         let n = self.variants.len();
@@ -632,9 +697,12 @@ mod tests {
         one_pod.round(&[2.0; THETAS.len()], 8);
         assert!(e.mix_from_start_equals(&one_pod));
         // The state a new leader takes over reads back the same.
-        let back = Tally::from_json(&t.to_json()).unwrap();
+        let mut back = Tally::from_json(&t.to_json()).unwrap();
         assert_eq!(back.experiments["m/fp"].bad, vec![0, 8]);
         assert_eq!(back.experiments["m/fp"].runs.len(), 3);
+        // ...and goes on from it: only a's growth since is added.
+        back.round(&[pod("a", report("i1", 1, 40, 7, 1.6))]);
+        assert_eq!(back.experiments["m/fp"].bad, vec![0, 9]);
     }
 
     /// Enough evidence is a decision (once the pods report the verdict applied, no
