@@ -399,28 +399,26 @@ impl Experiment {
         }
         let w = &o.weights.weights;
         // Candidates the fleet decided are no longer watched, as tripped ones are not.
-        let decided: Vec<bool> = {
-            let v = lock(&self.verdicts);
-            (0..self.names.len())
-                .map(|c| st.trips[c].is_some() || v.get(c).is_some_and(Option::is_some))
-                .collect()
-        };
+        let verdicts = lock(&self.verdicts);
+        let decided = |c: usize| verdicts.get(c).is_some_and(Option::is_some);
         let pi = |c: usize| {
             let pair = w[c] + w[g.control];
             if pair > 0.0 { w[c] / pair } else { 0.0 }
         };
         if a == g.control {
-            for (c, decided) in decided.iter().enumerate() {
-                if c != g.control && !decided {
+            for c in 0..self.names.len() {
+                if c != g.control && st.trips[c].is_none() && !decided(c) {
                     st.evidence[c].observe(false, pi(c));
                     self.publish(&st, c);
                 }
             }
             return;
         }
-        if decided[a] {
+        if st.trips[a].is_some() || decided(a) {
             return;
         }
+        // Released before a trip rebuilds the weights, which reads the verdicts again.
+        drop(verdicts);
         st.evidence[a].observe(true, pi(a));
         let e = self.publish(&st, a);
         if st.watched[a].1 >= g.min_bad_events && st.evidence[a].exceeds(g.local_alpha()) {
