@@ -47,8 +47,10 @@ use crate::server::{ConnInfo, Handler, RequestBody};
 
 /// Pods read at once in a round.
 const FETCHES: usize = 32;
-/// How long one pod's report may take.
+/// How long one pod's report may take, at most: a round waits for its slowest pod, so
+/// a shorter `--interval` shortens it too (never under `MIN_FETCH_TIMEOUT`).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+const MIN_FETCH_TIMEOUT: Duration = Duration::from_millis(250);
 /// The largest report read from a pod.
 const MAX_REPORT_BYTES: usize = 8 * 1024 * 1024;
 
@@ -205,6 +207,10 @@ pub struct Controller {
         Empty<Bytes>,
     >,
     tallies: Mutex<BTreeMap<String, tally::Tally>>,
+    /// Per fleet: the experiments (route, fingerprints) its pods ran at the last write,
+    /// so the ConfigMap is read and written only when there is a decision or something
+    /// to prune, not every round.
+    written_for: Mutex<BTreeMap<String, BTreeMap<String, BTreeSet<String>>>>,
     shown: Mutex<Shown>,
     metrics: Metrics,
 }
@@ -219,6 +225,7 @@ impl Controller {
             http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(connector),
             tallies: Mutex::default(),
+            written_for: Mutex::default(),
             shown: Mutex::default(),
             metrics: Metrics::new(),
         })
@@ -351,6 +358,9 @@ impl Controller {
                 .set(e);
         }
         lock(&self.shown).reports.insert(name.clone(), report);
+        if decisions.is_empty() && lock(&self.written_for).get(&name) == Some(&running) {
+            return; // nothing decided, and no experiment came or went
+        }
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &spec.namespace);
         let at = crate::access::rfc3339_millis(
             std::time::SystemTime::now()
@@ -368,6 +378,7 @@ impl Controller {
         .await
         {
             Ok(w) => {
+                lock(&self.written_for).insert(name.clone(), running);
                 if w.added > 0 {
                     self.metrics
                         .verdicts
@@ -453,10 +464,8 @@ impl Controller {
                 .to_bytes();
             serde_json::from_slice(&body).ok()
         };
-        tokio::time::timeout(FETCH_TIMEOUT, get)
-            .await
-            .ok()
-            .flatten()
+        let limit = self.opts.interval.clamp(MIN_FETCH_TIMEOUT, FETCH_TIMEOUT);
+        tokio::time::timeout(limit, get).await.ok().flatten()
     }
 
     fn report(&self) -> Response<Body> {

@@ -628,3 +628,106 @@ fn the_controller_refuses_a_malformed_fleet() {
         "{err}"
     );
 }
+
+/// Pods that misbehave when read: one never answers, one dies inside its JSON, one
+/// answers something that is not a report. Each round counts them as scrape errors
+/// and goes on with the others; a silent pod holds a round back no longer than the
+/// interval allows, so the well-behaved pod is still read every few hundred ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_that_hang_die_mid_report_or_answer_garbage_are_skipped_each_round() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ((_control, _candidate), api) = on_configmap(|doc| doc).await;
+    let proxies = fleet_of(1, &api).await;
+    for i in 0..20 {
+        send(&proxies, i).await;
+    }
+    let answers: [&'static [u8]; 3] = [
+        b"", // reads the request, never answers
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"routes\": [{\"route\": ",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nnot json!",
+    ];
+    let mut standins = Vec::new();
+    for (k, answer) in answers.into_iter().enumerate() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        api.put_pod(
+            NS,
+            &format!("bad-{k}"),
+            &[("app", "m")],
+            "127.0.0.1",
+            listener.local_addr().unwrap().port(),
+        );
+        standins.push(tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = tcp.read(&mut buf).await;
+                    if answer.is_empty() {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                    let _ = tcp.write_all(answer).await;
+                    // Dropped: the connection closes, mid-body for the second.
+                });
+            }
+        }));
+    }
+    let replica = Replica::start(&api, "controller", Duration::from_secs(2)).await;
+    let report = async || {
+        get(
+            &client(),
+            &format!("http://{}/experiments", replica.addr),
+            &[],
+        )
+        .await
+    };
+    let start = Instant::now();
+    let first = loop {
+        let r = report().await;
+        if r.status == 200
+            && r.json()["routes"][0]["pods"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+        {
+            break r.json();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the good pod was never read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pods = first["routes"][0]["pods"].as_array().unwrap();
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert_eq!(pods[0]["pod"], "model-0");
+    let rounds = |r: &Value| {
+        r["fleets"][format!("{NS}/{CM}")]["rounds"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = rounds(&first);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = report().await.json();
+    assert!(
+        rounds(&later) >= before + 4,
+        "rounds {before} -> {}",
+        rounds(&later)
+    );
+    assert_eq!(later["fleets"][format!("{NS}/{CM}")]["pods_read"], 1);
+    let metrics = get(&client(), &format!("http://{}/metrics", replica.addr), &[])
+        .await
+        .text();
+    let errors = metric_value(
+        &metrics,
+        "braid_fleet_scrape_errors_total{fleet=\"ml/braid\"}",
+    )
+    .unwrap();
+    assert!(errors >= 3.0 * 4.0, "{errors} scrape errors");
+    // With nothing decided and no experiment coming or going, the ConfigMap is read
+    // once (the first round), not every round.
+    let reads = api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with(&format!("GET /api/v1/namespaces/{NS}/configmaps/{CM}")))
+        .count();
+    assert_eq!(reads, 1, "the ConfigMap was read {reads} times");
+    standins.iter().for_each(|t| t.abort());
+}
