@@ -82,7 +82,7 @@ impl FileSource {
             match read {
                 Ok((text, verdicts)) => {
                     last_error = None;
-                    let digest = digest(&text, verdicts.as_deref());
+                    let digest = super::digest_with(&text, verdicts.as_deref());
                     if seen == Some(digest) {
                         continue;
                     }
@@ -127,10 +127,6 @@ fn read(path: &Path) -> Result<(String, Option<String>), Vec<ConfigError>> {
         .map_err(|e| vec![io_error(format!("cannot read {}: {e}", path.display()))])?;
     let beside = path.with_file_name(super::verdict::DEFAULT_KEY);
     Ok((text, std::fs::read_to_string(beside).ok()))
-}
-
-fn digest(text: &str, verdicts: Option<&str>) -> u64 {
-    super::digest_with(text, verdicts)
 }
 
 fn apply(

@@ -330,10 +330,6 @@ impl Tally {
     }
 }
 
-fn ms(s: Option<f64>) -> Option<f64> {
-    s.map(|s| (s * 1e6).round() / 1e3)
-}
-
 impl Experiment {
     /// A new experiment, as the first pod that runs it reports it.
     fn from_report(r: &Value, variants: &[String]) -> Experiment {
@@ -520,11 +516,11 @@ impl Experiment {
                 json!({
                     "requests": w.requests,
                     "error_rate": (w.requests > 0).then(|| w.errors as f64 / w.requests as f64),
-                    "p50_ms": ms(w.latency.quantile(0.5)),
-                    "p95_ms": ms(w.latency.quantile(0.95)),
-                    "p99_ms": ms(w.latency.quantile(0.99)),
-                    "ttft_p50_ms": ms(w.ttft.quantile(0.5)),
-                    "tpot_p50_ms": ms(w.tpot.quantile(0.5)),
+                    "p50_ms": w.latency.quantile_ms(0.5),
+                    "p95_ms": w.latency.quantile_ms(0.95),
+                    "p99_ms": w.latency.quantile_ms(0.99),
+                    "ttft_p50_ms": w.ttft.quantile_ms(0.5),
+                    "tpot_p50_ms": w.tpot.quantile_ms(0.5),
                     "evidence_log10": (self.alpha.is_some() && Some(i) != self.control)
                         .then(|| self.evidence[i].log10_e()),
                 })
@@ -581,15 +577,11 @@ impl Experiment {
                     "requests": f.requests,
                     "errors": f.errors,
                     "error_rate": rate(f.errors, f.requests),
-                    "latency_ms": {
-                        "p50": ms(f.latency.quantile(0.5)),
-                        "p95": ms(f.latency.quantile(0.95)),
-                        "p99": ms(f.latency.quantile(0.99)),
-                    },
+                    "latency_ms": f.latency.report_ms(&[("p50", 0.5), ("p95", 0.95), ("p99", 0.99)]),
                     "generation": (f.ttft.count() > 0).then(|| json!({
                         "requests": f.ttft.count(),
-                        "ttft_ms": {"p50": ms(f.ttft.quantile(0.5)), "p95": ms(f.ttft.quantile(0.95))},
-                        "tpot_ms": {"p50": ms(f.tpot.quantile(0.5))},
+                        "ttft_ms": f.ttft.report_ms(&[("p50", 0.5), ("p95", 0.95)]),
+                        "tpot_ms": f.tpot.report_ms(&[("p50", 0.5)]),
                         "output_tokens_per_second": (f.generating_s > 0.0)
                             .then(|| f.output_tokens as f64 / f.generating_s),
                     })),

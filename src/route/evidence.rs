@@ -476,6 +476,20 @@ impl Latencies {
         self.count
     }
 
+    /// The `q` quantile in milliseconds, to the microsecond, as reports show it.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        self.quantile(q).map(|s| (s * 1e6).round() / 1e3)
+    }
+
+    /// `{"p50": ms, ...}` for the named quantiles, as reports show them.
+    pub fn report_ms(&self, quantiles: &[(&str, f64)]) -> serde_json::Value {
+        quantiles
+            .iter()
+            .map(|&(name, q)| (name.to_string(), self.quantile_ms(q).into()))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
     /// The buckets that hold something, as (index, count): what a pod reports so a
     /// fleet can add its latencies up.
     pub fn sparse(&self) -> Vec<(usize, u64)> {

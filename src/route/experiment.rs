@@ -556,18 +556,11 @@ impl Experiment {
                     "requests": served.requests,
                     "errors": served.errors,
                     "error_rate": rate(served.errors, served.requests),
-                    "latency_ms": {
-                        "p50": ms(served.latency.quantile(0.5)),
-                        "p95": ms(served.latency.quantile(0.95)),
-                        "p99": ms(served.latency.quantile(0.99)),
-                    },
+                    "latency_ms": served.latency.report_ms(&[("p50", 0.5), ("p95", 0.95), ("p99", 0.99)]),
                     "generation": (served.generations > 0).then(|| json!({
                         "requests": served.generations,
-                        "ttft_ms": {
-                            "p50": ms(served.ttft.quantile(0.5)),
-                            "p95": ms(served.ttft.quantile(0.95)),
-                        },
-                        "tpot_ms": {"p50": ms(served.tpot.quantile(0.5))},
+                        "ttft_ms": served.ttft.report_ms(&[("p50", 0.5), ("p95", 0.95)]),
+                        "tpot_ms": served.tpot.report_ms(&[("p50", 0.5)]),
                         "output_tokens_per_request": rate(served.output_tokens, served.generations),
                         "output_tokens_per_second": (served.generating > Duration::ZERO)
                             .then(|| served.output_tokens as f64 / served.generating.as_secs_f64()),
