@@ -108,6 +108,9 @@ pub enum SendError {
     /// No response headers within the per-try timeout; the backend may be working on it.
     #[error("no response headers within the per-try timeout of {0:?}")]
     Timeout(Duration),
+    /// A stream's head came but no first token within the route's `ttft_timeout`.
+    #[error("no first token within {0:?}")]
+    NoFirstToken(Duration),
 }
 
 impl SendError {
@@ -146,6 +149,7 @@ impl ProxyError {
             }
             SendError::Other(reason) => ProxyError::Upstream { backend, reason },
             SendError::Timeout(after) => ProxyError::Timeout { backend, after },
+            SendError::NoFirstToken(after) => ProxyError::NoFirstToken { backend, after },
         }
     }
 

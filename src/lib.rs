@@ -8,7 +8,7 @@
 //!
 //! | layer | modules | what |
 //! |---|---|---|
-//! | 0 | `error` `metrics` `hash` `headers` `addr` `sync` | request errors (and what a failed send or batch maps to), every metric family, stable hashing and randomness, braid's own headers and their one checked parser, backend addresses, the one poison-tolerant lock |
+//! | 0 | `error` `metrics` `hash` `headers` `addr` `sync` `watched` | request errors (and what a failed send or batch maps to), every metric family, stable hashing and randomness, braid's own headers and their one checked parser, backend addresses, the one poison-tolerant lock, the one pass-through body that watches an answer or holds something to its end |
 //! | 1 | `http1` `tls` `server` `upstream` `batch` `executor` `access` `payload` `trace` `grpc` `openai` | HTTP/1.1 wire code shared by braid's server and client (chunked framing, header names by place, field values); TLS's provider and PEM files for both sides; listeners (plain HTTP/1.1 by braid's own loop, h2c and TLS with ALPN by hyper, limits, smuggling guard, drain); pooled clients (braid's own for HTTP/1.1), retry policy and budget, failure accrual; coalescing (codec, pure queue, batcher task behind the `Execute` trait); the candle model server; the access log's writer; the sampled payload log's sinks (rotated files, CloudEvents); W3C trace context, samplers and the OTLP/HTTP span exporter; gRPC's wire format (framing, statuses, `grpc-timeout`, one protobuf field read or rewritten, the generated messages and their REST form); the OpenAI-compatible wire (its body reader, SSE framing and usage, its error shape) |
 //! | 2 | `route` | routes as compiled data, matching, assignment (override, sticky, weighted); `route::live`: the handles bound to a table (budgets, health, limits, batchers, experiments), kept across reloads by name; `route::experiment`: the weights in force (ramps on the wall clock, guardrail trips), split health and the report, over `route::evidence`'s pure statistics |
 //! | 3 | `config` | YAML -> `Document` (schema) -> `Snapshot` (validate, pure data) -> `Active` (snapshot + live state, bound in the store, the one place that binds) -> `ArcSwap`; the file and ConfigMap sources |
@@ -69,3 +69,4 @@ pub mod sync;
 pub mod tls;
 pub mod trace;
 pub mod upstream;
+pub mod watched;

@@ -30,6 +30,9 @@ pub const MODEL_PATHS: [&str; 6] = [
 /// The path listing the models a server offers.
 pub const MODELS_PATH: &str = "/v1/models";
 
+/// Where an executor takes embeddings calls (the one OpenAI path braid coalesces).
+pub const EMBEDDINGS_PATH: &str = "/v1/embeddings";
+
 /// Whether a request is an OpenAI-style call routed by its body's model.
 pub fn names_model_in_body(method: &Method, path: &str) -> bool {
     method == Method::POST && MODEL_PATHS.contains(&path)

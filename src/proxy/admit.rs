@@ -4,19 +4,15 @@
 //! `max_inflight` permit (`Held`). The request's class is `x-braid-priority` (one of the
 //! route's `admission.priorities`), else the route's default.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::Bytes;
 use http::Response;
 use http_body_util::BodyExt;
-use hyper::body::Frame;
 use tokio::time::Instant;
 
 use super::batched::named_class;
-use crate::error::{Body, BoxError, ProxyError};
+use crate::error::{Body, ProxyError};
 use crate::route::admission::{Permit, Refused};
 use crate::route::{Route, live::VariantLive};
+use crate::watched::{End, Watch, Watched};
 
 /// A place on variant `vi`, waiting for one if the request's class may wait; `None`
 /// for a variant without `max_concurrent`.
@@ -85,42 +81,12 @@ impl Held {
     /// The answer, holding all of this until its body ends or is dropped.
     pub fn around(self, resp: Response<Body>) -> Response<Body> {
         let (parts, inner) = resp.into_parts();
-        let body = Holding {
-            inner,
-            held: Some(self),
-        };
-        Response::from_parts(parts, body.boxed())
+        Response::from_parts(parts, Watched::new(inner, self).boxed())
     }
 }
 
-struct Holding {
-    inner: Body,
-    held: Option<Held>,
-}
-
-impl hyper::body::Body for Holding {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        // The answer's last byte (its last frame, or a body that says it has ended,
-        // which a server does not poll again): all is free now, not when it is dropped.
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.inner.is_end_stream() {
-            this.held = None;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
+impl Watch for Held {
+    /// The answer's last byte (or a client that left): all is free now, as the watch
+    /// is dropped.
+    fn end(&mut self, _: End) {}
 }

@@ -4,121 +4,26 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::Instant;
 
-use super::Prepared;
+use super::context::{Cx, Served};
 use super::spans::BatchSpan;
 use crate::addr::Upstream;
 use crate::batch::batcher::{BatchError, Batcher, Delivered, ExecFuture, Execute, Submission};
-use crate::batch::codec::{self, Item, PathModel, Payload, Unqueued};
+use crate::batch::codec::{Item, Payload};
 use crate::batch::queue::{BatchLimits, ClassLimits};
 use crate::error::{Body, ProxyError, full};
 use crate::executor::oip;
-use crate::grpc::{self, pb};
-use crate::route::{self, Route, Variant};
+use crate::grpc;
 use crate::trace::export::Tracer;
 use crate::trace::{SpanContext, TRACEPARENT};
 use crate::upstream::Upstreams;
-use prost::Message;
 
 /// Largest executor reply accepted for a batch.
 const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
-
-/// Whether a request can wait in a batch: `Ok(Some)` to queue, `Ok(None)` to forward
-/// alone (not an inference call, or a form we do not merge), `Err` for a 400.
-pub(super) fn queueable(
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<Option<Item>, String> {
-    let path = uri.path();
-    if headers.contains_key(header::CONTENT_ENCODING) {
-        return Ok(None); // Compressed: forwarded as it is.
-    }
-    let parsed = if let Some(model) = v2_infer_path(path) {
-        let header_len = oip::header_len(headers).map_err(|e| e.0)?;
-        codec::parse_v2_with(body, header_len, model)
-    } else if path.starts_with("/v1/models/") && path.ends_with(":predict") {
-        codec::parse_v1(body)
-    } else {
-        return Ok(None);
-    };
-    match parsed {
-        Ok(item) => Ok(Some(item)),
-        Err(Unqueued::Alone) => Ok(None),
-        Err(Unqueued::Bad(msg)) => Err(msg),
-    }
-}
-
-/// Whether an OpenAI `/v1/embeddings` call can wait in a batch, for `target` (the
-/// model the executor serves it under), and the executor path its batch goes to.
-pub(super) fn queueable_embeddings(
-    headers: &HeaderMap,
-    body: &Bytes,
-    target: &str,
-) -> Result<Option<(Item, PathAndQuery)>, String> {
-    if headers.contains_key(header::CONTENT_ENCODING) {
-        return Ok(None);
-    }
-    match codec::parse_embeddings(body, target) {
-        Ok(item) => Ok(Some((item, PathAndQuery::from_static(EMBEDDINGS_PATH)))),
-        Err(Unqueued::Alone) => Ok(None),
-        Err(Unqueued::Bad(msg)) => Err(msg),
-    }
-}
-
-/// Where an executor takes OpenAI embeddings calls.
-pub(super) const EMBEDDINGS_PATH: &str = "/v1/embeddings";
-
-/// Whether a gRPC ModelInfer can wait in a batch, and the executor path (REST) its
-/// batch goes to: the request in its REST form (`grpc::oip::rest_request`), then as
-/// `queueable`. The model is the route's (its target's), as for REST.
-pub(super) fn queueable_grpc(
-    body: &Bytes,
-    target: &str,
-) -> Result<Option<(Item, PathAndQuery)>, String> {
-    let msg = grpc::unary_message(body)?;
-    let req = pb::ModelInferRequest::decode(msg)
-        .map_err(|e| format!("malformed ModelInferRequest: {e}"))?;
-    let path = match req.model_version.as_str() {
-        "" => format!("/v2/models/{target}/infer"),
-        v => format!("/v2/models/{target}/versions/{v}/infer"),
-    };
-    let Ok(path) = PathAndQuery::try_from(path) else {
-        return Ok(None); // A version no path can carry: forwarded as it is.
-    };
-    let (rest, header_len) = grpc::oip::rest_request(&req)?;
-    let unnamed = PathModel {
-        name: None,
-        version: None,
-    };
-    match codec::parse_v2_with(&rest, Some(header_len), unnamed) {
-        Ok(item) => Ok(Some((item, path))),
-        Err(Unqueued::Alone) => Ok(None),
-        Err(Unqueued::Bad(msg)) => Err(msg),
-    }
-}
-
-/// The model (and version) an OIP v2 inference path names:
-/// `/v2/models/{m}[/versions/{v}]/infer`.
-pub(super) fn v2_infer_path(path: &str) -> Option<PathModel<'_>> {
-    if !path.starts_with("/v2/") {
-        return None;
-    }
-    let span = route::model_span(path)?;
-    let version = match path[span.end..].strip_suffix("/infer")? {
-        "" => None,
-        rest => Some(rest.strip_prefix("/versions/")?),
-    };
-    Some(PathModel {
-        name: Some(&path[span]),
-        version,
-    })
-}
 
 /// The header that names a request's priority class on a route with `priorities`.
 pub static X_BRAID_PRIORITY: http::HeaderName = http::HeaderName::from_static("x-braid-priority");
@@ -164,18 +69,35 @@ fn priority_class(
 }
 
 /// Queues `item` on the variant's batcher and waits for its rows, answered in the
-/// caller's form (REST, or a gRPC ModelInferResponse when `grpc`).
-#[allow(clippy::too_many_arguments)]
+/// caller's form (REST, or a gRPC ModelInferResponse for a gRPC caller). `path`: the
+/// executor's path for the batch.
 pub(super) async fn submit(
     batcher: &Batcher,
-    route: &Route,
-    variant: &Variant,
+    cx: &Cx<'_>,
+    vi: usize,
     item: Item,
     path: PathAndQuery,
-    headers: &HeaderMap,
-    prepared: &Prepared,
-    (grpc, trace): (bool, Option<SpanContext>),
+) -> Served {
+    Served {
+        result: queued(batcher, cx, vi, item, path).await,
+        repeatable: cx.r.route().retry.idempotent,
+        before_first_token: false,
+    }
+}
+
+async fn queued(
+    batcher: &Batcher,
+    cx: &Cx<'_>,
+    vi: usize,
+    item: Item,
+    path: PathAndQuery,
 ) -> Result<Response<Body>, ProxyError> {
+    let route = cx.r.route();
+    let variant = &route.variants[vi];
+    let (headers, prepared, grpc) = (&cx.r.parts.headers, &cx.prepared, cx.r.wire.grpc());
+    // The batch's span links to this request's, when it is recorded.
+    let recorded = cx.r.trace.as_ref().filter(|t| t.context.sampled);
+    let trace = recorded.map(|t| t.context);
     if let Some(name) = route.row_id.as_deref()
         && item.has_input(name)
     {
@@ -305,6 +227,7 @@ impl Execute for HttpExecutor {
 mod tests {
     use super::*;
 
+    use crate::batch::codec;
     use http::HeaderValue;
     use std::sync::Arc;
 

@@ -4,78 +4,68 @@
 //! streamed both ways as they arrive (`stream`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Uri};
-use http::{Method, Request, Response, Version};
+use http::uri::{Authority, PathAndQuery, Uri};
+use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 
+use super::Proxy;
+use super::context::{Cx, Routed, Served};
+use super::generation::CommitPoint;
 use super::spans::ClientSpans;
-use super::{Prepared, Proxy, Routed, Served, Wire};
 use crate::addr::Protocol;
-use crate::error::{Body, ProxyError};
-use crate::executor::oip::{self, HEADER_LENGTH};
+use crate::error::{Body, ProxyError, SendError};
+use crate::executor::oip::HEADER_LENGTH;
 use crate::route::{self, Match, Variant};
 use crate::server::ConnInfo;
 use crate::trace::TRACEPARENT;
-use crate::upstream::retry::{self, Attempts, Call, TryHook};
+use crate::upstream::Reply;
+use crate::upstream::retry::{self, Answer, Attempts, Call, Judge, TryHook, Uncommitted};
 
 impl Proxy {
     /// Sends the request to the variant's backend under the route's retry policy and
-    /// deadline; says whether sending it elsewhere (the fallback) would be safe.
-    pub(super) async fn forward(
-        &self,
-        r: &Routed<'_>,
-        vi: usize,
-        parts: &http::request::Parts,
-        prepared: &Prepared,
-        path: PathAndQuery,
-        conn: &ConnInfo,
-    ) -> Served {
-        let route = r.m.route;
+    /// deadline (an OpenAI stream's tries judged at its first token); says whether
+    /// sending it elsewhere (the fallback) would be safe.
+    pub(super) async fn forward(&self, cx: &Cx<'_>, vi: usize, path: PathAndQuery) -> Served {
+        let (r, prepared) = (&cx.r, &cx.prepared);
+        let route = r.route();
         let variant = &route.variants[vi];
         let live = &r.live.variants[vi];
-        // ModelMetadata and ModelReady only read, as GET does; an OpenAI-style call
-        // changes nothing at the backend, and its client has seen nothing before its
-        // answer's head (a stream's, before its first token: `forward_stream`).
-        let safe_method = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-            || (r.wire == Wire::GrpcModel && !parts.uri.path().ends_with("/ModelInfer"))
-            || r.wire == Wire::OpenAi;
-        let may_repeat = safe_method || route.retry.idempotent;
-        let renamed = match r.wire {
-            Wire::Rest => body_model_renamed(&r.m, variant, parts, &prepared.body),
-            Wire::OpenAi => super::openai::model_renamed(r, variant, &prepared.body),
-            Wire::GrpcModel => {
-                super::grpc::model_renamed(&r.m, variant, &prepared.body).map(|b| (b, None))
-            }
-            Wire::GrpcModelStream | Wire::GrpcStream => None,
-        };
-        let body = renamed.as_ref().map_or(&prepared.body, |(b, _)| b);
-        let protocol = if r.wire.grpc() {
-            super::grpc::over_http2(variant.upstream.protocol)
-        } else {
-            variant.upstream.protocol
-        };
-        // A stream's try is judged at its first token (`forward_stream` records it), not
-        // at its head: a 200 that fails before a token is a failure, not a success.
-        let streamed = r.call.as_ref().is_some_and(|c| c.stream);
-        let health = live.health.clone().filter(|_| !streamed);
-        // A route that neither retries, times tries out nor tracks health needs none of
-        // the tower stack: one call, as cheap as it can be.
-        let plain =
-            route.retry.attempts <= 1 && route.retry.per_try_timeout.is_none() && health.is_none();
-        let now = Instant::now();
-        let left = prepared.deadline.map(|d| d.saturating_duration_since(now));
+        let safe_method = r.wire.safe_to_repeat(&r.parts);
+        let renamed = r
+            .wire
+            .renamed(&r.m, r.call.as_deref(), variant, &r.parts, &prepared.body);
+        let protocol = r.wire.protocol(variant.upstream.protocol);
+        // A stream's try succeeds at its first token, not at its head: a 200 that fails
+        // before a token is a failed try (`CommitPoint`), under the same retry loop.
+        let judge = r.streams().then(|| -> Arc<dyn Judge> {
+            Arc::new(CommitPoint {
+                ttft_timeout: route.ttft_timeout,
+            })
+        });
+        // A route that neither retries, times tries out, tracks health nor judges its
+        // answers needs none of the tower stack: one call, as cheap as it can be.
+        let plain = route.retry.attempts <= 1
+            && route.retry.per_try_timeout.is_none()
+            && live.health.is_none()
+            && judge.is_none();
+        let left = prepared
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
         // A recorded request gets a CLIENT span per try, whose id the backend sees as
         // its parent; otherwise the backend's parent is braid's (unrecorded) span.
+        let authority = &variant.upstream.authority;
         let spans = ClientSpans::new(
             self.tracer.as_ref(),
             r.trace.as_ref(),
-            &parts.method,
-            &variant.upstream.authority,
+            &r.parts.method,
+            authority,
         );
+        let body = renamed.as_ref().map_or(&prepared.body, |(b, _)| b);
         let outgoing = match &live.backend {
             // Cheaper still over HTTP/1.1: the client's headers are written as they
             // came, with no request built, when there is nothing hop-by-hop to take out.
@@ -83,67 +73,24 @@ impl Proxy {
                 if plain
                     && protocol == Protocol::Http1
                     && renamed.is_none()
-                    && !has_hop_by_hop(&parts.headers) =>
+                    && !has_hop_by_hop(&r.parts.headers) =>
             {
                 Outgoing::Direct(backend)
             }
             _ => {
-                let body = Full::new(body.clone());
-                let mut out =
-                    match upstream_request(parts, body, variant, protocol, path.clone(), conn) {
-                        Ok(r) => r,
-                        Err(e) => return Served::error(e),
-                    };
-                if let Some((body, header_len)) = &renamed {
-                    let headers = out.headers_mut();
-                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-                    if let Some(n) = header_len {
-                        headers.insert(HEADER_LENGTH, HeaderValue::from(*n));
-                    }
+                let built = (renamed.as_ref(), protocol, path.clone(), left);
+                match built_request(cx, vi, built, spans.is_some()) {
+                    Ok(out) => Outgoing::Built(out),
+                    Err(e) => return Served::error(e),
                 }
-                if let Some(left) = left {
-                    retry::set_deadline_header(&mut out, left);
-                }
-                if let Some(t) = &r.trace
-                    && spans.is_none()
-                {
-                    out.headers_mut()
-                        .insert(TRACEPARENT.clone(), t.context.traceparent());
-                }
-                Outgoing::Built(out)
             }
         };
         let sent = async {
             let out = match outgoing {
                 Outgoing::Built(out) => out,
                 Outgoing::Direct(backend) => {
-                    let xff = forwarded_for(&parts.headers, conn);
-                    let timeout = left.map(retry::deadline_value);
-                    let (context, try_end) = match spans.as_ref().map(|s| s.start(0)) {
-                        Some((c, end)) => (Some(c), Some(end)),
-                        None => (r.trace.as_ref().map(|t| t.context), None),
-                    };
-                    let traceparent = context.map(|c| c.traceparent_bytes());
-                    let replaced = [
-                        xff.as_ref().map(|v| (&X_FORWARDED_FOR, v.as_bytes())),
-                        timeout
-                            .as_ref()
-                            .map(|v| (&retry::DEADLINE_HEADER, v.as_bytes())),
-                        traceparent.as_ref().map(|v| (&TRACEPARENT, &v[..])),
-                    ];
-                    let sent = backend
-                        .send_head(
-                            &parts.method,
-                            path.as_str(),
-                            &parts.headers,
-                            &replaced,
-                            body.clone(),
-                        )
-                        .await;
-                    if let Some(end) = try_end {
-                        end.sent(&sent);
-                    }
-                    return sent;
+                    let direct = (backend, path.as_str(), body.clone(), left);
+                    return send_direct(r, direct, spans.as_deref()).await;
                 }
             };
             if plain {
@@ -152,24 +99,18 @@ impl Proxy {
                 // Boxed, as the retried call below: hyper's clients and tower's stack
                 // are large futures, and every request's future would carry their size
                 // (and copy it when made) though most go the direct way above.
-                let sent = Box::pin(self.upstreams.send_to(
-                    live.backend.as_ref(),
-                    protocol,
-                    variant.tls.as_ref(),
-                    out,
-                ))
-                .await;
+                let (backend, tls) = (live.backend.as_ref(), variant.tls.as_ref());
+                let sent = Box::pin(self.upstreams.send_to(backend, protocol, tls, out)).await;
                 if let Some(end) = end {
                     end.sent(&sent);
                 }
-                return sent;
+                return sent.map(boxed);
             }
-            let hook = spans.map(|s| -> (Arc<dyn TryHook>, _) { (s, Arc::default()) });
             let attempts = Attempts {
                 policy: route.retry.clone(),
                 budget: prepared.budget.clone(),
                 metrics: live.retry_metrics.clone(),
-                health: health.clone(),
+                health: live.health.clone(),
                 deadline: prepared.deadline,
                 safe_method,
                 body_len: prepared.body.len(),
@@ -180,15 +121,15 @@ impl Proxy {
                 backend: live.backend.clone(),
                 protocol,
                 tls: variant.tls.clone(),
-                hook,
+                hook: spans.map(|s| -> (Arc<dyn TryHook>, _) { (s, Arc::default()) }),
             };
-            Box::pin(retry::send(call, attempts, out)).await
+            Box::pin(retry::send(call, attempts, judge, out)).await
         };
         let result = match prepared.deadline {
             Some(d) => match tokio::time::timeout_at(d, sent).await {
                 Ok(r) => r,
                 Err(_) => {
-                    if let Some(h) = &health {
+                    if let Some(h) = &live.health {
                         h.record(false, Instant::now());
                     }
                     return Served::error(prepared.deadline_error(route, variant));
@@ -196,27 +137,7 @@ impl Proxy {
             },
             None => sent.await,
         };
-        match result {
-            Ok(resp) => {
-                let repeatable =
-                    resp.status() == http::StatusCode::SERVICE_UNAVAILABLE || may_repeat;
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Served {
-                    result: Ok(Response::from_parts(
-                        parts,
-                        body.map_err(Into::into).boxed(),
-                    )),
-                    repeatable,
-                    before_first_token: false,
-                }
-            }
-            Err(e) => Served {
-                repeatable: may_repeat || e.never_reached(),
-                result: Err(ProxyError::from_send(&variant.upstream.authority, e)),
-                before_first_token: false,
-            },
-        }
+        served(result, safe_method || route.retry.idempotent, authority)
     }
 
     /// A streamed call: the body goes to the variant's backend as it arrives and the
@@ -227,24 +148,23 @@ impl Proxy {
         &self,
         r: &Routed<'_>,
         vi: usize,
-        parts: &http::request::Parts,
         body: Body,
         deadline: Option<Instant>,
-        conn: &ConnInfo,
     ) -> Result<Response<Body>, ProxyError> {
-        let route = r.m.route;
+        let route = r.route();
         let variant = &route.variants[vi];
-        let protocol = super::grpc::over_http2(variant.upstream.protocol);
-        let path = parts
+        let protocol = r.wire.protocol(variant.upstream.protocol);
+        let path = r
+            .parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut out = upstream_request(parts, body, variant, protocol, path, conn)?;
+        let mut out = upstream_request(&r.parts, body, variant, protocol, path, r.conn)?;
         let spans = ClientSpans::new(
             self.tracer.as_ref(),
             r.trace.as_ref(),
-            &parts.method,
+            &r.parts.method,
             &variant.upstream.authority,
         );
         let try_end = match (&spans, &r.trace) {
@@ -279,6 +199,115 @@ impl Proxy {
         strip_hop_by_hop(&mut head.headers);
         Ok(Response::from_parts(head, body.map_err(Into::into).boxed()))
     }
+}
+
+/// A backend's answer with its body boxed, as the retry loop gives it.
+fn boxed(resp: Reply) -> Answer {
+    resp.map(|b| b.map_err(Into::into).boxed())
+}
+
+/// What a try's outcome means for the request: the answer (hop-by-hop headers taken
+/// out), and whether sending it elsewhere is safe (a 503 refused the work; a stream
+/// that failed before its first token was seen by nobody).
+fn served(result: Result<Answer, SendError>, may_repeat: bool, backend: &Authority) -> Served {
+    match result {
+        Ok(resp) => {
+            let before_first_token = resp.extensions().get::<Uncommitted>().is_some();
+            let repeatable = resp.status() == http::StatusCode::SERVICE_UNAVAILABLE
+                || may_repeat
+                || before_first_token;
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Served {
+                result: Ok(Response::from_parts(parts, body)),
+                repeatable,
+                before_first_token,
+            }
+        }
+        Err(e) => Served {
+            repeatable: may_repeat || e.never_reached(),
+            result: Err(ProxyError::from_send(backend, e)),
+            before_first_token: false,
+        },
+    }
+}
+
+/// The request built for the backend (retries, renames, other protocols): the body
+/// as it goes (`renamed`, with a v2 body's new JSON header length, or as it came), the
+/// time `left` told to the backend, and braid's trace context unless each try has its
+/// own span.
+fn built_request(
+    cx: &Cx<'_>,
+    vi: usize,
+    (renamed, protocol, path, left): Built<'_>,
+    spans_per_try: bool,
+) -> Result<Request<Full<Bytes>>, ProxyError> {
+    let r = &cx.r;
+    let variant = &r.route().variants[vi];
+    let body = renamed.map_or(&cx.prepared.body, |(b, _)| b);
+    let full = Full::new(body.clone());
+    let mut out = upstream_request(&r.parts, full, variant, protocol, path, r.conn)?;
+    if let Some((body, header_len)) = renamed {
+        let headers = out.headers_mut();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if let Some(n) = header_len {
+            headers.insert(HEADER_LENGTH, HeaderValue::from(*n));
+        }
+    }
+    if let Some(left) = left {
+        retry::set_deadline_header(&mut out, left);
+    }
+    if let Some(t) = &r.trace
+        && !spans_per_try
+    {
+        out.headers_mut()
+            .insert(TRACEPARENT.clone(), t.context.traceparent());
+    }
+    Ok(out)
+}
+
+/// A built request's body (renamed, or `None`: as it came), protocol, path and time left.
+type Built<'a> = (
+    Option<&'a (Bytes, Option<usize>)>,
+    Protocol,
+    PathAndQuery,
+    Option<Duration>,
+);
+
+/// The client's head written straight to the variant's HTTP/1.1 pool, with only the
+/// headers braid sets replaced (`x-forwarded-for`, the deadline, the trace context).
+async fn send_direct(
+    r: &Routed<'_>,
+    (backend, path, body, left): (
+        &Arc<crate::upstream::h1::Backend>,
+        &str,
+        Bytes,
+        Option<Duration>,
+    ),
+    spans: Option<&ClientSpans>,
+) -> Result<Answer, SendError> {
+    let xff = forwarded_for(&r.parts.headers, r.conn);
+    let timeout = left.map(retry::deadline_value);
+    let (context, try_end) = match spans.map(|s| s.start(0)) {
+        Some((c, end)) => (Some(c), Some(end)),
+        None => (r.trace.as_ref().map(|t| t.context), None),
+    };
+    let traceparent = context.map(|c| c.traceparent_bytes());
+    let replaced = [
+        xff.as_ref().map(|v| (&X_FORWARDED_FOR, v.as_bytes())),
+        timeout
+            .as_ref()
+            .map(|v| (&retry::DEADLINE_HEADER, v.as_bytes())),
+        traceparent.as_ref().map(|v| (&TRACEPARENT, &v[..])),
+    ];
+    let (method, headers) = (&r.parts.method, &r.parts.headers);
+    let sent = backend
+        .send_head(method, path, headers, &replaced, body)
+        .await;
+    if let Some(end) = try_end {
+        end.sent(&sent);
+    }
+    sent.map(boxed)
 }
 
 /// How a forwarded request leaves: written straight from the client's parts by the
@@ -368,40 +397,6 @@ const REMEMBERED: usize = 4;
 thread_local! {
     static REWRITES: std::cell::RefCell<std::collections::VecDeque<Rewrite>> =
         const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
-}
-
-/// A v2 inference body that repeats the path's model in `model_name` (KServe's client
-/// does) names the variant's target model instead, as the rewritten path does: the new
-/// body, and its JSON header's new length when binary data follows. `None` when there
-/// is nothing to rewrite (most requests: checked without parsing).
-pub(super) fn body_model_renamed(
-    m: &Match<'_>,
-    variant: &Variant,
-    parts: &http::request::Parts,
-    body: &Bytes,
-) -> Option<(Bytes, Option<usize>)> {
-    let target = variant.target_model.as_deref()?;
-    // Only where the path itself is rewritten (model routes).
-    m.model_span.as_ref()?;
-    let model = super::batched::v2_infer_path(parts.uri.path())?.name?;
-    if model == target {
-        return None;
-    }
-    static MODEL_NAME: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"model_name\""));
-    MODEL_NAME.find(body)?;
-    let header_len = oip::header_len(&parts.headers).ok()?;
-    let (head, rest) = body.split_at_checked(header_len.unwrap_or(body.len()))?;
-    let mut v: serde_json::Value = serde_json::from_slice(head).ok()?;
-    let named = v.get_mut("model_name")?;
-    if named.as_str() != Some(model) {
-        return None;
-    }
-    *named = serde_json::Value::String(target.to_string());
-    let mut out = serde_json::to_vec(&v).ok()?;
-    let new_header_len = header_len.map(|_| out.len());
-    out.extend_from_slice(rest);
-    Some((Bytes::from(out), new_header_len))
 }
 
 /// The request as the variant's backend gets it, over `protocol`. Over HTTP/1.1 the

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
@@ -23,33 +24,47 @@ use hyper::body::Frame;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::error::{Body, BoxError, ProxyError};
+use crate::error::{Body, BoxError, SendError};
 use crate::metrics::{Generation, Metrics};
 use crate::openai::{self, sse};
+use crate::upstream::retry::{self, Answer, Judge, TryFuture};
 
 /// When a streamed answer's first content event reached braid (set by `commit`).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct FirstToken(pub Instant);
 
-/// A streamed answer that did not reach its first token.
-pub(super) enum Uncommitted {
-    /// It broke, or gave no first token in time: braid's error.
-    Failed(ProxyError),
-    /// Its first event was an error: the answer as the backend sent it, whole, for the
-    /// client when nothing else serves it.
-    ErrorEvent(Response<Body>),
+/// A stream's commit point as the retry loop's judge of each try (`retry::Judge`): an
+/// event stream's try succeeds at its first content event. One that breaks first, or
+/// gives no token within `ttft_timeout` of the try's start, failed; one whose first
+/// event is an error failed too, but is whole (marked `Uncommitted`), for the client if
+/// nothing else serves it. Any other answer is judged by its status, as every try is.
+pub(super) struct CommitPoint {
+    pub ttft_timeout: Option<Duration>,
+}
+
+impl Judge for CommitPoint {
+    fn judge(&self, answer: Answer, tried: Instant) -> TryFuture {
+        if !(answer.status().is_success() && is_event_stream(&answer)) {
+            return Box::pin(std::future::ready(Ok(answer)));
+        }
+        let until = self
+            .ttft_timeout
+            .and_then(|t| Some((tried.checked_add(t)?, t)));
+        Box::pin(commit(answer, until))
+    }
+}
+
+fn is_event_stream(resp: &Answer) -> bool {
+    resp.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
 /// Holds a streamed answer until its first content event (or an error event, or the
-/// end), at most until `until`; what was read is replayed in front of the rest. An
-/// answer that holds more than `sse::MAX_LINE` bytes before a token is committed as it
-/// is (it is not a generation braid can read).
-pub(super) async fn commit(
-    resp: Response<Body>,
-    until: Option<Instant>,
-    on_timeout: impl FnOnce() -> ProxyError,
-    backend: &str,
-) -> Result<Response<Body>, Uncommitted> {
+/// end), at most until `until` (then no first token within its timeout); what was read
+/// is replayed in front of the rest. An answer that holds more than `sse::MAX_LINE`
+/// bytes before a token is committed as it is (it is not a generation braid can read).
+async fn commit(resp: Answer, until: Option<(Instant, Duration)>) -> Result<Answer, SendError> {
     let (mut parts, mut body) = resp.into_parts();
     let mut reader = sse::Reader::new(true);
     let mut held = VecDeque::new();
@@ -57,9 +72,9 @@ pub(super) async fn commit(
     let rebuilt = |parts, held, rest| Response::from_parts(parts, Prefixed { held, rest }.boxed());
     loop {
         let next = match until {
-            Some(u) => match tokio::time::timeout_at(u, body.frame()).await {
+            Some((u, after)) => match tokio::time::timeout_at(u, body.frame()).await {
                 Ok(next) => next,
-                Err(_) => return Err(Uncommitted::Failed(on_timeout())),
+                Err(_) => return Err(SendError::NoFirstToken(after)),
             },
             None => body.frame().await,
         };
@@ -67,10 +82,8 @@ pub(super) async fn commit(
             // Ended with no token: a whole (empty) answer, passed as it is.
             None => return Ok(rebuilt(parts, held, body)),
             Some(Err(e)) => {
-                return Err(Uncommitted::Failed(ProxyError::Upstream {
-                    backend: backend.to_string(),
-                    reason: format!("the stream broke before its first token: {e}"),
-                }));
+                let reason = format!("the stream broke before its first token: {e}");
+                return Err(SendError::Other(reason));
             }
             Some(Ok(frame)) => frame,
         };
@@ -84,7 +97,8 @@ pub(super) async fn commit(
             return Ok(rebuilt(parts, held, body));
         }
         if reader.seen.errors > 0 {
-            return Err(Uncommitted::ErrorEvent(rebuilt(parts, held, body)));
+            parts.extensions.insert(retry::Uncommitted);
+            return Ok(rebuilt(parts, held, body));
         }
         if bytes > sse::MAX_LINE {
             return Ok(rebuilt(parts, held, body));

@@ -1,21 +1,32 @@
-//! The request path, composed in one function (`Proxy::route`), one step per line; the
-//! picture of it is the crate doc's (`lib.rs`). Each step's detail lives beside it:
-//! `forward` (retries, the upstream request, streamed calls), `batched` (coalescing
-//! through the variant's batcher), `grpc` (a gRPC call's route from its message, its
-//! streamed body, its status counted), `shadow` (copies and their comparison).
+//! The request path, composed in one function (`Proxy::route`) as a list of steps:
+//! find, assign, admit, prepare, shadow, serve (with fallback), finish. The picture is
+//! the crate doc's (`lib.rs`); docs/architecture.md walks one request through it. Each
+//! step's detail lives beside it:
+//!
+//! - `wire/`: everything that differs by how the caller speaks (REST, OpenAI, gRPC):
+//!   finding the route, the model rewrite, what may batch, what is safe to repeat, how
+//!   an error is written;
+//! - `context`: the request as one value (`Routed`, `Prepared`, `Cx`, `Served`);
+//! - `admit`: limits held to the answer's last byte, a variant's `max_concurrent`;
+//! - `forward`: the upstream request under the one retry loop; streamed calls;
+//! - `batched`: coalescing through the variant's batcher;
+//! - `generation`: an OpenAI answer's commit point and its measuring;
+//! - `shadow` and `tee`: copies and their comparison;
+//! - `finish`: headers, metrics, the experiment's outcome, logs and spans, once.
 
 mod access;
 mod admit;
 mod batched;
+mod context;
+mod finish;
 mod forward;
 mod generation;
-mod grpc;
-mod openai;
 mod shadow;
 mod spans;
 mod tee;
 #[cfg(test)]
 mod tests;
+mod wire;
 
 pub use batched::HttpExecutor;
 
@@ -25,22 +36,22 @@ use crate::server::RequestBody;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName};
 use http::{Method, Request, Response};
-use http_body_util::BodyExt;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
 
 use crate::config::{Active, Store};
 use crate::error::{Body, BoxError, ProxyError};
 use crate::metrics::Metrics;
-use crate::route::experiment::{Outcome, Weights};
+use crate::route::admission::Permit;
 use crate::route::live::RouteLive;
-use crate::route::{Chooser, Match, Route, assign};
+use crate::route::{Chooser, Route, assign};
 use crate::server::{self, ConnInfo, Handler};
 use crate::trace::RequestTrace;
 use crate::upstream::Upstreams;
 use crate::upstream::health::Admit;
-use shadow::PrimaryAnswer;
+use context::{Cx, Prepared, Routed, Served};
+use finish::Answered;
+use wire::{Found, Pending, Unfound, Wire};
 
 pub static X_BRAID_VARIANT: HeaderName = HeaderName::from_static("x-braid-variant");
 pub static X_BRAID_FALLBACK_FROM: HeaderName = HeaderName::from_static("x-braid-fallback-from");
@@ -67,118 +78,35 @@ pub struct Proxy {
 /// timeout of its own is at most this far away; on a route with one, at most that.
 pub use crate::headers::LONGEST_CALLER_TIMEOUT;
 
-/// How the caller speaks, which decides how the route is found, how the body is read
-/// and how errors are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Wire {
-    /// HTTP: REST inference or any other request; errors as JSON.
-    Rest,
-    /// An OpenAI-style call whose JSON body names its model (chat, completions,
-    /// responses, embeddings, rerank): routed by that model; errors in OpenAI's shape.
-    OpenAi,
-    /// A unary call of the inference service that names its model (ModelInfer,
-    /// ModelMetadata, ModelReady): read whole, routed by the model in its message.
-    GrpcModel,
-    /// Triton's ModelStreamInfer: routed by the model its first message names (one
-    /// variant for the whole stream), then streamed both ways.
-    GrpcModelStream,
-    /// Any other gRPC call: routed by path prefix, streamed both ways.
-    GrpcStream,
-}
-
-impl Wire {
-    fn of(parts: &http::request::Parts) -> Wire {
-        if !crate::grpc::is_grpc(&parts.headers) {
-            if crate::openai::names_model_in_body(&parts.method, parts.uri.path()) {
-                return Wire::OpenAi;
-            }
-            return Wire::Rest;
-        }
-        match parts.uri.path().strip_prefix(crate::grpc::SERVICE_PREFIX) {
-            Some("ModelInfer" | "ModelMetadata" | "ModelReady") => Wire::GrpcModel,
-            Some("ModelStreamInfer") => Wire::GrpcModelStream,
-            _ => Wire::GrpcStream,
-        }
-    }
-
-    fn grpc(self) -> bool {
-        !matches!(self, Wire::Rest | Wire::OpenAi)
-    }
-
-    fn error(self, e: ProxyError) -> Response<Body> {
-        match self {
-            Wire::Rest => e.into_response(),
-            Wire::OpenAi => crate::openai::error_response(&e),
-            Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => {
-                crate::grpc::error_response(&e)
-            }
-        }
-    }
-}
-
-/// A request body, read already (to find a gRPC call's model), not yet, or read up
-/// to a stream's first message.
-enum Pending<B> {
-    Unread(B),
-    Read(Bytes),
-    Started { head: bytes::BytesMut, rest: Body },
-}
-
 impl Handler for Proxy {
     async fn call(&self, req: Request<RequestBody>, conn: &ConnInfo) -> Response<Body> {
         self.handle(req, conn).await
     }
 }
 
-/// One variant's answer, and whether sending the request elsewhere is safe.
-struct Served {
-    result: Result<Response<Body>, ProxyError>,
-    /// The request certainly was not processed, or the route says repeating is harmless.
-    repeatable: bool,
-    /// A stream that failed before its first token (its head may say 200).
-    before_first_token: bool,
-}
-
-impl Served {
-    /// An error that must not be sent anywhere else (a bad request, a deadline).
-    fn error(e: ProxyError) -> Served {
-        Served {
-            result: Err(e),
-            repeatable: false,
-            before_first_token: false,
-        }
-    }
-
-    fn failed(&self) -> bool {
-        if self.before_first_token {
-            return true;
-        }
-        match &self.result {
-            Ok(r) => r.status().is_server_error(),
-            Err(e) => e.status().is_server_error(),
-        }
-    }
-}
-
-/// What one request works with: the route it matched and that route's live handles,
-/// from the one snapshot loaded for it, and how its caller speaks.
-struct Routed<'a> {
-    m: Match<'a>,
-    live: &'a RouteLive,
-    wire: Wire,
-    /// How the variant was chosen (before any fallback), for the access log.
-    how: assign::Assignment,
-    /// The variant chosen, before an ejection or a failure sent the request elsewhere.
-    assigned: usize,
-    /// Sent elsewhere before the assigned variant was tried (it was ejected).
-    rerouted: bool,
-    /// The weights it was assigned under, on a route with an experiment.
-    weights: Option<Arc<Weights>>,
-    /// braid's span in the request's trace, when tracing is on.
+/// A request as it arrives: its head, its connection, when, and how its caller speaks.
+struct Arrival<'a> {
+    parts: http::request::Parts,
+    conn: &'a ConnInfo,
+    start: Instant,
     trace: Option<RequestTrace>,
-    /// What an OpenAI-style call's body names (its model, where, and its user).
-    /// (Boxed: most requests have none, and the request's future stays small.)
-    call: Option<Box<crate::openai::Call>>,
+    wire: Wire,
+}
+
+/// What a request holds while it lives: the bytes its body buffers (given back when
+/// `handle` returns, however it returns), and what its answer holds to its last byte.
+struct Holds {
+    buffers: server::Reservation,
+    to_the_end: admit::Held,
+}
+
+/// The variant a request was assigned, with its route and its body as found.
+struct Assigned<'a, B> {
+    r: Routed<'a>,
+    body: Pending<B>,
+    vi: usize,
+    /// Sent to the fallback before being tried, the assigned variant being ejected.
+    fallback_from: Option<usize>,
 }
 
 impl Proxy {
@@ -198,23 +126,29 @@ impl Proxy {
         if counted > self.max_inflight as i64 {
             return self.unrouted(ProxyError::Overloaded, wire);
         }
-        let mut to_the_end = admit::Held {
-            _inflight: Some(inflight),
-            ..admit::Held::default()
+        let mut holds = Holds {
+            buffers: server::Reservation::default(),
+            to_the_end: admit::Held {
+                _inflight: Some(inflight),
+                ..admit::Held::default()
+            },
         };
-        // The bytes this request buffers, given back when it ends, however it ends.
-        let mut held = server::Reservation::default();
         let trace = self.tracer.as_ref().map(|t| t.begin(&parts.headers));
         let resp = match self.store.load() {
             // One snapshot for the whole request: a reload cannot change it midway.
             Some(active) => {
-                let at = (start, trace);
-                let held = (&mut held, &mut to_the_end);
-                self.route(&active, parts, body, wire, conn, at, held).await
+                let a = Arrival {
+                    parts,
+                    conn,
+                    start,
+                    trace,
+                    wire,
+                };
+                self.route(&active, a, body, &mut holds).await
             }
             None => self.unrouted(ProxyError::NoConfig, wire),
         };
-        to_the_end.around(resp)
+        std::mem::take(&mut holds.to_the_end).around(resp)
     }
 
     /// How this request's body is read: braid's limits, its deadline if known, its
@@ -232,326 +166,145 @@ impl Proxy {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The request path, one step a line.
     async fn route<B>(
         &self,
         active: &Active,
-        parts: http::request::Parts,
+        a: Arrival<'_>,
         body: B,
-        wire: Wire,
-        conn: &ConnInfo,
-        (start, trace): (Instant, Option<RequestTrace>),
-        (held, to_the_end): (&mut server::Reservation, &mut admit::Held),
+        holds: &mut Holds,
     ) -> Response<Body>
     where
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        if wire == Wire::Rest
-            && parts.method == Method::GET
-            && parts.uri.path() == crate::openai::MODELS_PATH
+        let wire = a.wire;
+        // Find: the route, by the wire's rule (reading the body where the wire must).
+        let found = match wire
+            .find(self, active, &a.parts, body, &mut holds.buffers)
+            .await
         {
-            let names = active.snapshot.routes.model_names();
-            // Without model routes the path is a backend's, proxied as any other.
-            if !names.is_empty() {
-                return crate::openai::models_response(names.into_iter());
-            }
-        }
-        let mut call = None;
-        let found = match wire {
-            Wire::OpenAi => self
-                .find_openai_model(active, &parts, body, held)
-                .await
-                .map(|(m, body, c)| {
-                    call = Some(Box::new(c));
-                    (m, body)
-                }),
-            Wire::GrpcModel => self.find_grpc_model(active, &parts, body, held).await,
-            Wire::GrpcModelStream => self.find_grpc_stream(active, &parts, body).await,
-            Wire::Rest | Wire::GrpcStream => active
-                .snapshot
-                .routes
-                .find(parts.uri.path())
-                .map(|m| (m, Pending::Unread(body)))
-                .ok_or_else(|| ProxyError::NoRoute {
-                    path: parts.uri.path().to_string(),
-                }),
-        };
-        let (m, body) = match found {
             Ok(found) => found,
+            Err(Unfound::Answer(resp)) => return *resp,
+            Err(Unfound::Refused(e)) => return self.unrouted(e, wire),
+        };
+        // Assign: the variant, under the weights in force, away from an ejected one;
+        // admit: one of the route's `max_inflight` places, held to the answer's end.
+        let Assigned {
+            r,
+            body,
+            vi,
+            fallback_from,
+        } = match self.assign(active, found, a, &mut holds.to_the_end) {
+            Ok(assigned) => assigned,
             Err(e) => return self.unrouted(e, wire),
         };
+        // A streamed call goes through as it arrives: nothing to read, nothing retried.
+        if wire.streamed() {
+            let result = Box::pin(self.stream_through(&r, vi, body)).await;
+            return self.finish(
+                &r,
+                Answered {
+                    vi,
+                    fallback_from,
+                    result,
+                },
+                None,
+                None,
+            );
+        }
+        // Prepare: the body read whole (at most --max-body-bytes), the deadline known.
+        let prepared = match self.prepare(&r, body, &mut holds.buffers).await {
+            Ok(p) => p,
+            Err(e) => {
+                let result = Err(e);
+                return self.finish(
+                    &r,
+                    Answered {
+                        vi,
+                        fallback_from,
+                        result,
+                    },
+                    None,
+                    None,
+                );
+            }
+        };
+        let cx = Cx { r, prepared };
+        // Shadow: a copy to the route's shadow variant, fire and forget.
+        let shadow = match wire.shadowed() {
+            true => self.start_shadow(&cx, vi),
+            false => None,
+        };
+        // Serve: the variant's answer (a place first where it has max_concurrent), or
+        // the fallback's, once, when it failed and repeating is safe.
+        let answered = self.serve_or_fall_back(&cx, vi, fallback_from, holds).await;
+        // Finish: headers, metrics, the experiment's outcome, logs, once, at the edge.
+        self.finish(&cx.r, answered, Some(&cx.prepared.body), shadow)
+    }
+
+    fn unrouted(&self, e: ProxyError, wire: Wire) -> Response<Body> {
+        self.metrics.unrouted(e.label());
+        wire.error(e)
+    }
+
+    /// The variant for a found request: an override, else the sticky or weighted
+    /// choice under the experiment's weights in force (ramps, guardrails), moved off an
+    /// ejected variant; and a place under the route's `max_inflight`.
+    fn assign<'a, B>(
+        &self,
+        active: &'a Active,
+        found: Found<'a, B>,
+        a: Arrival<'a>,
+        to_the_end: &mut admit::Held,
+    ) -> Result<Assigned<'a, B>, ProxyError> {
+        let Found { m, body, call } = found;
         let route = m.route;
         let live = &active.live[m.index];
-        // The weights in force (ramps, guardrails) for routes with an experiment.
         let weights = live.experiment.as_ref().map(|e| e.weights());
         let chooser = weights.as_deref().map_or(&route.chooser, |w| &w.chooser);
         let body_key = call
             .as_ref()
             .and_then(|c| c.user.as_deref())
             .map(str::as_bytes);
-        let (assigned, how) = match assign::assign(route, chooser, &parts.headers, body_key) {
-            Ok(a) => a,
-            Err(assign::UnknownVariant(wanted)) => {
-                let e = ProxyError::UnknownVariant {
-                    header: route.override_header.to_string(),
-                    wanted,
-                    valid: route.variant_names(),
-                };
-                return self.unrouted(e, wire);
-            }
-        };
-        to_the_end.route = match &live.limit {
-            None => None,
-            Some(limit) => match limit.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    let e = ProxyError::RouteBusy {
-                        route: route.name.to_string(),
-                    };
-                    return self.unrouted(e, wire);
-                }
+        let (assigned, how) = assign::assign(route, chooser, &a.parts.headers, body_key).map_err(
+            |assign::UnknownVariant(wanted)| ProxyError::UnknownVariant {
+                header: route.override_header.to_string(),
+                wanted,
+                valid: route.variant_names(),
             },
-        };
-        let (mut vi, mut fallback_from) = if how == assign::Assignment::Override {
-            (assigned, None)
-        } else {
-            self.avoid_ejected(route, chooser, live, assigned, &parts.headers, body_key)
+        )?;
+        if let Some(limit) = &live.limit {
+            let permit = limit.clone().try_acquire_owned();
+            let busy = |_| ProxyError::RouteBusy {
+                route: route.name.to_string(),
+            };
+            to_the_end.route = Some(permit.map_err(busy)?);
+        }
+        let (vi, fallback_from) = match how {
+            assign::Assignment::Override => (assigned, None),
+            _ => self.avoid_ejected(route, chooser, live, assigned, &a.parts.headers, body_key),
         };
         let r = Routed {
             m,
             live,
-            wire,
+            wire: a.wire,
+            parts: a.parts,
+            conn: a.conn,
+            start: a.start,
             how,
             assigned,
             rerouted: vi != assigned,
             weights,
-            trace,
+            trace: a.trace,
             call,
         };
-        if matches!(wire, Wire::GrpcStream | Wire::GrpcModelStream) {
-            let result = match self.deadline(&parts, route, start) {
-                Ok((deadline, _)) => {
-                    let body = self.streamed(body, &route.variants[vi], route);
-                    // Boxed: a streamed call's state stays out of other requests' futures.
-                    Box::pin(self.stream(&r, vi, &parts, body, deadline, conn)).await
-                }
-                Err(e) => Err(e),
-            };
-            let req = (start, &parts, None);
-            return self.finish(&r, vi, fallback_from, result, req, None);
-        }
-        let prepared = match self.prepare(&parts, body, route, live, start, held).await {
-            Ok(p) => p,
-            Err(e) => {
-                let req = (start, &parts, None);
-                return self.finish(&r, vi, fallback_from, Err(e), req, None);
-            }
-        };
-        let shadow = match wire {
-            Wire::Rest | Wire::OpenAi => self.start_shadow(&r, vi, &parts, &prepared.body, conn),
-            Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => None,
-        };
-        // A variant with max_concurrent: a place first (held to the answer's end).
-        // (Boxed, and only awaited where there is a gate: other requests' futures stay
-        // as small as before.)
-        let deadline = prepared.deadline;
-        let mut place = None;
-        if live.variants[vi].admission.is_some() {
-            let admitted = admit::admit(route, vi, &live.variants[vi], &parts.headers, deadline);
-            match Box::pin(admitted).await {
-                Ok(p) => place = p,
-                Err(e) => {
-                    let req = (start, &parts, Some(&prepared.body));
-                    return self.finish(&r, vi, fallback_from, Err(e), req, shadow);
-                }
-            }
-        }
-        let mut served = self.serve(&r, vi, &parts, &prepared, conn).await;
-        if let Some(fb) = route.fallback
-            && fb != vi
-            && fallback_from.is_none()
-            && served.failed()
-            && served.repeatable
-            && prepared.deadline.is_none_or(|d| d > Instant::now())
-        {
-            place = None;
-            // A fallback with no place free keeps the assigned variant's answer.
-            let admitted = match &live.variants[fb].admission {
-                None => Ok(None),
-                Some(_) => {
-                    let admitted =
-                        admit::admit(route, fb, &live.variants[fb], &parts.headers, deadline);
-                    Box::pin(admitted).await
-                }
-            };
-            if let Ok(fb_place) = admitted {
-                tracing::debug!(route = %route.name, from = %route.variants[vi].name, "serving from the fallback");
-                fallback_from = Some(vi);
-                vi = fb;
-                place = fb_place;
-                served = self.serve(&r, vi, &parts, &prepared, conn).await;
-            }
-        }
-        let req = (start, &parts, Some(&prepared.body));
-        to_the_end.place = place;
-        self.finish(&r, vi, fallback_from, served.result, req, shadow)
-    }
-
-    /// Headers, metrics and the shadow's copy of the answer, once, at the edge. An
-    /// error's status is counted as the HTTP status a REST caller would get, whichever
-    /// way it is written.
-    fn finish(
-        &self,
-        r: &Routed<'_>,
-        vi: usize,
-        fallback_from: Option<usize>,
-        result: Result<Response<Body>, ProxyError>,
-        (start, parts, request_body): (Instant, &http::request::Parts, Option<&Bytes>),
-        shadow: Option<oneshot::Sender<PrimaryAnswer>>,
-    ) -> Response<Body> {
-        let route = r.m.route;
-        let variant = &route.variants[vi];
-        let (mut resp, status) = match result {
-            Ok(resp) => {
-                // A gRPC status stands for the HTTP status it was made from, if any.
-                let status = resp
-                    .extensions()
-                    .get::<http::StatusCode>()
-                    .copied()
-                    .unwrap_or(resp.status());
-                (resp, status)
-            }
-            Err(e) => {
-                tracing::debug!(route = %route.name, variant = %variant.name, "{e}");
-                let status = e.status();
-                (r.wire.error(e), status)
-            }
-        };
-        let headers = resp.headers_mut();
-        headers.insert(X_BRAID_VARIANT.clone(), variant.header_value.clone());
-        if let Some(from) = fallback_from {
-            let from = &route.variants[from];
-            headers.insert(X_BRAID_FALLBACK_FROM.clone(), from.header_value.clone());
-            self.metrics.fallback(&route.name, &from.name);
-        }
-        let elapsed = start.elapsed();
-        // How the variant was chosen, as the logs and spans name it.
-        let how = if fallback_from.is_some() {
-            "fallback"
-        } else {
-            access::assignment(r.how)
-        };
-        let access_line = match &self.access_log {
-            Some(log) if crate::hash::chance(route.access_log) => Some((
-                log.clone(),
-                access::line(access::Entry {
-                    route: &route.name,
-                    variant: &variant.name,
-                    assignment: how,
-                    parts,
-                    grpc: r.wire.grpc(),
-                    status: status.as_u16(),
-                    elapsed,
-                    request_bytes: request_body.map(Bytes::len),
-                    response: &resp,
-                    trace: r.trace.as_ref(),
-                }),
-            )),
-            _ => None,
-        };
-        let span = match (&self.tracer, &r.trace) {
-            (Some(tracer), Some(t)) if t.context.sampled => {
-                let batch = resp
-                    .extensions()
-                    .get::<batched::Batched>()
-                    .map(|b| (b.waited, b.batch_rows));
-                let span =
-                    spans::server_span(r, t, parts, &variant.name, how, (status, elapsed, batch));
-                Some((tracer.clone(), span))
-            }
-            _ => None,
-        };
-        let who = Who {
-            assigned: r.assigned,
-            randomized: r.how != assign::Assignment::Override,
-            rerouted: r.rerouted,
-            served: vi,
-            assigned_failed: fallback_from.is_some() && !r.rerouted,
-            status: status.as_u16(),
-        };
-        let requests = &r.live.variants[vi].requests;
-        let mut generation = None;
-        if r.wire == Wire::OpenAi && status.is_success() {
-            // Its accounting needs the whole answer: done once it has ended.
-            let requests = requests.clone();
-            let experiment = r.live.experiment.clone().zip(r.weights.clone());
-            // The span's GenAI attributes, only for a recorded request.
-            let span = span.map(|s| (s, spans::models(r, variant)));
-            let then: generation::Then = Box::new(move |g| {
-                requests.record(who.status, g.duration);
-                if let Some((exp, weights)) = experiment {
-                    exp.observe(who.outcome(&weights, g.duration, Some(g)));
-                }
-                if let Some((log, mut line)) = access_line {
-                    access::with_generation(&mut line, g);
-                    log.write(line.to_string());
-                }
-                if let Some(((tracer, mut span), models)) = span {
-                    spans::with_generation(&mut span, models, g);
-                    tracer.record(span);
-                }
-            });
-            let names = (route.name.clone(), variant.name.clone());
-            let strip = r.call.as_ref().is_some_and(|c| c.braid_asks_usage);
-            let measured =
-                generation::measured(resp, start, (self.metrics.clone(), names), strip, then);
-            resp = measured.0;
-            generation = Some(measured.1);
-        } else {
-            requests.record(status.as_u16(), elapsed);
-            if let (Some(exp), Some(weights)) = (&r.live.experiment, &r.weights) {
-                exp.observe(who.outcome(weights, elapsed, None));
-            }
-            if let Some((log, line)) = access_line {
-                log.write(line.to_string());
-            }
-            if let Some((tracer, span)) = span {
-                tracer.record(span);
-            }
-        }
-        if let (Some(settings), Some(log), Some(body)) =
-            (&route.payload_log, &r.live.payload_log, request_body)
-            && crate::hash::chance(settings.fraction)
-        {
-            let sampled = access::Sampled {
-                route: &route.name,
-                variant: &variant.name,
-                assignment: how,
-                parts,
-                status: status.as_u16(),
-                elapsed,
-                body,
-                trace: r.trace.as_ref(),
-                generation,
-            };
-            resp = access::log_payload(sampled, settings, log.clone(), resp);
-        }
-        if r.wire.grpc() {
-            resp = grpc::count_status(&self.metrics, &route.name, &variant.name, resp);
-        }
-        if let Some(tx) = shadow {
-            let (parts, body) = resp.into_parts();
-            let (tee, copy) = tee::Tee::new(body, shadow::COMPARE_LIMIT);
-            let _ = tx.send(PrimaryAnswer { status, copy });
-            resp = Response::from_parts(parts, tee.boxed());
-        }
-        resp
-    }
-
-    fn unrouted(&self, e: ProxyError, wire: Wire) -> Response<Body> {
-        self.metrics.unrouted(e.label());
-        wire.error(e)
+        Ok(Assigned {
+            r,
+            body,
+            vi,
+            fallback_from,
+        })
     }
 
     /// The assigned variant, or, while it is ejected, the fallback (named in the
@@ -593,23 +346,20 @@ impl Proxy {
     /// Reads the body (unless read already) and works out the request's deadline.
     async fn prepare<B>(
         &self,
-        parts: &http::request::Parts,
+        r: &Routed<'_>,
         body: Pending<B>,
-        route: &Route,
-        live: &RouteLive,
-        start: Instant,
         held: &mut server::Reservation,
     ) -> Result<Prepared, ProxyError>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let (deadline, by_header) = self.deadline(parts, route, start)?;
+        let (deadline, by_header) = self.deadline(&r.parts, r.route(), r.start)?;
         let body = match body {
             Pending::Read(b) => b,
             Pending::Unread(b) => {
                 let rules = self.body_rules(deadline, held);
-                server::read_body(&parts.headers, b, rules).await?
+                server::read_body(&r.parts.headers, b, rules).await?
             }
             Pending::Started { .. } => {
                 return Err(ProxyError::BadRequest(
@@ -617,7 +367,7 @@ impl Proxy {
                 ));
             }
         };
-        let budget = live.budget.clone();
+        let budget = r.live.budget.clone();
         if let Some(b) = &budget {
             b.deposit();
         }
@@ -665,141 +415,106 @@ impl Proxy {
         Ok((deadline, by_header))
     }
 
-    /// One variant's answer: coalesced for a local variant with a batcher, else
-    /// forwarded with the route's retries.
-    async fn serve(
+    /// A streamed call on variant `vi`, its body passed on as it arrives.
+    async fn stream_through<B>(
         &self,
         r: &Routed<'_>,
         vi: usize,
-        parts: &http::request::Parts,
-        prepared: &Prepared,
-        conn: &ConnInfo,
-    ) -> Served {
-        let route = r.m.route;
-        let variant = &route.variants[vi];
-        let path = match forward::upstream_path(&r.m, variant, &parts.uri) {
+        body: Pending<B>,
+    ) -> Result<Response<Body>, ProxyError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let route = r.route();
+        let (deadline, _) = self.deadline(&r.parts, route, r.start)?;
+        let body = wire::streamed(body, &route.variants[vi], route, self.max_body_bytes);
+        self.stream(r, vi, body, deadline).await
+    }
+
+    /// Serves the request on `vi` (a place first where it has `max_concurrent`); a
+    /// failed answer that is safe to repeat goes to the route's fallback, once, when a
+    /// place there is free (else the assigned variant's answer stands). The place of
+    /// whichever answered is held to its answer's last byte.
+    async fn serve_or_fall_back(
+        &self,
+        cx: &Cx<'_>,
+        mut vi: usize,
+        mut fallback_from: Option<usize>,
+        holds: &mut Holds,
+    ) -> Answered {
+        let mut place = match self.place(cx, vi).await {
+            Ok(p) => p,
+            Err(e) => {
+                let result = Err(e);
+                return Answered {
+                    vi,
+                    fallback_from,
+                    result,
+                };
+            }
+        };
+        let mut served = self.serve(cx, vi).await;
+        if let Some(fb) = cx.r.route().fallback
+            && fb != vi
+            && fallback_from.is_none()
+            && served.failed()
+            && served.repeatable
+            && cx.prepared.deadline.is_none_or(|d| d > Instant::now())
+        {
+            place = None;
+            if let Ok(fb_place) = self.place(cx, fb).await {
+                tracing::debug!(route = %cx.r.route().name, from = %cx.r.route().variants[vi].name, "serving from the fallback");
+                fallback_from = Some(vi);
+                vi = fb;
+                place = fb_place;
+                served = self.serve(cx, vi).await;
+            }
+        }
+        holds.to_the_end.place = place;
+        let result = served.result;
+        Answered {
+            vi,
+            fallback_from,
+            result,
+        }
+    }
+
+    /// A place on variant `vi`, for a variant with `max_concurrent` (boxed, and only
+    /// awaited where there is a gate: other requests' futures stay small).
+    async fn place(&self, cx: &Cx<'_>, vi: usize) -> Result<Option<Permit>, ProxyError> {
+        let live = &cx.r.live.variants[vi];
+        if live.admission.is_none() {
+            return Ok(None);
+        }
+        let (route, headers) = (cx.r.route(), &cx.r.parts.headers);
+        Box::pin(admit::admit(route, vi, live, headers, cx.prepared.deadline)).await
+    }
+
+    /// One variant's answer: coalesced for a local variant with a batcher, else
+    /// forwarded under the route's retries.
+    async fn serve(&self, cx: &Cx<'_>, vi: usize) -> Served {
+        let r = &cx.r;
+        let variant = &r.route().variants[vi];
+        let path = match forward::upstream_path(&r.m, variant, &r.parts.uri) {
             Ok(p) => p,
             Err(e) => return Served::error(e),
         };
         if let Some(batcher) = &r.live.variants[vi].batcher
-            && parts.method == Method::POST
+            && r.parts.method == Method::POST
         {
-            let queueable = match r.wire {
-                Wire::Rest => batched::queueable(&parts.uri, &parts.headers, &prepared.body)
-                    .map(|item| item.map(|item| (item, path.clone()))),
-                Wire::GrpcModel if parts.uri.path().ends_with("/ModelInfer") => {
-                    let target = variant.target_model.as_ref().or(route.model.as_ref());
-                    match target {
-                        Some(t) => batched::queueable_grpc(&prepared.body, t),
-                        None => Ok(None),
-                    }
-                }
-                // Embeddings calls are coalesced; generations are forwarded one by one.
-                Wire::OpenAi if parts.uri.path() == batched::EMBEDDINGS_PATH => {
-                    match variant.target_model.as_deref() {
-                        Some(t) => batched::queueable_embeddings(&parts.headers, &prepared.body, t),
-                        None => Ok(None),
-                    }
-                }
-                Wire::OpenAi | Wire::GrpcModel | Wire::GrpcModelStream | Wire::GrpcStream => {
-                    Ok(None)
-                }
-            };
-            match queueable {
+            let body = &cx.prepared.body;
+            match r.wire.queueable(r.route(), variant, &r.parts, body, &path) {
+                // Boxed: a queued request waits on its batch anyway, and its state
+                // stays out of forwarded requests' futures.
                 Ok(Some((item, exec_path))) => {
-                    // The batch's span links to this request's, when it is recorded.
-                    let recorded = r
-                        .trace
-                        .as_ref()
-                        .filter(|t| t.context.sampled)
-                        .map(|t| t.context);
-                    // Boxed: a queued request waits on its batch anyway, and its state
-                    // stays out of forwarded requests' futures.
-                    let result = Box::pin(batched::submit(
-                        batcher,
-                        route,
-                        variant,
-                        item,
-                        exec_path,
-                        &parts.headers,
-                        prepared,
-                        (r.wire.grpc(), recorded),
-                    ))
-                    .await;
-                    return Served {
-                        result,
-                        repeatable: route.retry.idempotent,
-                        before_first_token: false,
-                    };
+                    let submitted = batched::submit(batcher, cx, vi, item, exec_path);
+                    return Box::pin(submitted).await;
                 }
                 Ok(None) => {} // not mergeable: forwarded alone below
                 Err(msg) => return Served::error(ProxyError::BadRequest(msg)),
             }
         }
-        if r.call.as_ref().is_some_and(|c| c.stream) {
-            // Boxed: its commit point's state stays out of every other request's future.
-            let streamed = self.forward_stream(r, vi, parts, prepared, path, conn);
-            return Box::pin(streamed).await;
-        }
-        self.forward(r, vi, parts, prepared, path, conn).await
+        self.forward(cx, vi, path).await
     }
-}
-
-/// Who a request was assigned to and who answered it: its experiment outcome, but
-/// for its duration (known at its head, or for a generation at its end).
-#[derive(Clone, Copy)]
-struct Who {
-    assigned: usize,
-    randomized: bool,
-    rerouted: bool,
-    served: usize,
-    assigned_failed: bool,
-    status: u16,
-}
-
-impl Who {
-    fn outcome<'w>(
-        self,
-        weights: &'w Weights,
-        elapsed: std::time::Duration,
-        generation: Option<&'w crate::metrics::Generation>,
-    ) -> Outcome<'w> {
-        Outcome {
-            weights,
-            assigned: self.assigned,
-            randomized: self.randomized,
-            rerouted: self.rerouted,
-            served: self.served,
-            assigned_failed: self.assigned_failed,
-            status: self.status,
-            elapsed,
-            generation,
-        }
-    }
-}
-
-impl Prepared {
-    /// What a request gets when its deadline passes: the caller's (504 "deadline
-    /// passed") or the route's timeout at this variant's backend.
-    fn deadline_error(&self, route: &Route, variant: &crate::route::Variant) -> ProxyError {
-        if self.by_header {
-            ProxyError::DeadlinePassed
-        } else {
-            ProxyError::Timeout {
-                backend: variant.upstream.authority.to_string(),
-                after: route.timeout.unwrap_or_default(),
-            }
-        }
-    }
-}
-
-struct Prepared {
-    body: Bytes,
-    /// The earliest of the route timeout and the deadline header.
-    deadline: Option<Instant>,
-    /// The deadline came from the client's header (504 "deadline passed").
-    by_header: bool,
-    /// The route's retry budget, already credited with this request's one deposit
-    /// (however many variants end up serving it); `None` without retries.
-    budget: Option<Arc<TpsBudget>>,
 }

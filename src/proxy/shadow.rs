@@ -12,13 +12,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use super::context::Cx;
 use super::forward::{upstream_path, upstream_request};
 use super::tee::Copied;
-use super::{Proxy, Routed, X_BRAID_SHADOW};
+use super::{Proxy, X_BRAID_SHADOW};
 use crate::addr::Protocol;
 use crate::hash::next_f64;
 use crate::metrics::Metrics;
-use crate::server::ConnInfo;
 use crate::upstream::{TlsPool, Upstreams, h1};
 
 /// How long a shadow copy may take when its route has no timeout.
@@ -29,13 +29,12 @@ impl Proxy {
     /// picked and a slot is free; returns where to deliver the primary's answer.
     pub(super) fn start_shadow(
         &self,
-        r: &Routed<'_>,
+        cx: &Cx<'_>,
         vi: usize,
-        parts: &http::request::Parts,
-        body: &Bytes,
-        conn: &ConnInfo,
     ) -> Option<oneshot::Sender<PrimaryAnswer>> {
-        let route = r.m.route;
+        let (r, body) = (&cx.r, &cx.prepared.body);
+        let (parts, conn) = (&r.parts, r.conn);
+        let route = r.route();
         let sh = route.shadow?;
         if sh.variant == vi || next_f64() >= sh.fraction {
             return None;
@@ -50,18 +49,21 @@ impl Proxy {
             }
         };
         let path = upstream_path(&r.m, variant, &parts.uri).ok()?;
-        // An OpenAI-style call names the shadow variant's own model, as it would if
-        // the shadow were serving it.
-        let renamed = match r.wire {
-            super::Wire::OpenAi => super::openai::model_renamed(r, variant, body).map(|(b, _)| b),
-            _ => None,
-        };
-        let body = Full::new(renamed.clone().unwrap_or_else(|| body.clone()));
+        // The body names the shadow variant's own model, as it would if the shadow
+        // were serving it.
+        let renamed = r
+            .wire
+            .renamed(&r.m, r.call.as_deref(), variant, parts, body);
+        let sent = renamed.as_ref().map_or(body, |(b, _)| b);
         let protocol = variant.upstream.protocol;
-        let mut req = upstream_request(parts, body, variant, protocol, path, conn).ok()?;
-        if let Some(b) = &renamed {
-            req.headers_mut()
-                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+        let full = Full::new(sent.clone());
+        let mut req = upstream_request(parts, full, variant, protocol, path, conn).ok()?;
+        if let Some((b, header_len)) = &renamed {
+            let headers = req.headers_mut();
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+            if let Some(n) = header_len {
+                headers.insert(crate::executor::oip::HEADER_LENGTH, HeaderValue::from(*n));
+            }
         }
         req.headers_mut()
             .insert(X_BRAID_SHADOW.clone(), HeaderValue::from_static("1"));

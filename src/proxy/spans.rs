@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use http::uri::Authority;
 
-use super::Routed;
+use super::context::Routed;
 use crate::trace::export::Tracer;
 use crate::trace::otlp::span::SpanKind;
 use crate::trace::{

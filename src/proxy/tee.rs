@@ -2,14 +2,12 @@
 //! for the shadow's comparison and the payload log. The copy is handed over when the
 //! body ends (or is dropped), off the client's path.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use bytes::{Bytes, BytesMut};
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Frame;
 use tokio::sync::oneshot;
 
-use crate::error::{Body, BoxError};
+use crate::error::Body;
+use crate::watched::{End, Watch, Watched};
 
 /// What a `Tee` saw: its first `limit` bytes, how many there were in all, and whether
 /// the body ended properly (not failed, not cut short).
@@ -27,8 +25,8 @@ impl Copied {
     }
 }
 
+/// The copy's side of a watched body (`Tee::new`).
 pub struct Tee {
-    inner: Body,
     copy: BytesMut,
     limit: usize,
     total: u64,
@@ -36,81 +34,49 @@ pub struct Tee {
 }
 
 impl Tee {
-    /// Keeps up to `limit` bytes of `inner`.
-    pub fn new(inner: Body, limit: usize) -> (Tee, oneshot::Receiver<Copied>) {
+    /// `inner` passed through, keeping up to `limit` of its bytes; the copy comes when
+    /// it ends or is dropped.
+    pub fn new(inner: Body, limit: usize) -> (Watched<Tee>, oneshot::Receiver<Copied>) {
         let (tx, rx) = oneshot::channel();
         let tee = Tee {
-            inner,
             copy: BytesMut::new(),
             limit,
             total: 0,
             done: Some(tx),
         };
-        (tee, rx)
+        (Watched::new(inner, tee), rx)
+    }
+}
+
+impl Watch for Tee {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            let room = self.limit.saturating_sub(self.copy.len());
+            let keep = data.len().min(room);
+            self.copy.extend_from_slice(&data[..keep]);
+            self.total += data.len() as u64;
+        }
     }
 
-    fn finish(&mut self, complete: bool) {
+    fn end(&mut self, how: End) {
         if let Some(tx) = self.done.take() {
             let _ = tx.send(Copied {
                 bytes: std::mem::take(&mut self.copy).freeze(),
                 total: self.total,
-                complete,
+                complete: how == End::Finished,
             });
         }
-    }
-}
-
-impl HttpBody for Tee {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let room = self.limit.saturating_sub(self.copy.len());
-                    let keep = data.len().min(room);
-                    let this = &mut *self;
-                    this.copy.extend_from_slice(&data[..keep]);
-                    this.total += data.len() as u64;
-                }
-                if self.inner.is_end_stream() {
-                    self.finish(true);
-                }
-            }
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Tee {
-    fn drop(&mut self) {
-        // Dropped before the end: the client left, or the server gave up on the stream.
-        let complete = self.inner.is_end_stream();
-        self.finish(complete);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::full;
+    use crate::error::{BoxError, full};
     use http_body_util::BodyExt;
+    use hyper::body::Body as HttpBody;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
 
     #[tokio::test]
     async fn passes_the_body_through_and_keeps_a_copy() {

@@ -1,7 +1,7 @@
 //! Retries for forwarded requests, as a tower stack built per request:
 //!
 //! ```text
-//! Retry<Policy>  ->  Timeout(per_try_timeout)  ->  Call (pooled client)
+//! Retry<Policy>  ->  Judged (a stream's commit point)  ->  Timeout(per_try_timeout)  ->  Call
 //! ```
 //!
 //! The policy knows what is safe to repeat. A request that never reached the backend
@@ -11,6 +11,11 @@
 //! `idempotent: true`. Every repeat also needs a token from the route's budget (Linkerd's
 //! model: a ratio of recent requests plus a floor per second, over a 10 s window), a
 //! body small enough to have been kept for replay, and time left before the deadline.
+//!
+//! A try may be judged past its head before the policy sees it (`Judge`): an
+//! OpenAI-style stream is a success only at its first token, so one that breaks, sends
+//! an error first or gives no token in time is a failed try like any other, under the
+//! same attempts, budget, counters and deadline. This is the one retry loop.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,14 +24,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, StatusCode, header};
+use http_body_util::BodyExt;
 use http_body_util::Full;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
 
 use super::health::VariantHealth;
-use super::{Reply, SendError, TlsPool, Upstreams, h1};
+use super::{SendError, TlsPool, Upstreams, h1};
 use crate::addr::Protocol;
+use crate::error::Body;
 use crate::metrics::RetryMetrics;
 
 /// Header carrying a request's remaining time budget, e.g. `x-braid-timeout: 250ms`.
@@ -98,22 +105,39 @@ pub struct Attempts {
 
 type Req = Request<Full<Bytes>>;
 
-impl tower::retry::Policy<Req, Reply, SendError> for Attempts {
+/// A try's answer, its body boxed (so a judge may give back what it read).
+pub type Answer = http::Response<Body>;
+
+/// Marks an answer that failed before its commit point but is whole (a stream whose
+/// first event was an error): a failed try, and if the last, the request's answer.
+#[derive(Clone, Copy, Debug)]
+pub struct Uncommitted;
+
+/// Judges a try's answer past its head, before the policy sees it; `tried` is when the
+/// try began. An `Err`, or an answer marked `Uncommitted`, is a failed try.
+pub trait Judge: Send + Sync {
+    fn judge(&self, answer: Answer, tried: Instant) -> TryFuture;
+}
+
+impl tower::retry::Policy<Req, Answer, SendError> for Attempts {
     type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
         req: &mut Req,
-        result: &mut Result<Reply, SendError>,
+        result: &mut Result<Answer, SendError>,
     ) -> Option<Self::Future> {
+        let uncommitted = matches!(result, Ok(r) if r.extensions().get::<Uncommitted>().is_some());
         let failed = match result {
-            Ok(r) => r.status().is_server_error(),
+            Ok(r) => uncommitted || r.status().is_server_error(),
             Err(_) => true,
         };
         if let Some(h) = &self.health {
             h.record(!failed, Instant::now());
         }
         let (retryable, retry_after) = match result {
+            // Whole, but failed before the client could see anything of it.
+            Ok(_) if uncommitted => (false, None),
             Ok(r) if !self.policy.on_status.contains(&r.status().as_u16()) => return None,
             Ok(r) => {
                 // The backend answered: it refused the work (503/429) or it may have done it.
@@ -189,7 +213,7 @@ pub fn backoff(p: &RetryPolicy, retried: u32) -> Duration {
 }
 
 /// A 429/503's `Retry-After` in seconds (HTTP dates are not honoured: treated as absent).
-fn retry_after(r: &Reply) -> Option<Duration> {
+fn retry_after(r: &Answer) -> Option<Duration> {
     let v = r.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
@@ -260,10 +284,10 @@ pub struct Call {
     pub hook: Option<(Arc<dyn TryHook>, Arc<std::sync::atomic::AtomicU32>)>,
 }
 
-type CallFuture = Pin<Box<dyn Future<Output = Result<Reply, SendError>> + Send>>;
+type CallFuture = Pin<Box<dyn Future<Output = Result<Answer, SendError>> + Send>>;
 
 impl Service<Req> for Call {
-    type Response = Reply;
+    type Response = Answer;
     type Error = SendError;
     type Future = CallFuture;
 
@@ -285,7 +309,7 @@ impl Service<Req> for Call {
             if let Some(w) = watch {
                 w.sent(&sent);
             }
-            sent
+            sent.map(|r| r.map(|b| b.map_err(Into::into).boxed()))
         })
     }
 }
@@ -297,10 +321,10 @@ pub struct PerTry {
     timeout: Option<Duration>,
 }
 
-type TryFuture = Pin<Box<dyn Future<Output = Result<Reply, SendError>> + Send>>;
+pub type TryFuture = Pin<Box<dyn Future<Output = Result<Answer, SendError>> + Send>>;
 
 impl Service<Req> for PerTry {
-    type Response = Reply;
+    type Response = Answer;
     type Error = SendError;
     type Future = TryFuture;
 
@@ -322,14 +346,50 @@ impl Service<Req> for PerTry {
     }
 }
 
-/// Sends `req` with the route's retry policy; every repeat withdraws from the budget
-/// (the caller deposits once per client request, however many variants serve it).
-pub async fn send(call: Call, attempts: Attempts, req: Req) -> Result<Reply, SendError> {
+/// A try, then its judge (when the call has one).
+#[derive(Clone)]
+pub struct Judged {
+    inner: PerTry,
+    judge: Option<Arc<dyn Judge>>,
+}
+
+impl Service<Req> for Judged {
+    type Response = Answer;
+    type Error = SendError;
+    type Future = TryFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> TryFuture {
+        let tried = Instant::now();
+        let sent = self.inner.call(req);
+        match self.judge.clone() {
+            None => sent,
+            Some(judge) => Box::pin(async move { judge.judge(sent.await?, tried).await }),
+        }
+    }
+}
+
+/// Sends `req` with the route's retry policy, each try judged by `judge`; every repeat
+/// withdraws from the budget (the caller deposits once per client request, however
+/// many variants serve it).
+pub async fn send(
+    call: Call,
+    attempts: Attempts,
+    judge: Option<Arc<dyn Judge>>,
+    req: Req,
+) -> Result<Answer, SendError> {
     let per_try = PerTry {
         inner: call,
         timeout: attempts.policy.per_try_timeout,
     };
-    tower::retry::Retry::new(attempts, per_try)
+    let judged = Judged {
+        inner: per_try,
+        judge,
+    };
+    tower::retry::Retry::new(attempts, judged)
         .oneshot(req)
         .await
 }

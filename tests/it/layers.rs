@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("headers", 0),
     ("addr", 0),
     ("sync", 0),
+    ("watched", 0),
     ("http1", 1),
     ("server", 1),
     ("tls", 1),
