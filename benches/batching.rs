@@ -12,6 +12,8 @@
 //!
 //! Run: `cargo bench --bench batching -- [--seconds 3] [--skip-minilm] [--json PATH]
 //! [--concurrency 32,64] [--rounds 5]`
+// A benchmark times real work: std's clock is the one it means.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

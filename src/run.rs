@@ -78,26 +78,10 @@ pub async fn start(
     listener: TcpListener,
     admin_listener: TcpListener,
 ) -> Result<Running, Vec<ConfigError>> {
-    let tls = match &opts.tls {
-        None => None,
-        Some(files) => {
-            let fail = |message: String| {
-                vec![ConfigError {
-                    path: "--tls-cert".into(),
-                    message,
-                }]
-            };
-            let cert = ReloadingCert::load(&files.cert, &files.key).map_err(fail)?;
-            let cfg = tls::server_config(cert.clone()).map_err(fail)?;
-            Some((
-                tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
-                cert.watch(files.reload_every),
-            ))
-        }
-    };
+    let tls = server_tls(&opts)?;
     let metrics = Arc::new(Metrics::new());
     let upstreams = Upstreams::new(CONNECT_TIMEOUT);
-    let tracer = opts.trace.map(|c| {
+    let tracer = opts.trace.clone().map(|c| {
         let m = metrics.clone();
         Arc::new(crate::trace::export::Tracer::start(
             c,
@@ -113,26 +97,7 @@ pub async fn start(
         }),
         upstreams.clone(),
     ));
-    let watcher = match opts.config.clone() {
-        // A file must hold a valid config before braid starts serving.
-        ConfigSource::File(file) => {
-            file.load_initial(&store)?;
-            tokio::spawn(file.watch(store.clone()))
-        }
-        // The API may not be reachable yet: serve 503 (and /readyz 503) until the first
-        // good document arrives.
-        ConfigSource::ConfigMap(cm) => {
-            let client = crate::config::kube::client(cm.kubeconfig.as_deref())
-                .await
-                .map_err(|message| {
-                    vec![ConfigError {
-                        path: "--config-map".into(),
-                        message,
-                    }]
-                })?;
-            tokio::spawn(cm.watch(client, store.clone()))
-        }
-    };
+    let watcher = config_watcher(opts.config.clone(), &store).await?;
 
     let addr = listener.local_addr().expect("bound listener");
     let admin_addr = admin_listener.local_addr().expect("bound listener");
@@ -149,17 +114,7 @@ pub async fn start(
         opts.executor_probe_interval,
         executor_tx,
     ));
-    let access_log = match &opts.access_log {
-        None => None,
-        Some(dest) => Some(Arc::new(
-            crate::access::AccessLog::open(dest, metrics.clone()).map_err(|message| {
-                vec![ConfigError {
-                    path: "--access-log".into(),
-                    message,
-                }]
-            })?,
-        )),
-    };
+    let access_log = access_log(&opts, &metrics)?;
     let proxy = Arc::new(Proxy {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -197,34 +152,15 @@ pub async fn start(
     ));
 
     let (begin_drain, drain_signal) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        // A dropped sender (the Running value was dropped) also starts the drain.
-        let _ = drain_signal.await;
-        tracing::info!(grace = ?opts.drain_grace, "draining: readiness is now 503, still accepting");
-        let _ = data_phase.send(Phase::Draining);
-        tokio::time::sleep(opts.drain_grace).await;
-        tracing::info!("closing: no new connections; finishing in-flight requests");
-        let _ = data_phase.send(Phase::Closing);
-        let finished = async {
-            let _ = data.await;
-            // Every connection task holds a receiver; all gone means all done.
-            data_phase.closed().await;
-        };
-        if tokio::time::timeout(opts.drain_timeout, finished)
-            .await
-            .is_err()
-        {
-            tracing::warn!(timeout = ?opts.drain_timeout, "drain timeout: closing remaining connections");
-        }
-        watcher.abort();
-        probe.abort();
-        if let Some(w) = cert_watch {
-            w.abort();
-        }
-        let _ = admin_phase.send(Phase::Closing);
-        let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
-        tracing::info!("stopped");
-    });
+    let drain = Drain {
+        signal: drain_signal,
+        data_phase,
+        admin_phase,
+        data,
+        admin_task,
+        also_stop: [Some(watcher), Some(probe), cert_watch],
+    };
+    let task = tokio::spawn(drain.run(opts.drain_grace, opts.drain_timeout));
 
     Ok(Running {
         addr,
@@ -235,6 +171,112 @@ pub async fn start(
         begin_drain: Some(begin_drain),
         task,
     })
+}
+
+type TlsSetup = (tokio_rustls::TlsAcceptor, tokio::task::JoinHandle<()>);
+
+/// The data port's TLS (with its certificate's reload task), when `--tls-cert` is set.
+fn server_tls(opts: &ProxyOptions) -> Result<Option<TlsSetup>, Vec<ConfigError>> {
+    Ok(match &opts.tls {
+        None => None,
+        Some(files) => {
+            let fail = |message: String| {
+                vec![ConfigError {
+                    path: "--tls-cert".into(),
+                    message,
+                }]
+            };
+            let cert = ReloadingCert::load(&files.cert, &files.key).map_err(fail)?;
+            let cfg = tls::server_config(cert.clone()).map_err(fail)?;
+            Some((
+                tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+                cert.watch(files.reload_every),
+            ))
+        }
+    })
+}
+
+/// Loads the first config and watches for the next: a file must hold a valid one
+/// before braid serves; the API may not be reachable yet, so braid serves 503 (and
+/// `/readyz` 503) until the first good document arrives.
+async fn config_watcher(
+    config: ConfigSource,
+    store: &Arc<Store>,
+) -> Result<tokio::task::JoinHandle<()>, Vec<ConfigError>> {
+    Ok(match config {
+        ConfigSource::File(file) => {
+            file.load_initial(store)?;
+            tokio::spawn(file.watch(store.clone()))
+        }
+        ConfigSource::ConfigMap(cm) => {
+            let client = crate::config::kube::client(cm.kubeconfig.as_deref())
+                .await
+                .map_err(|message| {
+                    vec![ConfigError {
+                        path: "--config-map".into(),
+                        message,
+                    }]
+                })?;
+            tokio::spawn(cm.watch(client, store.clone()))
+        }
+    })
+}
+
+/// The access log, when `--access-log` names one.
+fn access_log(
+    opts: &ProxyOptions,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<crate::access::AccessLog>>, Vec<ConfigError>> {
+    Ok(match &opts.access_log {
+        None => None,
+        Some(dest) => Some(Arc::new(
+            crate::access::AccessLog::open(dest, metrics.clone()).map_err(|message| {
+                vec![ConfigError {
+                    path: "--access-log".into(),
+                    message,
+                }]
+            })?,
+        )),
+    })
+}
+
+/// The drain sequence, started by `Running::drain` (or its being dropped).
+struct Drain {
+    signal: tokio::sync::oneshot::Receiver<()>,
+    data_phase: watch::Sender<Phase>,
+    admin_phase: watch::Sender<Phase>,
+    data: tokio::task::JoinHandle<()>,
+    admin_task: tokio::task::JoinHandle<()>,
+    /// The config watcher, the executor probe, the certificate's reload.
+    also_stop: [Option<tokio::task::JoinHandle<()>>; 3],
+}
+
+impl Drain {
+    /// Readiness 503 for `grace` while still accepting, then no new connections and
+    /// in-flight requests finished (at most `timeout`), then the admin port closed.
+    async fn run(self, grace: Duration, timeout: Duration) {
+        // A dropped sender (the Running value was dropped) also starts the drain.
+        let _ = self.signal.await;
+        tracing::info!(grace = ?grace, "draining: readiness is now 503, still accepting");
+        let _ = self.data_phase.send(Phase::Draining);
+        tokio::time::sleep(grace).await;
+        tracing::info!("closing: no new connections; finishing in-flight requests");
+        let _ = self.data_phase.send(Phase::Closing);
+        let finished = async {
+            let _ = self.data.await;
+            // Every connection task holds a receiver; all gone means all done.
+            self.data_phase.closed().await;
+        };
+        if tokio::time::timeout(timeout, finished).await.is_err() {
+            tracing::warn!(timeout = ?timeout, "drain timeout: closing remaining connections");
+        }
+        for task in self.also_stop.into_iter().flatten() {
+            task.abort();
+        }
+        let _ = self.admin_phase.send(Phase::Closing);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.admin_task).await;
+        tracing::info!("stopped");
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

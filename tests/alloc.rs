@@ -5,6 +5,8 @@
 //!
 //! Its own test binary (not a module of `tests/it`): the allocator is global, so this
 //! file holds one test and nothing runs beside it to blur the count.
+// These tests run real processes and sockets, and wait on the wall clock as their clients do.
+#![allow(clippy::disallowed_methods)]
 
 use std::alloc::System;
 use std::path::Path;

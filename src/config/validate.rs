@@ -37,6 +37,31 @@ pub struct Snapshot {
     pub executor: Option<Upstream>,
 }
 
+/// What checking a document found: errors (each with its field path) and warnings.
+#[derive(Default)]
+struct Findings {
+    errs: Vec<ConfigError>,
+    warnings: Vec<String>,
+}
+
+impl Findings {
+    fn err(&mut self, path: String, message: String) {
+        self.errs.push(ConfigError { path, message });
+    }
+
+    fn warn(&mut self, warning: String) {
+        self.warnings.push(warning);
+    }
+}
+
+/// Names each route's match and name claims, to find the second claim of one.
+#[derive(Default)]
+struct Claims {
+    route_names: HashMap<String, usize>,
+    models: HashMap<String, usize>,
+    prefixes: HashMap<String, usize>,
+}
+
 pub fn compile(
     doc: Document,
     root: Node,
@@ -44,20 +69,16 @@ pub fn compile(
     text: &str,
     partial: bool,
 ) -> Result<Snapshot, Vec<ConfigError>> {
-    let mut errs: Vec<ConfigError> = Vec::new();
-    let mut warnings = Vec::new();
-    let mut err = |path: String, message: String| errs.push(ConfigError { path, message });
-
+    let mut f = Findings::default();
     if doc.routes.is_empty() && !partial {
-        err("routes".into(), "must list at least one route".into());
+        f.err("routes".into(), "must list at least one route".into());
     }
-
     if doc
         .executor
         .as_ref()
         .is_some_and(|e| e.protocol == Protocol::Tls)
     {
-        err(
+        f.err(
             "executor".into(),
             "the executor is in this pod: use http:// or h2c://".into(),
         );
@@ -65,219 +86,17 @@ pub fn compile(
     // TLS pools of https backends, by (route, variant) position; built here so a bad
     // CA or key file is an error with its field path.
     let mut pools: HashMap<(usize, usize), TlsPool> = HashMap::new();
-
-    let mut route_names: HashMap<String, usize> = HashMap::new();
-    let mut models: HashMap<String, usize> = HashMap::new();
-    let mut prefixes: HashMap<String, usize> = HashMap::new();
-
+    let mut claims = Claims::default();
     for spec in &doc.routes {
-        let ri = spec.at;
-        let at = format!("routes[{ri}]");
-        match (&spec.model, &spec.path_prefix) {
-            (Some(_), Some(_)) => err(
-                at.clone(),
-                "set either `model` or `path_prefix`, not both".into(),
-            ),
-            (None, None) => err(at.clone(), "must set `model` or `path_prefix`".into()),
-            (Some(m), None) => {
-                if let Some(prev) = models.insert(m.clone(), ri) {
-                    err(
-                        format!("{at}.model"),
-                        format!("model {m:?} is already matched by routes[{prev}]"),
-                    );
-                }
-            }
-            (None, Some(p)) => {
-                if let Some(prev) = prefixes.insert(p.clone(), ri) {
-                    err(
-                        format!("{at}.path_prefix"),
-                        format!("path prefix {p:?} is already matched by routes[{prev}]"),
-                    );
-                }
-            }
-        }
-        let name = route_name(spec);
-        if let Some(prev) = route_names.insert(name.clone(), ri) {
-            err(
-                format!("{at}.name"),
-                format!("route name {name:?} is already used by routes[{prev}]"),
-            );
-        }
-
-        if partial {
-            // Some variants may have been left out: counting rules would mislead.
-        } else if spec.variants.is_empty() {
-            err(
-                format!("{at}.variants"),
-                "must list at least one variant".into(),
-            );
-        } else if spec.variants.iter().all(|v| v.weight == 0.0) {
-            err(
-                format!("{at}.variants"),
-                "all weights are zero: at least one variant must have weight > 0".into(),
-            );
-        }
-        let mut variant_names: HashMap<&str, usize> = HashMap::new();
-        for v in &spec.variants {
-            let vi = v.at;
-            if let Some(prev) = variant_names.insert(&v.name, vi) {
-                err(
-                    format!("{at}.variants[{vi}].name"),
-                    format!(
-                        "variant {:?} is already defined at variants[{prev}]",
-                        v.name
-                    ),
-                );
-            }
-            if matches!(v.backend, BackendSpec::Local) && doc.executor.is_none() {
-                err(
-                    format!("{at}.variants[{vi}].backend"),
-                    "`local` needs the top-level `executor` URL".into(),
-                );
-            }
-            let https = matches!(&v.backend, BackendSpec::Remote(u) if u.protocol == Protocol::Tls);
-            match (&v.tls, https) {
-                (None, true) => err(
-                    format!("{at}.variants[{vi}].tls"),
-                    "an https:// backend needs `tls: { ca_file: ... }`".into(),
-                ),
-                (Some(_), false) => err(
-                    format!("{at}.variants[{vi}].tls"),
-                    "only https:// backends use tls settings".into(),
-                ),
-                (Some(t), true) => match TlsPool::new(t) {
-                    Ok(pool) => {
-                        pools.insert((ri, vi), pool);
-                    }
-                    Err(e) => err(format!("{at}.variants[{vi}].tls"), e),
-                },
-                (None, false) => {}
-            }
-            if v.target_model.is_some() && spec.model.is_none() {
-                err(
-                    format!("{at}.variants[{vi}].target_model"),
-                    "only model routes can rewrite the model name".into(),
-                );
-            }
-        }
-        if let Some(shadow) = &spec.shadow {
-            if !partial && !variant_names.contains_key(shadow.variant.as_str()) {
-                err(
-                    format!("{at}.shadow.variant"),
-                    format!(
-                        "unknown variant {:?} (this route has: {})",
-                        shadow.variant,
-                        names(spec)
-                    ),
-                );
-            }
-            if spec.fallback.as_deref() == Some(shadow.variant.as_str()) {
-                err(
-                    format!("{at}.shadow.variant"),
-                    "the shadow variant cannot also be the fallback".into(),
-                );
-            }
-        }
-        if let Some(fallback) = &spec.fallback
-            && !partial
-            && !variant_names.contains_key(fallback.as_str())
-        {
-            err(
-                format!("{at}.fallback"),
-                format!(
-                    "unknown variant {fallback:?} (this route has: {})",
-                    names(spec)
-                ),
-            );
-        }
-        if let Some(r) = &spec.retry {
-            if r.backoff_base > r.backoff_max {
-                err(
-                    format!("{at}.retry.backoff_base"),
-                    "must not exceed backoff_max".into(),
-                );
-            }
-            if let (Some(per_try), Some(total)) = (r.per_try_timeout, spec.timeout)
-                && per_try > total
-            {
-                warnings.push(format!(
-                    "{at}.retry.per_try_timeout: longer than the route timeout, so it never fires"
-                ));
-            }
-        }
-        if let Some(o) = &spec.outlier
-            && o.base_ejection > o.max_ejection
-        {
-            err(
-                format!("{at}.outlier.base_ejection"),
-                "must not exceed max_ejection".into(),
-            );
-        }
-        if spec.batching.is_some()
-            && !spec
-                .variants
-                .iter()
-                .any(|v| matches!(v.backend, BackendSpec::Local))
-        {
-            warnings.push(format!(
-                "{at}.batching: applies to `local` variants only; this route has none"
-            ));
-        }
-        if spec.retry.is_some()
-            && spec
-                .variants
-                .iter()
-                .all(|v| matches!(v.backend, BackendSpec::Local))
-            && spec.batching.is_some()
-        {
-            warnings.push(format!(
-                "{at}.retry: batched requests are not retried (a batch isolates failures by bisection instead)"
-            ));
-        }
-        if let Some(g) = &spec.guardrail
-            && !partial
-        {
-            if !variant_names.contains_key(g.control.as_str()) {
-                err(
-                    format!("{at}.guardrail.control"),
-                    format!(
-                        "unknown variant {:?} (this route has: {})",
-                        g.control,
-                        names(spec)
-                    ),
-                );
-            } else if spec.variants.len() < 2 {
-                err(
-                    format!("{at}.guardrail"),
-                    "needs a candidate: the route has only its control".into(),
-                );
-            }
-            if let Some(c) = spec.variants.iter().find(|v| v.name == g.control)
-                && c.weight == 0.0
-                && c.ramp.is_none()
-            {
-                warnings.push(format!(
-                    "{at}.guardrail.control: {:?} has weight 0, so there is nothing to compare the candidates with and the guardrail never trips",
-                    g.control
-                ));
-            }
-            if g.guardrail.action == Action::Hold && spec.variants.iter().all(|v| v.ramp.is_none())
-            {
-                warnings.push(format!(
-                    "{at}.guardrail.action: `hold` freezes ramps and no variant of this route has one; a trip only reports"
-                ));
-            }
-        }
-        if spec.sticky_header.as_ref() == Some(&spec.override_header) {
-            err(
-                format!("{at}.sticky_header"),
-                "must differ from override_header".into(),
-            );
-        }
+        let at = format!("routes[{}]", spec.at);
+        check_claims(spec, &at, &mut claims, &mut f);
+        check_counts(spec, &at, partial, &mut f);
+        let variant_names = check_variants(&doc, spec, &at, &mut pools, &mut f);
+        check_links(spec, &at, partial, &variant_names, &mut f);
+        check_guardrail(spec, &at, partial, &variant_names, &mut f);
     }
-
-    if !errs.is_empty() {
-        return Err(errs);
+    if !f.errs.is_empty() {
+        return Err(f.errs);
     }
     Ok(Snapshot {
         generation: 0,
@@ -291,9 +110,254 @@ pub fn compile(
                 .map(|spec| compile_route(spec, doc.executor.as_ref(), &pools))
                 .collect(),
         ),
-        warnings,
+        warnings: f.warnings,
         executor: doc.executor,
     })
+}
+
+/// A route's model, path prefix and name, each claimed by one route only.
+fn check_claims(spec: &RouteSpec, at: &str, claims: &mut Claims, f: &mut Findings) {
+    let ri = spec.at;
+    let (models, prefixes) = (&mut claims.models, &mut claims.prefixes);
+    match (&spec.model, &spec.path_prefix) {
+        (Some(_), Some(_)) => f.err(
+            at.to_string(),
+            "set either `model` or `path_prefix`, not both".into(),
+        ),
+        (None, None) => f.err(at.to_string(), "must set `model` or `path_prefix`".into()),
+        (Some(m), None) => {
+            if let Some(prev) = models.insert(m.clone(), ri) {
+                f.err(
+                    format!("{at}.model"),
+                    format!("model {m:?} is already matched by routes[{prev}]"),
+                );
+            }
+        }
+        (None, Some(p)) => {
+            if let Some(prev) = prefixes.insert(p.clone(), ri) {
+                f.err(
+                    format!("{at}.path_prefix"),
+                    format!("path prefix {p:?} is already matched by routes[{prev}]"),
+                );
+            }
+        }
+    }
+    let name = route_name(spec);
+    if let Some(prev) = claims.route_names.insert(name.clone(), ri) {
+        f.err(
+            format!("{at}.name"),
+            format!("route name {name:?} is already used by routes[{prev}]"),
+        );
+    }
+}
+
+/// At least one variant, and one with weight (a partial document may leave some out,
+/// and counting rules would mislead).
+fn check_counts(spec: &RouteSpec, at: &str, partial: bool, f: &mut Findings) {
+    if partial {
+        // Some variants may have been left out: counting rules would mislead.
+    } else if spec.variants.is_empty() {
+        f.err(
+            format!("{at}.variants"),
+            "must list at least one variant".into(),
+        );
+    } else if spec.variants.iter().all(|v| v.weight == 0.0) {
+        f.err(
+            format!("{at}.variants"),
+            "all weights are zero: at least one variant must have weight > 0".into(),
+        );
+    }
+}
+
+/// Each variant: a unique name, a backend it can reach, TLS only where it is https
+/// (its pool built into `pools`), a target model only on a model route. Returns the
+/// names, by position.
+fn check_variants<'s>(
+    doc: &Document,
+    spec: &'s RouteSpec,
+    at: &str,
+    pools: &mut HashMap<(usize, usize), TlsPool>,
+    f: &mut Findings,
+) -> HashMap<&'s str, usize> {
+    let ri = spec.at;
+    let mut variant_names: HashMap<&str, usize> = HashMap::new();
+    for v in &spec.variants {
+        let vi = v.at;
+        if let Some(prev) = variant_names.insert(&v.name, vi) {
+            f.err(
+                format!("{at}.variants[{vi}].name"),
+                format!(
+                    "variant {:?} is already defined at variants[{prev}]",
+                    v.name
+                ),
+            );
+        }
+        if matches!(v.backend, BackendSpec::Local) && doc.executor.is_none() {
+            f.err(
+                format!("{at}.variants[{vi}].backend"),
+                "`local` needs the top-level `executor` URL".into(),
+            );
+        }
+        let https = matches!(&v.backend, BackendSpec::Remote(u) if u.protocol == Protocol::Tls);
+        match (&v.tls, https) {
+            (None, true) => f.err(
+                format!("{at}.variants[{vi}].tls"),
+                "an https:// backend needs `tls: { ca_file: ... }`".into(),
+            ),
+            (Some(_), false) => f.err(
+                format!("{at}.variants[{vi}].tls"),
+                "only https:// backends use tls settings".into(),
+            ),
+            (Some(t), true) => match TlsPool::new(t) {
+                Ok(pool) => {
+                    pools.insert((ri, vi), pool);
+                }
+                Err(e) => f.err(format!("{at}.variants[{vi}].tls"), e),
+            },
+            (None, false) => {}
+        }
+        if v.target_model.is_some() && spec.model.is_none() {
+            f.err(
+                format!("{at}.variants[{vi}].target_model"),
+                "only model routes can rewrite the model name".into(),
+            );
+        }
+    }
+    variant_names
+}
+
+/// What names a variant or bounds another setting: the shadow, the fallback, retry
+/// and outlier bounds, batching, the sticky header.
+fn check_links(
+    spec: &RouteSpec,
+    at: &str,
+    partial: bool,
+    variant_names: &HashMap<&str, usize>,
+    f: &mut Findings,
+) {
+    if let Some(shadow) = &spec.shadow {
+        if !partial && !variant_names.contains_key(shadow.variant.as_str()) {
+            f.err(
+                format!("{at}.shadow.variant"),
+                format!(
+                    "unknown variant {:?} (this route has: {})",
+                    shadow.variant,
+                    names(spec)
+                ),
+            );
+        }
+        if spec.fallback.as_deref() == Some(shadow.variant.as_str()) {
+            f.err(
+                format!("{at}.shadow.variant"),
+                "the shadow variant cannot also be the fallback".into(),
+            );
+        }
+    }
+    if let Some(fallback) = &spec.fallback
+        && !partial
+        && !variant_names.contains_key(fallback.as_str())
+    {
+        f.err(
+            format!("{at}.fallback"),
+            format!(
+                "unknown variant {fallback:?} (this route has: {})",
+                names(spec)
+            ),
+        );
+    }
+    if let Some(r) = &spec.retry {
+        if r.backoff_base > r.backoff_max {
+            f.err(
+                format!("{at}.retry.backoff_base"),
+                "must not exceed backoff_max".into(),
+            );
+        }
+        if let (Some(per_try), Some(total)) = (r.per_try_timeout, spec.timeout)
+            && per_try > total
+        {
+            f.warn(format!(
+                "{at}.retry.per_try_timeout: longer than the route timeout, so it never fires"
+            ));
+        }
+    }
+    if let Some(o) = &spec.outlier
+        && o.base_ejection > o.max_ejection
+    {
+        f.err(
+            format!("{at}.outlier.base_ejection"),
+            "must not exceed max_ejection".into(),
+        );
+    }
+    if spec.batching.is_some()
+        && !spec
+            .variants
+            .iter()
+            .any(|v| matches!(v.backend, BackendSpec::Local))
+    {
+        f.warn(format!(
+            "{at}.batching: applies to `local` variants only; this route has none"
+        ));
+    }
+    if spec.retry.is_some()
+        && spec
+            .variants
+            .iter()
+            .all(|v| matches!(v.backend, BackendSpec::Local))
+        && spec.batching.is_some()
+    {
+        f.warn(format!(
+            "{at}.retry: batched requests are not retried (a batch isolates failures by bisection instead)"
+        ));
+    }
+}
+
+/// The guardrail's control names a variant, with a candidate beside it.
+fn check_guardrail(
+    spec: &RouteSpec,
+    at: &str,
+    partial: bool,
+    variant_names: &HashMap<&str, usize>,
+    f: &mut Findings,
+) {
+    if let Some(g) = &spec.guardrail
+        && !partial
+    {
+        if !variant_names.contains_key(g.control.as_str()) {
+            f.err(
+                format!("{at}.guardrail.control"),
+                format!(
+                    "unknown variant {:?} (this route has: {})",
+                    g.control,
+                    names(spec)
+                ),
+            );
+        } else if spec.variants.len() < 2 {
+            f.err(
+                format!("{at}.guardrail"),
+                "needs a candidate: the route has only its control".into(),
+            );
+        }
+        if let Some(c) = spec.variants.iter().find(|v| v.name == g.control)
+            && c.weight == 0.0
+            && c.ramp.is_none()
+        {
+            f.warn(format!(
+                "{at}.guardrail.control: {:?} has weight 0, so there is nothing to compare the candidates with and the guardrail never trips",
+                g.control
+            ));
+        }
+        if g.guardrail.action == Action::Hold && spec.variants.iter().all(|v| v.ramp.is_none()) {
+            f.warn(format!(
+                "{at}.guardrail.action: `hold` freezes ramps and no variant of this route has one; a trip only reports"
+            ));
+        }
+    }
+    if spec.sticky_header.as_ref() == Some(&spec.override_header) {
+        f.err(
+            format!("{at}.sticky_header"),
+            "must differ from override_header".into(),
+        );
+    }
 }
 
 /// Builds the request-time form of a route; only called once every rule passed.

@@ -10,7 +10,8 @@
 //! channel, which frees the sequence at the engine's next step.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
+use tokio::time::Instant;
 
 use crate::server::RequestBody;
 use bytes::Bytes;

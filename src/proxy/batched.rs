@@ -94,7 +94,7 @@ async fn queued(
 ) -> Result<Response<Body>, ProxyError> {
     let route = cx.r.route();
     let variant = &route.variants[vi];
-    let (headers, prepared, grpc) = (&cx.r.parts.headers, &cx.prepared, cx.r.wire.grpc());
+    let (headers, prepared, grpc) = (&cx.r.parts.headers, cx.prepared, cx.r.wire.grpc());
     // The batch's span links to this request's, when it is recorded.
     let recorded = cx.r.trace.as_ref().filter(|t| t.context.sampled);
     let trace = recorded.map(|t| t.context);

@@ -25,7 +25,7 @@ pub(super) struct Routed<'a> {
     /// The route's live handles (budgets, health, batchers, metric handles).
     pub live: &'a RouteLive,
     pub wire: Wire,
-    pub parts: http::request::Parts,
+    pub parts: &'a http::request::Parts,
     pub conn: &'a ConnInfo,
     /// When braid began answering it.
     pub start: Instant,
@@ -82,9 +82,10 @@ impl Prepared {
 }
 
 /// What serving a request takes: its route and assignment, its body and deadline.
+#[derive(Clone, Copy)]
 pub(super) struct Cx<'a> {
-    pub r: Routed<'a>,
-    pub prepared: Prepared,
+    pub r: &'a Routed<'a>,
+    pub prepared: &'a Prepared,
 }
 
 /// One variant's answer, and whether sending the request elsewhere is safe.

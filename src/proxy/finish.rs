@@ -99,7 +99,7 @@ impl super::Proxy {
                 route: &route.name,
                 variant: &variant.name,
                 assignment: how,
-                parts: &r.parts,
+                parts: r.parts,
                 status: status.as_u16(),
                 elapsed,
                 body,
@@ -140,7 +140,7 @@ impl super::Proxy {
                     route: &route.name,
                     variant: &variant.name,
                     assignment: how,
-                    parts: &r.parts,
+                    parts: r.parts,
                     grpc: r.wire.grpc(),
                     status: status.as_u16(),
                     elapsed,
@@ -158,7 +158,7 @@ impl super::Proxy {
                     .get::<batched::Batched>()
                     .map(|b| (b.waited, b.batch_rows));
                 let at = (status, elapsed, batch);
-                let span = spans::server_span(r, t, &r.parts, &variant.name, how, at);
+                let span = spans::server_span(r, t, r.parts, &variant.name, how, at);
                 Some((tracer.clone(), span))
             }
             _ => None,

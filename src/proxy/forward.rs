@@ -35,10 +35,10 @@ impl Proxy {
         let route = r.route();
         let variant = &route.variants[vi];
         let live = &r.live.variants[vi];
-        let safe_method = r.wire.safe_to_repeat(&r.parts);
+        let safe_method = r.wire.safe_to_repeat(r.parts);
         let renamed = r
             .wire
-            .renamed(&r.m, r.call.as_deref(), variant, &r.parts, &prepared.body);
+            .renamed(&r.m, r.call.as_deref(), variant, r.parts, &prepared.body);
         let protocol = r.wire.protocol(variant.upstream.protocol);
         // A stream's try succeeds at its first token, not at its head: a 200 that fails
         // before a token is a failed try (`CommitPoint`), under the same retry loop.
@@ -160,7 +160,7 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut out = upstream_request(&r.parts, body, variant, protocol, path, r.conn)?;
+        let mut out = upstream_request(r.parts, body, variant, protocol, path, r.conn)?;
         let spans = ClientSpans::new(
             self.tracer.as_ref(),
             r.trace.as_ref(),
@@ -246,7 +246,7 @@ fn built_request(
     let variant = &r.route().variants[vi];
     let body = renamed.map_or(&cx.prepared.body, |(b, _)| b);
     let full = Full::new(body.clone());
-    let mut out = upstream_request(&r.parts, full, variant, protocol, path, r.conn)?;
+    let mut out = upstream_request(r.parts, full, variant, protocol, path, r.conn)?;
     if let Some((body, header_len)) = renamed {
         let headers = out.headers_mut();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));

@@ -84,9 +84,8 @@ impl Handler for Proxy {
     }
 }
 
-/// A request as it arrives: its head, its connection, when, and how its caller speaks.
+/// A request as it arrives: its connection, when, and how its caller speaks.
 struct Arrival<'a> {
-    parts: http::request::Parts,
     conn: &'a ConnInfo,
     start: Instant,
     trace: Option<RequestTrace>,
@@ -138,13 +137,12 @@ impl Proxy {
             // One snapshot for the whole request: a reload cannot change it midway.
             Some(active) => {
                 let a = Arrival {
-                    parts,
                     conn,
                     start,
                     trace,
                     wire,
                 };
-                self.route(&active, a, body, &mut holds).await
+                self.route(&active, &parts, body, a, &mut holds).await
             }
             None => self.unrouted(ProxyError::NoConfig, wire),
         };
@@ -170,8 +168,9 @@ impl Proxy {
     async fn route<B>(
         &self,
         active: &Active,
-        a: Arrival<'_>,
+        parts: &http::request::Parts,
         body: B,
+        a: Arrival<'_>,
         holds: &mut Holds,
     ) -> Response<Body>
     where
@@ -181,7 +180,7 @@ impl Proxy {
         let wire = a.wire;
         // Find: the route, by the wire's rule (reading the body where the wire must).
         let found = match wire
-            .find(self, active, &a.parts, body, &mut holds.buffers)
+            .find(self, active, parts, body, &mut holds.buffers)
             .await
         {
             Ok(found) => found,
@@ -195,7 +194,7 @@ impl Proxy {
             body,
             vi,
             fallback_from,
-        } = match self.assign(active, found, a, &mut holds.to_the_end) {
+        } = match self.assign(active, found, parts, a, &mut holds.to_the_end) {
             Ok(assigned) => assigned,
             Err(e) => return self.unrouted(e, wire),
         };
@@ -230,7 +229,10 @@ impl Proxy {
                 );
             }
         };
-        let cx = Cx { r, prepared };
+        let cx = Cx {
+            r: &r,
+            prepared: &prepared,
+        };
         // Shadow: a copy to the route's shadow variant, fire and forget.
         let shadow = match wire.shadowed() {
             true => self.start_shadow(&cx, vi),
@@ -240,7 +242,7 @@ impl Proxy {
         // the fallback's, once, when it failed and repeating is safe.
         let answered = self.serve_or_fall_back(&cx, vi, fallback_from, holds).await;
         // Finish: headers, metrics, the experiment's outcome, logs, once, at the edge.
-        self.finish(&cx.r, answered, Some(&cx.prepared.body), shadow)
+        self.finish(&r, answered, Some(&prepared.body), shadow)
     }
 
     fn unrouted(&self, e: ProxyError, wire: Wire) -> Response<Body> {
@@ -255,6 +257,7 @@ impl Proxy {
         &self,
         active: &'a Active,
         found: Found<'a, B>,
+        parts: &'a http::request::Parts,
         a: Arrival<'a>,
         to_the_end: &mut admit::Held,
     ) -> Result<Assigned<'a, B>, ProxyError> {
@@ -267,7 +270,7 @@ impl Proxy {
             .as_ref()
             .and_then(|c| c.user.as_deref())
             .map(str::as_bytes);
-        let (assigned, how) = assign::assign(route, chooser, &a.parts.headers, body_key).map_err(
+        let (assigned, how) = assign::assign(route, chooser, &parts.headers, body_key).map_err(
             |assign::UnknownVariant(wanted)| ProxyError::UnknownVariant {
                 header: route.override_header.to_string(),
                 wanted,
@@ -283,13 +286,13 @@ impl Proxy {
         }
         let (vi, fallback_from) = match how {
             assign::Assignment::Override => (assigned, None),
-            _ => self.avoid_ejected(route, chooser, live, assigned, &a.parts.headers, body_key),
+            _ => self.avoid_ejected(route, chooser, live, assigned, &parts.headers, body_key),
         };
         let r = Routed {
             m,
             live,
             wire: a.wire,
-            parts: a.parts,
+            parts,
             conn: a.conn,
             start: a.start,
             how,
@@ -354,7 +357,7 @@ impl Proxy {
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let (deadline, by_header) = self.deadline(&r.parts, r.route(), r.start)?;
+        let (deadline, by_header) = self.deadline(r.parts, r.route(), r.start)?;
         let body = match body {
             Pending::Read(b) => b,
             Pending::Unread(b) => {
@@ -427,7 +430,7 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let route = r.route();
-        let (deadline, _) = self.deadline(&r.parts, route, r.start)?;
+        let (deadline, _) = self.deadline(r.parts, route, r.start)?;
         let body = wire::streamed(body, &route.variants[vi], route, self.max_body_bytes);
         self.stream(r, vi, body, deadline).await
     }
@@ -504,7 +507,7 @@ impl Proxy {
             && r.parts.method == Method::POST
         {
             let body = &cx.prepared.body;
-            match r.wire.queueable(r.route(), variant, &r.parts, body, &path) {
+            match r.wire.queueable(r.route(), variant, r.parts, body, &path) {
                 // Boxed: a queued request waits on its batch anyway, and its state
                 // stays out of forwarded requests' futures.
                 Ok(Some((item, exec_path))) => {

@@ -33,7 +33,7 @@ impl Proxy {
         vi: usize,
     ) -> Option<oneshot::Sender<PrimaryAnswer>> {
         let (r, body) = (&cx.r, &cx.prepared.body);
-        let (parts, conn) = (&r.parts, r.conn);
+        let (parts, conn) = (r.parts, r.conn);
         let route = r.route();
         let sh = route.shadow?;
         if sh.variant == vi || next_f64() >= sh.fraction {

@@ -1,6 +1,8 @@
 //! braid's integration tests: one crate, so the support module and the binary's
 //! dependencies are compiled and linked once. Every test drives real sockets on
 //! `127.0.0.1:0` through the fixtures in `support`.
+// These tests run real processes and sockets, and wait on the wall clock as their clients do.
+#![allow(clippy::disallowed_methods)]
 
 mod support;
 

@@ -25,7 +25,7 @@
 //!   model's row-invariant kernels a greedy answer does not depend on the batch.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Priority classes, highest first (the Inference Extension's criticality names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -277,7 +277,7 @@ impl Executor {
                             engines.insert(spec.source.clone(), e.clone());
                             return Ok(Served::Llm(e));
                         }
-                        let start = std::time::Instant::now();
+                        let start = tokio::time::Instant::now();
                         let e = Arc::new(
                             SentenceEncoder::load(&dir, device).map_err(|e| e.to_string())?,
                         );
@@ -317,7 +317,7 @@ impl Executor {
         if !spec.labels.is_empty() {
             return Err("labels are for encoders; this is a language model".into());
         }
-        let start = std::time::Instant::now();
+        let start = tokio::time::Instant::now();
         let o = &self.llm;
         let model = super::llm::LlmModel::load(&spec.name, path, o.kv_cache_tokens, device)?;
         let c = &model.gemma.config;
@@ -552,7 +552,7 @@ impl Handler for Executor {
                     return self.unknown_model(name);
                 };
                 let trace = self.tracer.as_ref().map(|t| t.begin(req.headers())).filter(|t| t.context.sampled);
-                let started = std::time::Instant::now();
+                let started = tokio::time::Instant::now();
                 let resp = if matches!(op, Op::Infer(_)) { self.infer_v2(slot, req).await } else { self.predict_v1(slot, req).await };
                 self.metrics.request(name, resp.status().as_u16());
                 if let (Some(tracer), Some(t)) = (&self.tracer, trace) {

@@ -67,7 +67,7 @@ impl Executor {
             .as_ref()
             .map(|t| t.begin(req.headers()))
             .filter(|t| t.context.sampled);
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let (call, headers) =
             match crate::executor::generate::read_call(req, kind, self.body_rules()).await {
                 Ok(c) => c,

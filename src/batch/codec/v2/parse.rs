@@ -99,98 +99,12 @@ pub fn parse_v2_with(
     let mut inputs = Vec::with_capacity(list.len());
     let mut key = String::from("v2");
     for (i, fields) in list.iter().enumerate() {
-        let name: String = fields
-            .read("name")
-            .ok_or_else(|| Unqueued::Bad(format!("inputs[{i}] has no name")))?;
-        let datatype: String = fields
-            .read("datatype")
-            .ok_or_else(|| Unqueued::Bad(format!("input {name:?} has no datatype")))?;
-        // A datatype outside the protocol's list: the server may know it; braid cannot
-        // convert it between forms, so it is not merged.
-        let Some(dt) = Dtype::parse(&datatype) else {
-            return Err(Unqueued::Alone);
-        };
-        let shape: Vec<i64> = fields
-            .read("shape")
-            .ok_or_else(|| Unqueued::Bad(format!("input {name:?} has no valid shape")))?;
-        let Some((&n, inner)) = shape.split_first() else {
-            return bad(format!("input {name:?} has an empty shape"));
-        };
-        if n <= 0 || inner.iter().any(|d| *d < 0) {
-            return bad(format!(
-                "input {name:?} has shape {shape:?}: dim 0 must be at least 1"
-            ));
-        }
-        if rows.is_some_and(|r| r != n as usize) {
-            return bad(format!(
-                "input {name:?} has {n} rows but an earlier input has {}",
-                rows.unwrap_or(0)
-            ));
-        }
-        rows = Some(n as usize);
-        let Some(expected) = shape.iter().try_fold(1i64, |acc, d| acc.checked_mul(*d)) else {
-            return bad(format!(
-                "input {name:?} has shape {shape:?}: too many elements"
-            ));
-        };
-        // Per-input parameters other than the binary data size (shared memory, say)
-        // are not ours to merge.
-        let binary_size = match fields.read::<Value>("parameters") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(p)) if p.len() == 1 && p.contains_key("binary_data_size") => {
-                Some(p["binary_data_size"].as_u64().ok_or_else(|| {
-                    Unqueued::Bad(format!(
-                        "input {name:?}: binary_data_size must be a byte count"
-                    ))
-                })?)
-            }
-            Some(_) => return Err(Unqueued::Alone),
-        };
-        let data = match binary_size {
-            Some(size) => {
-                if size > raw.len() as u64 {
-                    return bad(format!(
-                        "input {name:?} declares {size} bytes of binary data but {} remain in the body",
-                        raw.len()
-                    ));
-                }
-                let (mine, rest) = raw.split_at(size as usize);
-                raw = rest;
-                tensor::element_offsets(dt, mine, expected as usize)
-                    .map_err(|e| Unqueued::Bad(format!("input {name:?} (shape {shape:?}): {e}")))?;
-                Data::Raw(mine.to_vec())
-            }
-            None => {
-                let text = fields.get("data").map_or(&b""[..], |d| d.get().as_bytes());
-                let mut elements = Vec::with_capacity(text.len());
-                let mut count = 0i64;
-                // Checked now, so that a batch never meets a value it cannot carry
-                // (one request's mistake would fail the batch).
-                tensor::leaves(text, |_, element| {
-                    if count > 0 {
-                        elements.push(b',');
-                    }
-                    elements.extend_from_slice(element);
-                    count += 1;
-                    tensor::check_text(dt, element)
-                })
-                .map_err(|e| Unqueued::Bad(format!("input {name:?}: {e}")))?;
-                if count != expected {
-                    return bad(format!(
-                        "input {name:?} has shape {shape:?} ({expected} elements) but {count} data elements"
-                    ));
-                }
-                Data::Json(elements)
-            }
-        };
-        key.push_str(&format!("|{name}:{datatype}:{inner:?}"));
-        inputs.push(Input {
-            name,
-            datatype,
-            dt,
-            inner: inner.to_vec(),
-            data,
-        });
+        let input = read_input(i, fields, &mut raw, &mut rows)?;
+        key.push_str(&format!(
+            "|{}:{}:{:?}",
+            input.name, input.datatype, input.inner
+        ));
+        inputs.push(input);
     }
     if !raw.is_empty() {
         return bad(format!(
@@ -198,8 +112,150 @@ pub fn parse_v2_with(
             raw.len()
         ));
     }
-    // The binary-form flags are per request; everything else about outputs and
-    // parameters is part of the key.
+    let (parameters, binary_default, priority) = request_parameters(&obj)?;
+    let (outputs, binary_out) = requested_outputs(&obj, binary_default)?;
+    key.push_str(&format!(
+        "|p={}|o={}",
+        parameters.as_ref().map_or(String::new(), Value::to_string),
+        outputs
+            .as_ref()
+            .map_or(String::new(), |o| Value::Array(o.clone()).to_string())
+    ));
+    Ok(Item {
+        key,
+        rows: rows.unwrap_or(0),
+        id: obj.get("id").map(RawValue::to_owned),
+        priority: priority.filter(|&p| p > 0),
+        form: Form::V2(Request {
+            inputs,
+            parameters,
+            outputs,
+            binary_out,
+            binary_default,
+        }),
+    })
+}
+
+/// Input `i`: its name, datatype and shape checked (its rows agreeing with `rows`,
+/// the earlier inputs'), its data read from its JSON or taken from the front of `raw`.
+fn read_input(
+    i: usize,
+    fields: &Fields<'_>,
+    raw: &mut &[u8],
+    rows: &mut Option<usize>,
+) -> Result<Input, Unqueued> {
+    let name: String = fields
+        .read("name")
+        .ok_or_else(|| Unqueued::Bad(format!("inputs[{i}] has no name")))?;
+    let datatype: String = fields
+        .read("datatype")
+        .ok_or_else(|| Unqueued::Bad(format!("input {name:?} has no datatype")))?;
+    // A datatype outside the protocol's list: the server may know it; braid cannot
+    // convert it between forms, so it is not merged.
+    let Some(dt) = Dtype::parse(&datatype) else {
+        return Err(Unqueued::Alone);
+    };
+    let shape: Vec<i64> = fields
+        .read("shape")
+        .ok_or_else(|| Unqueued::Bad(format!("input {name:?} has no valid shape")))?;
+    let Some((&n, inner)) = shape.split_first() else {
+        return bad(format!("input {name:?} has an empty shape"));
+    };
+    if n <= 0 || inner.iter().any(|d| *d < 0) {
+        return bad(format!(
+            "input {name:?} has shape {shape:?}: dim 0 must be at least 1"
+        ));
+    }
+    if rows.is_some_and(|r| r != n as usize) {
+        return bad(format!(
+            "input {name:?} has {n} rows but an earlier input has {}",
+            rows.unwrap_or(0)
+        ));
+    }
+    *rows = Some(n as usize);
+    let Some(expected) = shape.iter().try_fold(1i64, |acc, d| acc.checked_mul(*d)) else {
+        return bad(format!(
+            "input {name:?} has shape {shape:?}: too many elements"
+        ));
+    };
+    // Per-input parameters other than the binary data size (shared memory, say)
+    // are not ours to merge.
+    let binary_size = match fields.read::<Value>("parameters") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(p)) if p.len() == 1 && p.contains_key("binary_data_size") => {
+            Some(p["binary_data_size"].as_u64().ok_or_else(|| {
+                Unqueued::Bad(format!(
+                    "input {name:?}: binary_data_size must be a byte count"
+                ))
+            })?)
+        }
+        Some(_) => return Err(Unqueued::Alone),
+    };
+    let data = input_data(&name, dt, &shape, expected, binary_size, fields, raw)?;
+    Ok(Input {
+        name,
+        datatype,
+        dt,
+        inner: inner.to_vec(),
+        data,
+    })
+}
+
+/// An input's data: `binary_size` bytes from the front of `raw`, or its JSON `data`,
+/// each element checked to be a `dt` now, so a batch never meets a value it cannot
+/// carry (one request's mistake would fail the batch).
+fn input_data(
+    name: &str,
+    dt: Dtype,
+    shape: &[i64],
+    expected: i64,
+    binary_size: Option<u64>,
+    fields: &Fields<'_>,
+    raw: &mut &[u8],
+) -> Result<Data, Unqueued> {
+    match binary_size {
+        Some(size) => {
+            if size > raw.len() as u64 {
+                return bad(format!(
+                    "input {name:?} declares {size} bytes of binary data but {} remain in the body",
+                    raw.len()
+                ));
+            }
+            let (mine, rest) = raw.split_at(size as usize);
+            *raw = rest;
+            tensor::element_offsets(dt, mine, expected as usize)
+                .map_err(|e| Unqueued::Bad(format!("input {name:?} (shape {shape:?}): {e}")))?;
+            Ok(Data::Raw(mine.to_vec()))
+        }
+        None => {
+            let text = fields.get("data").map_or(&b""[..], |d| d.get().as_bytes());
+            let mut elements = Vec::with_capacity(text.len());
+            let mut count = 0i64;
+            // Checked now, so that a batch never meets a value it cannot carry
+            // (one request's mistake would fail the batch).
+            tensor::leaves(text, |_, element| {
+                if count > 0 {
+                    elements.push(b',');
+                }
+                elements.extend_from_slice(element);
+                count += 1;
+                tensor::check_text(dt, element)
+            })
+            .map_err(|e| Unqueued::Bad(format!("input {name:?}: {e}")))?;
+            if count != expected {
+                return bad(format!(
+                    "input {name:?} has shape {shape:?} ({expected} elements) but {count} data elements"
+                ));
+            }
+            Ok(Data::Json(elements))
+        }
+    }
+}
+
+/// The request's `parameters`, without the binary-form flag and the priority (each
+/// per request; everything else in them is part of the batch key): the rest, the flag,
+/// the priority.
+fn request_parameters(obj: &Fields<'_>) -> Result<(Option<Value>, bool, Option<u64>), Unqueued> {
     let mut parameters = obj.read::<Value>("parameters").filter(|p| !p.is_null());
     let mut binary_default = false;
     let mut priority = None;
@@ -218,6 +274,15 @@ pub fn parse_v2_with(
             parameters = None;
         }
     }
+    Ok((parameters, binary_default, priority))
+}
+
+/// The outputs asked for (without their binary flags, part of the key), and for each,
+/// whether it comes back binary.
+fn requested_outputs(
+    obj: &Fields<'_>,
+    binary_default: bool,
+) -> Result<(Option<Vec<Value>>, Vec<bool>), Unqueued> {
     let mut binary_out = Vec::new();
     let outputs = match obj.read::<Value>("outputs") {
         None | Some(Value::Null) => None,
@@ -248,26 +313,7 @@ pub fn parse_v2_with(
         }
         Some(_) => return bad("\"outputs\" must be a list"),
     };
-    key.push_str(&format!(
-        "|p={}|o={}",
-        parameters.as_ref().map_or(String::new(), Value::to_string),
-        outputs
-            .as_ref()
-            .map_or(String::new(), |o| Value::Array(o.clone()).to_string())
-    ));
-    Ok(Item {
-        key,
-        rows: rows.unwrap_or(0),
-        id: obj.get("id").map(RawValue::to_owned),
-        priority: priority.filter(|&p| p > 0),
-        form: Form::V2(Request {
-            inputs,
-            parameters,
-            outputs,
-            binary_out,
-            binary_default,
-        }),
-    })
+    Ok((outputs, binary_out))
 }
 
 /// Fields other than the tensors: those clients repeat from the path are harmless when

@@ -11,8 +11,11 @@ struct ReplyOutput<'a> {
     parameters: Map<String, Value>,
     name: String,
     dt: Option<Dtype>,
-    inner: Vec<i64>,
+    /// The whole shape; the inner shape is all but its first.
+    shape: Vec<i64>,
     per_row: usize,
+    /// Elements for all the rows (`None`: more than a `usize` holds).
+    elements: Option<usize>,
     data: ReplyData<'a>,
 }
 
@@ -95,117 +98,13 @@ pub(crate) fn split_payload(
     let mut parsed = Vec::with_capacity(outputs.len());
     let mut echoed_ids = Vec::new();
     for o in &outputs {
-        let name: String = o.read("name").unwrap_or_else(|| "?".into());
-        let dt = o
-            .read::<String>("datatype")
-            .as_deref()
-            .and_then(Dtype::parse);
-        let shape: Vec<i64> = o
-            .read("shape")
-            .ok_or_else(|| SplitError(format!("output {name:?} has no valid shape")))?;
-        let per_row = shape
-            .get(1..)
-            .unwrap_or(&[])
-            .iter()
-            .try_fold(1i64, |acc, d| acc.checked_mul(*d))
-            .filter(|r| *r >= 0)
-            .and_then(|r| usize::try_from(r).ok())
-            .ok_or_else(|| SplitError(format!("output {name:?} has shape {shape:?}")))?;
-        let elements = per_row.checked_mul(total);
-        let mut parameters = match o.read::<Value>("parameters") {
-            Some(Value::Object(p)) => p,
-            _ => Map::new(),
-        };
-        let data = match parameters
-            .remove("binary_data_size")
-            .as_ref()
-            .and_then(Value::as_u64)
-        {
-            Some(size) => {
-                let mine = raw.get(..size as usize).ok_or_else(|| {
-                    SplitError(format!(
-                        "output {name:?} declares more binary data than the reply holds"
-                    ))
-                })?;
-                raw = &raw[size as usize..];
-                let dt = dt.ok_or_else(|| {
-                    SplitError(format!(
-                        "output {name:?} is binary of a datatype braid cannot split"
-                    ))
-                })?;
-                let offsets = elements
-                    .filter(|_| shape.first().copied() == Some(total as i64))
-                    .map(|n| tensor::element_offsets(dt, mine, n))
-                    .transpose()
-                    .map_err(|e| SplitError(format!("output {name:?}: {e}")))?
-                    .ok_or_else(|| {
-                        SplitError(format!(
-                            "output {name:?} has shape {shape:?}, expected {total} rows"
-                        ))
-                    })?;
-                ReplyData::Raw {
-                    bytes: mine,
-                    offsets,
-                }
-            }
-            None => {
-                let text = o.get("data").map_or(&b""[..], |d| d.get().as_bytes());
-                let mut spans = Vec::with_capacity(elements.unwrap_or(0).min(text.len()));
-                let nested = tensor::leaves(text, |at, e| {
-                    spans.push((at, at + e.len()));
-                    Ok::<_, ()>(())
-                })
-                .unwrap_or_else(|()| unreachable!("the callback never fails"));
-                ReplyData::Json {
-                    text,
-                    spans,
-                    flat: !nested,
-                }
-            }
-        };
-        if row_ids.is_some_and(|ids| ids.name == name) {
-            echoed_ids.push(match &data {
-                ReplyData::Json { text, spans, .. } => spans
-                    .iter()
-                    .map(|&(s, e)| std::str::from_utf8(&text[s..e]).ok()?.parse::<i64>().ok())
-                    .collect(),
-                ReplyData::Raw { bytes, .. } if dt == Some(Dtype::I64) => Some(
-                    bytes
-                        .chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                        .collect(),
-                ),
-                ReplyData::Raw { .. } => None,
-            });
+        let out = reply_output(o, total, &mut raw)?;
+        if row_ids.is_some_and(|ids| ids.name == out.name) {
+            echoed_ids.push(out.row_ids());
             continue;
         }
-        if shape.first().copied() != Some(total as i64) {
-            return Err(SplitError(format!(
-                "output {name:?} has shape {shape:?}, expected {total} rows"
-            )));
-        }
-        if let ReplyData::Json { spans, .. } = &data
-            && Some(spans.len()) != elements
-        {
-            return Err(SplitError(format!(
-                "output {name:?} has {} elements for shape {shape:?}",
-                spans.len()
-            )));
-        }
-        parsed.push(ReplyOutput {
-            fields: o
-                .0
-                .iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "shape" | "data" | "parameters"))
-                .map(|(k, v)| (k.as_str(), *v))
-                .collect(),
-            parameters,
-            name,
-            dt,
-            inner: shape[1..].to_vec(),
-            per_row,
-            data,
-        });
+        out.check_rows(total)?;
+        parsed.push(out);
     }
     if !raw.is_empty() {
         return Err(SplitError(format!(
@@ -219,71 +118,226 @@ pub(crate) fn split_payload(
     let mut start = 0;
     let mut bodies = Vec::with_capacity(items.len());
     for item in items {
-        let mut binary = Vec::new();
-        let mut body = Vec::with_capacity(64 + head.len() / items.len());
-        let mut first = true;
-        body.push(b'{');
-        for (k, v) in top.0.iter().filter(|(k, _)| k != "id") {
-            write_key(&mut body, &mut first, k);
-            body.extend_from_slice(v.get().as_bytes());
-        }
-        if let Some(id) = &item.id {
-            write_key(&mut body, &mut first, "id");
-            body.extend_from_slice(id.get().as_bytes());
-        }
-        write_key(&mut body, &mut first, "outputs");
-        body.push(b'[');
-        let mut any_binary = false;
-        for (n, o) in parsed.iter().enumerate() {
-            let (a, b) = (start * o.per_row, (start + item.rows) * o.per_row);
-            let wrong_form = |e: String| SplitError(format!("output {:?}: {e}", o.name));
-            if n > 0 {
-                body.push(b',');
-            }
-            body.push(b'{');
-            let mut first = true;
-            for (k, v) in &o.fields {
-                write_key(&mut body, &mut first, k);
-                body.extend_from_slice(v.get().as_bytes());
-            }
-            write_key(&mut body, &mut first, "shape");
-            body.push(b'[');
-            write_shape(&mut body, item.rows, &o.inner);
-            body.push(b']');
-            if v2(item).wants_binary(&o.name) {
-                any_binary = true;
-                let at = binary.len();
-                o.write_raw(a..b, &mut binary).map_err(wrong_form)?;
-                let mut params = o.parameters.clone();
-                params.insert("binary_data_size".into(), json!(binary.len() - at));
-                write_key(&mut body, &mut first, "parameters");
-                write_json(&mut body, &params);
-            } else {
-                if !o.parameters.is_empty() {
-                    write_key(&mut body, &mut first, "parameters");
-                    write_json(&mut body, &o.parameters);
-                }
-                write_key(&mut body, &mut first, "data");
-                body.push(b'[');
-                o.write_text(a..b, &mut body).map_err(wrong_form)?;
-                body.push(b']');
-            }
-            body.push(b'}');
-        }
-        body.extend_from_slice(b"]}");
+        let room = 64 + head.len() / items.len();
+        bodies.push(item_body(item, &top, &parsed, start, room)?);
         start += item.rows;
-        if !any_binary {
-            bodies.push(Payload::json(body));
-        } else {
-            let header_len = body.len();
-            body.extend_from_slice(&binary);
-            bodies.push(Payload {
-                body: body.into(),
-                header_len: Some(header_len),
-            });
-        }
     }
     Ok(bodies)
+}
+
+/// One output of the reply read: its shape, its parameters, where its data is (its
+/// binary part taken from the front of `raw`).
+fn reply_output<'r>(
+    o: &'r Fields<'r>,
+    total: usize,
+    raw: &mut &'r [u8],
+) -> Result<ReplyOutput<'r>, SplitError> {
+    let name: String = o.read("name").unwrap_or_else(|| "?".into());
+    let dt = o
+        .read::<String>("datatype")
+        .as_deref()
+        .and_then(Dtype::parse);
+    let shape: Vec<i64> = o
+        .read("shape")
+        .ok_or_else(|| SplitError(format!("output {name:?} has no valid shape")))?;
+    let per_row = shape
+        .get(1..)
+        .unwrap_or(&[])
+        .iter()
+        .try_fold(1i64, |acc, d| acc.checked_mul(*d))
+        .filter(|r| *r >= 0)
+        .and_then(|r| usize::try_from(r).ok())
+        .ok_or_else(|| SplitError(format!("output {name:?} has shape {shape:?}")))?;
+    let elements = per_row.checked_mul(total);
+    let mut parameters = match o.read::<Value>("parameters") {
+        Some(Value::Object(p)) => p,
+        _ => Map::new(),
+    };
+    let data = match parameters
+        .remove("binary_data_size")
+        .as_ref()
+        .and_then(Value::as_u64)
+    {
+        Some(size) => {
+            let mine = raw.get(..size as usize).ok_or_else(|| {
+                SplitError(format!(
+                    "output {name:?} declares more binary data than the reply holds"
+                ))
+            })?;
+            *raw = &raw[size as usize..];
+            let dt = dt.ok_or_else(|| {
+                SplitError(format!(
+                    "output {name:?} is binary of a datatype braid cannot split"
+                ))
+            })?;
+            let offsets = elements
+                .filter(|_| shape.first().copied() == Some(total as i64))
+                .map(|n| tensor::element_offsets(dt, mine, n))
+                .transpose()
+                .map_err(|e| SplitError(format!("output {name:?}: {e}")))?
+                .ok_or_else(|| {
+                    SplitError(format!(
+                        "output {name:?} has shape {shape:?}, expected {total} rows"
+                    ))
+                })?;
+            ReplyData::Raw {
+                bytes: mine,
+                offsets,
+            }
+        }
+        None => {
+            let text = o.get("data").map_or(&b""[..], |d| d.get().as_bytes());
+            let mut spans = Vec::with_capacity(elements.unwrap_or(0).min(text.len()));
+            let nested = tensor::leaves(text, |at, e| {
+                spans.push((at, at + e.len()));
+                Ok::<_, ()>(())
+            })
+            .unwrap_or_else(|()| unreachable!("the callback never fails"));
+            ReplyData::Json {
+                text,
+                spans,
+                flat: !nested,
+            }
+        }
+    };
+    Ok(ReplyOutput {
+        fields: o
+            .0
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "shape" | "data" | "parameters"))
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect(),
+        parameters,
+        name,
+        dt,
+        shape,
+        per_row,
+        elements,
+        data,
+    })
+}
+
+impl ReplyOutput<'_> {
+    /// The row ids this output echoes, where it is the row-id tensor (INT64).
+    fn row_ids(&self) -> Option<Vec<i64>> {
+        match &self.data {
+            ReplyData::Json { text, spans, .. } => spans
+                .iter()
+                .map(|&(s, e)| std::str::from_utf8(&text[s..e]).ok()?.parse::<i64>().ok())
+                .collect(),
+            ReplyData::Raw { bytes, .. } if self.dt == Some(Dtype::I64) => Some(
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            ),
+            ReplyData::Raw { .. } => None,
+        }
+    }
+
+    /// A row per request row, and as many elements as its shape says.
+    fn check_rows(&self, total: usize) -> Result<(), SplitError> {
+        let (name, shape) = (&self.name, &self.shape);
+        if shape.first().copied() != Some(total as i64) {
+            return Err(SplitError(format!(
+                "output {name:?} has shape {shape:?}, expected {total} rows"
+            )));
+        }
+        if let ReplyData::Json { spans, .. } = &self.data
+            && Some(spans.len()) != self.elements
+        {
+            return Err(SplitError(format!(
+                "output {name:?} has {} elements for shape {shape:?}",
+                spans.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One item's body: the reply's other fields, the item's id, and each output's rows
+/// from `start`, in the form the item asked for.
+fn item_body(
+    item: &Item,
+    top: &Fields<'_>,
+    parsed: &[ReplyOutput<'_>],
+    start: usize,
+    room: usize,
+) -> Result<Payload, SplitError> {
+    let mut binary = Vec::new();
+    let mut body = Vec::with_capacity(room);
+    let mut first = true;
+    body.push(b'{');
+    for (k, v) in top.0.iter().filter(|(k, _)| k != "id") {
+        write_key(&mut body, &mut first, k);
+        body.extend_from_slice(v.get().as_bytes());
+    }
+    if let Some(id) = &item.id {
+        write_key(&mut body, &mut first, "id");
+        body.extend_from_slice(id.get().as_bytes());
+    }
+    write_key(&mut body, &mut first, "outputs");
+    body.push(b'[');
+    let mut any_binary = false;
+    for (n, o) in parsed.iter().enumerate() {
+        if n > 0 {
+            body.push(b',');
+        }
+        any_binary |= write_output(item, o, start, &mut body, &mut binary)?;
+    }
+    body.extend_from_slice(b"]}");
+    if !any_binary {
+        return Ok(Payload::json(body));
+    }
+    let header_len = body.len();
+    body.extend_from_slice(&binary);
+    Ok(Payload {
+        body: body.into(),
+        header_len: Some(header_len),
+    })
+}
+
+/// Writes output `o`'s rows of `item` (from `start`) into `body`, as JSON or, where
+/// the item asked for it, as binary appended to `binary`; true when binary.
+fn write_output(
+    item: &Item,
+    o: &ReplyOutput<'_>,
+    start: usize,
+    body: &mut Vec<u8>,
+    binary: &mut Vec<u8>,
+) -> Result<bool, SplitError> {
+    let (a, b) = (start * o.per_row, (start + item.rows) * o.per_row);
+    let wrong_form = |e: String| SplitError(format!("output {:?}: {e}", o.name));
+    body.push(b'{');
+    let mut first = true;
+    for (k, v) in &o.fields {
+        write_key(body, &mut first, k);
+        body.extend_from_slice(v.get().as_bytes());
+    }
+    write_key(body, &mut first, "shape");
+    body.push(b'[');
+    write_shape(body, item.rows, &o.shape[1..]);
+    body.push(b']');
+    let as_binary = v2(item).wants_binary(&o.name);
+    if as_binary {
+        let at = binary.len();
+        o.write_raw(a..b, binary).map_err(wrong_form)?;
+        let mut params = o.parameters.clone();
+        params.insert("binary_data_size".into(), json!(binary.len() - at));
+        write_key(body, &mut first, "parameters");
+        write_json(body, &params);
+    } else {
+        if !o.parameters.is_empty() {
+            write_key(body, &mut first, "parameters");
+            write_json(body, &o.parameters);
+        }
+        write_key(body, &mut first, "data");
+        body.push(b'[');
+        o.write_text(a..b, body).map_err(wrong_form)?;
+        body.push(b']');
+    }
+    body.push(b'}');
+    Ok(as_binary)
 }
 
 /// The reply's row-id output must be there exactly once, and be the ids sent, in order.

@@ -25,183 +25,16 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Call, ApiError> {
         echo: false,
         priority: None,
     };
-    let mut chat_logprobs = false;
-    let mut top_logprobs = None;
-    let mut saw_prompt = false;
+    let mut seen = Seen::default();
     for (k, val) in &o {
-        if val.is_null() {
-            continue;
-        }
-        match (k.as_str(), kind) {
-            ("model", _) => {
-                call.model = val
-                    .as_str()
-                    .ok_or_else(|| bad("model", "model must be a string"))?
-                    .to_string();
-            }
-            ("prompt", Kind::Completion) => {
-                call.prompt = prompt(val)?;
-                saw_prompt = true;
-            }
-            ("messages", Kind::Chat) => {
-                call.prompt = Prompt::Messages(messages(val)?);
-                saw_prompt = true;
-            }
-            ("stream", _) => call.stream = boolean(k, val)?,
-            ("stream_options", _) => {
-                let Value::Object(so) = val else {
-                    return Err(bad(k, "stream_options must be an object"));
-                };
-                for (sk, sv) in so {
-                    match sk.as_str() {
-                        "include_usage" => {
-                            call.include_usage = boolean("stream_options.include_usage", sv)?
-                        }
-                        "continuous_usage_stats" | "include_obfuscation" => {}
-                        other => {
-                            return Err(bad(
-                                "stream_options",
-                                format!("unknown stream option {other:?}"),
-                            ));
-                        }
-                    }
-                }
-            }
-            ("max_tokens", _) | ("max_completion_tokens", Kind::Chat) => {
-                call.max_tokens = Some(uint(k, val)? as usize);
-            }
-            ("temperature", _) => {
-                let t = number(k, val)?;
-                if !(0.0..=2.0).contains(&t) {
-                    return Err(bad(k, format!("temperature {t} is outside 0 to 2")));
-                }
-                call.temperature = Some(t as f32);
-            }
-            ("top_p", _) => {
-                let p = number(k, val)?;
-                if !(p > 0.0 && p <= 1.0) {
-                    return Err(bad(k, format!("top_p {p} must be above 0 and at most 1")));
-                }
-                call.top_p = p as f32;
-            }
-            ("top_k", _) => {
-                let n = val
-                    .as_i64()
-                    .ok_or_else(|| bad(k, "top_k must be an integer"))?;
-                if n < -1 {
-                    return Err(bad(k, "top_k must be -1 or 0 (no limit) or positive"));
-                }
-                call.top_k = n.max(0) as usize;
-            }
-            ("seed", _) => {
-                let s = val.as_i64().map(|s| s as u64).or_else(|| val.as_u64());
-                call.seed = Some(s.ok_or_else(|| bad(k, "seed must be an integer"))?);
-            }
-            ("stop", _) => {
-                call.stop = match val {
-                    Value::String(s) => vec![s.clone()],
-                    Value::Array(a) => a
-                        .iter()
-                        .map(|s| {
-                            s.as_str()
-                                .map(str::to_string)
-                                .ok_or_else(|| bad(k, "stop must be a string or a list of strings"))
-                        })
-                        .collect::<Result<_, _>>()?,
-                    _ => return Err(bad(k, "stop must be a string or a list of strings")),
-                };
-                call.stop.retain(|s| !s.is_empty());
-                if call.stop.len() > MAX_STOPS {
-                    return Err(bad(k, format!("at most {MAX_STOPS} stop sequences")));
-                }
-            }
-            ("logprobs", Kind::Completion) => {
-                let n = uint(k, val)? as usize;
-                if n > MAX_TOP_LOGPROBS {
-                    return Err(bad(
-                        k,
-                        format!("logprobs {n} is above braid's limit of {MAX_TOP_LOGPROBS}"),
-                    ));
-                }
-                call.logprobs = Some(n);
-            }
-            ("logprobs", Kind::Chat) => chat_logprobs = boolean(k, val)?,
-            ("top_logprobs", Kind::Chat) => {
-                let n = uint(k, val)? as usize;
-                if n > MAX_TOP_LOGPROBS {
-                    return Err(bad(
-                        k,
-                        format!("top_logprobs {n} is above braid's limit of {MAX_TOP_LOGPROBS}"),
-                    ));
-                }
-                top_logprobs = Some(n);
-            }
-            ("echo", Kind::Completion) => call.echo = boolean(k, val)?,
-            ("n", _) | ("best_of", Kind::Completion) => {
-                if uint(k, val)? != 1 {
-                    return Err(bad(
-                        k,
-                        format!("{k} above 1 is not supported: send one request per choice"),
-                    ));
-                }
-            }
-            ("presence_penalty" | "frequency_penalty", _) => {
-                if number(k, val)? != 0.0 {
-                    return Err(bad(k, format!("{k} is not supported (only 0)")));
-                }
-            }
-            ("repetition_penalty", _) => {
-                if number(k, val)? != 1.0 {
-                    return Err(bad(k, "repetition_penalty is not supported (only 1)"));
-                }
-            }
-            ("min_p", _) => {
-                if number(k, val)? != 0.0 {
-                    return Err(bad(k, "min_p is not supported (only 0)"));
-                }
-            }
-            ("logit_bias", _) => {
-                if val.as_object().is_none_or(|m| !m.is_empty()) {
-                    return Err(bad(k, "logit_bias is not supported"));
-                }
-            }
-            ("suffix", Kind::Completion) => {
-                return Err(bad(k, "suffix (insertion) is not supported"));
-            }
-            ("response_format", Kind::Chat) => {
-                if val.get("type").and_then(Value::as_str) != Some("text") {
-                    return Err(bad(
-                        k,
-                        "only response_format {\"type\": \"text\"} is supported",
-                    ));
-                }
-            }
-            ("tools" | "functions", Kind::Chat) => {
-                if val.as_array().is_none_or(|a| !a.is_empty()) {
-                    return Err(bad(k, "tool calling is not supported"));
-                }
-            }
-            ("tool_choice" | "function_call", Kind::Chat) => {
-                if val.as_str() != Some("none") && val.as_str() != Some("auto") {
-                    return Err(bad(k, "tool calling is not supported"));
-                }
-            }
-            ("priority", _) => {
-                call.priority = Some(
-                    val.as_i64()
-                        .ok_or_else(|| bad(k, "priority must be an integer"))?,
-                );
-            }
-            (h, _) if HARMLESS.contains(&h) => {}
-            (other, _) => {
-                return Err(bad(other, format!("unknown parameter {other:?}")));
-            }
+        if !val.is_null() {
+            field(&mut call, &mut seen, k, val)?;
         }
     }
     if call.model.is_empty() {
         return Err(bad("model", "the request needs a \"model\""));
     }
-    if !saw_prompt {
+    if !seen.prompt {
         let p = if kind == Kind::Chat {
             "messages"
         } else {
@@ -210,14 +43,211 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Call, ApiError> {
         return Err(bad(p, format!("the request needs \"{p}\"")));
     }
     if kind == Kind::Chat {
-        if top_logprobs.is_some() && !chat_logprobs {
+        if seen.top_logprobs.is_some() && !seen.chat_logprobs {
             return Err(bad("top_logprobs", "top_logprobs needs logprobs: true"));
         }
-        if chat_logprobs {
-            call.logprobs = Some(top_logprobs.unwrap_or(0));
+        if seen.chat_logprobs {
+            call.logprobs = Some(seen.top_logprobs.unwrap_or(0));
         }
     }
     Ok(call)
+}
+
+/// What the fields read so far said that is checked once all are read.
+#[derive(Default)]
+struct Seen {
+    prompt: bool,
+    chat_logprobs: bool,
+    top_logprobs: Option<usize>,
+}
+
+/// One field of the call (not null), read into `call`.
+fn field(call: &mut Call, seen: &mut Seen, k: &str, val: &Value) -> Result<(), ApiError> {
+    let kind = call.kind;
+    match (k, kind) {
+        ("model", _) => {
+            call.model = val
+                .as_str()
+                .ok_or_else(|| bad("model", "model must be a string"))?
+                .to_string();
+        }
+        ("prompt", Kind::Completion) => {
+            call.prompt = prompt(val)?;
+            seen.prompt = true;
+        }
+        ("messages", Kind::Chat) => {
+            call.prompt = Prompt::Messages(messages(val)?);
+            seen.prompt = true;
+        }
+        ("stream", _) => call.stream = boolean(k, val)?,
+        ("stream_options", _) => {
+            let Value::Object(so) = val else {
+                return Err(bad(k, "stream_options must be an object"));
+            };
+            for (sk, sv) in so {
+                match sk.as_str() {
+                    "include_usage" => {
+                        call.include_usage = boolean("stream_options.include_usage", sv)?
+                    }
+                    "continuous_usage_stats" | "include_obfuscation" => {}
+                    other => {
+                        return Err(bad(
+                            "stream_options",
+                            format!("unknown stream option {other:?}"),
+                        ));
+                    }
+                }
+            }
+        }
+        ("max_tokens", _) | ("max_completion_tokens", Kind::Chat) => {
+            call.max_tokens = Some(uint(k, val)? as usize);
+        }
+        ("temperature" | "top_p" | "top_k" | "seed", _) => sampling(call, k, val)?,
+        ("stop", _) => {
+            call.stop = match val {
+                Value::String(s) => vec![s.clone()],
+                Value::Array(a) => a
+                    .iter()
+                    .map(|s| {
+                        s.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| bad(k, "stop must be a string or a list of strings"))
+                    })
+                    .collect::<Result<_, _>>()?,
+                _ => return Err(bad(k, "stop must be a string or a list of strings")),
+            };
+            call.stop.retain(|s| !s.is_empty());
+            if call.stop.len() > MAX_STOPS {
+                return Err(bad(k, format!("at most {MAX_STOPS} stop sequences")));
+            }
+        }
+        ("logprobs", Kind::Completion) => {
+            let n = uint(k, val)? as usize;
+            if n > MAX_TOP_LOGPROBS {
+                return Err(bad(
+                    k,
+                    format!("logprobs {n} is above braid's limit of {MAX_TOP_LOGPROBS}"),
+                ));
+            }
+            call.logprobs = Some(n);
+        }
+        ("logprobs", Kind::Chat) => seen.chat_logprobs = boolean(k, val)?,
+        ("top_logprobs", Kind::Chat) => {
+            let n = uint(k, val)? as usize;
+            if n > MAX_TOP_LOGPROBS {
+                return Err(bad(
+                    k,
+                    format!("top_logprobs {n} is above braid's limit of {MAX_TOP_LOGPROBS}"),
+                ));
+            }
+            seen.top_logprobs = Some(n);
+        }
+        ("echo", Kind::Completion) => call.echo = boolean(k, val)?,
+        ("priority", _) => {
+            call.priority = Some(
+                val.as_i64()
+                    .ok_or_else(|| bad(k, "priority must be an integer"))?,
+            );
+        }
+        _ => refused(kind, k, val)?,
+    }
+    Ok(())
+}
+
+/// A sampling parameter, checked against its range.
+fn sampling(call: &mut Call, k: &str, val: &Value) -> Result<(), ApiError> {
+    match k {
+        "temperature" => {
+            let t = number(k, val)?;
+            if !(0.0..=2.0).contains(&t) {
+                return Err(bad(k, format!("temperature {t} is outside 0 to 2")));
+            }
+            call.temperature = Some(t as f32);
+        }
+        "top_p" => {
+            let p = number(k, val)?;
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(bad(k, format!("top_p {p} must be above 0 and at most 1")));
+            }
+            call.top_p = p as f32;
+        }
+        "top_k" => {
+            let n = val
+                .as_i64()
+                .ok_or_else(|| bad(k, "top_k must be an integer"))?;
+            if n < -1 {
+                return Err(bad(k, "top_k must be -1 or 0 (no limit) or positive"));
+            }
+            call.top_k = n.max(0) as usize;
+        }
+        _ => {
+            // "seed": the only other key `field` sends here.
+            let s = val.as_i64().map(|s| s as u64).or_else(|| val.as_u64());
+            call.seed = Some(s.ok_or_else(|| bad(k, "seed must be an integer"))?);
+        }
+    }
+    Ok(())
+}
+
+/// Any other field: accepted where it changes nothing (its neutral value, or one of
+/// the harmless fields), else a 400 naming it.
+fn refused(kind: Kind, k: &str, val: &Value) -> Result<(), ApiError> {
+    match (k, kind) {
+        ("n", _) | ("best_of", Kind::Completion) => {
+            if uint(k, val)? != 1 {
+                return Err(bad(
+                    k,
+                    format!("{k} above 1 is not supported: send one request per choice"),
+                ));
+            }
+        }
+        ("presence_penalty" | "frequency_penalty", _) => {
+            if number(k, val)? != 0.0 {
+                return Err(bad(k, format!("{k} is not supported (only 0)")));
+            }
+        }
+        ("repetition_penalty", _) => {
+            if number(k, val)? != 1.0 {
+                return Err(bad(k, "repetition_penalty is not supported (only 1)"));
+            }
+        }
+        ("min_p", _) => {
+            if number(k, val)? != 0.0 {
+                return Err(bad(k, "min_p is not supported (only 0)"));
+            }
+        }
+        ("logit_bias", _) => {
+            if val.as_object().is_none_or(|m| !m.is_empty()) {
+                return Err(bad(k, "logit_bias is not supported"));
+            }
+        }
+        ("suffix", Kind::Completion) => {
+            return Err(bad(k, "suffix (insertion) is not supported"));
+        }
+        ("response_format", Kind::Chat) => {
+            if val.get("type").and_then(Value::as_str) != Some("text") {
+                return Err(bad(
+                    k,
+                    "only response_format {\"type\": \"text\"} is supported",
+                ));
+            }
+        }
+        ("tools" | "functions", Kind::Chat) => {
+            if val.as_array().is_none_or(|a| !a.is_empty()) {
+                return Err(bad(k, "tool calling is not supported"));
+            }
+        }
+        ("tool_choice" | "function_call", Kind::Chat) => {
+            if val.as_str() != Some("none") && val.as_str() != Some("auto") {
+                return Err(bad(k, "tool calling is not supported"));
+            }
+        }
+        (h, _) if HARMLESS.contains(&h) => {}
+        (other, _) => {
+            return Err(bad(other, format!("unknown parameter {other:?}")));
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn boolean(k: &str, v: &Value) -> Result<bool, ApiError> {
