@@ -18,6 +18,9 @@
 //! The request path (this is the one copy of the picture; the README and docs link here):
 //!
 //! ```text
+//! (`Proxy::route` runs these as steps: find, assign, admit, prepare, shadow, serve with
+//! fallback, finish; what differs by wire is asked of `proxy::wire`.)
+//!
 //! client --h1/h2c/TLS--> server::serve (limits; h1: server::h1, framing judged) --> Proxy::handle
 //!     active = store.load()              one Arc<Active> for the whole request
 //!     route match                        /v2/models/{m}, /v1/models/{m}, path prefix;
@@ -32,7 +35,8 @@
 //!                                        grpc-timeout); other gRPC calls: streamed
 //!     shadow copy?                       fire and forget, compared off the request path
 //!     batch? (variant has a batcher)     queue -> merge -> Execute -> split per request
-//!     forward                            Retry(policy, budget) -> per-try timeout ->
+//!     forward                            Retry(policy, budget) -> judge (a stream's
+//!                                        first token) -> per-try timeout ->
 //!                                        Upstreams::send (the one way out); http://
 //!                                        backends: braid's own client (upstream::h1)
 //!     fallback?                          failed and safe to repeat -> the fallback, once

@@ -165,68 +165,11 @@ pub async fn generate(
     opts: &LlmOptions,
 ) -> Response<Body> {
     let model = engine.model().clone();
-    let (prompt, template_stop) = match prompt_tokens(engine, &call) {
-        Ok(p) => p,
-        Err(e) => return api_error(&e),
+    let (prompt, params, call) = match plan(engine, default_temperature, call, headers, opts) {
+        Ok(planned) => planned,
+        Err(resp) => return *resp,
     };
-    let param = if call.kind == Kind::Chat {
-        "messages"
-    } else {
-        "prompt"
-    };
-    if prompt.is_empty() {
-        return api_error(&api::bad(param, "the prompt is empty"));
-    }
-    let max_len = model.max_len();
-    let left = max_len.saturating_sub(prompt.len());
-    let max_new = match (call.max_tokens, call.kind) {
-        (Some(n), _) => n,
-        (None, Kind::Completion) => COMPLETION_DEFAULT_MAX_TOKENS.min(left),
-        (None, Kind::Chat) => opts.default_max_tokens.min(left),
-    };
-    if prompt.len() + max_new > max_len {
-        return error(
-            StatusCode::BAD_REQUEST,
-            &format!(
-                "this model's maximum context length is {max_len} tokens; this request asks for {} ({} in the prompt, {max_new} to generate)",
-                prompt.len() + max_new,
-                prompt.len()
-            ),
-            Some(param),
-            "context_length_exceeded",
-        );
-    }
-    if max_new == 0 && !call.echo {
-        return api_error(&api::bad(
-            "max_tokens",
-            "max_tokens 0 generates nothing (allowed only with echo)",
-        ));
-    }
-    let class = match class(headers, &call) {
-        Ok(c) => c,
-        Err(e) => return api_error(&e),
-    };
-    let deadline = match deadline(headers, Instant::now()) {
-        Ok(d) => d,
-        Err(e) => return api_error(&e),
-    };
-    let mut call = call;
-    if let Some(s) = template_stop {
-        call.stop.push(s.to_string());
-    }
-    let params = Params {
-        sampling: Sampling {
-            temperature: call.temperature.or(default_temperature).unwrap_or(1.0),
-            top_k: call.top_k,
-            top_p: call.top_p,
-            seed: call.seed.unwrap_or_else(fresh_seed),
-        },
-        max_new,
-        logprobs: call.logprobs,
-        prompt_logprobs: call.echo && call.logprobs.is_some(),
-        class,
-        deadline,
-    };
+    let param = prompt_param(&call);
     let mut rx = match engine.submit(prompt.clone(), params) {
         Ok(rx) => rx,
         Err(Refused::TooLarge { need, budget }) => {
@@ -294,6 +237,75 @@ pub async fn generate(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
+}
+
+/// The field a call's prompt is in, which errors about it name.
+fn prompt_param(call: &Call) -> &'static str {
+    match call.kind {
+        Kind::Chat => "messages",
+        Kind::Completion => "prompt",
+    }
+}
+
+/// What the engine is asked for: the prompt's tokens and the generation's parameters
+/// (its length within the context, its class, its deadline), or the answer refusing it.
+fn plan(
+    engine: &Arc<Engine>,
+    default_temperature: Option<f32>,
+    mut call: Call,
+    headers: &HeaderMap,
+    opts: &LlmOptions,
+) -> Result<(Vec<u32>, Params, Call), Box<Response<Body>>> {
+    let refused = |e: &ApiError| Box::new(api_error(e));
+    let (prompt, template_stop) = prompt_tokens(engine, &call).map_err(|e| refused(&e))?;
+    let param = prompt_param(&call);
+    if prompt.is_empty() {
+        return Err(refused(&api::bad(param, "the prompt is empty")));
+    }
+    let max_len = engine.model().max_len();
+    let left = max_len.saturating_sub(prompt.len());
+    let max_new = match (call.max_tokens, call.kind) {
+        (Some(n), _) => n,
+        (None, Kind::Completion) => COMPLETION_DEFAULT_MAX_TOKENS.min(left),
+        (None, Kind::Chat) => opts.default_max_tokens.min(left),
+    };
+    if prompt.len() + max_new > max_len {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "this model's maximum context length is {max_len} tokens; this request asks for {} ({} in the prompt, {max_new} to generate)",
+                prompt.len() + max_new,
+                prompt.len()
+            ),
+            Some(param),
+            "context_length_exceeded",
+        )));
+    }
+    if max_new == 0 && !call.echo {
+        return Err(refused(&api::bad(
+            "max_tokens",
+            "max_tokens 0 generates nothing (allowed only with echo)",
+        )));
+    }
+    let class = class(headers, &call).map_err(|e| refused(&e))?;
+    let deadline = deadline(headers, Instant::now()).map_err(|e| refused(&e))?;
+    if let Some(s) = template_stop {
+        call.stop.push(s.to_string());
+    }
+    let params = Params {
+        sampling: Sampling {
+            temperature: call.temperature.or(default_temperature).unwrap_or(1.0),
+            top_k: call.top_k,
+            top_p: call.top_p,
+            seed: call.seed.unwrap_or_else(fresh_seed),
+        },
+        max_new,
+        logprobs: call.logprobs,
+        prompt_logprobs: call.echo && call.logprobs.is_some(),
+        class,
+        deadline,
+    };
+    Ok((prompt, params, call))
 }
 
 /// The rest of a stream: each event's chunk as it comes; the receiver is dropped (and

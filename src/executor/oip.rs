@@ -106,62 +106,7 @@ pub fn decode(body: &[u8], header_len: Option<usize>) -> Result<Request, BadRequ
         if texts.is_some() {
             return bad(format!("input \"{INPUT}\" is given twice"));
         }
-        let datatype = input["datatype"].as_str().unwrap_or_default();
-        if datatype != "BYTES" {
-            return bad(format!(
-                "input \"{INPUT}\" must have datatype BYTES, not {datatype:?}"
-            ));
-        }
-        let shape: Vec<i64> = match input["shape"].as_array() {
-            Some(s) => s.iter().map(|d| d.as_i64().unwrap_or(-1)).collect(),
-            None => return bad(format!("input \"{INPUT}\" has no shape")),
-        };
-        let rows = match shape[..] {
-            [n] | [n, 1] if n >= 0 => n as usize,
-            _ => {
-                return bad(format!(
-                    "input \"{INPUT}\" must have shape [N] (or [N, 1]), not {shape:?}"
-                ));
-            }
-        };
-        if rows == 0 {
-            return bad("empty batch: input \"text\" has no rows");
-        }
-        // Every row takes at least one byte in either encoding: a shape the body cannot
-        // hold is refused before anything is sized from it.
-        if rows > body.len() {
-            return bad(format!(
-                "input \"{INPUT}\" declares {rows} rows but the body has only {} bytes",
-                body.len()
-            ));
-        }
-        let values = match input["parameters"]["binary_data_size"].as_u64() {
-            Some(size) => {
-                let size = size as usize;
-                if size > binary.len() {
-                    return bad(format!(
-                        "input \"{INPUT}\" declares {size} binary bytes but only {} follow",
-                        binary.len()
-                    ));
-                }
-                let (mine, rest) = binary.split_at(size);
-                binary = rest;
-                decode_bytes_tensor(mine)?
-            }
-            None => {
-                // Sized from the data actually sent, never from the declared shape.
-                let sent = input["data"].as_array().map_or(0, Vec::len);
-                let mut out = Vec::with_capacity(sent.min(rows));
-                flatten_strings(&input["data"], &mut out)?;
-                out
-            }
-        };
-        if values.len() != rows {
-            return bad(format!(
-                "input \"{INPUT}\" has shape {shape:?} but {} elements",
-                values.len()
-            ));
-        }
+        let values = decode_texts(input, body.len(), &mut binary)?;
         texts = Some(values);
     }
     let Some(texts) = texts else {
@@ -173,6 +118,88 @@ pub fn decode(body: &[u8], header_len: Option<usize>) -> Result<Request, BadRequ
         ));
     }
 
+    let (outputs, binary_by_default) = requested_outputs(obj)?;
+    Ok(Request {
+        id: obj.get("id").cloned(),
+        texts,
+        row_ids,
+        outputs,
+        binary_by_default,
+    })
+}
+
+/// The `text` input's rows: BYTES of shape [N] (or [N, 1]), as JSON strings or as
+/// binary (taken from the front of `binary`), sized from what was sent (`body_len` bytes
+/// in all), never from the declared shape alone.
+fn decode_texts(
+    input: &Value,
+    body_len: usize,
+    binary: &mut &[u8],
+) -> Result<Vec<String>, BadRequest> {
+    let datatype = input["datatype"].as_str().unwrap_or_default();
+    if datatype != "BYTES" {
+        return bad(format!(
+            "input \"{INPUT}\" must have datatype BYTES, not {datatype:?}"
+        ));
+    }
+    let shape: Vec<i64> = match input["shape"].as_array() {
+        Some(s) => s.iter().map(|d| d.as_i64().unwrap_or(-1)).collect(),
+        None => return bad(format!("input \"{INPUT}\" has no shape")),
+    };
+    let rows = match shape[..] {
+        [n] | [n, 1] if n >= 0 => n as usize,
+        _ => {
+            return bad(format!(
+                "input \"{INPUT}\" must have shape [N] (or [N, 1]), not {shape:?}"
+            ));
+        }
+    };
+    if rows == 0 {
+        return bad("empty batch: input \"text\" has no rows");
+    }
+    // Every row takes at least one byte in either encoding: a shape the body cannot
+    // hold is refused before anything is sized from it.
+    if rows > body_len {
+        return bad(format!(
+            "input \"{INPUT}\" declares {rows} rows but the body has only {} bytes",
+            body_len
+        ));
+    }
+    let values = match input["parameters"]["binary_data_size"].as_u64() {
+        Some(size) => {
+            let size = size as usize;
+            if size > binary.len() {
+                return bad(format!(
+                    "input \"{INPUT}\" declares {size} binary bytes but only {} follow",
+                    binary.len()
+                ));
+            }
+            let (mine, rest) = binary.split_at(size);
+            *binary = rest;
+            decode_bytes_tensor(mine)?
+        }
+        None => {
+            // Sized from the data actually sent, never from the declared shape.
+            let sent = input["data"].as_array().map_or(0, Vec::len);
+            let mut out = Vec::with_capacity(sent.min(rows));
+            flatten_strings(&input["data"], &mut out)?;
+            out
+        }
+    };
+    if values.len() != rows {
+        return bad(format!(
+            "input \"{INPUT}\" has shape {shape:?} but {} elements",
+            values.len()
+        ));
+    }
+    Ok(values)
+}
+
+/// The outputs asked for, each with whether it comes back binary, and the request's
+/// default for that.
+fn requested_outputs(
+    obj: &serde_json::Map<String, Value>,
+) -> Result<(Option<Vec<(String, bool)>>, bool), BadRequest> {
     let binary_by_default = obj
         .get("parameters")
         .and_then(|p| p.get("binary_data_output"))
@@ -193,13 +220,7 @@ pub fn decode(body: &[u8], header_len: Option<usize>) -> Result<Request, BadRequ
         }
         Some(_) => return bad("\"outputs\" must be a list"),
     };
-    Ok(Request {
-        id: obj.get("id").cloned(),
-        texts,
-        row_ids,
-        outputs,
-        binary_by_default,
-    })
+    Ok((outputs, binary_by_default))
 }
 
 fn decode_row_ids(input: &Value) -> Result<Vec<i64>, BadRequest> {

@@ -89,8 +89,14 @@ impl Proxy {
             let out = match outgoing {
                 Outgoing::Built(out) => out,
                 Outgoing::Direct(backend) => {
-                    let direct = (backend, path.as_str(), body.clone(), left);
-                    return send_direct(r, direct, spans.as_deref()).await;
+                    let head = DirectHead::new(r, left, spans.as_deref());
+                    let (method, headers) = (&r.parts.method, &r.parts.headers);
+                    let replaced = head.replaced();
+                    let sending =
+                        backend.send_head(method, path.as_str(), headers, &replaced, body.clone());
+                    let sent = sending.await;
+                    head.end(&sent);
+                    return sent.map(boxed);
                 }
             };
             if plain {
@@ -202,6 +208,7 @@ impl Proxy {
 }
 
 /// A backend's answer with its body boxed, as the retry loop gives it.
+#[inline]
 fn boxed(resp: Reply) -> Answer {
     resp.map(|b| b.map_err(Into::into).boxed())
 }
@@ -209,6 +216,7 @@ fn boxed(resp: Reply) -> Answer {
 /// What a try's outcome means for the request: the answer (hop-by-hop headers taken
 /// out), and whether sending it elsewhere is safe (a 503 refused the work; a stream
 /// that failed before its first token was seen by nobody).
+#[inline]
 fn served(result: Result<Answer, SendError>, may_repeat: bool, backend: &Authority) -> Served {
     match result {
         Ok(resp) => {
@@ -274,40 +282,46 @@ type Built<'a> = (
     Option<Duration>,
 );
 
-/// The client's head written straight to the variant's HTTP/1.1 pool, with only the
-/// headers braid sets replaced (`x-forwarded-for`, the deadline, the trace context).
-async fn send_direct(
-    r: &Routed<'_>,
-    (backend, path, body, left): (
-        &Arc<crate::upstream::h1::Backend>,
-        &str,
-        Bytes,
-        Option<Duration>,
-    ),
-    spans: Option<&ClientSpans>,
-) -> Result<Answer, SendError> {
-    let xff = forwarded_for(&r.parts.headers, r.conn);
-    let timeout = left.map(retry::deadline_value);
-    let (context, try_end) = match spans.map(|s| s.start(0)) {
-        Some((c, end)) => (Some(c), Some(end)),
-        None => (r.trace.as_ref().map(|t| t.context), None),
-    };
-    let traceparent = context.map(|c| c.traceparent_bytes());
-    let replaced = [
-        xff.as_ref().map(|v| (&X_FORWARDED_FOR, v.as_bytes())),
-        timeout
-            .as_ref()
-            .map(|v| (&retry::DEADLINE_HEADER, v.as_bytes())),
-        traceparent.as_ref().map(|v| (&TRACEPARENT, &v[..])),
-    ];
-    let (method, headers) = (&r.parts.method, &r.parts.headers);
-    let sent = backend
-        .send_head(method, path, headers, &replaced, body)
-        .await;
-    if let Some(end) = try_end {
-        end.sent(&sent);
+/// The headers braid sets on a head written straight from the client's to the
+/// variant's HTTP/1.1 pool (`x-forwarded-for`, the deadline, the trace context), and
+/// the try's span, told how it ended.
+struct DirectHead {
+    xff: Option<HeaderValue>,
+    timeout: Option<HeaderValue>,
+    traceparent: Option<[u8; 55]>,
+    try_end: Option<retry::TryEnd>,
+}
+
+impl DirectHead {
+    fn new(r: &Routed<'_>, left: Option<Duration>, spans: Option<&ClientSpans>) -> DirectHead {
+        let (context, try_end) = match spans.map(|s| s.start(0)) {
+            Some((c, end)) => (Some(c), Some(end)),
+            None => (r.trace.as_ref().map(|t| t.context), None),
+        };
+        DirectHead {
+            xff: forwarded_for(&r.parts.headers, r.conn),
+            timeout: left.map(retry::deadline_value),
+            traceparent: context.map(|c| c.traceparent_bytes()),
+            try_end,
+        }
     }
-    sent.map(boxed)
+
+    /// The headers that replace the client's of the same names.
+    fn replaced(&self) -> [Option<(&HeaderName, &[u8])>; 3] {
+        [
+            self.xff.as_ref().map(|v| (&X_FORWARDED_FOR, v.as_bytes())),
+            self.timeout
+                .as_ref()
+                .map(|v| (&retry::DEADLINE_HEADER, v.as_bytes())),
+            self.traceparent.as_ref().map(|v| (&TRACEPARENT, &v[..])),
+        ]
+    }
+
+    fn end<B>(self, sent: &Result<Response<B>, SendError>) {
+        if let Some(end) = self.try_end {
+            end.sent(sent);
+        }
+    }
 }
 
 /// How a forwarded request leaves: written straight from the client's parts by the

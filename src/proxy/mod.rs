@@ -446,17 +446,21 @@ impl Proxy {
         mut fallback_from: Option<usize>,
         holds: &mut Holds,
     ) -> Answered {
-        let mut place = match self.place(cx, vi).await {
-            Ok(p) => p,
-            Err(e) => {
-                let result = Err(e);
-                return Answered {
-                    vi,
-                    fallback_from,
-                    result,
-                };
+        // (Awaited only where there is a gate: most requests need no place.)
+        let mut place = None;
+        if cx.r.live.variants[vi].admission.is_some() {
+            match self.place(cx, vi).await {
+                Ok(p) => place = p,
+                Err(e) => {
+                    let result = Err(e);
+                    return Answered {
+                        vi,
+                        fallback_from,
+                        result,
+                    };
+                }
             }
-        };
+        }
         let mut served = self.serve(cx, vi).await;
         if let Some(fb) = cx.r.route().fallback
             && fb != vi
@@ -483,13 +487,10 @@ impl Proxy {
         }
     }
 
-    /// A place on variant `vi`, for a variant with `max_concurrent` (boxed, and only
-    /// awaited where there is a gate: other requests' futures stay small).
+    /// A place on variant `vi`, for a variant with `max_concurrent` (boxed: other
+    /// requests' futures stay small).
     async fn place(&self, cx: &Cx<'_>, vi: usize) -> Result<Option<Permit>, ProxyError> {
         let live = &cx.r.live.variants[vi];
-        if live.admission.is_none() {
-            return Ok(None);
-        }
         let (route, headers) = (cx.r.route(), &cx.r.parts.headers);
         Box::pin(admit::admit(route, vi, live, headers, cx.prepared.deadline)).await
     }

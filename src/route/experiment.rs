@@ -479,105 +479,22 @@ impl Experiment {
 
     /// The `/experiments` entry for this route.
     pub fn report(&self, route: &Route) -> Value {
-        let now = SystemTime::now();
         let w = self.weights();
         let st = lock(&self.state);
         let verdicts = lock(&self.verdicts).clone();
         let g = self.guardrail.as_ref();
         let warming = g.is_some_and(|g| st.started.elapsed() < g.warmup);
         let control = g.map(|g| g.control);
-        let ms = |s: Option<f64>| s.map(|s| (s * 1e6).round() / 1e3);
+        let at = ReportAt {
+            st: &st,
+            w: &w,
+            verdicts: &verdicts,
+            route,
+            now: SystemTime::now(),
+            warming,
+        };
         let variants: Vec<Value> = (0..self.names.len())
-            .map(|i| {
-                let served = &st.served[i];
-                let (watched, bad) = st.watched[i];
-                let ramp = self.base[i].1.as_ref().map(|r| {
-                    let (step, state) = match w.positions[i] {
-                        Some(Position::Step(s)) => (Some(s + 1), "running"),
-                        Some(Position::Done) => (Some(r.steps.len()), "done"),
-                        Some(Position::Pending) | None => (None, "pending"),
-                    };
-                    json!({
-                        "state": if st.trips[i].is_some() && g.is_some_and(|g| g.action == Action::Hold) { "held" } else { state },
-                        "step": step,
-                        "steps": r.steps.len(),
-                        "next_change": r.next_change(now).map(rfc3339),
-                    })
-                });
-                let vs_control = control.filter(|&c| c != i).map(|c| {
-                    let (cw, cb) = st.watched[c];
-                    let d = rate_difference(bad, watched, cb, cw, 0.05);
-                    let p50 = |v: usize| st.served[v].latency.quantile(0.5);
-                    json!({
-                        "bad_rate_difference": {"estimate": d.estimate, "low": d.low, "high": d.high, "confidence": 0.95},
-                        "p50_ms_difference": match (p50(i), p50(c)) {
-                            (Some(a), Some(b)) => ms(Some(a - b)),
-                            _ => None,
-                        },
-                    })
-                });
-                let guardrail = g.map(|g| {
-                    if i == g.control {
-                        return json!({"state": "control"});
-                    }
-                    let verdict = verdicts.get(i).and_then(Option::as_ref);
-                    let (state, by) = match (&st.trips[i], verdict) {
-                        (_, Some(_)) => ("tripped", Some("fleet")),
-                        (Some(_), None) => ("tripped", Some("replica")),
-                        (None, None) if warming => ("warmup", None),
-                        (None, None) => ("watching", None),
-                    };
-                    json!({
-                        "state": state,
-                        "tripped_by": by,
-                        "verdict": verdict.map(|v| json!({
-                            "action": v.action.name(),
-                            "weight": v.weight,
-                            "reason": v.reason,
-                            "evidence_log10": v.evidence_log10,
-                            "at": v.at,
-                        })),
-                        "evidence_log10": st.evidence[i].log10_e(),
-                        "trips_at_log10": -g.local_alpha().log10(),
-                        "log_lr": st.evidence[i].log_lr(),
-                        "evidence_events": st.evidence[i].events(),
-                        "bad_events": bad,
-                        "tripped_at": st.trips[i].as_ref().map(|t| rfc3339(t.at)),
-                        "evidence_at_trip_log10": st.trips[i].as_ref().map(|t| t.evidence),
-                    })
-                });
-                let rate = |n: u64, of: u64| if of == 0 { None } else { Some(n as f64 / of as f64) };
-                json!({
-                    "name": &*self.names[i],
-                    "weight": w.weights.get(i),
-                    "share": w.shares.get(i),
-                    "configured_weight": route.variants.get(i).map(|v| v.weight),
-                    "ramp": ramp,
-                    "requests": served.requests,
-                    "errors": served.errors,
-                    "error_rate": rate(served.errors, served.requests),
-                    "latency_ms": served.latency.report_ms(&[("p50", 0.5), ("p95", 0.95), ("p99", 0.99)]),
-                    "generation": (served.generations > 0).then(|| json!({
-                        "requests": served.generations,
-                        "ttft_ms": served.ttft.report_ms(&[("p50", 0.5), ("p95", 0.95)]),
-                        "tpot_ms": served.tpot.report_ms(&[("p50", 0.5)]),
-                        "output_tokens_per_request": rate(served.output_tokens, served.generations),
-                        "output_tokens_per_second": (served.generating > Duration::ZERO)
-                            .then(|| served.output_tokens as f64 / served.generating.as_secs_f64()),
-                    })),
-                    "watched": {"requests": watched, "bad": bad, "bad_rate": rate(bad, watched)},
-                    // What a fleet adds up: the buckets behind the quantiles above.
-                    "histograms": {
-                        "latency": served.latency.sparse(),
-                        "ttft": served.ttft.sparse(),
-                        "tpot": served.tpot.sparse(),
-                        "output_tokens": served.output_tokens,
-                        "generating_s": served.generating.as_secs_f64(),
-                    },
-                    "vs_control": vs_control,
-                    "guardrail": guardrail,
-                })
-            })
+            .map(|i| self.variant_report(i, &at))
             .collect();
         let split = st.split.report(self.names.iter().map(|n| &**n));
         json!({
@@ -612,6 +529,135 @@ impl Experiment {
             "variants": variants,
         })
     }
+
+    /// One variant's entry: its traffic, latency, generations, the histograms a fleet
+    /// adds up, its ramp, its difference to control and its guardrail.
+    fn variant_report(&self, i: usize, at: &ReportAt<'_>) -> Value {
+        let (st, w, route) = (at.st, at.w, at.route);
+        let served = &st.served[i];
+        let (watched, bad) = st.watched[i];
+        let ramp = self.ramp_report(i, at);
+        let vs_control = self.vs_control(i, at);
+        let guardrail = self.guardrail_report(i, at);
+        let rate = |n: u64, of: u64| {
+            if of == 0 {
+                None
+            } else {
+                Some(n as f64 / of as f64)
+            }
+        };
+        json!({
+            "name": &*self.names[i],
+            "weight": w.weights.get(i),
+            "share": w.shares.get(i),
+            "configured_weight": route.variants.get(i).map(|v| v.weight),
+            "ramp": ramp,
+            "requests": served.requests,
+            "errors": served.errors,
+            "error_rate": rate(served.errors, served.requests),
+            "latency_ms": served.latency.report_ms(&[("p50", 0.5), ("p95", 0.95), ("p99", 0.99)]),
+            "generation": (served.generations > 0).then(|| json!({
+                "requests": served.generations,
+                "ttft_ms": served.ttft.report_ms(&[("p50", 0.5), ("p95", 0.95)]),
+                "tpot_ms": served.tpot.report_ms(&[("p50", 0.5)]),
+                "output_tokens_per_request": rate(served.output_tokens, served.generations),
+                "output_tokens_per_second": (served.generating > Duration::ZERO)
+                    .then(|| served.output_tokens as f64 / served.generating.as_secs_f64()),
+            })),
+            "watched": {"requests": watched, "bad": bad, "bad_rate": rate(bad, watched)},
+            // What a fleet adds up: the buckets behind the quantiles above.
+            "histograms": {
+                "latency": served.latency.sparse(),
+                "ttft": served.ttft.sparse(),
+                "tpot": served.tpot.sparse(),
+                "output_tokens": served.output_tokens,
+                "generating_s": served.generating.as_secs_f64(),
+            },
+            "vs_control": vs_control,
+            "guardrail": guardrail,
+        })
+    }
+
+    fn ramp_report(&self, i: usize, at: &ReportAt<'_>) -> Option<Value> {
+        let (st, w, g) = (at.st, at.w, self.guardrail.as_ref());
+        self.base[i].1.as_ref().map(|r| {
+            let (step, state) = match w.positions[i] {
+                Some(Position::Step(s)) => (Some(s + 1), "running"),
+                Some(Position::Done) => (Some(r.steps.len()), "done"),
+                Some(Position::Pending) | None => (None, "pending"),
+            };
+            json!({
+                "state": if st.trips[i].is_some() && g.is_some_and(|g| g.action == Action::Hold) { "held" } else { state },
+                "step": step,
+                "steps": r.steps.len(),
+                "next_change": r.next_change(at.now).map(rfc3339),
+            })
+        })
+    }
+
+    fn vs_control(&self, i: usize, at: &ReportAt<'_>) -> Option<Value> {
+        let st = at.st;
+        let (watched, bad) = st.watched[i];
+        let control = self.guardrail.as_ref().map(|g| g.control);
+        let ms = |s: Option<f64>| s.map(|s| (s * 1e6).round() / 1e3);
+        control.filter(|&c| c != i).map(|c| {
+            let (cw, cb) = st.watched[c];
+            let d = rate_difference(bad, watched, cb, cw, 0.05);
+            let p50 = |v: usize| st.served[v].latency.quantile(0.5);
+            json!({
+                "bad_rate_difference": {"estimate": d.estimate, "low": d.low, "high": d.high, "confidence": 0.95},
+                "p50_ms_difference": match (p50(i), p50(c)) {
+                    (Some(a), Some(b)) => ms(Some(a - b)),
+                    _ => None,
+                },
+            })
+        })
+    }
+
+    fn guardrail_report(&self, i: usize, at: &ReportAt<'_>) -> Option<Value> {
+        let (st, g) = (at.st, self.guardrail.as_ref());
+        let bad = st.watched[i].1;
+        g.map(|g| {
+            if i == g.control {
+                return json!({"state": "control"});
+            }
+            let verdict = at.verdicts.get(i).and_then(Option::as_ref);
+            let (state, by) = match (&st.trips[i], verdict) {
+                (_, Some(_)) => ("tripped", Some("fleet")),
+                (Some(_), None) => ("tripped", Some("replica")),
+                (None, None) if at.warming => ("warmup", None),
+                (None, None) => ("watching", None),
+            };
+            json!({
+                "state": state,
+                "tripped_by": by,
+                "verdict": verdict.map(|v| json!({
+                    "action": v.action.name(),
+                    "weight": v.weight,
+                    "reason": v.reason,
+                    "evidence_log10": v.evidence_log10,
+                    "at": v.at,
+                })),
+                "evidence_log10": st.evidence[i].log10_e(),
+                "trips_at_log10": -g.local_alpha().log10(),
+                "log_lr": st.evidence[i].log_lr(),
+                "evidence_events": st.evidence[i].events(),
+                "bad_events": bad,
+                "tripped_at": st.trips[i].as_ref().map(|t| rfc3339(t.at)),
+                "evidence_at_trip_log10": st.trips[i].as_ref().map(|t| t.evidence),
+            })
+        })
+    }
+}
+
+/// What a report is read from, taken once for all its variants.
+struct ReportAt<'a> {
+    st: &'a State,
+    w: &'a Weights,
+    verdicts: &'a [Option<Verdict>],
+    route: &'a Route,
+    now: SystemTime,
+    warming: bool,
 }
 
 fn rfc3339(t: SystemTime) -> String {

@@ -128,6 +128,7 @@ impl Wire {
 
     /// The body as `variant` gets it, where the wire names the model in it: the new
     /// body, and a binary v2 body's new JSON header length; `None` to send it as it came.
+    #[inline]
     pub(super) fn renamed(
         self,
         m: &Match<'_>,
@@ -146,6 +147,7 @@ impl Wire {
 
     /// Whether a call may wait in the variant's batch, and the executor path its batch
     /// goes to (`path`: the request's, rewritten); `Err` is a 400.
+    #[inline]
     pub(super) fn queueable(
         self,
         route: &Route,
@@ -165,6 +167,7 @@ impl Wire {
     }
 
     /// Whether repeating the call is harmless whatever happened to the first try.
+    #[inline]
     pub(super) fn safe_to_repeat(self, parts: &http::request::Parts) -> bool {
         let reads = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         match self {
@@ -178,6 +181,7 @@ impl Wire {
     }
 
     /// braid's own error, in the wire's shape.
+    #[inline]
     pub(super) fn error(self, e: ProxyError) -> Response<Body> {
         match self {
             Wire::Rest => e.into_response(),
@@ -189,6 +193,7 @@ impl Wire {
     }
 
     /// A gRPC call: spans and access lines name its method, its status is counted.
+    #[inline]
     pub(super) fn grpc(self) -> bool {
         match self {
             Wire::Rest | Wire::OpenAi => false,
@@ -197,6 +202,7 @@ impl Wire {
     }
 
     /// Streamed both ways as it arrives: never read whole, never retried or shadowed.
+    #[inline]
     pub(super) fn streamed(self) -> bool {
         match self {
             Wire::Rest | Wire::OpenAi | Wire::GrpcModel => false,
@@ -205,6 +211,7 @@ impl Wire {
     }
 
     /// Copied to the route's shadow variant, when it has one.
+    #[inline]
     pub(super) fn shadowed(self) -> bool {
         match self {
             Wire::Rest | Wire::OpenAi => true,
@@ -213,6 +220,7 @@ impl Wire {
     }
 
     /// A successful answer is a generation: measured to its end (TTFT, tokens).
+    #[inline]
     pub(super) fn generates(self) -> bool {
         match self {
             Wire::OpenAi => true,
@@ -221,6 +229,7 @@ impl Wire {
     }
 
     /// How the call leaves for a backend of `protocol`: gRPC over HTTP/2 always.
+    #[inline]
     pub(super) fn protocol(self, protocol: Protocol) -> Protocol {
         match self {
             Wire::Rest | Wire::OpenAi => protocol,
