@@ -195,11 +195,14 @@ fn decode_texts(
     Ok(values)
 }
 
+/// Outputs by name, each with whether it comes back binary.
+type Wanted = Vec<(String, bool)>;
+
 /// The outputs asked for, each with whether it comes back binary, and the request's
 /// default for that.
 fn requested_outputs(
     obj: &serde_json::Map<String, Value>,
-) -> Result<(Option<Vec<(String, bool)>>, bool), BadRequest> {
+) -> Result<(Option<Wanted>, bool), BadRequest> {
     let binary_by_default = obj
         .get("parameters")
         .and_then(|p| p.get("binary_data_output"))
