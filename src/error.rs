@@ -16,6 +16,9 @@ use http_body_util::{BodyExt, Full};
 
 /// The response body type of every braid server.
 pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// What a body's `poll_frame` returns.
+pub type Polled = std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]

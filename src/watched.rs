@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use crate::error::{Body, BoxError};
+use crate::error::{Body, BoxError, Polled};
 
 /// How a watched body ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,10 +56,7 @@ impl<W: Watch> HttpBody for Watched<W> {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
@@ -98,7 +95,7 @@ impl<W: Watch> Drop for Watched<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::error::full;
     use http_body_util::BodyExt;
@@ -116,32 +113,15 @@ mod tests {
         }
     }
 
-    struct Never;
-
-    impl HttpBody for Never {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            Poll::Pending
-        }
+    /// A body that never ends, and one that fails at once.
+    pub(crate) fn never() -> Body {
+        let pending = futures_util::stream::pending::<Result<Frame<Bytes>, BoxError>>();
+        http_body_util::StreamBody::new(pending).boxed()
     }
 
-    struct Fails;
-
-    impl HttpBody for Fails {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            Poll::Ready(Some(Err("broken".into())))
-        }
+    fn fails() -> Body {
+        let broken: Result<Frame<Bytes>, BoxError> = Err("broken".into());
+        http_body_util::StreamBody::new(futures_util::stream::iter([broken])).boxed()
     }
 
     #[tokio::test]
@@ -152,16 +132,11 @@ mod tests {
         assert_eq!(*seen.0.lock().unwrap(), (1, vec![End::Finished]));
 
         let seen = Seen::default();
-        drop(Watched::new(Never.boxed(), seen.clone()));
+        drop(Watched::new(never(), seen.clone()));
         assert_eq!(*seen.0.lock().unwrap(), (0, vec![End::Dropped]));
 
         let seen = Seen::default();
-        assert!(
-            Watched::new(Fails.boxed(), seen.clone())
-                .collect()
-                .await
-                .is_err()
-        );
+        assert!(Watched::new(fails(), seen.clone()).collect().await.is_err());
         assert_eq!(*seen.0.lock().unwrap(), (0, vec![End::Failed]));
     }
 }

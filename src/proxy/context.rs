@@ -44,11 +44,13 @@ pub(super) struct Routed<'a> {
 }
 
 impl Routed<'_> {
+    #[inline]
     pub fn route(&self) -> &Route {
         self.m.route
     }
 
     /// An OpenAI-style call that asks for a stream.
+    #[inline]
     pub fn streams(&self) -> bool {
         self.call.as_ref().is_some_and(|c| c.stream)
     }

@@ -293,6 +293,7 @@ struct DirectHead {
 }
 
 impl DirectHead {
+    #[inline]
     fn new(r: &Routed<'_>, left: Option<Duration>, spans: Option<&ClientSpans>) -> DirectHead {
         let (context, try_end) = match spans.map(|s| s.start(0)) {
             Some((c, end)) => (Some(c), Some(end)),
@@ -307,6 +308,7 @@ impl DirectHead {
     }
 
     /// The headers that replace the client's of the same names.
+    #[inline]
     fn replaced(&self) -> [Option<(&HeaderName, &[u8])>; 3] {
         [
             self.xff.as_ref().map(|v| (&X_FORWARDED_FOR, v.as_bytes())),
@@ -317,6 +319,7 @@ impl DirectHead {
         ]
     }
 
+    #[inline]
     fn end<B>(self, sent: &Result<Response<B>, SendError>) {
         if let Some(end) = self.try_end {
             end.sent(sent);

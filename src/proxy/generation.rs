@@ -24,7 +24,7 @@ use hyper::body::Frame;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::error::{Body, BoxError, SendError};
+use crate::error::{Body, BoxError, Polled, SendError};
 use crate::metrics::{Generation, Metrics};
 use crate::openai::{self, sse};
 use crate::upstream::retry::{self, Answer, Judge, TryFuture};
@@ -116,10 +116,7 @@ impl hyper::body::Body for Prefixed {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         if let Some(f) = this.held.pop_front() {
             return Poll::Ready(Some(Ok(f)));
@@ -271,10 +268,7 @@ impl hyper::body::Body for Measured {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         loop {
             if this.ended {

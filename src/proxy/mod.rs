@@ -198,36 +198,21 @@ impl Proxy {
             Ok(assigned) => assigned,
             Err(e) => return self.unrouted(e, wire),
         };
+        // Answered before it was served, by the assigned variant.
+        let unserved = |result| Answered {
+            vi,
+            fallback_from,
+            result,
+        };
         // A streamed call goes through as it arrives: nothing to read, nothing retried.
         if wire.streamed() {
             let result = Box::pin(self.stream_through(&r, vi, body)).await;
-            return self.finish(
-                &r,
-                Answered {
-                    vi,
-                    fallback_from,
-                    result,
-                },
-                None,
-                None,
-            );
+            return self.finish(&r, unserved(result), None, None);
         }
         // Prepare: the body read whole (at most --max-body-bytes), the deadline known.
         let prepared = match self.prepare(&r, body, &mut holds.buffers).await {
             Ok(p) => p,
-            Err(e) => {
-                let result = Err(e);
-                return self.finish(
-                    &r,
-                    Answered {
-                        vi,
-                        fallback_from,
-                        result,
-                    },
-                    None,
-                    None,
-                );
-            }
+            Err(e) => return self.finish(&r, unserved(Err(e)), None, None),
         };
         let cx = Cx {
             r: &r,

@@ -72,11 +72,8 @@ impl Watch for Tee {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{BoxError, full};
+    use crate::error::full;
     use http_body_util::BodyExt;
-    use hyper::body::Body as HttpBody;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
 
     #[tokio::test]
     async fn passes_the_body_through_and_keeps_a_copy() {
@@ -95,23 +92,8 @@ mod tests {
             (&b"hello"[..], 11, false)
         );
         // Dropped before its end (the client left): not complete.
-        let (tee, copy) = Tee::new(Never.boxed(), 10);
+        let (tee, copy) = Tee::new(crate::watched::tests::never(), 10);
         drop(tee);
         assert!(!copy.await.unwrap().complete);
-    }
-
-    /// A body that never ends.
-    struct Never;
-
-    impl HttpBody for Never {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            Poll::Pending
-        }
     }
 }

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 use super::wire::{self, Chunked, Decoded, Framing, Parsed, WireError};
 use super::{OutBody, SendError};
-use crate::error::BoxError;
+use crate::error::{BoxError, Polled};
 
 /// An idle connection older than this is closed rather than reused (servers close
 /// theirs after 5 s (uvicorn) to 75 s (nginx); this bounds what is left open).
@@ -332,7 +332,7 @@ impl Inline {
         }
     }
 
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Polled {
         loop {
             if let State::Ready(b) = &mut self.state {
                 let b = b.take();
@@ -417,10 +417,7 @@ impl Body for Reply {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         match &mut self.get_mut().0 {
             Inner::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Inline(i) => i.poll_frame(cx),

@@ -20,7 +20,7 @@ use super::{Found, Pending};
 use crate::addr::Protocol;
 use crate::batch::codec::{self, Item, PathModel, Unqueued};
 use crate::config::Active;
-use crate::error::{Body, BoxError, ProxyError};
+use crate::error::{Body, BoxError, Polled, ProxyError};
 use crate::grpc::{self, pb};
 use crate::grpc::{
     GRPC_STATUS, declared_len, frame, next_message, status_name, string_field, unary_message,
@@ -156,10 +156,7 @@ impl HttpBody for Messages {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         loop {
             let this = &mut *self;
             match next_message(&this.buf) {

@@ -16,6 +16,7 @@ use crate::route::{self, Match, Variant};
 use http::header;
 
 /// The route by path; `GET /v1/models` answered here where routes name models.
+#[inline]
 pub(super) fn find<'a, B>(
     active: &'a Active,
     parts: &http::request::Parts,
@@ -33,6 +34,7 @@ pub(super) fn find<'a, B>(
 }
 
 /// The route whose prefix the path starts with (also every gRPC call not read whole).
+#[inline]
 pub(super) fn by_path<'a, B>(
     active: &'a Active,
     parts: &http::request::Parts,
@@ -50,6 +52,7 @@ pub(super) fn by_path<'a, B>(
 /// does) names the variant's target model instead, as the rewritten path does: the new
 /// body, and its JSON header's new length when binary data follows. `None` when there
 /// is nothing to rewrite (most requests: checked without parsing).
+#[inline]
 pub(super) fn model_renamed(
     m: &Match<'_>,
     variant: &Variant,

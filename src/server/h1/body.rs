@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use crate::error::BoxError;
+use crate::error::{BoxError, Polled};
 use crate::http1::chunked::{Chunked, Decoded};
 
 /// Bytes asked of the socket at a time.
@@ -134,7 +134,7 @@ impl ReadSide {
 
     /// The next frame of the body that the buffer already holds: `Ready(None)` once
     /// the body is over (or failed), `Pending` when more bytes are needed.
-    fn take(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn take(&mut self) -> Polled {
         let frame = match &mut self.body {
             BodyState::Done | BodyState::Failed => return Poll::Ready(None),
             BodyState::Length(_) if self.buf.is_empty() => return Poll::Pending,
@@ -169,7 +169,7 @@ impl ReadSide {
     }
 
     /// The client or its socket failed inside the body: nothing more will come.
-    fn lost(&mut self, e: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn lost(&mut self, e: BoxError) -> Polled {
         self.gone = true;
         self.end(BodyState::Failed);
         Poll::Ready(Some(Err(e)))
@@ -204,10 +204,7 @@ impl hyper::body::Body for Body {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let shared = &self.shared;
         let mut guard = shared.lock();
         let side = &mut *guard;
