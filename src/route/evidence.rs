@@ -611,13 +611,9 @@ pub(crate) mod sim {
     /// probability `restart` (a new factor; the old one keeps its last value), at most
     /// until `max_pods` lifetimes. Returns the fleet request at which either decision
     /// trips, and whether the fleet's test (not a pod's breaker) did.
-    #[allow(clippy::too_many_arguments)]
     pub fn fleet(
         rng: &mut Rng,
-        pods: usize,
-        requests: u64,
-        round: u64,
-        restart: f64,
+        (pods, requests, round, restart): (usize, u64, u64, f64),
         alpha: f64,
         (max_pods, min_bad): (usize, u64),
         (share, control_rate, candidate_rate): (f64, f64, f64),
@@ -909,7 +905,7 @@ mod tests {
     /// An A/A fleet of 8 pods (3% bad on both arms, 4,000 requests, a round every 20,
     /// restarts at 0.001 per request up to 16 lifetimes).
     fn a_a_fleet(rng: &mut Rng, alpha: f64) -> Option<(u64, bool)> {
-        fleet(rng, 8, 4_000, 20, 1e-3, alpha, (16, 1), (0.5, 0.03, 0.03))
+        fleet(rng, (8, 4_000, 20, 1e-3), alpha, (16, 1), (0.5, 0.03, 0.03))
     }
 
     /// 10,000 seeded A/A fleets of 8 pods, whose pods restart now and then, trip (by the
@@ -944,12 +940,12 @@ mod tests {
         for _ in 0..200 {
             let g = (10, (0.5, 0.0, 0.2));
             one.push(
-                fleet(&mut rng, 1, 100_000, 1, 0.0, 0.001, (1, g.0), g.1)
+                fleet(&mut rng, (1, 100_000, 1, 0.0), 0.001, (1, g.0), g.1)
                     .unwrap()
                     .0,
             );
             let (at, by_fleet) =
-                fleet(&mut rng, 8, 100_000, 10, 0.0, 0.001, (16, g.0), g.1).unwrap();
+                fleet(&mut rng, (8, 100_000, 10, 0.0), 0.001, (16, g.0), g.1).unwrap();
             assert!(
                 by_fleet,
                 "a pod's breaker tripped before the fleet, at {at}"
@@ -993,12 +989,12 @@ mod tests {
         let (mut one, mut eight, mut first, mut last) = (vec![], vec![], vec![], vec![]);
         for _ in 0..1_000 {
             one.push(
-                fleet(&mut rng, 1, 100_000, 1, 0.0, 0.001, (1, g.0), g.1)
+                fleet(&mut rng, (1, 100_000, 1, 0.0), 0.001, (1, g.0), g.1)
                     .unwrap()
                     .0,
             );
             eight.push(
-                fleet(&mut rng, 8, 100_000, 10, 0.0, 0.001, (16, g.0), g.1)
+                fleet(&mut rng, (8, 100_000, 10, 0.0), 0.001, (16, g.0), g.1)
                     .unwrap()
                     .0,
             );
