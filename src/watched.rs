@@ -95,7 +95,7 @@ impl<W: Watch> Drop for Watched<W> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::error::full;
     use http_body_util::BodyExt;
@@ -114,7 +114,7 @@ pub(crate) mod tests {
     }
 
     /// A body that never ends, and one that fails at once.
-    pub(crate) fn never() -> Body {
+    fn never() -> Body {
         let pending = futures_util::stream::pending::<Result<Frame<Bytes>, BoxError>>();
         http_body_util::StreamBody::new(pending).boxed()
     }

@@ -219,15 +219,15 @@ fn boxed(resp: Reply) -> Answer {
 #[inline]
 fn served(result: Result<Answer, SendError>, may_repeat: bool, backend: &Authority) -> Served {
     match result {
-        Ok(resp) => {
+        Ok(mut resp) => {
             let before_first_token = resp.extensions().get::<Uncommitted>().is_some();
             let repeatable = resp.status() == http::StatusCode::SERVICE_UNAVAILABLE
                 || may_repeat
                 || before_first_token;
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
+            // In place: the head is not moved again.
+            strip_hop_by_hop(resp.headers_mut());
             Served {
-                result: Ok(Response::from_parts(parts, body)),
+                result: Ok(resp),
                 repeatable,
                 before_first_token,
             }

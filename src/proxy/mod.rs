@@ -237,7 +237,9 @@ impl Proxy {
 
     /// The variant for a found request: an override, else the sticky or weighted
     /// choice under the experiment's weights in force (ramps, guardrails), moved off an
-    /// ejected variant; and a place under the route's `max_inflight`.
+    /// ejected variant; and a place under the route's `max_inflight`. (Inlined: the
+    /// routed request is then built where the request path keeps it, not copied there.)
+    #[inline(always)]
     fn assign<'a, B>(
         &self,
         active: &'a Active,

@@ -92,7 +92,9 @@ mod tests {
             (&b"hello"[..], 11, false)
         );
         // Dropped before its end (the client left): not complete.
-        let (tee, copy) = Tee::new(crate::watched::tests::never(), 10);
+        let pending =
+            futures_util::stream::pending::<Result<Frame<Bytes>, crate::error::BoxError>>();
+        let (tee, copy) = Tee::new(http_body_util::StreamBody::new(pending).boxed(), 10);
         drop(tee);
         assert!(!copy.await.unwrap().complete);
     }
