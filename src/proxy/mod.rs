@@ -51,7 +51,7 @@ use crate::upstream::Upstreams;
 use crate::upstream::health::Admit;
 use context::{Cx, Prepared, Routed, Served};
 use finish::Answered;
-use wire::{Found, Pending, Unfound, Wire};
+use wire::{Finding, Found, Pending, Unfound, Wire};
 
 pub static X_BRAID_VARIANT: HeaderName = HeaderName::from_static("x-braid-variant");
 pub static X_BRAID_FALLBACK_FROM: HeaderName = HeaderName::from_static("x-braid-fallback-from");
@@ -178,11 +178,15 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let wire = a.wire;
-        // Find: the route, by the wire's rule (reading the body where the wire must).
-        let found = match wire
-            .find(self, active, parts, body, &mut holds.buffers)
-            .await
-        {
+        // Find: the route, by the wire's rule (reading the body where it names the route).
+        let found = match wire.find(active, parts, body) {
+            Finding::Now(found) => found,
+            Finding::InBody(body) => {
+                let reading = wire.find_in_body(self, active, parts, body, &mut holds.buffers);
+                reading.await
+            }
+        };
+        let found = match found {
             Ok(found) => found,
             Err(Unfound::Answer(resp)) => return *resp,
             Err(Unfound::Refused(e)) => return self.unrouted(e, wire),

@@ -2,7 +2,7 @@
 //! by wire is asked of `Wire` here, and each method matches it once. The request path
 //! (`proxy/mod.rs`, `forward`, `shadow`, `batched`) names no protocol.
 //!
-//! | wire | finding the route | rewrite | batched | safe to repeat | errors |
+//! | wire | finding the route (`find`, `find_in_body`) | rewrite | batched | safe to repeat | errors |
 //! |---|---|---|---|---|---|
 //! | `Rest` | by path (`GET /v1/models` answered) | path, v2 `model_name` | v2 and v1 inference | GET, HEAD, OPTIONS | `{"error": ...}` |
 //! | `OpenAi` | the body's `model` | the body's `model` | `/v1/embeddings` | always (before its head, or a stream's first token) | OpenAI's error object |
@@ -77,6 +77,12 @@ impl<'a, B> Found<'a, B> {
     }
 }
 
+/// A route found from the head, or the body to read for it.
+pub(super) enum Finding<'a, B> {
+    Now(Result<Found<'a, B>, Unfound>),
+    InBody(B),
+}
+
 /// A request that found no route: answered by the wire itself, or refused.
 pub(super) enum Unfound {
     Answer(Box<Response<Body>>),
@@ -98,8 +104,27 @@ impl Wire {
         }
     }
 
-    /// The request's route, reading its body where what it names decides.
-    pub(super) async fn find<'a, B>(
+    /// The request's route where its head decides it (a path); a wire whose body
+    /// names the route gives the body back, for `find_in_body`. (Sync: most requests
+    /// find their route with no future of their own.)
+    #[inline]
+    pub(super) fn find<'a, B>(
+        self,
+        active: &'a Active,
+        parts: &http::request::Parts,
+        body: B,
+    ) -> Finding<'a, B> {
+        match self {
+            Wire::Rest => Finding::Now(rest::find(active, parts, body)),
+            Wire::GrpcStream => {
+                Finding::Now(rest::by_path(active, parts, body).map_err(Unfound::Refused))
+            }
+            Wire::OpenAi | Wire::GrpcModel | Wire::GrpcModelStream => Finding::InBody(body),
+        }
+    }
+
+    /// The route a request's body names: read (as far as that needs) and found.
+    pub(super) async fn find_in_body<'a, B>(
         self,
         proxy: &Proxy,
         active: &'a Active,
@@ -111,19 +136,13 @@ impl Wire {
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        match self {
-            Wire::Rest => rest::find(active, parts, body),
-            Wire::OpenAi => openai::find(proxy, active, parts, body, held)
-                .await
-                .map_err(Unfound::Refused),
-            Wire::GrpcModel => grpc::find_model(proxy, active, parts, body, held)
-                .await
-                .map_err(Unfound::Refused),
-            Wire::GrpcModelStream => grpc::find_stream(proxy, active, parts, body)
-                .await
-                .map_err(Unfound::Refused),
-            Wire::GrpcStream => rest::by_path(active, parts, body).map_err(Unfound::Refused),
-        }
+        let found = match self {
+            Wire::OpenAi => openai::find(proxy, active, parts, body, held).await,
+            Wire::GrpcModel => grpc::find_model(proxy, active, parts, body, held).await,
+            Wire::GrpcModelStream => grpc::find_stream(proxy, active, parts, body).await,
+            Wire::Rest | Wire::GrpcStream => rest::by_path(active, parts, body),
+        };
+        found.map_err(Unfound::Refused)
     }
 
     /// The body as `variant` gets it, where the wire names the model in it: the new

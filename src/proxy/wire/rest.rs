@@ -60,9 +60,19 @@ pub(super) fn model_renamed(
     body: &Bytes,
 ) -> Option<(Bytes, Option<usize>)> {
     let target = variant.target_model.as_deref()?;
-    // Only where the path itself is rewritten (model routes).
-    m.model_span.as_ref()?;
-    let model = v2_infer_path(parts.uri.path())?.name?;
+    // Only where the path itself is rewritten (model routes), and only on a v2
+    // inference path: the model is where routing found it.
+    let span = m.model_span.as_ref()?;
+    let path = parts.uri.path();
+    if !path.starts_with("/v2/") {
+        return None;
+    }
+    let model = path.get(span.clone())?;
+    match path.get(span.end..)?.strip_suffix("/infer")? {
+        "" => {}
+        rest if rest.starts_with("/versions/") => {}
+        _ => return None,
+    }
     if model == target {
         return None;
     }
