@@ -86,6 +86,9 @@ impl<W: Watch> HttpBody for Watched<W> {
 
 impl<W: Watch> Drop for Watched<W> {
     fn drop(&mut self) {
+        if self.watch.is_none() {
+            return; // told already
+        }
         let how = match self.inner.is_end_stream() {
             true => End::Finished,
             false => End::Dropped,

@@ -16,7 +16,7 @@ use crate::route::{self, Match, Variant};
 use http::header;
 
 /// The route by path; `GET /v1/models` answered here where routes name models.
-#[inline]
+#[inline(always)]
 pub(super) fn find<'a, B>(
     active: &'a Active,
     parts: &http::request::Parts,
@@ -34,7 +34,7 @@ pub(super) fn find<'a, B>(
 }
 
 /// The route whose prefix the path starts with (also every gRPC call not read whole).
-#[inline]
+#[inline(always)]
 pub(super) fn by_path<'a, B>(
     active: &'a Active,
     parts: &http::request::Parts,
