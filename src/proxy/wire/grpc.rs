@@ -29,27 +29,17 @@ use crate::grpc::{
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::route::{Match, Route, Variant};
-use crate::server;
 use crate::watched::{End, Watch, Watched};
 use http::uri::PathAndQuery;
 use prost::Message;
 
-/// Reads a model-naming call and finds its route: by model, else by path prefix,
-/// else NOT_FOUND listing the models braid routes.
-pub(super) async fn find_model<'a, B>(
-    proxy: &Proxy,
+/// A model-naming call's route, from its message (read whole): by model, else by path
+/// prefix, else NOT_FOUND listing the models braid routes.
+pub(super) fn find_model<'a, B>(
     active: &'a Active,
     parts: &http::request::Parts,
-    body: B,
-    held: &mut server::Reservation,
-) -> Result<Found<'a, B>, ProxyError>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    // The route (and so its timeout) is not known until the message is read.
-    let rules = proxy.body_rules(None, held);
-    let bytes = server::read_body(&parts.headers, body, rules).await?;
+    bytes: Bytes,
+) -> Result<Found<'a, B>, ProxyError> {
     let call = parts.uri.path();
     let bad = |e: String| ProxyError::BadRequest(format!("{call}: {e}"));
     let model = string_field(unary_message(&bytes).map_err(bad)?, 1).map_err(bad)?;

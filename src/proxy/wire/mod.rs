@@ -136,9 +136,20 @@ impl Wire {
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
+        // A call read whole: its route (and so its timeout) is not known until it is.
+        let whole = async |body: B, held: &mut server::Reservation| {
+            let rules = proxy.body_rules(None, held);
+            server::read_body(&parts.headers, body, rules).await
+        };
         let found = match self {
-            Wire::OpenAi => openai::find(proxy, active, parts, body, held).await,
-            Wire::GrpcModel => grpc::find_model(proxy, active, parts, body, held).await,
+            Wire::OpenAi => match whole(body, held).await {
+                Ok(bytes) => openai::find(active, parts, bytes),
+                Err(e) => Err(e),
+            },
+            Wire::GrpcModel => match whole(body, held).await {
+                Ok(bytes) => grpc::find_model(active, parts, bytes),
+                Err(e) => Err(e),
+            },
             Wire::GrpcModelStream => grpc::find_stream(proxy, active, parts, body).await,
             Wire::Rest | Wire::GrpcStream => rest::by_path(active, parts, body),
         };

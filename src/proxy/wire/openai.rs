@@ -10,29 +10,18 @@ use http::uri::PathAndQuery;
 use super::{Found, Pending};
 use crate::batch::codec::{self, Item, Unqueued};
 use crate::config::Active;
-use crate::error::{BoxError, ProxyError};
+use crate::error::ProxyError;
 use crate::openai::{self, Call};
-use crate::proxy::Proxy;
 use crate::route::Variant;
-use crate::server;
 use http::{HeaderMap, header};
 
-/// Reads the call and finds its route: by the body's model, else by path prefix,
-/// else 404 (an unrouted model) or 400 (a body naming none) in OpenAI's shape.
-pub(super) async fn find<'a, B>(
-    proxy: &Proxy,
+/// The call's route, from its body (read whole): by the body's model, else by path
+/// prefix, else 404 (an unrouted model) or 400 (a body naming none) in OpenAI's shape.
+pub(super) fn find<'a, B>(
     active: &'a Active,
     parts: &http::request::Parts,
-    body: B,
-    held: &mut server::Reservation,
-) -> Result<Found<'a, B>, ProxyError>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    // The route (and so its timeout) is not known until the body is read.
-    let rules = proxy.body_rules(None, held);
-    let bytes = server::read_body(&parts.headers, body, rules).await?;
+    bytes: Bytes,
+) -> Result<Found<'a, B>, ProxyError> {
     let routes = &active.snapshot.routes;
     // A body braid cannot read is refused even where a path route would take it:
     // forwarded as it came, a backend reading it another way (a key written twice,
