@@ -1,6 +1,7 @@
 //! The seam between how a caller speaks and the request path: everything that differs
 //! by wire is asked of `Wire` here, and each method matches it once. The request path
-//! (`proxy/mod.rs`, `forward`, `shadow`, `batched`) names no protocol.
+//! (`proxy/mod.rs`, `forward`, `shadow`, `batched`) asks these methods and never
+//! branches on the wire itself.
 //!
 //! | wire | finding the route (`find`, `find_in_body`) | rewrite | batched | safe to repeat | errors |
 //! |---|---|---|---|---|---|
