@@ -35,9 +35,9 @@
 //!                                        grpc-timeout); other gRPC calls: streamed
 //!     shadow copy?                       fire and forget, compared off the request path
 //!     batch? (variant has a batcher)     queue -> merge -> Execute -> split per request
-//!     forward                            Retry(policy, budget) -> judge (a stream's
-//!                                        first token) -> per-try timeout ->
-//!                                        Upstreams::send (the one way out); http://
+//!     forward                            Retry(policy, budget) -> per-try timeout on
+//!                                        the head, then its judge (a stream's first
+//!                                        token) -> Upstreams::send (the one way out); http://
 //!                                        backends: braid's own client (upstream::h1)
 //!     fallback?                          failed and safe to repeat -> the fallback, once
 //!     response + x-braid-variant         metrics recorded once, at the edge; the

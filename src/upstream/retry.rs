@@ -1,7 +1,7 @@
 //! Retries for forwarded requests, as a tower stack built per request:
 //!
 //! ```text
-//! Retry<Policy>  ->  Judged (a stream's commit point)  ->  Timeout(per_try_timeout)  ->  Call
+//! Retry<Policy>  ->  PerTry (the head under per_try_timeout, then a stream's commit point)  ->  Call
 //! ```
 //!
 //! The policy knows what is safe to repeat. A request that never reached the backend
@@ -314,11 +314,13 @@ impl Service<Req> for Call {
     }
 }
 
-/// One attempt under the per-try timeout.
+/// One attempt: its head under the per-try timeout, then its judge, when the call has
+/// one (a stream's first token, which the per-try timeout does not bound).
 #[derive(Clone)]
 pub struct PerTry {
     inner: Call,
     timeout: Option<Duration>,
+    judge: Option<Arc<dyn Judge>>,
 }
 
 pub type TryFuture = Pin<Box<dyn Future<Output = Result<Answer, SendError>> + Send>>;
@@ -333,42 +335,21 @@ impl Service<Req> for PerTry {
     }
 
     fn call(&mut self, req: Req) -> TryFuture {
+        let tried = Instant::now();
         let call = self.inner.call(req);
-        let timeout = self.timeout;
+        let (timeout, judge) = (self.timeout, self.judge.clone());
         Box::pin(async move {
-            match timeout {
+            let head = match timeout {
                 Some(t) => tokio::time::timeout(t, call)
                     .await
                     .map_err(|_| SendError::Timeout(t))?,
                 None => call.await,
+            };
+            match judge {
+                Some(judge) => judge.judge(head?, tried).await,
+                None => head,
             }
         })
-    }
-}
-
-/// A try, then its judge (when the call has one).
-#[derive(Clone)]
-pub struct Judged {
-    inner: PerTry,
-    judge: Option<Arc<dyn Judge>>,
-}
-
-impl Service<Req> for Judged {
-    type Response = Answer;
-    type Error = SendError;
-    type Future = TryFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SendError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> TryFuture {
-        let tried = Instant::now();
-        let sent = self.inner.call(req);
-        match self.judge.clone() {
-            None => sent,
-            Some(judge) => Box::pin(async move { judge.judge(sent.await?, tried).await }),
-        }
     }
 }
 
@@ -384,12 +365,9 @@ pub async fn send(
     let per_try = PerTry {
         inner: call,
         timeout: attempts.policy.per_try_timeout,
-    };
-    let judged = Judged {
-        inner: per_try,
         judge,
     };
-    tower::retry::Retry::new(attempts, judged)
+    tower::retry::Retry::new(attempts, per_try)
         .oneshot(req)
         .await
 }
