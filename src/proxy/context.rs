@@ -11,8 +11,7 @@ use tower::retry::budget::TpsBudget;
 
 use super::wire::Wire;
 use crate::error::{Body, ProxyError};
-use crate::metrics::Generation;
-use crate::route::experiment::{Outcome, Weights};
+use crate::route::experiment::Weights;
 use crate::route::live::RouteLive;
 use crate::route::{Match, Route, Variant, assign};
 use crate::server::ConnInfo;
@@ -116,39 +115,6 @@ impl Served {
         match &self.result {
             Ok(r) => r.status().is_server_error(),
             Err(e) => e.status().is_server_error(),
-        }
-    }
-}
-
-/// Who a request was assigned to and who answered it: its experiment outcome, but
-/// for its duration (known at its head, or for a generation at its end).
-#[derive(Clone, Copy)]
-pub(super) struct Who {
-    pub assigned: usize,
-    pub randomized: bool,
-    pub rerouted: bool,
-    pub served: usize,
-    pub assigned_failed: bool,
-    pub status: u16,
-}
-
-impl Who {
-    pub fn outcome<'w>(
-        self,
-        weights: &'w Weights,
-        elapsed: std::time::Duration,
-        generation: Option<&'w Generation>,
-    ) -> Outcome<'w> {
-        Outcome {
-            weights,
-            assigned: self.assigned,
-            randomized: self.randomized,
-            rerouted: self.rerouted,
-            served: self.served,
-            assigned_failed: self.assigned_failed,
-            status: self.status,
-            elapsed,
-            generation,
         }
     }
 }

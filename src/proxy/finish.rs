@@ -10,12 +10,13 @@ use http::Response;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 
-use super::context::{Routed, Who};
+use super::context::Routed;
 use super::shadow::{self, PrimaryAnswer};
 use super::{X_BRAID_FALLBACK_FROM, X_BRAID_VARIANT, access, batched, generation, spans, tee};
 use crate::access::AccessLog;
 use crate::error::{Body, ProxyError};
 use crate::route::assign;
+use crate::route::experiment::{Outcome, Who};
 use crate::trace::SpanData;
 use crate::trace::export::Tracer;
 
@@ -181,7 +182,12 @@ impl super::Proxy {
     ) {
         r.live.variants[vi].requests.record(who.status, elapsed);
         if let (Some(exp), Some(weights)) = (&r.live.experiment, &r.weights) {
-            exp.observe(who.outcome(weights, elapsed, None));
+            exp.observe(Outcome {
+                weights,
+                who,
+                elapsed,
+                generation: None,
+            });
         }
         if let Some((log, line)) = records.access {
             log.write(line.to_string());
@@ -213,7 +219,12 @@ impl super::Proxy {
         let then: generation::Then = Box::new(move |g| {
             requests.record(who.status, g.duration);
             if let Some((exp, weights)) = experiment {
-                exp.observe(who.outcome(&weights, g.duration, Some(g)));
+                exp.observe(Outcome {
+                    weights: &weights,
+                    who,
+                    elapsed: g.duration,
+                    generation: Some(g),
+                });
             }
             if let Some((log, mut line)) = access_line {
                 access::with_generation(&mut line, g);

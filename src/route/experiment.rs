@@ -124,11 +124,10 @@ pub struct Weights {
     next_change: Option<SystemTime>,
 }
 
-/// How one request went, for the experiment's counts and evidence.
-#[derive(Debug)]
-pub struct Outcome<'a> {
-    /// The weights it was assigned under.
-    pub weights: &'a Weights,
+/// Who a request was assigned to and who answered it, with its status: known at its
+/// answer's head, kept until its outcome is observed (for a generation, at its end).
+#[derive(Clone, Copy, Debug)]
+pub struct Who {
     /// The variant the weights (or the override header) chose.
     pub assigned: usize,
     /// Chosen by the weights (sticky or random), not pinned by the override header.
@@ -140,6 +139,14 @@ pub struct Outcome<'a> {
     /// The assigned variant failed and the fallback answered instead.
     pub assigned_failed: bool,
     pub status: u16,
+}
+
+/// How one request went, for the experiment's counts and evidence.
+#[derive(Debug)]
+pub struct Outcome<'a> {
+    /// The weights it was assigned under.
+    pub weights: &'a Weights,
+    pub who: Who,
     /// Until the answer's head; for a generation (OpenAI-style answer), its last byte.
     pub elapsed: Duration,
     /// What an OpenAI-style answer generated, measured to its end.
@@ -349,9 +356,9 @@ impl Experiment {
     /// the guardrail; trips it when the evidence is enough.
     pub fn observe(&self, o: Outcome<'_>) {
         let mut st = lock(&self.state);
-        let served = &mut st.served[o.served];
+        let served = &mut st.served[o.who.served];
         served.requests += 1;
-        served.errors += u64::from(o.status >= 500);
+        served.errors += u64::from(o.who.status >= 500);
         served.latency.record(o.elapsed);
         if let Some(g) = o.generation {
             served.generations += 1;
@@ -366,11 +373,11 @@ impl Experiment {
                 served.generating += g.duration.saturating_sub(g.ttft.unwrap_or_default());
             }
         }
-        if !o.randomized {
+        if !o.who.randomized {
             return;
         }
         let was = st.split.mismatch();
-        st.split.observe(o.assigned, &o.weights.shares);
+        st.split.observe(o.who.assigned, &o.weights.shares);
         if !was && st.split.mismatch() {
             self.metrics.split_mismatch.set(1);
             tracing::warn!(
@@ -379,16 +386,16 @@ impl Experiment {
             );
         }
         let Some(g) = &self.guardrail else { return };
-        if o.rerouted || st.started.elapsed() < g.warmup {
+        if o.who.rerouted || st.started.elapsed() < g.warmup {
             return;
         }
-        let a = o.assigned;
+        let a = o.who.assigned;
         let generation = o.generation;
         let slower =
             |limit: Option<Duration>, took: fn(&crate::metrics::Generation) -> Option<Duration>| {
                 limit.is_some_and(|l| generation.and_then(took).is_some_and(|t| t > l))
             };
-        let bad = (g.errors && (o.assigned_failed || o.status >= 500))
+        let bad = (g.errors && (o.who.assigned_failed || o.who.status >= 500))
             || g.slow.is_some_and(|s| o.elapsed > s)
             || slower(g.slow_ttft, |g| g.ttft)
             || slower(g.slow_tpot, |g| g.tpot);
@@ -681,12 +688,14 @@ mod tests {
     fn failed(w: &Weights, assigned: usize, served: usize, randomized: bool) -> Outcome<'_> {
         Outcome {
             weights: w,
-            assigned,
-            randomized,
-            rerouted: assigned != served,
-            served,
-            assigned_failed: false,
-            status: 500,
+            who: Who {
+                assigned,
+                randomized,
+                rerouted: assigned != served,
+                served,
+                assigned_failed: false,
+                status: 500,
+            },
             elapsed: Duration::from_millis(1),
             generation: None,
         }
@@ -726,11 +735,10 @@ mod tests {
             variant: usize,
             g: &'a crate::metrics::Generation,
         ) -> Outcome<'a> {
-            Outcome {
-                status: 200,
-                generation: Some(g),
-                ..failed(w, variant, variant, true)
-            }
+            let mut o = failed(w, variant, variant, true);
+            o.who.status = 200;
+            o.generation = Some(g);
+            o
         }
         let (fast, slow_tokens, late) = (
             generation(80, 20),

@@ -652,15 +652,10 @@ async fn handle(
         ] => {
             let resource = parts[parts.len() - 1].to_string();
             let ns = ns.to_string();
-            let kind = match resource.as_str() {
-                "pods" => "Pod",
-                "endpointslices" => "EndpointSlice",
-                _ => "Lease",
-            };
-            let api_version = match resource.as_str() {
-                "pods" => "v1",
-                "endpointslices" => "discovery.k8s.io/v1",
-                _ => "coordination.k8s.io/v1",
+            let (kind, api_version) = match resource.as_str() {
+                "pods" => ("Pod", "v1"),
+                "endpointslices" => ("EndpointSlice", "discovery.k8s.io/v1"),
+                _ => ("Lease", "coordination.k8s.io/v1"),
             };
             if method == Method::POST {
                 let mut body = read_json(req).await;
