@@ -351,6 +351,36 @@ async fn with_no_tries_left_the_fallback_serves_and_else_the_error_is_the_client
     proxy.stop().await;
 }
 
+/// A stream's tries go through the one retry loop, so its rules hold for streams too:
+/// a prompt larger than `retry.max_body_bytes` is not repeated (counted as
+/// `body_too_large`), and the fallback serves it.
+#[tokio::test]
+async fn a_stream_over_the_retry_body_limit_is_not_repeated_but_falls_back() {
+    let failing = LlmBackend::start(vec![Act::ErrorFirst; 2]).await;
+    let spare = LlmBackend::start(vec![]).await;
+    let config = retrying(&failing.url, Some(&spare.url)).replace(
+        "retry: { attempts: 2 }",
+        "retry: { attempts: 2, max_body_bytes: 64 }",
+    );
+    let proxy = TestProxy::start(&config).await;
+    let c = client();
+    let body = format!(
+        r#"{{"model":"m","stream":true,"user":"{}"}}"#,
+        "u".repeat(100)
+    );
+    let r = post(&c, &proxy.url(CHAT), &[], &body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.variant(), "spare");
+    assert_eq!(r.headers["x-braid-fallback-from"], "main");
+    assert!(r.text().ends_with("data: [DONE]\n\n"), "{}", r.text());
+    assert_eq!(failing.bodies().len(), 1, "tried once");
+    let too_large = r#"braid_retries_total{route="m",variant="main",outcome="body_too_large"}"#;
+    assert_eq!(metric(&proxy, too_large).await, 1.0);
+    let retried = r#"braid_retries_total{route="m",variant="main",outcome="retried"}"#;
+    assert_eq!(metric(&proxy, retried).await, 0.0);
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_stream_that_breaks_after_its_first_token_ends_with_an_error_event() {
     let backend = LlmBackend::start(vec![Act::CutAfterTwo]).await;
