@@ -335,9 +335,10 @@ impl Service<Req> for PerTry {
     }
 
     fn call(&mut self, req: Req) -> TryFuture {
-        let tried = Instant::now();
-        let call = self.inner.call(req);
         let (timeout, judge) = (self.timeout, self.judge.clone());
+        // The clock is read only for a try that is judged.
+        let tried = judge.as_ref().map(|_| Instant::now());
+        let call = self.inner.call(req);
         Box::pin(async move {
             let head = match timeout {
                 Some(t) => tokio::time::timeout(t, call)
@@ -345,8 +346,8 @@ impl Service<Req> for PerTry {
                     .map_err(|_| SendError::Timeout(t))?,
                 None => call.await,
             };
-            match judge {
-                Some(judge) => judge.judge(head?, tried).await,
+            match judge.zip(tried) {
+                Some((judge, tried)) => judge.judge(head?, tried).await,
                 None => head,
             }
         })
